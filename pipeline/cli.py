@@ -1,0 +1,171 @@
+"""The `winnow` command. Each verb is a thin shell over a Python function of the same name.
+
+torch and transformers are imported only by the steps that need them, so `winnow --help` and
+table-only verbs (`inspect`) start in well under a second. Exit status: 0 success, 2 user error
+(bad flag, file or config: the message names it and the fix), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from winnow.pipeline.params import build_params, parse_sets
+from winnow.pipeline.store import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="winnow: score, inspect and select fine-tuning data sample by sample and token by token.",
+)
+
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="step parameter key=value (repeatable)")]
+
+
+def _run_step(step_name: str, run_dir: str, values: dict, create: bool = False) -> dict:
+    from winnow.pipeline.steps import get_step
+    from winnow.pipeline.store import RunDir
+
+    step = get_step(step_name)
+    params = build_params(step.params, values, where=f"winnow {step_name}")
+    return step.run(RunDir(run_dir, create=create), params)
+
+
+@app.command()
+def run(
+    recipe: Annotated[str, typer.Argument(help="recipe TOML, e.g. recipes/quickstart.toml")],
+    run_dir: Annotated[str | None, typer.Option("--run-dir", help="override the recipe's run_dir")] = None,
+) -> None:
+    """Run every step a recipe names, skipping what is already done."""
+    from winnow.pipeline.recipe import run_recipe
+
+    run_recipe(recipe, run_dir)
+
+
+@app.command()
+def ingest(
+    inputs: Annotated[list[str], typer.Argument(help="JSONL/JSON/Parquet/CSV files, save_to_disk dirs, builtin:demo")],
+    run_dir: Annotated[str, typer.Option("--run", help="run directory (created if missing)")],
+    model: Annotated[str, typer.Option("--model", help="local HF model dir (tokenizer + chat template) or builtin:tiny")],
+    fmt: Annotated[str, typer.Option("--format", help="auto|chat|sharegpt|prompt_response|alpaca|gsm8k|text")] = "auto",
+    loss_on: Annotated[str, typer.Option("--loss-on", help="all_turns|last_turn")] = "all_turns",
+    sets: SetOpt = None,
+) -> None:
+    """Tokenize local data into samples/ and rejects/ (every input row is accounted for)."""
+    values = {"inputs": inputs, "model": model, "format": fmt, "loss_on": loss_on, **parse_sets(sets, "ingest")}
+    entry = _run_step("ingest", run_dir, values, create=True)
+    c = entry["counts"]
+    typer.echo(f"{c['rows_in']} rows -> {c['samples']} samples, {c['rejects']} rejects {c['rejects_by_reason']}")
+
+
+@app.command()
+def score(
+    run_dir: Annotated[str, typer.Argument(help="run directory")],
+    stage: Annotated[str | None, typer.Argument(help="a scoring stage (omit for a model pass)")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="model pass: local HF dir or builtin:<name>")] = None,
+    alias: Annotated[str | None, typer.Option("--alias", help="model pass: signals/<alias>/")] = None,
+    signals: Annotated[str | None, typer.Option("--signals", help="logprob,entropy,attention,embedding")] = None,
+    contrast: Annotated[bool, typer.Option("--contrast", help="two-model cDPO contrast pass")] = False,
+    positive: Annotated[str | None, typer.Option("--positive", help="contrast pass: positive model")] = None,
+    negative: Annotated[str | None, typer.Option("--negative", help="contrast pass: negative model")] = None,
+    beta: Annotated[float | None, typer.Option("--beta", help="contrast pass: contrast strength")] = None,
+    targets: Annotated[str | None, typer.Option("--targets", help="dv4llm: target file or SQL filter")] = None,
+    sets: SetOpt = None,
+) -> None:
+    """A model pass (--model/--alias), the contrast pass (--contrast) or a scoring STAGE."""
+    from winnow.pipeline.steps import SCORE_STAGES
+
+    values: dict = parse_sets(sets, "score")
+    if contrast:
+        if stage or model:
+            raise UserError("--contrast takes --positive and --negative, not a STAGE or --model")
+        values |= {k: v for k, v in {"positive": positive, "negative": negative, "beta": beta}.items() if v is not None}
+        name = "contrast_pass"
+    elif stage:
+        if stage not in SCORE_STAGES:
+            raise UserError(f"unknown stage {stage!r}; stages: {list(SCORE_STAGES)} (or --model for a model pass)")
+        if targets is not None:
+            values["targets"] = targets
+        name = stage
+    else:
+        if model is None:
+            raise UserError("give --model PATH --alias NAME for a model pass, --contrast, or a STAGE name")
+        values |= {"model": model}
+        if alias is not None:
+            values["alias"] = alias
+        if signals is not None:
+            values["signals"] = signals
+        name = "model_pass"
+    entry = _run_step(name, run_dir, values)
+    typer.echo(_summary(entry))
+
+
+def _summary(entry: dict) -> str:
+    keys = ("step", "alias", "shards", "counts", "wall_s")
+    return " ".join(f"{k}={entry[k]}" for k in keys if k in entry) or "done"
+
+
+@app.command()
+def inspect(
+    run_dir: Annotated[str, typer.Argument(help="run directory")],
+    sql: Annotated[str | None, typer.Option("--sql", help="SQL to run (omit for an interactive prompt)")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table|csv|json|parquet")] = "table",
+    out: Annotated[str | None, typer.Option("--out", help="write the result to this file")] = None,
+) -> None:
+    """Query the run's tables with DuckDB (views: samples, rejects, tokens, signals_*, scores_*, ...)."""
+    from winnow.pipeline.inspect_run import format_result, open_views, repl
+
+    if fmt not in ("table", "csv", "json", "parquet"):
+        raise UserError(f"--format {fmt!r}: use table, csv, json or parquet")
+    if sql is None:
+        repl(run_dir)
+        return
+    views = open_views(run_dir)
+    for w in views.warnings:
+        typer.echo(f"warning: {w}", err=True)
+    try:
+        result = views.con.execute(sql).fetch_arrow_table()
+    except Exception as e:  # duckdb raises many error classes; all mean the SQL is wrong
+        raise UserError(f"SQL error: {e}") from None
+    format_result(result, fmt, out)
+
+
+@app.command()
+def steps() -> None:
+    """List the steps a recipe can name, with their parameters and defaults."""
+    import dataclasses
+
+    from winnow.pipeline.steps import available_steps, get_step
+
+    for name in available_steps():
+        step = get_step(name)
+        typer.echo(f"{name}: {step.help}")
+        for f in dataclasses.fields(step.params):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+            typer.echo(f"    {f.name} = {default!r}")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as e:
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

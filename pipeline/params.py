@@ -1,0 +1,100 @@
+"""Typed step parameters: one dataclass per step, filled from `--set key=value` or a recipe table.
+
+Values from the command line arrive as strings and are converted by the field's annotation
+(``int``, ``float``, ``bool``, ``str``, ``list[str]``, ``list[int]``, ``X | None``). Unknown keys and
+bad values raise :class:`UserError` naming the key, the step and the valid choices, before any
+model is loaded. Validation specific to a step lives in its dataclass's ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, TypeVar
+
+from winnow.pipeline.store import UserError
+
+T = TypeVar("T")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        return _convert(value, non_none[0], key, where)
+    if origin is typing.Literal:
+        if value not in args:
+            raise UserError(f"{where}: {key}={value!r} is not one of {list(args)}")
+        return value
+    if origin in (list, tuple):
+        inner = args[0] if args else str
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        return [_convert(v, inner, key, where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: {key} must be a table, got {value!r}")
+        return value
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).lower()
+            if s in _TRUE:
+                return True
+            if s in _FALSE:
+                return False
+            raise ValueError(value)
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{where}: {key}={value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def build_params(cls: type[T], values: dict[str, Any], where: str) -> T:
+    """Instantiate ``cls`` from a mapping, converting and validating every value."""
+    types_ = field_types(cls)
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise UserError(f"{where}: unknown parameter(s) {unknown}; valid: {sorted(types_)}")
+    converted = {k: _convert(v, types_[k], k, where) for k, v in values.items()}
+    try:
+        return cls(**converted)
+    except TypeError as e:  # a required field is missing
+        raise UserError(f"{where}: {e}") from None
+    except ValueError as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+def parse_sets(sets: list[str] | None, where: str) -> dict[str, str]:
+    """``["a=1", "b=x,y"]`` -> ``{"a": "1", "b": "x,y"}``."""
+    out: dict[str, str] = {}
+    for item in sets or []:
+        if "=" not in item:
+            raise UserError(f"{where}: --set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def as_dict(params: Any) -> dict[str, Any]:
+    return dataclasses.asdict(params)
