@@ -126,10 +126,12 @@ def inspect(
     for w in views.warnings:
         typer.echo(f"warning: {w}", err=True)
     try:
-        result = views.con.execute(sql).fetch_arrow_table()
+        rel = views.con.sql(sql)
+        result = rel.to_arrow_table() if rel is not None else None
     except Exception as e:  # duckdb raises many error classes; all mean the SQL is wrong
         raise UserError(f"SQL error: {e}") from None
-    format_result(result, fmt, out)
+    if result is not None:
+        format_result(result, fmt, out)
 
 
 @app.command()

@@ -17,10 +17,11 @@ committed with the same fingerprint, so rerunning a recipe only does what is mis
 from __future__ import annotations
 
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from winnow.pipeline.params import build_params
 from winnow.pipeline.steps import Step, get_step

@@ -1,0 +1,371 @@
+"""`winnow ingest`: local files -> `samples/` + `rejects/` (+ `vocab/`), sharded and resumable.
+
+Two passes over the input. The first parses every row once to fix what must be known before the
+first shard is written: each file's record format, one Arrow type per ``meta_*`` column (a scan of
+the whole input, so a column never changes type between shards), and the shard plan (a fixed
+number of input rows per shard, numbered across files in argument order, saved as ``plan.json``).
+The second pass streams the rows again shard by shard; a shard whose commit records match the
+current fingerprint is skipped without tokenizing (its sample ids still seed deduplication, read
+back from the committed shard), so an interrupted ingest resumes where it died and produces the
+same tables as an uninterrupted one.
+
+Nothing is lost: every input row becomes a sample or a reject with a reason code, and the manifest
+checks ``rows_in == samples + rejects``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from winnow.pipeline.formats import (
+    FORMATS,
+    RecordError,
+    canonical_messages,
+    coerce_meta,
+    detect_format,
+    merge_kinds,
+    sample_id,
+    to_messages,
+    value_kind,
+)
+from winnow.pipeline.readers import Row, file_fingerprint, iter_rows
+from winnow.pipeline.steps import Step
+from winnow.pipeline.store import RunDir, UserError, atomic_write_json, shard_done, stable_hash, versions
+
+CODE_VERSION = "ingest-1"
+LOSS_ON = ("all_turns", "last_turn")
+_ARROW_META = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str": pa.string(), "json": pa.string()}
+
+
+@dataclass
+class IngestParams:
+    """Parameters of `winnow ingest` (also a recipe's ``step = "ingest"`` table)."""
+
+    inputs: list[str] = field(default_factory=list)
+    model: str = "builtin:tiny"
+    format: str = "auto"  # auto or one of formats.FORMATS, for every input
+    loss_on: str = "all_turns"  # all_turns | last_turn
+    max_tokens: int = 0  # 0: the model's limit (tokenizer.model_max_length or max_position_embeddings)
+    truncate: bool = False  # over-long samples: False rejects them (too_long), True keeps the first max_tokens
+    shard_rows: int = 2000
+    table: str = "samples"  # "targets" ingests a DV4LLM target set beside the samples
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ValueError("inputs: give at least one input file (or builtin:demo)")
+        if self.format != "auto" and self.format not in FORMATS:
+            raise ValueError(f"format={self.format!r}: use auto or one of {list(FORMATS)}")
+        if self.loss_on not in LOSS_ON:
+            raise ValueError(f"loss_on={self.loss_on!r}: use one of {list(LOSS_ON)}")
+        if self.shard_rows < 1:
+            raise ValueError(f"shard_rows={self.shard_rows}: must be at least 1")
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens={self.max_tokens}: must be >= 0 (0 = the model's limit)")
+        if self.table not in ("samples", "targets"):
+            raise ValueError(f"table={self.table!r}: use samples or targets")
+
+
+def rejects_table(table: str) -> str:
+    return "rejects" if table == "samples" else f"{table}_rejects"
+
+
+def resolve_input(spec: str) -> Path:
+    if spec == "builtin:demo":
+        from winnow.pipeline.demo_data import demo_path
+
+        return demo_path()
+    if spec.startswith("builtin:"):
+        raise UserError(f"unknown built-in input {spec!r}; the only one is builtin:demo")
+    return Path(spec)
+
+
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{model_dir}: cannot load a tokenizer ({e})") from None
+
+
+def model_max_tokens(tokenizer, model_dir: Path) -> int:
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 10_000_000:
+        return limit
+    import json
+
+    cfg = model_dir / "config.json"
+    if cfg.exists():
+        value = json.loads(cfg.read_text()).get("max_position_embeddings")
+        if value:
+            return int(value)
+    return 4096
+
+
+# ---- pass 1: scan ------------------------------------------------------------------------------
+
+@dataclass
+class Scan:
+    rows: int = 0
+    formats: dict[str, str] = field(default_factory=dict)  # source -> format
+    meta_kinds: dict[str, set[str]] = field(default_factory=dict)
+    per_source_rows: dict[str, int] = field(default_factory=dict)
+
+
+def _iter_all(paths: list[Path], specs: list[str]) -> Iterator[Row]:
+    for path, spec in zip(paths, specs, strict=True):
+        yield from iter_rows(path, source=spec)
+
+
+def scan_inputs(paths: list[Path], specs: list[str], forced: str) -> Scan:
+    scan = Scan()
+    for row in _iter_all(paths, specs):
+        scan.rows += 1
+        scan.per_source_rows[row.source] = scan.per_source_rows.get(row.source, 0) + 1
+        if row.record is None:
+            continue
+        fmt = scan.formats.get(row.source)
+        if fmt is None:
+            fmt = forced if forced != "auto" else detect_format(row.record)
+            if fmt is None:
+                continue  # this row will be rejected as unknown_format; try the next one
+            scan.formats[row.source] = fmt
+        try:
+            _, meta = to_messages(row.record, fmt)
+        except RecordError:
+            continue
+        for k, v in meta.items():
+            kinds = scan.meta_kinds.setdefault(k, set())
+            kind = value_kind(v)
+            if kind:
+                kinds.add(kind)
+    return scan
+
+
+# ---- pass 2: shards ----------------------------------------------------------------------------
+
+def _reject(row: Row, reason: str, detail: str, raw: str | None = None, dup: str | None = None,
+            sid: str | None = None) -> dict[str, Any]:
+    if raw is None:
+        import json
+
+        raw = json.dumps(row.record, ensure_ascii=False, default=str)[:2000] if row.record is not None else row.raw
+    return {"source": row.source, "row": row.row, "reason": reason, "detail": detail, "duplicate_of": dup,
+            "sample_id": sid, "raw": raw}
+
+
+REJECT_SCHEMA = pa.schema([
+    ("source", pa.string()), ("row", pa.int64()), ("reason", pa.string()), ("detail", pa.string()),
+    ("duplicate_of", pa.string()), ("sample_id", pa.string()), ("raw", pa.string()),
+])
+
+
+def samples_schema(meta_types: dict[str, str], tok_fp: str, model: str) -> pa.Schema:
+    fields = [
+        ("sample_id", pa.string()), ("source", pa.string()), ("row", pa.int64()), ("messages", pa.string()),
+        ("text", pa.string()), ("input_ids", pa.list_(pa.int32())), ("offsets", pa.list_(pa.int32())),
+        ("loss_mask", pa.list_(pa.uint8())), ("n_tokens", pa.int32()), ("n_loss_tokens", pa.int32()),
+    ]
+    fields += [(f"meta_{k}", _ARROW_META[t]) for k, t in sorted(meta_types.items())]
+    return pa.schema(fields, metadata={"winnow.tokenizer_fingerprint": tok_fp, "winnow.model": model})
+
+
+def _shards(paths: list[Path], specs: list[str], shard_rows: int) -> Iterator[list[Row]]:
+    buf: list[Row] = []
+    for row in _iter_all(paths, specs):
+        buf.append(row)
+        if len(buf) == shard_rows:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+@dataclass
+class _Ctx:
+    params: IngestParams
+    tokenizer: Any
+    formats: dict[str, str]
+    meta_types: dict[str, str]
+    max_tokens: int
+    schema: pa.Schema
+
+
+def _build_shard(ctx: _Ctx, rows: list[Row], seen: dict[str, str]) -> tuple[pa.Table, pa.Table, Counter]:
+    from winnow.pipeline.render import RenderError, render_batch
+
+    converted: list[tuple[Row, list[dict] | None, dict | None, RecordError | None]] = []
+    for row in rows:
+        if row.record is None:
+            converted.append((row, None, None, None))
+            continue
+        fmt = ctx.formats.get(row.source)
+        if fmt is None:
+            err = RecordError("unknown_format", f"no known record format in fields {sorted(row.record)[:8]}")
+            converted.append((row, None, None, err))
+            continue
+        try:
+            msgs, meta = to_messages(row.record, fmt)
+            converted.append((row, msgs, meta, None))
+        except RecordError as e:
+            converted.append((row, None, None, e))
+
+    # Render each distinct conversation once; duplicates reuse the result.
+    unique: dict[str, list[dict]] = {}
+    for _, msgs, _, err in converted:
+        if msgs is not None and err is None:
+            unique.setdefault(sample_id(msgs), msgs)
+    ids = list(unique)
+    rendered = dict(zip(ids, render_batch(ctx.tokenizer, [unique[i] for i in ids], loss_on=ctx.params.loss_on),
+                        strict=True))
+
+    samples: list[dict[str, Any]] = []
+    rejects: list[dict[str, Any]] = []
+    counts: Counter = Counter()
+    for row, msgs, meta, err in converted:
+        if row.record is None:
+            rejects.append(_reject(row, row.reason or "unreadable", row.detail, raw=row.raw))
+            continue
+        if err is not None:
+            rejects.append(_reject(row, err.reason, err.detail))
+            continue
+        sid = sample_id(msgs)
+        if sid in seen:
+            rejects.append(_reject(row, "duplicate", f"same messages as {seen[sid]}", dup=sid, sid=sid))
+            continue
+        r = rendered[sid]
+        if isinstance(r, RenderError):
+            rejects.append(_reject(row, r.reason, str(r), sid=sid))
+            continue
+        ids_, offs, mask = r.input_ids, r.offsets, r.loss_mask
+        if len(ids_) > ctx.max_tokens:
+            if not ctx.params.truncate:
+                rejects.append(_reject(row, "too_long", f"{len(ids_)} tokens > max_tokens={ctx.max_tokens} "
+                                       "(raise max_tokens or set truncate=true)", sid=sid))
+                continue
+            ids_, offs, mask = ids_[: ctx.max_tokens], offs[: ctx.max_tokens], mask[: ctx.max_tokens]
+            if not any(mask):
+                rejects.append(_reject(row, "too_long", f"no supervised token within the first {ctx.max_tokens} "
+                                       "tokens after truncation", sid=sid))
+                continue
+            counts["truncated"] += 1
+        seen[sid] = f"{row.source}:{row.row}"
+        rec = {
+            "sample_id": sid, "source": row.source, "row": row.row, "messages": canonical_messages(msgs),
+            "text": r.text, "input_ids": ids_, "offsets": offs, "loss_mask": mask,
+            "n_tokens": len(ids_), "n_loss_tokens": int(sum(mask)),
+        }
+        for k, kind in ctx.meta_types.items():
+            rec[f"meta_{k}"] = coerce_meta(meta.get(k), kind)
+        samples.append(rec)
+    for rj in rejects:
+        counts[f"rejected_{rj['reason']}"] += 1
+    counts["samples"] = len(samples)
+    counts["rejects"] = len(rejects)
+    counts["rows_in"] = len(rows)
+    return (pa.Table.from_pylist(samples, schema=ctx.schema),
+            pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), counts)
+
+
+def _write_vocab(run: RunDir, tokenizer, tok_fp: str) -> None:
+    table = run.table("vocab")
+    rec = table.record(0)
+    if rec is not None and rec.fingerprint == tok_fp:
+        return
+    n = len(tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
+    # decoded text per id, so `tokens.token` is readable (e.g. " the" rather than "Ġthe")
+    texts = [tokenizer.convert_tokens_to_string([p]) if p is not None else None for p in pieces]
+    tbl = pa.table({"token_id": pa.array(range(n), pa.int32()), "token": pa.array(texts, pa.string()),
+                    "piece": pa.array(pieces, pa.string())})
+    table.clear()
+    table.write(0, tbl, fingerprint=tok_fp)
+
+
+def run_ingest(run: RunDir, p: IngestParams) -> dict[str, Any]:
+    from winnow.pipeline.render import tokenizer_fingerprint
+    from winnow.pipeline.tiny_model import resolve_model
+
+    t0 = time.time()
+    model_dir = resolve_model(p.model)
+    tokenizer = load_tokenizer(model_dir, p.trust_remote_code)
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    paths = [resolve_input(s) for s in p.inputs]
+    specs = [str(x) if s.startswith("builtin:") else s for s, x in zip(p.inputs, paths, strict=True)]
+    scan = scan_inputs(paths, specs, p.format)
+    meta_types = {k: merge_kinds(v) for k, v in scan.meta_kinds.items()}
+    max_tokens = p.max_tokens or model_max_tokens(tokenizer, model_dir)
+    inputs_fp = {spec: file_fingerprint(path) for spec, path in zip(specs, paths, strict=True)}
+    fingerprint = stable_hash({
+        "code": CODE_VERSION, "params": asdict(p) | {"inputs": specs}, "tokenizer": tok_fp,
+        "inputs": inputs_fp, "meta": meta_types, "max_tokens": max_tokens,
+    })
+    n_shards = math.ceil(scan.rows / p.shard_rows) if scan.rows else 0
+    plan = {"table": p.table, "shard_rows": p.shard_rows, "shards": n_shards, "rows": scan.rows,
+            "sources": [{"source": s, "rows": scan.per_source_rows.get(s, 0), "fingerprint": inputs_fp[s],
+                         "format": scan.formats.get(s)} for s in specs]}
+    run.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run.root / ("plan.json" if p.table == "samples" else f"plan_{p.table}.json"), plan)
+    if p.table == "samples":
+        _write_vocab(run, tokenizer, tok_fp)
+
+    ctx = _Ctx(p, tokenizer, scan.formats, meta_types, max_tokens, samples_schema(meta_types, tok_fp, str(model_dir)))
+    samples_t, rejects_t = run.table(p.table), run.table(rejects_table(p.table))
+    samples_t.drop_parts_from(n_shards)
+    rejects_t.drop_parts_from(n_shards)
+    seen: dict[str, str] = {}
+    totals: Counter = Counter()
+    computed = skipped = 0
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task(f"ingest -> {p.table}", total=n_shards)
+        for part, rows in enumerate(_shards(paths, specs, p.shard_rows)):
+            rs, rr = samples_t.record(part), rejects_t.record(part)
+            if rs and rr and rs.fingerprint == fingerprint and rr.fingerprint == fingerprint:
+                done = samples_t.read_part(part, columns=["sample_id", "source", "row"]).to_pylist()
+                seen.update({d["sample_id"]: f"{d['source']}:{d['row']}" for d in done})
+                totals.update(rs.extra.get("counts", {}))
+                skipped += 1
+            else:
+                s_tbl, r_tbl, counts = _build_shard(ctx, rows, seen)
+                extra = {"counts": dict(counts)}
+                samples_t.write(part, s_tbl, fingerprint=fingerprint, extra=extra)
+                rejects_t.write(part, r_tbl, fingerprint=fingerprint, extra=extra)
+                totals.update(counts)
+                computed += 1
+                shard_done()
+            bar.advance(task)
+
+    by_reason = {k.removeprefix("rejected_"): v for k, v in sorted(totals.items()) if k.startswith("rejected_")}
+    counts = {"rows_in": totals["rows_in"], "samples": totals["samples"], "rejects": totals["rejects"],
+              "truncated": totals["truncated"], "rejects_by_reason": by_reason}
+    if counts["rows_in"] != scan.rows or counts["samples"] + counts["rejects"] != counts["rows_in"]:
+        raise RuntimeError(f"row accounting failed: {counts} vs {scan.rows} rows scanned")
+    entry = {
+        "step": "ingest", "config": asdict(p), "fingerprint": fingerprint, "model": str(model_dir),
+        "tokenizer_fingerprint": tok_fp, "max_tokens": max_tokens, "meta_columns": meta_types,
+        "inputs": plan["sources"], "counts": counts,
+        "shards": {"total": n_shards, "computed": computed, "skipped": skipped},
+        "wall_s": round(time.time() - t0, 3), "versions": versions(),
+    }
+    run.update_manifest("ingest" if p.table == "samples" else f"ingest:{p.table}", entry)
+    return entry
+
+
+STEP = Step(
+    name="ingest",
+    params=IngestParams,
+    run=run_ingest,
+    key=lambda p: "ingest" if p.table == "samples" else f"ingest:{p.table}",
+    help="Local files -> samples/ and rejects/ tables, tokenized with the model's chat template.",
+)

@@ -1,0 +1,72 @@
+"""Shared test helpers: run the CLI in-process, small model directories, data locations."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def run_cli(*args) -> tuple[int, str, str]:
+    """Run `winnow ARGS...` in this process; returns (exit code, stdout, stderr)."""
+    from winnow.pipeline.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.argv
+    sys.argv = ["winnow", *map(str, args)]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = saved
+    return code, out.getvalue(), err.getvalue()
+
+
+def sql_json(run_dir, sql: str):
+    """Query a run through `winnow inspect --sql ... --format json` and parse the rows."""
+    code, out, err = run_cli("inspect", run_dir, "--sql", sql, "--format", "json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def write_model_dir(path: Path, tokenizer, max_positions: int = 512) -> Path:
+    """A directory `resolve_model`/`AutoTokenizer.from_pretrained` accept: tokenizer files + config.json."""
+    tokenizer.save_pretrained(str(path))
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": max_positions}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def chatml_model_dir(tmp_path_factory) -> Path:
+    from tokenizers_fixtures import make_tokenizer
+
+    return write_model_dir(tmp_path_factory.mktemp("chatml_model"), make_tokenizer("chatml"))
+
+
+@pytest.fixture(scope="session")
+def gsm8k_dir() -> Path:
+    if not (GSM8K / "train.jsonl").exists():
+        pytest.skip(f"GSM8K not found at {GSM8K}")
+    return GSM8K
