@@ -1,0 +1,241 @@
+"""Critical-token contrast (cDPO; Lin et al., "Critical Tokens Matter", arXiv 2411.19943): per-token
+weights from a positive and a negative model, turned into SFT-usable scores.
+
+The model pass (``winnow score DIR --contrast --positive P --negative N [--beta 1]``, another module)
+writes ``signals/contrast`` with ``p_ce[i] = softmax((1+β)·z_pos - β·z_neg)[x_i]``: the probability of
+token i under the contrastive distribution of the logits predicting it (ALGORITHMS.md §4; β = 1 in
+the authors' code). A low ``p_CE`` marks a token the negative model (trained on wrong answers) prefers
+much more than the positive one: a *critical token*.
+
+This stage reads the correctness label from a ``meta_`` column (``--set label=meta_is_correct``;
+booleans, 0/1 numbers or strings such as true/false, correct/incorrect, yes/no) and writes, over
+supervised tokens (``loss_mask == 1`` and ``p_ce`` present):
+
+* incorrect samples: ``token_score = 1 - p_CE`` (cDPO's rejected-side weight ``w_rej``; high =
+  critical) and ``token_critical = p_CE < threshold``;
+* correct samples: ``token_score = p_CE`` (cDPO's chosen-side weight ``w_cho``, used when
+  ``only_neg=False``), ``token_critical`` null;
+* unlabelled samples (null label): no token score and ``keep`` null — this stage has no verdict.
+
+Mapping to SFT (winnow is an SFT tool; the paper puts the weights inside a token-level DPO loss,
+``-log σ(β·(Σ w_cho·Δlogπ_cho - Σ w_rej·Δlogπ_rej))``, which pushes *down* the critical tokens of
+the rejected answer): SFT can only push likelihood up, so an incorrect answer must never be trained
+on — least of all its critical tokens. Hence ``keep = is_correct`` (incorrect samples are dropped,
+reason ``incorrect``; their ``token_keep`` is False), and correct samples are kept with all their
+supervised tokens; a policy may optionally weight their tokens by ``token_score = p_CE``. The critical
+tokens of incorrect answers are diagnostics (where does the reasoning go wrong?), never training targets.
+
+``threshold = 0.5`` for ``token_critical`` is winnow's choice (the paper uses the continuous weight
+1 - p_CE and defines no cut-off). Output ``scores/critical_tokens``: ``is_correct``, ``keep``,
+``reason``, ``n_supervised``, ``n_critical``, ``mean_p_ce``, ``min_p_ce``, per-token ``token_score``,
+``token_critical``, ``token_keep``. Per-sample maths, so shards are recomputed only when their inputs
+changed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+
+from winnow.pipeline.steps import Step
+from winnow.pipeline.store import RunDir, UserError
+from winnow.stages import stage_io as io
+
+if TYPE_CHECKING:
+    import torch
+
+CODE_VERSION = "critical_tokens/1"
+NAME = "critical_tokens"
+CONTRAST_COMMAND = "winnow score {root} --contrast --positive POSITIVE_MODEL --negative NEGATIVE_MODEL"
+
+TRUE_WORDS = {"true", "t", "yes", "y", "1", "correct", "right", "pass", "passed"}
+FALSE_WORDS = {"false", "f", "no", "n", "0", "incorrect", "wrong", "fail", "failed"}
+
+
+@dataclass
+class CriticalTokensParams:
+    """Parameters of the critical-token stage (`winnow score DIR critical_tokens --set key=value`)."""
+
+    label: str = "meta_is_correct"  # samples column holding the correctness label
+    contrast: str = "contrast"  # signals/<contrast> written by the contrast pass, with p_ce
+    threshold: float = 0.5  # winnow's cut-off: p_CE below it marks a critical token
+
+    def __post_init__(self) -> None:
+        if not self.label.startswith("meta_"):
+            raise ValueError(
+                f"label={self.label!r} must name a meta_ column, e.g. --set label=meta_is_correct"
+            )
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold={self.threshold} must be in (0, 1]; e.g. --set threshold=0.5")
+        if not self.contrast:
+            raise ValueError("contrast must name the contrast signals table, e.g. --set contrast=contrast")
+
+
+# ---- array function (torch; usable on one mini-batch) ---------------------------------------------------
+class CriticalResult(NamedTuple):
+    token_score: torch.Tensor  # (B, T) 1 - p_CE on incorrect rows, p_CE on correct rows, NaN elsewhere
+    critical: torch.Tensor  # (B, T) bool: p_CE < threshold on incorrect rows
+    keep_sample: torch.Tensor  # (B,) bool: the SFT mapping, keep = is_correct
+    token_keep: torch.Tensor  # (B, T) bool: supervised tokens of kept rows
+
+
+def critical_token_scores(
+    p_ce: torch.Tensor,
+    mask: torch.Tensor,
+    is_correct: torch.Tensor,
+    threshold: float = 0.5,
+    labelled: torch.Tensor | None = None,
+) -> CriticalResult:
+    """cDPO token weights and the SFT mapping for one batch.
+
+    p_ce: (B, T) contrastive probability of token i; mask: (B, T) bool supervised positions;
+    is_correct: (B,) bool; labelled: (B,) bool, False for rows without a label (all True if None),
+    which get no score and are not kept.
+    """
+    import torch
+
+    if labelled is None:
+        labelled = torch.ones_like(is_correct, dtype=torch.bool)
+    good = (is_correct.bool() & labelled)[:, None]
+    bad = (~is_correct.bool() & labelled)[:, None]
+    score = torch.where(good, p_ce, 1.0 - p_ce)
+    score = torch.where(mask & (good | bad), score, float("nan"))
+    critical = mask & bad & (p_ce < threshold)
+    keep_sample = is_correct.bool() & labelled
+    return CriticalResult(score, critical, keep_sample, mask & keep_sample[:, None])
+
+
+# ---- stage adapter ---------------------------------------------------------------------------------
+def parse_labels(column: pa.ChunkedArray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A label column -> ``(is_correct, labelled)`` bool arrays; unknown values are a UserError."""
+    arr = column.combine_chunks()
+    labelled = np.asarray(arr.is_valid())
+    values = arr.to_pylist()
+    out = np.zeros(len(values), dtype=bool)
+    for i, v in enumerate(values):
+        if v is None:
+            continue
+        if isinstance(v, bool):
+            out[i] = v
+        elif isinstance(v, int | float) and v in (0, 1):
+            out[i] = bool(v)
+        elif isinstance(v, str) and v.strip().lower() in TRUE_WORDS | FALSE_WORDS:
+            out[i] = v.strip().lower() in TRUE_WORDS
+        elif isinstance(v, str) and not v.strip():
+            labelled[i] = False
+        else:
+            raise UserError(
+                f"{name}: row {i} holds {v!r}, not a correctness label; use booleans, 0/1 or one of "
+                f"{sorted(TRUE_WORDS)} / {sorted(FALSE_WORDS)}"
+            )
+    return out, labelled
+
+
+def _reason(correct: bool, labelled: bool) -> str:
+    return "unlabelled" if not labelled else ("correct" if correct else "incorrect")
+
+
+def run_critical_tokens(run: RunDir, params: CriticalTokensParams) -> dict:
+    import torch
+
+    started = time.time()
+    parts = io.samples_parts(run)
+    samples_schema = run.table(io.SAMPLES).schema()
+    names = samples_schema.names if samples_schema is not None else []
+    if params.label not in names:
+        metas = [n for n in names if n.startswith("meta_")]
+        raise UserError(
+            f"samples has no column {params.label!r}; available meta_ columns: {metas or 'none'}; "
+            "pick one with --set label=meta_<name> (or ingest data that carries a correctness field)"
+        )
+    signals = f"signals/{params.contrast}"
+    hint = CONTRAST_COMMAND.format(root=run.root)
+    table = io.require_table(run, signals, parts, hint)
+    schema = table.schema()
+    if schema is None or "p_ce" not in schema.names:
+        raise UserError(f"{signals} has no p_ce column; produce it with `{hint}`")
+    key = (params.contrast, "p_ce")
+    out = run.table(f"scores/{NAME}")
+    fp = io.fingerprint(NAME, params, CODE_VERSION)
+    io.drop_orphans(out, parts)
+    written, missing = 0, 0
+    for part in parts:
+        inputs = io.part_inputs(run, [io.SAMPLES, signals], part)
+        if io.is_fresh(out, part, fp, inputs):
+            continue
+        shard = io.read_shard(run, part, {params.contrast: ["p_ce"]}, sample_columns=[params.label])
+        correct, labelled = parse_labels(shard.samples.column(params.label), f"samples.{params.label}")
+        mask_np = shard.valid(key)
+        p_ce = shard.signals[key]
+        res = critical_token_scores(
+            torch.from_numpy(p_ce),
+            torch.from_numpy(mask_np),
+            torch.from_numpy(correct),
+            params.threshold,
+            torch.from_numpy(labelled),
+        )
+        n_sup = mask_np.sum(1)
+        has = n_sup > 0
+        p_masked = np.where(mask_np, p_ce, 0.0)
+        critical = res.critical.numpy()
+        incorrect = labelled & ~correct
+        token_keep_valid = mask_np & labelled[:, None]
+        table = pa.table(
+            {
+                "sample_id": shard.sample_id,
+                "is_correct": pa.array(correct, type=pa.bool_(), mask=~labelled),
+                "keep": pa.array(res.keep_sample.numpy(), type=pa.bool_(), mask=~labelled),
+                "reason": pa.array([_reason(c, lab) for c, lab in zip(correct, labelled, strict=True)]),
+                "n_supervised": pa.array(n_sup, type=pa.int32()),
+                "n_critical": pa.array(critical.sum(1), type=pa.int32(), mask=~incorrect),
+                "mean_p_ce": pa.array(
+                    np.where(has, p_masked.sum(1) / np.maximum(n_sup, 1), np.nan),
+                    type=pa.float64(),
+                    from_pandas=True,
+                ),
+                "min_p_ce": pa.array(
+                    np.where(has, np.where(mask_np, p_ce, np.inf).min(1, initial=np.inf), np.nan),
+                    type=pa.float64(),
+                    from_pandas=True,
+                ),
+                "token_score": io.to_list_array(
+                    res.token_score.numpy(), token_keep_valid, shard.n_tokens, pa.float32()
+                ),
+                "token_critical": io.to_list_array(
+                    critical, mask_np & incorrect[:, None], shard.n_tokens, pa.bool_()
+                ),
+                "token_keep": io.to_list_array(
+                    res.token_keep.numpy(), token_keep_valid, shard.n_tokens, pa.bool_()
+                ),
+            }
+        )
+        io.commit_shard(out, part, table, fp, inputs, extra={"params": io.as_dict(params)})
+        written += 1
+        missing += shard.supervised_without_signal(key)
+    counts = {"supervised_without_signal": missing} if written else {}
+    entry = io.manifest_entry(
+        NAME,
+        params,
+        fp,
+        CODE_VERSION,
+        out,
+        written=written,
+        skipped=len(parts) - written,
+        started=started,
+        counts=counts,
+    )
+    run.update_manifest(NAME, entry)
+    return entry
+
+
+STEP = Step(
+    name=NAME,
+    params=CriticalTokensParams,
+    run=run_critical_tokens,
+    key=lambda p: NAME,
+    help="cDPO critical tokens: p_CE scores; for SFT drop incorrect samples, weight correct tokens by p_CE",
+)

@@ -1,0 +1,255 @@
+"""ssToken (Qin et al., "Self-modulated and Semantic-aware Token Selection", arXiv 2510.18250): per
+sample, keep the response tokens that the model has learned most since its history model, mixed with
+how much each token's query attends to the prompt.
+
+Maths (ALGORITHMS.md §2, = the authors' ``filter_tokens_with_attention_loss``), per sample over its
+supervised tokens T (``loss_mask == 1`` and the needed signals present):
+
+* retrospective excess loss ``REL_i = L_his(i) - L_cur(i)`` with ``L(i) = -logprob[i]`` under the
+  ``history`` and ``current`` aliases (positive: the current model has improved on token i);
+* ``REL^_i = (REL_i - min_T REL) / (max_T REL - min_T REL + 1e-8)`` (min-max within the sample, the
+  authors' epsilon; all-equal REL gives 0);
+* ``score_i = γ·REL^_i + (1-γ)·attn_i`` where ``attn_i = attn_importance[i]`` of the current model;
+* keep the ``⌈ρ·|T|⌉`` highest scores of the sample (ties: earlier position first).
+
+Attention alignment, replicated from the authors' code on purpose: ``attn_importance`` is anchored at
+the *query* (index i = attention row i, whose hidden state predicts token i+1, summed over prompt
+columns, last layer, mean over heads), and ssToken adds row i to the loss of token i. winnow keeps that
+pairing (index i with index i) rather than shifting by one; the stage refuses a column whose field
+metadata declares another anchor.
+
+Offline, ``current`` must be a model that differs from ``history`` (e.g. the base model warmed up on
+part of the data): with identical weights REL is 0 everywhere and the score degenerates to attention.
+When both aliases carry the same weight fingerprint the stage exits 2 and says so; ``--set gamma=0``
+asks for attention-only scores explicitly (then no history is read). The authors' code also starts
+every epoch with attention-only selection until a sample index >= 10000 is seen; that training-time
+quirk is not reproduced. The EMA history model (paper Eq. 4, "optional", not in the released code)
+is the trainer's business: it passes its own ``nll_his`` to :func:`sstoken_select`.
+
+Defaults γ = 0.5 (``--ratio``), ρ = 0.6 (``--data_prop``; the paper uses 0.8 for 14B models).
+UNCONFIRMED (a parameter): whether the paper normalises the attention term; the released code does
+not (it is a sum of probabilities, already in [0, 1]), so ``attn_minmax=False``; True min-max
+normalises it within the sample like REL.
+Output ``scores/sstoken``: ``n_supervised``, ``n_token_keep``, ``rel_min``, ``rel_max``, per-token
+``rel``, ``token_score`` and ``token_keep`` (null where a token is not scored). Per-sample selection,
+so shards are independent: each records its own input shards and is skipped when they are unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+
+from winnow.pipeline.steps import Step
+from winnow.pipeline.store import RunDir, UserError
+from winnow.stages import stage_io as io
+
+if TYPE_CHECKING:
+    import torch
+
+CODE_VERSION = "sstoken/1"
+NAME = "sstoken"
+NORM_EPS = 1e-8  # the authors' epsilon in the min-max normalisation
+
+
+@dataclass
+class SSTokenParams:
+    """Parameters of the ssToken stage (`winnow score DIR sstoken --set key=value`)."""
+
+    current: str = "current"  # alias of the current model: logprob and attn_importance
+    history: str = "history"  # alias of the history model (the base model before SFT): logprob
+    gamma: float = 0.5  # weight of the normalised REL; 1 - gamma weighs attention ("ratio" in code)
+    rho: float = 0.6  # fraction of each sample's supervised tokens kept ("data_prop" in code)
+    attn_minmax: bool = (
+        False  # UNCONFIRMED: the code adds raw attention (in [0, 1]); True min-max normalises it
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"gamma={self.gamma} must be in [0, 1]; the paper uses --set gamma=0.5")
+        if not 0.0 < self.rho <= 1.0:
+            raise ValueError(f"rho={self.rho} must be in (0, 1]; the paper uses --set rho=0.6")
+        if not self.current or not self.history:
+            raise ValueError("current and history must name signals aliases, e.g. --set history=history")
+        if self.gamma > 0 and self.current == self.history:
+            raise ValueError(
+                f"current and history are both {self.current!r}: REL would be 0 everywhere; "
+                "--set history=ALIAS of the model before fine-tuning"
+            )
+
+
+# ---- array functions (torch; the trainer calls these online on one mini-batch) ------------------------
+class SSTokenResult(NamedTuple):
+    rel: torch.Tensor  # (B, T) L_his - L_cur, NaN off the mask
+    score: torch.Tensor  # (B, T) γ·REL^ + (1-γ)·attn, NaN off the mask
+    keep: torch.Tensor  # (B, T) bool
+
+
+def retrospective_excess_loss(
+    nll_his: torch.Tensor, nll_cur: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """(B, T) ``nll_his - nll_cur`` on the mask, NaN elsewhere."""
+    import torch
+
+    return torch.where(mask, nll_his - nll_cur, float("nan"))
+
+
+def minmax_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(x - min) / (max - min + 1e-8)`` over each row's masked positions (0 when all equal)."""
+    import torch
+
+    lo = torch.where(mask, x, float("inf")).amin(1, keepdim=True)
+    hi = torch.where(mask, x, float("-inf")).amax(1, keepdim=True)
+    return (x - lo) / (hi - lo + NORM_EPS)
+
+
+def sstoken_scores(
+    rel: torch.Tensor,
+    attn: torch.Tensor | None,
+    mask: torch.Tensor,
+    gamma: float = 0.5,
+    attn_minmax: bool = False,
+) -> torch.Tensor:
+    """(B, T) ``γ·minmax_row(rel) + (1-γ)·attn`` on the mask, NaN elsewhere.
+
+    ``attn`` may be None when ``gamma == 1``; ``attn_minmax`` min-max normalises it per row too.
+    """
+    import torch
+
+    score = torch.zeros_like(rel)
+    if gamma > 0:
+        score = score + gamma * minmax_rows(rel, mask)
+    if gamma < 1:
+        if attn is None:
+            raise ValueError(f"gamma={gamma} < 1 needs the attention importance")
+        score = score + (1.0 - gamma) * (minmax_rows(attn, mask) if attn_minmax else attn)
+    return torch.where(mask, score, float("nan"))
+
+
+def sstoken_select(
+    nll_his: torch.Tensor,
+    nll_cur: torch.Tensor,
+    attn: torch.Tensor | None,
+    mask: torch.Tensor,
+    gamma: float = 0.5,
+    rho: float = 0.6,
+    attn_minmax: bool = False,
+) -> SSTokenResult:
+    """ssToken on one batch: keep the ``⌈ρ·|T_b|⌉`` highest-scoring supervised tokens of every row.
+
+    nll_his, nll_cur: (B, T) per-token losses at index i under the history and current models;
+    attn: (B, T) attention of query i to the prompt (None when gamma == 1); mask: (B, T) bool.
+    """
+    import torch
+
+    rel = retrospective_excess_loss(nll_his, nll_cur, mask)
+    score = sstoken_scores(rel, attn, mask, gamma, attn_minmax)
+    n = mask.sum(1)
+    k = torch.ceil(n.double() * rho - io.COUNT_EPS).long()
+    return SSTokenResult(rel, score, io.highest_k_per_row(score, mask, k))
+
+
+# ---- stage adapter ---------------------------------------------------------------------------------
+def _check_models(run: RunDir, params: SSTokenParams) -> None:
+    same = io.model_fingerprints(run, params.history) & io.model_fingerprints(run, params.current)
+    if same:
+        raise UserError(
+            f"signals/{params.history} and signals/{params.current} were computed with the same weights "
+            f"(model fingerprint {sorted(same)[0]}): the retrospective excess loss would be 0 for every token "
+            "and ssToken would silently rank by attention alone. Score a model that has moved away from the "
+            f"history model as {params.current!r}, e.g. a warmed-up copy: "
+            f"`{io.signals_command(run, params.current, ['logprob', 'attn_importance'])}` "
+            "(or --set gamma=0 to ask for attention-only scores)"
+        )
+
+
+def run_sstoken(run: RunDir, params: SSTokenParams) -> dict:
+    import torch
+
+    started = time.time()
+    parts = io.samples_parts(run)
+    use_rel, use_attn = params.gamma > 0, params.gamma < 1
+    read: dict[str, list[str]] = {params.current: []}
+    if use_rel:
+        read[params.current].append("logprob")
+        read[params.history] = ["logprob"]
+    if use_attn:
+        read[params.current].append("attn_importance")
+    for alias, columns in read.items():
+        table = io.require_signals(run, alias, columns, parts)
+        if "attn_importance" in columns and io.field_anchor(table, "attn_importance") not in (None, "query"):
+            raise UserError(
+                f"signals/{alias}.attn_importance is anchored at {io.field_anchor(table, 'attn_importance')!r}; "
+                "ssToken pairs the attention row of query i with the loss of token i and needs anchor 'query'"
+            )
+    if use_rel:
+        _check_models(run, params)
+    keys = [(alias, c) for alias, columns in read.items() for c in columns]
+    tables = [io.SAMPLES, *(f"signals/{a}" for a in read)]
+    out = run.table(f"scores/{NAME}")
+    fp = io.fingerprint(NAME, params, CODE_VERSION)
+    io.drop_orphans(out, parts)
+    written, missing = 0, 0
+    for part in parts:
+        inputs = io.part_inputs(run, tables, part)  # per-sample maths: per-shard inputs
+        if io.is_fresh(out, part, fp, inputs):
+            continue
+        shard = io.read_shard(run, part, read)
+        mask_np = shard.valid(*keys)
+        mask = torch.from_numpy(mask_np)
+        zeros = torch.zeros(mask.shape, dtype=torch.float64)
+        nll_cur = -torch.from_numpy(shard.signals[(params.current, "logprob")]) if use_rel else zeros
+        nll_his = -torch.from_numpy(shard.signals[(params.history, "logprob")]) if use_rel else zeros
+        attn = torch.from_numpy(shard.signals[(params.current, "attn_importance")]) if use_attn else None
+        res = sstoken_select(nll_his, nll_cur, attn, mask, params.gamma, params.rho, params.attn_minmax)
+        rel = res.rel.numpy()
+        has = mask_np.any(1)
+        rel_min = np.where(has, np.where(mask_np, rel, np.inf).min(1, initial=np.inf), np.nan)
+        rel_max = np.where(has, np.where(mask_np, rel, -np.inf).max(1, initial=-np.inf), np.nan)
+        rel_valid = mask_np if use_rel else np.zeros_like(mask_np)
+        table = pa.table(
+            {
+                "sample_id": shard.sample_id,
+                "n_supervised": pa.array(mask_np.sum(1), type=pa.int32()),
+                "n_token_keep": pa.array(res.keep.numpy().sum(1), type=pa.int32()),
+                "rel_min": pa.array(
+                    rel_min if use_rel else np.full(len(has), np.nan), type=pa.float64(), from_pandas=True
+                ),
+                "rel_max": pa.array(
+                    rel_max if use_rel else np.full(len(has), np.nan), type=pa.float64(), from_pandas=True
+                ),
+                "rel": io.to_list_array(rel, rel_valid, shard.n_tokens, pa.float32()),
+                "token_score": io.to_list_array(res.score.numpy(), mask_np, shard.n_tokens, pa.float32()),
+                "token_keep": io.to_list_array(res.keep.numpy(), mask_np, shard.n_tokens, pa.bool_()),
+            }
+        )
+        io.commit_shard(out, part, table, fp, inputs, extra={"params": io.as_dict(params)})
+        written += 1
+        missing += shard.supervised_without_signal(*keys)
+    counts = {"supervised_without_signal": missing} if written else {}
+    entry = io.manifest_entry(
+        NAME,
+        params,
+        fp,
+        CODE_VERSION,
+        out,
+        written=written,
+        skipped=len(parts) - written,
+        started=started,
+        counts=counts,
+    )
+    run.update_manifest(NAME, entry)
+    return entry
+
+
+STEP = Step(
+    name=NAME,
+    params=SSTokenParams,
+    run=run_sstoken,
+    key=lambda p: NAME,
+    help="ssToken: retrospective excess loss (history - current) mixed with attention, top-rho per sample",
+)
