@@ -13,18 +13,27 @@ from conftest import run_cli, sql_json
 
 def _run(tmp_path):
     rd = RunDir(tmp_path / "run", create=True)
-    samples = pa.table({
-        "sample_id": ["a", "b"], "input_ids": pa.array([[5, 6, 7], [8, 9]], pa.list_(pa.int32())),
-        "offsets": pa.array([[0, 1, 2], [0, 1]], pa.list_(pa.int32())),
-        "loss_mask": pa.array([[0, 1, 1], [0, 1]], pa.list_(pa.uint8())), "n_tokens": pa.array([3, 2], pa.int32()),
-    })
+    samples = pa.table(
+        {
+            "sample_id": ["a", "b"],
+            "input_ids": pa.array([[5, 6, 7], [8, 9]], pa.list_(pa.int32())),
+            "offsets": pa.array([[0, 1, 2], [0, 1]], pa.list_(pa.int32())),
+            "loss_mask": pa.array([[0, 1, 1], [0, 1]], pa.list_(pa.uint8())),
+            "n_tokens": pa.array([3, 2], pa.int32()),
+        }
+    )
     rd.table("samples").write(0, samples, fingerprint="s")
     vocab = pa.table({"token_id": pa.array(range(10), pa.int32()), "token": [f"t{i}" for i in range(10)]})
     rd.table("vocab").write(0, vocab, fingerprint="v")
-    sig = pa.table({"sample_id": ["a", "b"], "logprob": pa.array([[None, -1.5, -0.25], [None, -2.0]],
-                                                                   pa.list_(pa.float32()))})
-    rd.table("signals/current").write(0, sig, fingerprint="m",
-                                      inputs={"samples/part-00000": rd.table("samples").part_digest(0)})
+    sig = pa.table(
+        {
+            "sample_id": ["a", "b"],
+            "logprob": pa.array([[None, -1.5, -0.25], [None, -2.0]], pa.list_(pa.float32())),
+        }
+    )
+    rd.table("signals/current").write(
+        0, sig, fingerprint="m", inputs={"samples/part-00000": rd.table("samples").part_digest(0)}
+    )
     return rd
 
 
@@ -37,15 +46,25 @@ def test_view_names():
 
 def test_tokens_view_aligns_by_position(tmp_path):
     rd = _run(tmp_path)
-    rows = sql_json(rd.root, "select sample_id, pos, token_id, token, loss_mask, current__logprob from tokens "
-                             "order by sample_id, pos")
+    rows = sql_json(
+        rd.root,
+        "select sample_id, pos, token_id, token, loss_mask, current__logprob from tokens "
+        "order by sample_id, pos",
+    )
     assert [(r["sample_id"], r["pos"], r["token"], r["current__logprob"]) for r in rows] == [
-        ("a", 0, "t5", None), ("a", 1, "t6", -1.5), ("a", 2, "t7", -0.25), ("b", 0, "t8", None), ("b", 1, "t9", -2.0)]
+        ("a", 0, "t5", None),
+        ("a", 1, "t6", -1.5),
+        ("a", 2, "t7", -0.25),
+        ("b", 0, "t8", None),
+        ("b", 1, "t9", -2.0),
+    ]
 
 
 def test_length_mismatch_is_reported_not_padded(tmp_path):
     rd = _run(tmp_path)
-    bad = pa.table({"sample_id": ["a", "b"], "token_score": pa.array([[1.0, 2.0], [1.0, 2.0]], pa.list_(pa.float32()))})
+    bad = pa.table(
+        {"sample_id": ["a", "b"], "token_score": pa.array([[1.0, 2.0], [1.0, 2.0]], pa.list_(pa.float32()))}
+    )
     rd.table("scores/x").write(0, bad, fingerprint="x")
     code, _, err = run_cli("inspect", rd.root, "--sql", "select count(*) from tokens", "--format", "csv")
     assert code == 0 and "scores/x.token_score: 1 rows whose list length differs" in err
@@ -54,9 +73,15 @@ def test_length_mismatch_is_reported_not_padded(tmp_path):
 def test_uncommitted_files_are_invisible(tmp_path):
     rd = _run(tmp_path)
     t = rd.table("samples")
-    extra = pa.table({"sample_id": ["z"], "input_ids": pa.array([[1]], pa.list_(pa.int32())),
-                      "offsets": pa.array([[0]], pa.list_(pa.int32())),
-                      "loss_mask": pa.array([[0]], pa.list_(pa.uint8())), "n_tokens": pa.array([1], pa.int32())})
+    extra = pa.table(
+        {
+            "sample_id": ["z"],
+            "input_ids": pa.array([[1]], pa.list_(pa.int32())),
+            "offsets": pa.array([[0]], pa.list_(pa.int32())),
+            "loss_mask": pa.array([[0]], pa.list_(pa.uint8())),
+            "n_tokens": pa.array([1], pa.int32()),
+        }
+    )
     import pyarrow.parquet as pq
 
     pq.write_table(extra, t.part_path(1))  # data without a commit record
@@ -68,15 +93,26 @@ def test_uncommitted_files_are_invisible(tmp_path):
 def test_output_formats(tmp_path, fmt):
     rd = _run(tmp_path)
     out = tmp_path / f"out.{fmt}"
-    code, _, err = run_cli("inspect", rd.root, "--sql", "select sample_id, n_tokens from samples order by 1",
-                           "--format", fmt, "--out", out)
+    code, _, err = run_cli(
+        "inspect",
+        rd.root,
+        "--sql",
+        "select sample_id, n_tokens from samples order by 1",
+        "--format",
+        fmt,
+        "--out",
+        out,
+    )
     assert code == 0, err
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
         assert pq.read_table(out).column("n_tokens").to_pylist() == [3, 2]
     elif fmt == "json":
-        assert json.loads(out.read_text()) == [{"sample_id": "a", "n_tokens": 3}, {"sample_id": "b", "n_tokens": 2}]
+        assert json.loads(out.read_text()) == [
+            {"sample_id": "a", "n_tokens": 3},
+            {"sample_id": "b", "n_tokens": 2},
+        ]
     elif fmt == "csv":
         assert out.read_text().splitlines()[1:] == ['"a",3', '"b",2']
     else:
@@ -89,3 +125,23 @@ def test_bad_sql_and_missing_run_exit_2(tmp_path):
     assert code == 2 and "SQL error" in err
     code, _, err = run_cli("inspect", tmp_path / "absent", "--sql", "select 1")
     assert code == 2 and "does not exist" in err
+
+
+def test_interactive_prompt(tmp_path, monkeypatch, capsys):
+    from winnow.pipeline.inspect_run import repl
+
+    rd = _run(tmp_path)
+    lines = iter([".tables", "select count(*) as n", "from tokens;", ".quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    repl(str(rd.root))
+    out = capsys.readouterr().out
+    assert "signals_current" in out and "tokens" in out and "5" in out
+
+
+def test_cli_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, winnow.pipeline.cli, winnow.pipeline.inspect_run; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
