@@ -40,7 +40,7 @@ from winnow.pipeline.readers import Row, file_fingerprint, iter_rows
 from winnow.pipeline.steps import Step
 from winnow.pipeline.store import RunDir, UserError, atomic_write_json, shard_done, stable_hash, versions
 
-CODE_VERSION = "ingest-1"
+CODE_VERSION = "ingest-1"  # with render.RENDER_VERSION in the fingerprint
 LOSS_ON = ("all_turns", "last_turn")
 _ARROW_META = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str": pa.string(), "json": pa.string()}
 
@@ -292,7 +292,7 @@ def _write_vocab(run: RunDir, tokenizer, tok_fp: str) -> None:
 
 
 def run_ingest(run: RunDir, p: IngestParams) -> dict[str, Any]:
-    from winnow.pipeline.render import tokenizer_fingerprint
+    from winnow.pipeline.render import RENDER_VERSION, tokenizer_fingerprint
     from winnow.pipeline.tiny_model import resolve_model
 
     t0 = time.time()
@@ -306,7 +306,7 @@ def run_ingest(run: RunDir, p: IngestParams) -> dict[str, Any]:
     max_tokens = p.max_tokens or model_max_tokens(tokenizer, model_dir)
     inputs_fp = {spec: file_fingerprint(path) for spec, path in zip(specs, paths, strict=True)}
     fingerprint = stable_hash({
-        "code": CODE_VERSION, "params": asdict(p) | {"inputs": specs}, "tokenizer": tok_fp,
+        "code": CODE_VERSION, "render": RENDER_VERSION, "params": asdict(p) | {"inputs": specs}, "tokenizer": tok_fp,
         "inputs": inputs_fp, "meta": meta_types, "max_tokens": max_tokens,
     })
     n_shards = math.ceil(scan.rows / p.shard_rows) if scan.rows else 0
