@@ -1,0 +1,70 @@
+"""DV4LLM stage end to end on the demo data: SQL and file targets, off-topic samples ranked last."""
+
+import json
+
+import pytest
+
+from conftest import run_cli, sql_json
+
+TARGET_SQL = "sql:meta_corruption = 'none' and meta_domain = 'math' and row % 5 = 0"
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("dv") / "run"
+    code, _, err = run_cli("ingest", "builtin:demo", "--run", run, "--model", "builtin:tiny")
+    assert code == 0, err
+    return run
+
+
+def _auroc(pos, neg):
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def test_sql_targets_rank_off_topic_last(demo_run):
+    code, _, err = run_cli("score", demo_run, "dv4llm", "--targets", TARGET_SQL, "--set", "budget=0.5")
+    assert code == 0, err
+    rows = sql_json(
+        demo_run,
+        "select s.meta_corruption k, d.role, d.calibrated_gradient g, d.rank, d.selected "
+        "from scores_dv4llm d join samples s using (sample_id)",
+    )
+    targets = [r for r in rows if r["role"] == "target"]
+    cands = [r for r in rows if r["role"] == "candidate"]
+    n_targets = sql_json(demo_run, f"select count(*) n from samples where {TARGET_SQL[4:]}")[0]["n"]
+    assert len(targets) == n_targets > 0 and all(r["g"] is None for r in targets)
+    assert sorted(r["rank"] for r in cands) == list(range(len(cands)))
+    assert sum(r["selected"] for r in cands) == round(0.5 * len(cands))
+    off = [r["g"] for r in cands if r["k"] == "off_topic"]
+    rest = [r["g"] for r in cands if r["k"] != "off_topic"]
+    assert _auroc(off, rest) >= 0.9  # off-topic pushes away from the math targets: largest gradients
+    man = json.loads((demo_run / "manifest.json").read_text())["steps"]["dv4llm"]
+    assert man["solver"]["converged"] and man["solver"]["eps"] > 0
+
+
+def test_file_targets_are_ingested_beside_samples(demo_run, tmp_path):
+    tgt = tmp_path / "targets.jsonl"
+    tgt.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "question": f"Tom has {i} apples and buys {i + 2} more. How many?",
+                    "answer": f"{i} + {i + 2} = {2 * i + 2}\n#### {2 * i + 2}",
+                }
+            )
+            for i in range(30)
+        )
+    )
+    code, _, err = run_cli("score", demo_run, "dv4llm", "--targets", tgt)
+    assert code == 0, err
+    assert sql_json(demo_run, "select count(*) n from targets")[0]["n"] == 30
+    roles = sql_json(demo_run, "select role, count(*) n from scores_dv4llm group by 1")
+    assert roles == [{"role": "candidate", "n": sql_json(demo_run, "select count(*) n from samples")[0]["n"]}]
+
+
+def test_bad_targets_exit_2(demo_run):
+    code, _, err = run_cli("score", demo_run, "dv4llm", "--targets", "sql:no_such_column = 1")
+    assert code == 2 and "bad SQL condition" in err
+    code, _, err = run_cli("score", demo_run, "dv4llm")
+    assert code == 2 and "targets" in err
