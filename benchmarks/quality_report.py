@@ -118,8 +118,9 @@ def main() -> None:
     for stage, (j, a) in junk.items():
         print(f"{stage:24s} junk {j:.3f}   all {a:.3f}")
     out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
-    (out / "quality_report.json").write_text(json.dumps({"auroc": table, "junk_pruning": junk}, indent=2))
+    from winnow.pipeline.store import atomic_write_json
+
+    atomic_write_json(out / "quality_report.json", {"auroc": table, "junk_pruning": junk})
 
 
 if __name__ == "__main__":
