@@ -29,6 +29,14 @@ import pyarrow as pa
 from winnow.pipeline.params import as_dict
 from winnow.pipeline.steps import Step
 from winnow.pipeline.store import RunDir, UserError, versions
+from winnow.stages.model_io import (
+    check_tokenizer,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_dir,
+    weights_fingerprint,
+)
 from winnow.stages.model_pass import (
     POSITIONS,
     SAMPLE_COLUMNS,
@@ -38,6 +46,13 @@ from winnow.stages.model_pass import (
     pass_fingerprint,
 )
 from winnow.stages.model_scoring import forward_hidden, gather_targets, list_column, read_samples
+from winnow.stages.pass_runner import (
+    init_distributed,
+    plan_shards,
+    return_large_blocks_to_os,
+    run_shards,
+    set_threads,
+)
 
 if TYPE_CHECKING:
     from winnow.stages.model_io import LoadedModel
@@ -115,22 +130,6 @@ def contrast_samples(
 
 
 def run_contrast_pass(run: RunDir, p: ContrastParams) -> dict[str, Any]:
-    from winnow.stages.model_io import (
-        check_tokenizer,
-        load_model,
-        resolve_device,
-        resolve_dtype,
-        resolve_model_dir,
-        weights_fingerprint,
-    )
-    from winnow.stages.pass_runner import (
-        init_distributed,
-        plan_shards,
-        return_large_blocks_to_os,
-        run_shards,
-        set_threads,
-    )
-
     t0 = time.time()
     d = init_distributed(p.device)
     try:

@@ -217,19 +217,18 @@ def run_critical_tokens(run: RunDir, params: CriticalTokensParams) -> dict:
         written += 1
         missing += shard.supervised_without_signal(key)
     counts = {"supervised_without_signal": missing} if written else {}
-    entry = io.manifest_entry(
+    return io.record_stage(
+        run,
         NAME,
         params,
         fp,
         CODE_VERSION,
         out,
         written=written,
-        skipped=len(parts) - written,
+        parts=len(parts),
         started=started,
         counts=counts,
     )
-    run.update_manifest(NAME, entry)
-    return entry
 
 
 STEP = Step(

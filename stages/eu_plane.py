@@ -430,19 +430,18 @@ def run_eu_plane(run: RunDir, params: EUPlaneParams) -> dict:
             io.commit_shard(out, part, table, fp, inputs, extra={"params": io.as_dict(params)})
             written += 1
         counts = {"samples": total, "scored": int(scored.numel()), "supervised_without_signal": missing}
-    entry = io.manifest_entry(
+    return io.record_stage(
+        run,
         NAME,
         params,
         fp,
         CODE_VERSION,
         out,
         written=written,
-        skipped=len(parts) - written,
+        parts=len(parts),
         started=started,
         counts=counts,
     )
-    run.update_manifest(NAME, entry)
-    return entry
 
 
 def _shard_table(

@@ -177,19 +177,18 @@ def run_excess_loss(run: RunDir, params: ExcessLossParams) -> dict:
             "batches": len(batches),
             "supervised_without_signal": missing,
         }
-    entry = io.manifest_entry(
+    return io.record_stage(
+        run,
         NAME,
         params,
         fp,
         CODE_VERSION,
         out,
         written=written,
-        skipped=len(parts) - written,
+        parts=len(parts),
         started=started,
         counts=counts,
     )
-    run.update_manifest(NAME, entry)
-    return entry
 
 
 STEP = Step(

@@ -47,7 +47,22 @@ from winnow.pipeline.params import as_dict, build_params, parse_sets
 from winnow.pipeline.steps import Step
 from winnow.pipeline.store import RunDir, UserError, stable_hash, versions
 from winnow.stages.batching import LAYOUTS
+from winnow.stages.model_io import (
+    check_tokenizer,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_dir,
+    weights_fingerprint,
+)
 from winnow.stages.model_scoring import read_samples, score_samples, signals_table
+from winnow.stages.pass_runner import (
+    init_distributed,
+    plan_shards,
+    return_large_blocks_to_os,
+    run_shards,
+    set_threads,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -135,22 +150,6 @@ def pass_fingerprint(kind: str, model_fps: dict[str, str], settings: dict[str, A
 
 def run_model_pass(run: RunDir, p: ModelPassParams) -> dict[str, Any]:
     """Score every pending samples shard with one model; returns the step's manifest entry."""
-    from winnow.stages.model_io import (
-        check_tokenizer,
-        load_model,
-        resolve_device,
-        resolve_dtype,
-        resolve_model_dir,
-        weights_fingerprint,
-    )
-    from winnow.stages.pass_runner import (
-        init_distributed,
-        plan_shards,
-        return_large_blocks_to_os,
-        run_shards,
-        set_threads,
-    )
-
     t0 = time.time()
     d = init_distributed(p.device)
     try:

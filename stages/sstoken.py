@@ -231,19 +231,18 @@ def run_sstoken(run: RunDir, params: SSTokenParams) -> dict:
         written += 1
         missing += shard.supervised_without_signal(*keys)
     counts = {"supervised_without_signal": missing} if written else {}
-    entry = io.manifest_entry(
+    return io.record_stage(
+        run,
         NAME,
         params,
         fp,
         CODE_VERSION,
         out,
         written=written,
-        skipped=len(parts) - written,
+        parts=len(parts),
         started=started,
         counts=counts,
     )
-    run.update_manifest(NAME, entry)
-    return entry
 
 
 STEP = Step(

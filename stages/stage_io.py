@@ -373,7 +373,8 @@ def reason_counts(out: Table, column: str = "reason") -> dict[str, int]:
     return {str(v["values"]): int(v["counts"]) for v in counts.to_pylist()}
 
 
-def manifest_entry(
+def record_stage(
+    run: RunDir,
     stage: str,
     params: Any,
     fp: str,
@@ -381,24 +382,27 @@ def manifest_entry(
     out: Table,
     *,
     written: int,
-    skipped: int,
+    parts: int,
     started: float,
     counts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    return {
+    """Record the finished stage in the run manifest (shards not written this time were fresh)."""
+    entry = {
         "step": stage,
         "output": out.name,
         "params": as_dict(params),
         "fingerprint": fp,
         "code_version": code_version,
         "shards_written": written,
-        "shards_skipped": skipped,
+        "shards_skipped": parts - written,
         "rows": sum(r.rows for r in out.records()),
         "reasons": reason_counts(out),
         "counts": counts or {},
         "wall_s": round(time.time() - started, 3),
         "versions": store.versions(),
     }
+    run.update_manifest(stage, entry)
+    return entry
 
 
 # ---- simulated mini-batches -----------------------------------------------------------------------
