@@ -18,13 +18,14 @@ means "more suspicious".
 
 AUROC is computed for each kind against the clean samples (``none``). For junk spans it also
 prints, per token-pruning stage, the fraction of junk tokens pruned next to the fraction of all
-supervised tokens pruned. Usage: ``python benchmarks/quality_report.py [--run-dir runs/quality]``.
+supervised tokens pruned. Usage: ``python benchmarks/quality_report.py [--models builtin|quality] [--run-dir DIR]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -89,14 +90,28 @@ def junk_pruning(con) -> dict[str, tuple[float, float]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run-dir", default="runs/quality")
+    ap.add_argument(
+        "--models",
+        choices=("builtin", "quality"),
+        default="builtin",
+        help="builtin: the quickstart's tiny models; quality: the longer-trained set of "
+        "benchmarks/quality_models.py (built on first use, ~25 min on one core)",
+    )
+    ap.add_argument("--run-dir", default=None, help="default runs/quality-<models>")
     args = ap.parse_args()
     from winnow.pipeline.inspect_run import open_views
-    from winnow.pipeline.recipe import run_recipe
+    from winnow.pipeline.recipe import load_recipe, run_loaded, with_models
 
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml"
-    run_recipe(recipe, args.run_dir)
-    con = open_views(args.run_dir).con
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml")
+    if args.models == "quality":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from quality_models import QUICKSTART_ROLES, build_quality_models
+
+        dirs = build_quality_models()
+        recipe = with_models(recipe, {old: str(dirs[new]) for old, new in QUICKSTART_ROLES.items()})
+    run_dir = args.run_dir or f"runs/quality-{args.models}"
+    run_loaded(recipe, run_dir)
+    con = open_views(run_dir).con
     kinds = dict(con.sql("select sample_id, meta_corruption from samples").fetchall())
     rng = np.random.default_rng(0)
     scores = {name: dict(con.sql(q).fetchall()) for name, q in SCORES.items()}
@@ -120,7 +135,10 @@ def main() -> None:
     out = Path(__file__).parent / "out"
     from winnow.pipeline.store import atomic_write_json
 
-    atomic_write_json(out / "quality_report.json", {"auroc": table, "junk_pruning": junk})
+    atomic_write_json(
+        out / f"quality_report_{args.models}.json",
+        {"models": args.models, "auroc": table, "junk_pruning": junk},
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ committed with the same fingerprint, so rerunning a recipe only does what is mis
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,9 @@ def load_recipe(path: str | Path) -> Recipe:
         raise UserError(f"{path}: invalid TOML ({e})") from None
     unknown = sorted(set(data) - {"run_dir", "steps", "description"})
     if unknown:
-        raise UserError(f"{path}: unknown top-level key(s) {unknown}; expected run_dir, description, [[steps]]")
+        raise UserError(
+            f"{path}: unknown top-level key(s) {unknown}; expected run_dir, description, [[steps]]"
+        )
     raw_steps = data.get("steps")
     if not isinstance(raw_steps, list) or not raw_steps:
         raise UserError(f"{path}: no [[steps]] tables")
@@ -55,19 +58,39 @@ def load_recipe(path: str | Path) -> Recipe:
         name = table.pop("step", None)
         where = f"{path}: steps[{i}]"
         if name is None:
-            raise UserError(f"{where}: missing `step = \"...\"`")
+            raise UserError(f'{where}: missing `step = "..."`')
         step = get_step(name)
         steps.append((step, build_params(step.params, table, f"{where} ({name})")))
     return Recipe(path, str(data.get("run_dir", f"runs/{path.stem}")), steps)
 
 
 def run_recipe(path: str | Path, run_dir: str | None = None) -> dict[str, Any]:
-    recipe = load_recipe(path)
+    return run_loaded(load_recipe(path), run_dir)
+
+
+def with_models(recipe: Recipe, models: dict[str, str]) -> Recipe:
+    """The same recipe with every model field (``model``, ``positive``, ``negative``) whose value is a
+    key of ``models`` replaced by its value: one pipeline, run on another set of models."""
+    steps = []
+    for step, params in recipe.steps:
+        swap = {
+            k: models[v]
+            for k in ("model", "positive", "negative")
+            if isinstance(v := getattr(params, k, None), str) and v in models
+        }
+        steps.append((step, dataclasses.replace(params, **swap) if swap else params))
+    return Recipe(recipe.path, recipe.run_dir, steps)
+
+
+def run_loaded(recipe: Recipe, run_dir: str | None = None) -> dict[str, Any]:
     run = RunDir(run_dir or recipe.run_dir, create=True)
-    atomic_write_json(run.root / "recipe.resolved.json", {
-        "recipe": str(recipe.path),
-        "steps": [{"step": s.name, **vars(p)} for s, p in recipe.steps],
-    })
+    atomic_write_json(
+        run.root / "recipe.resolved.json",
+        {
+            "recipe": str(recipe.path),
+            "steps": [{"step": s.name, **vars(p)} for s, p in recipe.steps],
+        },
+    )
     t0 = time.time()
     results = {}
     for step, params in recipe.steps:
@@ -75,5 +98,7 @@ def run_recipe(path: str | Path, run_dir: str | None = None) -> dict[str, Any]:
         t = time.time()
         results[key] = step.run(run, params)
         print(f"[winnow] {key}: done in {time.time() - t:.1f}s")
-    print(f"[winnow] recipe {recipe.path.name}: {len(recipe.steps)} steps in {time.time() - t0:.1f}s -> {run.root}")
+    print(
+        f"[winnow] recipe {recipe.path.name}: {len(recipe.steps)} steps in {time.time() - t0:.1f}s -> {run.root}"
+    )
     return results

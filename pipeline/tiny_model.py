@@ -616,7 +616,7 @@ def build_model(recipe: TinyModelRecipe, root: Path | None = None) -> Path:
         for stale in base.glob(f".tmp-{recipe.dir_name()}-*"):  # left by a crashed build
             shutil.rmtree(stale, ignore_errors=True)
         tmp = base / f".tmp-{recipe.dir_name()}-{os.getpid()}"
-        log.warning("building tiny model %s once into %s (about a minute on CPU)", recipe.name, final)
+        log.warning("building tiny model %s once into %s (%d steps on CPU)", recipe.name, final, recipe.steps)
         trained = train_recipe(recipe, root)
         trained.stats["build_seconds"] = round(
             trained.stats["setup_seconds"] + trained.stats["train_seconds"], 2

@@ -32,3 +32,26 @@ def test_bad_recipes_fail_early_naming_the_problem(tmp_path, text, match):
     p.write_text(text)
     with pytest.raises(UserError, match=match):
         load_recipe(p)
+
+
+def test_with_models_swaps_every_model_field_and_nothing_else():
+    from winnow.pipeline.recipe import with_models
+
+    quick = next(p for p in RECIPES if p.name == "quickstart.toml")
+    recipe = load_recipe(quick)
+    swapped = with_models(recipe, {"builtin:tiny": "/m/base", "builtin:tiny-negative": "/m/neg"})
+    fields = [
+        (s.name, {k: getattr(p, k) for k in ("model", "positive", "negative") if hasattr(p, k)})
+        for s, p in swapped.steps
+    ]
+    assert ("ingest", {"model": "/m/base"}) in fields
+    contrast = dict(fields)["contrast_pass"]
+    assert contrast == {"positive": "builtin:tiny-positive", "negative": "/m/neg"}
+    models = [f["model"] for name, f in fields if name == "model_pass"]
+    assert models == ["builtin:tiny-warm", "/m/base", "builtin:tiny-reference"]
+    # the original recipe is untouched and every other parameter is carried over
+    assert [getattr(p, "model", None) for _, p in recipe.steps][0] == "builtin:tiny"
+    for (_, a), (_, b) in zip(recipe.steps, swapped.steps, strict=True):
+        for k, v in vars(a).items():
+            if k not in ("model", "positive", "negative"):
+                assert vars(b)[k] == v
