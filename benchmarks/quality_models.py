@@ -35,7 +35,7 @@ data. The base is "pretrained" on clean text only, as a real base model mostly i
 the corrupted kinds too, like a model part-way through fine-tuning on the very data being curated.
 
 Models are cached like the builtin ones (``$WINNOW_CACHE/models/<name>-<hash>``, built once under a
-file lock). Building the base takes about 21 minutes on one core of this VM; the fine-tunes about 30 s
+file lock). Building the base took 23 minutes (1,357 s) on one core of this VM; the fine-tunes about 30 s
 each. Run ``python benchmarks/quality_models.py`` to build them and print their training statistics;
 ``python benchmarks/quality_report.py --models quality`` builds them on demand.
 """

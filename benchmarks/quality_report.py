@@ -1,7 +1,8 @@
 """Curation quality on the demo data: AUROC of each stage's sample score per planted corruption kind.
 
 Runs ``recipes/quickstart.toml`` (the frozen demo draw scored by tiny models trained on *separate*
-draws of the generator, see ``pipeline/tiny_model.py``), then compares each sample score against
+draws of the generator: the quickstart's, see ``pipeline/tiny_model.py``, or with ``--models quality``
+the longer-trained set of ``benchmarks/quality_models.py``), then compares each sample score against
 the ground truth in ``meta_corruption``. Signs were fixed before looking at results: a higher score
 means "more suspicious".
 
@@ -15,6 +16,10 @@ means "more suspicious".
 | critical_tokens                | -(min p_CE over supervised tokens)                                |
 | dv4llm                         | calibrated OT gradient towards held-out clean math samples        |
 | random                         | a seeded uniform control                                          |
+
+The sstoken sign (a token the current model has *not* improved on is suspicious) turned out to be
+the opposite of what the method rewards when the warm current model was fine-tuned on the corrupted
+data itself: see ``benchmarks/RESULTS.md``. It stays as fixed in advance.
 
 AUROC is computed for each kind against the clean samples (``none``). For junk spans it also
 prints, per token-pruning stage, the fraction of junk tokens pruned next to the fraction of all
@@ -95,7 +100,7 @@ def main() -> None:
         choices=("builtin", "quality"),
         default="builtin",
         help="builtin: the quickstart's tiny models; quality: the longer-trained set of "
-        "benchmarks/quality_models.py (built on first use, ~25 min on one core)",
+        "benchmarks/quality_models.py (built on first use, ~23 min on one core)",
     )
     ap.add_argument("--run-dir", default=None, help="default runs/quality-<models>")
     args = ap.parse_args()
