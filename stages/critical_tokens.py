@@ -159,10 +159,10 @@ def run_critical_tokens(run: RunDir, params: CriticalTokensParams) -> dict:
     if schema is None or "p_ce" not in schema.names:
         raise UserError(f"{signals} has no p_ce column; produce it with `{hint}`")
     key = (params.contrast, "p_ce")
-    out = run.table(f"scores/{NAME}")
-    fp = io.fingerprint(NAME, params, CODE_VERSION)
+    st = io.StageOutput(run, NAME, params, CODE_VERSION, started)
+    out, fp = st.out, st.fp
     io.drop_orphans(out, parts)
-    written, missing = 0, 0
+    missing = 0
     for part in parts:
         inputs = io.part_inputs(run, [io.SAMPLES, signals], part)
         if io.is_fresh(out, part, fp, inputs):
@@ -213,22 +213,10 @@ def run_critical_tokens(run: RunDir, params: CriticalTokensParams) -> dict:
                 ),
             }
         )
-        io.commit_shard(out, part, table, fp, inputs, extra={"params": io.as_dict(params)})
-        written += 1
+        st.commit(part, table, inputs)
         missing += shard.supervised_without_signal(key)
-    counts = {"supervised_without_signal": missing} if written else {}
-    return io.record_stage(
-        run,
-        NAME,
-        params,
-        fp,
-        CODE_VERSION,
-        out,
-        written=written,
-        parts=len(parts),
-        started=started,
-        counts=counts,
-    )
+    counts = {"supervised_without_signal": missing} if st.written else {}
+    return st.finish(len(parts), counts)
 
 
 STEP = Step(

@@ -371,11 +371,11 @@ def run_eu_plane(run: RunDir, params: EUPlaneParams) -> dict:
     parts = io.samples_parts(run)
     signals = f"signals/{params.alias}"
     io.require_signals(run, params.alias, ["logprob", "entropy"], parts)
-    out = run.table(f"scores/{NAME}")
-    fp = io.fingerprint(NAME, params, CODE_VERSION)
+    st = io.StageOutput(run, NAME, params, CODE_VERSION, started)
+    out, fp = st.out, st.fp
     inputs = io.table_inputs(run, [io.SAMPLES, signals])  # global statistics: whole-table inputs
     keys = [(params.alias, "logprob"), (params.alias, "entropy")]
-    written, counts = 0, {}
+    counts: dict = {}
     if not io.all_fresh(out, parts, fp, inputs):
         io.drop_orphans(out, parts)
         # pass 1: per-sample error and uncertainty over the whole dataset
@@ -427,21 +427,9 @@ def run_eu_plane(run: RunDir, params: EUPlaneParams) -> dict:
                 alpha[rows],
                 batch[rows],
             )
-            io.commit_shard(out, part, table, fp, inputs, extra={"params": io.as_dict(params)})
-            written += 1
+            st.commit(part, table, inputs)
         counts = {"samples": total, "scored": int(scored.numel()), "supervised_without_signal": missing}
-    return io.record_stage(
-        run,
-        NAME,
-        params,
-        fp,
-        CODE_VERSION,
-        out,
-        written=written,
-        parts=len(parts),
-        started=started,
-        counts=counts,
-    )
+    return st.finish(len(parts), counts)
 
 
 def _shard_table(

@@ -96,13 +96,13 @@ def run_excess_loss(run: RunDir, params: ExcessLossParams) -> dict:
     parts = io.samples_parts(run)
     for alias in (params.current, params.reference):
         io.require_signals(run, alias, ["logprob"], parts)
-    out = run.table(f"scores/{NAME}")
-    fp = io.fingerprint(NAME, params, CODE_VERSION)
+    st = io.StageOutput(run, NAME, params, CODE_VERSION, started)
+    out, fp = st.out, st.fp
     tables = [io.SAMPLES, f"signals/{params.current}", f"signals/{params.reference}"]
     inputs = io.table_inputs(run, tables)  # top-k across the dataset: whole-table inputs
     keys = [(params.current, "logprob"), (params.reference, "logprob")]
     read = {params.current: ["logprob"], params.reference: ["logprob"]}
-    written, counts = 0, {}
+    counts: dict = {}
     if not io.all_fresh(out, parts, fp, inputs):
         io.drop_orphans(out, parts)
         # pass 1: every scored token's excess loss, flat in (shard, row, position) order
@@ -168,8 +168,7 @@ def run_excess_loss(run: RunDir, params: ExcessLossParams) -> dict:
                 }
             )
             row0 += n_rows
-            io.commit_shard(out, part, table, fp, inputs, extra={"params": io.as_dict(params)})
-            written += 1
+            st.commit(part, table, inputs)
         counts = {
             "samples": int(len(per_sample)),
             "scored_tokens": int(flat.numel()),
@@ -177,18 +176,7 @@ def run_excess_loss(run: RunDir, params: ExcessLossParams) -> dict:
             "batches": len(batches),
             "supervised_without_signal": missing,
         }
-    return io.record_stage(
-        run,
-        NAME,
-        params,
-        fp,
-        CODE_VERSION,
-        out,
-        written=written,
-        parts=len(parts),
-        started=started,
-        counts=counts,
-    )
+    return st.finish(len(parts), counts)
 
 
 STEP = Step(

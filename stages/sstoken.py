@@ -190,10 +190,10 @@ def run_sstoken(run: RunDir, params: SSTokenParams) -> dict:
         _check_models(run, params)
     keys = [(alias, c) for alias, columns in read.items() for c in columns]
     tables = [io.SAMPLES, *(f"signals/{a}" for a in read)]
-    out = run.table(f"scores/{NAME}")
-    fp = io.fingerprint(NAME, params, CODE_VERSION)
+    st = io.StageOutput(run, NAME, params, CODE_VERSION, started)
+    out, fp = st.out, st.fp
     io.drop_orphans(out, parts)
-    written, missing = 0, 0
+    missing = 0
     for part in parts:
         inputs = io.part_inputs(run, tables, part)  # per-sample maths: per-shard inputs
         if io.is_fresh(out, part, fp, inputs):
@@ -227,22 +227,10 @@ def run_sstoken(run: RunDir, params: SSTokenParams) -> dict:
                 "token_keep": io.to_list_array(res.keep.numpy(), mask_np, shard.n_tokens, pa.bool_()),
             }
         )
-        io.commit_shard(out, part, table, fp, inputs, extra={"params": io.as_dict(params)})
-        written += 1
+        st.commit(part, table, inputs)
         missing += shard.supervised_without_signal(*keys)
-    counts = {"supervised_without_signal": missing} if written else {}
-    return io.record_stage(
-        run,
-        NAME,
-        params,
-        fp,
-        CODE_VERSION,
-        out,
-        written=written,
-        parts=len(parts),
-        started=started,
-        counts=counts,
-    )
+    counts = {"supervised_without_signal": missing} if st.written else {}
+    return st.finish(len(parts), counts)
 
 
 STEP = Step(

@@ -11,8 +11,9 @@ trainer on one mini-batch) wrapped by a thin adapter. This module is that adapte
   should not depend on summation order; the values themselves are float32 in the tables.
 * **Writing.** :func:`to_list_array` turns a padded array plus a validity mask back into a per-token
   list column with exactly ``n_tokens`` entries and null where there is no value (never 0: 0 is a
-  valid score). :func:`commit_shard` writes ``scores/<stage>/part-NNNNN.parquet`` with its commit
-  record and calls ``store.shard_done()``.
+  valid score). :class:`StageOutput` owns ``scores/<stage>``: its fingerprint, ``commit`` (writes
+  ``part-NNNNN.parquet`` with its commit record and calls ``store.shard_done()``) and ``finish``
+  (the step's manifest entry).
 * **Freshness.** The output fingerprint is a hash of the stage name, its parameters and its
   ``CODE_VERSION``. Per-shard stages record per-shard input digests (``signals/current/part-00003``)
   and skip shards whose record matches; stages with global statistics (dataset quantiles, top-k
@@ -373,36 +374,39 @@ def reason_counts(out: Table, column: str = "reason") -> dict[str, int]:
     return {str(v["values"]): int(v["counts"]) for v in counts.to_pylist()}
 
 
-def record_stage(
-    run: RunDir,
-    stage: str,
-    params: Any,
-    fp: str,
-    code_version: str,
-    out: Table,
-    *,
-    written: int,
-    parts: int,
-    started: float,
-    counts: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Record the finished stage in the run manifest (shards not written this time were fresh)."""
-    entry = {
-        "step": stage,
-        "output": out.name,
-        "params": as_dict(params),
-        "fingerprint": fp,
-        "code_version": code_version,
-        "shards_written": written,
-        "shards_skipped": parts - written,
-        "rows": sum(r.rows for r in out.records()),
-        "reasons": reason_counts(out),
-        "counts": counts or {},
-        "wall_s": round(time.time() - started, 3),
-        "versions": store.versions(),
-    }
-    run.update_manifest(stage, entry)
-    return entry
+class StageOutput:
+    """A scoring stage's output table ``scores/<stage>`` in a run: its fingerprint, the shards it
+    commits this time, and the manifest entry it records at the end."""
+
+    def __init__(self, run: RunDir, stage: str, params: Any, code_version: str, started: float):
+        self.run, self.stage, self.params = run, stage, params
+        self.code_version, self.started = code_version, started
+        self.out = run.table(f"scores/{stage}")
+        self.fp = fingerprint(stage, params, code_version)
+        self.written = 0
+
+    def commit(self, part: int, table: pa.Table, inputs: dict[str, str]) -> None:
+        commit_shard(self.out, part, table, self.fp, inputs, extra={"params": as_dict(self.params)})
+        self.written += 1
+
+    def finish(self, parts: int, counts: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Record the step in the run manifest (shards not written this time were fresh)."""
+        entry = {
+            "step": self.stage,
+            "output": self.out.name,
+            "params": as_dict(self.params),
+            "fingerprint": self.fp,
+            "code_version": self.code_version,
+            "shards_written": self.written,
+            "shards_skipped": parts - self.written,
+            "rows": sum(r.rows for r in self.out.records()),
+            "reasons": reason_counts(self.out),
+            "counts": counts or {},
+            "wall_s": round(time.time() - self.started, 3),
+            "versions": store.versions(),
+        }
+        self.run.update_manifest(self.stage, entry)
+        return entry
 
 
 # ---- simulated mini-batches -----------------------------------------------------------------------
