@@ -26,6 +26,12 @@ every epoch with attention-only selection until a sample index >= 10000 is seen;
 quirk is not reproduced. The EMA history model (paper Eq. 4, "optional", not in the released code)
 is the trainer's business: it passes its own ``nll_his`` to :func:`sstoken_select`.
 
+What REL rewards, measured (``benchmarks/RESULTS.md``, quality models): when the ``current`` model
+was warmed up on the very data being scored, corrupted tokens (junk spans, a wrong ``####`` number) are
+where it improved most on its history model, so REL ranks them *highest* (AUROC 0.000 as a detector)
+and ssToken keeps them: 18% of junk tokens pruned against 39% of all tokens. Self-modulated selection
+keeps whatever the model is learning now; run sample-level filters (Rho-1 excess loss, cDPO) first.
+
 Defaults γ = 0.5 (``--ratio``), ρ = 0.6 (``--data_prop``; the paper uses 0.8 for 14B models).
 UNCONFIRMED (a parameter): whether the paper normalises the attention term; the released code does
 not (it is a sum of probabilities, already in [0, 1]), so ``attn_minmax=False``; True min-max
