@@ -1,0 +1,55 @@
+"""A scoring stage killed between shard commits leaves only whole, committed shards; the rerun finishes
+the job (per-shard stages redo only what is missing, stages with dataset-wide statistics redo every
+shard) and the result equals an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import test_critical_tokens
+import test_eu_plane
+import test_excess_loss
+import test_sstoken
+
+from conftest import run_cli
+
+# stage -> (run builder, shards the rerun writes out of 2)
+STAGES = {
+    "critical_tokens": (test_critical_tokens.make_run, 1),
+    "sstoken": (test_sstoken.make_run, 1),
+    "eu_plane": (test_eu_plane.make_run, 2),
+    "excess_loss": (test_excess_loss.make_run, 2),
+}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_killed_stage_resumes_to_the_uninterrupted_result(tmp_path, stage):
+    make_run, rewritten = STAGES[stage]
+    run = make_run(tmp_path / "killed")
+    env = {**os.environ, "WINNOW_FAULT_KILL_AFTER_SHARDS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "winnow.pipeline.cli", "score", str(run.root), stage],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL right after the first commit
+    out = run.table(f"scores/{stage}")
+    assert [r.part for r in out.records()] == [0]
+    leftovers = [p.name for p in out.dir.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+    assert leftovers == []
+    assert stage not in run.manifest().get("steps", {})  # an unfinished step is not recorded as done
+
+    code, _, err = run_cli("score", run.root, stage)
+    assert code == 0, err
+    entry = run.manifest()["steps"][stage]
+    assert (entry["shards_written"], entry["shards_skipped"]) == (rewritten, 2 - rewritten)
+
+    clean = make_run(tmp_path / "clean")
+    code, _, err = run_cli("score", clean.root, stage)
+    assert code == 0, err
+    assert out.read().equals(clean.table(f"scores/{stage}").read())
