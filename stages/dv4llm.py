@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from winnow.pipeline.steps import Step
-from winnow.pipeline.store import RunDir, UserError, shard_done, stable_hash, versions
+from winnow.pipeline.store import RunDir, UserError
+from winnow.stages import stage_io as io
 
 CODE_VERSION = "dv4llm-1"
 
@@ -126,13 +127,12 @@ def run_dv4llm(run: RunDir, p: DV4LLMParams) -> dict[str, Any]:
     inputs = {"samples": samples.digest()}
     if not sql:
         inputs["targets"] = run.table("targets").digest()
-    fingerprint = stable_hash({"code": CODE_VERSION, "params": asdict(p)})
-    out = run.table("scores/dv4llm")
+    st = io.StageOutput(run, "dv4llm", p, CODE_VERSION, t0)
     recs = samples.records()
-    if recs and all(
-        (r := out.record(s.part)) and r.fingerprint == fingerprint and r.inputs == inputs for s in recs
-    ):
-        return {"step": "dv4llm", "skipped": True}
+    parts = [r.part for r in recs]
+    io.drop_orphans(st.out, parts)
+    if io.all_fresh(st.out, parts, st.fp, inputs):
+        return st.finish(len(parts))  # the ranking spans every shard: all fresh or all redone
 
     cols = samples.read(columns=["sample_id", "messages"]).to_pydict()
     ids, texts = cols["sample_id"], [_content_text(m) for m in cols["messages"]]
@@ -169,21 +169,9 @@ def run_dv4llm(run: RunDir, p: DV4LLMParams) -> dict[str, Any]:
                 "selected": pa.array([v[3] if v else False for v in vals], pa.bool_()),
             }
         )
-        out.write(rec.part, tbl, fingerprint=fingerprint, inputs=inputs)
-        shard_done()
-    entry = {
-        "step": "dv4llm",
-        "config": asdict(p),
-        "fingerprint": fingerprint,
-        "targets": len(x),
-        "candidates": len(cand_idx),
-        "selected": n_sel,
-        "solver": res.summary(),
-        "wall_s": round(time.time() - t0, 3),
-        "versions": versions(),
-    }
-    run.update_manifest("dv4llm", entry)
-    return entry
+        st.commit(rec.part, tbl, inputs)
+    counts = {"targets": len(x), "candidates": len(cand_idx), "selected": n_sel, "solver": res.summary()}
+    return st.finish(len(parts), counts)
 
 
 STEP = Step(

@@ -390,7 +390,11 @@ class StageOutput:
         self.written += 1
 
     def finish(self, parts: int, counts: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Record the step in the run manifest (shards not written this time were fresh)."""
+        """Record the step in the run manifest (shards not written this time were fresh). When
+        nothing was written the output is the one the last run described, so its counts carry over."""
+        if not self.written and not counts:
+            last = self.run.manifest().get("steps", {}).get(self.stage, {})
+            counts = last.get("counts") if last.get("fingerprint") == self.fp else None
         entry = {
             "step": self.stage,
             "output": self.out.name,
