@@ -137,12 +137,23 @@ def main() -> None:
     junk = junk_pruning(con)
     for stage, (j, a) in junk.items():
         print(f"{stage:24s} junk {j:.3f}   all {a:.3f}")
+    # Rows that never became samples are not in the AUROC table; say which planted kinds they were.
+    rejected = con.sql(
+        "select json_extract_string(raw, '$.corruption') kind, reason, count(*) n from rejects "
+        "group by all order by all"
+    ).fetchall()
+    print("\nrejected at ingest (not scored): " + ", ".join(f"{k} {r} {n}" for k, r, n in rejected))
     out = Path(__file__).parent / "out"
     from winnow.pipeline.store import atomic_write_json
 
     atomic_write_json(
         out / f"quality_report_{args.models}.json",
-        {"models": args.models, "auroc": table, "junk_pruning": junk},
+        {
+            "models": args.models,
+            "auroc": table,
+            "junk_pruning": junk,
+            "rejected_at_ingest": [{"kind": k, "reason": r, "n": n} for k, r, n in rejected],
+        },
     )
 
 
