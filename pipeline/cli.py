@@ -108,6 +108,28 @@ def _summary(entry: dict) -> str:
 
 
 @app.command()
+def select(
+    run_dir: Annotated[str, typer.Argument(help="run directory")],
+    policy: Annotated[str, typer.Argument(help="eu_plane|excess_loss|sstoken|critical_tokens|dv4llm|all|sql")],
+    name: Annotated[str | None, typer.Option("--name", help="selection/<name>/ (default: the policy)")] = None,
+    tokens: Annotated[
+        str | None, typer.Option("--tokens", help="token weights: loss_mask|eu_plane|excess_loss|sstoken|p_ce")
+    ] = None,
+    keep: Annotated[str | None, typer.Option("--keep", help="policy sql: boolean SQL over the samples view")] = None,
+    sets: SetOpt = None,
+) -> None:
+    """Turn scores into a keep flag per sample and a weight per token: selection/<name>/."""
+    values: dict = {"policy": policy, **parse_sets(sets, "select")}
+    values |= {k: v for k, v in {"name": name, "tokens": tokens, "keep": keep}.items() if v is not None}
+    entry = _run_step("select", run_dir, values)
+    c = entry["counts"]
+    typer.echo(
+        f"{entry['output']}: kept {c.get('kept', '?')} of {c.get('samples', '?')} samples, "
+        f"{c.get('weighted_tokens', '?')} weighted tokens; reasons {entry['reasons']}"
+    )
+
+
+@app.command()
 def inspect(
     run_dir: Annotated[str, typer.Argument(help="run directory")],
     sql: Annotated[str | None, typer.Option("--sql", help="SQL to run (omit for an interactive prompt)")] = None,

@@ -159,7 +159,7 @@ def format_result(table: pa.Table, fmt: str, out_path: str | None = None) -> Non
     if fmt == "json":
         import json
 
-        text = json.dumps(table.to_pylist(), ensure_ascii=False, default=str, indent=None)
+        text = json.dumps(table.to_pylist(), ensure_ascii=False, default=_json_value, indent=None)
         if out_path:
             with open(out_path, "w") as f:
                 f.write(text + "\n")
@@ -178,6 +178,16 @@ def format_result(table: pa.Table, fmt: str, out_path: str | None = None) -> Non
     console.print(rt)
     if table.num_rows > 200:
         console.print(f"({table.num_rows} rows, first 200 shown)")
+
+
+def _json_value(v):
+    """JSON for what `json` cannot encode: DuckDB's sum()/count_if() are HUGEINT, which arrive as
+    Decimal; whole ones become ints (a count must read back as a number), others floats."""
+    from decimal import Decimal
+
+    if isinstance(v, Decimal):
+        return int(v) if v == v.to_integral_value() else float(v)
+    return str(v)
 
 
 def _cell(v) -> str:

@@ -40,6 +40,7 @@ REGISTRY: dict[str, str] = {
     "sstoken": "winnow.stages.sstoken:STEP",
     "critical_tokens": "winnow.stages.critical_tokens:STEP",
     "dv4llm": "winnow.stages.dv4llm:STEP",
+    "select": "winnow.stages.select_policy:STEP",
 }
 
 # the scoring stages callable as `winnow score DIR STAGE`

@@ -375,13 +375,23 @@ def reason_counts(out: Table, column: str = "reason") -> dict[str, int]:
 
 
 class StageOutput:
-    """A scoring stage's output table ``scores/<stage>`` in a run: its fingerprint, the shards it
+    """A stage's output table (``scores/<stage>`` unless named) in a run: its fingerprint, the shards it
     commits this time, and the manifest entry it records at the end."""
 
-    def __init__(self, run: RunDir, stage: str, params: Any, code_version: str, started: float):
+    def __init__(
+        self,
+        run: RunDir,
+        stage: str,
+        params: Any,
+        code_version: str,
+        started: float,
+        table: str | None = None,
+        key: str | None = None,
+    ):
         self.run, self.stage, self.params = run, stage, params
         self.code_version, self.started = code_version, started
-        self.out = run.table(f"scores/{stage}")
+        self.key = key or stage  # the step's name in the manifest
+        self.out = run.table(table or f"scores/{stage}")
         self.fp = fingerprint(stage, params, code_version)
         self.written = 0
 
@@ -393,7 +403,7 @@ class StageOutput:
         """Record the step in the run manifest (shards not written this time were fresh). When
         nothing was written the output is the one the last run described, so its counts carry over."""
         if not self.written and not counts:
-            last = self.run.manifest().get("steps", {}).get(self.stage, {})
+            last = self.run.manifest().get("steps", {}).get(self.key, {})
             counts = last.get("counts") if last.get("fingerprint") == self.fp else None
         entry = {
             "step": self.stage,
@@ -409,7 +419,7 @@ class StageOutput:
             "wall_s": round(time.time() - self.started, 3),
             "versions": store.versions(),
         }
-        self.run.update_manifest(self.stage, entry)
+        self.run.update_manifest(self.key, entry)
         return entry
 
 

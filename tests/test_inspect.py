@@ -145,3 +145,15 @@ def test_cli_imports_no_torch():
     code = "import sys, winnow.pipeline.cli, winnow.pipeline.inspect_run; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_json_numbers_stay_numbers(tmp_path):
+    """DuckDB's sum()/count_if() return HUGEINT (a Decimal in Python): JSON must carry numbers, not strings."""
+    import test_critical_tokens
+
+    run = test_critical_tokens.make_run(tmp_path / "run")
+    rows = sql_json(
+        run.root,
+        "select sum(n_tokens) s, count_if(n_tokens > 2) c, 1.25::decimal(4, 2) d, 'x' t from samples",
+    )
+    assert rows == [{"s": 6 + 3 + 2 + 2, "c": 2, "d": 1.25, "t": "x"}]

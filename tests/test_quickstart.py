@@ -38,15 +38,16 @@ def test_every_step_ran_and_every_row_is_accounted_for(quickstart):
         "score:contrast",
         *SCORES,
         "dv4llm",
+        "select:quickstart",
     }
     counts = man["steps"]["ingest"]["counts"]
     assert counts["rows_in"] == 2000 == counts["samples"] + counts["rejects"]
     n = counts["samples"]
     for name, table in man["tables"].items():
         assert not table["stale"], name
-        if name.startswith(("signals/", "scores/")):
+        if name.startswith(("signals/", "scores/", "selection/")):
             assert table["rows"] == n, name
-    assert "10 steps" in out
+    assert "11 steps" in out
 
 
 def test_per_token_lists_align_with_input_ids(quickstart):
@@ -91,3 +92,49 @@ def test_rerun_skips_everything(quickstart):
             assert entry["shards_written"] == 0 and entry["shards_skipped"] > 0, key
         else:  # ingest and model passes
             assert entry["shards"]["computed"] == 0 and entry["shards"]["skipped"] > 0, key
+
+
+@pytest.mark.parametrize(
+    "policy, extra",
+    [
+        ("critical_tokens", ["--tokens", "excess_loss"]),
+        ("eu_plane", []),
+        ("dv4llm", []),
+        ("sstoken", []),
+        ("sql", ["--keep", "sample_id in (select sample_id from scores_excess_loss where mean_excess < 0)"]),
+    ],
+)
+def test_selection_invariants_on_the_demo(quickstart, policy, extra):
+    run, _ = quickstart
+    code, _, err = run_cli("select", run, policy, *extra)
+    assert code == 0, err
+    view = f"selection_{policy}"
+    (row,) = sql_json(
+        run,
+        "select count(*) n, count(distinct sample_id) ids, count_if(keep) kept, "
+        "count_if(len(token_weight) != s.n_tokens) misaligned, "
+        "count_if(list_sum(list_transform(list_zip(token_weight, loss_mask), lambda x: "
+        "case when x[2] = 0 and x[1] != 0 then 1 else 0 end)) > 0) weight_off_mask, "
+        "count_if((not keep) and weight_sum > 0) dropped_with_weight, "
+        "count_if(keep and n_weighted = 0) kept_without_weight, "
+        "sum(n_weighted)::bigint weighted, sum(n_supervised)::bigint supervised "
+        f"from {view} join samples s using (sample_id)",
+    )
+    n = sql_json(run, "select count(*) n from samples")[0]["n"]
+    assert row == {
+        **row,
+        "n": n,
+        "ids": n,
+        "misaligned": 0,
+        "weight_off_mask": 0,
+        "dropped_with_weight": 0,
+        "kept_without_weight": 0,
+    }
+    # every policy prunes something; ssToken only tokens (it keeps every sample)
+    assert 0 < row["weighted"] < row["supervised"]
+    assert row["kept"] == n if policy == "sstoken" else 0 < row["kept"] < n
+    if policy == "critical_tokens":  # cDPO for SFT: exactly the wrong answers go
+        wrong = sql_json(
+            run, f"select count(*) n from {view} join samples using (sample_id) where keep = meta_is_correct"
+        )
+        assert wrong == [{"n": n}]

@@ -1,0 +1,129 @@
+"""`winnow select`: scores -> keep + token_weight, read back through `winnow inspect --sql`; the sample and
+token halves combine; user errors exit 2 naming the fix; reruns skip and changed scores reselect."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import test_critical_tokens
+import test_eu_plane
+
+from conftest import run_cli, sql_json
+
+
+def _select(run, *args):
+    code, out, err = run_cli("select", run, *args)
+    assert code == 0, err
+    return out
+
+
+def _rows(run, view):
+    return {r["sample_id"]: r for r in sql_json(run, f"select * from {view}")}
+
+
+def test_eu_plane_policy_keeps_the_quadrants_and_their_tokens(tmp_path):
+    run = test_eu_plane.make_run(tmp_path / "run")
+    assert run_cli("score", run.root, "eu_plane", "--set", "r_sample=0.4")[0] == 0
+    out = _select(run.root, "eu_plane")
+    assert "selection/eu_plane: kept 2 of 6 samples" in out
+    sel = _rows(run.root, "selection_eu_plane")
+    scores = _rows(run.root, "scores_eu_plane")
+    assert {s: (r["keep"], r["reason"]) for s, r in sel.items()} == {
+        "s0": (True, "kept_q4"),
+        "s1": (False, "dropped_q3"),
+        "s2": (False, "dropped_middle"),
+        "s3": (True, "kept_q2"),
+        "s4": (False, "dropped_q1"),
+        "s5": (False, "no_supervised_tokens"),
+    }
+    checked = 0
+    for sid, r in sel.items():
+        mask = sql_json(run.root, f"select loss_mask from samples where sample_id = '{sid}'")[0]["loss_mask"]
+        keep = scores[sid]["token_keep"]
+        want = [float(m == 1 and r["keep"] and bool(k)) for m, k in zip(mask, keep, strict=True)]
+        assert r["token_weight"] == want, sid
+        assert r["n_weighted"] == sum(w > 0 for w in want) and r["weight_sum"] == sum(want)
+        checked += sum(want) > 0
+    assert checked == 2
+    # Q2 prunes tokens: s3 keeps 2 of its 5 supervised tokens (k = floor(0.5 * 5))
+    assert (sel["s3"]["n_supervised"], sel["s3"]["n_weighted"]) == (5, 2)
+
+
+def test_critical_tokens_policy_with_p_ce_weights_and_sql(tmp_path):
+    run = test_critical_tokens.make_run(tmp_path / "run")
+    assert run_cli("score", run.root, "critical_tokens")[0] == 0
+    _select(run.root, "critical_tokens", "--tokens", "p_ce", "--name", "cdpo")
+    sel = _rows(run.root, "selection_cdpo")
+    assert {s: (r["keep"], r["reason"]) for s, r in sel.items()} == {
+        "w": (False, "incorrect"),
+        "r": (True, "correct"),
+        "u": (False, "unlabelled"),
+        "o": (False, "incorrect"),
+    }
+    assert sel["r"]["token_weight"] == [0.0, 0.75, 0.5]  # p_CE on the supervised tokens, 0 on the prompt
+    assert sel["w"]["token_weight"] == [0.0] * 6 and sel["r"]["policy"] == "critical_tokens"
+    # the tokens view carries the weights position by position
+    tok = sql_json(
+        run.root, "select pos, cdpo__token_weight w from tokens where sample_id = 'r' order by pos"
+    )
+    assert [t["w"] for t in tok] == [0.0, 0.75, 0.5]
+
+    _select(run.root, "sql", "--keep", "meta_is_correct is not false")
+    sql = _rows(run.root, "selection_sql")
+    assert {s: (r["keep"], r["reason"]) for s, r in sql.items()} == {
+        "w": (False, "sql_drop"),
+        "r": (True, "sql_keep"),
+        "u": (True, "sql_keep"),  # null label: `is not false` keeps it
+        "o": (False, "sql_drop"),
+    }
+    assert sql["u"]["token_weight"] == [0.0, 1.0]  # default token half: every supervised token
+
+
+def test_a_kept_sample_with_no_selected_token_is_dropped_with_a_reason(tmp_path):
+    run = test_critical_tokens.make_run(tmp_path / "run")
+    assert run_cli("score", run.root, "critical_tokens")[0] == 0
+    _select(run.root, "all", "--tokens", "p_ce")  # p_CE weights exist only on correct samples
+    sel = _rows(run.root, "selection_all")
+    assert {s: r["reason"] for s, r in sel.items()} == {
+        "w": "no_token_weight",
+        "r": "all",
+        "u": "no_token_weight",
+        "o": "no_token_weight",
+    }
+    assert [s for s, r in sel.items() if r["keep"]] == ["r"]
+
+
+def test_rerun_skips_and_rescored_input_reselects(tmp_path):
+    run = test_eu_plane.make_run(tmp_path / "run")
+    assert run_cli("score", run.root, "eu_plane", "--set", "r_sample=0.4")[0] == 0
+    _select(run.root, "eu_plane")
+    man = json.loads((run.root / "manifest.json").read_text())["steps"]["select:eu_plane"]
+    assert (man["shards_written"], man["counts"]["kept"]) == (2, 2)
+    _select(run.root, "eu_plane")
+    again = json.loads((run.root / "manifest.json").read_text())["steps"]["select:eu_plane"]
+    assert (again["shards_written"], again["shards_skipped"], again["counts"]) == (0, 2, man["counts"])
+    assert run_cli("score", run.root, "eu_plane", "--set", "r_sample=0.8")[0] == 0
+    out = _select(run.root, "eu_plane")
+    assert "kept 4 of 6" in out
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["nope"], "unknown policy"),
+        (["sql"], "policy sql needs --set keep"),
+        (["eu_plane", "--keep", "true"], "other policies take no keep"),
+        (["all", "--tokens", "bogus"], "tokens='bogus'"),
+        (["eu_plane"], "winnow score .* eu_plane"),
+        (["all", "--tokens", "sstoken"], "winnow score .* sstoken"),
+        (["sql", "--keep", "no_such_column > 1"], "bad SQL condition"),
+        (["all", "--name", "../x"], "name='../x'"),
+    ],
+)
+def test_user_errors_exit_2(tmp_path, args, match):
+    run = test_critical_tokens.make_run(tmp_path / "run")
+    code, _, err = run_cli("select", run.root, *args)
+    assert code == 2
+    assert re.search(match, err), err
