@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from winnow.pipeline.steps import Step
 from winnow.pipeline.store import RunDir, UserError
@@ -75,11 +76,8 @@ class SelectParams:
 
 
 def _score_table(run: RunDir, stage: str, columns: list[str]) -> dict[str, dict]:
-    """sample_id -> {column: value} of ``scores/<stage>``, refusing a missing or stale table."""
+    """sample_id -> {column: value} of ``scores/<stage>`` (checked present and fresh by the caller)."""
     table = run.table(f"scores/{stage}")
-    stale = run.stale_tables().get(f"scores/{stage}")
-    if stale:
-        raise UserError(f"scores/{stage} is stale ({stale[0]}): rerun `winnow score {run.root} {stage}`")
     data = table.read(columns=["sample_id", *columns]).to_pydict()
     return {sid: {c: data[c][i] for c in columns} for i, sid in enumerate(data["sample_id"])}
 
@@ -120,29 +118,73 @@ def _sql_keep(run: RunDir, expr: str, ids: list[str]) -> tuple[dict[str, bool], 
     return keep, {sid: "sql_keep" if k else "sql_drop" for sid, k in keep.items()}
 
 
-def _token_half(run: RunDir, source: str) -> dict[str, list] | None:
-    """sample_id -> per-token selection (bools, or p_CE weights); None means every supervised token."""
+def _check_fresh(run: RunDir, stage: str) -> None:
+    stale = run.stale_tables().get(f"scores/{stage}")
+    if stale:
+        raise UserError(f"scores/{stage} is stale ({stale[0]}): rerun `winnow score {run.root} {stage}`")
+
+
+def _flat(col: pa.ChunkedArray | pa.Array, fill: float) -> np.ndarray:
+    """A per-token list column flattened to float32, null entries (and null lists) as ``fill``."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    values = pc.list_flatten(arr)
+    return pc.fill_null(values.cast(pa.float32()), fill).to_numpy(zero_copy_only=False)
+
+
+def token_selection(
+    run: RunDir, source: str, part: int, sample_id: pa.Array, n_tokens: np.ndarray
+) -> np.ndarray:
+    """The token half for one samples shard, flat over its tokens (float32; null selects nothing)."""
+    total = int(n_tokens.sum())
     if source == "loss_mask":
-        return None
-    if source == "p_ce":
-        rows = _score_table(run, "critical_tokens", ["token_score", "is_correct"])
-        return {sid: (r["token_score"] if r["is_correct"] else None) for sid, r in rows.items()}
-    rows = _score_table(run, source, ["token_keep"])
-    return {sid: r["token_keep"] for sid, r in rows.items()}
+        return np.ones(total, np.float32)
+    stage = "critical_tokens" if source == "p_ce" else source
+    columns = ["token_score", "is_correct"] if source == "p_ce" else ["token_keep"]
+    got = run.table(f"scores/{stage}").read_part(part, columns=["sample_id", *columns])
+    if not got["sample_id"].combine_chunks().equals(sample_id):
+        raise UserError(
+            f"scores/{stage}/part-{part:05d} does not list the samples of samples/part-{part:05d} in order: "
+            f"rerun `winnow score {run.root} {stage}`"
+        )
+    sel = _flat(got[columns[0]], 0.0)
+    if len(sel) != total:
+        raise UserError(
+            f"scores/{stage}/part-{part:05d}: per-token lists do not match n_tokens; rerun the stage"
+        )
+    if source == "p_ce":  # cDPO's chosen-side weight exists for correct samples only
+        correct = pc.fill_null(got["is_correct"].combine_chunks(), False).to_numpy(zero_copy_only=False)
+        sel = sel * np.repeat(correct, n_tokens).astype(np.float32)
+    return sel
 
 
-def token_weights(loss_mask: np.ndarray, keep: bool, selected: list | None, use_all: bool) -> np.ndarray:
-    """float32 weights for one sample: loss_mask x the token half's selection (null selects nothing)."""
-    w = loss_mask.astype(np.float32)
-    if not keep:
-        return np.zeros_like(w)
-    if use_all:
-        return w
-    if selected is None:
-        return np.zeros_like(w)
-    sel = np.array([0.0 if v is None else float(v) for v in selected], dtype=np.float32)
-    assert len(sel) == len(w), "per-token list length differs from n_tokens"
-    return w * sel
+def _shard_table(
+    cols: pa.Table, keep: dict[str, bool], why: dict[str, str], selection: np.ndarray, policy: str
+) -> pa.Table:
+    sample_id = cols["sample_id"].combine_chunks()
+    ids = sample_id.to_pylist()
+    n_tokens = cols["n_tokens"].to_numpy()
+    mask = _flat(cols["loss_mask"], 0.0)
+    keep_row = np.array([keep[s] for s in ids], dtype=bool)
+    weight = mask * selection * np.repeat(keep_row, n_tokens).astype(np.float32)  # (total tokens,)
+    row_of = np.repeat(np.arange(len(ids)), n_tokens)
+    n_weighted = np.bincount(row_of, weights=weight > 0, minlength=len(ids)).astype(np.int32)
+    weight_sum = np.bincount(row_of, weights=weight.astype(np.float64), minlength=len(ids))
+    reason = [why[s] for s in ids]
+    for r in np.flatnonzero(keep_row & (n_weighted == 0)):  # nothing left to train on
+        keep_row[r], reason[r] = False, "no_token_weight"
+    offsets = np.concatenate([[0], np.cumsum(n_tokens)]).astype(np.int32)
+    return pa.table(
+        {
+            "sample_id": sample_id,
+            "keep": pa.array(keep_row, pa.bool_()),
+            "reason": pa.array(reason, pa.string()),
+            "policy": pa.array([policy] * len(ids), pa.string()),
+            "n_supervised": pa.array(np.bincount(row_of, weights=mask, minlength=len(ids)).astype(np.int32)),
+            "n_weighted": pa.array(n_weighted),
+            "weight_sum": pa.array(weight_sum, pa.float64()),
+            "token_weight": pa.ListArray.from_arrays(pa.array(offsets), pa.array(weight, pa.float32())),
+        }
+    )
 
 
 def run_select(run: RunDir, p: SelectParams) -> dict:
@@ -160,6 +202,7 @@ def run_select(run: RunDir, p: SelectParams) -> dict:
     for stage in sorted(read):
         if not run.table(f"scores/{stage}").exists():
             raise UserError(f"{run.root} has no scores/{stage}: run `winnow score {run.root} {stage}` first")
+        _check_fresh(run, stage)
     tables = {f"scores/{stage}" for stage in read}
     if p.policy == "sql":  # the expression may read any view
         tables |= {t for t in run.tables() if not t.startswith("selection/")}
@@ -172,37 +215,14 @@ def run_select(run: RunDir, p: SelectParams) -> dict:
     if not io.all_fresh(st.out, parts, st.fp, inputs):
         ids = samples.read(columns=["sample_id"]).column("sample_id").to_pylist()
         keep, why = _sample_half(run, p, ids)
-        selected = _token_half(run, source)
         kept = weighted = 0
         for part in parts:
-            cols = samples.read_part(part, columns=["sample_id", "loss_mask"]).to_pydict()
-            rows = {k: [] for k in ("keep", "reason", "n_supervised", "n_weighted", "weight_sum", "w")}
-            for sid, mask in zip(cols["sample_id"], cols["loss_mask"], strict=True):
-                sel = None if selected is None else selected.get(sid)
-                w = token_weights(np.asarray(mask), keep[sid], sel, selected is None)
-                k, r = keep[sid], why[sid]
-                if k and not w.any():
-                    k, r = False, "no_token_weight"
-                rows["keep"].append(k)
-                rows["reason"].append(r)
-                rows["n_supervised"].append(int(np.sum(mask)))
-                rows["n_weighted"].append(int((w > 0).sum()))
-                rows["weight_sum"].append(float(w.sum(dtype=np.float64)))
-                rows["w"].append(w)
-                kept += k
-                weighted += int((w > 0).sum())
-            table = pa.table(
-                {
-                    "sample_id": pa.array(cols["sample_id"], pa.string()),
-                    "keep": pa.array(rows["keep"], pa.bool_()),
-                    "reason": pa.array(rows["reason"], pa.string()),
-                    "policy": pa.array([p.policy] * len(rows["keep"]), pa.string()),
-                    "n_supervised": pa.array(rows["n_supervised"], pa.int32()),
-                    "n_weighted": pa.array(rows["n_weighted"], pa.int32()),
-                    "weight_sum": pa.array(rows["weight_sum"], pa.float64()),
-                    "token_weight": pa.array([w.tolist() for w in rows["w"]], pa.list_(pa.float32())),
-                }
-            )
+            cols = samples.read_part(part, columns=["sample_id", "n_tokens", "loss_mask"])
+            n_tokens = cols["n_tokens"].to_numpy()
+            selection = token_selection(run, source, part, cols["sample_id"].combine_chunks(), n_tokens)
+            table = _shard_table(cols, keep, why, selection, p.policy)
+            kept += int(pc.sum(table["keep"].cast(pa.int64())).as_py() or 0)
+            weighted += int(pc.sum(table["n_weighted"]).as_py() or 0)
             st.commit(part, table, inputs)
         counts = {"samples": len(ids), "kept": kept, "dropped": len(ids) - kept, "weighted_tokens": weighted}
     return st.finish(len(parts), counts)
