@@ -157,6 +157,17 @@ def inspect(
 
 
 @app.command()
+def card(
+    run_dir: Annotated[str, typer.Argument(help="run directory")],
+    out: Annotated[str | None, typer.Option("--out", help="output folder (default RUN/card)")] = None,
+) -> None:
+    """Write a data card (Markdown + plots) of what the run kept and why."""
+    from winnow.pipeline.card import write_card
+
+    typer.echo(str(write_card(run_dir, out)))
+
+
+@app.command()
 def steps() -> None:
     """List the steps a recipe can name, with their parameters and defaults."""
     import dataclasses

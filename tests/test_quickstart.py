@@ -138,3 +138,20 @@ def test_selection_invariants_on_the_demo(quickstart, policy, extra):
             run, f"select count(*) n from {view} join samples using (sample_id) where keep = meta_is_correct"
         )
         assert wrong == [{"n": n}]
+
+
+def test_card_shows_what_the_quickstart_selection_dropped(quickstart):
+    run, _ = quickstart
+    code, _, err = run_cli("card", run)
+    assert code == 0, err
+    card = (run / "card" / "README.md").read_text()
+    assert "### `quickstart` (policy `critical_tokens`)" in card and "By `meta_corruption`:" in card
+    # the card's breakdown matches SQL: both wrong-answer kinds are dropped entirely
+    for kind in ("wrong_final_answer", "wrong_step"):
+        (row,) = sql_json(
+            run,
+            "select count(*) n, count_if(keep) k from selection_quickstart join samples using (sample_id) "
+            f"where meta_corruption = '{kind}'",
+        )
+        assert row["n"] > 100 and row["k"] == 0
+        assert f"| {kind} | {row['n']} | 0 | 0 |" in card
