@@ -168,6 +168,21 @@ def card(
 
 
 @app.command()
+def export(
+    run_dir: Annotated[str, typer.Argument(help="run directory")],
+    fmt: Annotated[str, typer.Option("--format", help="jsonl|parquet|hf")],
+    out: Annotated[str, typer.Option("--out", help="output file (jsonl, parquet) or folder (hf)")],
+    selection: Annotated[str | None, typer.Option("--selection", help="selection name (if several)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing --out")] = False,
+) -> None:
+    """Write the kept samples of a selection as chat JSONL or tokenized rows with -100 labels."""
+    from winnow.pipeline.export import export_selection
+
+    e = export_selection(run_dir, fmt, out, selection, force)
+    typer.echo(f"selection/{e['selection']}: {e['rows']} samples, {e['weighted_tokens']} weighted tokens -> {e['out']}")
+
+
+@app.command()
 def steps() -> None:
     """List the steps a recipe can name, with their parameters and defaults."""
     import dataclasses

@@ -1,0 +1,173 @@
+"""`winnow export DIR --format jsonl|parquet|hf --out PATH`: the kept samples of a selection, in a form
+other tools train on.
+
+* ``jsonl``: one chat per line, ``{"messages": [...], <every meta field under its original name>,
+  "winnow_sample_id": ...}`` — sample-level curation only (token weights do not survive a re-render),
+  and exactly what `winnow ingest` reads back: re-ingesting gives the same ``sample_id``s.
+* ``parquet`` / ``hf`` (a ``datasets`` ``save_to_disk`` folder): the tokenized rows, ready for a
+  Hugging Face causal-LM trainer: ``input_ids``, ``attention_mask``, ``labels`` (``input_ids[i]``
+  where ``token_weight[i] > 0``, else -100 — the Transformers convention, so token pruning needs no
+  custom loss) and ``token_weight`` (for fractional weights such as cDPO's p_CE, which -100 cannot
+  express), plus ``sample_id``, ``messages`` and the ``meta_*`` columns. Position ``i`` is
+  ``input_ids[i]`` as a target in both winnow and Transformers, so no shift is involved.
+
+The selection must be fresh (not stale against the scores it came from). Output is written to a
+temporary name and renamed into place; an existing ``--out`` is replaced only with ``--force``. The
+export is recorded in the run manifest (``export:<selection>``: path, format, rows, weighted tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from winnow.pipeline.store import RunDir, UserError, _fsync_dir
+
+FORMATS = ("jsonl", "parquet", "hf")
+
+
+def _selection_name(run: RunDir, name: str | None) -> str:
+    names = sorted(t.split("/", 1)[1] for t in run.tables() if t.startswith("selection/"))
+    if name:
+        if name not in names:
+            raise UserError(
+                f"{run.root} has no selection/{name} (selections: {names or 'none'}); "
+                f"make one with `winnow select {run.root} POLICY --name {name}`"
+            )
+        return name
+    if len(names) != 1:
+        raise UserError(
+            f"{run.root} has {len(names)} selections ({names or 'none'}): name one with --selection"
+            + ("" if names else f"; make one with `winnow select {run.root} POLICY`")
+        )
+    return names[0]
+
+
+def _kept_parts(run: RunDir, name: str):
+    """(samples rows, their token_weight) of the kept samples, shard by shard."""
+    samples, sel = run.table("samples"), run.table(f"selection/{name}")
+    for rec in samples.records():
+        s = samples.read_part(rec.part)
+        if sel.record(rec.part) is None:
+            raise UserError(f"selection/{name} lacks shard {rec.part}: rerun `winnow select`")
+        t = sel.read_part(rec.part, columns=["sample_id", "keep", "token_weight"])
+        if not t["sample_id"].equals(s["sample_id"]):
+            raise UserError(
+                f"selection/{name} shard {rec.part} does not match samples: rerun `winnow select`"
+            )
+        keep = pc.fill_null(t["keep"], False)
+        yield s.filter(keep), t["token_weight"].filter(keep)
+
+
+def _labels(input_ids: pa.ChunkedArray, weight: pa.ChunkedArray) -> pa.Array:
+    ids = input_ids.combine_chunks()
+    w = weight.combine_chunks()
+    flat_ids = pc.list_flatten(ids).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat_w = pc.fill_null(pc.list_flatten(w), 0.0).to_numpy(zero_copy_only=False)
+    assert len(flat_ids) == len(flat_w), "token_weight does not align with input_ids"
+    labels = np.where(flat_w > 0, flat_ids, -100)
+    return pa.ListArray.from_arrays(ids.offsets, pa.array(labels, pa.int64()))
+
+
+def _train_table(s: pa.Table, weight: pa.ChunkedArray) -> pa.Table:
+    cols: dict[str, Any] = {"sample_id": s["sample_id"], "messages": s["messages"]}
+    ids = s["input_ids"].combine_chunks()
+    cols["input_ids"] = ids
+    ones = pa.array(np.ones(len(pc.list_flatten(ids)), np.int8))
+    cols["attention_mask"] = pa.ListArray.from_arrays(ids.offsets, ones)
+    cols["labels"] = _labels(s["input_ids"], weight)
+    cols["token_weight"] = weight.combine_chunks()
+    for c in s.column_names:
+        if c.startswith("meta_"):
+            cols[c] = s[c]
+    return pa.table(cols)
+
+
+def _jsonl_lines(s: pa.Table, meta_kinds: dict[str, str]) -> list[str]:
+    lines = []
+    for row in s.to_pylist():
+        rec: dict[str, Any] = {"messages": json.loads(row["messages"])}
+        for k, kind in meta_kinds.items():
+            v = row.get(f"meta_{k}")
+            rec[k] = json.loads(v) if kind == "json" and v is not None else v
+        rec["winnow_sample_id"] = row["sample_id"]
+        lines.append(json.dumps(rec, ensure_ascii=False))
+    return lines
+
+
+def export_selection(
+    run_dir: str | Path, fmt: str, out: str | Path, selection: str | None = None, force: bool = False
+) -> dict[str, Any]:
+    t0 = time.time()
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r}: use one of {list(FORMATS)}")
+    run = RunDir(run_dir)
+    if not run.table("samples").exists():
+        raise UserError(f"{run.root} has no samples: run `winnow ingest` first")
+    name = _selection_name(run, selection)
+    stale = run.stale_tables().get(f"selection/{name}")
+    if stale:
+        raise UserError(f"selection/{name} is stale ({stale[0]}): rerun `winnow select` before exporting")
+    out = Path(out)
+    if out.exists() and not force:
+        raise UserError(f"{out} exists: pass --force to replace it, or choose another --out")
+    meta_kinds = run.manifest().get("steps", {}).get("ingest", {}).get("meta_columns", {})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    rows = weighted = 0
+    if fmt == "jsonl":
+        with open(tmp, "w", encoding="utf-8") as f:
+            for s, w in _kept_parts(run, name):
+                for line in _jsonl_lines(s, meta_kinds):
+                    f.write(line + "\n")
+                rows += s.num_rows
+                weighted += int(pc.sum(pc.greater(pc.list_flatten(w), 0)).as_py() or 0)
+            f.flush()
+            os.fsync(f.fileno())
+    else:
+        pq_path = tmp if fmt == "parquet" else tmp.with_suffix(".parquet")
+        writer = None
+        try:
+            for s, w in _kept_parts(run, name):
+                t = _train_table(s, w)
+                writer = writer or pq.ParquetWriter(pq_path, t.schema)
+                writer.write_table(t)
+                rows += t.num_rows
+                weighted += int(pc.sum(pc.greater(pc.list_flatten(t["token_weight"]), 0)).as_py() or 0)
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            raise UserError(f"selection/{name} keeps no samples: nothing to export")
+        if fmt == "hf":
+            import tempfile
+
+            from datasets import Dataset
+
+            with tempfile.TemporaryDirectory(dir=out.parent) as cache:  # not the user's HF cache
+                Dataset.from_parquet(str(pq_path), cache_dir=cache).save_to_disk(str(tmp))
+            pq_path.unlink()
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(tmp, out)
+    _fsync_dir(out.parent)
+    entry = {
+        "step": "export",
+        "selection": name,
+        "format": fmt,
+        "out": str(out.resolve()),
+        "rows": rows,
+        "weighted_tokens": weighted,
+        "wall_s": round(time.time() - t0, 3),
+    }
+    run.update_manifest(f"export:{name}", entry)
+    return entry
