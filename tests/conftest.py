@@ -44,6 +44,13 @@ def run_cli(*args) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def ingest_demo(run_dir) -> Path:
+    """`winnow ingest builtin:demo` with the builtin tiny tokenizer into ``run_dir``."""
+    code, _, err = run_cli("ingest", "builtin:demo", "--run", run_dir, "--model", "builtin:tiny")
+    assert code == 0, err
+    return Path(run_dir)
+
+
 def sql_json(run_dir, sql: str):
     """Query a run through `winnow inspect --sql ... --format json` and parse the rows."""
     code, out, err = run_cli("inspect", run_dir, "--sql", sql, "--format", "json")

@@ -4,17 +4,14 @@ import json
 
 import pytest
 
-from conftest import run_cli, sql_json
+from conftest import ingest_demo, run_cli, sql_json
 
 TARGET_SQL = "sql:meta_corruption = 'none' and meta_domain = 'math' and row % 5 = 0"
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("dv") / "run"
-    code, _, err = run_cli("ingest", "builtin:demo", "--run", run, "--model", "builtin:tiny")
-    assert code == 0, err
-    return run
+    return ingest_demo(tmp_path_factory.mktemp("dv") / "run")
 
 
 def _auroc(pos, neg):

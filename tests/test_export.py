@@ -9,16 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 import test_critical_tokens
 
-from conftest import run_cli, sql_json
+from conftest import ingest_demo, run_cli, sql_json
 
 KEEP = "meta_corruption = 'none' and meta_domain = 'math'"
 
 
 @pytest.fixture(scope="module")
 def demo_selection(tmp_path_factory):
-    run = tmp_path_factory.mktemp("export") / "run"
-    code, _, err = run_cli("ingest", "builtin:demo", "--run", run, "--model", "builtin:tiny")
-    assert code == 0, err
+    run = ingest_demo(tmp_path_factory.mktemp("export") / "run")
     code, _, err = run_cli("select", run, "sql", "--keep", KEEP, "--name", "clean")
     assert code == 0, err
     return run
