@@ -46,32 +46,52 @@ def run(
 
 @app.command()
 def ingest(
-    inputs: Annotated[list[str], typer.Argument(help="JSONL/JSON/Parquet/CSV files, save_to_disk dirs, builtin:demo")],
+    inputs: Annotated[
+        list[str], typer.Argument(help="JSONL/JSON/Parquet/CSV files, save_to_disk dirs, builtin:demo")
+    ],
     run_dir: Annotated[str, typer.Option("--run", help="run directory (created if missing)")],
-    model: Annotated[str, typer.Option("--model", help="local HF model dir (tokenizer + chat template) or builtin:tiny")],
-    fmt: Annotated[str, typer.Option("--format", help="auto|chat|sharegpt|prompt_response|alpaca|gsm8k|text")] = "auto",
+    model: Annotated[
+        str, typer.Option("--model", help="local HF model dir (tokenizer + chat template) or builtin:tiny")
+    ],
+    fmt: Annotated[
+        str, typer.Option("--format", help="auto|chat|sharegpt|prompt_response|alpaca|gsm8k|text")
+    ] = "auto",
     loss_on: Annotated[str, typer.Option("--loss-on", help="all_turns|last_turn")] = "all_turns",
     sets: SetOpt = None,
 ) -> None:
     """Tokenize local data into samples/ and rejects/ (every input row is accounted for)."""
-    values = {"inputs": inputs, "model": model, "format": fmt, "loss_on": loss_on, **parse_sets(sets, "ingest")}
+    values = {
+        "inputs": inputs,
+        "model": model,
+        "format": fmt,
+        "loss_on": loss_on,
+        **parse_sets(sets, "ingest"),
+    }
     entry = _run_step("ingest", run_dir, values, create=True)
     c = entry["counts"]
-    typer.echo(f"{c['rows_in']} rows -> {c['samples']} samples, {c['rejects']} rejects {c['rejects_by_reason']}")
+    typer.echo(
+        f"{c['rows_in']} rows -> {c['samples']} samples, {c['rejects']} rejects {c['rejects_by_reason']}"
+    )
 
 
 @app.command()
 def score(
     run_dir: Annotated[str, typer.Argument(help="run directory")],
     stage: Annotated[str | None, typer.Argument(help="a scoring stage (omit for a model pass)")] = None,
-    model: Annotated[str | None, typer.Option("--model", help="model pass: local HF dir or builtin:<name>")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="model pass: local HF dir or builtin:<name>")
+    ] = None,
     alias: Annotated[str | None, typer.Option("--alias", help="model pass: signals/<alias>/")] = None,
-    signals: Annotated[str | None, typer.Option("--signals", help="logprob,entropy,attention,embedding")] = None,
+    signals: Annotated[
+        str | None, typer.Option("--signals", help="logprob,entropy,attention,embedding")
+    ] = None,
     contrast: Annotated[bool, typer.Option("--contrast", help="two-model cDPO contrast pass")] = False,
     positive: Annotated[str | None, typer.Option("--positive", help="contrast pass: positive model")] = None,
     negative: Annotated[str | None, typer.Option("--negative", help="contrast pass: negative model")] = None,
     beta: Annotated[float | None, typer.Option("--beta", help="contrast pass: contrast strength")] = None,
-    targets: Annotated[str | None, typer.Option("--targets", help="dv4llm: target file or SQL filter")] = None,
+    targets: Annotated[
+        str | None, typer.Option("--targets", help="dv4llm: target file or SQL filter")
+    ] = None,
     sets: SetOpt = None,
 ) -> None:
     """A model pass (--model/--alias), the contrast pass (--contrast) or a scoring STAGE."""
@@ -81,11 +101,17 @@ def score(
     if contrast:
         if stage or model:
             raise UserError("--contrast takes --positive and --negative, not a STAGE or --model")
-        values |= {k: v for k, v in {"positive": positive, "negative": negative, "beta": beta}.items() if v is not None}
+        values |= {
+            k: v
+            for k, v in {"positive": positive, "negative": negative, "beta": beta}.items()
+            if v is not None
+        }
         name = "contrast_pass"
     elif stage:
         if stage not in SCORE_STAGES:
-            raise UserError(f"unknown stage {stage!r}; stages: {list(SCORE_STAGES)} (or --model for a model pass)")
+            raise UserError(
+                f"unknown stage {stage!r}; stages: {list(SCORE_STAGES)} (or --model for a model pass)"
+            )
         if targets is not None:
             values["targets"] = targets
         name = stage
@@ -110,12 +136,19 @@ def _summary(entry: dict) -> str:
 @app.command()
 def select(
     run_dir: Annotated[str, typer.Argument(help="run directory")],
-    policy: Annotated[str, typer.Argument(help="eu_plane|excess_loss|sstoken|critical_tokens|dv4llm|all|sql")],
-    name: Annotated[str | None, typer.Option("--name", help="selection/<name>/ (default: the policy)")] = None,
-    tokens: Annotated[
-        str | None, typer.Option("--tokens", help="token weights: loss_mask|eu_plane|excess_loss|sstoken|p_ce")
+    policy: Annotated[
+        str, typer.Argument(help="eu_plane|excess_loss|sstoken|critical_tokens|dv4llm|all|sql")
+    ],
+    name: Annotated[
+        str | None, typer.Option("--name", help="selection/<name>/ (default: the policy)")
     ] = None,
-    keep: Annotated[str | None, typer.Option("--keep", help="policy sql: boolean SQL over the samples view")] = None,
+    tokens: Annotated[
+        str | None,
+        typer.Option("--tokens", help="token weights: loss_mask|eu_plane|excess_loss|sstoken|p_ce"),
+    ] = None,
+    keep: Annotated[
+        str | None, typer.Option("--keep", help="policy sql: boolean SQL over the samples view")
+    ] = None,
     sets: SetOpt = None,
 ) -> None:
     """Turn scores into a keep flag per sample and a weight per token: selection/<name>/."""
@@ -132,7 +165,9 @@ def select(
 @app.command()
 def inspect(
     run_dir: Annotated[str, typer.Argument(help="run directory")],
-    sql: Annotated[str | None, typer.Option("--sql", help="SQL to run (omit for an interactive prompt)")] = None,
+    sql: Annotated[
+        str | None, typer.Option("--sql", help="SQL to run (omit for an interactive prompt)")
+    ] = None,
     fmt: Annotated[str, typer.Option("--format", help="table|csv|json|parquet")] = "table",
     out: Annotated[str | None, typer.Option("--out", help="write the result to this file")] = None,
 ) -> None:
@@ -179,7 +214,9 @@ def export(
     from winnow.pipeline.export import export_selection
 
     e = export_selection(run_dir, fmt, out, selection, force)
-    typer.echo(f"selection/{e['selection']}: {e['rows']} samples, {e['weighted_tokens']} weighted tokens -> {e['out']}")
+    typer.echo(
+        f"selection/{e['selection']}: {e['rows']} samples, {e['weighted_tokens']} weighted tokens -> {e['out']}"
+    )
 
 
 @app.command()
@@ -193,8 +230,11 @@ def steps() -> None:
         step = get_step(name)
         typer.echo(f"{name}: {step.help}")
         for f in dataclasses.fields(step.params):
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+            default = (
+                f.default
+                if f.default is not dataclasses.MISSING
+                else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+            )
             typer.echo(f"    {f.name} = {default!r}")
 
 

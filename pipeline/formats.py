@@ -25,8 +25,14 @@ from typing import Any
 
 FORMATS = ("chat", "sharegpt", "prompt_response", "alpaca", "gsm8k", "text")
 ROLES = ("system", "user", "assistant", "tool")
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "system": "system", "tool": "tool"}
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "tool": "tool",
+}
 
 # fields each format consumes (detection order matters: most specific first)
 _FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -71,8 +77,10 @@ def _text_field(record: dict[str, Any], key: str, optional: bool = False) -> str
 
 def _message_list(value: Any, key: str, role_key: str, content_key: str, role_map: dict[str, str] | None):
     if not isinstance(value, list) or not value:
-        raise RecordError("missing_field" if not value else "bad_field_type",
-                          f"field {key!r} must be a non-empty list of messages")
+        raise RecordError(
+            "missing_field" if not value else "bad_field_type",
+            f"field {key!r} must be a non-empty list of messages",
+        )
     out = []
     for j, m in enumerate(value):
         if not isinstance(m, dict):
@@ -85,7 +93,9 @@ def _message_list(value: Any, key: str, role_key: str, content_key: str, role_ma
         if role_map is not None:
             role = role_map.get(role, role)
         if role not in ROLES:
-            raise RecordError("bad_role", f"{key}[{j}] has role {m[role_key]!r}; expected one of {list(ROLES)}")
+            raise RecordError(
+                "bad_role", f"{key}[{j}] has role {m[role_key]!r}; expected one of {list(ROLES)}"
+            )
         content = m[content_key]
         if not isinstance(content, str):
             raise RecordError("bad_field_type", f"{key}[{j}].{content_key} is a {type(content).__name__}")
@@ -138,7 +148,9 @@ def to_messages(record: dict[str, Any], fmt: str) -> tuple[list[dict[str, str]],
 
 def canonical_messages(messages: list[dict[str, str]]) -> str:
     return json.dumps(
-        [{"role": m["role"], "content": m["content"]} for m in messages], ensure_ascii=False, separators=(",", ":")
+        [{"role": m["role"], "content": m["content"]} for m in messages],
+        ensure_ascii=False,
+        separators=(",", ":"),
     )
 
 
@@ -148,6 +160,7 @@ def sample_id(messages: list[dict[str, str]]) -> str:
 
 
 # ---- meta_ column typing -------------------------------------------------------------------
+
 
 def value_kind(v: Any) -> str | None:
     if v is None:

@@ -42,7 +42,13 @@ from winnow.pipeline.store import RunDir, UserError, atomic_write_json, shard_do
 
 CODE_VERSION = "ingest-1"  # with render.RENDER_VERSION in the fingerprint
 LOSS_ON = ("all_turns", "last_turn")
-_ARROW_META = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str": pa.string(), "json": pa.string()}
+_ARROW_META = {
+    "bool": pa.bool_(),
+    "int": pa.int64(),
+    "float": pa.float64(),
+    "str": pa.string(),
+    "json": pa.string(),
+}
 
 
 @dataclass
@@ -54,7 +60,9 @@ class IngestParams:
     format: str = "auto"  # auto or one of formats.FORMATS, for every input
     loss_on: str = "all_turns"  # all_turns | last_turn
     max_tokens: int = 0  # 0: the model's limit (tokenizer.model_max_length or max_position_embeddings)
-    truncate: bool = False  # over-long samples: False rejects them (too_long), True keeps the first max_tokens
+    truncate: bool = (
+        False  # over-long samples: False rejects them (too_long), True keeps the first max_tokens
+    )
     shard_rows: int = 2000
     table: str = "samples"  # "targets" ingests a DV4LLM target set beside the samples
     trust_remote_code: bool = False
@@ -113,6 +121,7 @@ def model_max_tokens(tokenizer, model_dir: Path) -> int:
 
 # ---- pass 1: scan ------------------------------------------------------------------------------
 
+
 @dataclass
 class Scan:
     rows: int = 0
@@ -153,27 +162,54 @@ def scan_inputs(paths: list[Path], specs: list[str], forced: str) -> Scan:
 
 # ---- pass 2: shards ----------------------------------------------------------------------------
 
-def _reject(row: Row, reason: str, detail: str, raw: str | None = None, dup: str | None = None,
-            sid: str | None = None) -> dict[str, Any]:
+
+def _reject(
+    row: Row, reason: str, detail: str, raw: str | None = None, dup: str | None = None, sid: str | None = None
+) -> dict[str, Any]:
     if raw is None:
         import json
 
-        raw = json.dumps(row.record, ensure_ascii=False, default=str)[:2000] if row.record is not None else row.raw
-    return {"source": row.source, "row": row.row, "reason": reason, "detail": detail, "duplicate_of": dup,
-            "sample_id": sid, "raw": raw}
+        raw = (
+            json.dumps(row.record, ensure_ascii=False, default=str)[:2000]
+            if row.record is not None
+            else row.raw
+        )
+    return {
+        "source": row.source,
+        "row": row.row,
+        "reason": reason,
+        "detail": detail,
+        "duplicate_of": dup,
+        "sample_id": sid,
+        "raw": raw,
+    }
 
 
-REJECT_SCHEMA = pa.schema([
-    ("source", pa.string()), ("row", pa.int64()), ("reason", pa.string()), ("detail", pa.string()),
-    ("duplicate_of", pa.string()), ("sample_id", pa.string()), ("raw", pa.string()),
-])
+REJECT_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("row", pa.int64()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("duplicate_of", pa.string()),
+        ("sample_id", pa.string()),
+        ("raw", pa.string()),
+    ]
+)
 
 
 def samples_schema(meta_types: dict[str, str], tok_fp: str, model: str) -> pa.Schema:
     fields = [
-        ("sample_id", pa.string()), ("source", pa.string()), ("row", pa.int64()), ("messages", pa.string()),
-        ("text", pa.string()), ("input_ids", pa.list_(pa.int32())), ("offsets", pa.list_(pa.int32())),
-        ("loss_mask", pa.list_(pa.uint8())), ("n_tokens", pa.int32()), ("n_loss_tokens", pa.int32()),
+        ("sample_id", pa.string()),
+        ("source", pa.string()),
+        ("row", pa.int64()),
+        ("messages", pa.string()),
+        ("text", pa.string()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("offsets", pa.list_(pa.int32())),
+        ("loss_mask", pa.list_(pa.uint8())),
+        ("n_tokens", pa.int32()),
+        ("n_loss_tokens", pa.int32()),
     ]
     fields += [(f"meta_{k}", _ARROW_META[t]) for k, t in sorted(meta_types.items())]
     return pa.schema(fields, metadata={"winnow.tokenizer_fingerprint": tok_fp, "winnow.model": model})
@@ -225,8 +261,13 @@ def _build_shard(ctx: _Ctx, rows: list[Row], seen: dict[str, str]) -> tuple[pa.T
         if msgs is not None and err is None:
             unique.setdefault(sample_id(msgs), msgs)
     ids = list(unique)
-    rendered = dict(zip(ids, render_batch(ctx.tokenizer, [unique[i] for i in ids], loss_on=ctx.params.loss_on),
-                        strict=True))
+    rendered = dict(
+        zip(
+            ids,
+            render_batch(ctx.tokenizer, [unique[i] for i in ids], loss_on=ctx.params.loss_on),
+            strict=True,
+        )
+    )
 
     samples: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
@@ -249,20 +290,40 @@ def _build_shard(ctx: _Ctx, rows: list[Row], seen: dict[str, str]) -> tuple[pa.T
         ids_, offs, mask = r.input_ids, r.offsets, r.loss_mask
         if len(ids_) > ctx.max_tokens:
             if not ctx.params.truncate:
-                rejects.append(_reject(row, "too_long", f"{len(ids_)} tokens > max_tokens={ctx.max_tokens} "
-                                       "(raise max_tokens or set truncate=true)", sid=sid))
+                rejects.append(
+                    _reject(
+                        row,
+                        "too_long",
+                        f"{len(ids_)} tokens > max_tokens={ctx.max_tokens} "
+                        "(raise max_tokens or set truncate=true)",
+                        sid=sid,
+                    )
+                )
                 continue
             ids_, offs, mask = ids_[: ctx.max_tokens], offs[: ctx.max_tokens], mask[: ctx.max_tokens]
             if not any(mask):
-                rejects.append(_reject(row, "too_long", f"no supervised token within the first {ctx.max_tokens} "
-                                       "tokens after truncation", sid=sid))
+                rejects.append(
+                    _reject(
+                        row,
+                        "too_long",
+                        f"no supervised token within the first {ctx.max_tokens} tokens after truncation",
+                        sid=sid,
+                    )
+                )
                 continue
             counts["truncated"] += 1
         seen[sid] = f"{row.source}:{row.row}"
         rec = {
-            "sample_id": sid, "source": row.source, "row": row.row, "messages": canonical_messages(msgs),
-            "text": r.text, "input_ids": ids_, "offsets": offs, "loss_mask": mask,
-            "n_tokens": len(ids_), "n_loss_tokens": int(sum(mask)),
+            "sample_id": sid,
+            "source": row.source,
+            "row": row.row,
+            "messages": canonical_messages(msgs),
+            "text": r.text,
+            "input_ids": ids_,
+            "offsets": offs,
+            "loss_mask": mask,
+            "n_tokens": len(ids_),
+            "n_loss_tokens": int(sum(mask)),
         }
         for k, kind in ctx.meta_types.items():
             rec[f"meta_{k}"] = coerce_meta(meta.get(k), kind)
@@ -272,8 +333,11 @@ def _build_shard(ctx: _Ctx, rows: list[Row], seen: dict[str, str]) -> tuple[pa.T
     counts["samples"] = len(samples)
     counts["rejects"] = len(rejects)
     counts["rows_in"] = len(rows)
-    return (pa.Table.from_pylist(samples, schema=ctx.schema),
-            pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA), counts)
+    return (
+        pa.Table.from_pylist(samples, schema=ctx.schema),
+        pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA),
+        counts,
+    )
 
 
 def _write_vocab(run: RunDir, tokenizer, tok_fp: str) -> None:
@@ -285,8 +349,13 @@ def _write_vocab(run: RunDir, tokenizer, tok_fp: str) -> None:
     pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
     # decoded text per id, so `tokens.token` is readable (e.g. " the" rather than "Ġthe")
     texts = [tokenizer.convert_tokens_to_string([p]) if p is not None else None for p in pieces]
-    tbl = pa.table({"token_id": pa.array(range(n), pa.int32()), "token": pa.array(texts, pa.string()),
-                    "piece": pa.array(pieces, pa.string())})
+    tbl = pa.table(
+        {
+            "token_id": pa.array(range(n), pa.int32()),
+            "token": pa.array(texts, pa.string()),
+            "piece": pa.array(pieces, pa.string()),
+        }
+    )
     table.clear()
     table.write(0, tbl, fingerprint=tok_fp)
 
@@ -305,20 +374,41 @@ def run_ingest(run: RunDir, p: IngestParams) -> dict[str, Any]:
     meta_types = {k: merge_kinds(v) for k, v in scan.meta_kinds.items()}
     max_tokens = p.max_tokens or model_max_tokens(tokenizer, model_dir)
     inputs_fp = {spec: file_fingerprint(path) for spec, path in zip(specs, paths, strict=True)}
-    fingerprint = stable_hash({
-        "code": CODE_VERSION, "render": RENDER_VERSION, "params": asdict(p) | {"inputs": specs}, "tokenizer": tok_fp,
-        "inputs": inputs_fp, "meta": meta_types, "max_tokens": max_tokens,
-    })
+    fingerprint = stable_hash(
+        {
+            "code": CODE_VERSION,
+            "render": RENDER_VERSION,
+            "params": asdict(p) | {"inputs": specs},
+            "tokenizer": tok_fp,
+            "inputs": inputs_fp,
+            "meta": meta_types,
+            "max_tokens": max_tokens,
+        }
+    )
     n_shards = math.ceil(scan.rows / p.shard_rows) if scan.rows else 0
-    plan = {"table": p.table, "shard_rows": p.shard_rows, "shards": n_shards, "rows": scan.rows,
-            "sources": [{"source": s, "rows": scan.per_source_rows.get(s, 0), "fingerprint": inputs_fp[s],
-                         "format": scan.formats.get(s)} for s in specs]}
+    plan = {
+        "table": p.table,
+        "shard_rows": p.shard_rows,
+        "shards": n_shards,
+        "rows": scan.rows,
+        "sources": [
+            {
+                "source": s,
+                "rows": scan.per_source_rows.get(s, 0),
+                "fingerprint": inputs_fp[s],
+                "format": scan.formats.get(s),
+            }
+            for s in specs
+        ],
+    }
     run.root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run.root / ("plan.json" if p.table == "samples" else f"plan_{p.table}.json"), plan)
     if p.table == "samples":
         _write_vocab(run, tokenizer, tok_fp)
 
-    ctx = _Ctx(p, tokenizer, scan.formats, meta_types, max_tokens, samples_schema(meta_types, tok_fp, str(model_dir)))
+    ctx = _Ctx(
+        p, tokenizer, scan.formats, meta_types, max_tokens, samples_schema(meta_types, tok_fp, str(model_dir))
+    )
     samples_t, rejects_t = run.table(p.table), run.table(rejects_table(p.table))
     samples_t.drop_parts_from(n_shards)
     rejects_t.drop_parts_from(n_shards)
@@ -346,17 +436,31 @@ def run_ingest(run: RunDir, p: IngestParams) -> dict[str, Any]:
                 shard_done()
             bar.advance(task)
 
-    by_reason = {k.removeprefix("rejected_"): v for k, v in sorted(totals.items()) if k.startswith("rejected_")}
-    counts = {"rows_in": totals["rows_in"], "samples": totals["samples"], "rejects": totals["rejects"],
-              "truncated": totals["truncated"], "rejects_by_reason": by_reason}
+    by_reason = {
+        k.removeprefix("rejected_"): v for k, v in sorted(totals.items()) if k.startswith("rejected_")
+    }
+    counts = {
+        "rows_in": totals["rows_in"],
+        "samples": totals["samples"],
+        "rejects": totals["rejects"],
+        "truncated": totals["truncated"],
+        "rejects_by_reason": by_reason,
+    }
     if counts["rows_in"] != scan.rows or counts["samples"] + counts["rejects"] != counts["rows_in"]:
         raise RuntimeError(f"row accounting failed: {counts} vs {scan.rows} rows scanned")
     entry = {
-        "step": "ingest", "config": asdict(p), "fingerprint": fingerprint, "model": str(model_dir),
-        "tokenizer_fingerprint": tok_fp, "max_tokens": max_tokens, "meta_columns": meta_types,
-        "inputs": plan["sources"], "counts": counts,
+        "step": "ingest",
+        "config": asdict(p),
+        "fingerprint": fingerprint,
+        "model": str(model_dir),
+        "tokenizer_fingerprint": tok_fp,
+        "max_tokens": max_tokens,
+        "meta_columns": meta_types,
+        "inputs": plan["sources"],
+        "counts": counts,
         "shards": {"total": n_shards, "computed": computed, "skipped": skipped},
-        "wall_s": round(time.time() - t0, 3), "versions": versions(),
+        "wall_s": round(time.time() - t0, 3),
+        "versions": versions(),
     }
     run.update_manifest("ingest" if p.table == "samples" else f"ingest:{p.table}", entry)
     return entry

@@ -81,11 +81,18 @@ def open_views(run_dir: str, check_lengths: bool = True):
         t = run.table(table)
         paths = t.paths()
         name = view_name(table)
-        con.execute(f"CREATE VIEW {_q(name)} AS SELECT * FROM read_parquet({_sql_list(paths)}, union_by_name=true)")
+        con.execute(
+            f"CREATE VIEW {_q(name)} AS SELECT * FROM read_parquet({_sql_list(paths)}, union_by_name=true)"
+        )
         out.views[name] = table
-        if plan_shards and table.split("/")[0] in ("samples", "rejects", "signals", "scores", "selection") \
-                and len(paths) < plan_shards:
-            out.warnings.append(f"{table}: {len(paths)} of {plan_shards} shards committed (partial; rerun its step)")
+        if (
+            plan_shards
+            and table.split("/")[0] in ("samples", "rejects", "signals", "scores", "selection")
+            and len(paths) < plan_shards
+        ):
+            out.warnings.append(
+                f"{table}: {len(paths)} of {plan_shards} shards committed (partial; rerun its step)"
+            )
         if table.split("/")[0] in _PREFIXES:
             cols = per_token_columns(t.schema())
             if cols:
@@ -98,9 +105,12 @@ def open_views(run_dir: str, check_lengths: bool = True):
 def _tokens_view(out: Views, per_token: dict[str, list[str]], check_lengths: bool) -> None:
     con = out.con
     selects = [
-        "s.sample_id", "g.pos", "s.input_ids[g.pos + 1] AS token_id",
+        "s.sample_id",
+        "g.pos",
+        "s.input_ids[g.pos + 1] AS token_id",
         "v.token AS token" if "vocab" in out.views else "NULL AS token",
-        "s.offsets[g.pos + 1] AS \"offset\"", "s.loss_mask[g.pos + 1] AS loss_mask",
+        's.offsets[g.pos + 1] AS "offset"',
+        "s.loss_mask[g.pos + 1] AS loss_mask",
     ]
     joins = []
     used: set[str] = set()
@@ -123,9 +133,12 @@ def _tokens_view(out: Views, per_token: dict[str, list[str]], check_lengths: boo
                     out.warnings.append(f"{table}.{c}: {bad} rows whose list length differs from n_tokens")
     vocab_join = "LEFT JOIN vocab v ON v.token_id = s.input_ids[g.pos + 1]" if "vocab" in out.views else ""
     sql = (
-        "CREATE VIEW tokens AS SELECT " + ", ".join(selects)
+        "CREATE VIEW tokens AS SELECT "
+        + ", ".join(selects)
         + " FROM samples s CROSS JOIN LATERAL (SELECT unnest(range(s.n_tokens)) AS pos) g "
-        + vocab_join + " " + " ".join(joins)
+        + vocab_join
+        + " "
+        + " ".join(joins)
     )
     con.execute(sql)
     out.views["tokens"] = "samples"
@@ -200,7 +213,9 @@ def repl(run_dir: str) -> None:
     v = open_views(run_dir)
     for w in v.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    print(f"winnow inspect {run_dir}: views {', '.join(sorted(v.views))}. End statements with ';'. .quit to leave.")
+    print(
+        f"winnow inspect {run_dir}: views {', '.join(sorted(v.views))}. End statements with ';'. .quit to leave."
+    )
     buf = ""
     while True:
         try:

@@ -45,9 +45,11 @@ def _raw_text(data: bytes | str) -> str:
 
 def detect_kind(path: Path) -> str:
     if path.is_dir():
-        if (path / "dataset_dict.json").exists() or (path / "state.json").exists() or (
-            path / "dataset_info.json"
-        ).exists():
+        if (
+            (path / "dataset_dict.json").exists()
+            or (path / "state.json").exists()
+            or (path / "dataset_info.json").exists()
+        ):
             return "hf_disk"
         raise UserError(
             f"{path}: a directory that is not a `datasets` save_to_disk folder "
@@ -56,7 +58,9 @@ def detect_kind(path: Path) -> str:
     suffix = "".join(path.suffixes[-2:]).lower() if path.suffix.lower() == ".gz" else path.suffix.lower()
     kinds = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
     if suffix not in kinds:
-        raise UserError(f"{path}: unknown input type {suffix!r}; supported: {sorted(kinds)} or a save_to_disk folder")
+        raise UserError(
+            f"{path}: unknown input type {suffix!r}; supported: {sorted(kinds)} or a save_to_disk folder"
+        )
     return kinds[suffix]
 
 
@@ -77,14 +81,23 @@ def _parse_json_bytes(line: bytes, source: str, i: int) -> Row:
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:
-        return Row(source, i, reason="not_utf8", detail=f"invalid UTF-8 at byte {e.start}", raw=_raw_text(line))
+        return Row(
+            source, i, reason="not_utf8", detail=f"invalid UTF-8 at byte {e.start}", raw=_raw_text(line)
+        )
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        return Row(source, i, reason="malformed_json", detail=f"{e.msg} at column {e.colno}", raw=_raw_text(text))
+        return Row(
+            source, i, reason="malformed_json", detail=f"{e.msg} at column {e.colno}", raw=_raw_text(text)
+        )
     if not isinstance(obj, dict):
-        return Row(source, i, reason="not_an_object", detail=f"a JSON {type(obj).__name__}, not an object",
-                   raw=_raw_text(text))
+        return Row(
+            source,
+            i,
+            reason="not_an_object",
+            detail=f"a JSON {type(obj).__name__}, not an object",
+            raw=_raw_text(text),
+        )
     return Row(source, i, record=obj)
 
 
@@ -109,11 +122,15 @@ def _read_json(path: Path, source: str) -> Iterator[Row]:
         if data.lstrip()[:1] == b"{" and b"\n" in data.strip():
             yield from _read_jsonl(path, source)
             return
-        raise UserError(f"{path}: malformed JSON document ({e.msg}, line {e.lineno}); fix it or use JSONL") from None
+        raise UserError(
+            f"{path}: malformed JSON document ({e.msg}, line {e.lineno}); fix it or use JSONL"
+        ) from None
     if isinstance(obj, dict):
         lists = [v for v in obj.values() if isinstance(v, list)]
         if len(lists) != 1:
-            raise UserError(f"{path}: expected a JSON array of records, or an object holding exactly one array")
+            raise UserError(
+                f"{path}: expected a JSON array of records, or an object holding exactly one array"
+            )
         obj = lists[0]
     if not isinstance(obj, list):
         raise UserError(f"{path}: expected a JSON array of records, found a {type(obj).__name__}")
@@ -121,8 +138,13 @@ def _read_json(path: Path, source: str) -> Iterator[Row]:
         if isinstance(rec, dict):
             yield Row(source, i, record=rec)
         else:
-            yield Row(source, i, reason="not_an_object", detail=f"a JSON {type(rec).__name__}, not an object",
-                      raw=_raw_text(json.dumps(rec, ensure_ascii=False)))
+            yield Row(
+                source,
+                i,
+                reason="not_an_object",
+                detail=f"a JSON {type(rec).__name__}, not an object",
+                raw=_raw_text(json.dumps(rec, ensure_ascii=False)),
+            )
 
 
 def _read_parquet(path: Path, source: str) -> Iterator[Row]:
@@ -146,14 +168,24 @@ def _read_csv(path: Path, source: str) -> Iterator[Row]:
         for i, values in enumerate(reader):
             line = ",".join(values)
             if any("\udc80" <= ch <= "\udcff" for ch in line):
-                yield Row(source, i, reason="not_utf8", detail="invalid UTF-8 in row",
-                          raw=line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")[:RAW_LIMIT])
+                yield Row(
+                    source,
+                    i,
+                    reason="not_utf8",
+                    detail="invalid UTF-8 in row",
+                    raw=line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")[:RAW_LIMIT],
+                )
                 continue
             if len(values) != len(header):
                 buf = io.StringIO()
                 csv.writer(buf).writerow(values)
-                yield Row(source, i, reason="malformed_csv",
-                          detail=f"{len(values)} fields, header has {len(header)}", raw=buf.getvalue()[:RAW_LIMIT])
+                yield Row(
+                    source,
+                    i,
+                    reason="malformed_csv",
+                    detail=f"{len(values)} fields, header has {len(header)}",
+                    raw=buf.getvalue()[:RAW_LIMIT],
+                )
                 continue
             yield Row(source, i, record=dict(zip(header, values, strict=True)))
 

@@ -61,7 +61,9 @@ def sql_json(run_dir, sql: str):
 def write_model_dir(path: Path, tokenizer, max_positions: int = 512) -> Path:
     """A directory `resolve_model`/`AutoTokenizer.from_pretrained` accept: tokenizer files + config.json."""
     tokenizer.save_pretrained(str(path))
-    (path / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": max_positions}))
+    (path / "config.json").write_text(
+        json.dumps({"model_type": "llama", "max_position_embeddings": max_positions})
+    )
     return path
 
 

@@ -14,10 +14,16 @@ from winnow.pipeline.store import UserError
 @pytest.mark.parametrize(
     "record, fmt, roles",
     [
-        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "chat",
-         ["user", "assistant"]),
-        ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}, "sharegpt",
-         ["user", "assistant"]),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            "chat",
+            ["user", "assistant"],
+        ),
+        (
+            {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+            "sharegpt",
+            ["user", "assistant"],
+        ),
         ({"prompt": "p", "response": "r", "system": "s"}, "prompt_response", ["system", "user", "assistant"]),
         ({"instruction": "i", "input": "x", "output": "o"}, "alpaca", ["user", "assistant"]),
         ({"question": "q", "answer": "a"}, "gsm8k", ["user", "assistant"]),
@@ -42,8 +48,11 @@ def test_sample_id_recipe_is_exact():
     assert norm[0]["content"] == "Caf\u00e9"  # NFC + strip, extra keys dropped
     import hashlib
 
-    blob = json.dumps([{"role": "user", "content": "Caf\u00e9"}, {"role": "assistant", "content": "ok"}],
-                      ensure_ascii=False, separators=(",", ":"))
+    blob = json.dumps(
+        [{"role": "user", "content": "Caf\u00e9"}, {"role": "assistant", "content": "ok"}],
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
     assert sample_id(norm) == hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -51,7 +60,10 @@ def test_sample_id_recipe_is_exact():
     "record, reason",
     [
         ({"messages": [{"role": "user", "content": "q"}, {"role": "robot", "content": "a"}]}, "bad_role"),
-        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}, "empty_response"),
+        (
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]},
+            "empty_response",
+        ),
         ({"messages": [{"role": "user", "content": "q"}]}, "no_assistant_turn"),
         ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, "missing_field"),
         ({"question": "q", "answer": 5}, "bad_field_type"),
@@ -76,7 +88,14 @@ def test_jsonl_bad_lines_do_not_fail_the_file(tmp_path):
     p.write_bytes(b'{"text": "ok"}\n{"text": "trunc\n\xff\xfe{"text": "bad"}\n[1, 2]\n\n{"text": "last"}')
     rows = list(iter_rows(p))
     assert [r.row for r in rows] == [0, 1, 2, 3, 4, 5]
-    assert [r.reason for r in rows] == [None, "malformed_json", "not_utf8", "not_an_object", "blank_line", None]
+    assert [r.reason for r in rows] == [
+        None,
+        "malformed_json",
+        "not_utf8",
+        "not_an_object",
+        "blank_line",
+        None,
+    ]
     assert rows[5].record == {"text": "last"}
 
 
@@ -95,11 +114,14 @@ def test_json_array_csv_parquet_and_save_to_disk(tmp_path):
     assert [r.record for r in iter_rows(tmp_path / "d")] == recs
 
 
-@pytest.mark.parametrize("name, content, match", [
-    ("x.json", b"[{\"a\": 1}, ", "malformed JSON"),
-    ("x.txt", b"hello", "unknown input type"),
-    ("missing.jsonl", None, "does not exist"),
-])
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        ("x.json", b'[{"a": 1}, ', "malformed JSON"),
+        ("x.txt", b"hello", "unknown input type"),
+        ("missing.jsonl", None, "does not exist"),
+    ],
+)
 def test_unreadable_inputs_raise_user_error(tmp_path, name, content, match):
     p = tmp_path / name
     if content is not None:

@@ -16,11 +16,23 @@ from winnow.pipeline.store import RunDir
 from conftest import run_cli, sql_json
 
 GOOD = [
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
-                  {"role": "assistant", "content": "2+2 = 4."}, {"role": "user", "content": "And 3+3?"},
-                  {"role": "assistant", "content": "3+3 = 6."}], "label": 1},
-    {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],
-     "label": "x"},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is 2+2?"},
+            {"role": "assistant", "content": "2+2 = 4."},
+            {"role": "user", "content": "And 3+3?"},
+            {"role": "assistant", "content": "3+3 = 6."},
+        ],
+        "label": 1,
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "Blue."},
+        ],
+        "label": "x",
+    },
     {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi there!"}]},
 ]
 
@@ -31,16 +43,36 @@ def _mixed_jsonl(path: Path) -> dict[int, str | None]:
         (json.dumps(GOOD[0]).encode(), None),
         (b'{"messages": [{"role": "user", "content": "broken', "malformed_json"),
         (json.dumps({"messages": [{"role": "user", "content": "q"}]}).encode(), "no_assistant_turn"),
-        (json.dumps({"messages": [{"role": "user", "content": "q"},
-                                  {"role": "assistant", "content": "   "}]}).encode(), "empty_response"),
-        (json.dumps({"messages": [{"role": "user", "content": "q"},
-                                  {"role": "wizard", "content": "a"}]}).encode(), "bad_role"),
-        (json.dumps({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}).encode(), "missing_field"),
+        (
+            json.dumps(
+                {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "   "}]}
+            ).encode(),
+            "empty_response",
+        ),
+        (
+            json.dumps(
+                {"messages": [{"role": "user", "content": "q"}, {"role": "wizard", "content": "a"}]}
+            ).encode(),
+            "bad_role",
+        ),
+        (
+            json.dumps({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}).encode(),
+            "missing_field",
+        ),
         (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', "not_utf8"),
         (json.dumps(GOOD[1]).encode(), None),
         (json.dumps(GOOD[0]).encode(), "duplicate"),
-        (json.dumps({"messages": [{"role": "user", "content": "long " * 10},
-                                  {"role": "assistant", "content": "word " * 400}]}).encode(), "too_long"),
+        (
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": "long " * 10},
+                        {"role": "assistant", "content": "word " * 400},
+                    ]
+                }
+            ).encode(),
+            "too_long",
+        ),
         (b"", "blank_line"),
         (b"[1, 2, 3]", "not_an_object"),
         (json.dumps(GOOD[2]).encode(), None),
@@ -52,8 +84,9 @@ def _mixed_jsonl(path: Path) -> dict[int, str | None]:
 def test_every_row_accounted_with_reason_codes(tmp_path, chatml_model_dir):
     expected = _mixed_jsonl(tmp_path / "mixed.jsonl")
     run = tmp_path / "run"
-    code, out, err = run_cli("ingest", tmp_path / "mixed.jsonl", "--run", run, "--model", chatml_model_dir,
-                             "--set", "shard_rows=4")
+    code, out, err = run_cli(
+        "ingest", tmp_path / "mixed.jsonl", "--run", run, "--model", chatml_model_dir, "--set", "shard_rows=4"
+    )
     assert code == 0, err
     rejects = {r["row"]: r for r in sql_json(run, "select * from rejects")}
     samples = {r["row"]: r for r in sql_json(run, "select row, sample_id, meta_label from samples")}
@@ -87,16 +120,28 @@ def test_supervised_token_count_matches_independent_recount(tmp_path, chatml_mod
     assert t["n"] == sum(table.column("n_tokens").to_pylist()) == t["with_text"]
     # multi-turn: both answers are supervised, the second user turn is not
     [first] = [r for r in table.to_pylist() if r["row"] == 0]
-    sup = "".join(first["text"][o:(first["offsets"][i + 1] if i + 1 < first["n_tokens"] else len(first["text"]))]
-                  for i, o in enumerate(first["offsets"]) if first["loss_mask"][i])
+    sup = "".join(
+        first["text"][o : (first["offsets"][i + 1] if i + 1 < first["n_tokens"] else len(first["text"]))]
+        for i, o in enumerate(first["offsets"])
+        if first["loss_mask"][i]
+    )
     assert "2+2 = 4." in sup and "3+3 = 6." in sup and "And 3+3?" not in sup
 
 
 def test_every_input_kind_and_meta_types(tmp_path, chatml_model_dir):
     import datasets
 
-    recs = [{"question": f"What is {i} plus {i}?", "answer": f"It is {2 * i}.", "level": i, "score": 0.5 * i,
-             "tags": ["a", str(i)], "ok": i % 2 == 0} for i in range(6)]
+    recs = [
+        {
+            "question": f"What is {i} plus {i}?",
+            "answer": f"It is {2 * i}.",
+            "level": i,
+            "score": 0.5 * i,
+            "tags": ["a", str(i)],
+            "ok": i % 2 == 0,
+        }
+        for i in range(6)
+    ]
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in recs[:2]))
     (tmp_path / "b.json").write_text(json.dumps(recs[2:3]))
     pq.write_table(pa.Table.from_pylist(recs[3:4]), tmp_path / "c.parquet")
@@ -105,38 +150,70 @@ def test_every_input_kind_and_meta_types(tmp_path, chatml_model_dir):
     (tmp_path / "f.jsonl").write_text(json.dumps({"instruction": "Add", "input": "1 and 2", "output": "3"}))
     inputs = [tmp_path / n for n in ("a.jsonl", "b.json", "c.parquet", "d.csv", "e", "f.jsonl")]
     run = tmp_path / "run"
-    code, _, err = run_cli("ingest", *inputs, "--run", run, "--model", chatml_model_dir, "--set", "shard_rows=3")
+    code, _, err = run_cli(
+        "ingest", *inputs, "--run", run, "--model", chatml_model_dir, "--set", "shard_rows=3"
+    )
     assert code == 0, err
-    rows = sql_json(run, "select source, row, meta_level, meta_score, meta_tags, meta_ok from samples order by source")
+    rows = sql_json(
+        run, "select source, row, meta_level, meta_score, meta_tags, meta_ok from samples order by source"
+    )
     assert len(rows) == 8
     schema = RunDir(run).table("samples").schema()
     assert schema.field("meta_level").type == pa.int64() and schema.field("meta_score").type == pa.float64()
     assert schema.field("meta_ok").type == pa.bool_() and schema.field("meta_tags").type == pa.string()
     plan = json.loads((run / "plan.json").read_text())
     assert plan["shards"] == 3 and [s["format"] for s in plan["sources"]] == [
-        "gsm8k", "gsm8k", "gsm8k", "prompt_response", "gsm8k", "alpaca"]
+        "gsm8k",
+        "gsm8k",
+        "gsm8k",
+        "prompt_response",
+        "gsm8k",
+        "alpaca",
+    ]
 
 
 def test_truncate_option_and_unreadable_input(tmp_path, chatml_model_dir):
     long = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "word " * 400}]}
     (tmp_path / "l.jsonl").write_text(json.dumps(long))
     run = tmp_path / "run"
-    code, _, err = run_cli("ingest", tmp_path / "l.jsonl", "--run", run, "--model", chatml_model_dir,
-                           "--set", "truncate=true", "--set", "max_tokens=64")
+    code, _, err = run_cli(
+        "ingest",
+        tmp_path / "l.jsonl",
+        "--run",
+        run,
+        "--model",
+        chatml_model_dir,
+        "--set",
+        "truncate=true",
+        "--set",
+        "max_tokens=64",
+    )
     assert code == 0, err
     [r] = sql_json(run, "select n_tokens, n_loss_tokens from samples")
     assert r["n_tokens"] == 64 and r["n_loss_tokens"] > 0
     code, _, err = run_cli("ingest", tmp_path / "missing.jsonl", "--run", run, "--model", chatml_model_dir)
     assert code == 2 and "missing.jsonl" in err
-    code, _, err = run_cli("ingest", tmp_path / "l.jsonl", "--run", run, "--model", chatml_model_dir,
-                           "--set", "shard_rows=0")
+    code, _, err = run_cli(
+        "ingest", tmp_path / "l.jsonl", "--run", run, "--model", chatml_model_dir, "--set", "shard_rows=0"
+    )
     assert code == 2 and "shard_rows" in err
 
 
 def _ingest_subprocess(inp: Path, run: Path, model: Path, env_extra: dict) -> int:
     env = {**os.environ, **env_extra}
-    cmd = [sys.executable, "-m", "winnow.pipeline.cli", "ingest", str(inp), "--run", str(run), "--model", str(model),
-           "--set", "shard_rows=5"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "winnow.pipeline.cli",
+        "ingest",
+        str(inp),
+        "--run",
+        str(run),
+        "--model",
+        str(model),
+        "--set",
+        "shard_rows=5",
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, timeout=240).returncode
 
 
@@ -173,8 +250,9 @@ def test_changed_config_recomputes_and_marks_downstream_stale(tmp_path, chatml_m
     samples = rd.table("samples").read(columns=["sample_id", "n_tokens"])
     lists = pa.array([[0.5] * n for n in samples.column("n_tokens").to_pylist()], pa.list_(pa.float32()))
     sig = pa.table({"sample_id": samples.column("sample_id"), "logprob": lists})
-    rd.table("signals/current").write(0, sig, fingerprint="m",
-                                      inputs={"samples/part-00000": rd.table("samples").part_digest(0)})
+    rd.table("signals/current").write(
+        0, sig, fingerprint="m", inputs={"samples/part-00000": rd.table("samples").part_digest(0)}
+    )
     [r] = sql_json(run, "select count(*) as n from tokens where current__logprob = 0.5")
     assert r["n"] == sum(samples.column("n_tokens").to_pylist())
     # same config again: nothing recomputed
@@ -182,8 +260,19 @@ def test_changed_config_recomputes_and_marks_downstream_stale(tmp_path, chatml_m
     assert run_cli("ingest", tmp_path / "d.jsonl", "--run", run, "--model", chatml_model_dir)[0] == 0
     assert rd.table("samples").part_path(0).stat().st_mtime_ns == mtime
     # changed config: samples recomputed, the signals computed from the old samples become stale
-    assert run_cli("ingest", tmp_path / "d.jsonl", "--run", run, "--model", chatml_model_dir,
-                   "--loss-on", "last_turn")[0] == 0
+    assert (
+        run_cli(
+            "ingest",
+            tmp_path / "d.jsonl",
+            "--run",
+            run,
+            "--model",
+            chatml_model_dir,
+            "--loss-on",
+            "last_turn",
+        )[0]
+        == 0
+    )
     code, out, err = run_cli("inspect", run, "--sql", "select count(*) from samples", "--format", "csv")
     assert code == 0 and "hiding stale table signals/current" in err
     code, _, err = run_cli("inspect", run, "--sql", "select * from signals_current")

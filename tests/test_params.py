@@ -21,15 +21,22 @@ class P:
 
 
 def test_converts_strings_by_annotation():
-    p = build_params(P, parse_sets(["name=x", "n=3", "ratio=0.25", "flag=true", "items=a,b", "maybe=none"], "t"), "t")
+    p = build_params(
+        P, parse_sets(["name=x", "n=3", "ratio=0.25", "flag=true", "items=a,b", "maybe=none"], "t"), "t"
+    )
     assert (p.name, p.n, p.ratio, p.flag, p.items, p.maybe) == ("x", 3, 0.25, True, ["a", "b"], None)
 
 
 @pytest.mark.parametrize(
     "values, match",
-    [({"name": "x", "bogus": 1}, "unknown parameter"), ({"name": "x", "n": "three"}, "n='three'"),
-     ({"name": "x", "ratio": "2"}, "ratio=2.0: must be"), ({}, "name"), ({"name": "x", "n": 1.5}, "n=1.5"),
-     ({"name": "x", "flag": "maybe"}, "flag")],
+    [
+        ({"name": "x", "bogus": 1}, "unknown parameter"),
+        ({"name": "x", "n": "three"}, "n='three'"),
+        ({"name": "x", "ratio": "2"}, "ratio=2.0: must be"),
+        ({}, "name"),
+        ({"name": "x", "n": 1.5}, "n=1.5"),
+        ({"name": "x", "flag": "maybe"}, "flag"),
+    ],
 )
 def test_errors_name_the_key(values, match):
     with pytest.raises(UserError, match=match):

@@ -20,13 +20,16 @@ def test_recipe_validates(path):
     assert recipe.steps and recipe.steps[0][0].name == "ingest"
 
 
-@pytest.mark.parametrize("text, match", [
-    ('[[steps]]\nstep = "ingest"\ninputs = ["x"]\nbogus = 1\n', "unknown parameter"),
-    ('[[steps]]\nstep = "nope"\n', "unknown step"),
-    ('[[steps]]\nstep = "ingest"\ninputs = ["x"]\nshard_rows = 0\n', "shard_rows"),
-    ('run_dir = "x"\n', "no \\[\\[steps\\]\\]"),
-    ('oops = [\n', "invalid TOML"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('[[steps]]\nstep = "ingest"\ninputs = ["x"]\nbogus = 1\n', "unknown parameter"),
+        ('[[steps]]\nstep = "nope"\n', "unknown step"),
+        ('[[steps]]\nstep = "ingest"\ninputs = ["x"]\nshard_rows = 0\n', "shard_rows"),
+        ('run_dir = "x"\n', "no \\[\\[steps\\]\\]"),
+        ("oops = [\n", "invalid TOML"),
+    ],
+)
 def test_bad_recipes_fail_early_naming_the_problem(tmp_path, text, match):
     p = tmp_path / "r.toml"
     p.write_text(text)

@@ -10,7 +10,9 @@ from winnow.pipeline.store import RunDir, UserError, atomic_write_json
 
 
 def _tbl(n, start=0):
-    return pa.table({"sample_id": [f"s{i}" for i in range(start, start + n)], "x": list(range(start, start + n))})
+    return pa.table(
+        {"sample_id": [f"s{i}" for i in range(start, start + n)], "x": list(range(start, start + n))}
+    )
 
 
 def test_write_then_read_only_committed(tmp_path):
