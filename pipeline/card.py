@@ -86,6 +86,11 @@ class _Card:
             "",
         ]
 
+    def warnings(self) -> None:
+        """Stale or partial tables are left off the card; say so rather than look empty."""
+        if self.views.warnings:
+            self.md += ["## Not on this card", "", *[f"- {w}" for w in self.views.warnings], ""]
+
     def ingest(self) -> None:
         entry = self.man.get("steps", {}).get("ingest")
         if not entry:
@@ -293,6 +298,7 @@ def write_card(run_dir: str | Path, out: str | Path | None = None) -> Path:
         raise UserError(f"{run.root} has no samples: run `winnow ingest` (or a recipe) first")
     card = _Card(run, Path(out) if out else run.root / "card")
     card.header()
+    card.warnings()
     card.ingest()
     card.passes()
     card.scores()

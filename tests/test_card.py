@@ -47,3 +47,13 @@ def test_card_of_an_empty_run_is_a_user_error(tmp_path):
     (tmp_path / "run").mkdir()
     code, _, err = run_cli("card", tmp_path / "run")
     assert code == 2 and "winnow ingest" in err
+
+
+def test_a_stale_selection_is_named_not_silently_missing(tmp_path):
+    run = test_critical_tokens.make_run(tmp_path / "run")
+    assert run_cli("score", run.root, "critical_tokens")[0] == 0
+    assert run_cli("select", run.root, "critical_tokens", "--name", "cdpo")[0] == 0
+    assert run_cli("score", run.root, "critical_tokens", "--set", "threshold=0.1")[0] == 0  # new flags
+    assert run_cli("card", run.root)[0] == 0
+    card = (run.root / "card" / "README.md").read_text()
+    assert "## Not on this card" in card and "hiding stale table selection/cdpo" in card
