@@ -104,6 +104,69 @@ def _jsonl_lines(s: pa.Table, meta_kinds: dict[str, str]) -> list[str]:
     return lines
 
 
+def _n_weighted(weight: pa.ChunkedArray | pa.Array) -> int:
+    return int(pc.sum(pc.greater(pc.list_flatten(weight), 0)).as_py() or 0)
+
+
+def _write(run: RunDir, name: str, fmt: str, tmp: Path, meta_kinds: dict[str, str]) -> tuple[int, int]:
+    """Write the kept samples to ``tmp`` (a file, or a folder for hf); returns (rows, weighted tokens)."""
+    rows = weighted = 0
+    if fmt == "jsonl":
+        with open(tmp, "w", encoding="utf-8") as f:
+            for s, w in _kept_parts(run, name):
+                f.writelines(line + "\n" for line in _jsonl_lines(s, meta_kinds))
+                rows, weighted = rows + s.num_rows, weighted + _n_weighted(w)
+        return rows, weighted
+    pq_path = tmp if fmt == "parquet" else tmp.with_suffix(".parquet")
+    writer = None
+    try:
+        for s, w in _kept_parts(run, name):
+            t = _train_table(s, w)
+            writer = writer or pq.ParquetWriter(pq_path, t.schema)
+            writer.write_table(t)
+            rows, weighted = rows + t.num_rows, weighted + _n_weighted(w)
+    finally:
+        if writer is not None:
+            writer.close()
+    assert writer is not None, "export_selection checked that some sample is kept"
+    if fmt == "hf":
+        import tempfile
+
+        from datasets import Dataset
+
+        with tempfile.TemporaryDirectory(dir=tmp.parent) as cache:  # not the user's HF cache
+            Dataset.from_parquet(str(pq_path), cache_dir=cache).save_to_disk(str(tmp))
+        pq_path.unlink()
+    return rows, weighted
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in [path] if path.is_file() else sorted(path.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Readers see the old output or the new one: a file replaces a file in one rename; otherwise the
+    old output is renamed aside first and removed only after the new one is in place."""
+    old = None
+    if out.is_dir() or (out.exists() and tmp.is_dir()):
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.rename(out, old)
+    os.replace(tmp, out)
+    _fsync_dir(out.parent)
+    if old is not None:
+        _remove(old)
+
+
 def export_selection(
     run_dir: str | Path, fmt: str, out: str | Path, selection: str | None = None, force: bool = False
 ) -> dict[str, Any]:
@@ -117,49 +180,23 @@ def export_selection(
     stale = run.stale_tables().get(f"selection/{name}")
     if stale:
         raise UserError(f"selection/{name} is stale ({stale[0]}): rerun `winnow select` before exporting")
+    kept = run.table(f"selection/{name}").read(columns=["keep"])["keep"]
+    if not pc.sum(pc.fill_null(kept, False).cast(pa.int64())).as_py():
+        raise UserError(f"selection/{name} keeps no samples: nothing to export")
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} exists: pass --force to replace it, or choose another --out")
     meta_kinds = run.manifest().get("steps", {}).get("ingest", {}).get("meta_columns", {})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    rows = weighted = 0
-    if fmt == "jsonl":
-        with open(tmp, "w", encoding="utf-8") as f:
-            for s, w in _kept_parts(run, name):
-                for line in _jsonl_lines(s, meta_kinds):
-                    f.write(line + "\n")
-                rows += s.num_rows
-                weighted += int(pc.sum(pc.greater(pc.list_flatten(w), 0)).as_py() or 0)
-            f.flush()
-            os.fsync(f.fileno())
-    else:
-        pq_path = tmp if fmt == "parquet" else tmp.with_suffix(".parquet")
-        writer = None
-        try:
-            for s, w in _kept_parts(run, name):
-                t = _train_table(s, w)
-                writer = writer or pq.ParquetWriter(pq_path, t.schema)
-                writer.write_table(t)
-                rows += t.num_rows
-                weighted += int(pc.sum(pc.greater(pc.list_flatten(t["token_weight"]), 0)).as_py() or 0)
-        finally:
-            if writer is not None:
-                writer.close()
-        if writer is None:
-            raise UserError(f"selection/{name} keeps no samples: nothing to export")
-        if fmt == "hf":
-            import tempfile
-
-            from datasets import Dataset
-
-            with tempfile.TemporaryDirectory(dir=out.parent) as cache:  # not the user's HF cache
-                Dataset.from_parquet(str(pq_path), cache_dir=cache).save_to_disk(str(tmp))
-            pq_path.unlink()
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.replace(tmp, out)
-    _fsync_dir(out.parent)
+    try:
+        rows, weighted = _write(run, name, fmt, tmp, meta_kinds)
+        _fsync_tree(tmp)
+        _swap_into_place(tmp, out)
+    except BaseException:
+        _remove(tmp)
+        _remove(tmp.with_suffix(".parquet"))
+        raise
     entry = {
         "step": "export",
         "selection": name,

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from winnow.pipeline.params import as_dict
 from winnow.pipeline.steps import Step
-from winnow.pipeline.store import RunDir, UserError, versions
+from winnow.pipeline.store import RunDir, UserError
 from winnow.stages.model_io import (
     check_tokenizer,
     load_model,
@@ -48,7 +48,9 @@ from winnow.stages.model_pass import (
 from winnow.stages.model_scoring import forward_hidden, gather_targets, list_column, read_samples
 from winnow.stages.pass_runner import (
     init_distributed,
+    pass_entry,
     plan_shards,
+    record_pass,
     return_large_blocks_to_os,
     run_shards,
     set_threads,
@@ -218,29 +220,9 @@ def run_contrast_pass(run: RunDir, p: ContrastParams) -> dict[str, Any]:
             "dtype": str(dtype),
             "threads": threads,
             "world_size": d.world,
-            "shards": {
-                "total": stats["shards_total"],
-                "computed": stats["shards_computed"],
-                "skipped": stats["shards_skipped"],
-                "by_rank": stats["shards_by_rank"],
-            },
-            "counts": {
-                "samples": sum(plan.rows.values()),
-                "tokens": sum(plan.tokens.values()),
-                "computed_samples": stats["rows"],
-                "computed_tokens": stats["tokens"],
-            },
-            "tokens_per_s": stats["tokens_per_s"],
-            "load_s": stats["load_s"],
-            "compute_s": stats["compute_s"],
-            "wall_s": round(time.time() - t0, 3),
-            "versions": versions(),
+            **pass_entry(stats, plan, t0),
         }
-        d.barrier()
-        if d.rank == 0:
-            run.update_manifest("score:contrast", entry)
-        d.barrier()
-        return entry
+        return record_pass(run, d, "score:contrast", entry)
     finally:
         d.close()
 

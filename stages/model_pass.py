@@ -45,7 +45,7 @@ import pyarrow as pa
 
 from winnow.pipeline.params import as_dict, build_params, parse_sets
 from winnow.pipeline.steps import Step
-from winnow.pipeline.store import RunDir, UserError, stable_hash, versions
+from winnow.pipeline.store import RunDir, UserError, stable_hash
 from winnow.stages.batching import LAYOUTS
 from winnow.stages.model_io import (
     check_tokenizer,
@@ -58,7 +58,9 @@ from winnow.stages.model_io import (
 from winnow.stages.model_scoring import read_samples, score_samples, signals_table
 from winnow.stages.pass_runner import (
     init_distributed,
+    pass_entry,
     plan_shards,
+    record_pass,
     return_large_blocks_to_os,
     run_shards,
     set_threads,
@@ -237,30 +239,10 @@ def run_model_pass(run: RunDir, p: ModelPassParams) -> dict[str, Any]:
             "token_budget": budget,
             "world_size": d.world,
             **({k: infos[0][k] for k in ("layout", "attn_implementation")} if infos else {}),
-            "shards": {
-                "total": stats["shards_total"],
-                "computed": stats["shards_computed"],
-                "skipped": stats["shards_skipped"],
-                "by_rank": stats["shards_by_rank"],
-            },
-            "counts": {
-                "samples": sum(plan.rows.values()),
-                "tokens": sum(plan.tokens.values()),
-                "computed_samples": stats["rows"],
-                "computed_tokens": stats["tokens"],
-                "padding_fraction": round(1 - stats["tokens"] / padded, 4) if padded else None,
-            },
-            "tokens_per_s": stats["tokens_per_s"],
-            "load_s": stats["load_s"],
-            "compute_s": stats["compute_s"],
-            "wall_s": round(time.time() - t0, 3),
-            "versions": versions(),
+            **pass_entry(stats, plan, t0),
         }
-        d.barrier()
-        if d.rank == 0:
-            run.update_manifest(f"score:{p.alias}", entry)
-        d.barrier()
-        return entry
+        entry["counts"]["padding_fraction"] = round(1 - stats["tokens"] / padded, 4) if padded else None
+        return record_pass(run, d, f"score:{p.alias}", entry)
     finally:
         d.close()
 

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from winnow.pipeline.store import RunDir, UserError, part_name, shard_done
+from winnow.pipeline.store import RunDir, UserError, part_name, shard_done, versions
 
 
 @dataclass
@@ -277,3 +277,35 @@ def run_shards(
     total["shards_total"] = len(plan.skipped) + sum(len(a) for a in plan.assignment)
     total["shards_by_rank"] = [len(a) for a in plan.assignment]
     return total
+
+
+def pass_entry(stats: dict[str, Any], plan: ShardPlan, started: float) -> dict[str, Any]:
+    """The manifest fields every model pass shares: shard counts, sample/token counts, timings."""
+    return {
+        "shards": {
+            "total": stats["shards_total"],
+            "computed": stats["shards_computed"],
+            "skipped": stats["shards_skipped"],
+            "by_rank": stats["shards_by_rank"],
+        },
+        "counts": {
+            "samples": sum(plan.rows.values()),
+            "tokens": sum(plan.tokens.values()),
+            "computed_samples": stats["rows"],
+            "computed_tokens": stats["tokens"],
+        },
+        "tokens_per_s": stats["tokens_per_s"],
+        "load_s": stats["load_s"],
+        "compute_s": stats["compute_s"],
+        "wall_s": round(time.time() - started, 3),
+        "versions": versions(),
+    }
+
+
+def record_pass(run: RunDir, d: Dist, key: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """Rank 0 writes the pass's manifest entry once every rank has committed its shards."""
+    d.barrier()
+    if d.rank == 0:
+        run.update_manifest(key, entry)
+    d.barrier()
+    return entry

@@ -108,3 +108,28 @@ def test_several_selections_need_a_name(tmp_path):
     assert run_cli("select", run.root, "all", "--name", "second")[0] == 0
     code, _, err = run_cli("export", run.root, "--format", "jsonl", "--out", tmp_path / "x.jsonl")
     assert code == 2 and "2 selections" in err and "--selection" in err
+
+
+def test_empty_and_replaced_exports_leave_nothing_behind(tmp_path):
+    run = test_critical_tokens.make_run(tmp_path / "run")
+    assert run_cli("select", run.root, "sql", "--keep", "false", "--name", "none")[0] == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    for fmt in ("jsonl", "parquet", "hf"):
+        code, _, err = run_cli("export", run.root, "--format", fmt, "--out", out / f"x.{fmt}")
+        assert code == 2 and "keeps no samples" in err
+    assert list(out.iterdir()) == []  # no temporary file or folder left
+    # a file replaced by a folder (and back) with --force
+    assert run_cli("select", run.root, "all")[0] == 0
+    target = out / "kept"
+    assert run_cli("export", run.root, "--selection", "all", "--format", "jsonl", "--out", target)[0] == 0
+    assert (
+        run_cli("export", run.root, "--selection", "all", "--format", "hf", "--out", target, "--force")[0]
+        == 0
+    )
+    assert target.is_dir() and sorted(p.name for p in out.iterdir()) == ["kept"]
+    assert (
+        run_cli("export", run.root, "--selection", "all", "--format", "jsonl", "--out", target, "--force")[0]
+        == 0
+    )
+    assert target.is_file() and sorted(p.name for p in out.iterdir()) == ["kept"]
