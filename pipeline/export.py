@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from winnow.pipeline.store import RunDir, UserError, _fsync_dir
+from winnow.pipeline.store import RunDir, UserError, fsync_dir, fsync_tree
 
 FORMATS = ("jsonl", "parquet", "hf")
 
@@ -140,13 +140,6 @@ def _write(run: RunDir, name: str, fmt: str, tmp: Path, meta_kinds: dict[str, st
     return rows, weighted
 
 
-def _fsync_tree(path: Path) -> None:
-    for f in [path] if path.is_file() else sorted(path.rglob("*")):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
@@ -162,7 +155,7 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         os.rename(out, old)
     os.replace(tmp, out)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     if old is not None:
         _remove(old)
 
@@ -191,7 +184,7 @@ def export_selection(
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         rows, weighted = _write(run, name, fmt, tmp, meta_kinds)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         _swap_into_place(tmp, out)
     except BaseException:
         _remove(tmp)

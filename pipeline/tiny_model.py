@@ -72,7 +72,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from winnow.pipeline.store import UserError
+from winnow.pipeline.store import UserError, fsync_dir, fsync_tree
 
 if TYPE_CHECKING:
     import torch
@@ -585,22 +585,6 @@ def models_root(root: Path | None = None) -> Path:
     return Path(cache_dir()) / "models"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(path)
-
-
 def build_model(recipe: TinyModelRecipe, root: Path | None = None) -> Path:
     """Directory of ``recipe``'s trained model under ``root`` (default ``cache_dir()/models``); built
     once under a file lock, into a temporary directory renamed into place."""
@@ -622,11 +606,11 @@ def build_model(recipe: TinyModelRecipe, root: Path | None = None) -> Path:
             trained.stats["setup_seconds"] + trained.stats["train_seconds"], 2
         )
         save_trained(trained, recipe, tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if final.exists():  # incomplete (no recipe file): not written by this code, replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(base)
+        fsync_dir(base)
     return final
 
 
