@@ -6,15 +6,17 @@ into the ``####`` line and doing the two-to-three-digit arithmetic of the steps.
 builtin architecture (hidden 128, 4 layers, 1.0M parameters) and tokenizer recipe, and train the base
 12x longer on clean text. A probe on this CPU (one thread; 4,000 steps of 8 x 256 tokens on clean math
 rows of another draw; scored on 1,500 held-out rows, 1,233 of them clean or wrong-answer) shows what
-the length buys; AUROCs are of that one model's own token losses, wrong kind against clean:
+the length buys; AUROCs are of that one model's own token losses, wrong kind against clean.
+``benchmarks/probe_training_length.py`` is that probe: rerun from the repo it gave identical metrics;
+the seconds are both runs (exploratory / rerun), each sharing the CPU with another job:
 
 | steps | s | ``####`` digits, clean (nats, summed) | result digits, clean (nats/digit) | wrong_final_answer (sum of ``####`` digits) | wrong_step (max token loss) | wrong_step (mean loss) |
 |---|---|---|---|---|---|---|
-| 500 | 142 | 0.979 | 1.85 | 0.961 | 0.625 | 0.568 |
-| 1,000 | 296 | 0.033 | 1.20 | 1.000 | 0.739 | 0.729 |
-| 2,000 | 566 | 0.003 | 0.74 | 1.000 | 0.899 | 0.860 |
-| 3,000 | 847 | 0.001 | 0.39 | 1.000 | 0.946 | 0.947 |
-| 4,000 | 1,121 | 0.000 | 0.26 | 1.000 | 0.973 | 0.970 |
+| 500 | 142 / 146 | 0.979 | 1.85 | 0.961 | 0.625 | 0.568 |
+| 1,000 | 296 / 293 | 0.033 | 1.20 | 1.000 | 0.739 | 0.729 |
+| 2,000 | 566 / 628 | 0.003 | 0.74 | 1.000 | 0.899 | 0.860 |
+| 3,000 | 847 / 921 | 0.001 | 0.39 | 1.000 | 0.946 | 0.947 |
+| 4,000 | 1,121 / 1,218 | 0.000 | 0.26 | 1.000 | 0.973 | 0.970 |
 
 Copying is learned by 1,000 steps; the arithmetic keeps improving to the end. A 3.5M-parameter model
 (hidden 256) was no better per step at 500 steps and ran 2.5x slower, so the base stays small and
