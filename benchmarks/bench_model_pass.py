@@ -6,7 +6,7 @@ Contenders, each in its own process so its peak memory (max RSS) is its own, sam
   mask, ``torch.inference_mode()``, SDPA, ``use_cache=False`` (generous: no KV cache is kept),
   ``model(...).logits.float().log_softmax(-1)``, the target's log-prob gathered and the entropy
   ``-(p * log p).sum(-1)`` at every position, copied to numpy per sample.
-* ``winnow``: :func:`winnow.stages.model_pass.run_model_pass` with default parameters
+* ``winnow``: :func:`winnow.stages.passes.model_pass.run_model_pass` with default parameters
   (supervised targets only, length-bucketed batches of ``token_budget`` tokens, chunked fp32 head).
 * ``winnow_all``: the same with ``positions=all`` (head at every position, like the baseline), to
   separate what batching and the chunked head give from what skipping prompt positions gives.
@@ -52,7 +52,7 @@ def build(root: Path, a) -> tuple[Path, Path]:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from winnow.pipeline.store import RunDir
-    from winnow.stages.model_io import load_tokenizer, tokenizer_fingerprint
+    from winnow.stages.passes.model_io import load_tokenizer, tokenizer_fingerprint
 
     mdir = root / "model"
     torch.manual_seed(0)
@@ -166,7 +166,7 @@ def worker_winnow(a, positions: str) -> dict:
     import shutil
 
     from winnow.pipeline.store import RunDir
-    from winnow.stages.model_pass import ModelPassParams, run_model_pass
+    from winnow.stages.passes.model_pass import ModelPassParams, run_model_pass
 
     t_start = time.perf_counter()
     alias = f"bench_{positions}"

@@ -1,4 +1,4 @@
-"""Benchmark: the GOT-D optimal-transport solve (winnow.stages.sinkhorn) at 10^5 and 10^6 candidates.
+"""Benchmark: the GOT-D optimal-transport solve (winnow.kernels.sinkhorn) at 10^5 and 10^6 candidates.
 
 Data (synthetic, deterministic, float32, 384-d like all-MiniLM-L6-v2 sentence embeddings): 64 cluster
 centres drawn uniformly on the unit sphere, cluster weights ∝ 1/sqrt(rank); a point is
@@ -128,7 +128,7 @@ def child_size(a: argparse.Namespace) -> dict:
     """One candidate count, in this (fresh) process."""
     import torch
 
-    from winnow.stages.sinkhorn import ot_select
+    from winnow.kernels.sinkhorn import ot_select
 
     t0 = time.perf_counter()
     targets, cands = make_embeddings(a.targets, a.size, a.dim, seed=a.seed)
@@ -175,7 +175,7 @@ def spearman_check(a: argparse.Namespace) -> dict:
     import torch
     from scipy.stats import spearmanr
 
-    from winnow.stages.sinkhorn import sinkhorn_potentials
+    from winnow.kernels.sinkhorn import sinkhorn_potentials
 
     targets, cands = make_embeddings(a.targets, a.spearman_size, a.dim, seed=a.seed + 1)
     budget = a.spearman_size // 10

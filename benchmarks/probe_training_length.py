@@ -75,8 +75,8 @@ def main() -> None:
     import torch
     from transformers import LlamaForCausalLM
 
-    from winnow.pipeline import tiny_model as tm
-    from winnow.pipeline.demo_data import generate_demo
+    from winnow.pipeline.builtin import tiny_model as tm
+    from winnow.pipeline.builtin.demo_data import generate_demo
     from winnow.pipeline.store import atomic_write_json
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

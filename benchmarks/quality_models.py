@@ -1,6 +1,6 @@
 """Stronger tiny models for the scoring-quality report, trained on separate draws of the demo generator.
 
-The quickstart's builtin models (``pipeline/tiny_model.py``) are sized for a one-minute build, and at
+The quickstart's builtin models (``pipeline/builtin/tiny_model.py``) are sized for a one-minute build, and at
 400 steps they have not learned the two skills that expose a wrong answer: copying the last result
 into the ``####`` line and doing the two-to-three-digit arithmetic of the steps. These recipes keep the
 builtin architecture (hidden 128, 4 layers, 1.0M parameters) and tokenizer recipe, and train the base
@@ -48,7 +48,7 @@ import argparse
 import json
 from pathlib import Path
 
-from winnow.pipeline.tiny_model import Architecture, TinyModelRecipe, build_model
+from winnow.pipeline.builtin.tiny_model import Architecture, TinyModelRecipe, build_model
 
 BASE = TinyModelRecipe(
     name="quality-base",

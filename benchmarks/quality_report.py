@@ -1,7 +1,7 @@
 """Curation quality on the demo data: AUROC of each stage's sample score per planted corruption kind.
 
 Runs ``recipes/quickstart.toml`` (the frozen demo draw scored by tiny models trained on *separate*
-draws of the generator: the quickstart's, see ``pipeline/tiny_model.py``, or with ``--models quality``
+draws of the generator: the quickstart's, see ``pipeline/builtin/tiny_model.py``, or with ``--models quality``
 the longer-trained set of ``benchmarks/quality_models.py``), then compares each sample score against
 the ground truth in ``meta_corruption``. Signs were fixed before looking at results: a higher score
 means "more suspicious".

@@ -88,7 +88,7 @@ def rejects_table(table: str) -> str:
 
 def resolve_input(spec: str) -> Path:
     if spec == "builtin:demo":
-        from winnow.pipeline.demo_data import demo_path
+        from winnow.pipeline.builtin.demo_data import demo_path
 
         return demo_path()
     if spec.startswith("builtin:"):
@@ -361,8 +361,8 @@ def _write_vocab(run: RunDir, tokenizer, tok_fp: str) -> None:
 
 
 def run_ingest(run: RunDir, p: IngestParams) -> dict[str, Any]:
+    from winnow.pipeline.builtin.tiny_model import resolve_model
     from winnow.pipeline.render import RENDER_VERSION, tokenizer_fingerprint
-    from winnow.pipeline.tiny_model import resolve_model
 
     t0 = time.time()
     model_dir = resolve_model(p.model)

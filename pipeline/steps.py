@@ -33,8 +33,8 @@ class Step:
 # step name -> "module:attribute" of its Step
 REGISTRY: dict[str, str] = {
     "ingest": "winnow.pipeline.ingest:STEP",
-    "model_pass": "winnow.stages.model_pass:STEP",
-    "contrast_pass": "winnow.stages.contrast_pass:STEP",
+    "model_pass": "winnow.stages.passes.model_pass:STEP",
+    "contrast_pass": "winnow.stages.passes.contrast_pass:STEP",
     "eu_plane": "winnow.stages.eu_plane:STEP",
     "excess_loss": "winnow.stages.excess_loss:STEP",
     "sstoken": "winnow.stages.sstoken:STEP",

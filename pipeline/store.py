@@ -34,13 +34,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from winnow.pipeline.errors import UserError  # noqa: F401  (re-exported: store.UserError)
+
 MANIFEST = "manifest.json"
 COMMITS = "_commits"
 FAULT_ENV = "WINNOW_FAULT_KILL_AFTER_SHARDS"
-
-
-class UserError(Exception):
-    """An error the user can fix (bad file, flag or config); the CLI prints it and exits 2."""
 
 
 def part_name(part: int) -> str:

@@ -2,7 +2,7 @@
 
 Selects the candidates whose added mass most lowers the entropic OT distance to a target set
 (ALGORITHMS.md §5): one Sinkhorn solve between target and candidate embeddings
-(:mod:`winnow.stages.sinkhorn`), then the candidates with the most negative calibrated gradient
+(:mod:`winnow.kernels.sinkhorn`), then the candidates with the most negative calibrated gradient
 ``g_j - mean_{k != j} g_k`` (same order as the raw potential ``g``).
 
 Targets are either a file of target-task texts, ingested into the run's ``targets/`` table with the
@@ -116,7 +116,7 @@ def _embed(run: RunDir, p: DV4LLMParams, target_texts, cand_texts, target_ids, c
 
 
 def run_dv4llm(run: RunDir, p: DV4LLMParams) -> dict[str, Any]:
-    from winnow.stages.sinkhorn import calibrated_gradient, sinkhorn_potentials
+    from winnow.kernels.sinkhorn import calibrated_gradient, sinkhorn_potentials
 
     t0 = time.time()
     samples = run.table("samples")

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from winnow.pipeline.store import UserError
+from winnow.pipeline.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -5,12 +5,19 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
+
+# Some tests build their inputs with another test module's writers (test_eu_plane's synthetic signals,
+# ...): keep every test folder importable by module name.
+for _sub in sorted(p for p in Path(__file__).parent.rglob("*") if p.is_dir() and not p.name.startswith(("_", "."))):
+    if str(_sub) not in sys.path:
+        sys.path.append(str(_sub))
 
 
 def pytest_addoption(parser):
@@ -77,5 +84,7 @@ def chatml_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def gsm8k_dir() -> Path:
     if not (GSM8K / "train.jsonl").exists():
+        if os.environ.get("CI"):  # CI lays ../shared beside the checkout: a skip there hides a broken path
+            pytest.fail(f"GSM8K not found at {GSM8K} under CI")
         pytest.skip(f"GSM8K not found at {GSM8K}")
     return GSM8K

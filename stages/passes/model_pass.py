@@ -10,7 +10,7 @@ target, null where nothing was computed (index 0 always; prompt positions unless
 * ``logprob``  list<float32>  log p(x_i | x_<i)
 * ``entropy``  list<float32>  entropy of the distribution predicting position i (nats)
 * ``attn_importance`` list<float32>, field metadata ``winnow.anchor=query``: ssToken's attention from
-  the query at i to the non-supervised positions before it (:mod:`winnow.stages.attention_importance`)
+  the query at i to the non-supervised positions before it (:mod:`winnow.kernels.attention_importance`)
 * ``embedding`` fixed_size_list<float32>[hidden]: mean of the last hidden state over the sample's tokens
 
 How it stays exact, fast and small: samples are batched by a token budget (:mod:`.batching`, <=10%
@@ -46,8 +46,8 @@ import pyarrow as pa
 from winnow.pipeline.params import as_dict, build_params, parse_sets
 from winnow.pipeline.steps import Step
 from winnow.pipeline.store import RunDir, UserError, stable_hash
-from winnow.stages.batching import LAYOUTS
-from winnow.stages.model_io import (
+from winnow.stages.passes.batching import LAYOUTS
+from winnow.stages.passes.model_io import (
     check_tokenizer,
     load_model,
     resolve_device,
@@ -55,8 +55,8 @@ from winnow.stages.model_io import (
     resolve_model_dir,
     weights_fingerprint,
 )
-from winnow.stages.model_scoring import read_samples, score_samples, signals_table
-from winnow.stages.pass_runner import (
+from winnow.stages.passes.model_scoring import read_samples, score_samples, signals_table
+from winnow.stages.passes.pass_runner import (
     init_distributed,
     pass_entry,
     plan_shards,
@@ -69,7 +69,7 @@ from winnow.stages.pass_runner import (
 if TYPE_CHECKING:
     import torch
 
-    from winnow.stages.model_io import LoadedModel
+    from winnow.stages.passes.model_io import LoadedModel
 
 CODE_VERSION = 1
 SIGNALS = ("logprob", "entropy", "attention", "embedding")
@@ -81,7 +81,7 @@ _ALIAS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 def _check_common(
     where: str, token_budget: int, head_chunk: int, dtype: str, layout: str, threads: int
 ) -> None:
-    from winnow.stages.model_io import DTYPES
+    from winnow.stages.passes.model_io import DTYPES
 
     if token_budget != 0 and token_budget < 16:
         raise ValueError(
@@ -113,7 +113,7 @@ class ModelPassParams:
     dtype: str = "auto"  # auto = fp32 on CPU, bf16 body on GPU (head always fp32)
     trust_remote_code: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N (torchrun: cuda:LOCAL_RANK)
-    layout: str = "auto"  # auto | padded | packed (see winnow.stages.batching)
+    layout: str = "auto"  # auto | padded | packed (see winnow.stages.passes.batching)
     threads: int = 0  # CPU threads per rank; 0 = cores / local ranks
 
     def __post_init__(self) -> None:
@@ -187,7 +187,7 @@ def run_model_pass(run: RunDir, p: ModelPassParams) -> dict[str, Any]:
             if "attention" in p.signals:
                 import torch
 
-                from winnow.stages.attention_importance import check_attention
+                from winnow.kernels.attention_importance import check_attention
 
                 with torch.inference_mode():
                     check_attention(loaded.model, loaded.body, p.attention_layer, device=device, dtype=dtype)
@@ -257,7 +257,7 @@ STEP = Step(
 
 
 def main(argv: list[str] | None = None, step: Step = STEP) -> int:
-    """``python -m winnow.stages.model_pass RUN_DIR key=value ...`` (torchrun-friendly entry point)."""
+    """``python -m winnow.stages.passes.model_pass RUN_DIR key=value ...`` (torchrun-friendly entry point)."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         print(f"usage: python -m {step.run.__module__} RUN_DIR key=value ...", file=sys.stderr)

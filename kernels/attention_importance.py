@@ -31,7 +31,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any
 
-from winnow.pipeline.store import UserError
+from winnow.pipeline.errors import UserError
 
 if TYPE_CHECKING:
     import torch

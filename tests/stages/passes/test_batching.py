@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from winnow.stages.batching import (
+from winnow.stages.passes.batching import (
     MAX_PAD_FRAC,
     collate,
     padding_fraction,

@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-import winnow.stages.model_pass as mp
-import winnow.stages.model_scoring as ms
+import winnow.stages.passes.model_pass as mp
+import winnow.stages.passes.model_scoring as ms
 from winnow.pipeline.steps import get_step
 from winnow.pipeline.store import UserError, sha256_file
-from winnow.stages.batching import plan_batches
-from winnow.stages.model_io import load_model, weights_fingerprint
-from winnow.stages.model_pass import ModelPassParams, run_model_pass, score_samples
+from winnow.stages.passes.batching import plan_batches
+from winnow.stages.passes.model_io import load_model, weights_fingerprint
+from winnow.stages.passes.model_pass import ModelPassParams, run_model_pass, score_samples
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[2]))
 from model_pass_fixtures import make_model_dir, random_samples, reference, write_samples  # noqa: E402
 
 RTOL = ATOL = 1e-5
@@ -194,7 +194,7 @@ def _cli(run_dir, model_dir, env_extra=None, *sets):
     cmd = [
         sys.executable,
         "-m",
-        "winnow.stages.model_pass",
+        "winnow.stages.passes.model_pass",
         str(run_dir),
         f"model={model_dir}",
         "token_budget=256",
@@ -260,7 +260,7 @@ def test_params_validation_names_the_key():
 
 
 def test_weights_fingerprint(tmp_path, models, monkeypatch):
-    import winnow.stages.model_io as mio
+    import winnow.stages.passes.model_io as mio
 
     full = weights_fingerprint(models["llama"])
     assert full == weights_fingerprint(models["llama"]) and full != weights_fingerprint(models["qwen2"])

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from winnow.stages.model_pass import ModelPassParams, run_model_pass
+from winnow.stages.passes.model_pass import ModelPassParams, run_model_pass
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[2]))
 from model_pass_fixtures import make_model_dir, random_samples, write_samples  # noqa: E402
 
 

@@ -29,7 +29,7 @@ import pyarrow as pa
 from winnow.pipeline.params import as_dict
 from winnow.pipeline.steps import Step
 from winnow.pipeline.store import RunDir, UserError
-from winnow.stages.model_io import (
+from winnow.stages.passes.model_io import (
     check_tokenizer,
     load_model,
     resolve_device,
@@ -37,7 +37,7 @@ from winnow.stages.model_io import (
     resolve_model_dir,
     weights_fingerprint,
 )
-from winnow.stages.model_pass import (
+from winnow.stages.passes.model_pass import (
     POSITIONS,
     SAMPLE_COLUMNS,
     _check_common,
@@ -45,8 +45,8 @@ from winnow.stages.model_pass import (
     main,
     pass_fingerprint,
 )
-from winnow.stages.model_scoring import forward_hidden, gather_targets, list_column, read_samples
-from winnow.stages.pass_runner import (
+from winnow.stages.passes.model_scoring import forward_hidden, gather_targets, list_column, read_samples
+from winnow.stages.passes.pass_runner import (
     init_distributed,
     pass_entry,
     plan_shards,
@@ -57,7 +57,7 @@ from winnow.stages.pass_runner import (
 )
 
 if TYPE_CHECKING:
-    from winnow.stages.model_io import LoadedModel
+    from winnow.stages.passes.model_io import LoadedModel
 
 TABLE = "signals/contrast"
 OUT_COLUMNS = ("p_ce", "logprob_pos", "logprob_neg")
@@ -105,8 +105,8 @@ def contrast_samples(
     """p_ce, logprob_pos, logprob_neg on the flat token axis of ``seqs`` (+ the computed-position mask)."""
     import torch
 
-    from winnow.stages.batching import collate, plan_batches
-    from winnow.stages.chunked_head import contrast_scores
+    from winnow.kernels.chunked_head import contrast_scores
+    from winnow.stages.passes.batching import collate, plan_batches
 
     lengths = np.array([len(x) for x in seqs], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import run_cli, sql_json
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.toml"
 SCORES = ("eu_plane", "excess_loss", "sstoken", "critical_tokens")
 
 

@@ -1,7 +1,7 @@
 """winnow's own tiny Llama-style causal LM and byte-level BPE tokenizer, trained on CPU and cached.
 
 The quickstart and the tests must run with no network, so winnow trains its own model on draws of the demo
-generator (:func:`winnow.pipeline.demo_data.generate_demo`) and saves it with ``save_pretrained``
+generator (:func:`winnow.pipeline.builtin.demo_data.generate_demo`) and saves it with ``save_pretrained``
 (safetensors) exactly as a user's model would be saved; every consumer loads it with
 ``AutoModelForCausalLM``/``AutoTokenizer.from_pretrained(path)``, so the builtin model goes through the
 same code paths as a real one. ``resolve_model("builtin:tiny")`` gives its directory.
@@ -164,7 +164,7 @@ class TinyModelRecipe:
     num_threads: int = 1  # intra-op threads while training (see the module docstring)
 
     def __post_init__(self) -> None:
-        from winnow.pipeline.demo_data import CORRUPTION_KINDS, DEMO_SEED
+        from winnow.pipeline.builtin.demo_data import CORRUPTION_KINDS, DEMO_SEED
 
         where = f"tiny model recipe {self.name!r}"
         scratch = ("architecture", "vocab_size", "tokenizer_seed", "tokenizer_samples")
@@ -198,7 +198,7 @@ class TinyModelRecipe:
     def fingerprint(self) -> str:
         """16 hex digits of sha256 over every field (the base recipe's included), CODE_VERSION and the
         demo generator's version (the training data is part of the recipe)."""
-        from winnow.pipeline.demo_data import GENERATOR_VERSION
+        from winnow.pipeline.builtin.demo_data import GENERATOR_VERSION
 
         payload = {
             "code_version": CODE_VERSION,
@@ -414,7 +414,7 @@ class TrainedModel:
 
 
 def _draw(recipe: TinyModelRecipe) -> list[dict[str, Any]]:
-    from winnow.pipeline.demo_data import generate_demo
+    from winnow.pipeline.builtin.demo_data import generate_demo
 
     rows = generate_demo(recipe.data_samples, recipe.data_seed)
     if recipe.corruptions is not None:
@@ -504,7 +504,7 @@ def _train(recipe: TinyModelRecipe, root: Path | None) -> TrainedModel:
     gen = torch.Generator().manual_seed(recipe.seed)
     if recipe.base is None:
         assert recipe.architecture is not None and recipe.vocab_size is not None  # __post_init__ checked
-        from winnow.pipeline.demo_data import generate_demo
+        from winnow.pipeline.builtin.demo_data import generate_demo
 
         tok_rows = generate_demo(recipe.tokenizer_samples, recipe.tokenizer_seed)
         tokenizer = train_tokenizer((render_chat(r["messages"]) for r in tok_rows), recipe.vocab_size)
@@ -580,7 +580,7 @@ def save_trained(trained: TrainedModel, recipe: TinyModelRecipe, out: Path) -> N
 def models_root(root: Path | None = None) -> Path:
     if root is not None:
         return Path(root)
-    from winnow.pipeline.demo_data import cache_dir
+    from winnow.pipeline.builtin.demo_data import cache_dir
 
     return Path(cache_dir()) / "models"
 

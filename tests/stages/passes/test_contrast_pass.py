@@ -9,9 +9,9 @@ import torch
 
 from winnow.pipeline.steps import get_step
 from winnow.pipeline.store import UserError
-from winnow.stages.contrast_pass import ContrastParams, run_contrast_pass
+from winnow.stages.passes.contrast_pass import ContrastParams, run_contrast_pass
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[2]))
 from model_pass_fixtures import make_model_dir, random_samples, write_samples  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""The chunked log-domain Sinkhorn solver (stages/sinkhorn.py) against POT and against itself.
+"""The chunked log-domain Sinkhorn solver (kernels/sinkhorn.py) against POT and against itself.
 
 Reference: POT ``ot.sinkhorn(a, b, M, reg, method="sinkhorn_log", log=True)`` in float64, whose dual
 potentials are ``reg·log_u`` and ``reg·log_v``. Potentials are defined up to ``f + c, g − c`` (and our
@@ -15,7 +15,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from winnow.stages.sinkhorn import (
+from winnow.kernels.sinkhorn import (
     calibrated_gradient,
     mean_cost,
     ot_select,

@@ -1,7 +1,7 @@
 """Per-batch scoring for model passes: batches in, per-token signal arrays on a shard's token axis out.
 
-:func:`score_samples` is the engine of :mod:`winnow.stages.model_pass` (and its helpers are shared by
-:mod:`winnow.stages.contrast_pass`): it plans batches (:mod:`.batching`), runs the body once per batch
+:func:`score_samples` is the engine of :mod:`winnow.stages.passes.model_pass` (and its helpers are shared by
+:mod:`winnow.stages.passes.contrast_pass`): it plans batches (:mod:`.batching`), runs the body once per batch
 in ``inference_mode`` with ``use_cache=False``, shifts per sample (:func:`gather_targets`: the state at
 ``i - 1`` predicts token ``i``, never across samples), applies the chunked fp32 head
 (:mod:`.chunked_head`) at those positions only, recomputes attention importance from the captured
@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from winnow.pipeline.store import UserError
+from winnow.pipeline.errors import UserError
 
 if TYPE_CHECKING:
     import torch
 
-    from winnow.stages.batching import Collated
-    from winnow.stages.model_io import LoadedModel
+    from winnow.stages.passes.batching import Collated
+    from winnow.stages.passes.model_io import LoadedModel
 
 COLUMNS = {
     "logprob": "logprob",
@@ -105,9 +105,9 @@ def score_samples(
     """Every requested signal for a list of samples (token ids + loss masks)."""
     import torch
 
-    from winnow.stages.attention_importance import AttentionCapture, attention_importance
-    from winnow.stages.batching import collate, plan_batches
-    from winnow.stages.chunked_head import logprob_entropy
+    from winnow.kernels.attention_importance import AttentionCapture, attention_importance
+    from winnow.kernels.chunked_head import logprob_entropy
+    from winnow.stages.passes.batching import collate, plan_batches
 
     lengths = np.array([len(x) for x in seqs], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)

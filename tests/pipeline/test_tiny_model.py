@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from winnow.pipeline import tiny_model as tm
-from winnow.pipeline.demo_data import DEMO_SEED, generate_demo
+from winnow.pipeline.builtin import tiny_model as tm
+from winnow.pipeline.builtin.demo_data import DEMO_SEED, generate_demo
 from winnow.pipeline.store import UserError
 
 HELD_OUT_SEED = 9090  # a draw no builtin recipe trains on

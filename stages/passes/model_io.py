@@ -12,7 +12,7 @@
   so it is caught while reading a few MB of a 15 GB model. ``config.json`` is always hashed too
   (rope scaling, softcapping and the like change outputs without touching weights).
 * **Body and head.** The pass runs ``model.base_model`` (embeddings, layers, final norm) and applies
-  the LM head itself (:mod:`winnow.stages.chunked_head`). A head applied outside ``forward`` must
+  the LM head itself (:mod:`winnow.kernels.chunked_head`). A head applied outside ``forward`` must
   reproduce the model's own post-processing; :func:`check_head` compares it with a full forward on a
   small random input at load time, trying the post-processing the config names (logit scale,
   ``1/logits_scaling``, final softcapping), and refuses with a clear message when none matches.
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from winnow.kernels.chunked_head import LMHead
 from winnow.pipeline.store import RunDir, UserError
-from winnow.stages.chunked_head import LMHead
 
 if TYPE_CHECKING:
     import torch
@@ -44,7 +44,7 @@ FINGERPRINT_KEY = b"winnow.tokenizer_fingerprint"
 def resolve_model_dir(spec: str) -> Path:
     """``builtin:<name>`` or a local Hugging Face directory -> its path (UserError when missing)."""
     try:
-        from winnow.pipeline.tiny_model import resolve_model
+        from winnow.pipeline.builtin.tiny_model import resolve_model
     except ModuleNotFoundError as e:  # pragma: no cover - the builtin models ship with winnow
         if spec.startswith("builtin:"):
             raise UserError(f"model {spec!r}: builtin models are not available ({e})") from None
@@ -184,7 +184,7 @@ class LoadedModel:
     fingerprint: str
     device: torch.device
     dtype: torch.dtype
-    layout: str  # "padded" | "packed" (see winnow.stages.batching)
+    layout: str  # "padded" | "packed" (see winnow.stages.passes.batching)
 
     @property
     def attn_implementation(self) -> str:

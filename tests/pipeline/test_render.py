@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -42,7 +41,6 @@ END_OF_TURN = {
     "plain_bos": "</s>",
     "plain_gpt2": "<|endoftext|>",
 }
-GSM8K = Path("/work/shared/data/gsm8k/train.jsonl")
 
 
 @functools.cache
@@ -385,10 +383,9 @@ def test_render_cache_follows_template_changes():
     assert after.text.startswith("User: Pick a or b.") and after.text != before.text
 
 
-@pytest.mark.skipif(not GSM8K.exists(), reason="GSM8K data not present")
-def test_gsm8k_supervised_tokens_decode_to_the_answer():
+def test_gsm8k_supervised_tokens_decode_to_the_answer(gsm8k_dir):
     t = tok("chatml")
-    rows = [json.loads(line) for line in GSM8K.open().read().splitlines()[:300]]
+    rows = [json.loads(line) for line in (gsm8k_dir / "train.jsonl").open().read().splitlines()[:300]]
     batch = [[m("user", r["question"].strip()), m("assistant", r["answer"].strip())] for r in rows]
     out = render_batch(t, batch)
     straddles = 0

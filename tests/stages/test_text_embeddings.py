@@ -160,17 +160,13 @@ def test_not_a_model_dir_or_pickled_weights_is_refused(tmp_path: Path, tiny_bert
 
 # ------------------------------------------------------------------------------------- real text, end to end
 
-GSM8K = Path("/work/shared/data/gsm8k")
-
-
-@pytest.mark.skipif(not (GSM8K / "train.jsonl").is_file(), reason="GSM8K data not present")
-def test_tfidf_ot_prefers_questions_for_question_targets() -> None:
+def test_tfidf_ot_prefers_questions_for_question_targets(gsm8k_dir) -> None:
     import json
 
-    from winnow.stages.sinkhorn import ot_select
+    from winnow.kernels.sinkhorn import ot_select
 
     def read(name: str, n: int) -> list[dict]:
-        with open(GSM8K / name) as fh:
+        with open(gsm8k_dir / name) as fh:
             return [json.loads(line) for _, line in zip(range(n), fh, strict=False)]
 
     test, train = read("test.jsonl", 100), read("train.jsonl", 1000)

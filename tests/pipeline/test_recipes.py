@@ -7,7 +7,7 @@ import pytest
 from winnow.pipeline.recipe import load_recipe
 from winnow.pipeline.store import UserError
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.toml"))
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.toml"))
 
 
 def test_there_is_a_quickstart():

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from winnow.kernels.attention_importance import AttentionCapture, attention_importance, check_attention
 from winnow.pipeline.store import UserError
-from winnow.stages.attention_importance import AttentionCapture, attention_importance, check_attention
-from winnow.stages.batching import collate, plan_batches
+from winnow.stages.passes.batching import collate, plan_batches
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))
 from model_pass_fixtures import make_config, random_samples  # noqa: E402
 
 
@@ -92,7 +92,7 @@ def test_sliding_window_is_exercised_and_matters():
 
 
 def test_query_chunking_and_skipping(monkeypatch):
-    import winnow.stages.attention_importance as ai
+    import winnow.kernels.attention_importance as ai
 
     model = _model("llama")
     ids = torch.randint(0, 300, (2, 33))
@@ -113,7 +113,7 @@ def test_query_chunking_and_skipping(monkeypatch):
 
 
 def test_check_attention_accepts_and_refuses(monkeypatch):
-    import winnow.stages.attention_importance as ai
+    import winnow.kernels.attention_importance as ai
 
     model = _model("qwen3")
     orig = ai._project

@@ -3,10 +3,10 @@
 import importlib.util
 from pathlib import Path
 
-from winnow.pipeline.demo_data import DEMO_SEED
+from winnow.pipeline.builtin.demo_data import DEMO_SEED
 from winnow.pipeline.recipe import load_recipe, with_models
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _quality_models():
@@ -35,7 +35,7 @@ def test_every_quickstart_model_has_a_quality_counterpart():
 
 def test_quality_models_never_train_on_the_demo_draw_and_share_the_tokenizer():
     qm = _quality_models()
-    from winnow.pipeline.tiny_model import BUILTIN_MODELS
+    from winnow.pipeline.builtin.tiny_model import BUILTIN_MODELS
 
     assert set(qm.QUICKSTART_ROLES.values()) == set(qm.QUALITY_MODELS)
     for recipe in qm.QUALITY_MODELS.values():

@@ -18,7 +18,7 @@ import unicodedata
 
 import pytest
 
-from winnow.pipeline import demo_data as dd
+from winnow.pipeline.builtin import demo_data as dd
 
 # Computed once from the frozen generator (GENERATOR_VERSION "1"); rows serialised as
 # json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n", concatenated, UTF-8.
