@@ -51,8 +51,8 @@ def build(root: Path, a) -> tuple[Path, Path]:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+    from winnow.pipeline.models import load_tokenizer, tokenizer_fingerprint
     from winnow.pipeline.store import RunDir
-    from winnow.stages.passes.model_io import load_tokenizer, tokenizer_fingerprint
 
     mdir = root / "model"
     torch.manual_seed(0)

@@ -96,15 +96,6 @@ def resolve_input(spec: str) -> Path:
     return Path(spec)
 
 
-def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{model_dir}: cannot load a tokenizer ({e})") from None
-
-
 def model_max_tokens(tokenizer, model_dir: Path) -> int:
     limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(limit, int) and 0 < limit < 10_000_000:
@@ -361,8 +352,8 @@ def _write_vocab(run: RunDir, tokenizer, tok_fp: str) -> None:
 
 
 def run_ingest(run: RunDir, p: IngestParams) -> dict[str, Any]:
-    from winnow.pipeline.builtin.tiny_model import resolve_model
-    from winnow.pipeline.render import RENDER_VERSION, tokenizer_fingerprint
+    from winnow.pipeline.models import load_tokenizer, resolve_model, tokenizer_fingerprint
+    from winnow.pipeline.render import RENDER_VERSION
 
     t0 = time.time()
     model_dir = resolve_model(p.model)

@@ -4,7 +4,8 @@ The quickstart and the tests must run with no network, so winnow trains its own 
 generator (:func:`winnow.pipeline.builtin.demo_data.generate_demo`) and saves it with ``save_pretrained``
 (safetensors) exactly as a user's model would be saved; every consumer loads it with
 ``AutoModelForCausalLM``/``AutoTokenizer.from_pretrained(path)``, so the builtin model goes through the
-same code paths as a real one. ``resolve_model("builtin:tiny")`` gives its directory.
+same code paths as a real one. ``winnow.pipeline.models.resolve_model("builtin:tiny")`` gives its
+directory.
 
 Design decisions (numbers measured on this 2-core VM while other jobs ran; single runs, noisy):
 
@@ -86,7 +87,6 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = (EOS, IM_START, IM_END)
 RECIPE_FILE = "winnow_recipe.json"
-BUILTIN_PREFIX = "builtin:"
 
 # One line, no Jinja whitespace surprises. Must render exactly like `render_chat` (a test checks it).
 CHAT_TEMPLATE = (
@@ -619,18 +619,3 @@ def builtin_model_path(name: str) -> Path:
     if name not in BUILTIN_MODELS:
         raise UserError(f"unknown builtin model {name!r}; choose one of {sorted(BUILTIN_MODELS)}")
     return build_model(BUILTIN_MODELS[name])
-
-
-def resolve_model(spec: str) -> Path:
-    """``builtin:<name>`` -> the cached builtin model; anything else -> a local model directory."""
-    if spec.startswith(BUILTIN_PREFIX):
-        return builtin_model_path(spec[len(BUILTIN_PREFIX) :])
-    path = Path(spec).expanduser()
-    if not (path / "config.json").is_file():
-        what = "does not exist" if not path.exists() else "has no config.json"
-        raise UserError(
-            f"model {spec!r}: {path} {what}. Pass a local Hugging Face model directory (one written by "
-            f"save_pretrained, with config.json, weights and tokenizer; there is no hub download), or "
-            f"builtin:<name> with name one of {sorted(BUILTIN_MODELS)}"
-        )
-    return path

@@ -13,12 +13,13 @@ ones with low ``p_ce`` in rejected responses; the cDPO weight of a rejected toke
 Both bodies run on the same batch (same batching as the model pass, :mod:`.batching`), and the two
 heads are applied together in fp32 chunks at the needed positions only
 (:func:`.chunked_head.contrast_scores`): never full logits for a batch. Both models must share the
-samples' tokenizer (checked, exit 2 otherwise) and the same vocabulary size.
+samples' tokenizer (checked, exit 2 otherwise) and the same vocabulary size. Settings, resolution,
+fingerprints, threads and the manifest are the model pass's (:mod:`.pass_step`).
 """
 
 from __future__ import annotations
 
-import time
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -26,35 +27,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from winnow.pipeline.params import as_dict
+from winnow.pipeline.errors import UserError
 from winnow.pipeline.steps import Step
-from winnow.pipeline.store import RunDir, UserError
-from winnow.stages.passes.model_io import (
-    check_tokenizer,
-    load_model,
-    resolve_device,
-    resolve_dtype,
-    resolve_model_dir,
-    weights_fingerprint,
-)
-from winnow.stages.passes.model_pass import (
-    POSITIONS,
-    SAMPLE_COLUMNS,
-    _check_common,
-    auto_token_budget,
-    main,
-    pass_fingerprint,
-)
+from winnow.pipeline.store import RunDir
 from winnow.stages.passes.model_scoring import forward_hidden, gather_targets, list_column, read_samples
-from winnow.stages.passes.pass_runner import (
-    init_distributed,
-    pass_entry,
-    plan_shards,
-    record_pass,
-    return_large_blocks_to_os,
-    run_shards,
-    set_threads,
-)
+from winnow.stages.passes.pass_step import PassContext, PassJob, PassSettings, run_pass
+from winnow.stages.passes.pass_step import main as pass_main
 
 if TYPE_CHECKING:
     from winnow.stages.passes.model_io import LoadedModel
@@ -64,20 +42,12 @@ OUT_COLUMNS = ("p_ce", "logprob_pos", "logprob_neg")
 
 
 @dataclass
-class ContrastParams:
+class ContrastParams(PassSettings):
     """Parameters of ``winnow score DIR --contrast --positive P --negative N``."""
 
     positive: str  # model trained on correct responses (local dir or builtin:<name>)
     negative: str  # model trained on incorrect responses
     beta: float = 1.0  # contrast strength: (1 + beta) z_pos - beta z_neg
-    positions: str = "supervised"  # supervised | all
-    token_budget: int = 0  # 0 = 4096 on CPU, 16384 on GPU
-    head_chunk: int = 0  # positions per head chunk (two models' logits live at once); 0 = auto
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    device: str = "auto"
-    layout: str = "auto"
-    threads: int = 0
 
     def __post_init__(self) -> None:
         where = "contrast_pass"
@@ -85,9 +55,7 @@ class ContrastParams:
             raise ValueError(f"{where}: give both positive and negative models (--positive P --negative N)")
         if not self.beta >= 0:
             raise ValueError(f"{where}: beta={self.beta} must be >= 0 (the paper uses 1.0)")
-        if self.positions not in POSITIONS:
-            raise ValueError(f"{where}: positions={self.positions!r} is not one of {list(POSITIONS)}")
-        _check_common(where, self.token_budget, self.head_chunk, self.dtype, self.layout, self.threads)
+        self.check_settings(where)
 
 
 def contrast_samples(
@@ -131,100 +99,54 @@ def contrast_samples(
     return out, valid
 
 
-def run_contrast_pass(run: RunDir, p: ContrastParams) -> dict[str, Any]:
-    t0 = time.time()
-    d = init_distributed(p.device)
-    try:
-        dirs = {"positive": resolve_model_dir(p.positive), "negative": resolve_model_dir(p.negative)}
-        for role, path in dirs.items():
-            check_tokenizer(run, path, p.trust_remote_code, what=f"{role} model")
-        device = resolve_device(p.device)
-        dtype = resolve_dtype(p.dtype, device)
-        fps = {role: weights_fingerprint(path) for role, path in dirs.items()}
-        settings = {"beta": p.beta, "positions": p.positions, "dtype": str(dtype)}
-        fp = pass_fingerprint("contrast_pass", fps, settings)
-        plan = plan_shards(run, TABLE, fp, d)
-        threads = set_threads(p.threads, d) if device.type == "cpu" else None
-        if device.type == "cpu":
-            return_large_blocks_to_os()
-        budget = auto_token_budget(p.token_budget, device)
-
-        def load() -> tuple[LoadedModel, LoadedModel]:
-            pair = tuple(
-                load_model(
-                    dirs[r],
-                    device=device,
-                    dtype=dtype,
-                    layout=p.layout,
-                    trust_remote_code=p.trust_remote_code,
-                    fingerprint=fps[r],
-                )
-                for r in ("positive", "negative")
-            )
-            if pair[0].head.vocab_size != pair[1].head.vocab_size:
-                raise UserError(
-                    f"positive and negative models have different vocabularies ({pair[0].head.vocab_size} vs "
-                    f"{pair[1].head.vocab_size}); the contrast needs one token space"
-                )
-            if pair[0].layout != pair[1].layout:  # one batch feeds both bodies
-                raise UserError(
-                    "positive and negative models need the same attention layout; set layout=padded"
-                )
-            return pair  # type: ignore[return-value]
-
-        def compute(pair, tbl: pa.Table, advance: Callable[[int], None]) -> pa.Table:
-            seqs, masks, lengths = read_samples(tbl)
-            vals, valid = contrast_samples(
-                pair[0],
-                pair[1],
-                seqs,
-                masks,
-                beta=p.beta,
-                positions=p.positions,
-                token_budget=budget,
-                head_chunk=p.head_chunk,
-                advance=advance,
-            )
-            cols = {"sample_id": tbl["sample_id"].combine_chunks()}
-            cols |= {c: list_column(vals[c], valid, lengths) for c in OUT_COLUMNS}
-            return pa.table(cols)
-
-        extra = {
-            "model_fingerprint": fps,
-            "model": {r: str(path) for r, path in dirs.items()},
-            "alias": "contrast",
-            "beta": p.beta,
-            "rank": d.rank,
-        }
-        stats = run_shards(
-            run,
-            d=d,
-            plan=plan,
-            out_table=TABLE,
-            fingerprint=fp,
-            extra=extra,
-            columns=SAMPLE_COLUMNS,
-            load=load,
-            compute=compute,
-            label="score:contrast",
+def _load_pair(ctx: PassContext) -> tuple[LoadedModel, LoadedModel]:
+    pos, neg = ctx.load("positive"), ctx.load("negative")
+    if pos.head.vocab_size != neg.head.vocab_size:
+        raise UserError(
+            f"positive and negative models have different vocabularies ({pos.head.vocab_size} vs "
+            f"{neg.head.vocab_size}); the contrast needs one token space"
         )
-        entry = {
-            "step": "contrast_pass",
-            "alias": "contrast",
-            "table": TABLE,
-            "model": {r: str(path) for r, path in dirs.items()},
-            "model_fingerprint": fps,
-            "fingerprint": fp,
-            "config": as_dict(p),
-            "device": str(device),
-            "dtype": str(dtype),
-            "threads": threads,
-            "world_size": d.world,
-            **pass_entry(stats, plan, t0),
-        }
-        return record_pass(run, d, "score:contrast", entry)
-    finally:
-        d.close()
+    if pos.layout != neg.layout:  # one batch feeds both bodies
+        raise UserError("positive and negative models need the same attention layout; set layout=padded")
+    return pos, neg
+
+
+def _compute(
+    p: ContrastParams,
+    ctx: PassContext,
+    pair: tuple[LoadedModel, LoadedModel],
+    tbl: pa.Table,
+    advance: Callable[[int], None],
+) -> pa.Table:
+    seqs, masks, lengths = read_samples(tbl)
+    vals, valid = contrast_samples(
+        pair[0],
+        pair[1],
+        seqs,
+        masks,
+        beta=p.beta,
+        positions=p.positions,
+        token_budget=ctx.token_budget,
+        head_chunk=p.head_chunk,
+        advance=advance,
+    )
+    cols = {"sample_id": tbl["sample_id"].combine_chunks()}
+    cols |= {c: list_column(vals[c], valid, lengths) for c in OUT_COLUMNS}
+    return pa.table(cols)
+
+
+def run_contrast_pass(run: RunDir, p: ContrastParams) -> dict[str, Any]:
+    """p_ce and both models' log-probs for every pending samples shard; returns the manifest entry."""
+    job = PassJob(
+        kind="contrast_pass",
+        alias="contrast",
+        models={"positive": p.positive, "negative": p.negative},
+        settings={"beta": p.beta, "positions": p.positions},
+        load=_load_pair,
+        compute=lambda ctx, pair, tbl, advance: _compute(p, ctx, pair, tbl, advance),
+        record={"beta": p.beta},
+    )
+    return run_pass(run, p, job)
 
 
 STEP = Step(
@@ -236,7 +158,10 @@ STEP = Step(
 )
 
 
-if __name__ == "__main__":
-    import sys
+def main(argv: list[str] | None = None) -> int:
+    """``python -m winnow.stages.passes.contrast_pass RUN_DIR key=value ...`` (torchrun-friendly)."""
+    return pass_main(argv, step=STEP)
 
-    sys.exit(main(step=STEP))
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,16 +1,9 @@
-"""Loading a causal LM for a model pass: identity checks, fingerprints, and the head check.
+"""Loading a causal LM for a model pass: device, dtype, body and head, and the head check.
 
 * **Security.** Weights load only from safetensors (``use_safetensors=True``: a directory with only
   pickled ``.bin`` weights is refused) and ``trust_remote_code`` stays off unless the user asks.
-* **Tokenizer identity.** The samples table records ``winnow.tokenizer_fingerprint``; a model whose
-  tokenizer fingerprints differently is refused with :class:`UserError` (exit 2): its token ids would
-  mean other strings.
-* **Weights fingerprint** (for commit records: a pass is redone when the model changes). Up to
-  :data:`FULL_HASH_BYTES` of safetensors the sha256 of every byte (~1 s per GB here). Above that, the
-  sha256 of each file's size and header (tensor names, dtypes, shapes, offsets) plus the first and last
-  4 KiB of every tensor's data: any fine-tune, merged LoRA or re-quantisation rewrites whole tensors,
-  so it is caught while reading a few MB of a 15 GB model. ``config.json`` is always hashed too
-  (rope scaling, softcapping and the like change outputs without touching weights).
+* **Identity** (which directory a spec names, tokenizer check, weights fingerprint) lives in
+  :mod:`winnow.pipeline.models`, shared with ingest.
 * **Body and head.** The pass runs ``model.base_model`` (embeddings, layers, final norm) and applies
   the LM head itself (:mod:`winnow.kernels.chunked_head`). A head applied outside ``forward`` must
   reproduce the model's own post-processing; :func:`check_head` compares it with a full forward on a
@@ -20,123 +13,19 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from winnow.kernels.chunked_head import LMHead
-from winnow.pipeline.store import RunDir, UserError
+from winnow.pipeline.errors import UserError
+from winnow.pipeline.models import weights_fingerprint
 
 if TYPE_CHECKING:
     import torch
 
-FULL_HASH_BYTES = 512 * 1024 * 1024
-_SAMPLE_BYTES = 4096
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-FINGERPRINT_KEY = b"winnow.tokenizer_fingerprint"
-
-
-# ------------------------------------------------------------------------------------- identity
-def resolve_model_dir(spec: str) -> Path:
-    """``builtin:<name>`` or a local Hugging Face directory -> its path (UserError when missing)."""
-    try:
-        from winnow.pipeline.builtin.tiny_model import resolve_model
-    except ModuleNotFoundError as e:  # pragma: no cover - the builtin models ship with winnow
-        if spec.startswith("builtin:"):
-            raise UserError(f"model {spec!r}: builtin models are not available ({e})") from None
-        path = Path(spec).expanduser()
-        if not (path / "config.json").is_file():
-            raise UserError(
-                f"model {spec!r}: {path} is not a Hugging Face model directory (no config.json)"
-            ) from None
-        return path
-    return resolve_model(spec)
-
-
-def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(
-            f"{model_dir}: cannot load its tokenizer ({e}). A model pass needs the model's tokenizer to check "
-            "that token ids mean the same strings as in the samples table; save it beside the weights."
-        ) from None
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """The samples table's tokenizer fingerprint (one definition: ``winnow.pipeline.render``)."""
-    from winnow.pipeline.render import tokenizer_fingerprint as fp
-
-    return fp(tokenizer)
-
-
-def samples_tokenizer_fingerprint(run: RunDir) -> str | None:
-    schema = run.table("samples").schema()
-    if schema is None:
-        raise UserError(f"{run.root} has no committed samples: run `winnow ingest` first")
-    raw = (schema.metadata or {}).get(FINGERPRINT_KEY)
-    return raw.decode() if isinstance(raw, bytes) else raw
-
-
-def check_tokenizer(
-    run: RunDir, model_dir: Path, trust_remote_code: bool = False, what: str = "model"
-) -> str:
-    """Refuse (UserError, exit 2) a model whose tokenizer differs from the one that made the samples."""
-    want = samples_tokenizer_fingerprint(run)
-    if want is None:
-        raise UserError(
-            f"the samples table of {run.root} records no tokenizer fingerprint (schema metadata "
-            f"{FINGERPRINT_KEY.decode()}); re-run `winnow ingest` so model passes can check token ids"
-        )
-    have = tokenizer_fingerprint(load_tokenizer(model_dir, trust_remote_code))
-    if have != want:
-        raise UserError(
-            f"{what} {model_dir} has a different tokenizer (fingerprint {have}) from the one the samples were "
-            f"tokenized with ({want}): its token ids would mean other strings. Score with a model that shares "
-            f"the samples' tokenizer, or ingest again with `--model {model_dir}`."
-        )
-    return have
-
-
-def weights_fingerprint(model_dir: Path) -> str:
-    """Hash of a model directory's safetensors weights and config (see the module docstring)."""
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise UserError(
-            f"{model_dir} has no .safetensors weights; winnow loads safetensors only (never pickled .bin "
-            "files). Convert with `model.save_pretrained(dir, safe_serialization=True)`."
-        )
-    h = hashlib.sha256()
-    cfg = Path(model_dir) / "config.json"
-    if cfg.is_file():
-        h.update(cfg.read_bytes())
-    total = sum(f.stat().st_size for f in files)
-    for f in files:
-        h.update(f.name.encode())
-        h.update(struct.pack("<Q", f.stat().st_size))
-        with open(f, "rb") as fh:
-            if total <= FULL_HASH_BYTES:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-                continue
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = fh.read(n)
-            h.update(header)
-            base = 8 + n
-            for name, info in sorted(json.loads(header).items()):
-                if name == "__metadata__":
-                    continue
-                a, b = info["data_offsets"]
-                for off in sorted({a, max(a, b - _SAMPLE_BYTES)}):
-                    fh.seek(base + off)
-                    h.update(fh.read(min(_SAMPLE_BYTES, b - off)))
-    return h.hexdigest()[:32]
 
 
 # ------------------------------------------------------------------------------------- loading

@@ -285,8 +285,8 @@ def test_gsm8k_train_supervises_exactly_the_answers(tmp_path, gsm8k_dir):
     """7473 rows -> 7473 samples; decoded supervised tokens hold the whole answer and none of the question."""
     from transformers import AutoTokenizer
 
-    from winnow.pipeline.builtin.tiny_model import resolve_model
     from winnow.pipeline.formats import normalize
+    from winnow.pipeline.models import resolve_model
 
     model = resolve_model("builtin:tiny")
     run = tmp_path / "run"

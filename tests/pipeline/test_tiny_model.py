@@ -261,17 +261,19 @@ def test_builtin_recipes_never_train_on_the_demo_draw() -> None:
 
 
 def test_resolve_model(small_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert tm.resolve_model(str(small_dir)) == small_dir
+    from winnow.pipeline.models import resolve_model
+
+    assert resolve_model(str(small_dir)) == small_dir
     with pytest.raises(UserError, match="does not exist"):
-        tm.resolve_model(str(tmp_path / "nope"))
+        resolve_model(str(tmp_path / "nope"))
     with pytest.raises(UserError, match="has no config.json"):
-        tm.resolve_model(str(tmp_path))
+        resolve_model(str(tmp_path))
     with pytest.raises(UserError, match="tiny-reference"):  # the message lists the valid names
-        tm.resolve_model("builtin:huge")
+        resolve_model("builtin:huge")
     # builtin:<name> goes through the cache root.
     monkeypatch.setitem(tm.BUILTIN_MODELS, "tiny-test", SMALL)
     monkeypatch.setattr(tm, "models_root", lambda root=None: small_dir.parent)
-    assert tm.resolve_model("builtin:tiny-test") == small_dir
+    assert resolve_model("builtin:tiny-test") == small_dir
 
 
 def test_builtin_tiny_predicts_held_out_chats(held_out: list[dict]) -> None:

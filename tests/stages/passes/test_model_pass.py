@@ -17,10 +17,11 @@ import torch
 
 import winnow.stages.passes.model_pass as mp
 import winnow.stages.passes.model_scoring as ms
+from winnow.pipeline.models import weights_fingerprint
 from winnow.pipeline.steps import get_step
-from winnow.pipeline.store import UserError, sha256_file
+from winnow.pipeline.store import UserError
 from winnow.stages.passes.batching import plan_batches
-from winnow.stages.passes.model_io import load_model, weights_fingerprint
+from winnow.stages.passes.model_io import load_model
 from winnow.stages.passes.model_pass import ModelPassParams, run_model_pass, score_samples
 
 sys.path.insert(0, str(Path(__file__).parents[2]))
@@ -259,12 +260,24 @@ def test_params_validation_names_the_key():
     )
 
 
+def _full_hash_by_hand(model_dir) -> str:
+    """The documented small-model fingerprint, recomputed with hashlib: sha256 of config.json, then per
+    safetensors file its name, its size as little-endian u64 and every byte; first 32 hex digits."""
+    import hashlib
+    import struct
+
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        h.update(f.name.encode() + struct.pack("<Q", f.stat().st_size) + f.read_bytes())
+    return h.hexdigest()[:32]
+
+
 def test_weights_fingerprint(tmp_path, models, monkeypatch):
-    import winnow.stages.passes.model_io as mio
+    import winnow.pipeline.models as wm
 
     full = weights_fingerprint(models["llama"])
-    assert full == weights_fingerprint(models["llama"]) and full != weights_fingerprint(models["qwen2"])
-    monkeypatch.setattr(mio, "FULL_HASH_BYTES", 0)  # the sampled mode used above 512 MiB
+    assert full == _full_hash_by_hand(models["llama"]) and full != weights_fingerprint(models["qwen2"])
+    monkeypatch.setattr(wm, "FULL_HASH_BYTES", 0)  # the sampled mode used above 512 MiB
     sampled = weights_fingerprint(models["llama"])
     twin = make_model_dir(tmp_path, "llama", seed=0)
     assert weights_fingerprint(twin) == sampled
@@ -280,4 +293,80 @@ def test_weights_fingerprint(tmp_path, models, monkeypatch):
     (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"x")
     with pytest.raises(UserError, match="safetensors"):
         weights_fingerprint(tmp_path / "bin")
-    assert sha256_file(f)  # the file is still readable
+    # Sampled mode reads each tensor's first and last 4 KiB only: a byte changed between them goes
+    # unseen (the documented trade-off for >512 MiB models); the full hash of small models sees it.
+    big = max(tensors, key=lambda k: tensors[k].numel())
+    assert tensors[big].numel() * tensors[big].element_size() > 3 * 4096
+    before = weights_fingerprint(twin)
+    raw = bytearray(f.read_bytes())
+    header_len = int.from_bytes(raw[:8], "little")
+    import json
+
+    lo, hi = json.loads(raw[8 : 8 + header_len])[big]["data_offsets"]
+    mid = 8 + header_len + (lo + hi) // 2
+    raw[mid] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    assert weights_fingerprint(twin) == before
+    monkeypatch.setattr(wm, "FULL_HASH_BYTES", 512 * 1024 * 1024)
+    assert weights_fingerprint(twin) == _full_hash_by_hand(twin) != full
+
+
+def _mmapped_blocks_for(nbytes: int, count: int = 200) -> int:
+    """How many of ``count`` live ``malloc(nbytes)`` blocks glibc serves with mmap (read with mallinfo2).
+
+    glibc only consults the mmap threshold once the heap's free top chunk cannot serve a request, so
+    one block says little; 200 x 512 KiB (100 MB) outgrow any top chunk: with the threshold at or below
+    the block size most of them are mmapped, above it none is."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    names = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in (*names, "keepcost")]
+
+    libc.mallinfo2.restype = MallInfo2
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    before = libc.mallinfo2().hblks
+    ptrs = [libc.malloc(nbytes) for _ in range(count)]
+    during = libc.mallinfo2().hblks
+    for ptr in ptrs:
+        libc.free(ptr)
+    return during - before
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc settings")
+def test_pass_gives_back_threads_and_malloc_threshold(tmp_path, models):
+    """During a CPU pass the mmap threshold is pinned at 1 MiB and threads are the pass's; afterwards a
+    512 KiB block is mmapped again (threshold back at glibc's 128 KiB start) and threads are the caller's."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    assert libc.mallopt(-3, 128 * 1024)  # a known starting point: M_MMAP_THRESHOLD = glibc's initial value
+    assert _mmapped_blocks_for(512 * 1024) > 100
+    seen = {}
+
+    def spy(*args, **kw):
+        seen["threads"] = torch.get_num_threads()
+        seen["mmapped"] = _mmapped_blocks_for(512 * 1024)
+        return score(*args, **kw)
+
+    score = mp.score_samples
+    seqs, masks = random_samples(3, seed=12)
+    run = write_samples(tmp_path / "run", seqs, masks, models["llama"])
+    saved = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        mp.score_samples = spy
+        run_model_pass(run, P(model=str(models["llama"]), threads=1))
+        assert seen == {"threads": 1, "mmapped": 0}  # the pass's own settings were in force
+        assert torch.get_num_threads() == 3
+        assert _mmapped_blocks_for(512 * 1024) > 100
+    finally:
+        mp.score_samples = score
+        torch.set_num_threads(saved)

@@ -1,0 +1,161 @@
+"""Which model a spec names, its tokenizer, and the fingerprints that identify both (one place).
+
+Every step that takes a model (ingest, the model and contrast passes, dv4llm's re-ingest of a targets
+file) resolves it here, so ``builtin:<name>`` and local directories mean the same thing everywhere and
+the error messages are the same.
+
+* **Specs.** ``builtin:<name>`` is one of winnow's own tiny models
+  (:data:`winnow.pipeline.builtin.tiny_model.BUILTIN_MODELS`), trained once and cached in
+  ``$WINNOW_CACHE/models/<name>-<hash>/``; anything else is a local Hugging Face directory written by
+  ``save_pretrained`` (there is no hub download: the project runs offline).
+* **Tokenizer.** ``AutoTokenizer.from_pretrained`` with ``trust_remote_code`` off unless the user asks;
+  its fingerprint is :func:`winnow.pipeline.render.tokenizer_fingerprint` (one definition), recorded in
+  the samples table's schema metadata under :data:`FINGERPRINT_KEY`. A model pass refuses a model whose
+  tokenizer fingerprints differently (:func:`check_tokenizer`): its token ids would mean other strings.
+* **Weights fingerprint** (commit records redo a pass when the model changes). Up to
+  :data:`FULL_HASH_BYTES` of safetensors, the sha256 of every byte (~1 s per GB here). Above that, the
+  sha256 of each file's size and header (tensor names, dtypes, shapes, offsets) plus the first and last
+  4 KiB of every tensor's data: any fine-tune, merged LoRA or re-quantisation rewrites whole tensors,
+  so it is caught while reading a few MB of a 15 GB model. ``config.json`` is hashed too (rope scaling,
+  softcapping and the like change outputs without touching weights). Only safetensors are accepted:
+  winnow never unpickles weights.
+
+Imports nothing heavy at module level (transformers is loaded by :func:`load_tokenizer` only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from winnow.pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from winnow.pipeline.store import RunDir
+
+BUILTIN_PREFIX = "builtin:"
+FINGERPRINT_KEY = b"winnow.tokenizer_fingerprint"
+FULL_HASH_BYTES = 512 * 1024 * 1024
+_SAMPLE_BYTES = 4096
+
+
+# ------------------------------------------------------------------------------------- resolving
+def resolve_model(spec: str | Path) -> Path:
+    """``builtin:<name>`` -> the cached builtin model (built on first use); else a local model directory."""
+    spec = str(spec)
+    if spec.startswith(BUILTIN_PREFIX):
+        from winnow.pipeline.builtin.tiny_model import builtin_model_path
+
+        return builtin_model_path(spec[len(BUILTIN_PREFIX) :])
+    path = Path(spec).expanduser()
+    if not (path / "config.json").is_file():
+        from winnow.pipeline.builtin.tiny_model import BUILTIN_MODELS
+
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise UserError(
+            f"model {spec!r}: {path} {what}. Pass a local Hugging Face model directory (one written by "
+            f"save_pretrained, with config.json, weights and tokenizer; there is no hub download), or "
+            f"builtin:<name> with name one of {sorted(BUILTIN_MODELS)}"
+        )
+    return path
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The model's ``*.safetensors`` files (sorted); UserError when there are none (no pickle, ever)."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise UserError(
+            f"{model_dir} has no .safetensors weights; winnow loads safetensors only (never pickled .bin "
+            "files). Re-save with `model.save_pretrained(dir, safe_serialization=True)`."
+        )
+    return files
+
+
+# ------------------------------------------------------------------------------------- tokenizer
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> Any:
+    """The tokenizer saved beside ``model_dir``'s weights (UserError naming the directory otherwise)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(
+            f"{model_dir}: cannot load its tokenizer ({e}). winnow tokenizes with the model's own tokenizer "
+            "and checks that token ids mean the same strings everywhere; save it beside the weights "
+            "(`tokenizer.save_pretrained(dir)`)."
+        ) from None
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """The samples table's tokenizer fingerprint (defined once, in :mod:`winnow.pipeline.render`)."""
+    from winnow.pipeline.render import tokenizer_fingerprint as fp
+
+    return fp(tokenizer)
+
+
+def samples_tokenizer_fingerprint(run: RunDir) -> str | None:
+    """The fingerprint recorded in the committed samples table's schema (None when absent)."""
+    schema = run.table("samples").schema()
+    if schema is None:
+        raise UserError(f"{run.root} has no committed samples: run `winnow ingest` first")
+    raw = (schema.metadata or {}).get(FINGERPRINT_KEY)
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def check_tokenizer(
+    run: RunDir, model_dir: Path, trust_remote_code: bool = False, what: str = "model"
+) -> str:
+    """Refuse (UserError, exit 2) a model whose tokenizer differs from the one that made the samples."""
+    want = samples_tokenizer_fingerprint(run)
+    if want is None:
+        raise UserError(
+            f"the samples table of {run.root} records no tokenizer fingerprint (schema metadata "
+            f"{FINGERPRINT_KEY.decode()}); re-run `winnow ingest` so model passes can check token ids"
+        )
+    have = tokenizer_fingerprint(load_tokenizer(model_dir, trust_remote_code))
+    if have != want:
+        raise UserError(
+            f"{what} {model_dir} has a different tokenizer (fingerprint {have}) from the one the samples were "
+            f"tokenized with ({want}): its token ids would mean other strings. Score with a model that shares "
+            f"the samples' tokenizer, or ingest again with `--model {model_dir}`."
+        )
+    return have
+
+
+# ------------------------------------------------------------------------------------- weights
+def weights_fingerprint(model_dir: Path) -> str:
+    """Hash of a model directory's safetensors weights and config (see the module docstring)."""
+    files = safetensors_files(model_dir)
+    h = hashlib.sha256()
+    cfg = Path(model_dir) / "config.json"
+    if cfg.is_file():
+        h.update(cfg.read_bytes())
+    total = sum(f.stat().st_size for f in files)
+    for f in files:
+        h.update(f.name.encode())
+        h.update(struct.pack("<Q", f.stat().st_size))
+        with open(f, "rb") as fh:
+            if total <= FULL_HASH_BYTES:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            else:
+                _hash_sampled(fh, h)
+    return h.hexdigest()[:32]
+
+
+def _hash_sampled(fh: Any, h: Any) -> None:
+    """Header plus the first and last 4 KiB of every tensor's bytes (large models)."""
+    (n,) = struct.unpack("<Q", fh.read(8))
+    header = fh.read(n)
+    h.update(header)
+    base = 8 + n
+    for name, info in sorted(json.loads(header).items()):
+        if name == "__metadata__":
+            continue
+        a, b = info["data_offsets"]
+        for off in sorted({a, max(a, b - _SAMPLE_BYTES)}):
+            fh.seek(base + off)
+            h.update(fh.read(min(_SAMPLE_BYTES, b - off)))
