@@ -1,4 +1,4 @@
-"""ssToken's attention importance, recomputed for one layer without switching the model to eager.
+"""ssToken's attention importance from one layer's rotated queries and keys: the numeric core.
 
 Definition (ALGORITHMS.md §2, the authors' code): at layer ``L`` (default the last), with ``A^h`` the
 attention probabilities of head ``h``, the importance of query position ``i`` is
@@ -10,142 +10,51 @@ positions before it; for single-turn samples exactly the paper's ``attn[resp, :p
 The value is anchored at the **query** (row ``i``, whose hidden state predicts token ``i+1``), as the
 authors align it; the column's field metadata says ``winnow.anchor = query``.
 
-How: a forward pre-hook (``with_kwargs=True``) on that layer's attention module captures its input
-(hidden states after the input norm, and the rotary ``(cos, sin)``) during the normal SDPA/Flash
-forward. Afterwards q and k are recomputed with the module's own projections, its q/k norms when it
-has them (per head as Qwen3/Gemma3, or over all heads as OLMo2), and its own modeling module's
-``apply_rotary_pos_emb``; grouped-query heads are broadcast, ``module.scaling``, the layer's sliding
-window and attention-logit softcapping are applied. The per-sample mask is rebuilt from the batch
-layout (same sample, causal, window) rather than decoded from whatever the attention backend was
-given (None under SDPA's is_causal path, cu_seqlens under FlashAttention). Scores are computed in
-fp32 for a chunk of queries at a time, so the extra memory is ``rows * heads * chunk * width * 4``
-bytes, bounded by :data:`CHUNK_ELEMS`.
+:func:`importance_from_qk` takes q (R, H, W, D) and k (R, Hkv, W, D) after rotary embedding, broadcasts
+grouped-query heads, applies the scale, the sliding window and attention-logit softcapping, and builds
+the per-sample causal mask from ``segment`` (same sample, causal, window) rather than decoding whatever
+an attention backend was given (None under SDPA's is_causal path, cu_seqlens under FlashAttention).
+Scores are computed in fp32 for a chunk of queries at a time, so the extra memory is
+``rows * heads * chunk * width * 4`` bytes, bounded by :data:`CHUNK_ELEMS`. It imports torch only, so
+the trainer and a future Triton kernel reuse it as the reference.
 
-:func:`check_attention` compares the recomputation with ``attn_implementation="eager"`` +
-``output_attentions`` on a small input when a model is loaded and refuses an architecture it does
-not reproduce (fused qkv projections, attention sinks, ...).
+Getting q and k out of a Hugging Face model during its normal forward (a pre-hook on the layer's
+attention module, its own projections, norms and rotary code) and checking the result against eager
+attention is :mod:`winnow.stages.passes.attention_capture`.
 """
 
 from __future__ import annotations
 
-import sys
-from typing import TYPE_CHECKING, Any
-
-from winnow.pipeline.errors import UserError
-
-if TYPE_CHECKING:
-    import torch
+import torch
 
 CHUNK_ELEMS = 8 * 1024 * 1024  # fp32 score elements per query chunk (32 MiB)
 
 
-def decoder_layers(body) -> Any:
-    for name in ("layers", "h", "blocks"):
-        layers = getattr(body, name, None)
-        if layers is not None and hasattr(layers, "__len__"):
-            return layers
-    raise UserError(f"{type(body).__name__}: cannot find its decoder layers for attention importance")
-
-
-def attention_module(body, layer: int):
-    layers = decoder_layers(body)
-    if not -len(layers) <= layer < len(layers):
-        raise UserError(
-            f"attention_layer={layer} but the model has {len(layers)} layers (use -1 for the last)"
-        )
-    blk = layers[layer]
-    for name in ("self_attn", "attn", "attention"):
-        mod = getattr(blk, name, None)
-        if mod is not None and hasattr(mod, "q_proj") and hasattr(mod, "k_proj"):
-            return mod
-    raise UserError(
-        f"{type(blk).__name__} has no attention module with separate q_proj/k_proj; attention importance "
-        "cannot be recomputed for this architecture"
-    )
-
-
-class AttentionCapture:
-    """``with AttentionCapture(body, layer) as cap: body(...)`` leaves the layer's attention inputs in
-    ``cap.hidden`` (R, W, d) and ``cap.position_embeddings`` ((cos, sin))."""
-
-    def __init__(self, body, layer: int = -1):
-        self.module = attention_module(body, layer)
-        self.hidden = None
-        self.position_embeddings = None
-        self._handle = None
-
-    def _hook(self, module, args, kwargs):
-        self.hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        self.position_embeddings = kwargs.get("position_embeddings")
-        if self.position_embeddings is None and len(args) > 1:
-            self.position_embeddings = args[1]
-
-    def __enter__(self) -> AttentionCapture:
-        self._handle = self.module.register_forward_pre_hook(self._hook, with_kwargs=True)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-
-    def release(self) -> None:
-        self.hidden = self.position_embeddings = None
-
-
-def _project(module, hidden: torch.Tensor, proj: str, norm: str) -> torch.Tensor:
-    """(R, W, d) -> (R, heads, W, head_dim) with the module's projection and optional norm."""
-    head_dim = module.head_dim
-    x = getattr(module, proj)(hidden)  # (R, W, heads * head_dim)
-    nrm = getattr(module, norm, None)
-    if nrm is not None and getattr(nrm, "weight", None) is not None and nrm.weight.numel() != head_dim:
-        x = nrm(x)  # OLMo2: norm over all heads, before the head split
-        nrm = None
-    x = x.view(*hidden.shape[:-1], -1, head_dim)
-    if nrm is not None:
-        x = nrm(x)  # Qwen3/Gemma3: per-head norm
-    return x.transpose(1, 2)
-
-
-def query_key(module, hidden: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotated q (R, H, W, D) and k (R, Hkv, W, D) exactly as ``module.forward`` builds them."""
-    q = _project(module, hidden, "q_proj", "q_norm")
-    k = _project(module, hidden, "k_proj", "k_norm")
-    if position_embeddings is not None:
-        apply_rotary = getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", None)
-        if apply_rotary is None:
-            raise UserError(f"{type(module).__name__}: no apply_rotary_pos_emb in its modeling module")
-        cos, sin = position_embeddings
-        q, k = apply_rotary(q, k, cos, sin)
-    return q, k
-
-
-def attention_importance(
-    module,
-    hidden: torch.Tensor,
-    position_embeddings,
+def importance_from_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
     segment: torch.Tensor,
     key_mask: torch.Tensor,
+    *,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
     query_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum over allowed keys with ``key_mask`` of the head-mean attention of each query; (R, W) fp32.
 
+    ``q`` (R, H, W, D) and ``k`` (R, Hkv, W, D): rotated queries and keys, H a multiple of Hkv.
     ``segment`` (R, W): sample number of each position (-1 on padding); attention is allowed within a
-    segment, causally, inside the layer's sliding window. ``key_mask`` (R, W) bool: the keys to sum over
-    (non-supervised positions). ``query_mask`` (R, W) bool: queries whose value is needed (chunks with
-    none are skipped; other queries get whatever was computed, callers read only the masked ones).
+    segment, causally, inside the sliding ``window`` when given. ``key_mask`` (R, W) bool: the keys to
+    sum over (non-supervised positions). ``query_mask`` (R, W) bool: queries whose value is needed
+    (chunks with none are skipped; other queries get whatever was computed, callers read only the
+    masked ones).
     """
-    import torch
-
-    q, k = query_key(module, hidden, position_embeddings)
     n_rows, n_heads, width, head_dim = q.shape
     n_kv = k.shape[1]
     rep = n_heads // n_kv
     qf = q.float().reshape(n_rows, n_kv, rep, width, head_dim)  # grouped-query: rep queries per kv head
     kf = k.float()[:, :, None]  # (R, Hkv, 1, W, D)
-    scale = float(getattr(module, "scaling", head_dim**-0.5))
-    window = getattr(module, "sliding_window", None)
-    softcap = getattr(getattr(module, "config", None), "attn_logit_softcapping", None)
     keys = key_mask.to(torch.float32)
     pos = torch.arange(width, device=q.device)
     chunk = max(1, CHUNK_ELEMS // max(1, n_rows * n_heads * width))
@@ -154,9 +63,7 @@ def attention_importance(
         b = min(width, a + chunk)
         if query_mask is not None and not bool(query_mask[:, a:b].any()):
             continue
-        s = qf[:, :, :, a:b] @ kf[..., :b, :].transpose(
-            -1, -2
-        )  # (R, Hkv, rep, c, b): keys up to the chunk end
+        s = qf[:, :, :, a:b] @ kf[..., :b, :].transpose(-1, -2)  # (R, Hkv, rep, c, b): keys up to chunk end
         s.mul_(scale)
         if softcap:
             s.div_(softcap).tanh_().mul_(softcap)
@@ -168,40 +75,3 @@ def attention_importance(
         p = torch.softmax(s, dim=-1).mean(dim=(1, 2))  # (R, c, b), mean over all heads
         out[:, a:b] = (p @ keys[:, :b, None]).squeeze(-1)
     return out
-
-
-def check_attention(model, body, layer: int, *, device, dtype, seq: int = 16) -> None:
-    """Refuse (UserError) a model whose recomputed attention differs from its own eager attention."""
-    import torch
-
-    layers = decoder_layers(body)
-    idx = layer % len(layers)
-    g = torch.Generator().manual_seed(1)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    ids = torch.randint(0, vocab, (2, seq), generator=g).to(device)
-    key_mask = torch.zeros(2, seq, dtype=torch.bool, device=device)
-    key_mask[0, : seq // 2] = True
-    key_mask[1, : seq // 4] = True
-    key_mask[1, seq // 2 : seq // 2 + 2] = True  # a second "turn"
-    segment = torch.zeros(2, seq, dtype=torch.long, device=device)
-    with AttentionCapture(body, layer) as cap:
-        body(input_ids=ids, use_cache=False)
-    ours = attention_importance(cap.module, cap.hidden, cap.position_embeddings, segment, key_mask)
-    impl = model.config._attn_implementation
-    try:
-        model.set_attn_implementation("eager")
-        att = model(input_ids=ids, use_cache=False, output_attentions=True).attentions[idx]  # (2, H, L, L)
-    except (ValueError, NotImplementedError, TypeError) as e:
-        raise UserError(
-            f"{type(model).__name__}: cannot run eager attention to verify attention importance ({e})"
-        ) from None
-    finally:
-        model.set_attn_implementation(impl)
-    ref = (att.float().mean(dim=1) * key_mask[:, None, :].float()).sum(-1)  # (2, L)
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    diff = float((ours - ref).abs().max())
-    if not diff <= tol:
-        raise UserError(
-            f"{type(model).__name__}: recomputed layer-{idx} attention differs from the model's own eager attention "
-            f"(max difference {diff:.3g} > {tol}); attention importance is not supported for this architecture"
-        )

@@ -80,7 +80,9 @@ if TYPE_CHECKING:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 # Bump when a change here alters the weights a recipe produces: every cached model is rebuilt.
-CODE_VERSION = 1
+# 2: fine-tunes take their supervision from winnow.pipeline.render and skip rows it rejects (11 of
+#    tiny-warm's 1,200 rows hold chat-template text in the answer); the other recipes train identically.
+CODE_VERSION = 2
 
 EOS = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -330,20 +332,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096) -> PreTrainedT
     )
 
 
-def encode_supervised(
-    tokenizer: PreTrainedTokenizerFast, messages: Sequence[dict[str, str]], max_len: int
-) -> tuple[list[int], list[int]]:
-    """Token ids of the rendered chat and a 0/1 mask: 1 where a token overlaps an assistant span.
-
-    Kept local and simple for fine-tuning; the ingest step owns the project-wide version."""
-    text, spans = render_with_spans(messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"][:max_len]
-    mask = [int(any(a < e and s < b for s, e in spans)) for a, b in enc["offset_mapping"][: len(ids)]]
-    mask[0] = 0  # index 0 has no predecessor
-    return ids, mask
-
-
 # ------------------------------------------------------------------------------------ model
 
 
@@ -467,9 +455,16 @@ def _supervised_batches(
     """Endless right-padded batches of whole samples; labels -100 outside assistant spans."""
     import torch
 
+    from winnow.pipeline.render import RenderError, render_batch
+
     max_len = tokenizer.model_max_length
     rows = rows[: recipe.steps * recipe.batch_size]  # never encode rows that one pass would not reach
-    encoded = [encode_supervised(tokenizer, r["messages"], max_len) for r in rows]
+    # Supervision as ingest marks it; rows ingest would reject (chat-template text typed into an answer)
+    # are left out, as a user's training data would be.
+    rendered = render_batch(tokenizer, [r["messages"] for r in rows])
+    encoded = [
+        (x.input_ids[:max_len], x.loss_mask[:max_len]) for x in rendered if not isinstance(x, RenderError)
+    ]
     pad = tokenizer.pad_token_id
     batch = min(recipe.batch_size, len(encoded))
     while True:

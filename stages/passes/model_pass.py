@@ -10,7 +10,8 @@ target, null where nothing was computed (index 0 always; prompt positions unless
 * ``logprob``  list<float32>  log p(x_i | x_<i)
 * ``entropy``  list<float32>  entropy of the distribution predicting position i (nats)
 * ``attn_importance`` list<float32>, field metadata ``winnow.anchor=query``: ssToken's attention from
-  the query at i to the non-supervised positions before it (:mod:`winnow.kernels.attention_importance`)
+  the query at i to the non-supervised positions before it (:mod:`winnow.kernels.attention_importance`,
+  captured from the model by :mod:`.attention_capture`)
 * ``embedding`` fixed_size_list<float32>[hidden]: mean of the last hidden state over the sample's tokens
 
 How it stays exact, fast and small: samples are batched by a token budget (:mod:`.batching`, <=10%
@@ -84,7 +85,7 @@ def _load(p: ModelPassParams, ctx: PassContext) -> LoadedModel:
     if "attention" in p.signals:
         import torch
 
-        from winnow.kernels.attention_importance import check_attention
+        from winnow.stages.passes.attention_capture import check_attention
 
         with torch.inference_mode():
             check_attention(loaded.model, loaded.body, p.attention_layer, device=ctx.device, dtype=ctx.dtype)

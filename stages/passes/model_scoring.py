@@ -5,7 +5,7 @@
 in ``inference_mode`` with ``use_cache=False``, shifts per sample (:func:`gather_targets`: the state at
 ``i - 1`` predicts token ``i``, never across samples), applies the chunked fp32 head
 (:mod:`.chunked_head`) at those positions only, recomputes attention importance from the captured
-layer input (:mod:`.attention_importance`) and averages the last hidden state per sample. Values land
+layer input (:mod:`.attention_capture`) and averages the last hidden state per sample. Values land
 in flat arrays over the shard's tokens with a validity mask, which become Arrow lists with exactly
 ``n_tokens`` entries and nulls where nothing was computed.
 """
@@ -105,8 +105,8 @@ def score_samples(
     """Every requested signal for a list of samples (token ids + loss masks)."""
     import torch
 
-    from winnow.kernels.attention_importance import AttentionCapture, attention_importance
     from winnow.kernels.chunked_head import logprob_entropy
+    from winnow.stages.passes.attention_capture import AttentionCapture, attention_importance
     from winnow.stages.passes.batching import collate, plan_batches
 
     lengths = np.array([len(x) for x in seqs], dtype=np.int64)

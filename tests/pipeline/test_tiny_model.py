@@ -18,6 +18,7 @@ import pytest
 
 from winnow.pipeline.builtin import tiny_model as tm
 from winnow.pipeline.builtin.demo_data import DEMO_SEED, generate_demo
+from winnow.pipeline.render import render_sample
 from winnow.pipeline.store import UserError
 
 HELD_OUT_SEED = 9090  # a draw no builtin recipe trains on
@@ -95,7 +96,8 @@ def test_tokenizer_round_trips_and_keeps_chat_template(small_dir: Path, held_out
     assert prompt == tm.render_chat(msgs[:1], add_generation_prompt=True)
     assert prompt.endswith(f"{tm.IM_START}assistant\n")
     out = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    ids, mask = tm.encode_supervised(tok, msgs, 1024)
+    r = render_sample(tok, msgs)
+    ids, mask = r.input_ids, r.loss_mask
     assert out["input_ids"] == ids and out["assistant_masks"] == mask
     supervised = tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
     assert supervised == msgs[1]["content"] + tm.IM_END
@@ -294,7 +296,8 @@ def _assistant_nll(model, tok, rows: list[dict], answer_only: bool = False) -> f
 
     total, count = 0.0, 0
     for r in rows:
-        ids, mask = tm.encode_supervised(tok, r["messages"], 1024)
+        rendered = render_sample(tok, r["messages"])
+        ids, mask = rendered.input_ids, rendered.loss_mask
         if answer_only:
             text = tm.render_chat(r["messages"])
             start, end = text.rindex("####") + 4, text.rindex(tm.IM_END)

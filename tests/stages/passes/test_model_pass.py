@@ -173,7 +173,7 @@ def test_positions_all_attention_and_schema(tmp_path, models):
 
 
 def test_attention_signal_is_query_anchored(tmp_path, models):
-    from test_attention_importance import _eager_reference
+    from test_attention_capture import _eager_reference
 
     seqs, masks = random_samples(6, seed=6)
     run = write_samples(tmp_path / "run", seqs, masks, models["llama"])
