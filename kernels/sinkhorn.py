@@ -314,6 +314,126 @@ def sinkhorn_potentials(
     return result
 
 
+class _Operands:
+    """Operands of the one matmul per chunk and their reusable buffers.
+
+    Targets (n, d+2) = [2x/ε, 1, (f − ||x||²)/ε] and candidates (chunk, d+2) = [y − μ, −m_j, 1]; their
+    product is A_ji − m_j, with A_ji = (f_i − C_ij)/ε + ||y_j − μ||²/ε dropped (it is ``yy`` in g).
+    """
+
+    def __init__(self, xc: torch.Tensor, eps: float, chunk: int, dtype: torch.dtype) -> None:
+        n, d = xc.shape
+        dev = xc.device
+        self.d, self.eps = d, eps
+        self.xop = torch.empty(n, d + 2, dtype=dtype, device=dev)
+        self.xop[:, :d] = (2.0 / eps) * xc
+        self.xop[:, d] = 1.0
+        self.xx = (xc * xc).sum(1)
+        self.buf = torch.empty(chunk, d + 2, dtype=dtype, device=dev)
+        self.blk_buf = torch.empty(chunk, n, dtype=dtype, device=dev)  # reused: no fresh pages per chunk
+
+    def set_f(self, f: torch.Tensor) -> None:
+        self.xop[:, self.d + 1] = ((f - self.xx) / self.eps).to(self.xop.dtype)
+
+    def exp_block(
+        self, y: torch.Tensor, lse_prev: torch.Tensor, df_max: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """exp(A − shift) for one candidate chunk: (block (c, n), shift (c,), row sums (c,), rescanned).
+
+        The shift is the previous pass's row log-sum-exp plus the largest f step, an upper bound on the
+        row max (every exponent <= 0) that saves a max pass; where a row then underflows, or on the
+        first pass (``df_max`` NaN), the chunk is recomputed with the exact row max.
+        """
+        d = self.d
+        yb, blk = self.buf[: y.shape[0]], self.blk_buf[: y.shape[0]]
+        yb[:, :d] = y
+        yb[:, d + 1] = 1.0
+        tiny, floor = _UNDERFLOW[blk.dtype], _EXP_FLOOR[blk.dtype]
+        rescanned = False
+        if not math.isnan(df_max):
+            shift = lse_prev + df_max
+            yb[:, d] = -shift
+            torch.mm(yb, self.xop.T, out=blk)  # (c, n)
+            blk.clamp_(min=floor).exp_()
+            ssum = blk.sum(1)
+            rescanned = bool((ssum < tiny).any())
+            if not rescanned:
+                return blk, shift, ssum, False
+        yb[:, d] = 0.0
+        torch.mm(yb, self.xop.T, out=blk)
+        shift = blk.amax(1)
+        blk.sub_(shift[:, None]).clamp_(min=floor).exp_()
+        return blk, shift, blk.sum(1), rescanned
+
+
+class _Relaxation:
+    """The over-relaxation factor ω across passes.
+
+    ``"auto"``: plain steps until the error decays linearly (from pass 8), then ω from that rate
+    (:func:`_estimate_omega`). Over-relaxation can raise the error for a few passes before it drops, so
+    ω is given up (back to 1, for good) only if the error blows up (10x its value when ω was set) or
+    has not beaten its best under relaxation within :data:`_PATIENCE` passes.
+    """
+
+    def __init__(self, omega: float | str) -> None:
+        self.auto = isinstance(omega, str)
+        self.w = 1.0 if self.auto else float(omega)
+        self.since, self.err_at_switch = 0, math.inf
+
+    def update(self, errors: list[float], it: int) -> float:
+        err = errors[-1]
+        if self.auto and self.w == 1.0 and it >= 8:
+            self.w = _estimate_omega(errors)
+            self.since, self.err_at_switch = 0, err
+        elif self.w != 1.0:
+            self.since += 1
+            if err < self.err_at_switch:
+                self.since, self.err_at_switch = 0, err
+            if not err <= 10.0 * self.err_at_switch or self.since >= _PATIENCE:
+                logger.info("sinkhorn: no progress under omega=%.3f at iteration %d; back to 1", self.w, it)
+                self.w, self.auto = 1.0, False
+        return self.w
+
+
+@dataclass
+class _Pass:
+    """Results of one sweep over the candidates at fixed f."""
+
+    log_r: torch.Tensor  # (n,) log Σ_j exp((g_j − C_ij)/ε) + f_i/ε − log a: the plan's target marginal
+    log_r_rel: torch.Tensor  # the same with the over-relaxed g (what the f-update follows)
+    rescans: int
+
+
+def _sweep(
+    rows: _Rows,
+    mu: torch.Tensor,
+    yy: torch.Tensor,
+    ops: _Operands,
+    state: dict[str, Any],
+    log_a: float,
+    w: float,
+) -> _Pass:
+    """Update ``g`` (the c-transform of f), ``lse`` and the relaxed ``g_rel`` in ``state`` chunk by chunk."""
+    g, g_rel, lse, eps = state["g"], state["g_rel"], state["lse"], ops.eps
+    n = ops.xop.shape[0]
+    log_r = torch.full((n,), -math.inf, dtype=torch.float64, device=g.device)
+    log_r_rel = log_r.clone()
+    rescans = 0
+    for s in range(0, rows.n, ops.buf.shape[0]):
+        e = min(s + ops.buf.shape[0], rows.n)
+        blk, shift, ssum, rescanned = ops.exp_block(rows.chunk(s, e) - mu, lse[s:e], state["df_max"])
+        rescans += rescanned
+        log_s = ssum.log()
+        lse[s:e] = shift + log_s
+        g[s:e] = yy[s:e] - eps * (lse[s:e] + log_a)
+        # Σ_j exp((g_j − C_ij)/ε) = e^{−f_i/ε}/a · Σ_j E_ji / S_j: a matrix-vector product
+        log_r = _log_add(log_r, blk, -log_s)
+        if g_rel is not None:
+            g_rel[s:e] += w * (g[s:e] - g_rel[s:e])
+            log_r_rel = _log_add(log_r_rel, blk, (g_rel[s:e] - g[s:e]) / eps - log_s)
+    return _Pass(log_r, log_r_rel, rescans)
+
+
 def _solve(
     xc: torch.Tensor,
     rows: _Rows,
@@ -327,64 +447,26 @@ def _solve(
     chunk: int,
 ) -> SinkhornResult:
     dtype, dev = rows.dtype, rows.device
-    n, N, d = xc.shape[0], rows.n, rows.d
+    n, N = xc.shape[0], rows.n
     log_a, log_b = -math.log(n), -math.log(N)
-    tiny, floor = _UNDERFLOW[dtype], _EXP_FLOOR[dtype]
     f = torch.zeros(n, dtype=torch.float64, device=dev) if f_init is None else f_init.to(dev, torch.float64)
-    g = torch.empty(N, dtype=dtype, device=dev)  # c-transform of the current f: what is returned
-    g_rel: torch.Tensor | None = None  # over-relaxed g driving the f-update, only while omega != 1
-    lse = torch.empty(N, dtype=dtype, device=dev)  # log Σ_i exp(A_ji) at the last f: next shift's base
-    # Operands of the one matmul per chunk: targets (n, d+2) = [2x/ε, 1, (f − ||x||²)/ε] and
-    # candidates (chunk, d+2) = [y − μ, −m_j, 1]; their product is A_ji − m_j.
-    xop = torch.empty(n, d + 2, dtype=dtype, device=dev)
-    xop[:, :d] = (2.0 / eps) * xc
-    xop[:, d] = 1.0
-    xx = (xc * xc).sum(1)
-    buf = torch.empty(chunk, d + 2, dtype=dtype, device=dev)
-    blk_buf = torch.empty(chunk, n, dtype=dtype, device=dev)  # reused: no fresh pages per chunk
-
-    auto = isinstance(omega, str)
-    w = 1.0 if auto else float(omega)
+    state: dict[str, Any] = {
+        "g": torch.empty(N, dtype=dtype, device=dev),  # c-transform of the current f: what is returned
+        "g_rel": None,  # over-relaxed g driving the f-update, only while omega != 1
+        "lse": torch.empty(N, dtype=dtype, device=dev),  # log Σ_i exp(A_ji) at the last f: next shift's base
+        "df_max": math.nan,  # max_i of the last f step in units of ε; NaN = no shift known (first pass)
+    }
+    ops = _Operands(xc, eps, chunk, dtype)
+    relax = _Relaxation(omega)
     errors: list[float] = []
-    since, err_at_switch = 0, math.inf
-    df_max = math.nan  # max_i of the last f step in units of ε; NaN = no shift known (first pass)
     converged, err, it, rescans = False, math.inf, 0, 0
     for it in range(1, max_iter + 1):
-        xop[:, d + 1] = ((f - xx) / eps).to(dtype)
-        log_r = torch.full((n,), -math.inf, dtype=torch.float64, device=dev)
-        log_r_rel = log_r.clone()
-        for s in range(0, N, chunk):
-            e = min(s + chunk, N)
-            yb, blk = buf[: e - s], blk_buf[: e - s]
-            yb[:, :d] = rows.chunk(s, e)
-            yb[:, :d] -= mu
-            yb[:, d + 1] = 1.0
-            exact = math.isnan(df_max)
-            if not exact:
-                shift = lse[s:e] + df_max  # an upper bound on each row's max: every exponent <= 0
-                yb[:, d] = -shift
-                torch.mm(yb, xop.T, out=blk)  # (c, n)
-                blk.clamp_(min=floor).exp_()
-                ssum = blk.sum(1)
-                exact = bool((ssum < tiny).any())
-                rescans += exact
-            if exact:  # exact row max: first pass, or the bound was too loose for some row
-                yb[:, d] = 0.0
-                torch.mm(yb, xop.T, out=blk)
-                shift = blk.amax(1)
-                blk.sub_(shift[:, None]).clamp_(min=floor).exp_()
-                ssum = blk.sum(1)
-            log_s = ssum.log()
-            lse[s:e] = shift + log_s
-            g[s:e] = yy[s:e] - eps * (lse[s:e] + log_a)
-            # Σ_j exp((g_j − C_ij)/ε) = e^{−f_i/ε}/a · Σ_j E_ji / S_j: a matrix-vector product
-            log_r = _log_add(log_r, blk, -log_s)
-            if g_rel is not None:
-                g_rel[s:e] += w * (g[s:e] - g_rel[s:e])
-                log_r_rel = _log_add(log_r_rel, blk, (g_rel[s:e] - g[s:e]) / eps - log_s)
+        ops.set_f(f)
+        swept = _sweep(rows, mu, yy, ops, state, log_a, relax.w)
+        rescans += swept.rescans
         # target marginal of the plan (f, g): r_i = exp(log_r_i)/N; its candidate marginal is exactly
         # b because g is the c-transform of f, so this L1 error is the plan's whole marginal error
-        log_ratio = log_r + (log_b - log_a)  # log(r_i / a_i)
+        log_ratio = swept.log_r + (log_b - log_a)  # log(r_i / a_i)
         err = float(torch.expm1(log_ratio).abs().sum() / n)
         errors.append(err)
         if err <= tol:
@@ -392,33 +474,22 @@ def _solve(
             break
         if it == max_iter:
             break  # return (f, g), the pair whose error was measured
-        if g_rel is not None:
-            log_ratio = log_r_rel + (log_b - log_a)  # the f-update follows the relaxed g
-        if auto and w == 1.0 and it >= 8:
-            w = _estimate_omega(errors)
-            since, err_at_switch = 0, err
-        elif w != 1.0:
-            # Over-relaxation can raise the error for a few passes before it drops; give it up only if
-            # the error blows up or has not beaten its best under relaxation within `patience` passes.
-            since += 1
-            if err < err_at_switch:
-                since, err_at_switch = 0, err
-            if not err <= 10.0 * err_at_switch or since >= _PATIENCE:
-                logger.info("sinkhorn: no progress under omega=%.3f at iteration %d; back to 1", w, it)
-                w, auto = 1.0, False
+        if state["g_rel"] is not None:
+            log_ratio = swept.log_r_rel + (log_b - log_a)  # the f-update follows the relaxed g
+        w = relax.update(errors, it)
         if w == 1.0:
-            g_rel = None
-        elif g_rel is None:
-            g_rel = g.clone()
+            state["g_rel"] = None
+        elif state["g_rel"] is None:
+            state["g_rel"] = state["g"].clone()
         # f ← (1−ω) f + ω T(g); a target with (numerically) no mass gets a capped step instead of +inf
-        step = (-w * eps) * log_ratio.clamp(min=math.log(tiny))
-        df_max = float(step.max()) / eps
+        step = (-w * eps) * log_ratio.clamp(min=math.log(_UNDERFLOW[dtype]))
+        state["df_max"] = float(step.max()) / eps
         f = f + step
         if it % 10 == 0:
             logger.debug("sinkhorn it=%d err=%.3e omega=%.3f", it, err, w)
     return SinkhornResult(
-        f=f.to(dtype), g=g, eps=eps, mean_cost=math.nan, iterations=it, marginal_error=err,
-        converged=converged, omega=w, errors=errors, rescans=rescans,
+        f=f.to(dtype), g=state["g"], eps=eps, mean_cost=math.nan, iterations=it, marginal_error=err,
+        converged=converged, omega=relax.w, errors=errors, rescans=rescans,
     )  # fmt: skip
 
 

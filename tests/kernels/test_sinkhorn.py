@@ -11,6 +11,7 @@ Tolerances are relative to the mean cost (the scale of the potentials):
 from __future__ import annotations
 
 import numpy as np
+import ot  # POT, a dev dependency: missing means a broken environment, not a reason to skip
 import pytest
 import torch
 from scipy.stats import spearmanr
@@ -21,8 +22,6 @@ from winnow.kernels.sinkhorn import (
     ot_select,
     sinkhorn_potentials,
 )
-
-ot = pytest.importorskip("ot")
 
 # (n targets, N candidates, dim, eps_rel)
 CASES = [(50, 80, 5, 0.05), (200, 120, 16, 0.1), (30, 300, 3, 0.02), (64, 40, 32, 0.2)]
