@@ -141,12 +141,10 @@ def model_embeddings(
     import torch
     from transformers import AutoModel, AutoTokenizer
 
+    from winnow.pipeline.models import safetensors_files
+
     path = resolve_model_dir(model)
-    if not any(path.glob("*.safetensors")):
-        raise UserError(
-            f"{path} has no .safetensors weights; winnow never unpickles weights. Re-save the model with "
-            "model.save_pretrained(dir) (safetensors is the default)"
-        )
+    safetensors_files(path)  # refuses a directory with pickled weights only
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     net: Any = AutoModel.from_pretrained(

@@ -13,6 +13,7 @@ import json
 import math
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -290,51 +291,86 @@ def test_builtin_tiny_predicts_held_out_chats(held_out: list[dict]) -> None:
     assert info["stats"]["loss_last10"] < info["stats"]["loss_first10"] - 3.0
 
 
-def _assistant_nll(model, tok, rows: list[dict], answer_only: bool = False) -> float:
-    """Mean NLL of supervised tokens (or only the final-answer tokens after '####') of ``rows``."""
+def _per_token_nll(model, tok, rows: list[dict]) -> list[tuple[Any, Any, Any]]:
+    """One forward per row: (NLL of each target position 1..T-1, its supervised mask, its final-answer
+    mask: the tokens after '####' up to the end of the answer). Supervision as ingest marks it."""
     import torch
 
-    total, count = 0.0, 0
+    out = []
     for r in rows:
         rendered = render_sample(tok, r["messages"])
-        ids, mask = rendered.input_ids, rendered.loss_mask
-        if answer_only:
-            text = tm.render_chat(r["messages"])
-            start, end = text.rindex("####") + 4, text.rindex(tm.IM_END)
-            offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-            mask = [int(a >= start and b <= end) for a, b in offsets]
+        ids, text = rendered.input_ids, rendered.text
+        start, end = text.rindex("####") + 4, text.rindex(tm.IM_END)
+        offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        answer = [int(a >= start and b <= end) for a, b in offsets]
         x = torch.tensor([ids])
         with torch.no_grad():
-            logp = model(input_ids=x, use_cache=False).logits[0, :-1].log_softmax(-1)  # (T-1, V)
+            logp = model(input_ids=x, use_cache=False).logits[0, :-1].double().log_softmax(-1)  # (T-1, V)
         nll = -logp.gather(-1, x[0, 1:, None])[:, 0]  # (T-1,) position i+1 as target
-        keep = torch.tensor(mask[1:], dtype=torch.bool)
-        total += nll[keep].sum().item()
-        count += int(keep.sum())
-    assert count > len(rows)  # not vacuous
-    return total / count
+        keep = torch.tensor(rendered.loss_mask[1:], dtype=torch.bool)
+        out.append((nll, keep, torch.tensor(answer[1:], dtype=torch.bool) & keep))
+    return out
+
+
+def _likelihood_gaps(n_rows: int, per_kind: int, seed: int) -> dict[str, float]:
+    """Mean NLL differences (nats/token) between the builtin models on a held-out draw, as Rho-1, ssToken
+    and cDPO need them; rows render refuses (chat-template text typed into an answer) are left out."""
+    from winnow.pipeline.render import RenderError, render_batch
+
+    rows = generate_demo(n_rows, seed)
+    loaded = {n: _load(tm.builtin_model_path(n)) for n in tm.BUILTIN_MODELS}
+    tok = loaded["tiny"][1]
+    ok = [r for r, x in zip(rows, render_batch(tok, [r["messages"] for r in rows]), strict=True)
+          if not isinstance(x, RenderError)]  # fmt: skip
+
+    def kind(*kinds: str) -> list[dict]:
+        picked = [r for r in ok if r["corruption"] in kinds][:per_kind]
+        assert len(picked) == per_kind, (kinds, len(picked))
+        return picked
+
+    subsets = {
+        "clean": kind("none"),
+        "junk": kind("junk_span", "off_topic"),
+        "wrong": kind("wrong_final_answer"),
+    }
+    nll: dict[tuple[str, str, bool], float] = {}
+    for name, (model, _) in loaded.items():
+        for sub, subset in subsets.items():
+            per = _per_token_nll(model, tok, subset)
+            for answer_only in (False, True):
+                total = sum(float(v[m].sum()) for v, keep, ans in per for m in [ans if answer_only else keep])
+                count = sum(int((ans if answer_only else keep).sum()) for _, keep, ans in per)
+                assert count >= len(subset)  # not vacuous
+                nll[name, sub, answer_only] = total / count
+    return {
+        # Rho-1: the reference fits clean answers better than the base, and junk worse (excess loss > 0).
+        "ref_minus_tiny_clean": nll["tiny-reference", "clean", False] - nll["tiny", "clean", False],
+        "ref_minus_tiny_junk": nll["tiny-reference", "junk", False] - nll["tiny", "junk", False],
+        # ssToken's warm model has moved on from its history model (the base) on this data.
+        "warm_minus_tiny_clean": nll["tiny-warm", "clean", False] - nll["tiny", "clean", False],
+        # cDPO: relative to the positive model, the negative one prefers wrong final answers over right ones.
+        "neg_minus_pos_answer_wrong": nll["tiny-negative", "wrong", True]
+        - nll["tiny-positive", "wrong", True],
+        "neg_minus_pos_answer_clean": nll["tiny-negative", "clean", True]
+        - nll["tiny-positive", "clean", True],
+    }
+
+
+def _assert_directions(gaps: dict[str, float], margin: float) -> None:
+    assert gaps["ref_minus_tiny_clean"] < -margin, gaps
+    assert gaps["ref_minus_tiny_junk"] > margin, gaps
+    assert gaps["warm_minus_tiny_clean"] < -margin, gaps
+    assert gaps["neg_minus_pos_answer_wrong"] < 0 < gaps["neg_minus_pos_answer_clean"], gaps
+
+
+def test_variants_move_in_their_directions_fast() -> None:
+    """The fast form (runs by default): 24 held-out samples per kind, one forward each per model.
+
+    Measured on this draw: see the numbers in the report; the 0.05-nat margin of the slow test holds."""
+    _assert_directions(_likelihood_gaps(400, 24, HELD_OUT_SEED + 2), margin=0.05)
 
 
 @pytest.mark.slow
 def test_variants_move_in_their_directions() -> None:
-    """Each fine-tune shifts likelihood the way its method needs (held-out draw)."""
-    rows = generate_demo(600, HELD_OUT_SEED + 1)
-    loaded = {n: _load(tm.builtin_model_path(n)) for n in tm.BUILTIN_MODELS}
-    tok = loaded["tiny"][1]
-
-    def nll(name: str, subset: list[dict], answer_only: bool = False) -> float:
-        return _assistant_nll(loaded[name][0], tok, subset, answer_only)
-
-    def kind(*kinds: str) -> list[dict]:
-        return [r for r in rows if r["corruption"] in kinds][:80]
-
-    clean, junk = kind("none"), kind("junk_span", "off_topic")
-    # Rho-1: the reference fits clean answers better than the base, and junk worse (excess loss > 0).
-    assert nll("tiny-reference", clean) < nll("tiny", clean) - 0.05
-    assert nll("tiny-reference", junk) > nll("tiny", junk) + 0.05
-    # ssToken's warm model has moved on from its history model (the base) on this data.
-    assert nll("tiny-warm", clean) < nll("tiny", clean) - 0.05
-    # cDPO: relative to the positive model, the negative one prefers wrong final answers over right ones.
-    wrong = kind("wrong_final_answer")
-    gap_wrong = nll("tiny-negative", wrong, True) - nll("tiny-positive", wrong, True)
-    gap_clean = nll("tiny-negative", clean, True) - nll("tiny-positive", clean, True)
-    assert gap_wrong < 0 < gap_clean, (gap_wrong, gap_clean)
+    """Each fine-tune shifts likelihood the way its method needs (held-out draw, 80 samples per kind)."""
+    _assert_directions(_likelihood_gaps(1500, 80, HELD_OUT_SEED + 1), margin=0.05)
