@@ -247,16 +247,7 @@ def sinkhorn_potentials(
     by chunk. ``dtype`` is the compute precision of the (chunk, n) blocks (float32 default, float64 for
     references); potentials come back in that dtype on the solve device.
     """
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    if tol <= 0 or max_iter < 1:
-        raise ValueError(f"need tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
-    if warm_start is not None and warm_start < 2:
-        raise ValueError(f"warm_start must be None or a subsample size >= 2, got {warm_start}")
-    if not (isinstance(omega, str) and omega == "auto") and not (
-        isinstance(omega, (int, float)) and 0 < omega < 2
-    ):
-        raise ValueError(f"omega must be 'auto' or a number in (0, 2), got {omega!r}")
+    _check_options(dtype, tol, max_iter, warm_start, omega)
     start_time = time.perf_counter()
     dev = _resolve_device(targets, candidates, device)
     x = targets if isinstance(targets, torch.Tensor) else torch.from_numpy(np.array(targets))
@@ -276,16 +267,7 @@ def sinkhorn_potentials(
         mcost = float((xc * xc).sum(1).mean()) + yy_mean
         if not math.isfinite(mcost):
             raise ValueError("targets or candidates contain NaN or infinite values")
-        if eps is None:
-            if eps_rel <= 0:
-                raise ValueError(f"eps_rel must be > 0, got {eps_rel}")
-            eps_abs = eps_rel * mcost
-        else:
-            eps_abs = float(eps)
-        if not eps_abs > 0:
-            raise ValueError(
-                f"epsilon must be > 0 (got {eps_abs}; mean cost {mcost}): are all embeddings identical?"
-            )
+        eps_abs = _epsilon(eps, eps_rel, mcost)
         if init_f is not None and tuple(init_f.shape) != (x.shape[0],):
             raise ValueError(
                 f"init_f must have shape ({x.shape[0]},) (one value per target), got {tuple(init_f.shape)}"
@@ -301,8 +283,7 @@ def sinkhorn_potentials(
                 dtype=dtype, device=dev, num_threads=num_threads,
             )  # fmt: skip
             f0, warm_iters = pre.f, pre.iterations
-            if omega == "auto" and pre.omega != 1.0:
-                omega0 = pre.omega  # same geometry, same rate: reuse the estimate
+            omega0 = pre.omega if omega == "auto" and pre.omega != 1.0 else omega  # same geometry, same rate
         result = _solve(xc, rows, mu.to(dtype), yy, eps_abs, tol, max_iter, omega0, f0, chunk)
     result.mean_cost, result.warm_start_iterations = mcost, warm_iters
     result.seconds = time.perf_counter() - start_time
@@ -432,6 +413,36 @@ def _sweep(
             g_rel[s:e] += w * (g[s:e] - g_rel[s:e])
             log_r_rel = _log_add(log_r_rel, blk, (g_rel[s:e] - g[s:e]) / eps - log_s)
     return _Pass(log_r, log_r_rel, rescans)
+
+
+def _check_options(
+    dtype: torch.dtype, tol: float, max_iter: int, warm_start: int | None, omega: float | str
+) -> None:
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if tol <= 0 or max_iter < 1:
+        raise ValueError(f"need tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
+    if warm_start is not None and warm_start < 2:
+        raise ValueError(f"warm_start must be None or a subsample size >= 2, got {warm_start}")
+    if not (isinstance(omega, str) and omega == "auto") and not (
+        isinstance(omega, (int, float)) and 0 < omega < 2
+    ):
+        raise ValueError(f"omega must be 'auto' or a number in (0, 2), got {omega!r}")
+
+
+def _epsilon(eps: float | None, eps_rel: float, mcost: float) -> float:
+    """Absolute ε: ``eps`` as given, else ``eps_rel`` times the mean cost."""
+    if eps is None:
+        if eps_rel <= 0:
+            raise ValueError(f"eps_rel must be > 0, got {eps_rel}")
+        eps_abs = eps_rel * mcost
+    else:
+        eps_abs = float(eps)
+    if not eps_abs > 0:
+        raise ValueError(
+            f"epsilon must be > 0 (got {eps_abs}; mean cost {mcost}): are all embeddings identical?"
+        )
+    return eps_abs
 
 
 def _solve(

@@ -291,28 +291,49 @@ def test_builtin_tiny_predicts_held_out_chats(held_out: list[dict]) -> None:
     assert info["stats"]["loss_last10"] < info["stats"]["loss_first10"] - 3.0
 
 
-def _per_token_nll(model, tok, rows: list[dict]) -> list[tuple[Any, Any, Any]]:
-    """One forward per row: (NLL of each target position 1..T-1, its supervised mask, its final-answer
-    mask: the tokens after '####' up to the end of the answer). Supervision as ingest marks it."""
+def _per_token_nll(model, tok, rows: list[dict], batch: int = 32) -> list[tuple[Any, Any, Any]]:
+    """Per row: (NLL of each target position 1..T-1, its supervised mask, its final-answer mask: the
+    tokens after '####' up to the end of the answer). Supervision as ingest marks it. Rows are
+    right-padded into batches with an attention mask (a causal model's values at real positions do not
+    depend on padding after them)."""
     import torch
 
-    out = []
+    items = []
     for r in rows:
         rendered = render_sample(tok, r["messages"])
-        ids, text = rendered.input_ids, rendered.text
-        start, end = text.rindex("####") + 4, text.rindex(tm.IM_END)
+        text = rendered.text
+        start, end = text.rfind("####") + 4, text.rindex(tm.IM_END)  # no '####' (off-topic): no answer
         offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        answer = [int(a >= start and b <= end) for a, b in offsets]
-        x = torch.tensor([ids])
+        answer = [int(start >= 4 and a >= start and b <= end) for a, b in offsets]
+        items.append((rendered.input_ids, rendered.loss_mask, answer))
+    out = []
+    for i in range(0, len(items), batch):
+        chunk = items[i : i + batch]
+        x, attn = tm._pad([ids for ids, _, _ in chunk], tok.pad_token_id)
         with torch.no_grad():
-            logp = model(input_ids=x, use_cache=False).logits[0, :-1].double().log_softmax(-1)  # (T-1, V)
-        nll = -logp.gather(-1, x[0, 1:, None])[:, 0]  # (T-1,) position i+1 as target
-        keep = torch.tensor(rendered.loss_mask[1:], dtype=torch.bool)
-        out.append((nll, keep, torch.tensor(answer[1:], dtype=torch.bool) & keep))
+            logp = model(input_ids=x, attention_mask=attn, use_cache=False).logits.log_softmax(-1)
+        nll = -logp[:, :-1].gather(-1, x[:, 1:, None])[..., 0]  # (B, T-1): position t+1 as target
+        for row, (ids, mask, answer) in enumerate(chunk):
+            keep = torch.tensor(mask[1:], dtype=torch.bool)
+            out.append((nll[row, : len(ids) - 1], keep, torch.tensor(answer[1:], dtype=torch.bool) & keep))
     return out
 
 
-def _likelihood_gaps(n_rows: int, per_kind: int, seed: int) -> dict[str, float]:
+# (model, subset) pairs the direction checks compare
+_NEEDED = (
+    ("tiny", "clean"),
+    ("tiny", "junk"),
+    ("tiny-reference", "clean"),
+    ("tiny-reference", "junk"),
+    ("tiny-warm", "clean"),
+    ("tiny-positive", "clean"),
+    ("tiny-negative", "clean"),
+    ("tiny-positive", "wrong"),
+    ("tiny-negative", "wrong"),
+)
+
+
+def _likelihood_gaps(n_rows: int, per_kind: dict[str, int], seed: int) -> dict[str, float]:
     """Mean NLL differences (nats/token) between the builtin models on a held-out draw, as Rho-1, ssToken
     and cDPO need them; rows render refuses (chat-template text typed into an answer) are left out."""
     from winnow.pipeline.render import RenderError, render_batch
@@ -322,26 +343,18 @@ def _likelihood_gaps(n_rows: int, per_kind: int, seed: int) -> dict[str, float]:
     tok = loaded["tiny"][1]
     ok = [r for r, x in zip(rows, render_batch(tok, [r["messages"] for r in rows]), strict=True)
           if not isinstance(x, RenderError)]  # fmt: skip
-
-    def kind(*kinds: str) -> list[dict]:
-        picked = [r for r in ok if r["corruption"] in kinds][:per_kind]
-        assert len(picked) == per_kind, (kinds, len(picked))
-        return picked
-
-    subsets = {
-        "clean": kind("none"),
-        "junk": kind("junk_span", "off_topic"),
-        "wrong": kind("wrong_final_answer"),
-    }
+    kinds = {"clean": ("none",), "junk": ("junk_span", "off_topic"), "wrong": ("wrong_final_answer",)}
+    subsets = {sub: [r for r in ok if r["corruption"] in kinds[sub]][: per_kind[sub]] for sub in kinds}
+    assert all(len(subsets[sub]) == per_kind[sub] for sub in kinds), {k: len(v) for k, v in subsets.items()}
     nll: dict[tuple[str, str, bool], float] = {}
-    for name, (model, _) in loaded.items():
-        for sub, subset in subsets.items():
-            per = _per_token_nll(model, tok, subset)
-            for answer_only in (False, True):
-                total = sum(float(v[m].sum()) for v, keep, ans in per for m in [ans if answer_only else keep])
-                count = sum(int((ans if answer_only else keep).sum()) for _, keep, ans in per)
-                assert count >= len(subset)  # not vacuous
-                nll[name, sub, answer_only] = total / count
+    for name, sub in _NEEDED:
+        per = _per_token_nll(loaded[name][0], tok, subsets[sub])
+        for answer_only in (False, True):
+            masks = [ans if answer_only else keep for _, keep, ans in per]
+            count = sum(int(m.sum()) for m in masks)
+            assert count >= len(per) or (answer_only and sub == "junk")  # not vacuous
+            total = sum(float(v[m].sum()) for (v, _, _), m in zip(per, masks, strict=True))
+            nll[name, sub, answer_only] = total / max(count, 1)
     return {
         # Rho-1: the reference fits clean answers better than the base, and junk worse (excess loss > 0).
         "ref_minus_tiny_clean": nll["tiny-reference", "clean", False] - nll["tiny", "clean", False],
@@ -364,13 +377,19 @@ def _assert_directions(gaps: dict[str, float], margin: float) -> None:
 
 
 def test_variants_move_in_their_directions_fast() -> None:
-    """The fast form (runs by default): 24 held-out samples per kind, one forward each per model.
+    """The fast form (runs by default): 64 clean, 32 junk and 64 wrong-answer held-out samples.
 
-    Measured on this draw: see the numbers in the report; the 0.05-nat margin of the slow test holds."""
-    _assert_directions(_likelihood_gaps(400, 24, HELD_OUT_SEED + 2), margin=0.05)
+    Measured on eight held-out draws of this size (2026-11-30, this machine's cached builtin models), in
+    nats/token: reference - tiny on clean -0.138 .. -0.176, on junk +0.43 .. +0.58; warm - tiny on clean
+    -0.100 .. -0.136; negative - positive on final-answer tokens, wrong rows -0.119 .. -0.201, clean rows
+    +0.062 .. +0.150. With 24 samples per kind the cDPO gaps changed sign on 3 of 6 draws."""
+    gaps = _likelihood_gaps(1100, {"clean": 64, "junk": 32, "wrong": 64}, HELD_OUT_SEED + 2)
+    _assert_directions(gaps, margin=0.05)
 
 
 @pytest.mark.slow
 def test_variants_move_in_their_directions() -> None:
     """Each fine-tune shifts likelihood the way its method needs (held-out draw, 80 samples per kind)."""
-    _assert_directions(_likelihood_gaps(1500, 80, HELD_OUT_SEED + 1), margin=0.05)
+    _assert_directions(
+        _likelihood_gaps(1500, {"clean": 80, "junk": 80, "wrong": 80}, HELD_OUT_SEED + 1), 0.05
+    )
