@@ -321,16 +321,10 @@ def _per_token_nll(model, tok, rows: list[dict], batch: int = 32) -> list[tuple[
 
 # (model, subset) pairs the direction checks compare
 _NEEDED = (
-    ("tiny", "clean"),
-    ("tiny", "junk"),
-    ("tiny-reference", "clean"),
-    ("tiny-reference", "junk"),
-    ("tiny-warm", "clean"),
-    ("tiny-positive", "clean"),
-    ("tiny-negative", "clean"),
-    ("tiny-positive", "wrong"),
-    ("tiny-negative", "wrong"),
-)
+    ("tiny", "clean"), ("tiny", "junk"), ("tiny-reference", "clean"), ("tiny-reference", "junk"),
+    ("tiny-warm", "clean"), ("tiny-positive", "clean"), ("tiny-negative", "clean"),
+    ("tiny-positive", "wrong"), ("tiny-negative", "wrong"),
+)  # fmt: skip
 
 
 def _likelihood_gaps(n_rows: int, per_kind: dict[str, int], seed: int) -> dict[str, float]:
