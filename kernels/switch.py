@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from winnow.kernels import chunked_head
 from winnow.kernels.linear_cross_entropy import linear_cross_entropy_reference
 
 BACKENDS = ("reference", "triton", "auto")
@@ -59,3 +60,36 @@ def linear_cross_entropy(
 
         return linear_cross_entropy_triton(hidden, weight, targets, token_weight, bias=bias, softcap=softcap)
     return linear_cross_entropy_reference(hidden, weight, targets, token_weight, bias, softcap, chunk)
+
+
+def logprob_entropy(
+    head: chunked_head.LMHead,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int = 0,
+    entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log p(target) and entropy, (N,) fp32 each; see :func:`.chunked_head.logprob_entropy`.
+    ``chunk`` only sizes the reference's blocks (the kernel holds no logits)."""
+    if backend(hidden.device) == "triton":
+        from winnow.kernels.triton_linear_cross_entropy import logprob_entropy_triton
+
+        return logprob_entropy_triton(head, hidden, targets, entropy=entropy)
+    return chunked_head.logprob_entropy(head, hidden, targets, chunk=chunk, entropy=entropy)
+
+
+def contrast_scores(
+    head_pos: chunked_head.LMHead,
+    hidden_pos: torch.Tensor,
+    head_neg: chunked_head.LMHead,
+    hidden_neg: torch.Tensor,
+    targets: torch.Tensor,
+    beta: float = 1.0,
+    chunk: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """cDPO ``p_CE`` and each head's log p(target); see :func:`.chunked_head.contrast_scores`."""
+    if backend(hidden_pos.device) == "triton":
+        from winnow.kernels.triton_linear_cross_entropy import contrast_scores_triton
+
+        return contrast_scores_triton(head_pos, hidden_pos, head_neg, hidden_neg, targets, beta=beta)
+    return chunked_head.contrast_scores(head_pos, hidden_pos, head_neg, hidden_neg, targets, beta=beta, chunk=chunk)
