@@ -75,7 +75,7 @@ def _splits(rows: int, vocab: int, blk: Blocks) -> int:
 @triton.jit
 def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, vocab, dim, stride_h, stride_w,
                 scale, softcap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, IEEE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
+                UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     """(BLOCK_M, BLOCK_V) fp32 post-processed logits s and dz->ds factor (1 without a cap)."""
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     for k0 in range(0, dim, BLOCK_D):
@@ -84,7 +84,10 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, vocab, dim, stride_h, s
                     mask=(rows[:, None] < n_rows) & (ks[None, :] < dim), other=0.0)
         w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :],
                     mask=(cols[:, None] < vocab) & (ks[None, :] < dim), other=0.0)
-        if IEEE:
+        if UPCAST:  # triton 3.9 interpreter: a bf16 tl.dot returned ~1e10 for O(10) logits (bit patterns?)
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        if IEEE or UPCAST:
             acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
         else:
             acc = tl.dot(h, tl.trans(w), acc)
@@ -101,24 +104,24 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, vocab, dim, stride_h, s
 
 
 @triton.jit
-def _online(m, l, t, s, colmask):
+def _online(m, tot, t, s, colmask):
     """Fold a tile into the running (max, sum e^(s-m), sum e^(s-m) * (s-m)) of each row."""
     s = tl.where(colmask[None, :], s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, axis=1))
     alpha = tl.exp(m - m_new)
     e = tl.exp(s - m_new[:, None])
     d = tl.where(colmask[None, :], s - m_new[:, None], 0.0)
-    t = alpha * (t + (m - m_new) * l) + tl.sum(e * d, axis=1)
-    l = alpha * l + tl.sum(e, axis=1)
-    return m_new, l, t
+    t = alpha * (t + (m - m_new) * tot) + tl.sum(e * d, axis=1)
+    tot = alpha * tot + tl.sum(e, axis=1)
+    return m_new, tot, t
 
 
 @triton.jit
-def _store_state(out_ptr, split, n_rows, rows, m, l, t, zy):
+def _store_state(out_ptr, split, n_rows, rows, m, tot, t, zy):
     base = out_ptr + split * 4 * n_rows
     ok = rows < n_rows
     tl.store(base + rows, m, mask=ok)
-    tl.store(base + n_rows + rows, l, mask=ok)
+    tl.store(base + n_rows + rows, tot, mask=ok)
     tl.store(base + 2 * n_rows + rows, t, mask=ok)
     tl.store(base + 3 * n_rows + rows, zy, mask=ok)
 
@@ -129,7 +132,7 @@ def _lse_fwd_kernel(
     n_rows, vocab, dim, dim2, stride_h, stride_w, stride_h2, stride_w2, v_per_split,
     scale, softcap, scale2, softcap2, beta,
     HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, HAS_BIAS2: tl.constexpr, HAS_CAP2: tl.constexpr,
-    CONTRAST: tl.constexpr, IEEE: tl.constexpr,
+    CONTRAST: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Per (row block, vocabulary slice): online states of head 1 (and, for CONTRAST, of head 2 and
@@ -152,12 +155,12 @@ def _lse_fwd_kernel(
         colmask = cols < v_hi
         hit = (cols[None, :] == y[:, None]) & colmask[None, :]
         s1, _ = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, vocab, dim, stride_h, stride_w,
-                            scale, softcap, HAS_BIAS, HAS_CAP, IEEE, BLOCK_M, BLOCK_V, BLOCK_D)
+                            scale, softcap, HAS_BIAS, HAS_CAP, IEEE, UPCAST, BLOCK_M, BLOCK_V, BLOCK_D)
         m1, l1, t1 = _online(m1, l1, t1, s1, colmask)
         zy1 += tl.sum(tl.where(hit, s1, 0.0), axis=1)
         if CONTRAST:
             s2, _ = _logit_tile(h2_ptr, w2_ptr, b2_ptr, rows, cols, n_rows, vocab, dim2, stride_h2,
-                                stride_w2, scale2, softcap2, HAS_BIAS2, HAS_CAP2, IEEE,
+                                stride_w2, scale2, softcap2, HAS_BIAS2, HAS_CAP2, IEEE, UPCAST,
                                 BLOCK_M, BLOCK_V, BLOCK_D)
             m2, l2, t2 = _online(m2, l2, t2, s2, colmask)
             zy2 += tl.sum(tl.where(hit, s2, 0.0), axis=1)
@@ -174,7 +177,7 @@ def _lse_fwd_kernel(
 def _grad_logits_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, coef_ptr, g_ptr,
     n_rows, vocab, dim, stride_h, stride_w, stride_g, softcap,
-    HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """g[i, v] = coef_i * (softmax(s_i)[v] - [v == y_i]) * ds/dz, one recomputed tile per program."""
@@ -182,7 +185,7 @@ def _grad_logits_kernel(
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     rmask = rows < n_rows
     s, dsdz = _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, vocab, dim, stride_h, stride_w,
-                          1.0, softcap, HAS_BIAS, HAS_CAP, IEEE, BLOCK_M, BLOCK_V, BLOCK_D)
+                          1.0, softcap, HAS_BIAS, HAS_CAP, IEEE, UPCAST, BLOCK_M, BLOCK_V, BLOCK_D)
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     coef = tl.load(coef_ptr + rows, mask=rmask, other=0.0)
     y = tl.load(y_ptr + rows, mask=rmask, other=-1)
@@ -195,11 +198,11 @@ def _grad_logits_kernel(
 
 def _merge(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(splits, 4, n) partial states -> lse (n,), entropy (n,), target logit (n,), all fp32."""
-    m, l, t, zy = state.unbind(1)
+    m, tot, t, zy = state.unbind(1)
     big = m.amax(0)
     a = torch.exp(m - big)
-    total = (a * l).sum(0)
-    ent_num = (a * (t + (m - big) * l)).sum(0)  # sum e^(s - big) * (s - big), rebased per split
+    total = (a * tot).sum(0)
+    ent_num = (a * (t + (m - big) * tot)).sum(0)  # sum e^(s - big) * (s - big), rebased per split
     log_total = torch.log(total)
     return big + log_total, log_total - ent_num / total, zy.sum(0)
 
@@ -218,6 +221,8 @@ def _run_lse(h, w, b, y, scale, softcap, second=None, beta: float = 0.0) -> torc
     splits = triton.cdiv(vocab, v_per)  # no empty slice
     streams = 3 if second else 1
     out = torch.empty((streams, splits, 4, n), dtype=torch.float32, device=h.device)
+    if n == 0:  # every row had weight 0: nothing to launch
+        return out
     h2, w2, b2, scale2, cap2 = second if second else (h, w, b, scale, softcap)
     grid = (triton.cdiv(n, blk.m), splits)
     _lse_fwd_kernel[grid](
@@ -225,7 +230,7 @@ def _run_lse(h, w, b, y, scale, softcap, second=None, beta: float = 0.0) -> torc
         n, vocab, d, h2.shape[1], h.stride(0), w.stride(0), h2.stride(0), w2.stride(0), v_per,
         float(scale), float(softcap or 1.0), float(scale2), float(cap2 or 1.0), float(beta),
         HAS_BIAS=b is not None, HAS_CAP=softcap is not None, HAS_BIAS2=b2 is not None,
-        HAS_CAP2=cap2 is not None, CONTRAST=second is not None, IEEE=w.dtype == torch.float32,
+        HAS_CAP2=cap2 is not None, CONTRAST=second is not None, IEEE=w.dtype == torch.float32, UPCAST=_interpreting(),
         BLOCK_M=blk.m, BLOCK_V=blk.v, BLOCK_D=blk.d, num_warps=blk.warps, num_stages=blk.stages,
     )
     return out
@@ -236,11 +241,13 @@ def _grad_logits(h, w, b, y, lse, coef, softcap) -> torch.Tensor:
     vocab = w.shape[0]
     blk = _blocks(d)
     g = torch.empty((n, vocab), dtype=w.dtype, device=h.device)
+    if n == 0:
+        return g
     grid = (triton.cdiv(n, blk.m), triton.cdiv(vocab, blk.v))
     _grad_logits_kernel[grid](
         h, w, b if b is not None else w, y, lse, coef, g, n, vocab, d, h.stride(0), w.stride(0),
         g.stride(0), float(softcap or 1.0), HAS_BIAS=b is not None, HAS_CAP=softcap is not None,
-        IEEE=w.dtype == torch.float32, BLOCK_M=blk.m, BLOCK_V=blk.v, BLOCK_D=blk.d,
+        IEEE=w.dtype == torch.float32, UPCAST=_interpreting(), BLOCK_M=blk.m, BLOCK_V=blk.v, BLOCK_D=blk.d,
         num_warps=blk.warps, num_stages=blk.stages,
     )
     return g
