@@ -65,7 +65,7 @@ def _blocks(d: int) -> Blocks:
 def _splits(rows: int, vocab: int, blk: Blocks) -> int:
     """Vocabulary slices per row block: enough programs for the GPU, one under the interpreter."""
     tiles = triton.cdiv(vocab, blk.v)
-    if _interpreting():
+    if _interpreting() or rows == 0:
         return 1
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     want = triton.cdiv(2 * sms, triton.cdiv(rows, blk.m))
