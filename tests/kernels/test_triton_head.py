@@ -134,11 +134,11 @@ def test_switch_routes_head_functions(monkeypatch, mode):
 @pytest.mark.gpu
 @pytest.mark.parametrize("v", [32768, 131072])
 def test_head_kernels_large_vocab_on_gpu(v):
-    head = _head(v, 256, seed=v, bias=True, softcap=30.0)
-    h = torch.randn(777, 256) * 2
-    t = torch.randint(0, v, (777,))
-    logp = _logits64(head, h).log_softmax(-1)
-    cuda = LMHead(head.weight.cuda(), head.bias.cuda(), head.scale, head.softcap)
-    lp, ent = _tk().logprob_entropy_triton(cuda, h.cuda(), t.cuda())
-    _close(lp.cpu(), _pick(logp, t))
-    _close(ent.cpu(), -(logp.exp() * logp).sum(-1))
+    g = _head(v, 256, seed=v, bias=True, softcap=30.0)
+    head = LMHead(g.weight.cuda(), g.bias.cuda(), g.scale, g.softcap)
+    h = torch.randn(777, 256, device="cuda") * 2
+    t = torch.randint(0, v, (777,), device="cuda")
+    logp = _logits64(head, h).log_softmax(-1)  # float64 on the GPU
+    lp, ent = _tk().logprob_entropy_triton(head, h, t)
+    _close(lp, _pick(logp, t))
+    _close(ent, -(logp.exp() * logp).sum(-1))
