@@ -13,8 +13,8 @@ Contenders, same inputs (hidden ``(N, D)``, head ``(V, D)``, targets, token weig
 Time: median of ``--reps`` runs after one warm-up. Memory: peak bytes of one step beyond the inputs and
 the two gradients every method must return (``N*D + V*D`` elements; an fp32 ``grad W`` accumulator for
 bf16 weights counts as extra): on CUDA ``max_memory_allocated`` in this process; on CPU each
-(contender, V) runs in a fresh subprocess (warmed up on a tiny problem) and reports its ``ru_maxrss``
-growth during one step.
+(contender, V) runs in a fresh subprocess (warmed up on a tiny problem) and reports its peak resident
+set growth during one step (``VmHWM`` after resetting it, minus ``VmRSS`` before).
 
 Run: ``python benchmarks/bench_kernels.py [--device cpu|cuda] [--vocab 8000,32000,64000] [--out F.json]``.
 Imports nothing but torch (and the contenders): it also runs on the GPU machine.
@@ -114,17 +114,31 @@ def cuda_peak_extra(fn, inputs) -> int:
     return torch.cuda.max_memory_allocated() - base - unavoidable
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rss_peak_of(fn) -> int:
+    """Peak resident bytes of ``fn()`` above the resident size before it (Linux: writing 5 to
+    /proc/self/clear_refs resets the high-water mark VmHWM, so earlier peaks do not hide this one)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - before) * 1024
+
+
 def cpu_peak_extra(name: str, n: int, v: int, d: int) -> int:
-    """ru_maxrss growth of one step of ``name`` in a fresh process (bytes)."""
+    """Peak resident growth of one step of ``name`` in a fresh process (bytes), less the gradients."""
     here, grads = str(Path(__file__).parent), 4 * (n * d + v * d)
     code = (
-        f"import sys, resource, torch; sys.path.insert(0, {here!r}); torch.set_num_threads(1)\n"
+        f"import sys, torch; sys.path.insert(0, {here!r}); torch.set_num_threads(1)\n"
         "import bench_kernels as b\n"
         f"fn = b.contenders('cpu')[{name!r}]; b.step(fn, *b.make_inputs(64, 128, 16, torch.float32, 'cpu'))\n"
         f"inp = b.make_inputs({n}, {v}, {d}, torch.float32, 'cpu')\n"
-        "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "b.step(fn, *inp)\n"
-        f"print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) * 1024 - {grads})\n"
+        f"print(b.rss_peak_of(lambda: b.step(fn, *inp)) - {grads})\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(res.stdout.strip().splitlines()[-1])

@@ -4,7 +4,9 @@
 tensors when triton imports, and the reference everywhere else (CPU, or a GPU stack without triton);
 ``triton`` insists (an error when it cannot run, except on CPU under ``TRITON_INTERPRET=1``, which
 the tests use); ``reference`` forces the plain PyTorch path everywhere. The trainer and the model
-passes reach the kernels only through the functions below, so one variable flips every call site.
+passes reach the kernels only through the functions below (:func:`linear_cross_entropy` for training,
+:func:`logprob_entropy` and :func:`contrast_scores` for the passes), so one variable flips every call
+site. The variable is read at every call (a process can switch between calls, as the GPU check does).
 Nothing here imports triton, cupy, pyarrow or the run store at module level.
 """
 

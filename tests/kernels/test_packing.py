@@ -101,3 +101,23 @@ def test_cupy_matches_reference(seed, n_samples, max_len):
     for f in ("input_ids", "position_ids", "cu_seqlens", "gather", "targets", "weights"):
         assert torch.equal(getattr(got, f), getattr(want, f)), f
     assert got.max_seqlen == want.max_seqlen
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="cupy is not installed")
+def test_cupy_source_compiles_without_a_gpu():
+    """NVRTC compiles the packer's CUDA source to PTX with no device present (catches C errors on CPU)."""
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        prog = nvrtc.createProgram(_cupy_source(), "pack.cu", [], [])
+    except Exception as e:  # noqa: BLE001 - no NVRTC library: nothing to check here
+        pytest.skip(f"NVRTC unavailable: {e}")
+    nvrtc.compileProgram(prog, ["-arch=compute_80"])
+    ptx = nvrtc.getPTX(prog).decode()
+    assert ".entry trim_lengths(" in ptx and ".entry scatter_tokens(" in ptx
+
+
+def _cupy_source() -> str:
+    from winnow.kernels import cupy_packing
+
+    return cupy_packing._SOURCE
