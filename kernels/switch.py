@@ -12,6 +12,7 @@ Nothing here imports triton, cupy, pyarrow or the run store at module level.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -30,13 +31,18 @@ def requested() -> str:
     return value
 
 
+@functools.cache
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None  # ~0.35 ms a call uncached: once per process
+
+
 def backend(device: torch.device | str) -> str:
     """The implementation the switch picks for tensors on ``device``: ``"reference"`` or ``"triton"``."""
     want = requested()
     if want == "reference":
         return "reference"
     on_cuda = torch.device(device).type == "cuda"
-    has_triton = importlib.util.find_spec("triton") is not None
+    has_triton = _has_triton()
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if want == "auto":
         return "triton" if (on_cuda and has_triton) else "reference"

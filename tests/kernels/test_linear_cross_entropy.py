@@ -18,6 +18,8 @@ import torch
 from winnow.kernels import switch
 from winnow.kernels.linear_cross_entropy import linear_cross_entropy_reference
 
+# the kernel tests run natively where there is a GPU (the GPU check runs this file), interpreted elsewhere
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (1e-4, 2e-2)}  # (loss, gradients)
 
 
@@ -52,14 +54,17 @@ def _full_float64(h, w, b, y, wt, softcap):
 
 
 def _run(fn, h, w, b, y, wt, softcap):
-    h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
-    b = None if b is None else b.clone().requires_grad_()
-    loss = fn(h, w, y, wt, bias=b, softcap=softcap)
+    """Loss and gradients of ``fn`` computed on DEV, returned on the CPU."""
+    leaf = lambda t: t.detach().to(DEV, copy=True).requires_grad_()  # noqa: E731 - never the caller's tensor
+    h, w = leaf(h), leaf(w)
+    b = None if b is None else leaf(b)
+    loss = fn(h, w, y.to(DEV), wt.to(DEV), bias=b, softcap=softcap)
     loss.backward()
-    return loss.detach(), h.grad, w.grad, (None if b is None else b.grad)
+    return tuple(None if t is None else t.detach().cpu() for t in (loss, h.grad, w.grad, None if b is None else b.grad))
 
 
 def _rel(got, want):
+    want = want.cpu()
     return ((got.double() - want).abs().max() / want.abs().max()).item()
 
 
@@ -139,10 +144,10 @@ def test_all_rows_weight_zero(impl):
 def test_backward_scales_by_upstream_gradient():
     tk = _triton()
     h, w, _, y, wt = _inputs(50, 300, 40, torch.float32, seed=9)
-    hh = h.clone().requires_grad_()
-    (tk.linear_cross_entropy_triton(hh, w, y, wt) * -2.5).backward()
+    hh = h.to(DEV, copy=True).requires_grad_()
+    (tk.linear_cross_entropy_triton(hh, w.to(DEV), y.to(DEV), wt.to(DEV)) * -2.5).backward()
     want = _full_float64(h, w, None, y, wt, None)[1]
-    assert _rel(hh.grad, -2.5 * want) < 2e-5
+    assert _rel(hh.grad.cpu(), -2.5 * want) < 2e-5
 
 
 def test_backward_chunks_agree(monkeypatch):
@@ -167,7 +172,9 @@ def _spy(monkeypatch, module, name):
     return calls
 
 
-@pytest.mark.parametrize("mode,expect", [("triton", "triton"), ("reference", "reference"), ("auto", "reference")])
+@pytest.mark.parametrize(
+    "mode,expect", [("triton", "triton"), ("reference", "reference"), ("auto", "triton" if DEV == "cuda" else "reference")]
+)
 def test_switch_routes(monkeypatch, mode, expect):
     import winnow.kernels.switch as sw
 
@@ -175,7 +182,7 @@ def test_switch_routes(monkeypatch, mode, expect):
     monkeypatch.setenv("WINNOW_KERNELS", mode)
     tri = _spy(monkeypatch, tk, "linear_cross_entropy_triton")
     ref = _spy(monkeypatch, sw, "linear_cross_entropy_reference")
-    h, w, _, y, wt = _inputs(10, 64, 16, torch.float32, seed=1)
+    h, w, _, y, wt = (None if t is None else t.to(DEV) for t in _inputs(10, 64, 16, torch.float32, seed=1))
     sw.linear_cross_entropy(h, w, y, wt)
     assert (tri if expect == "triton" else ref) and not (ref if expect == "triton" else tri)
 

@@ -1,5 +1,5 @@
 """No-grad Triton head kernels (interpreted on CPU): per-token log-prob and entropy, and the cDPO
-contrast score, against float64 full logits computed here and against the chunked reference
+contrast score, against float64 full logits (test_chunked_head's helper) and against the chunked reference
 (:mod:`winnow.kernels.chunked_head`). Same tolerances as the reference promises: rtol = atol = 1e-5
 on log-probs and entropies (fp32 logits of size up to ~15), atol 1e-7 on p_CE."""
 
@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_chunked_head import _head  # tests/ folders are on sys.path (tests/conftest.py)
+from test_chunked_head import _ref_logits as _logits64
 
 from winnow.kernels import chunked_head, switch
 from winnow.kernels.chunked_head import LMHead
@@ -18,21 +20,22 @@ def _tk():
     return tk
 
 
-def _head(v, d, seed, scale=1.0, softcap=None, bias=False, spread=3.0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(v, d, generator=g) * spread / d**0.5
-    b = torch.randn(v, generator=g) if bias else None
-    return LMHead(w, b, scale, softcap)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # natively on a GPU, interpreted elsewhere
 
 
-def _logits64(head, h):
-    z = h.double() @ head.weight.double().T
-    if head.bias is not None:
-        z = z + head.bias.double()
-    z = z * head.scale
-    if head.softcap is not None:
-        z = torch.tanh(z / head.softcap) * head.softcap
-    return z
+def _on(dev, head):
+    f = lambda x: None if x is None else x.to(dev)  # noqa: E731
+    return LMHead(f(head.weight), f(head.bias), head.scale, head.softcap)
+
+
+def _lpe(head, h, t, **kw):
+    lp, ent = _tk().logprob_entropy_triton(_on(DEV, head), h.to(DEV), t.to(DEV), **kw)
+    return lp.cpu(), (None if ent is None else ent.cpu())
+
+
+def _contrast(hp, xp, hn, xn, t, beta):
+    out = _tk().contrast_scores_triton(_on(DEV, hp), xp.to(DEV), _on(DEV, hn), xn.to(DEV), t.to(DEV), beta=beta)
+    return tuple(x.cpu() for x in out)
 
 
 def _pick(x, t):
@@ -53,7 +56,7 @@ def test_logprob_entropy_match_float64_and_reference(n, v, d, scale, softcap, bi
     g = torch.Generator().manual_seed(2)
     h = torch.randn(n, d, generator=g) * 2
     t = torch.randint(0, v, (n,), generator=g)
-    lp, ent = _tk().logprob_entropy_triton(head, h, t)
+    lp, ent = _lpe(head, h, t)
     logp = _logits64(head, h).log_softmax(-1)
     assert lp.dtype == ent.dtype == torch.float32 and lp.shape == ent.shape == (n,)
     assert _pick(logp, t).max() - _pick(logp, t).min() > 1.0  # far from uniform: the check can fail
@@ -62,7 +65,7 @@ def test_logprob_entropy_match_float64_and_reference(n, v, d, scale, softcap, bi
     ref_lp, ref_ent = chunked_head.logprob_entropy(head, h, t, chunk=16)
     _close(lp, ref_lp)
     _close(ent, ref_ent)
-    lp_only, none = _tk().logprob_entropy_triton(head, h, t, entropy=False)
+    lp_only, none = _lpe(head, h, t, entropy=False)
     assert none is None
     _close(lp_only, lp, atol=0)
 
@@ -71,7 +74,7 @@ def test_entropy_stays_finite_when_softmax_underflows():
     head = _head(500, 16, seed=3, spread=400.0)  # logit gaps of thousands: most probabilities are 0
     h = torch.randn(20, 16, generator=torch.Generator().manual_seed(4))
     t = torch.randint(0, 500, (20,))
-    lp, ent = _tk().logprob_entropy_triton(head, h, t)
+    lp, ent = _lpe(head, h, t)
     z = head.logits(h).double()  # the same fp32 logits: at |z| ~ 1e3 fp32 rounding alone is ~1e-4
     logp = z.log_softmax(-1)
     ref_ent = -torch.where(logp.exp() > 0, logp.exp() * logp, torch.zeros_like(logp)).sum(-1)
@@ -89,7 +92,7 @@ def test_contrast_matches_float64_and_reference(beta):
     zp, zn = _logits64(hp, xp), _logits64(hn, xn)
     t = torch.randint(0, v, (n,), generator=g)
     t[::2] = zp.argmax(-1)[::2]  # likely tokens too, so p_CE spans a wide range
-    p_ce, lpp, lpn = _tk().contrast_scores_triton(hp, xp, hn, xn, t, beta=beta)
+    p_ce, lpp, lpn = _contrast(hp, xp, hn, xn, t, beta)
     ref = _pick(((1 + beta) * zp - beta * zn).softmax(-1), t)
     assert ref.max() > 0.1 and ref.min() < 1e-3
     _close(p_ce, ref, atol=1e-7)
@@ -106,7 +109,7 @@ def test_split_vocabulary_states_merge(monkeypatch):
     head = _head(1007, 24, seed=8, bias=True, softcap=6.0)
     h = torch.randn(30, 24, generator=torch.Generator().manual_seed(9)) * 2
     t = torch.randint(0, 1007, (30,))
-    lp, ent = tk.logprob_entropy_triton(head, h, t)
+    lp, ent = _lpe(head, h, t)
     logp = _logits64(head, h).log_softmax(-1)
     _close(lp, _pick(logp, t))
     _close(ent, -(logp.exp() * logp).sum(-1))
@@ -121,8 +124,8 @@ def test_switch_routes_head_functions(monkeypatch, mode):
                       (chunked_head, "logprob_entropy"), (chunked_head, "contrast_scores")]:
         real = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name, **k: (calls.append(_n), _r(*a, **k))[1])
-    head = _head(64, 16, seed=1)
-    h, t = torch.randn(10, 16), torch.randint(0, 64, (10,))
+    head = _on(DEV, _head(64, 16, seed=1))
+    h, t = torch.randn(10, 16, device=DEV), torch.randint(0, 64, (10,), device=DEV)
     switch.logprob_entropy(head, h, t)
     switch.contrast_scores(head, h, head, h, t, beta=0.5)
     if mode == "triton":
