@@ -149,10 +149,15 @@ def run(device: str, vocabs: list[int], n: int, d: int, dtype: torch.dtype, reps
     for v in vocabs:
         inputs = make_inputs(n, v, d, dtype, device, seed=v)
         for name, fn in contenders(device).items():
-            sec, loss = time_step(fn, inputs, device, reps)
-            mem = None
-            if memory:
-                mem = cuda_peak_extra(fn, inputs) if device == "cuda" else cpu_peak_extra(name, n, v, d)
+            try:
+                sec, loss = time_step(fn, inputs, device, reps)
+                mem = None
+                if memory:
+                    mem = cuda_peak_extra(fn, inputs) if device == "cuda" else cpu_peak_extra(name, n, v, d)
+            except Exception as e:  # noqa: BLE001 - an API drift in a third-party contender must not stop the rest
+                rows.append({"contender": name, "V": v, "error": f"{type(e).__name__}: {e}"})
+                print(f"{name:>13} V={v:>6}: failed: {type(e).__name__}: {e}", flush=True)
+                continue
             rows.append({"contender": name, "V": v, "N": n, "D": d, "dtype": str(dtype).split(".")[-1],
                          "ms": round(sec * 1e3, 3), "peak_extra_MiB": None if mem is None else round(mem / 2**20, 1),
                          "loss": loss})

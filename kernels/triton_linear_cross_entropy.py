@@ -78,12 +78,12 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, vocab, dim, stride_h, s
                 UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr):
     """(BLOCK_M, BLOCK_V) fp32 post-processed logits s and dz->ds factor (1 without a cap)."""
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    h_rows = h_ptr + rows.to(tl.int64)[:, None] * stride_h  # int64: V * D passes 2^31 for big heads
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_w
     for k0 in range(0, dim, BLOCK_D):
         ks = k0 + tl.arange(0, BLOCK_D)
-        h = tl.load(h_ptr + rows[:, None] * stride_h + ks[None, :],
-                    mask=(rows[:, None] < n_rows) & (ks[None, :] < dim), other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :],
-                    mask=(cols[:, None] < vocab) & (ks[None, :] < dim), other=0.0)
+        h = tl.load(h_rows + ks[None, :], mask=(rows[:, None] < n_rows) & (ks[None, :] < dim), other=0.0)
+        w = tl.load(w_rows + ks[None, :], mask=(cols[:, None] < vocab) & (ks[None, :] < dim), other=0.0)
         if UPCAST:  # triton 3.9 interpreter: a bf16 tl.dot returned ~1e10 for O(10) logits (bit patterns?)
             h = h.to(tl.float32)
             w = w.to(tl.float32)
@@ -193,7 +193,7 @@ def _grad_logits_kernel(
     p = tl.where(cols[None, :] == y[:, None], p - 1.0, p)
     g = p * dsdz * coef[:, None]
     ok = rmask[:, None] & (cols[None, :] < vocab)
-    tl.store(g_ptr + rows[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=ok)
+    tl.store(g_ptr + rows.to(tl.int64)[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=ok)
 
 
 def _merge(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
