@@ -13,9 +13,11 @@ failure is recorded and the next section still runs:
    random-init ~1B Llama, ``WINNOW_KERNELS=reference`` vs ``triton``.
 4. ``train_step``: the same ~1B Llama (Llama-3.2-1B shape: hidden 2048, 16 layers, 32/8 heads, MLP 8192,
    V = 128256, tied), 4 x 4096 tokens, SDPA causal attention, fwd + bwd + fused AdamW, bf16, with the
-   loss from materialized logits vs the fused kernel: tokens/s, MFU, peak memory.
-5. ``packer``: one micro-batch of ragged samples packed by the torch reference on CPU, on the GPU, and
-   by the CuPy packer (each including the host -> device copy), against the step time of section 4.
+   loss from materialized logits vs the fused kernel (and through the trainer's ``WeightedLMLoss`` when
+   ``winnow.trainer.loss`` exists): tokens/s, MFU, peak memory.
+5. ``packer``: one micro-batch of ragged samples packed by the torch reference on CPU, on the GPU, by the
+   CuPy packer, and by the trainer's numpy packer when present (each including the host -> device
+   copy), against the step time of section 4.
 
 MFU = model FLOPs / time / peak, model FLOPs per token = 6 * (non-embedding parameters + head) +
 12 * layers * hidden * seq (attention, no causal discount: the PaLM convention), against 989 TFLOP/s
@@ -194,6 +196,22 @@ def _batch(dev: str, c: dict):
     return ids.to(dev), ids[:, 1:].reshape(-1).to(dev), w.reshape(-1).to(dev)
 
 
+def _trainer_loss(model, ids, weights):
+    """The trainer's own loss module (body, gather, fused head) when this checkout has it, else None."""
+    import importlib.util
+
+    if importlib.util.find_spec("winnow.trainer.loss") is None:
+        return None
+    from winnow.trainer.loss import WeightedLMLoss
+
+    module = WeightedLMLoss(model)
+    b, s = ids.shape
+    w2 = weights.view(b, s - 1)
+    r, col = torch.nonzero(w2, as_tuple=True)  # position col of row r predicts token col + 1
+    gather, targets, wt = r * s + col, ids[r, col + 1], w2[r, col]
+    return lambda: module(ids, gather, targets, wt) / wt.sum()
+
+
 def train_step(dev: str, c: dict, model) -> dict:
     from winnow.kernels.switch import linear_cross_entropy
 
@@ -214,7 +232,11 @@ def train_step(dev: str, c: dict, model) -> dict:
     tokens = ids.numel()
     flops = model_flops_per_token(model, c) * tokens
     out = {"params": sum(p.numel() for p in model.parameters()), "tokens_per_step": tokens}
-    for name, loss_fn in (("materialized", loss_materialized), ("fused", loss_fused)):
+    paths = [("materialized", loss_materialized), ("fused", loss_fused)]
+    trainer_loss = _trainer_loss(model, ids, weights)
+    if trainer_loss is not None:
+        paths.append(("trainer_module", trainer_loss))
+    for name, loss_fn in paths:
         def one(loss_fn=loss_fn):
             opt.zero_grad(set_to_none=True)
             loss_fn().backward()
@@ -240,6 +262,15 @@ def packer(dev: str, c: dict, step_s: float | None) -> dict:
     w = np.where(rng.random(ids.size) < 0.6, 1.0, 0.0).astype(np.float32)
     out = {"samples": len(lens), "tokens": int(offsets[-1]), "train_step_s": step_s}
     out["torch_cpu_ms"] = 1e3 * timed(lambda: pack_reference(*stage(offsets, ids, w, "cpu")), "cpu", 5)
+    if importlib.util.find_spec("winnow.trainer.packing") is not None:  # the trainer's numpy packer + copy
+        from winnow.trainer import packing as tp
+
+        def numpy_pack():
+            pairs = zip(offsets[:-1], offsets[1:], strict=True)
+            kept = [t for t in (tp.trim(ids[a:b], w[a:b]) for a, b in pairs) if t is not None]
+            return [torch.from_numpy(x).to(dev) for x in tp.pack_varlen([k[0] for k in kept], [k[1] for k in kept])]
+
+        out["trainer_numpy_ms"] = 1e3 * timed(numpy_pack, dev, 5)
     if dev == "cuda":
         out["torch_gpu_ms"] = 1e3 * timed(lambda: pack_reference(*stage(offsets, ids, w, dev)), dev, 5)
         if importlib.util.find_spec("cupy") is not None:

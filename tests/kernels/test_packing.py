@@ -80,6 +80,19 @@ def test_reference_invariants():
     assert torch.isin(cu[1:] - 2, p.gather).all()
 
 
+@pytest.mark.parametrize("seed", [3, 4])
+def test_reference_matches_trainer_cpu_packer(seed):
+    """Same outputs, dtypes included, as the trainer's CPU packer (trim, then pack_varlen)."""
+    packing = pytest.importorskip("winnow.trainer.packing")
+    offsets, ids, ws, ids_list, ws_list = _ragged(seed, n_samples=30, max_len=100)
+    kept = [t for t in (packing.trim(x, w) for x, w in zip(ids_list, ws_list, strict=True)) if t is not None]
+    want = packing.pack_varlen([t[0] for t in kept], [t[1] for t in kept])
+    p = pack_reference(*stage(offsets, ids, ws, "cpu"))
+    got = (p.input_ids, p.position_ids, p.cu_seqlens, p.gather, p.targets, p.weights)
+    for a, e in zip(got, want, strict=True):
+        assert a.numpy().dtype == e.dtype and np.array_equal(a.numpy(), e)
+
+
 def test_empty_batch_and_bad_offsets():
     p = pack_reference(*stage(np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), "cpu"))
     assert p.input_ids.numel() == 0 and p.cu_seqlens.tolist() == [0] and p.max_seqlen == 0
