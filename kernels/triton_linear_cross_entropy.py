@@ -56,10 +56,23 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _blocks(d: int) -> Blocks:
+def _blocks(d: int, contrast: bool = False) -> Blocks:
+    """Block sizes. Compiled for sm_90 without a GPU (``benchmarks/triton_compile_check.py``, triton 3.9,
+    16-divisible sizes): 64x128x64, 8 warps, 3 stages pipelines the K loop (cp.async, 72 KiB shared in
+    bf16) with 148-206 registers and no spills; the contrast variant (three online states) spilled
+    656 bytes in fp32 at that size and none at 64x64x32 (184 registers). Not yet timed on a GPU."""
     if _interpreting():  # few, big programs: the interpreter pays per program instance
         return Blocks(m=128, v=256, d=min(128, max(16, triton.next_power_of_2(d))), warps=4, stages=1)
+    if contrast:
+        return Blocks(m=64, v=64, d=32, warps=8, stages=3)
     return Blocks(m=64, v=128, d=64, warps=8, stages=3)
+
+
+def _dot_flags(w: torch.Tensor) -> dict:
+    """IEEE: exact fp32 dot (fp32 weights, or operands upcast for the interpreter); UPCAST: the interpreter
+    multiplies bf16/fp16 tiles wrongly, so they are converted to fp32 first (exact: products of bf16
+    values fit fp32)."""
+    return {"IEEE": w.dtype == torch.float32 or _interpreting(), "UPCAST": _interpreting()}
 
 
 def _splits(rows: int, vocab: int, blk: Blocks) -> int:
@@ -87,7 +100,7 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, vocab, dim, stride_h, s
         if UPCAST:  # triton 3.9 interpreter: a bf16 tl.dot returned ~1e10 for O(10) logits (bit patterns?)
             h = h.to(tl.float32)
             w = w.to(tl.float32)
-        if IEEE or UPCAST:
+        if IEEE:  # fp32 operands (or upcast ones): exact fp32 products, never TF32
             acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
         else:
             acc = tl.dot(h, tl.trans(w), acc)
@@ -215,7 +228,7 @@ def _run_lse(h, w, b, y, scale, softcap, second=None, beta: float = 0.0) -> torc
     """Launch the forward kernel; returns the raw (streams, splits, 4, n) state."""
     n, d = h.shape
     vocab = w.shape[0]
-    blk = _blocks(max(d, second[0].shape[1]) if second else d)
+    blk = _blocks(max(d, second[0].shape[1]) if second else d, contrast=second is not None)
     splits = _splits(n, vocab, blk)
     v_per = triton.cdiv(triton.cdiv(vocab, splits), blk.v) * blk.v
     splits = triton.cdiv(vocab, v_per)  # no empty slice
@@ -230,7 +243,7 @@ def _run_lse(h, w, b, y, scale, softcap, second=None, beta: float = 0.0) -> torc
         n, vocab, d, h2.shape[1], h.stride(0), w.stride(0), h2.stride(0), w2.stride(0), v_per,
         float(scale), float(softcap or 1.0), float(scale2), float(cap2 or 1.0), float(beta),
         HAS_BIAS=b is not None, HAS_CAP=softcap is not None, HAS_BIAS2=b2 is not None,
-        HAS_CAP2=cap2 is not None, CONTRAST=second is not None, IEEE=w.dtype == torch.float32, UPCAST=_interpreting(),
+        HAS_CAP2=cap2 is not None, CONTRAST=second is not None, **_dot_flags(w),
         BLOCK_M=blk.m, BLOCK_V=blk.v, BLOCK_D=blk.d, num_warps=blk.warps, num_stages=blk.stages,
     )
     return out
@@ -247,7 +260,7 @@ def _grad_logits(h, w, b, y, lse, coef, softcap) -> torch.Tensor:
     _grad_logits_kernel[grid](
         h, w, b if b is not None else w, y, lse, coef, g, n, vocab, d, h.stride(0), w.stride(0),
         g.stride(0), float(softcap or 1.0), HAS_BIAS=b is not None, HAS_CAP=softcap is not None,
-        IEEE=w.dtype == torch.float32, UPCAST=_interpreting(), BLOCK_M=blk.m, BLOCK_V=blk.v, BLOCK_D=blk.d,
+        **_dot_flags(w), BLOCK_M=blk.m, BLOCK_V=blk.v, BLOCK_D=blk.d,
         num_warps=blk.warps, num_stages=blk.stages,
     )
     return g
