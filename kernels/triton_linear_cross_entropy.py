@@ -76,12 +76,12 @@ def _dot_flags(w: torch.Tensor) -> dict:
     return {"IEEE": w.dtype == torch.float32 or _interpreting(), "UPCAST": _interpreting()}
 
 
-def _splits(rows: int, vocab: int, blk: Blocks) -> int:
+def _splits(rows: int, vocab: int, blk: Blocks, device: torch.device) -> int:
     """Vocabulary slices per row block: enough programs for the GPU, one under the interpreter."""
     tiles = triton.cdiv(vocab, blk.v)
-    if _interpreting() or rows == 0:
+    if _interpreting() or rows == 0 or device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
     want = triton.cdiv(2 * sms, triton.cdiv(rows, blk.m))
     return max(1, min(tiles, want))
 
@@ -230,7 +230,7 @@ def _run_lse(h, w, b, y, scale, softcap, second=None, beta: float = 0.0) -> torc
     n, d = h.shape
     vocab = w.shape[0]
     blk = _blocks(max(d, second[0].shape[1]) if second else d, contrast=second is not None)
-    splits = _splits(n, vocab, blk)
+    splits = _splits(n, vocab, blk, h.device)
     v_per = triton.cdiv(triton.cdiv(vocab, splits), blk.v) * blk.v
     splits = triton.cdiv(vocab, v_per)  # no empty slice
     streams = 3 if second else 1

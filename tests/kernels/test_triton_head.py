@@ -105,7 +105,7 @@ def test_contrast_matches_float64_and_reference(beta):
 def test_split_vocabulary_states_merge(monkeypatch):
     """The GPU path splits the vocabulary over programs; force 3 splits under the interpreter."""
     tk = _tk()
-    monkeypatch.setattr(tk, "_splits", lambda rows, vocab, blk: 3)
+    monkeypatch.setattr(tk, "_splits", lambda rows, vocab, blk, device: 3)
     head = _head(1007, 24, seed=8, bias=True, softcap=6.0)
     h = torch.randn(30, 24, generator=torch.Generator().manual_seed(9)) * 2
     t = torch.randint(0, 1007, (30,))
