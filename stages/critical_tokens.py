@@ -223,6 +223,4 @@ STEP = Step(
     name=NAME,
     params=CriticalTokensParams,
     run=run_critical_tokens,
-    key=lambda p: NAME,
-    help="cDPO critical tokens: p_CE scores; for SFT drop incorrect samples, weight correct tokens by p_CE",
 )

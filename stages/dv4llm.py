@@ -178,6 +178,4 @@ STEP = Step(
     name="dv4llm",
     params=DV4LLMParams,
     run=run_dv4llm,
-    key=lambda p: "dv4llm",
-    help="GOT-D optimal-transport selection of the candidates closest to a target set.",
 )

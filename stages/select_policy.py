@@ -232,6 +232,4 @@ STEP = Step(
     name="select",
     params=SelectParams,
     run=run_select,
-    key=lambda p: f"select:{p.name or p.policy}",
-    help="selection policy: scores -> keep per sample + token_weight per token in selection/<name>/",
 )

@@ -243,6 +243,4 @@ STEP = Step(
     name=NAME,
     params=SSTokenParams,
     run=run_sstoken,
-    key=lambda p: NAME,
-    help="ssToken: retrospective excess loss (history - current) mixed with attention, top-rho per sample",
 )

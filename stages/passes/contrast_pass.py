@@ -231,8 +231,6 @@ STEP = Step(
     name="contrast_pass",
     params=ContrastParams,
     run=run_contrast_pass,
-    key=lambda p: "score:contrast",
-    help="cDPO contrastive estimate p_CE from a positive and a negative model -> signals/contrast/",
 )
 
 

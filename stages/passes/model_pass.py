@@ -251,8 +251,6 @@ STEP = Step(
     name="model_pass",
     params=ModelPassParams,
     run=run_model_pass,
-    key=lambda p: f"score:{p.alias}",
-    help="one forward of a causal LM: logprob, entropy, attention importance, embeddings -> signals/<alias>/",
 )
 
 
