@@ -64,7 +64,7 @@ from winnow.pipeline.errors import RejectError
 
 LOSS_ON = ("all_turns", "last_turn")
 # Bump when rendering or masking rules change (the plain format included): ingest puts it in its fingerprint.
-RENDER_VERSION = "render-1"
+RENDER_VERSION = "render/1"
 
 
 @dataclass

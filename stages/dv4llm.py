@@ -32,7 +32,7 @@ from winnow.pipeline.steps import Step
 from winnow.pipeline.store import RunDir, UserError
 from winnow.stages import stage_io as io
 
-CODE_VERSION = "dv4llm-1"
+CODE_VERSION = "dv4llm/1"
 
 
 @dataclass

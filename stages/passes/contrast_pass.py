@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from winnow.pipeline.params import as_dict
-from winnow.pipeline.steps import Step
+from winnow.pipeline.steps import Step, spec
 from winnow.pipeline.store import RunDir, UserError
 from winnow.stages.passes.model_io import (
     check_tokenizer,
@@ -206,7 +206,7 @@ def run_contrast_pass(run: RunDir, p: ContrastParams) -> dict[str, Any]:
             columns=SAMPLE_COLUMNS,
             load=load,
             compute=compute,
-            label="score:contrast",
+            label="model_pass:contrast",
         )
         entry = {
             "step": "contrast_pass",
@@ -222,7 +222,7 @@ def run_contrast_pass(run: RunDir, p: ContrastParams) -> dict[str, Any]:
             "world_size": d.world,
             **pass_entry(stats, plan, t0),
         }
-        return record_pass(run, d, "score:contrast", entry)
+        return record_pass(run, d, spec("contrast_pass").key(p), entry)
     finally:
         d.close()
 
