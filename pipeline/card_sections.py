@@ -62,7 +62,7 @@ def generic(card: Any, spec: Any) -> list[str]:
         values.append(card.q(f"select count_if(keep) from {view}")[0][0])
     if "token_keep" in cols:
         (kept, scored) = card.q(
-            f"select sum(list_count(list_filter(token_keep, x -> x)))::bigint, "
+            f"select coalesce(sum(list_sum(token_keep::integer[])), 0)::bigint, "
             f"sum(list_count(token_keep))::bigint from {view}"
         )[0]
         header += ["scored tokens", "kept tokens"]

@@ -231,8 +231,8 @@ def check_order(steps: list[tuple[str, Any]], existing: Iterable[str], where: st
         for table in s.tables_read(params):
             if table not in have:
                 raise UserError(
-                    f"{where}: steps[{i}] {name} reads {table}, which no earlier step writes and the run "
-                    f"does not hold: {_provider(table)}"
+                    f"{where}: steps[{i}] {name} reads {table}: {_provider(table)} "
+                    "(no earlier step writes it and the run does not hold it)"
                 )
         have |= set(s.tables_written(params))
 

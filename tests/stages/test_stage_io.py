@@ -159,9 +159,9 @@ def test_freshness_helpers(tmp_path):
     out = run.table("scores/x")
     inputs = io.part_inputs(run, ["samples", "signals/current"], 0)
     assert set(inputs) == {"samples/part-00000", "signals/current/part-00000"}
-    st = io.StageOutput(run, "x", {}, "x/1", 0.0)
-    st.fp = st.loop.fingerprint = "fp1"
-    st.commit(0, pa.table({"sample_id": ids, "reason": ["a", "b"]}), inputs)
+    from winnow.pipeline.shards import ShardLoop
+
+    ShardLoop([out], "fp1", 1).commit(0, pa.table({"sample_id": ids, "reason": ["a", "b"]}), inputs=inputs)
     assert io.is_fresh(out, 0, "fp1", inputs)
     assert not io.is_fresh(out, 0, "fp2", inputs)
     io.write_signals(run, "current", 0, ids, {"logprob": [[None, -2.0, -1.0], [None, -1.0]]})
