@@ -11,9 +11,10 @@ trainer on one mini-batch) wrapped by a thin adapter. This module is that adapte
   should not depend on summation order; the values themselves are float32 in the tables.
 * **Writing.** :func:`to_list_array` turns a padded array plus a validity mask back into a per-token
   list column with exactly ``n_tokens`` entries and null where there is no value (never 0: 0 is a
-  valid score). :class:`StageOutput` owns ``scores/<stage>``: its fingerprint, ``commit`` (writes
-  ``part-NNNNN.parquet`` with its commit record and calls ``store.shard_done()``) and ``finish``
-  (the step's manifest entry).
+  valid score). :class:`StageOutput` owns ``scores/<stage>`` through the shared shard loop
+  (:class:`winnow.pipeline.shards.ShardLoop`): its fingerprint, ``skip_if_fresh``, ``commit`` (the
+  shard, its commit record with the shard's counts, then the fault hook) and ``finish`` (the step's
+  manifest entry under ``stage:<name>``, in the shape every step shares).
 * **Freshness.** The output fingerprint is a hash of the stage name, its parameters and its
   ``CODE_VERSION``. Per-shard stages record per-shard input digests (``signals/current/part-00003``)
   and skip shards whose record matches; stages with global statistics (dataset quantiles, top-k
