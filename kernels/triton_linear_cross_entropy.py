@@ -9,8 +9,8 @@ Same maths and signatures as the references (:mod:`.linear_cross_entropy`, :mod:
   steps (inputs in the weight's dtype, fp32 accumulation; fp32 inputs use IEEE fp32, not TF32), applies
   bias, logit scale and the tanh soft-cap, and folds the tile into a running ``(max, sum exp, sum exp *
   (s - max))`` per row plus the target logit. Logits never leave registers. The vocabulary is split
-  across ``S`` programs per row block so a small batch still fills the GPU (a 4096-row batch is only 32
-  row blocks); the ``S`` partial states (``3 * S * N`` floats) are merged in PyTorch. The entropy term
+  across ``S`` programs per row block so a small batch still fills the GPU (a 4096-row batch is only 64
+  row blocks for 132 SMs); the ``S`` partial states (``4 * S * N`` floats) are merged in PyTorch. The entropy term
   is kept relative to the running max and rebased exactly when the max moves, so ``H = log l - t / l``
   has no cancellation against large logits.
 * **Backward recomputes the logits** (nothing ``[N, V]`` is saved): rows are processed in chunks of
@@ -41,7 +41,6 @@ import triton.language as tl
 
 # elements of the backward's per-chunk dL/dz buffer (C rows * V): 128 MiB in bf16, 256 MiB in fp32
 GRAD_CHUNK_ELEMENTS = 64 * 1024 * 1024
-_NEG_BIG = -1.0e30  # finite "minus infinity" for running maxima: (m - m_new) * 0 stays 0, never NaN
 
 
 @dataclass(frozen=True)
@@ -70,9 +69,9 @@ def _blocks(d: int, contrast: bool = False) -> Blocks:
 
 
 def _dot_flags(w: torch.Tensor) -> dict:
-    """IEEE: exact fp32 dot (fp32 weights, or operands upcast for the interpreter); UPCAST: the interpreter
-    multiplies bf16/fp16 tiles wrongly, so they are converted to fp32 first (exact: products of bf16
-    values fit fp32)."""
+    """IEEE: exact fp32 dot (fp32 weights, or operands upcast for the interpreter). UPCAST: under the
+    triton 3.9 interpreter a bf16 ``tl.dot`` returned ~1e10 for O(10) logits, so bf16/fp16 tiles are
+    converted to fp32 first there (exact: products of bf16 or fp16 values fit fp32's mantissa)."""
     return {"IEEE": w.dtype == torch.float32 or _interpreting(), "UPCAST": _interpreting()}
 
 
@@ -98,7 +97,7 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, n_rows, vocab, dim, stride_h, s
         ks = k0 + tl.arange(0, BLOCK_D)
         h = tl.load(h_rows + ks[None, :], mask=(rows[:, None] < n_rows) & (ks[None, :] < dim), other=0.0)
         w = tl.load(w_rows + ks[None, :], mask=(cols[:, None] < vocab) & (ks[None, :] < dim), other=0.0)
-        if UPCAST:  # triton 3.9 interpreter: a bf16 tl.dot returned ~1e10 for O(10) logits (bit patterns?)
+        if UPCAST:  # interpreter only: see _dot_flags
             h = h.to(tl.float32)
             w = w.to(tl.float32)
         if IEEE:  # fp32 operands (or upcast ones): exact fp32 products, never TF32
@@ -156,7 +155,7 @@ def _lse_fwd_kernel(
     n_splits = tl.num_programs(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     y = tl.load(y_ptr + rows, mask=rows < n_rows, other=0)
-    m1 = tl.full((BLOCK_M,), -1.0e30, tl.float32)
+    m1 = tl.full((BLOCK_M,), -1.0e30, tl.float32)  # finite "-inf": (m - m_new) * 0 stays 0, never NaN
     l1 = tl.zeros((BLOCK_M,), tl.float32)
     t1 = tl.zeros((BLOCK_M,), tl.float32)
     zy1 = tl.zeros((BLOCK_M,), tl.float32)
