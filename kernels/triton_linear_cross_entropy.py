@@ -224,10 +224,20 @@ def _prep(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _check_targets(y: torch.Tensor, vocab: int) -> None:
+    """The kernels pick the target logit by comparison, so an id outside [0, V) would silently give
+    logit 0 (the reference's gather raises): check once (one host sync)."""
+    if y.numel():
+        lo, hi = (int(v) for v in torch.aminmax(y))
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"target ids must lie in [0, {vocab}); got min {lo}, max {hi}")
+
+
 def _run_lse(h, w, b, y, scale, softcap, second=None, beta: float = 0.0) -> torch.Tensor:
     """Launch the forward kernel; returns the raw (streams, splits, 4, n) state."""
     n, d = h.shape
     vocab = w.shape[0]
+    _check_targets(y, vocab)
     blk = _blocks(max(d, second[0].shape[1]) if second else d, contrast=second is not None)
     splits = _splits(n, vocab, blk, h.device)
     v_per = triton.cdiv(triton.cdiv(vocab, splits), blk.v) * blk.v

@@ -148,6 +148,24 @@ def test_all_rows_weight_zero(impl):
     assert loss.item() == 0.0 and not gh.any() and not gw.any() and not gb.any()
 
 
+def test_out_of_range_target_is_an_error():
+    h, w, _, y, wt = _inputs(20, 300, 40, torch.float32, seed=2)
+    y[3], wt[3] = 300, 1.0
+    y[4], wt[4] = -100, 0.0  # a weight-0 row's target is never read: an ignore index there is fine
+    with pytest.raises(ValueError, match=r"\[0, 300\)"):
+        _run(_triton().linear_cross_entropy_triton, h, w, None, y, wt, None)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_ignore_index_on_weight_zero_rows_is_fine(impl):
+    fn = _triton().linear_cross_entropy_triton if impl == "triton" else linear_cross_entropy_reference
+    h, w, _, y, wt = _inputs(20, 300, 40, torch.float32, seed=2)
+    y[wt == 0] = -100
+    got = _run(fn, h, w, None, y, wt, None)
+    keep = wt != 0
+    assert _rel(got[0], _full_float64(h[keep], w, None, y[keep], wt[keep], None)[0]) < 2e-5
+
+
 def test_backward_scales_by_upstream_gradient():
     tk = _triton()
     h, w, _, y, wt = _inputs(50, 300, 40, torch.float32, seed=9)
