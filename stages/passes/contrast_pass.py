@@ -73,7 +73,7 @@ def contrast_samples(
     """p_ce, logprob_pos, logprob_neg on the flat token axis of ``seqs`` (+ the computed-position mask)."""
     import torch
 
-    from winnow.kernels.chunked_head import contrast_scores
+    from winnow.kernels.switch import contrast_scores
     from winnow.stages.passes.batching import collate, plan_batches
 
     lengths = np.array([len(x) for x in seqs], dtype=np.int64)
@@ -153,8 +153,6 @@ STEP = Step(
     name="contrast_pass",
     params=ContrastParams,
     run=run_contrast_pass,
-    key=lambda p: "score:contrast",
-    help="cDPO contrastive estimate p_CE from a positive and a negative model -> signals/contrast/",
 )
 
 

@@ -44,13 +44,20 @@ import pyarrow as pa
 from winnow.pipeline.steps import Step
 from winnow.pipeline.store import RunDir
 from winnow.stages.passes.model_scoring import read_samples, score_samples, signals_table
-from winnow.stages.passes.pass_step import ALIAS_RE, PassContext, PassJob, PassSettings, run_pass
+from winnow.stages.passes.pass_step import (
+    ALIAS_RE,
+    CODE_VERSION,
+    PassContext,
+    PassJob,
+    PassSettings,
+    run_pass,
+)
 from winnow.stages.passes.pass_step import main as pass_main
 
 if TYPE_CHECKING:
     from winnow.stages.passes.model_io import LoadedModel
 
-__all__ = ["SIGNALS", "STEP", "ModelPassParams", "main", "run_model_pass", "score_samples"]
+__all__ = ["CODE_VERSION", "SIGNALS", "STEP", "ModelPassParams", "main", "run_model_pass", "score_samples"]
 
 SIGNALS = ("logprob", "entropy", "attention", "embedding")
 
@@ -133,8 +140,6 @@ STEP = Step(
     name="model_pass",
     params=ModelPassParams,
     run=run_model_pass,
-    key=lambda p: f"score:{p.alias}",
-    help="one forward of a causal LM: logprob, entropy, attention importance, embeddings -> signals/<alias>/",
 )
 
 

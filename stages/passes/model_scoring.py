@@ -105,7 +105,7 @@ def score_samples(
     """Every requested signal for a list of samples (token ids + loss masks)."""
     import torch
 
-    from winnow.kernels.chunked_head import logprob_entropy
+    from winnow.kernels.switch import logprob_entropy
     from winnow.stages.passes.attention_capture import AttentionCapture, attention_importance
     from winnow.stages.passes.batching import collate, plan_batches
 

@@ -17,8 +17,7 @@ adjustment once pinned, so on the way out the threshold is set to glibc's starti
 mmapped again as it would be in a fresh process, instead of staying in the heap (tested through
 ``mallinfo2``).
 
-Commit fingerprint = hash of the step kind, :data:`CODE_VERSION`, the winnow version, the weights
-fingerprint of every role and the output-affecting settings (the resolved dtype included). Batching
+Commit fingerprint = hash of the step kind, :data:`CODE_VERSION`, the weights fingerprint of every role and the output-affecting settings (the resolved dtype included). Batching
 parameters are left out: they change values only at float-rounding level, and changing them should
 not recompute a run.
 """
@@ -39,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from winnow.pipeline.errors import UserError
 from winnow.pipeline.models import check_tokenizer, resolve_model, weights_fingerprint
 from winnow.pipeline.params import as_dict, build_params, parse_sets
+from winnow.pipeline.steps import spec
 from winnow.pipeline.store import RunDir, stable_hash
 from winnow.stages.passes.batching import LAYOUTS
 from winnow.stages.passes.pass_runner import (
@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from winnow.pipeline.steps import Step
     from winnow.stages.passes.model_io import LoadedModel
 
-CODE_VERSION = 1
+CODE_VERSION = "model_pass/1"  # "<step>/<n>" like every step; the contrast pass shares it
 POSITIONS = ("supervised", "all")
 SAMPLE_COLUMNS = ["sample_id", "input_ids", "loss_mask", "n_tokens"]
 PASS_MMAP_THRESHOLD = 1 << 20
@@ -109,11 +109,7 @@ def auto_token_budget(token_budget: int, device: torch.device) -> int:
 
 
 def pass_fingerprint(kind: str, model_fps: dict[str, str], settings: dict[str, Any]) -> str:
-    from winnow import __version__
-
-    return stable_hash(
-        {"step": kind, "code": CODE_VERSION, "winnow": __version__, "models": model_fps, **settings}
-    )
+    return stable_hash({"step": kind, "code": CODE_VERSION, "models": model_fps, **settings})
 
 
 # ------------------------------------------------------------------------- process-wide settings
@@ -208,7 +204,7 @@ def run_pass(run: RunDir, p: PassSettings, job: PassJob) -> dict[str, Any]:
         fps = {role: weights_fingerprint(path) for role, path in dirs.items()}
         ctx = PassContext(p, dirs, fps, device, dtype, auto_token_budget(p.token_budget, device))
         fp = pass_fingerprint(job.kind, fps, {**job.settings, "dtype": str(dtype)})
-        table, key = f"signals/{job.alias}", f"score:{job.alias}"
+        table, key = f"signals/{job.alias}", spec(job.kind).key(p)
         plan = plan_shards(run, table, fp, d)
         with cpu_settings(p.threads, d, device.type == "cpu") as threads:
             record = {"model_fingerprint": ctx.by_role(fps), "model": ctx.by_role(_str(dirs))}
