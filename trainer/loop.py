@@ -39,7 +39,7 @@ from winnow.trainer.config import TrainParams
 from winnow.trainer.data import TrainData
 from winnow.trainer.distributed import Dist, all_reduce_sum, no_sync, wrap
 from winnow.trainer.loss import WeightedLMLoss
-from winnow.trainer.packing import MicroBatch, empty_batch, epoch_order, layout_batch, plan
+from winnow.trainer.packing import MicroBatch, empty_batch, layout_batch, plan, step_batches
 
 FAULT_ENV = "WINNOW_FAULT_KILL_AFTER_STEPS"
 
@@ -103,21 +103,16 @@ class Loop:
     # ------------------------------------------------------------------------------- batches
     def micro_batches(self, step: int) -> list[MicroBatch]:
         """This rank's ``grad_accum`` micro-batches of optimizer step ``step``."""
-        epoch, within = divmod(step, self.steps_per_epoch)
-        order = epoch_order(len(self.plan), self.p.seed, epoch)
-        tr = self.data.train
+        tr, pad = self.data.train, self.env.pad_id
         out = []
-        for m in range(self.p.grad_accum):
-            i = within * self.per_step + self.d.rank * self.p.grad_accum + m
-            if i >= len(order):
-                out.append(empty_batch(self.env.pad_id))
+        for b in step_batches(
+            step, len(self.plan), self.p.seed, self.d.world, self.d.rank, self.p.grad_accum
+        ):
+            if b is None:
+                out.append(empty_batch(pad))
                 continue
-            idx = self.plan[int(order[i])]
-            out.append(
-                layout_batch(
-                    [tr.ids[k] for k in idx], [tr.weights[k] for k in idx], self.layout, self.env.pad_id
-                )
-            )
+            idx = self.plan[b]
+            out.append(layout_batch([tr.ids[k] for k in idx], [tr.weights[k] for k in idx], self.layout, pad))
         return out
 
     def _forward(self, module: torch.nn.Module, b: MicroBatch) -> torch.Tensor:

@@ -115,6 +115,24 @@ def epoch_order(n_batches: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n_batches)
 
 
+def step_batches(
+    step: int, n_batches: int, seed: int, world: int, rank: int, grad_accum: int
+) -> list[int | None]:
+    """Plan indices of rank ``rank``'s ``grad_accum`` micro-batches in optimizer step ``step`` (None: an
+    empty micro-batch at the end of an epoch). Step ``s`` of epoch ``e`` takes positions
+    ``s·world·g + rank·g + m`` of ``epoch_order(e)``, so ``g`` on ``world`` ranks and ``world·g`` in one
+    process run the same micro-batches per step."""
+    per_step = world * grad_accum
+    steps_per_epoch = -(-n_batches // per_step)
+    epoch, within = divmod(step, steps_per_epoch)
+    order = epoch_order(n_batches, seed, epoch)
+    out: list[int | None] = []
+    for m in range(grad_accum):
+        i = within * per_step + rank * grad_accum + m
+        out.append(int(order[i]) if i < n_batches else None)
+    return out
+
+
 # ------------------------------------------------------------------------------------- layout
 @dataclass
 class MicroBatch:
