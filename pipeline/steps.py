@@ -41,6 +41,7 @@ REGISTRY: dict[str, str] = {
     "critical_tokens": "winnow.stages.critical_tokens:STEP",
     "dv4llm": "winnow.stages.dv4llm:STEP",
     "select": "winnow.stages.select_policy:STEP",
+    "train": "winnow.trainer.step:STEP",
 }
 
 # the scoring stages callable as `winnow score DIR STAGE`

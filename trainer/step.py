@@ -271,7 +271,11 @@ def _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0
 
 
 def _run_step(run: RunDir, p: TrainParams) -> dict[str, Any]:
-    return train(p, run.root)
+    res = train(p, run.root)
+    before, after = res.get("eval_loss_before"), res.get("eval_loss")
+    if before is not None and after is not None:
+        print(f"[winnow] train: eval_loss {before:.4f} -> {after:.4f} after {res['steps']} steps ({res['out']})")
+    return res
 
 
 STEP = Step(
