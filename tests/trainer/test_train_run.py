@@ -108,3 +108,33 @@ def test_misaligned_and_negative_weights_exit_2(run_and_model, tmp_path):
     t["token_weight"][3] = [-0.5] * len(t["input_ids"][3])
     pq.write_table(__import__("pyarrow").table(t), tmp_path / "neg.parquet")
     _refused(["--data", tmp_path / "neg.parquet", "--model", model], "negative token weights", tmp_path / "f")
+
+
+def test_eval_where_holds_out_a_sql_subset(run_and_model):
+    import pyarrow.parquet as pq
+
+    run, model = run_and_model
+    code, _, err = run_cli(
+        "train",
+        run.root,
+        "--selection",
+        "clean",
+        "--model",
+        model,
+        "--name",
+        "ev",
+        *SETS,
+        "--set",
+        "eval_where=not meta_clean",
+        "--set",
+        "max_steps=1",
+    )
+    assert code == 0, err
+    res = json.loads((run.root / "train" / "ev" / "train_result.json").read_text())
+    rows = [
+        r for f in sorted((run.root / "samples").glob("part-*.parquet")) for r in pq.read_table(f).to_pylist()
+    ]
+    held = [r for r in rows if not r["meta_clean"] and any(r["loss_mask"][1:])]
+    kept_clean = [r for r in rows if r["meta_clean"] and any(r["loss_mask"][1:])]
+    assert res["counts"]["eval_samples"] == len(held) > 3
+    assert res["counts"]["train_samples"] == len(kept_clean)  # the selection keeps exactly the clean ones
