@@ -123,7 +123,7 @@ def _load_model(model_dir: Path, device, dtype_name: str):
 def _drive(loop, metrics, out: Path) -> int:
     p, ckpt = loop.p, out / "checkpoints"
     start = loop.resume(ckpt)
-    metrics.truncate_after(start)
+    metrics.truncate_after(start if start else -1)  # lines past the checkpoint are redone
     if start == 0:
         loop.evals[0] = loop.evaluate()
         metrics.write({"step": 0, "eval_loss": loop.evals[0]})
