@@ -93,10 +93,12 @@ def _claim_out(out: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
 def _load_model(model_dir: Path, device, dtype_name: str):
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from winnow.kernels.chunked_head import LMHead
     from winnow.stages.passes.model_io import check_head, flash_attention_available
 
+    hf_logging.disable_progress_bar()  # the trainer reports its own progress; no per-file bars
     kwargs: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": True}
     if device.type == "cuda":  # varlen attention for packed rows, never a padded full mask
         kwargs["attn_implementation"] = (
