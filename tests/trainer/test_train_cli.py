@@ -117,3 +117,30 @@ def test_bad_export_inputs_exit_2_and_write_nothing(inputs, tmp_path):
     assert code == 2 and "not a writable directory" in err
     code, _, err = _train(inputs, tmp_path / "o2", "--set", "lr=-1")
     assert code == 2 and "lr=-1" in err and not (tmp_path / "o2").exists()
+
+
+def test_eval_loss_is_mean_over_every_supervised_held_out_token(inputs, tmp_path):
+    """Step-0 eval_loss against full-logit float64 NLL averaged over loss_mask targets (not the weights)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForCausalLM
+
+    m, d = inputs
+    held = ["s0003", "s0010", "s0017", "s0024"]
+    where = "sample_id in (" + ", ".join(f"'{s}'" for s in held) + ")"
+    code, _, err = _train(inputs, tmp_path / "o", "--set", "max_steps=1", "--set", f"eval_where={where}")
+    assert code == 0, err
+    got = _metrics(tmp_path / "o")[0]["eval_loss"]
+    model = AutoModelForCausalLM.from_pretrained(m).double()
+    total, n = 0.0, 0
+    for row in pq.read_table(d).to_pylist():
+        if row["sample_id"] not in held:
+            continue
+        x = torch.tensor(row["input_ids"])[None]
+        with torch.no_grad():
+            lp = model(input_ids=x, use_cache=False).logits[0].log_softmax(-1)[:-1]
+        nll = -lp.gather(-1, x[0, 1:, None]).squeeze(-1).numpy()
+        mask = np.asarray(row["loss_mask"][1:], bool)
+        assert mask.any() and not np.array_equal(mask, np.asarray(row["token_weight"][1:]) > 0)
+        total, n = total + float(nll[mask].sum()), n + int(mask.sum())
+    assert abs(got - total / n) < 1e-5, (got, total / n)
