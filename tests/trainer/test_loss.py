@@ -44,7 +44,7 @@ def _trainer(model, ids, ws, layout, tokens_per_batch):
         pos = t(b.position_ids) if layout == "packed" else None
         part = wrapped(t(b.input_ids), t(b.gather), t(b.targets), t(b.weights), pos)
         part.backward()
-        total += float(part)
+        total += float(part.detach())
     grads = {n: p.grad / wsum for n, p in model.named_parameters()}
     return total / wsum, grads, batches
 

@@ -138,3 +138,20 @@ def test_eval_where_holds_out_a_sql_subset(run_and_model):
     kept_clean = [r for r in rows if r["meta_clean"] and any(r["loss_mask"][1:])]
     assert res["counts"]["eval_samples"] == len(held) > 3
     assert res["counts"]["train_samples"] == len(kept_clean)  # the selection keeps exactly the clean ones
+
+
+def test_without_selection_trains_every_supervised_token_into_train_all(run_and_model):
+    run, model = run_and_model
+    code, _, err = run_cli("train", run.root, "--model", model, *SETS, "--set", "max_steps=1")
+    assert code == 0, err
+    res = json.loads((run.root / "train" / "all" / "train_result.json").read_text())
+    import pyarrow.parquet as pq
+
+    masks = [
+        m
+        for f in sorted((run.root / "samples").glob("part-*.parquet"))
+        for m in pq.read_table(f)["loss_mask"].to_pylist()
+    ]
+    with_target = sum(any(m[1:]) for m in masks)
+    assert 10 < with_target < len(masks)
+    assert res["counts"]["train_samples"] + res["counts"]["eval_samples"] == with_target
