@@ -235,7 +235,8 @@ class Loop:
         if state.get("world") != self.d.world and self.d.main:
             print(
                 f"resuming step {state['step']} on {self.d.world} rank(s), checkpoint written by "
-                f"{state.get('world')}: the run continues correctly but not bitwise as an uninterrupted one",
+                f"{state.get('world')}: not bitwise as an uninterrupted run, and the data position is re-derived "
+                "for the new world size (some micro-batches of the current epoch may repeat or be skipped)",
                 file=sys.stderr,
             )
         return int(state["step"])
