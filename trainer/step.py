@@ -7,6 +7,10 @@ parameters, the out path) from the first step on; a rerun with the same identity
 checkpoint, or does nothing once ``train_result.json`` (written last) exists; another identity in the
 same ``--out`` is refused. The final weights, tokenizer and model card are written into a temporary
 folder and renamed into ``--out`` file by file before ``train_result.json``.
+
+On CUDA the model loads with ``flash_attention_2`` when installed, else ``flex_attention`` (transformers
+turns the restarting ``position_ids`` of a packed row into a document mask). That GPU path, bf16
+autocast and the MFU estimate have not run on a GPU yet (no device was lent to this session).
 """
 
 from __future__ import annotations
