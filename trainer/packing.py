@@ -4,8 +4,9 @@ Conventions: ``token_weight[i]`` weighs token ``i`` *as a target*, predicted by 
 ``i - 1`` (the export's and the selection's convention), so ``token_weight[0]`` never counts.
 
 * **Trim.** A sample is cut after its last nonzero-weight target: under causal attention no later token
-  changes any loss term, so this is exact and saves their whole forward and backward (the benchmark's
-  "trailing half at weight 0" case runs ~1.5x faster). Samples whose weights sum to 0 are dropped;
+  changes any loss term, so this is exact and saves their whole forward and backward (bench_train.py,
+  trailing half of each response at weight 0: the epoch took 2.79x less time, 1.40x the weighted
+  tokens/s of the all-ones run; the HF and TRL baselines do the same work either way). Samples whose weights sum to 0 are dropped;
   samples still longer than ``max_seq_len`` are skipped with a counted reason.
 * **Plan** (which samples share a micro-batch), two layouts:
   ``packed`` (GPU, varlen attention): best-fit decreasing into ``tokens_per_batch`` tokens per pack,
