@@ -51,28 +51,40 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 @dataclass
 class SelectParams:
-    policy: str
-    name: str = ""  # selection/<name>/; default: the policy's name
+    policy: str  # one policy, or several joined by "," (a sample is kept when every one keeps it)
+    name: str = ""  # selection/<name>/; default: the policy's name (the names joined by "_and_")
     tokens: str = ""  # "" = the policy's own token half; else one of TOKEN_SOURCES
     keep: str = ""  # policy=sql: a DuckDB boolean expression over the samples view
     keep_targets: bool = True  # policy=dv4llm: keep the target samples too
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; policies: {list(POLICIES)}")
+        for policy in self.policies:
+            if policy not in POLICIES:
+                raise ValueError(
+                    f"unknown policy {policy!r}; policies: {list(POLICIES)}, or several joined by ',' "
+                    "(e.g. dv4llm,critical_tokens)"
+                )
+        if len(set(self.policies)) != len(self.policies):
+            raise ValueError(f"policy={self.policy!r} lists a policy twice")
         if self.tokens and self.tokens not in TOKEN_SOURCES:
             raise ValueError(f"tokens={self.tokens!r}: use one of {list(TOKEN_SOURCES)} (or leave it unset)")
-        if (self.policy == "sql") != bool(self.keep):
+        if ("sql" in self.policies) != bool(self.keep):
             raise ValueError(
                 'policy sql needs --set keep="<boolean SQL over samples>"; other policies take no keep='
             )
-        self.name = self.name or self.policy
+        self.name = self.name or "_and_".join(self.policies)
         if not _NAME_RE.match(self.name):
             raise ValueError(f"name={self.name!r}: use letters, digits, '_', '-' or '.'")
 
     @property
+    def policies(self) -> list[str]:
+        return [x.strip() for x in self.policy.split(",")]
+
+    @property
     def token_source(self) -> str:
-        return self.tokens or _DEFAULT_TOKENS.get(self.policy, "loss_mask")
+        """``tokens``, else the token half of the first listed policy that has one, else every token."""
+        own = [_DEFAULT_TOKENS[x] for x in self.policies if x in _DEFAULT_TOKENS]
+        return self.tokens or (own[0] if own else "loss_mask")
 
 
 def _score_table(run: RunDir, stage: str, columns: list[str]) -> dict[str, dict]:
@@ -83,12 +95,28 @@ def _score_table(run: RunDir, stage: str, columns: list[str]) -> dict[str, dict]
 
 
 def _sample_half(run: RunDir, p: SelectParams, ids: list[str]) -> tuple[dict[str, bool], dict[str, str]]:
-    if p.policy == "all" or p.policy in ("excess_loss", "sstoken"):
-        reason = "all" if p.policy == "all" else "token_level"
+    """Keep and reason per sample. A composition keeps a sample when every policy keeps it; the reason is
+    ``<policy>:<its reason>`` of the first policy that dropped it, or the kept reasons joined by ``+``."""
+    halves = [(policy, _one_policy(run, policy, p, ids)) for policy in p.policies]
+    if len(halves) == 1:
+        return halves[0][1]
+    keep, why = {}, {}
+    for sid in ids:
+        dropped = next(((pol, h[1][sid]) for pol, h in halves if not h[0][sid]), None)
+        keep[sid] = dropped is None
+        why[sid] = "+".join(h[1][sid] for _, h in halves) if dropped is None else f"{dropped[0]}:{dropped[1]}"
+    return keep, why
+
+
+def _one_policy(
+    run: RunDir, policy: str, p: SelectParams, ids: list[str]
+) -> tuple[dict[str, bool], dict[str, str]]:
+    if policy == "all" or policy in ("excess_loss", "sstoken"):
+        reason = "all" if policy == "all" else "token_level"
         return dict.fromkeys(ids, True), dict.fromkeys(ids, reason)
-    if p.policy == "sql":
+    if policy == "sql":
         return _sql_keep(run, p.keep, ids)
-    if p.policy == "dv4llm":
+    if policy == "dv4llm":
         rows = _score_table(run, "dv4llm", ["role", "selected"])
         keep, why = {}, {}
         for sid in ids:
@@ -100,7 +128,7 @@ def _sample_half(run: RunDir, p: SelectParams, ids: list[str]) -> tuple[dict[str
             else:
                 keep[sid], why[sid] = bool(r["selected"]), "selected" if r["selected"] else "not_selected"
         return keep, why
-    rows = _score_table(run, p.policy, ["keep", "reason"])  # eu_plane, critical_tokens
+    rows = _score_table(run, policy, ["keep", "reason"])  # eu_plane, critical_tokens
     keep = {sid: bool(rows.get(sid, {}).get("keep")) for sid in ids}
     why = {sid: (rows[sid]["reason"] if sid in rows else "unscored") for sid in ids}
     return keep, why
@@ -139,7 +167,7 @@ def token_selection(
     if source == "loss_mask":
         return np.ones(total, np.float32)
     stage = "critical_tokens" if source == "p_ce" else source
-    columns = ["token_score", "is_correct"] if source == "p_ce" else ["token_keep"]
+    columns = ["token_p_ce", "is_correct"] if source == "p_ce" else ["token_keep"]
     got = run.table(f"scores/{stage}").read_part(part, columns=["sample_id", *columns])
     if not got["sample_id"].combine_chunks().equals(sample_id):
         raise UserError(
@@ -194,9 +222,7 @@ def run_select(run: RunDir, p: SelectParams) -> dict:
         raise UserError(f"{run.root} has no samples: run `winnow ingest` first")
     parts = [r.part for r in samples.records()]
     source = p.token_source
-    read = set()
-    if p.policy in ("eu_plane", "critical_tokens", "dv4llm"):
-        read.add(p.policy)
+    read = {x for x in p.policies if x in ("eu_plane", "critical_tokens", "dv4llm")}
     if source != "loss_mask":
         read.add("critical_tokens" if source == "p_ce" else source)
     for stage in sorted(read):
@@ -204,7 +230,7 @@ def run_select(run: RunDir, p: SelectParams) -> dict:
             raise UserError(f"{run.root} has no scores/{stage}: run `winnow score {run.root} {stage}` first")
         _check_fresh(run, stage)
     tables = {f"scores/{stage}" for stage in read}
-    if p.policy == "sql":  # the expression may read any view
+    if "sql" in p.policies:  # the expression may read any view
         tables |= {t for t in run.tables() if not t.startswith("selection/")}
     st = io.StageOutput(
         run, "select", p, CODE_VERSION, started, table=f"selection/{p.name}", key=f"select:{p.name}"

@@ -9,10 +9,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from stage_fixtures import write_signals, write_synthetic_samples
 
 from winnow.pipeline.store import RunDir, UserError
 from winnow.stages import critical_tokens as ct
-from winnow.stages import stage_io as io
 
 from conftest import run_cli, sql_json
 
@@ -39,8 +39,8 @@ def make_run(root, labels=None, label_key="meta_is_correct") -> RunDir:
             }
             for s in ids
         ]
-        io.write_synthetic_samples(run, part, rows)
-        io.write_signals(run, "contrast", part, ids, {"p_ce": [DATA[s][1] for s in ids]})
+        write_synthetic_samples(run, part, rows)
+        write_signals(run, "contrast", part, ids, {"p_ce": [DATA[s][1] for s in ids]})
     return run
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from stage_fixtures import write_signals, write_synthetic_samples
 
 from winnow.pipeline.params import build_params
 from winnow.pipeline.store import RunDir, UserError
@@ -51,8 +52,8 @@ def make_run(root) -> RunDir:
         {"sample_id": "s4", "input_ids": [1, 2, 3, 4], "loss_mask": [0, 1, 1, 1]},
         {"sample_id": "s5", "input_ids": [1, 2], "loss_mask": [0, 0]},
     ]
-    io.write_synthetic_samples(run, 0, rows0)
-    io.write_synthetic_samples(run, 1, rows1)
+    write_synthetic_samples(run, 0, rows0)
+    write_synthetic_samples(run, 1, rows1)
     sig0 = [
         _signals(2, [1], {1: 0.0}, 5.0),
         _signals(3, [1, 2], {1: L2, 2: L2}, 1.0),
@@ -65,7 +66,7 @@ def make_run(root) -> RunDir:
     ]
     for part, ids, sig in ((0, ["s0", "s1", "s2"], sig0), (1, ["s3", "s4", "s5"], sig1)):
         cols = {"logprob": [s[0] for s in sig], "entropy": [s[1] for s in sig]}
-        io.write_signals(run, "current", part, ids, cols, model_fingerprint="m-current")
+        write_signals(run, "current", part, ids, cols, model_fingerprint="m-current")
     return run
 
 
@@ -175,7 +176,7 @@ def test_rerun_skips_and_changed_input_recomputes_every_shard(tmp_path):
     assert again["shards_written"] == 0 and again["shards_skipped"] == 2
     assert again["reasons"]["kept_q2"] == 1
     # one signals shard changes: global quantiles -> both shards are recomputed
-    io.write_signals(
+    write_signals(
         run,
         "current",
         0,
@@ -346,8 +347,8 @@ def test_stage_lists_stay_aligned_with_input_ids(seed, batch_size):
         for part in range(2):
             rows, lp, en = _random_rows(rng, int(rng.integers(1, 6)))
             rows = [dict(r, sample_id=f"p{part}{r['sample_id']}") for r in rows]
-            ids = io.write_synthetic_samples(run, part, rows)
-            io.write_signals(run, "current", part, ids, {"logprob": lp, "entropy": en})
+            ids = write_synthetic_samples(run, part, rows)
+            write_signals(run, "current", part, ids, {"logprob": lp, "entropy": en})
         eu.STEP.run(run, eu.EUPlaneParams(r_sample=0.5, batch_size=batch_size))
         bad = sql_json(
             tmp,

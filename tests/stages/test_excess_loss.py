@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from stage_fixtures import write_signals, write_synthetic_samples
 
 from winnow.pipeline.params import build_params
 from winnow.pipeline.store import RunDir, UserError
@@ -52,11 +53,9 @@ def make_run(root) -> RunDir:
     run = RunDir(root, create=True)
     for part, ids in SHARDS.items():
         rows = [{"sample_id": s, "input_ids": list(range(len(MASK[s]))), "loss_mask": MASK[s]} for s in ids]
-        io.write_synthetic_samples(run, part, rows)
-        io.write_signals(
-            run, "current", part, ids, {"logprob": [CUR[s] for s in ids]}, model_fingerprint="cur"
-        )
-        io.write_signals(
+        write_synthetic_samples(run, part, rows)
+        write_signals(run, "current", part, ids, {"logprob": [CUR[s] for s in ids]}, model_fingerprint="cur")
+        write_signals(
             run, "reference", part, ids, {"logprob": [REF[s] for s in ids]}, model_fingerprint="ref"
         )
     return run
@@ -112,7 +111,7 @@ def test_rerun_skips_and_changed_reference_recomputes(tmp_path):
     p = ex.ExcessLossParams(k_ratio=0.5)
     assert ex.STEP.run(run, p)["shards_written"] == 2
     assert ex.STEP.run(run, p)["shards_skipped"] == 2
-    io.write_signals(run, "reference", 1, ["c", "d"], {"logprob": [REF["c"], [None, -0.5]]})
+    write_signals(run, "reference", 1, ["c", "d"], {"logprob": [REF["c"], [None, -0.5]]})
     assert ex.STEP.run(run, p)["shards_written"] == 2  # a global top-k: every shard is recomputed
 
 
@@ -156,9 +155,9 @@ def test_stage_keeps_the_target_count_and_stays_aligned(seed, batch_size, k_rati
                 rows.append({"sample_id": f"p{part}-{i}", "input_ids": list(range(n)), "loss_mask": mask})
                 cur.append([None] + [float(-rng.integers(0, 4)) for _ in range(n - 1)])  # ties
                 ref.append([None] + [float(-rng.integers(0, 4)) for _ in range(n - 1)])
-            ids = io.write_synthetic_samples(run, part, rows)
-            io.write_signals(run, "current", part, ids, {"logprob": cur})
-            io.write_signals(run, "reference", part, ids, {"logprob": ref})
+            ids = write_synthetic_samples(run, part, rows)
+            write_signals(run, "current", part, ids, {"logprob": cur})
+            write_signals(run, "reference", part, ids, {"logprob": ref})
         ex.STEP.run(run, ex.ExcessLossParams(k_ratio=k_ratio, batch_size=batch_size))
         per_batch = sql_json(
             tmp,

@@ -11,10 +11,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from stage_fixtures import write_signals, write_synthetic_samples
 
 from winnow.pipeline.store import RunDir, UserError
 from winnow.stages import sstoken as ss
-from winnow.stages import stage_io as io
 
 from conftest import run_cli, sql_json
 
@@ -48,12 +48,10 @@ def make_run(root, same_weights=False, anchor="query") -> RunDir:
             {"sample_id": s, "input_ids": list(range(len(CASES[s][0]))), "loss_mask": CASES[s][0]}
             for s in ids
         ]
-        io.write_synthetic_samples(run, part, rows)
+        write_synthetic_samples(run, part, rows)
         lists = [_lists(s) for s in ids]
-        io.write_signals(
-            run, "history", part, ids, {"logprob": [x[0] for x in lists]}, model_fingerprint="base"
-        )
-        io.write_signals(
+        write_signals(run, "history", part, ids, {"logprob": [x[0] for x in lists]}, model_fingerprint="base")
+        write_signals(
             run,
             "current",
             part,
@@ -129,7 +127,7 @@ def test_attention_requirements(tmp_path):
     entry = ss.STEP.run(run, ss.SSTokenParams(gamma=1.0, current="current", history="history"))
     assert entry["shards_written"] == 2
     ids = SHARDS[0]
-    io.write_signals(run, "plain", 0, ids, {"logprob": [_lists(s)[1] for s in ids]}, model_fingerprint="w2")
+    write_signals(run, "plain", 0, ids, {"logprob": [_lists(s)[1] for s in ids]}, model_fingerprint="w2")
     with pytest.raises(UserError, match="--alias plain --signals attention,logprob"):
         ss.STEP.run(run, ss.SSTokenParams(current="plain"))
 
@@ -139,7 +137,7 @@ def test_per_shard_freshness(tmp_path):
     p = ss.SSTokenParams()
     assert ss.STEP.run(run, p)["shards_written"] == 2
     assert ss.STEP.run(run, p)["shards_skipped"] == 2
-    io.write_signals(
+    write_signals(
         run,
         "history",
         1,
@@ -212,11 +210,9 @@ def test_stage_lists_stay_aligned(seed):
             his.append([None] + rng.uniform(-4, 0, n - 1).tolist())
             cur.append([None] + rng.uniform(-4, 0, n - 1).tolist())
             att.append([None] + rng.uniform(0, 1, n - 1).tolist())
-        ids = io.write_synthetic_samples(run, 0, rows)
-        io.write_signals(run, "history", 0, ids, {"logprob": his}, model_fingerprint="h")
-        io.write_signals(
-            run, "current", 0, ids, {"logprob": cur, "attn_importance": att}, model_fingerprint="c"
-        )
+        ids = write_synthetic_samples(run, 0, rows)
+        write_signals(run, "history", 0, ids, {"logprob": his}, model_fingerprint="h")
+        write_signals(run, "current", 0, ids, {"logprob": cur, "attn_importance": att}, model_fingerprint="c")
         ss.STEP.run(run, ss.SSTokenParams())
         bad = sql_json(
             tmp,
