@@ -135,13 +135,10 @@ def _one_policy(
 
 
 def _sql_keep(run: RunDir, expr: str, ids: list[str]) -> tuple[dict[str, bool], dict[str, str]]:
-    from winnow.pipeline.inspect_run import open_views
+    from winnow.stages.dv4llm import condition_rows
 
-    con = open_views(str(run.root), check_lengths=False).con
-    try:
-        got = dict(con.sql(f"SELECT sample_id, coalesce(({expr}), false) FROM samples").fetchall())
-    except Exception as e:  # duckdb raises many error classes; all mean the expression is wrong
-        raise UserError(f"keep={expr!r}: bad SQL condition over samples ({e})") from None
+    query = f"SELECT sample_id, coalesce(({expr}), false) FROM samples"
+    got = dict(condition_rows(run, query, f"keep={expr!r} over samples"))
     keep = {sid: bool(got.get(sid, False)) for sid in ids}
     return keep, {sid: "sql_keep" if k else "sql_drop" for sid, k in keep.items()}
 
