@@ -83,3 +83,14 @@ def write_synthetic_samples(
         data[key] = pa.array([r.get(key) for r in rows])
     run.table(SAMPLES).write(part, pa.table(data), fingerprint="synthetic", inputs={})
     return ids
+
+
+def decimal_count(ratio: float, n: int, rounding: str) -> int:
+    """``ratio * n`` rounded in exact decimal arithmetic (the ratio as written, e.g. 0.29 -> 29/100):
+    an expected count computed independently of the float round-off handling in ``winnow.stages.topk``.
+    ``rounding`` is a :mod:`decimal` mode: ``ROUND_FLOOR``, ``ROUND_CEILING`` or ``ROUND_HALF_UP``."""
+    import decimal
+
+    return int(
+        (decimal.Decimal(repr(ratio)) * n).quantize(decimal.Decimal(1), rounding=getattr(decimal, rounding))
+    )

@@ -145,7 +145,23 @@ def test_card_shows_what_the_quickstart_selection_dropped(quickstart):
     code, _, err = run_cli("card", run)
     assert code == 0, err
     card = (run / "card" / "README.md").read_text()
-    assert "### `quickstart` (policy `critical_tokens`)" in card and "By `meta_corruption`:" in card
+    assert "### `quickstart` (policy `dv4llm,critical_tokens,sql`)" in card and "By `meta_corruption`:" in card
+    # the composition's reasons name the policy that dropped each sample
+    assert "| dv4llm:not_selected |" in card and "| critical_tokens:incorrect |" in card
+    assert "| sql:sql_drop |" in card and "A composition:" in card
+    kept = {
+        r["k"]: r
+        for r in sql_json(
+            run,
+            "select meta_corruption k, count(*) n, count_if(keep) kept from selection_quickstart "
+            "join samples using (sample_id) group by 1",
+        )
+    }
+    # the planted corruptions go: no off-topic sample, at most 5% of the junk-span ones (they were 99/99 and
+    # 139/139 with critical_tokens alone), while a third or more of the clean samples stay
+    assert kept["off_topic"]["kept"] == 0 and kept["off_topic"]["n"] > 50
+    assert kept["junk_span"]["kept"] <= 0.05 * kept["junk_span"]["n"]
+    assert kept["none"]["kept"] >= kept["none"]["n"] / 3
     # the card's breakdown matches SQL: both wrong-answer kinds are dropped entirely
     for kind in ("wrong_final_answer", "wrong_step"):
         (row,) = sql_json(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 
@@ -11,12 +12,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from stage_fixtures import write_signals, write_synthetic_samples
+from stage_fixtures import decimal_count, write_signals, write_synthetic_samples
 
 from winnow.pipeline.params import build_params
 from winnow.pipeline.store import RunDir, UserError
 from winnow.stages import eu_plane as eu
-from winnow.stages import stage_io as io
 
 from conftest import run_cli, sql_json
 
@@ -150,10 +150,17 @@ def test_topup_by_supp_then_middle(tmp_path):
     assert got["s4"]["reason"] == "topup_q1" and got["s1"]["reason"] == "dropped_q3"
     assert got["s0"]["alpha"] == pytest.approx(0.49 * (1 - 2**-10))  # all 10 steps kept < target
     assert got["s4"]["n_token_keep"] == 3  # a top-up sample keeps all its tokens
-    _score(run, "r_sample=1.0")
+    counts = run.manifest()["steps"]["eu_plane"]["counts"]
+    assert counts["kept_by"] == {"Q2": 1, "Q4": 1, "topup_Q1": 1, "topup_Q3": 0, "topup_middle": 0}
+    assert "warnings" not in counts  # 1 of 3 from the top-up
+    code, _, err = run_cli("score", run.root, "eu_plane", "--set", "r_sample=1.0")
+    assert code == 0 and "warning: eu_plane: 3 of the 5 kept samples came from the top-up" in err
     got = _samples(run)
     assert got["s2"]["reason"] == "topup_middle" and got["s1"]["reason"] == "topup_q3"
     assert sum(v["keep"] for v in got.values()) == 5
+    counts = run.manifest()["steps"]["eu_plane"]["counts"]
+    assert counts["kept_by"] == {"Q2": 1, "Q4": 1, "topup_Q1": 1, "topup_Q3": 1, "topup_middle": 1}
+    assert len(counts["warnings"]) == 1
 
 
 def test_simulated_batches_each_meet_their_target(tmp_path):
@@ -188,11 +195,12 @@ def test_rerun_skips_and_changed_input_recomputes_every_shard(tmp_path):
         model_fingerprint="m-current",
     )
     assert "scores/eu_plane" in run.stale_tables()
+    first = run.manifest()["steps"]["eu_plane"]["fingerprint"]
     assert eu.STEP.run(run, p)["shards_written"] == 2
     assert run.stale_tables() == {}
-    assert run.manifest()["steps"]["eu_plane"]["fingerprint"] == io.fingerprint(
-        "eu_plane", p, eu.CODE_VERSION
-    )
+    # the fingerprint follows the parameters, not the inputs: same here, different for another r_sample
+    assert run.manifest()["steps"]["eu_plane"]["fingerprint"] == first
+    assert eu.STEP.run(run, eu.EUPlaneParams(r_sample=0.6))["fingerprint"] != first
 
 
 def test_missing_signals_is_a_user_error_naming_the_command(tmp_path):
@@ -281,15 +289,17 @@ def test_quadrants_partition_and_topup_meets_target(data, r_sample, k_max):
     unc = torch.tensor(unc_v, dtype=torch.float64)
     q = eu.eu_quadrants(err, unc, r_sample, k_max=k_max)
     quad, by = q.quadrant.numpy(), q.kept_by.numpy()
-    assert set(quad.tolist()) <= {0, 1, 2, 3, 4}  # every sample in exactly one region
-    # the regions are those of the thresholds at the reported α, lower band on ties
+    # the regions are those of the thresholds at the reported α (numpy quantiles), lower band on ties,
+    # and every sample outside the four corners is in the middle band: a partition
     a = q.alpha
     e, u = err.numpy(), unc.numpy()
     e_hi, e_lo = e > np.quantile(e, 1 - a), e <= np.quantile(e, a)
     u_hi, u_lo = u > np.quantile(u, 1 - a), u <= np.quantile(u, a)
-    assert np.array_equal(quad == 1, e_hi & u_hi) and np.array_equal(quad == 2, e_hi & u_lo)
-    assert np.array_equal(quad == 3, e_lo & u_lo) and np.array_equal(quad == 4, e_lo & u_hi)
-    assert q.target == io.round_count(r_sample, n)
+    corners = {eu.Q1: e_hi & u_hi, eu.Q2: e_hi & u_lo, eu.Q3: e_lo & u_lo, eu.Q4: e_lo & u_hi}
+    for code, region in corners.items():
+        assert np.array_equal(quad == code, region), code
+    assert np.array_equal(quad == eu.MIDDLE, ~np.logical_or.reduce(list(corners.values())))
+    assert q.target == decimal_count(r_sample, n, "ROUND_HALF_UP")
     assert ((by > 0).sum()) == q.target  # exactly the target after top-up
     assert np.array_equal(by == eu.BY_QUADRANT, (quad == 2) | (quad == 4))  # Q2 ∪ Q4 always kept
     extreme = (quad == 1) | (quad == 3)
@@ -357,3 +367,31 @@ def test_stage_lists_stay_aligned_with_input_ids(seed, batch_size):
             "list_count(e.token_score) <> s.n_loss_tokens",
         )
         assert bad == [{"n": 0}]
+
+
+def test_demo_default_keeps_less_off_topic_than_clean(tmp_path_factory):
+    """On the demo with the warm tiny model's signals, the default (mini-batches of 8) keeps a smaller share
+    of the planted off-topic samples than of the clean ones (one whole-dataset batch kept ~92% against ~18%)."""
+    from conftest import ingest_demo
+
+    root = ingest_demo(tmp_path_factory.mktemp("eu_demo") / "run")
+    code, _, err = run_cli(
+        "score", root, "--model", "builtin:tiny-warm", "--alias", "current", "--signals", "logprob,entropy"
+    )
+    assert code == 0, err[-2000:]
+    code, _, err = run_cli("score", root, "eu_plane")
+    assert code == 0, err[-2000:]
+    share = {
+        r["k"]: r["kept"] / r["n"]
+        for r in sql_json(
+            root,
+            "SELECT s.meta_corruption AS k, count(*) AS n, count_if(e.keep) AS kept "
+            "FROM scores_eu_plane e JOIN samples s USING (sample_id) GROUP BY 1",
+        )
+    }
+    assert share["off_topic"] < share["none"], share
+    entry = json.loads((root / "manifest.json").read_text())["steps"]["eu_plane"]
+    assert entry["params"]["batch_size"] == 8
+    assert sum(entry["counts"]["kept_by"].values()) == entry["reasons"].get("kept_q2", 0) + entry[
+        "reasons"
+    ].get("kept_q4", 0) + sum(v for k, v in entry["reasons"].items() if k.startswith("topup_"))

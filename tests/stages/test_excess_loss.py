@@ -11,12 +11,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from stage_fixtures import write_signals, write_synthetic_samples
+from stage_fixtures import decimal_count, write_signals, write_synthetic_samples
 
 from winnow.pipeline.params import build_params
 from winnow.pipeline.store import RunDir, UserError
 from winnow.stages import excess_loss as ex
-from winnow.stages import stage_io as io
 
 from conftest import run_cli, sql_json
 
@@ -165,7 +164,7 @@ def test_stage_keeps_the_target_count_and_stays_aligned(seed, batch_size, k_rati
             "WHERE n_supervised > 0 GROUP BY batch",
         )
         for r in per_batch:
-            assert r["kept"] == io.floor_count(k_ratio, r["n"])
+            assert r["kept"] == decimal_count(k_ratio, r["n"], "ROUND_FLOOR")
         bad = sql_json(
             tmp,
             "SELECT count(*) AS n FROM scores_excess_loss e JOIN samples s USING (sample_id) WHERE "
@@ -173,3 +172,38 @@ def test_stage_keeps_the_target_count_and_stays_aligned(seed, batch_size, k_rati
             "list_count(e.token_score) <> s.n_loss_tokens",
         )
         assert bad == [{"n": 0}]
+
+
+def test_identical_models_are_refused(tmp_path):
+    """Same weights (equal fingerprints) or identical likelihoods: the top-k would keep tokens in input order."""
+    run = make_run(tmp_path / "same")
+    for part, ids in SHARDS.items():  # the reference re-scored with the current weights
+        write_signals(
+            run, "reference", part, ids, {"logprob": [CUR[s] for s in ids]}, model_fingerprint="cur"
+        )
+    with pytest.raises(UserError, match="same weights .*model fingerprint cur"):
+        ex.STEP.run(run, ex.ExcessLossParams())
+    for part, ids in SHARDS.items():  # other fingerprints, same likelihoods (e.g. a re-saved copy)
+        write_signals(
+            run, "reference", part, ids, {"logprob": [CUR[s] for s in ids]}, model_fingerprint="copy"
+        )
+    with pytest.raises(UserError, match="exactly 0 on all 10 scored tokens"):
+        ex.STEP.run(run, ex.ExcessLossParams(batch_size=0))
+    assert not run.table("scores/excess_loss").records()  # refused before writing anything
+
+
+def test_default_is_mini_batches_of_eight(tmp_path):
+    run = RunDir(tmp_path / "run", create=True)
+    rng = np.random.default_rng(0)
+    rows = [{"sample_id": f"s{i:02d}", "input_ids": [0, 1, 2], "loss_mask": [0, 1, 1]} for i in range(20)]
+    ids = write_synthetic_samples(run, 0, rows)
+    cur = [[None, *(-rng.uniform(0.1, 3, 2)).tolist()] for _ in ids]
+    ref = [[None, *(-rng.uniform(0.1, 3, 2)).tolist()] for _ in ids]
+    write_signals(run, "current", 0, ids, {"logprob": cur}, model_fingerprint="c")
+    write_signals(run, "reference", 0, ids, {"logprob": ref}, model_fingerprint="r")
+    entry = ex.STEP.run(run, ex.ExcessLossParams())
+    assert entry["params"]["batch_size"] == 8 and entry["counts"]["batches"] == 3  # 8 + 8 + 4 samples
+    per = sql_json(
+        run.root, "SELECT batch, sum(n_token_keep) AS k FROM scores_excess_loss GROUP BY 1 ORDER BY 1"
+    )
+    assert [r["k"] for r in per] == [9, 9, 4]  # floor(0.6 * 16), floor(0.6 * 16), floor(0.6 * 8)

@@ -222,3 +222,28 @@ def test_stage_lists_stay_aligned(seed):
             "n_token_keep <> ceil(0.6 * s.n_loss_tokens - 1e-9)",
         )
         assert bad == [{"n": 0}]
+
+
+def test_identical_likelihoods_are_refused(tmp_path):
+    """Different fingerprints but REL exactly 0 (re-saved weights): ssToken would rank by attention alone."""
+    run = make_run(tmp_path / "run")
+    for part, ids in SHARDS.items():
+        lists = [_lists(s) for s in ids]
+        write_signals(run, "history", part, ids, {"logprob": [x[1] for x in lists]}, model_fingerprint="copy")
+    with pytest.raises(UserError, match="exactly 0 on all"):
+        ss.STEP.run(run, ss.SSTokenParams())
+    assert ss.STEP.run(run, ss.SSTokenParams(gamma=0.0))["shards_written"] == 2  # attention only, asked for
+
+
+def test_supervised_without_signal_counts_skipped_shards(tmp_path):
+    run = make_run(tmp_path / "run")
+    his, _, _ = _lists("a")
+    his[5] = None  # one supervised token of shard 0 without a history value
+    write_signals(run, "history", 0, SHARDS[0], {"logprob": [his, _lists("b")[0]]}, model_fingerprint="base")
+    p = ss.SSTokenParams()
+    assert ss.STEP.run(run, p)["counts"]["supervised_without_signal"] == 1
+    write_signals(
+        run, "history", 1, SHARDS[1], {"logprob": [[None, -1.0], [None] * 3]}, model_fingerprint="base"
+    )
+    entry = ss.STEP.run(run, p)  # shard 1 redone, shard 0 skipped: its missing token still counts
+    assert entry["shards_written"] == 1 and entry["counts"]["supervised_without_signal"] == 1

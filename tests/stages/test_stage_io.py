@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from stage_fixtures import write_signals, write_synthetic_samples
+from stage_fixtures import decimal_count, write_signals, write_synthetic_samples
 
 from winnow.pipeline.store import RunDir, UserError
 from winnow.stages import stage_io as io
@@ -86,7 +86,7 @@ def test_top_fraction_matches_brute_force(b, t, ratio, seed):
     flat = [(i, j) for i in range(b) for j in range(t) if mask[i, j]]
     flat.sort(key=lambda ij: (-score[ij], ij))  # highest first, ties: earlier in row-major order
     want = np.zeros_like(mask)
-    for ij in flat[: io.floor_count(ratio, len(flat))]:
+    for ij in flat[: decimal_count(ratio, len(flat), "ROUND_FLOOR")]:
         want[ij] = True
     assert np.array_equal(got, want)
 
@@ -197,7 +197,8 @@ def test_every_stage_runs_from_a_recipe(tmp_path):
     write_signals(
         run, "reference", 0, ids, {"logprob": [[None, -0.5, -0.5], [None, -1.0]]}, model_fingerprint="ref"
     )
-    write_signals(run, "base", 0, ids, lp, model_fingerprint="base")
+    base = {"logprob": [[None, -1.5, -0.25], [None, -2.5]]}  # the history model: other likelihoods
+    write_signals(run, "base", 0, ids, base, model_fingerprint="base")
     write_signals(run, "contrast", 0, ids, {"p_ce": [[None, 0.5, 0.25], [None, 0.75]]})
     recipe = tmp_path / "r.toml"
     recipe.write_text(
