@@ -137,7 +137,11 @@ def _summary(entry: dict) -> str:
 def select(
     run_dir: Annotated[str, typer.Argument(help="run directory")],
     policy: Annotated[
-        str, typer.Argument(help="eu_plane|excess_loss|sstoken|critical_tokens|dv4llm|all|sql")
+        str,
+        typer.Argument(
+            help="eu_plane|excess_loss|sstoken|critical_tokens|dv4llm|all|sql, or several joined by ',' "
+            "(kept when every one keeps it)"
+        ),
     ],
     name: Annotated[
         str | None, typer.Option("--name", help="selection/<name>/ (default: the policy)")

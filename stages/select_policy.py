@@ -14,9 +14,15 @@ A policy has two halves, chosen separately so that methods combine:
 * **which tokens** (``tokens``): the policy's own by default — the ``token_keep`` of eu_plane,
   excess_loss or sstoken, all supervised tokens otherwise — or any of ``loss_mask`` (every
   supervised token), ``eu_plane`` / ``excess_loss`` / ``sstoken`` (that stage's ``token_keep``) or
-  ``p_ce`` (cDPO's chosen-side weight, ``scores/critical_tokens.token_score``, on correct samples).
+  ``p_ce`` (cDPO's chosen-side weight, ``scores/critical_tokens.token_p_ce``, on correct samples).
   ``winnow select RUN critical_tokens --set tokens=excess_loss`` drops wrong answers and trains on
   Rho-1's tokens of the rest.
+
+**Compositions.** ``POLICY`` may list several policies joined by ``,`` (``dv4llm,critical_tokens``): a
+sample is kept only when every listed policy keeps it (an intersection, so the order never changes what is
+kept). Its reason is ``<policy>:<reason>`` of the first listed policy that dropped it
+(``dv4llm:not_selected``), or the kept reasons joined by ``+`` (``selected+correct``); the token half is
+``tokens`` or else the first listed policy's own. One policy alone keeps its plain reasons.
 
 ``token_weight[i]`` is 0 wherever ``loss_mask[i] == 0``, on dropped samples, and on tokens the
 token half did not select; a kept sample whose weights all come out 0 is dropped with reason

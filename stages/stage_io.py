@@ -19,19 +19,17 @@ trainer on one mini-batch) wrapped by a thin adapter. This module is that adapte
   and skip shards whose record matches; stages with global statistics (dataset quantiles, top-k
   across the dataset or across simulated batches that span shards) record whole-table digests and
   recompute every shard when anything changed (:func:`all_fresh`).
-* **Simulated batches.** :func:`simulated_batches` cuts a seeded permutation of the samples into
-  mini-batches, so an offline stage can approximate what the trainer's per-batch selection would do.
-  Samples are numbered in (shard, row) order, which is input order whatever the shard size.
+* **Simulated batches.** :func:`winnow.stages.topk.minibatches` cuts a seeded permutation of the
+  samples into mini-batches (8 by default, the trainer's own batch definition), so an offline stage
+  approximates the trainer's per-batch selection. Samples are numbered in (shard, row) order, which
+  is input order whatever the shard size.
 * **Supervised tokens.** A stage scores position ``i`` when ``loss_mask[i] == 1`` *and* every signal
   it needs is non-null at ``i``; supervised positions without a signal are counted
   (``supervised_without_signal``) so a mismatch between a model pass and the loss mask is visible.
-* **Deterministic selection.** :func:`lowest_k_per_row`, :func:`highest_k_per_row` and
-  :func:`top_fraction` (torch) break ties by position (stable sorts), and counts such as
-  ``⌊r·n⌋`` go through :func:`floor_count` & co., which absorb float round-off (0.29·100 is
-  28.999999999999996 in float64). Same inputs, same selection, on any machine.
-* **Signals from elsewhere.** :func:`write_signals` commits a ``signals/<alias>`` shard computed
-  outside winnow (or by hand in tests); :func:`write_synthetic_samples` commits a minimal samples
-  shard, so a stage can be tried without a tokenizer or a model.
+* **Deterministic selection.** Counts and top-k live in :mod:`winnow.stages.topk` (torch/numpy only, so
+  the trainer imports them on GPU machines) and are re-exported here for the adapters.
+* **Synthetic runs** for tests (a samples or ``signals/<alias>`` shard written by hand) live in
+  ``tests/stage_fixtures.py``, outside the package.
 
 Measured on this 2-core CPU while other jobs ran (single runs, noisy): 8,000 synthetic samples, about
 1.3M tokens in 4 shards of 2,000: eu_plane 6-12 s over the whole dataset (7.6 s with simulated

@@ -86,11 +86,13 @@ def write_synthetic_samples(
 
 
 def decimal_count(ratio: float, n: int, rounding: str) -> int:
-    """``ratio * n`` rounded in exact decimal arithmetic (the ratio as written, e.g. 0.29 -> 29/100):
-    an expected count computed independently of the float round-off handling in ``winnow.stages.topk``.
-    ``rounding`` is a :mod:`decimal` mode: ``ROUND_FLOOR``, ``ROUND_CEILING`` or ``ROUND_HALF_UP``."""
+    """``ratio * n`` rounded in exact decimal arithmetic: an expected count computed independently of the
+    float arithmetic in ``winnow.stages.topk``. The ratio is taken as written (``repr``: 0.29 is 29/100)
+    and, as the counting spec says, within 1e-9 of the rounding boundary counts as on it (0.9999999999999999
+    of 10 is 10). ``rounding``: a :mod:`decimal` mode, ``ROUND_FLOOR``, ``ROUND_CEILING`` or ``ROUND_HALF_UP``.
+    """
     import decimal
 
-    return int(
-        (decimal.Decimal(repr(ratio)) * n).quantize(decimal.Decimal(1), rounding=getattr(decimal, rounding))
-    )
+    tol = decimal.Decimal("1e-9")
+    x = decimal.Decimal(repr(ratio)) * n + (-tol if rounding == "ROUND_CEILING" else tol)
+    return int(x.quantize(decimal.Decimal(1), rounding=getattr(decimal, rounding)))

@@ -82,6 +82,28 @@ def test_scores_flag_the_planted_off_topic_samples(quickstart):
     assert len(off) > 50 and auroc > 0.9
 
 
+def test_eu_plane_default_keeps_less_off_topic_than_clean(quickstart):
+    """EU plane's default (seeded mini-batches of 8, as in the paper) keeps a smaller share of the planted
+    off-topic samples than of the clean ones; one whole-dataset batch kept ~92% of them against ~18%."""
+    run, _ = quickstart
+    share = {
+        r["k"]: r["kept"] / r["n"]
+        for r in sql_json(
+            run,
+            "select s.meta_corruption k, count(*) n, count_if(e.keep) kept "
+            "from scores_eu_plane e join samples s using (sample_id) group by 1",
+        )
+    }
+    assert share["off_topic"] < share["none"], share
+    entry = _manifest(run)["steps"]["eu_plane"]
+    assert entry["params"]["batch_size"] == 8
+    # where the kept samples came from, as the manifest records it, matches the table's reasons
+    kept_by, reasons = entry["counts"]["kept_by"], entry["reasons"]
+    assert kept_by["Q2"] == reasons.get("kept_q2", 0) and kept_by["Q4"] == reasons.get("kept_q4", 0)
+    for origin in ("Q1", "Q3", "middle"):
+        assert kept_by[f"topup_{origin}"] == reasons.get(f"topup_{origin.lower()}", 0)
+
+
 def test_rerun_skips_everything(quickstart):
     run, _ = quickstart
     code, out, err = run_cli("run", RECIPE, "--run-dir", run)
@@ -145,10 +167,12 @@ def test_card_shows_what_the_quickstart_selection_dropped(quickstart):
     code, _, err = run_cli("card", run)
     assert code == 0, err
     card = (run / "card" / "README.md").read_text()
-    assert "### `quickstart` (policy `dv4llm,critical_tokens,sql`)" in card and "By `meta_corruption`:" in card
+    assert (
+        "### `quickstart` (policy `dv4llm,critical_tokens,sql`)" in card and "By `meta_corruption`:" in card
+    )
     # the composition's reasons name the policy that dropped each sample
     assert "| dv4llm:not_selected |" in card and "| critical_tokens:incorrect |" in card
-    assert "| sql:sql_drop |" in card and "A composition:" in card
+    assert "| sql:sql_drop |" in card and "A composition:" in card and "Kept by origin (" in card
     kept = {
         r["k"]: r
         for r in sql_json(

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 
@@ -367,31 +366,3 @@ def test_stage_lists_stay_aligned_with_input_ids(seed, batch_size):
             "list_count(e.token_score) <> s.n_loss_tokens",
         )
         assert bad == [{"n": 0}]
-
-
-def test_demo_default_keeps_less_off_topic_than_clean(tmp_path_factory):
-    """On the demo with the warm tiny model's signals, the default (mini-batches of 8) keeps a smaller share
-    of the planted off-topic samples than of the clean ones (one whole-dataset batch kept ~92% against ~18%)."""
-    from conftest import ingest_demo
-
-    root = ingest_demo(tmp_path_factory.mktemp("eu_demo") / "run")
-    code, _, err = run_cli(
-        "score", root, "--model", "builtin:tiny-warm", "--alias", "current", "--signals", "logprob,entropy"
-    )
-    assert code == 0, err[-2000:]
-    code, _, err = run_cli("score", root, "eu_plane")
-    assert code == 0, err[-2000:]
-    share = {
-        r["k"]: r["kept"] / r["n"]
-        for r in sql_json(
-            root,
-            "SELECT s.meta_corruption AS k, count(*) AS n, count_if(e.keep) AS kept "
-            "FROM scores_eu_plane e JOIN samples s USING (sample_id) GROUP BY 1",
-        )
-    }
-    assert share["off_topic"] < share["none"], share
-    entry = json.loads((root / "manifest.json").read_text())["steps"]["eu_plane"]
-    assert entry["params"]["batch_size"] == 8
-    assert sum(entry["counts"]["kept_by"].values()) == entry["reasons"].get("kept_q2", 0) + entry[
-        "reasons"
-    ].get("kept_q4", 0) + sum(v for k, v in entry["reasons"].items() if k.startswith("topup_"))

@@ -153,7 +153,9 @@ def test_stage_keeps_the_target_count_and_stays_aligned(seed, batch_size, k_rati
                 mask = [0] + [int(x) for x in rng.random(n - 1) < 0.7]
                 rows.append({"sample_id": f"p{part}-{i}", "input_ids": list(range(n)), "loss_mask": mask})
                 cur.append([None] + [float(-rng.integers(0, 4)) for _ in range(n - 1)])  # ties
-                ref.append([None] + [float(-rng.integers(0, 4)) for _ in range(n - 1)])
+                ref.append(
+                    [None] + [float(-rng.integers(0, 4)) - 0.5 for _ in range(n - 1)]
+                )  # never 0 excess
             ids = write_synthetic_samples(run, part, rows)
             write_signals(run, "current", part, ids, {"logprob": cur})
             write_signals(run, "reference", part, ids, {"logprob": ref})
