@@ -42,12 +42,12 @@ plausible reading and the trainer's business either way).
 Offline, B is a seeded simulated mini-batch of ``batch_size = 8`` samples by default
 (:func:`winnow.stages.topk.minibatches`, the very function the trainer's online Q-Tuning draws its batches
 with): the paper recomputes the plane every training step on a per-device batch of 8, and the plane means
-something different over a whole dataset. Measured on the demo (``builtin:demo``, ``builtin:tiny-warm``,
-r_sample = 0.25): with ``batch_size=0`` (one batch) PPL and entropy are correlated over the dataset, so
-Q2 ∪ Q4 reach only 215 of the 495 target even at α ≈ 0.49, the top-up fills the rest from Q1 by
-min-max-normalised |PPL−Ent| over a heavy-tailed PPL, and the selection keeps ~92% of the off-topic and
-~55% of the junk-span samples against ~18% of the clean ones; with batches of 8 the off-topic share drops to
-~7%. ``batch_size=0`` remains available. The manifest records how many kept samples came from each quadrant
+something different over a whole dataset. Measured on the quickstart (``builtin:demo``,
+``builtin:tiny-warm``, r_sample = 0.25; docs/CHANGES.md): with ``batch_size=0`` (one batch) PPL and
+entropy are correlated over the dataset, so Q2 ∪ Q4 reach only 215 of the 495 target even at α ≈ 0.49,
+the top-up fills the rest from Q1 by min-max-normalised |PPL−Ent| over a heavy-tailed PPL, and the
+selection keeps 92/99 off-topic and 81/139 junk-span samples against 249/1400 clean ones; with batches of
+8 it keeps 9/99 off-topic, 39/139 junk-span and 359/1400 clean (Q2 141, Q4 140, top-up 214). ``batch_size=0`` remains available. The manifest records how many kept samples came from each quadrant
 and from the top-up (``counts.kept_by``), and the stage warns when the top-up is more than half of what it
 kept. The trainer calls :func:`eu_plane_select` on one mini-batch. Stage output ``scores/eu_plane``:
 ``batch``, ``error``, ``uncertainty``, ``quadrant``, ``supp``, ``alpha``, ``keep``, ``reason``,
