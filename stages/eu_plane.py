@@ -47,9 +47,10 @@ something different over a whole dataset. Measured on the quickstart (``builtin:
 entropy are correlated over the dataset, so Q2 ∪ Q4 reach only 215 of the 495 target even at α ≈ 0.49,
 the top-up fills the rest from Q1 by min-max-normalised |PPL−Ent| over a heavy-tailed PPL, and the
 selection keeps 92/99 off-topic and 81/139 junk-span samples against 249/1400 clean ones; with batches of
-8 it keeps 9/99 off-topic, 39/139 junk-span and 359/1400 clean (Q2 141, Q4 140, top-up 214). ``batch_size=0`` remains available. The manifest records how many kept samples came from each quadrant
-and from the top-up (``counts.kept_by``), and the stage warns when the top-up is more than half of what it
-kept. The trainer calls :func:`eu_plane_select` on one mini-batch. Stage output ``scores/eu_plane``:
+8 it keeps 9/99 off-topic, 39/139 junk-span and 359/1400 clean (Q2 141, Q4 140, top-up 214).
+``batch_size=0`` remains available. The manifest records how many kept samples came from each quadrant
+and from the top-up (``counts.kept_by``), and the stage warns when the top-up is more than half of what
+it kept. The trainer calls :func:`eu_plane_select` on one mini-batch. Stage output ``scores/eu_plane``:
 ``batch``, ``error``, ``uncertainty``, ``quadrant``, ``supp``, ``alpha``, ``keep``, ``reason``,
 ``n_supervised``, ``n_token_keep``, and per-token ``token_score`` (Eq. 7 for every supervised token of
 every scored sample, so other policies can use it) and ``token_keep`` (null at unsupervised positions).
