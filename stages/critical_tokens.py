@@ -17,7 +17,7 @@ supervised tokens (``loss_mask == 1`` and ``p_ce`` present):
   high = critical), null elsewhere, and ``token_critical = p_CE < threshold`` on the same tokens;
 * unlabelled samples (null label): no criticality and ``keep`` null — this stage has no verdict.
 
-Until 2026-11 one ``token_score`` column held ``p_CE`` on correct rows and ``1 - p_CE`` on incorrect
+Before ``critical_tokens/2`` one ``token_score`` column held ``p_CE`` on correct rows and ``1 - p_CE`` on incorrect
 ones, so a hand-written SQL weighting over it up-weighted the critical tokens of wrong answers: each
 meaning now has its own column.
 
@@ -32,8 +32,8 @@ tokens of incorrect answers are diagnostics (where does the reasoning go wrong?)
 ``threshold = 0.5`` for ``token_critical`` is winnow's choice (the paper uses the continuous weight
 1 - p_CE and defines no cut-off). Output ``scores/critical_tokens``: ``is_correct``, ``keep``,
 ``reason``, ``n_supervised``, ``n_critical``, ``mean_p_ce``, ``min_p_ce``, per-token ``token_p_ce``,
-``token_criticality``, ``token_critical``, ``token_keep``. Per-sample maths, so shards are recomputed only when their inputs
-changed.
+``token_criticality``, ``token_critical``, ``token_keep``. Per-sample maths, so shards are recomputed
+only when their inputs changed.
 """
 
 from __future__ import annotations

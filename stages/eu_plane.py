@@ -185,7 +185,7 @@ def _batch_quadrants(error, uncertainty, params: EUPlaneParams) -> dict:
 
 
 def kept_by_counts(quadrant: np.ndarray, kept_by: np.ndarray) -> dict[str, int]:
-    """Kept samples by origin: ``Q2``/``Q4`` (the quadrants) and ``topup_Q1``/``topup_Q3``/``topup_middle``."""
+    """Kept samples by origin: ``Q2``/``Q4`` (the quadrants), ``topup_Q1``/``topup_Q3``/``topup_middle``."""
     out: dict[str, int] = {}
     for q in (Q2, Q4):
         out[QUADRANT_NAMES[q]] = int(((quadrant == q) & (kept_by == BY_QUADRANT)).sum())

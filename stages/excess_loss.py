@@ -175,7 +175,8 @@ def run_excess_loss(run: RunDir, params: ExcessLossParams) -> dict:
             flat.numel(),
             int((flat != 0).sum()),
             f"excess_loss (signals/{params.current} vs signals/{params.reference})",
-            f"--set reference=ALIAS of a model trained on high-quality data, not a copy of {params.current!r}.",
+            f"--set reference=ALIAS of a model trained on high-quality data, "
+            f"not a copy of {params.current!r}.",
         )
         per_sample = np.concatenate([m.sum(1) for m in masks])  # scored tokens per sample
         keep_flat, batch, n_batches = _select_in_batches(flat, per_sample, params)

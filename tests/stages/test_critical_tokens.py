@@ -52,7 +52,8 @@ def test_hand_computed_scores_and_sft_mapping(tmp_path):
         (r["sample_id"], r["pos"]): (r["p"], r["s"], r["c"], r["k"])
         for r in sql_json(
             run.root,
-            "SELECT sample_id, pos, critical_tokens__token_p_ce AS p, critical_tokens__token_criticality AS s, "
+            "SELECT sample_id, pos, critical_tokens__token_p_ce AS p, "
+            "critical_tokens__token_criticality AS s, "
             "critical_tokens__token_critical AS c, critical_tokens__token_keep AS k FROM tokens",
         )
     }
@@ -74,7 +75,8 @@ def test_hand_computed_scores_and_sft_mapping(tmp_path):
         r["sample_id"]: r
         for r in sql_json(
             run.root,
-            "SELECT * EXCLUDE (token_p_ce, token_criticality, token_critical, token_keep) FROM scores_critical_tokens",
+            "SELECT * EXCLUDE (token_p_ce, token_criticality, token_critical, token_keep) "
+            "FROM scores_critical_tokens",
         )
     }
     assert [(per[s]["is_correct"], per[s]["keep"], per[s]["reason"]) for s in "wruo"] == [
