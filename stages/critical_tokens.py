@@ -17,9 +17,9 @@ supervised tokens (``loss_mask == 1`` and ``p_ce`` present):
   high = critical), null elsewhere, and ``token_critical = p_CE < threshold`` on the same tokens;
 * unlabelled samples (null label): no criticality and ``keep`` null — this stage has no verdict.
 
-Before ``critical_tokens/2`` one ``token_score`` column held ``p_CE`` on correct rows and ``1 - p_CE`` on incorrect
-ones, so a hand-written SQL weighting over it up-weighted the critical tokens of wrong answers: each
-meaning now has its own column.
+Before ``critical_tokens/2`` one ``token_score`` column held ``p_CE`` on correct rows and ``1 - p_CE``
+on incorrect ones, so a hand-written SQL weighting over it up-weighted the critical tokens of wrong
+answers: each meaning now has its own column.
 
 Mapping to SFT (winnow is an SFT tool; the paper puts the weights inside a token-level DPO loss,
 ``-log σ(β·(Σ w_cho·Δlogπ_cho - Σ w_rej·Δlogπ_rej))``, which pushes *down* the critical tokens of
