@@ -52,13 +52,15 @@ def test_every_step_ran_and_every_row_is_accounted_for(quickstart):
 
 def test_per_token_lists_align_with_input_ids(quickstart):
     run, _ = quickstart
+    lists = {"critical_tokens": ["token_p_ce", "token_criticality"]}  # its two meanings, two columns
     for stage in SCORES:
-        bad = sql_json(
-            run,
-            f"select count(*) n from samples s join scores_{stage} t using (sample_id) "
-            "where len(t.token_score) != s.n_tokens",
-        )
-        assert bad == [{"n": 0}], stage
+        for col in lists.get(stage, ["token_score"]):
+            bad = sql_json(
+                run,
+                f"select count(*) n from samples s join scores_{stage} t using (sample_id) "
+                f"where len(t.{col}) != s.n_tokens",
+            )
+            assert bad == [{"n": 0}], (stage, col)
     bad = sql_json(
         run,
         "select count(*) n from samples s join signals_current c using (sample_id) "
