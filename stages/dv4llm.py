@@ -33,7 +33,7 @@ from winnow.pipeline.store import RunDir, UserError
 from winnow.stages import stage_io as io
 from winnow.stages import topk
 
-CODE_VERSION = "dv4llm-1"
+CODE_VERSION = "dv4llm/1"
 
 
 @dataclass
@@ -192,6 +192,4 @@ STEP = Step(
     name="dv4llm",
     params=DV4LLMParams,
     run=run_dv4llm,
-    key=lambda p: "dv4llm",
-    help="GOT-D optimal-transport selection of the candidates closest to a target set.",
 )

@@ -44,14 +44,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from winnow.pipeline import steps
 from winnow.pipeline.steps import Step
 from winnow.pipeline.store import RunDir, UserError
 from winnow.stages import stage_io as io
 
 CODE_VERSION = "select/1"
-POLICIES = ("eu_plane", "excess_loss", "sstoken", "critical_tokens", "dv4llm", "all", "sql")
-TOKEN_SOURCES = ("loss_mask", "eu_plane", "excess_loss", "sstoken", "p_ce")
-_DEFAULT_TOKENS = {"eu_plane": "eu_plane", "excess_loss": "excess_loss", "sstoken": "sstoken"}
+# policies and token sources come from the step registry (steps.selection_policies, steps.token_sources)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -59,21 +58,23 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 class SelectParams:
     policy: str  # one policy, or several joined by "," (a sample is kept when every one keeps it)
     name: str = ""  # selection/<name>/; default: the policy's name (the names joined by "_and_")
-    tokens: str = ""  # "" = the policy's own token half; else one of TOKEN_SOURCES
+    tokens: str = ""  # "" = the policy's own token half; else one of steps.token_sources()
     keep: str = ""  # policy=sql: a DuckDB boolean expression over the samples view
     keep_targets: bool = True  # policy=dv4llm: keep the target samples too
 
     def __post_init__(self) -> None:
         for policy in self.policies:
-            if policy not in POLICIES:
+            if policy not in steps.selection_policies():
                 raise ValueError(
-                    f"unknown policy {policy!r}; policies: {list(POLICIES)}, or several joined by ',' "
-                    "(e.g. dv4llm,critical_tokens)"
+                    f"unknown policy {policy!r}; policies: {steps.selection_policies()}, or several joined "
+                    "by ',' (e.g. dv4llm,critical_tokens)"
                 )
         if len(set(self.policies)) != len(self.policies):
             raise ValueError(f"policy={self.policy!r} lists a policy twice")
-        if self.tokens and self.tokens not in TOKEN_SOURCES:
-            raise ValueError(f"tokens={self.tokens!r}: use one of {list(TOKEN_SOURCES)} (or leave it unset)")
+        if self.tokens and self.tokens not in steps.token_sources():
+            raise ValueError(
+                f"tokens={self.tokens!r}: use one of {steps.token_sources()} (or leave it unset)"
+            )
         if ("sql" in self.policies) != bool(self.keep):
             raise ValueError(
                 'policy sql needs --set keep="<boolean SQL over samples>"; other policies take no keep='
@@ -89,8 +90,10 @@ class SelectParams:
     @property
     def token_source(self) -> str:
         """``tokens``, else the token half of the first listed policy that has one, else every token."""
-        own = [_DEFAULT_TOKENS[x] for x in self.policies if x in _DEFAULT_TOKENS]
-        return self.tokens or (own[0] if own else "loss_mask")
+        if self.tokens:
+            return self.tokens
+        own = [x for x in self.policies if steps.writes_column(x, "token_keep")]
+        return own[0] if own else "loss_mask"
 
 
 def _score_table(run: RunDir, stage: str, columns: list[str]) -> dict[str, dict]:
@@ -117,7 +120,7 @@ def _sample_half(run: RunDir, p: SelectParams, ids: list[str]) -> tuple[dict[str
 def _one_policy(
     run: RunDir, policy: str, p: SelectParams, ids: list[str]
 ) -> tuple[dict[str, bool], dict[str, str]]:
-    if policy == "all" or policy in ("excess_loss", "sstoken"):
+    if policy == "all" or not (steps.writes_column(policy, "keep") or policy in ("sql", "dv4llm")):
         reason = "all" if policy == "all" else "token_level"
         return dict.fromkeys(ids, True), dict.fromkeys(ids, reason)
     if policy == "sql":
@@ -134,7 +137,7 @@ def _one_policy(
             else:
                 keep[sid], why[sid] = bool(r["selected"]), "selected" if r["selected"] else "not_selected"
         return keep, why
-    rows = _score_table(run, policy, ["keep", "reason"])  # eu_plane, critical_tokens
+    rows = _score_table(run, policy, ["keep", "reason"])  # stages with a sample half: eu_plane, ...
     keep = {sid: bool(rows.get(sid, {}).get("keep")) for sid in ids}
     why = {sid: (rows[sid]["reason"] if sid in rows else "unscored") for sid in ids}
     return keep, why
@@ -225,9 +228,7 @@ def run_select(run: RunDir, p: SelectParams) -> dict:
         raise UserError(f"{run.root} has no samples: run `winnow ingest` first")
     parts = [r.part for r in samples.records()]
     source = p.token_source
-    read = {x for x in p.policies if x in ("eu_plane", "critical_tokens", "dv4llm")}
-    if source != "loss_mask":
-        read.add("critical_tokens" if source == "p_ce" else source)
+    read = {t.removeprefix("scores/") for t in steps.spec("select").tables_read(p) if t.startswith("scores/")}
     for stage in sorted(read):
         if not run.table(f"scores/{stage}").exists():
             raise UserError(f"{run.root} has no scores/{stage}: run `winnow score {run.root} {stage}` first")
@@ -261,6 +262,4 @@ STEP = Step(
     name="select",
     params=SelectParams,
     run=run_select,
-    key=lambda p: f"select:{p.name or p.policy}",
-    help="selection policy: scores -> keep per sample + token_weight per token in selection/<name>/",
 )

@@ -149,7 +149,7 @@ def test_topup_by_supp_then_middle(tmp_path):
     assert got["s4"]["reason"] == "topup_q1" and got["s1"]["reason"] == "dropped_q3"
     assert got["s0"]["alpha"] == pytest.approx(0.49 * (1 - 2**-10))  # all 10 steps kept < target
     assert got["s4"]["n_token_keep"] == 3  # a top-up sample keeps all its tokens
-    counts = run.manifest()["steps"]["eu_plane"]["counts"]
+    counts = run.manifest()["steps"]["stage:eu_plane"]["counts"]
     assert counts["kept_by"] == {"Q2": 1, "Q4": 1, "topup_Q1": 1, "topup_Q3": 0, "topup_middle": 0}
     assert "warnings" not in counts  # 1 of 3 from the top-up
     code, _, err = run_cli("score", run.root, "eu_plane", "--set", "r_sample=1.0")
@@ -157,7 +157,7 @@ def test_topup_by_supp_then_middle(tmp_path):
     got = _samples(run)
     assert got["s2"]["reason"] == "topup_middle" and got["s1"]["reason"] == "topup_q3"
     assert sum(v["keep"] for v in got.values()) == 5
-    counts = run.manifest()["steps"]["eu_plane"]["counts"]
+    counts = run.manifest()["steps"]["stage:eu_plane"]["counts"]
     assert counts["kept_by"] == {"Q2": 1, "Q4": 1, "topup_Q1": 1, "topup_Q3": 1, "topup_middle": 1}
     assert len(counts["warnings"]) == 1
 
@@ -177,9 +177,9 @@ def test_simulated_batches_each_meet_their_target(tmp_path):
 def test_rerun_skips_and_changed_input_recomputes_every_shard(tmp_path):
     run = make_run(tmp_path / "run")
     p = eu.EUPlaneParams(r_sample=0.4)
-    assert eu.STEP.run(run, p)["shards_written"] == 2
+    assert eu.STEP.run(run, p)["shards"]["computed"] == 2
     again = eu.STEP.run(run, p)
-    assert again["shards_written"] == 0 and again["shards_skipped"] == 2
+    assert again["shards"]["computed"] == 0 and again["shards"]["skipped"] == 2
     assert again["reasons"]["kept_q2"] == 1
     # one signals shard changes: global quantiles -> both shards are recomputed
     write_signals(
@@ -194,11 +194,11 @@ def test_rerun_skips_and_changed_input_recomputes_every_shard(tmp_path):
         model_fingerprint="m-current",
     )
     assert "scores/eu_plane" in run.stale_tables()
-    first = run.manifest()["steps"]["eu_plane"]["fingerprint"]
-    assert eu.STEP.run(run, p)["shards_written"] == 2
+    first = run.manifest()["steps"]["stage:eu_plane"]["fingerprint"]
+    assert eu.STEP.run(run, p)["shards"]["computed"] == 2
     assert run.stale_tables() == {}
     # the fingerprint follows the parameters, not the inputs: same here, different for another r_sample
-    assert run.manifest()["steps"]["eu_plane"]["fingerprint"] == first
+    assert run.manifest()["steps"]["stage:eu_plane"]["fingerprint"] == first
     assert eu.STEP.run(run, eu.EUPlaneParams(r_sample=0.6))["fingerprint"] != first
 
 

@@ -125,7 +125,7 @@ def test_attention_requirements(tmp_path):
         ss.STEP.run(run, ss.SSTokenParams())
     # gamma = 1 needs no attention at all
     entry = ss.STEP.run(run, ss.SSTokenParams(gamma=1.0, current="current", history="history"))
-    assert entry["shards_written"] == 2
+    assert entry["shards"]["computed"] == 2
     ids = SHARDS[0]
     write_signals(run, "plain", 0, ids, {"logprob": [_lists(s)[1] for s in ids]}, model_fingerprint="w2")
     with pytest.raises(UserError, match="--alias plain --signals attention,logprob"):
@@ -135,8 +135,8 @@ def test_attention_requirements(tmp_path):
 def test_per_shard_freshness(tmp_path):
     run = make_run(tmp_path / "run")
     p = ss.SSTokenParams()
-    assert ss.STEP.run(run, p)["shards_written"] == 2
-    assert ss.STEP.run(run, p)["shards_skipped"] == 2
+    assert ss.STEP.run(run, p)["shards"]["computed"] == 2
+    assert ss.STEP.run(run, p)["shards"]["skipped"] == 2
     write_signals(
         run,
         "history",
@@ -146,7 +146,10 @@ def test_per_shard_freshness(tmp_path):
         model_fingerprint="base",
     )
     entry = ss.STEP.run(run, p)
-    assert (entry["shards_written"], entry["shards_skipped"]) == (1, 1)  # per-sample maths: one shard redone
+    assert (entry["shards"]["computed"], entry["shards"]["skipped"]) == (
+        1,
+        1,
+    )  # per-sample maths: one shard redone
 
 
 def _ref_select(his, cur, attn, mask, gamma, rho, attn_minmax):
@@ -232,7 +235,9 @@ def test_identical_likelihoods_are_refused(tmp_path):
         write_signals(run, "history", part, ids, {"logprob": [x[1] for x in lists]}, model_fingerprint="copy")
     with pytest.raises(UserError, match="exactly 0 on all"):
         ss.STEP.run(run, ss.SSTokenParams())
-    assert ss.STEP.run(run, ss.SSTokenParams(gamma=0.0))["shards_written"] == 2  # attention only, asked for
+    assert (
+        ss.STEP.run(run, ss.SSTokenParams(gamma=0.0))["shards"]["computed"] == 2
+    )  # attention only, asked for
 
 
 def test_supervised_without_signal_counts_skipped_shards(tmp_path):
@@ -246,4 +251,4 @@ def test_supervised_without_signal_counts_skipped_shards(tmp_path):
         run, "history", 1, SHARDS[1], {"logprob": [[None, -1.0], [None] * 3]}, model_fingerprint="base"
     )
     entry = ss.STEP.run(run, p)  # shard 1 redone, shard 0 skipped: its missing token still counts
-    assert entry["shards_written"] == 1 and entry["counts"]["supervised_without_signal"] == 1
+    assert entry["shards"]["computed"] == 1 and entry["counts"]["supervised_without_signal"] == 1
