@@ -106,7 +106,7 @@ def contrast_samples(
     """p_ce, logprob_pos, logprob_neg on the flat token axis of ``seqs`` (+ the computed-position mask)."""
     import torch
 
-    from winnow.kernels.chunked_head import contrast_scores
+    from winnow.kernels.switch import contrast_scores
     from winnow.stages.passes.batching import collate, plan_batches
 
     lengths = np.array([len(x) for x in seqs], dtype=np.int64)
