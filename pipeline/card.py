@@ -125,45 +125,26 @@ class _Card:
             ]
 
     def scores(self) -> None:
+        """One section per scoring stage with a table here, as its registry entry names it."""
+        from winnow.pipeline import card_sections, steps
+
         parts = []
-        if self.has("scores_eu_plane"):
-            rows = self.q(
-                "select quadrant, count(*), count_if(keep), median(error), median(uncertainty) "
-                "from scores_eu_plane group by 1 order by 1"
-            )
-            parts += [
-                "### EU plane (Q-Tuning)",
-                "",
-                _md_table(
-                    ["quadrant", "samples", "kept", "median PPL", "median entropy"], [list(r) for r in rows]
-                ),
-                "",
-            ]
-            self._eu_plot()
-        for stage, col in (("excess_loss", "mean_excess"), ("critical_tokens", "min_p_ce")):
-            if self.has(f"scores_{stage}"):
-                (r,) = self.q(
-                    f"select count({col}), min({col}), quantile_cont({col}, 0.1), median({col}), "
-                    f"quantile_cont({col}, 0.9), max({col}) from scores_{stage}"
-                )
-                parts += [
-                    f"### {stage}: `{col}` per sample",
-                    "",
-                    _md_table(["scored", "min", "p10", "median", "p90", "max"], [list(r)]),
-                    "",
-                ]
-        if self.has("scores_dv4llm"):
-            rows = self.q(
-                "select role, count(*), count_if(selected) from scores_dv4llm group by 1 order by 1"
-            )
-            parts += [
-                "### DV4LLM",
-                "",
-                _md_table(["role", "samples", "selected"], [list(r) for r in rows]),
-                "",
-            ]
+        for spec, section in steps.card_sections():
+            if self.has(f"scores_{spec.name}"):
+                parts += (section or card_sections.generic)(self, spec)
         if parts:
             self.md += ["## Scores", "", *parts]
+
+    def _eu_kept_by(self) -> list[str]:
+        """Where the kept samples came from: the quadrants or the top-up (manifest counts of eu_plane)."""
+        counts = self.man.get("steps", {}).get("stage:eu_plane", {}).get("counts", {})
+        kept = counts.get("kept_by")
+        if not kept:
+            return []
+        text = ", ".join(f"{k.replace('topup_', 'top-up from ')}: {v}" for k, v in kept.items())
+        return [f"Kept by origin ({counts.get('batches', '?')} mini-batches): {text}.", ""] + [
+            f"**Warning:** {w}" for w in counts.get("warnings", [])
+        ]
 
     def selections(self) -> None:
         names = sorted(v for v in self.views.views if v.startswith("selection_"))
@@ -191,6 +172,12 @@ class _Card:
                 f"({share:.1%}).",
                 "",
             ]
+            if "," in (policy or ""):
+                self.md += [
+                    "A composition: a sample is kept when every listed policy keeps it; a dropped sample's "
+                    "reason is `policy:reason` of the first policy that dropped it.",
+                    "",
+                ]
             rows = self.q(f"select reason, count(*), count_if(keep) from {view} group by 1 order by 2 desc")
             self.md += [_md_table(["reason", "samples", "kept"], [list(r) for r in rows]), ""]
             for col in metas:

@@ -256,18 +256,24 @@ def _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0
         "config": p.identity(),
     }
     _finish(loop, out, model_dir, info)
-    result = {
-        "step": "train",
-        "out": str(out.resolve()),
-        "steps": steps,
-        "eval_loss_before": loop.evals.get(0),
-        "eval_loss": loop.evals.get(steps),
-        "layout": loop.layout,
-        "world_size": d.world,
-        "counts": {k: data.source[k] for k in ("train_samples", "eval_samples", "weighted_tokens")},
-        "train_skipped": data.source["train_skipped"],
-        "wall_s": round(time.time() - t0, 2),
-    }
+    from winnow.pipeline.shards import shards_block, step_entry
+
+    result = step_entry(
+        "train",
+        config=p.identity(),
+        fingerprint=ident["hash"],
+        outputs=[str(out.resolve())],
+        shards=shards_block(0, 0, 0),  # training has no shards; the block keeps the one entry shape
+        counts={k: data.source[k] for k in ("train_samples", "eval_samples", "weighted_tokens")},
+        started=t0,
+        out=str(out.resolve()),
+        steps=steps,
+        eval_loss_before=loop.evals.get(0),
+        eval_loss=loop.evals.get(steps),
+        layout=loop.layout,
+        world_size=d.world,
+        train_skipped=data.source["train_skipped"],
+    )
     if d.main:
         atomic_write_bytes(out / RESULT_FILE, (json.dumps(result, indent=2) + "\n").encode())
         if run_dir is not None and not p.data:
@@ -280,7 +286,9 @@ def _run_step(run: RunDir, p: TrainParams) -> dict[str, Any]:
     res = train(p, run.root)
     before, after = res.get("eval_loss_before"), res.get("eval_loss")
     if before is not None and after is not None:
-        print(f"[winnow] train: eval_loss {before:.4f} -> {after:.4f} after {res['steps']} steps ({res['out']})")
+        print(
+            f"[winnow] train: eval_loss {before:.4f} -> {after:.4f} after {res['steps']} steps ({res['out']})"
+        )
     return res
 
 
@@ -288,6 +296,5 @@ STEP = Step(
     name="train",
     params=TrainParams,
     run=_run_step,
-    key=lambda p: f"train:{p.name or p.selection or 'all'}",
     help="train a model on a selection (token-weighted, trimmed, packed; resumable; torchrun)",
 )

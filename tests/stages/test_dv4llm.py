@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from stage_fixtures import decimal_count
 
 from conftest import ingest_demo, run_cli, sql_json
 
@@ -32,20 +33,28 @@ def test_sql_targets_rank_off_topic_last(demo_run):
     n_targets = sql_json(demo_run, f"select count(*) n from samples where {TARGET_SQL[4:]}")[0]["n"]
     assert len(targets) == n_targets > 0 and all(r["g"] is None for r in targets)
     assert sorted(r["rank"] for r in cands) == list(range(len(cands)))
-    assert sum(r["selected"] for r in cands) == round(0.5 * len(cands))
+    # half up, computed exactly (Python's round() would round 0.5 * odd down to even)
+    assert sum(r["selected"] for r in cands) == decimal_count(0.5, len(cands), "ROUND_HALF_UP")
+    # the selected candidates are those with the most negative calibrated gradient (rank 0 first) ...
+    chosen = [r["g"] for r in cands if r["selected"]]
+    left = [r["g"] for r in cands if not r["selected"]]
+    assert max(chosen) <= min(left)
+    assert all(r["selected"] == (r["rank"] < len(chosen)) for r in cands)
+    # ... so none of the planted off-topic samples is selected (99 of 99 would be, ranked the other way)
+    assert not [r for r in cands if r["k"] == "off_topic" and r["selected"]]
     off = [r["g"] for r in cands if r["k"] == "off_topic"]
     rest = [r["g"] for r in cands if r["k"] != "off_topic"]
     assert _auroc(off, rest) >= 0.9  # off-topic pushes away from the math targets: largest gradients
     full = json.loads((demo_run / "manifest.json").read_text())
-    man, n_parts = full["steps"]["dv4llm"], full["tables"]["samples"]["shards"]
+    man, n_parts = full["steps"]["stage:dv4llm"], full["tables"]["samples"]["shards"]
     assert man["counts"]["solver"]["converged"] and man["counts"]["solver"]["eps"] > 0
     assert man["counts"]["candidates"] == len(cands)
-    assert (man["shards_written"], man["shards_skipped"]) == (n_parts, 0)
+    assert (man["shards"]["computed"], man["shards"]["skipped"]) == (n_parts, 0)
     # a rerun with the same inputs writes nothing and keeps describing the output it left in place
     code, _, err = run_cli("score", demo_run, "dv4llm", "--targets", TARGET_SQL, "--set", "budget=0.5")
     assert code == 0, err
-    again = json.loads((demo_run / "manifest.json").read_text())["steps"]["dv4llm"]
-    assert (again["shards_written"], again["shards_skipped"]) == (0, n_parts)
+    again = json.loads((demo_run / "manifest.json").read_text())["steps"]["stage:dv4llm"]
+    assert (again["shards"]["computed"], again["shards"]["skipped"]) == (0, n_parts)
     assert again["counts"] == man["counts"] and again["fingerprint"] == man["fingerprint"]
 
 
