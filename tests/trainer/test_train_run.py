@@ -45,6 +45,11 @@ def test_trains_on_selection_into_run_and_records_manifest(run_and_model):
     assert ident["config"]["selection"] == "clean"
     card = (run.root / "train" / "clean" / "README.md").read_text()
     assert "selection `clean`" in card
+    code, _, err = run_cli("card", run.root, "--out", run.root / "card")  # the data card's training section
+    assert code == 0, err
+    data_card = (run.root / "card" / "README.md").read_text()
+    assert "## Training" in data_card and "| train:clean | 2 |" in data_card
+    assert (run.root / "card" / "training.png").stat().st_size > 1000
 
 
 def test_steps_lists_train_parameters():
