@@ -17,7 +17,8 @@ adjustment once pinned, so on the way out the threshold is set to glibc's starti
 mmapped again as it would be in a fresh process, instead of staying in the heap (tested through
 ``mallinfo2``).
 
-Commit fingerprint = hash of the step kind, :data:`CODE_VERSION`, the weights fingerprint of every role and the output-affecting settings (the resolved dtype included). Batching
+Commit fingerprint = hash of the step kind, :data:`CODE_VERSION`, the weights and ``config.json``
+fingerprints of every role and the output-affecting settings (the resolved dtype included). Batching
 parameters are left out: they change values only at float-rounding level, and changing them should
 not recompute a run.
 """
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from winnow.pipeline.errors import UserError
-from winnow.pipeline.models import check_tokenizer, resolve_model, weights_fingerprint
+from winnow.pipeline.models import check_tokenizer, config_fingerprint, resolve_model, weights_fingerprint
 from winnow.pipeline.params import as_dict, build_params, parse_sets
 from winnow.pipeline.steps import spec
 from winnow.pipeline.store import RunDir, stable_hash
@@ -203,7 +204,8 @@ def run_pass(run: RunDir, p: PassSettings, job: PassJob) -> dict[str, Any]:
         dtype = resolve_dtype(p.dtype, device)
         fps = {role: weights_fingerprint(path) for role, path in dirs.items()}
         ctx = PassContext(p, dirs, fps, device, dtype, auto_token_budget(p.token_budget, device))
-        fp = pass_fingerprint(job.kind, fps, {**job.settings, "dtype": str(dtype)})
+        configs = ctx.by_role({role: config_fingerprint(path) for role, path in dirs.items()})
+        fp = pass_fingerprint(job.kind, fps, {**job.settings, "dtype": str(dtype), "config": configs})
         table, key = f"signals/{job.alias}", spec(job.kind).key(p)
         plan = plan_shards(run, table, fp, d)
         with cpu_settings(p.threads, d, device.type == "cpu") as threads:

@@ -261,14 +261,23 @@ def test_params_validation_names_the_key():
 
 
 def _full_hash_by_hand(model_dir) -> str:
-    """The documented small-model fingerprint, recomputed with hashlib: sha256 of config.json, then per
-    safetensors file its name, its size as little-endian u64 and every byte; first 32 hex digits."""
+    """The documented small-model fingerprint, recomputed from the tensors with safetensors and hashlib:
+    per tensor in name order, json [name, dtype, shape] then its raw little-endian bytes; 32 hex digits."""
     import hashlib
-    import struct
+    import json
 
-    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    from safetensors import safe_open
+
+    tensors = {}
     for f in sorted(model_dir.glob("*.safetensors")):
-        h.update(f.name.encode() + struct.pack("<Q", f.stat().st_size) + f.read_bytes())
+        with safe_open(str(f), "pt") as fh:
+            tensors |= {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open has no iteration)
+    names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(json.dumps([name, names[t.dtype], list(t.shape)]).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:32]
 
 
