@@ -25,12 +25,15 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="step parameter 
 
 
 def _run_step(step_name: str, run_dir: str, values: dict, create: bool = False) -> dict:
+    from winnow.pipeline.lock import run_lock
     from winnow.pipeline.steps import get_step
     from winnow.pipeline.store import RunDir
 
     step = get_step(step_name)
     params = build_params(step.params, values, where=f"winnow {step_name}")
-    return step.run(RunDir(run_dir, create=create), params)
+    run = RunDir(run_dir, create=create)
+    with run_lock(run, step.key(params) or step.name):  # one writer per run, taken before any input is read
+        return step.run(run, params)
 
 
 @app.command()
@@ -170,25 +173,44 @@ def inspect(
     ] = None,
     fmt: Annotated[str, typer.Option("--format", help="table|csv|json|parquet")] = "table",
     out: Annotated[str | None, typer.Option("--out", help="write the result to this file")] = None,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="skip checking shards against their sha256 (warns)")
+    ] = False,
 ) -> None:
-    """Query the run's tables with DuckDB (views: samples, rejects, tokens, signals_*, scores_*, ...)."""
-    from winnow.pipeline.inspect_run import format_result, open_views, repl
+    """Query the run's tables with DuckDB, read-only (views: samples, rejects, tokens, signals_*, ...)."""
+    from winnow.pipeline.inspect_run import check_out_path, format_result, open_views, repl, run_sql
 
     if fmt not in ("table", "csv", "json", "parquet"):
         raise UserError(f"--format {fmt!r}: use table, csv, json or parquet")
+    check_out_path(run_dir, out)
     if sql is None:
-        repl(run_dir)
+        repl(run_dir, verify=not no_verify)
         return
-    views = open_views(run_dir)
+    views = open_views(run_dir, verify=not no_verify)
     for w in views.warnings:
         typer.echo(f"warning: {w}", err=True)
     try:
-        rel = views.con.sql(sql)
-        result = rel.to_arrow_table() if rel is not None else None
-    except Exception as e:  # duckdb raises many error classes; all mean the SQL is wrong
-        raise UserError(f"SQL error: {e}") from None
+        result = run_sql(views, sql)
+    finally:
+        views.close()
     if result is not None:
         format_result(result, fmt, out)
+
+
+@app.command()
+def verify(
+    run_dir: Annotated[str, typer.Argument(help="run directory")],
+    full: Annotated[bool, typer.Option("--full", help="hash every file again, ignoring the cache")] = False,
+) -> None:
+    """Check every shard against its commit record, and the plan and manifest (exit 1 on a problem)."""
+    from winnow.pipeline.verify import verify_run
+
+    problems, summary = verify_run(run_dir, full)
+    typer.echo(summary)
+    for p in problems:
+        typer.echo(f"problem: {p}", err=True)
+    if problems:
+        raise typer.Exit(1)
 
 
 @app.command()

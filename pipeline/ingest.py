@@ -32,15 +32,25 @@ from winnow.pipeline.formats import (
     coerce_meta,
     detect_format,
     merge_kinds,
+    safe_json,
     sample_id,
     to_messages,
+    unique_meta_names,
     value_kind,
 )
 from winnow.pipeline.readers import Row, file_fingerprint, iter_rows
 from winnow.pipeline.steps import Step
-from winnow.pipeline.store import RunDir, UserError, atomic_write_json, shard_done, stable_hash, versions
+from winnow.pipeline.store import (
+    RunDir,
+    UserError,
+    atomic_write_json,
+    plan_digest,
+    shard_done,
+    stable_hash,
+    versions,
+)
 
-CODE_VERSION = "ingest-1"  # with render.RENDER_VERSION in the fingerprint
+CODE_VERSION = "ingest-2"  # with render.RENDER_VERSION in the fingerprint
 LOSS_ON = ("all_turns", "last_turn")
 _ARROW_META = {
     "bool": pa.bool_(),
@@ -167,22 +177,27 @@ def _reject(
     row: Row, reason: str, detail: str, raw: str | None = None, dup: str | None = None, sid: str | None = None
 ) -> dict[str, Any]:
     if raw is None:
-        import json
-
-        raw = (
-            json.dumps(row.record, ensure_ascii=False, default=str)[:2000]
-            if row.record is not None
-            else row.raw
-        )
+        raw = safe_json(row.record, 2000) if row.record is not None else row.raw
     return {
-        "source": row.source,
+        "source": _utf8(row.source),
         "row": row.row,
         "reason": reason,
-        "detail": detail,
+        "detail": _utf8(detail),
         "duplicate_of": dup,
         "sample_id": sid,
-        "raw": raw,
+        "raw": _utf8(raw),
     }
+
+
+def _utf8(text: str | None) -> str | None:
+    """Text Arrow can store: lone surrogates become backslash escapes (a reject never fails to write)."""
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 REJECT_SCHEMA = pa.schema(
@@ -198,7 +213,9 @@ REJECT_SCHEMA = pa.schema(
 )
 
 
-def samples_schema(meta_types: dict[str, str], tok_fp: str, model: str) -> pa.Schema:
+def samples_schema(
+    meta_types: dict[str, str], tok_fp: str, model: str, names: dict[str, str] | None = None
+) -> pa.Schema:
     fields = [
         ("sample_id", pa.string()),
         ("source", pa.string()),
@@ -211,19 +228,21 @@ def samples_schema(meta_types: dict[str, str], tok_fp: str, model: str) -> pa.Sc
         ("n_tokens", pa.int32()),
         ("n_loss_tokens", pa.int32()),
     ]
-    fields += [(f"meta_{k}", _ARROW_META[t]) for k, t in sorted(meta_types.items())]
+    names = names or unique_meta_names(list(meta_types))
+    fields += [(f"meta_{names[k]}", _ARROW_META[t]) for k, t in sorted(meta_types.items())]
     return pa.schema(fields, metadata={"winnow.tokenizer_fingerprint": tok_fp, "winnow.model": model})
 
 
 def _shards(paths: list[Path], specs: list[str], shard_rows: int) -> Iterator[list[Row]]:
     buf: list[Row] = []
+    first = True
     for row in _iter_all(paths, specs):
         buf.append(row)
         if len(buf) == shard_rows:
             yield buf
-            buf = []
-    if buf:
-        yield buf
+            buf, first = [], False
+    if buf or first:
+        yield buf  # an input with zero rows still gets one (empty) shard: tables with the right schema
 
 
 @dataclass
@@ -234,6 +253,7 @@ class _Ctx:
     meta_types: dict[str, str]
     max_tokens: int
     schema: pa.Schema
+    meta_names: dict[str, str] = field(default_factory=dict)
 
 
 def _build_shard(ctx: _Ctx, rows: list[Row], seen: dict[str, str]) -> tuple[pa.Table, pa.Table, Counter]:
@@ -326,7 +346,7 @@ def _build_shard(ctx: _Ctx, rows: list[Row], seen: dict[str, str]) -> tuple[pa.T
             "n_loss_tokens": int(sum(mask)),
         }
         for k, kind in ctx.meta_types.items():
-            rec[f"meta_{k}"] = coerce_meta(meta.get(k), kind)
+            rec[f"meta_{ctx.meta_names[k]}"] = coerce_meta(meta.get(k), kind)
         samples.append(rec)
     for rj in rejects:
         counts[f"rejected_{rj['reason']}"] += 1
@@ -338,6 +358,15 @@ def _build_shard(ctx: _Ctx, rows: list[Row], seen: dict[str, str]) -> tuple[pa.T
         pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA),
         counts,
     )
+
+
+def _check_distinct(paths: list[Path]) -> None:
+    seen: dict[str, Path] = {}
+    for path in paths:
+        real = str(path.resolve())
+        if real in seen:
+            raise UserError(f"{path}: given twice (also as {seen[real]}); (source, row) would be ambiguous")
+        seen[real] = path
 
 
 def _write_vocab(run: RunDir, tokenizer, tok_fp: str) -> None:
@@ -370,6 +399,7 @@ def run_ingest(run: RunDir, p: IngestParams) -> dict[str, Any]:
     tok_fp = tokenizer_fingerprint(tokenizer)
     paths = [resolve_input(s) for s in p.inputs]
     specs = [str(x) if s.startswith("builtin:") else s for s, x in zip(p.inputs, paths, strict=True)]
+    _check_distinct(paths)
     scan = scan_inputs(paths, specs, p.format)
     meta_types = {k: merge_kinds(v) for k, v in scan.meta_kinds.items()}
     max_tokens = p.max_tokens or model_max_tokens(tokenizer, model_dir)
@@ -385,7 +415,8 @@ def run_ingest(run: RunDir, p: IngestParams) -> dict[str, Any]:
             "max_tokens": max_tokens,
         }
     )
-    n_shards = math.ceil(scan.rows / p.shard_rows) if scan.rows else 0
+    meta_names = unique_meta_names(list(meta_types))
+    n_shards = max(1, math.ceil(scan.rows / p.shard_rows))
     plan = {
         "table": p.table,
         "shard_rows": p.shard_rows,
@@ -402,13 +433,14 @@ def run_ingest(run: RunDir, p: IngestParams) -> dict[str, Any]:
         ],
     }
     run.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run.root / ("plan.json" if p.table == "samples" else f"plan_{p.table}.json"), plan)
+    plan_file = "plan.json" if p.table == "samples" else f"plan_{p.table}.json"
+    atomic_write_json(run.root / plan_file, plan)
+    planned = {f"plan:{plan_file}": plan_digest(plan)}  # a re-ingest of other inputs marks these stale
     if p.table == "samples":
         _write_vocab(run, tokenizer, tok_fp)
 
-    ctx = _Ctx(
-        p, tokenizer, scan.formats, meta_types, max_tokens, samples_schema(meta_types, tok_fp, str(model_dir))
-    )
+    schema = samples_schema(meta_types, tok_fp, str(model_dir), meta_names)
+    ctx = _Ctx(p, tokenizer, scan.formats, meta_types, max_tokens, schema, meta_names)
     samples_t, rejects_t = run.table(p.table), run.table(rejects_table(p.table))
     samples_t.drop_parts_from(n_shards)
     rejects_t.drop_parts_from(n_shards)
@@ -429,8 +461,8 @@ def run_ingest(run: RunDir, p: IngestParams) -> dict[str, Any]:
             else:
                 s_tbl, r_tbl, counts = _build_shard(ctx, rows, seen)
                 extra = {"counts": dict(counts)}
-                samples_t.write(part, s_tbl, fingerprint=fingerprint, extra=extra)
-                rejects_t.write(part, r_tbl, fingerprint=fingerprint, extra=extra)
+                samples_t.write(part, s_tbl, fingerprint=fingerprint, inputs=planned, extra=extra)
+                rejects_t.write(part, r_tbl, fingerprint=fingerprint, inputs=planned, extra=extra)
                 totals.update(counts)
                 computed += 1
                 shard_done()
@@ -456,6 +488,7 @@ def run_ingest(run: RunDir, p: IngestParams) -> dict[str, Any]:
         "tokenizer_fingerprint": tok_fp,
         "max_tokens": max_tokens,
         "meta_columns": meta_types,
+        "meta_column_names": {k: f"meta_{v}" for k, v in meta_names.items()},
         "inputs": plan["sources"],
         "counts": counts,
         "shards": {"total": n_shards, "computed": computed, "skipped": skipped},
