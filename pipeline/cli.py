@@ -210,7 +210,7 @@ def verify(
     for p in problems:
         typer.echo(f"problem: {p}", err=True)
     if problems:
-        raise typer.Exit(1)
+        sys.exit(1)  # typer.Exit's code is swallowed under standalone_mode=False
 
 
 @app.command()

@@ -160,6 +160,9 @@ def _open_views(run: RunDir, check_lengths: bool, verify: bool) -> Views:
     plan_shards = plan.get("shards") if isinstance(plan, dict) else None
     warnings = [f"hiding stale table {t}: {stale[t][0]} (rerun its step)" for t in run.tables() if t in stale]
     tables = [t for t in run.tables() if t not in stale]
+    damage = [m for t in run.tables() for m in run.table(t).problems() if "ignored" not in m]
+    if damage:
+        raise UserError("the run failed verification:\n  " + "\n  ".join(damage))
     farm, links = _link_farm(run, tables)
     out = Views(_connect([p for ps in links.values() for p in ps]), warnings=warnings, farm=farm)
     if not verify:

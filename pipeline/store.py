@@ -96,12 +96,19 @@ class VerifyCache:
     In memory for the process, and one small JSON file per data file under ``$WINNOW_CACHE/verify``
     so the next command does not hash again. A file rewritten in place gets a new mtime_ns (or size)
     and is hashed again; the cache never lives in the run, so a run copied elsewhere is re-verified.
+    Racy entries are not trusted (git's "racy index" rule): file systems stamp mtimes from a coarse
+    clock (ticks of a few ms; whole seconds on some), so an edit right after the hash may keep size
+    and mtime_ns; an entry whose file mtime is within ``RACY_S`` of the moment it was hashed is
+    re-hashed on its next use (in practice: only shards written in the last second).
     """
 
+    RACY_S = 1.0
+
     def __init__(self) -> None:
-        self.mem: dict[tuple[str, int, int], tuple[str, int]] = {}
+        self.mem: dict[tuple[str, int, int], tuple[str, int, float]] = {}
         self.enabled = True  # False: trust records without hashing (inspect --no-verify)
         self.use_disk = True  # False: ignore the on-disk cache (`winnow verify --full`)
+        self.hashed = 0  # files hashed by this process (benchmarks and tests count them)
 
     @staticmethod
     def _key(path: Path) -> tuple[str, int, int]:
@@ -113,24 +120,29 @@ class VerifyCache:
         h = hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()
         return cache_root() / "verify" / h[:2] / f"{h}.json"
 
-    def lookup(self, path: Path, key: tuple[str, int, int] | None = None) -> tuple[str, int] | None:
-        key = key or self._key(path)
-        if key in self.mem:
-            return self.mem[key]
-        if not self.use_disk:
+    def lookup(self, key: tuple[str, int, int]) -> tuple[str, int] | None:
+        hit = self.mem.get(key)
+        if hit is None and self.use_disk:
+            try:
+                d = json.loads(self._file(key[0]).read_text())
+                if [d["path"], d["size"], d["mtime_ns"]] == list(key):
+                    hit = self.mem[key] = (d["sha256"], d["rows"], float(d["hashed_at"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        if hit is None or key[2] / 1e9 >= hit[2] - self.RACY_S:
             return None
-        try:
-            d = json.loads(self._file(key[0]).read_text())
-            if [d["path"], d["size"], d["mtime_ns"]] == list(key):
-                self.mem[key] = (d["sha256"], d["rows"])
-                return self.mem[key]
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        return None
+        return hit[0], hit[1]
 
-    def store(self, key: tuple[str, int, int], sha: str, rows: int) -> None:
-        self.mem[key] = (sha, rows)
-        entry = {"path": key[0], "size": key[1], "mtime_ns": key[2], "sha256": sha, "rows": rows}
+    def store(self, key: tuple[str, int, int], sha: str, rows: int, hashed_at: float) -> None:
+        self.mem[key] = (sha, rows, hashed_at)
+        entry = {
+            "path": key[0],
+            "size": key[1],
+            "mtime_ns": key[2],
+            "sha256": sha,
+            "rows": rows,
+            "hashed_at": hashed_at,
+        }
         try:
             atomic_write_json(self._file(key[0]), entry)
         except OSError:  # a read-only cache only costs a re-hash next time
@@ -139,16 +151,18 @@ class VerifyCache:
     def digest(self, path: Path) -> tuple[str, int]:
         """(sha256, Parquet row count or -1 when the footer is unreadable) of ``path``."""
         key = self._key(path)
-        hit = self.lookup(path, key)
+        hit = self.lookup(key)
         if hit is not None:
             return hit
+        hashed_at = time.time()
         sha = sha256_file(path)
+        self.hashed += 1
         try:
             rows = pq.read_metadata(path).num_rows
         except (OSError, ValueError, pa.ArrowException):
             rows = -1
         if self._key(path) == key:  # not rewritten while we hashed it
-            self.store(key, sha, rows)
+            self.store(key, sha, rows, hashed_at)
         return sha, rows
 
 
@@ -278,9 +292,9 @@ class Table:
         finally:
             tmp.unlink(missing_ok=True)
         fsync_dir(self.dir)
-        key = VERIFY._key(final)
+        key, hashed_at = VERIFY._key(final), time.time()
         sha = sha256_file(final)
-        VERIFY.store(key, sha, table.num_rows)
+        VERIFY.store(key, sha, table.num_rows, hashed_at)
         self.run.problems.pop(str(final), None)
         record = CommitRecord(
             table=self.name,
@@ -363,7 +377,9 @@ class Table:
                 self._problem(data, "checksum mismatch: sha256 differs from its commit record")
                 return None
             if rows != rec.rows:
-                self._problem(data, f"file has {rows} rows, its commit record says {rec.rows}")
+                self._problem(
+                    self.record_path(part), f"commit record says {rec.rows} rows, {data.name} has {rows}"
+                )
                 return None
         return rec
 
