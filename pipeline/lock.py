@@ -195,7 +195,7 @@ class _Heartbeat(threading.Thread):
 def run_lock(run: RunDir, step: str) -> Iterator[dict[str, Any]]:
     """Hold the run's writer lock for the duration of the block (see the module docstring)."""
     info = acquire(run, step)
-    owner = info.get("pid") == os.getpid()
+    owner = job_id() is None or _rank() == 0  # other ranks only checked that their job holds it
     beat = _Heartbeat(run, info) if owner else None
     if beat:
         beat.start()
