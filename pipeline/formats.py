@@ -28,6 +28,8 @@ import json
 import unicodedata
 from typing import Any
 
+from winnow.pipeline.errors import RejectError
+
 FORMATS = ("chat", "sharegpt", "prompt_response", "alpaca", "gsm8k", "text")
 ROLES = ("system", "user", "assistant", "tool")
 _SHAREGPT_ROLES = {
@@ -53,13 +55,7 @@ _FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 MAX_DEPTH = 64  # nesting of lists/objects in one record; deeper is rejected as too_deep
 _INT64 = (-(2**63), 2**63 - 1)
-
-
-class RecordError(ValueError):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
+RecordError = RejectError  # a record that is not a conversation: the reason code of its reject row
 
 
 def detect_format(record: dict[str, Any]) -> str | None:

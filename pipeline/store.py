@@ -93,9 +93,10 @@ def sha256_file(path: Path) -> str:
 class VerifyCache:
     """sha256 and row count of files already hashed, keyed by (real path, size, mtime_ns).
 
-    In memory for the process, and one small JSON file per data file under ``$WINNOW_CACHE/verify``
-    so the next command does not hash again. A file rewritten in place gets a new mtime_ns (or size)
-    and is hashed again; the cache never lives in the run, so a run copied elsewhere is re-verified.
+    In memory for the process, and on disk under ``$WINNOW_CACHE/verify`` (one small JSON file per
+    table folder, so a cached check of a table costs one read, not one per shard) so the next command
+    does not hash again. A file rewritten in place gets a new mtime_ns (or size) and is hashed again;
+    the cache never lives in the run, so a run copied elsewhere is re-verified.
     Racy entries are not trusted (git's "racy index" rule): file systems stamp mtimes from a coarse
     clock (ticks of a few ms; whole seconds on some), so an edit right after the hash may keep size
     and mtime_ns; an entry whose file mtime is within ``RACY_S`` of the moment it was hashed is
@@ -106,9 +107,15 @@ class VerifyCache:
 
     def __init__(self) -> None:
         self.mem: dict[tuple[str, int, int], tuple[str, int, float]] = {}
+        self.dirs: dict[str, dict[str, Any]] = {}  # real folder -> its on-disk entries, read once
         self.enabled = True  # False: trust records without hashing (inspect --no-verify)
         self.use_disk = True  # False: ignore the on-disk cache (`winnow verify --full`)
         self.hashed = 0  # files hashed by this process (benchmarks and tests count them)
+
+    def clear(self) -> None:
+        """Forget what this process knows (the on-disk cache stays): as if a new process started."""
+        self.mem.clear()
+        self.dirs.clear()
 
     @staticmethod
     def _key(path: Path) -> tuple[str, int, int]:
@@ -116,18 +123,29 @@ class VerifyCache:
         return (os.path.realpath(path), st.st_size, st.st_mtime_ns)
 
     @staticmethod
-    def _file(real: str) -> Path:
-        h = hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()
+    def _file(real_dir: str) -> Path:
+        h = hashlib.sha256(real_dir.encode("utf-8", "surrogateescape")).hexdigest()
         return cache_root() / "verify" / h[:2] / f"{h}.json"
+
+    def _load_dir(self, real_dir: str) -> dict[str, Any]:
+        try:
+            d = json.loads(self._file(real_dir).read_text())
+            entries = d["files"] if d.get("dir") == real_dir and isinstance(d.get("files"), dict) else {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            entries = {}
+        return entries
 
     def lookup(self, key: tuple[str, int, int]) -> tuple[str, int] | None:
         hit = self.mem.get(key)
         if hit is None and self.use_disk:
+            folder, name = os.path.split(key[0])
+            if folder not in self.dirs:
+                self.dirs[folder] = self._load_dir(folder)
+            e = self.dirs[folder].get(name)
             try:
-                d = json.loads(self._file(key[0]).read_text())
-                if [d["path"], d["size"], d["mtime_ns"]] == list(key):
-                    hit = self.mem[key] = (d["sha256"], d["rows"], float(d["hashed_at"]))
-            except (OSError, ValueError, KeyError, TypeError):
+                if e is not None and [e["size"], e["mtime_ns"]] == [key[1], key[2]]:
+                    hit = self.mem[key] = (e["sha256"], e["rows"], float(e["hashed_at"]))
+            except (KeyError, TypeError, ValueError):
                 pass
         if hit is None or key[2] / 1e9 >= hit[2] - self.RACY_S:
             return None
@@ -135,16 +153,18 @@ class VerifyCache:
 
     def store(self, key: tuple[str, int, int], sha: str, rows: int, hashed_at: float) -> None:
         self.mem[key] = (sha, rows, hashed_at)
-        entry = {
-            "path": key[0],
+        folder, name = os.path.split(key[0])
+        entries = self._load_dir(folder)  # re-read: another process may have added entries
+        entries[name] = {
             "size": key[1],
             "mtime_ns": key[2],
             "sha256": sha,
             "rows": rows,
             "hashed_at": hashed_at,
         }
+        self.dirs[folder] = entries
         try:
-            atomic_write_json(self._file(key[0]), entry)
+            atomic_write_json(self._file(folder), {"dir": folder, "files": entries})
         except OSError:  # a read-only cache only costs a re-hash next time
             pass
 
@@ -409,9 +429,7 @@ class Table:
         out = []
         for part in self.record_parts():
             if planned is not None and part >= planned:
-                self._problem(
-                    self.part_path(part), f"shard beyond the plan's {planned} shards, ignored"
-                )
+                self._problem(self.part_path(part), f"shard beyond the plan's {planned} shards, ignored")
                 continue
             rec = self.record(part)
             if rec is not None:
@@ -627,7 +645,9 @@ def plan_digest(plan: Any) -> str | None:
     """Digest of the input files a plan names (None for a missing or unreadable plan)."""
     if not isinstance(plan, dict) or not isinstance(plan.get("sources"), list):
         return None
-    return stable_hash([(s.get("source"), s.get("fingerprint")) for s in plan["sources"] if isinstance(s, dict)])
+    return stable_hash(
+        [(s.get("source"), s.get("fingerprint")) for s in plan["sources"] if isinstance(s, dict)]
+    )
 
 
 def pid_alive(pid: int) -> bool:

@@ -18,7 +18,7 @@ def verify_run(run_dir: str, full: bool = False) -> tuple[list[str], str]:
     """(problems, one-line summary) for a run directory."""
     run = RunDir(run_dir)
     if full:
-        VERIFY.mem.clear()
+        VERIFY.clear()
         VERIFY.use_disk = False
     try:
         return _verify(run)
