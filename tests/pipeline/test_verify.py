@@ -25,7 +25,7 @@ ROWS = [{"question": f"What is {i} plus 7?", "answer": f"{i} plus 7 is {i + 7}."
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("WINNOW_CACHE", str(tmp_path / "cache"))
-    store.VERIFY.mem.clear()
+    store.VERIFY.clear()
 
 
 def _ingest(inp: Path, run: Path, model: Path, rows=ROWS) -> tuple[int, str]:
@@ -88,7 +88,7 @@ def test_bit_flip_is_refused_and_repaired(built):
     # an edit that keeps size and mtime escapes the cache; `verify --full` hashes again and finds it
     _age(shard)
     assert run_cli("verify", run)[0] == 0
-    store.VERIFY.mem.clear()
+    store.VERIFY.clear()
     _flip_bit(shard, 200, keep_mtime=True)
     code, _, err = run_cli("verify", run, "--full")
     assert code == 1 and "checksum" in err and str(shard) in err
@@ -148,7 +148,7 @@ def test_cached_verification_hashes_each_unchanged_file_once(built, monkeypatch)
     n_files = len(list(run.rglob("part-*.parquet")))
     assert run_cli("verify", run)[0] == 0
     assert len(calls) == n_files
-    store.VERIFY.mem.clear()  # a new process: the on-disk cache answers
+    store.VERIFY.clear()  # a new process: the on-disk cache answers
     assert run_cli("verify", run)[0] == 0 and len(calls) == n_files
     shard = run / "samples" / "part-00000.parquet"
     os.utime(shard, (time.time() - 30, time.time() - 30))  # touched (not racy): hashed again, once
