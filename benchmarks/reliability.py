@@ -335,25 +335,11 @@ def tamper_trial(work: Path, inp: Path, rounds: int, seed: int) -> dict:
 
 
 def hostile_sql(run: Path, other: Path) -> list[str]:
-    shard = run / "samples" / "part-00000.parquet"
-    return [
-        f"COPY (SELECT 1 AS p) TO '{run}/samples' (FORMAT parquet, PARTITION_BY (p), OVERWRITE)",
-        f"COPY samples TO '{shard}' (FORMAT parquet)",
-        f"COPY (SELECT 1) TO '{run}/manifest.json'",
-        f"ATTACH '{run}/x.db' AS x",
-        f"EXPORT DATABASE '{run}/export'",
-        f"SELECT 1; COPY samples TO '{shard}' (FORMAT parquet)",
-        "INSTALL httpfs",
-        "LOAD httpfs",
-        "SELECT * FROM read_text('/etc/hostname')",
-        "SET enable_external_access = true",
-        "PRAGMA enable_profiling",
-        "CREATE TABLE t AS SELECT 1",
-        "DROP VIEW samples",
-        "CALL pragma_version()",
-        f"SELECT * FROM read_parquet('{other}/samples/part-00000.parquet')",
-        f"SELECT * FROM read_csv('{run}/plan.json')",
-    ]
+    """The statements the test suite refuses (one list: tests/pipeline/test_inspect_readonly.py)."""
+    sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "pipeline")]
+    from test_inspect_readonly import _hostile
+
+    return _hostile(run, other)
 
 
 def sql_trial(work: Path) -> dict:

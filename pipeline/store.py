@@ -21,7 +21,9 @@ file's real path, size and mtime_ns), so an unchanged shard is hashed once per m
 that is a stat plus a small JSON read. A shard that fails is reported once (the word "checksum", the
 file, the command that rebuilds it) and treated as not committed, so the owning step recomputes it on
 its next run, while a read of the table refuses with that message instead of answering from a subset.
-Measured (benchmarks/bench_verify.py, 2-core VM): see benchmarks/RESULTS.md "Verified reads".
+Measured at 100k samples / 25M tokens (101 files, 103 MB; benchmarks/bench_verify.py, loaded 2-core
+VM): first verification 2.2 s against a 324 s ingest (0.7%), cached 0.11 s (0.04%); a query over
+``samples`` took 0.30 s verified from the cache and 0.32 s with ``--no-verify`` (within noise).
 
 Damaged metadata is never a traceback: an unreadable commit record, plan or manifest is reported
 naming the file and treated as missing, so a rerun rewrites it. Shards beyond the plan's shard count

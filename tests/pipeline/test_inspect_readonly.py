@@ -39,7 +39,9 @@ def _hashes(root: Path) -> dict[str, str]:
     }
 
 
-def _hostile(run: Path) -> list[str]:
+def _hostile(run: Path, other: Path) -> list[str]:
+    """Statements that would write, delete, attach, install or read outside the run (issue 10's
+    list; benchmarks/reliability.py counts them too)."""
     shard = run / "samples" / "part-00000.parquet"
     return [
         f"COPY (SELECT 1 AS p) TO '{run}/samples' (FORMAT parquet, PARTITION_BY (p), OVERWRITE)",
@@ -56,7 +58,7 @@ def _hostile(run: Path) -> list[str]:
         "CREATE TABLE t AS SELECT 1",
         "DROP VIEW samples",
         "CALL pragma_version()",
-        f"SELECT * FROM read_parquet('{run.parent}/other/samples/part-00000.parquet')",
+        f"SELECT * FROM read_parquet('{other}/samples/part-00000.parquet')",
         f"SELECT * FROM read_csv('{run}/plan.json')",
     ]
 
@@ -65,7 +67,7 @@ def test_hostile_statements_refused_and_run_unchanged(tmp_path):
     rd = _make(tmp_path / "run", 3)
     _make(tmp_path / "other", 5)
     before = _hashes(rd.root)
-    statements = _hostile(rd.root)
+    statements = _hostile(rd.root, tmp_path / "other")
     assert len(statements) == 16
     for sql in statements:
         code, _, err = run_cli("inspect", rd.root, "--sql", sql)
