@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -188,28 +189,21 @@ def fuzz_trial(work: Path, n_files: int, rows: int, seed: int) -> dict:
 
 
 def kill_steps(run: Path, inp: Path) -> list[dict]:
-    """The writing steps killed at random times, in pipeline order. A trainer adds one entry here."""
+    """The writing steps killed at random times, in pipeline order: a command line and what it writes
+    (under the run). The trainer (`winnow train`) is one more entry here once it exists."""
+    tiny_pass = ["--model", "builtin:tiny", "--alias", "current", "--set", "signals=logprob,entropy"]
     return [
         {
             "name": "ingest",
             "args": ["ingest", inp, "--run", run, "--model", "builtin:tiny", "--set", "shard_rows=20"],
+            "writes": ["samples", "rejects", "vocab", "plan.json"],
         },
         {
             "name": "model_pass",
-            "args": [
-                "score",
-                run,
-                "--model",
-                "builtin:tiny",
-                "--alias",
-                "current",
-                "--set",
-                "signals=logprob,entropy",
-                "--set",
-                "threads=1",
-            ],
+            "args": ["score", run, *tiny_pass, "--set", "threads=1"],
+            "writes": ["signals"],
         },
-        {"name": "eu_plane", "args": ["score", run, "eu_plane"]},
+        {"name": "eu_plane", "args": ["score", run, "eu_plane"], "writes": ["scores"]},
     ]
 
 
@@ -226,6 +220,30 @@ def _run_killed(args: list, delay: float) -> int:
         return 1
 
 
+def _reset(run: Path, step: dict) -> None:
+    """Remove a step's outputs, so that the next kill interrupts real work again."""
+    for name in step["writes"]:
+        target = run / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+
+
+def _kill_step(run: Path, step: dict, rng: random.Random, kills: int, duration: float) -> int:
+    """SIGKILL ``step`` ``kills`` times at random moments of its work (a run that finished first is
+    reset and not counted), then run it to completion."""
+    done = attempts = 0
+    while done < kills and attempts < 4 * kills:
+        attempts += 1
+        killed = _run_killed(step["args"], rng.uniform(0.5, duration))
+        done += killed
+        if not killed:
+            _reset(run, step)
+    winnow(*step["args"], check=True)  # resume to completion
+    return done
+
+
 def kill_trial(work: Path, inp: Path, chains: int, kills_per_chain: int, seed: int) -> dict:
     rng = random.Random(seed)
     ref = work / "kill_ref"
@@ -235,22 +253,20 @@ def kill_trial(work: Path, inp: Path, chains: int, kills_per_chain: int, seed: i
         winnow(*step["args"], check=True)
         durations[step["name"]] = time.time() - t0
     want = committed(ref)
-    kills = identical = resumed = 0
+    kills = identical = 0
     for c in range(chains):
         run = work / f"kill{c}"
         for step in kill_steps(run, inp):
-            for _ in range(kills_per_chain):
-                kills += _run_killed(step["args"], rng.uniform(0.5, durations[step["name"]]))
-            winnow(*step["args"], check=True)  # resume to completion
-        resumed += 1
+            kills += _kill_step(run, step, rng, kills_per_chain, durations[step["name"]])
         got = committed(run)
         identical += got == want
         if got != want:
             diff = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
             print(f"  chain {c}: {len(diff)} shards differ, e.g. {diff[:3]}", file=sys.stderr)
+        print(f"  chain {c}: {kills} kills so far, identical {identical}", file=sys.stderr)
     return {
         "kills": kills,
-        "kill_chains": resumed,
+        "kill_chains": chains,
         "kill_chains_identical": identical,
         "kill_steps": [s["name"] for s in kill_steps(ref, inp)],
         "clean_step_s": {k: round(v, 1) for k, v in durations.items()},
@@ -380,6 +396,7 @@ def main() -> None:
     ap.add_argument("--tamper-rounds", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "reliability.json"))
+    ap.add_argument("--only", nargs="*", default=["fuzz", "kills", "tamper", "sql"], help="trials to run")
     args = ap.parse_args()
     t0 = time.time()
     work = Path(tempfile.mkdtemp(prefix="winnow-reliability-"))
@@ -392,10 +409,12 @@ def main() -> None:
         ("tamper", lambda: tamper_trial(work, inp, args.tamper_rounds, args.seed)),
         ("sql", lambda: sql_trial(work)),
     ):
+        if name not in args.only:
+            continue
         t = time.time()
         res |= trial()
         res[f"{name}_s"] = round(time.time() - t, 1)
-        print(f"[reliability] {name}: done in {res[f'{name}_s']}s", file=sys.stderr)
+        print(f"[reliability] {name}: done in {res[f'{name}_s']}s {json.dumps(res)}", file=sys.stderr)
     res["total_s"] = round(time.time() - t0, 1)
     res["date"] = time.strftime("%Y-%m-%d")
     print(json.dumps(res, indent=2))
