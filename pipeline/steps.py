@@ -243,9 +243,9 @@ def _dv4llm_reads(p: Any) -> list[str]:
 
 
 def _select_reads(p: Any) -> list[str]:
-    out = []
-    if writes_column(p.policy, "keep") or writes_column(p.policy, "selected"):
-        out.append(f"scores/{p.policy}")
+    out = [
+        f"scores/{x}" for x in p.policies if writes_column(x, "keep") or writes_column(x, "selected")
+    ]  # every policy of a composition
     source = p.token_source
     if source == "p_ce":
         out.append("scores/critical_tokens")
@@ -343,6 +343,14 @@ for _spec in (
         writes=("selection/{name}",),
         key_pattern="select:{name}",
         help="selection policy: scores -> keep per sample + token_weight per token in selection/<name>/",
+    ),
+    StepSpec(
+        "train",
+        "training",
+        "winnow.trainer.step",
+        reads=("samples", Ref("selection/{selection}", lambda p: bool(p.selection))),
+        key_pattern=lambda p: f"train:{p.name or p.selection or 'all'}",
+        help="train a model on a selection (token-weighted, trimmed, packed; resumable; torchrun) -> RUN/train/<name>/",
     ),
 ):
     register(_spec)
