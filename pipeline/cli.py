@@ -263,7 +263,15 @@ def train(
 
     flags = {"selection": selection, "data": data, "model": model, "name": name, "out": out}
     values = parse_sets(sets, "train") | {k: v for k, v in flags.items() if v is not None}
-    entry = train_model(build_params(TrainParams, values, where="winnow train"), run_dir)
+    params = build_params(TrainParams, values, where="winnow train")
+    if run_dir is None:
+        entry = train_model(params, run_dir)
+    else:  # one writer per run, as for every other step
+        from winnow.pipeline.lock import run_lock
+        from winnow.pipeline.store import RunDir
+
+        with run_lock(RunDir(run_dir), f"train:{name or selection or 'default'}"):
+            entry = train_model(params, run_dir)
     if os.environ.get("RANK", "0") != "0":  # torchrun: one report, from rank 0
         return
     if entry.get("skipped"):
