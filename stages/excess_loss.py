@@ -7,10 +7,15 @@ Maths (ALGORITHMS.md §3): ``score_i = L_cur(i) - L_ref(i)`` with ``L(i) = -logp
 the whole batch (N = its scored tokens), not per sample; ties go to the earlier token.
 
 Rho-1 selects per training mini-batch with the model as it is at that step. Offline there is one
-fixed ``current`` model, and B is either the whole dataset (``batch_size=0``: one global top-k%) or
-seeded simulated mini-batches of ``batch_size`` samples (samples with no scored token are left out).
-Both are approximations of the trainer's real batches: the real selection also changes as the model
-trains. The trainer calls :func:`excess_loss_select` on one mini-batch with the live loss.
+fixed ``current`` model, and B is a seeded simulated mini-batch of ``batch_size = 8`` samples by default
+(:func:`winnow.stages.topk.minibatches`, the trainer's own batch definition, as in eu_plane), or the whole
+dataset with ``batch_size=0`` (one global top-k%). Samples with no scored token are left out of B. Both are
+approximations of the trainer's real batches: the real selection also changes as the model trains. The
+trainer calls :func:`excess_loss_select` on one mini-batch with the live loss.
+
+Identical models: the stage refuses a reference whose weight fingerprint (a hash of the tensors, recorded by
+the model pass) equals the current model's, and data whose excess loss is exactly 0 on every scored token
+(then the top-k would keep the first 60% of tokens in input order).
 
 UNCONFIRMED (a parameter): ``k_ratio = 0.6`` — inferred from "9B selected of 15B tokens" for the
 1B model (0.7 for the 7B model); the paper states no ratio for SFT.
@@ -26,7 +31,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -34,9 +38,8 @@ import pyarrow as pa
 from winnow.pipeline.steps import Step
 from winnow.pipeline.store import RunDir
 from winnow.stages import stage_io as io
-
-if TYPE_CHECKING:
-    import torch
+from winnow.stages import topk
+from winnow.stages.excess_loss_math import excess_loss, excess_loss_select, refuse_zero_excess  # noqa: F401
 
 CODE_VERSION = "excess_loss/1"
 NAME = "excess_loss"
@@ -49,7 +52,7 @@ class ExcessLossParams:
     current: str = "current"  # alias of the model being trained (its loss is L_cur)
     reference: str = "reference"  # alias of the reference model (L_ref)
     k_ratio: float = 0.6  # UNCONFIRMED: fraction of scored tokens kept per batch
-    batch_size: int = 0  # simulated mini-batch size in samples; 0 = the whole dataset is one batch
+    batch_size: int = topk.DEFAULT_BATCH_SIZE  # simulated mini-batch in samples; 0 = the whole dataset
     seed: int = 0  # shuffle seed of the simulated mini-batches
 
     def __post_init__(self) -> None:
@@ -68,27 +71,90 @@ class ExcessLossParams:
             )
 
 
-# ---- array functions (torch; the trainer calls these online on one mini-batch) ------------------------
-def excess_loss(nll_cur: torch.Tensor, nll_ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) ``nll_cur - nll_ref`` on the mask, NaN elsewhere."""
+# ---- stage adapter ---------------------------------------------------------------------------------
+def _check_models(run: RunDir, params: ExcessLossParams) -> None:
+    io.refuse_same_weights(
+        run,
+        params.reference,
+        params.current,
+        "the excess loss would be 0 for every token and the top-k would keep tokens in input order. "
+        f"Score a model trained on high-quality data as {params.reference!r}: "
+        f"`{io.signals_command(run, params.reference, ['logprob'])}`",
+    )
+
+
+def _read_scores(run: RunDir, parts: list[int], params: ExcessLossParams) -> tuple:
+    """Pass 1: every scored token's excess loss, flat in (shard, row, position) order."""
     import torch
 
-    return torch.where(mask, nll_cur - nll_ref, float("nan"))
+    keys = [(params.current, "logprob"), (params.reference, "logprob")]
+    read = {params.current: ["logprob"], params.reference: ["logprob"]}
+    masks, flats, n_tok, missing = [], [], [], 0
+    for part in parts:
+        shard = io.read_shard(run, part, read)
+        mask = shard.valid(*keys)
+        score = excess_loss(
+            -torch.from_numpy(shard.signals[keys[0]]),
+            -torch.from_numpy(shard.signals[keys[1]]),
+            torch.from_numpy(mask),
+        )
+        masks.append(mask)
+        flats.append(score.numpy()[mask])
+        n_tok.append(shard.n_tokens)
+        missing += shard.supervised_without_signal(*keys)
+    return masks, flats, n_tok, missing
 
 
-def excess_loss_select(
-    nll_cur: torch.Tensor, nll_ref: torch.Tensor, mask: torch.Tensor, k_ratio: float = 0.6
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rho-1 on one batch: ``(score, keep)``, keep = top ``⌊k_ratio·N⌋`` excess losses across the batch.
+def _select_in_batches(flat, per_sample: np.ndarray, params: ExcessLossParams) -> tuple:
+    """The top-k of each simulated mini-batch: ``(keep_flat, batch of each sample, number of batches)``."""
+    import torch
 
-    nll_cur, nll_ref: (B, T) per-token losses at index i (position convention of the tables);
-    mask: (B, T) bool, True on supervised tokens. Train with loss ``Σ keep·ℓ / Σ keep``.
-    """
-    score = excess_loss(nll_cur, nll_ref, mask)
-    return score, io.top_fraction(score, mask, k_ratio)
+    starts = np.concatenate([[0], np.cumsum(per_sample)])
+    keep_flat = torch.zeros(flat.numel(), dtype=torch.bool)
+    batch = np.full(len(per_sample), -1, dtype=np.int32)
+    scored = np.flatnonzero(per_sample > 0)
+    batches = topk.minibatches(len(scored), params.batch_size, params.seed)
+    if len(batches) == 1:  # the whole dataset: one row, the very same top-k function
+        keep_flat = topk.top_fraction(
+            flat[None], torch.ones(1, flat.numel(), dtype=torch.bool), params.k_ratio
+        )[0]
+        batch[scored] = 0
+        return keep_flat, batch, 1
+    for b, sel in enumerate(batches):
+        rows = scored[sel]
+        width = int(per_sample[rows].max())
+        vals = torch.zeros(len(rows), width, dtype=torch.float64)
+        bmask = torch.arange(width)[None, :] < torch.from_numpy(per_sample[rows])[:, None]
+        index = torch.from_numpy(
+            np.concatenate([np.arange(starts[r], starts[r + 1]) for r in rows]).astype(np.int64)
+        )
+        vals[bmask] = flat[index]  # row-major fill keeps each sample's tokens in order
+        keep_flat[index] = topk.top_fraction(vals, bmask, params.k_ratio)[bmask]
+        batch[rows] = b
+    return keep_flat, batch, len(batches)
 
 
-# ---- stage adapter ---------------------------------------------------------------------------------
+def _shard_table(sample_id, batch, mask, n_tokens, score_flat, keep_flat) -> pa.Table:
+    score_pad = np.full(mask.shape, np.nan)
+    keep_pad = np.zeros(mask.shape, dtype=bool)
+    score_pad[mask] = score_flat
+    keep_pad[mask] = keep_flat
+    n_sup = mask.sum(1)
+    sums = np.where(mask, score_pad, 0.0).sum(1)
+    mean = np.where(n_sup > 0, sums / np.maximum(n_sup, 1), np.nan)
+    return pa.table(
+        {
+            "sample_id": sample_id,
+            "batch": pa.array(batch, type=pa.int32()),
+            "n_supervised": pa.array(n_sup, type=pa.int32()),
+            "n_token_keep": pa.array(keep_pad.sum(1), type=pa.int32()),
+            "mean_excess": pa.array(mean, type=pa.float64(), from_pandas=True),
+            "token_score": io.to_list_array(score_pad, mask, n_tokens, pa.float32()),
+            "token_keep": io.to_list_array(keep_pad, mask, n_tokens, pa.bool_()),
+        }
+    )
+
+
 def run_excess_loss(run: RunDir, params: ExcessLossParams) -> dict:
     import torch
 
@@ -96,84 +162,44 @@ def run_excess_loss(run: RunDir, params: ExcessLossParams) -> dict:
     parts = io.samples_parts(run)
     for alias in (params.current, params.reference):
         io.require_signals(run, alias, ["logprob"], parts)
+    _check_models(run, params)
     st = io.StageOutput(run, NAME, params, CODE_VERSION, started)
-    out, fp = st.out, st.fp
     tables = [io.SAMPLES, f"signals/{params.current}", f"signals/{params.reference}"]
-    inputs = io.table_inputs(run, tables)  # top-k across the dataset: whole-table inputs
-    keys = [(params.current, "logprob"), (params.reference, "logprob")]
-    read = {params.current: ["logprob"], params.reference: ["logprob"]}
+    inputs = io.table_inputs(run, tables)  # top-k across batches that span shards: whole-table inputs
     counts: dict = {}
-    if not io.all_fresh(out, parts, fp, inputs):
-        io.drop_orphans(out, parts)
-        # pass 1: every scored token's excess loss, flat in (shard, row, position) order
-        masks, flats, n_tok, missing = [], [], [], 0
-        for part in parts:
-            shard = io.read_shard(run, part, read)
-            mask = shard.valid(*keys)
-            score = excess_loss(
-                -torch.from_numpy(shard.signals[keys[0]]),
-                -torch.from_numpy(shard.signals[keys[1]]),
-                torch.from_numpy(mask),
-            )
-            masks.append(mask)
-            flats.append(score.numpy()[mask])
-            n_tok.append(shard.n_tokens)
-            missing += shard.supervised_without_signal(*keys)
+    if not io.all_fresh(st.out, parts, st.fp, inputs):
+        io.drop_orphans(st.out, parts)
+        masks, flats, n_tok, missing = _read_scores(run, parts, params)
         flat = torch.from_numpy(np.concatenate(flats)) if flats else torch.zeros(0, dtype=torch.float64)
+        refuse_zero_excess(
+            flat.numel(),
+            int((flat != 0).sum()),
+            f"excess_loss (signals/{params.current} vs signals/{params.reference})",
+            f"--set reference=ALIAS of a model trained on high-quality data, "
+            f"not a copy of {params.current!r}.",
+        )
         per_sample = np.concatenate([m.sum(1) for m in masks])  # scored tokens per sample
-        starts = np.concatenate([[0], np.cumsum(per_sample)])
-        keep_flat = torch.zeros(flat.numel(), dtype=torch.bool)
-        batch = np.full(len(per_sample), -1, dtype=np.int32)
-        scored = np.flatnonzero(per_sample > 0)
-        batches = io.simulated_batches(len(scored), params.batch_size, params.seed)
-        if len(batches) == 1:  # the whole dataset: one row, the very same top-k function
-            keep_flat = io.top_fraction(
-                flat[None], torch.ones(1, flat.numel(), dtype=torch.bool), params.k_ratio
-            )[0]
-            batch[scored] = 0
-        else:
-            for b, sel in enumerate(batches):
-                rows = scored[sel]
-                width = int(per_sample[rows].max())
-                vals = torch.zeros(len(rows), width, dtype=torch.float64)
-                bmask = torch.arange(width)[None, :] < torch.from_numpy(per_sample[rows])[:, None]
-                index = torch.from_numpy(
-                    np.concatenate([np.arange(starts[r], starts[r + 1]) for r in rows]).astype(np.int64)
-                )
-                vals[bmask] = flat[index]  # row-major fill keeps each sample's tokens in order
-                keep_flat[index] = io.top_fraction(vals, bmask, params.k_ratio)[bmask]
-                batch[rows] = b
+        keep_flat, batch, n_batches = _select_in_batches(flat, per_sample, params)
         # pass 2: write each shard from the flat arrays
         keep_np, flat_np, start, row0 = keep_flat.numpy(), flat.numpy(), 0, 0
-        for part, mask, n_tokens, shard_flat in zip(parts, masks, n_tok, flats, strict=True):
-            n_rows, n_flat = mask.shape[0], len(shard_flat)
-            score_pad = np.full(mask.shape, np.nan)
-            keep_pad = np.zeros(mask.shape, dtype=bool)
-            score_pad[mask] = flat_np[start : start + n_flat]
-            keep_pad[mask] = keep_np[start : start + n_flat]
-            start += n_flat
+        for part, mask, n_tokens in zip(parts, masks, n_tok, strict=True):
+            n_rows, n_flat = mask.shape[0], int(mask.sum())
             sample_id = run.table(io.SAMPLES).read_part(part, columns=["sample_id"]).column("sample_id")
-            n_sup = mask.sum(1)
-            sums = np.where(mask, score_pad, 0.0).sum(1)
-            mean = np.where(n_sup > 0, sums / np.maximum(n_sup, 1), np.nan)
-            table = pa.table(
-                {
-                    "sample_id": sample_id,
-                    "batch": pa.array(batch[row0 : row0 + n_rows], type=pa.int32()),
-                    "n_supervised": pa.array(n_sup, type=pa.int32()),
-                    "n_token_keep": pa.array(keep_pad.sum(1), type=pa.int32()),
-                    "mean_excess": pa.array(mean, type=pa.float64(), from_pandas=True),
-                    "token_score": io.to_list_array(score_pad, mask, n_tokens, pa.float32()),
-                    "token_keep": io.to_list_array(keep_pad, mask, n_tokens, pa.bool_()),
-                }
+            table = _shard_table(
+                sample_id,
+                batch[row0 : row0 + n_rows],
+                mask,
+                n_tokens,
+                flat_np[start : start + n_flat],
+                keep_np[start : start + n_flat],
             )
-            row0 += n_rows
+            start, row0 = start + n_flat, row0 + n_rows
             st.commit(part, table, inputs)
         counts = {
             "samples": int(len(per_sample)),
             "scored_tokens": int(flat.numel()),
             "kept_tokens": int(keep_flat.sum()),
-            "batches": len(batches),
+            "batches": n_batches,
             "supervised_without_signal": missing,
         }
     return st.finish(len(parts), counts)
