@@ -4,8 +4,8 @@ Q-Tuning (Algorithm 1) recomputes the EU plane on every mini-batch with the mode
 scores every batch against a reference model; ssToken compares the current model with a history model
 (the model training started from, or an EMA of the weights). Offline stages approximate them with fixed
 models; here the trainer calls the *same array functions* as the offline stages
-(:func:`winnow.stages.eu_plane.eu_plane_select`, :func:`winnow.stages.excess_loss.excess_loss_select`,
-:func:`winnow.stages.sstoken.sstoken_select`) on one mini-batch, so each formula exists once.
+(:func:`winnow.stages.eu_plane_math.eu_plane_select`, :func:`winnow.stages.excess_loss_math.excess_loss_select`,
+:func:`winnow.stages.sstoken_math.sstoken_select`) on one mini-batch, so each formula exists once.
 
 The interface is one function per policy, ``policy(scored, params) -> Decision``: a :class:`Scored`
 mini-batch (padded ``(B, T)`` arrays at the table convention: index ``i`` is token ``i`` as a target)
@@ -130,19 +130,19 @@ def _decision(keep_tokens: torch.Tensor, s: Scored, extra: dict[str, int] | None
 
 def q_tuning(s: Scored, p: QTuningOnline) -> Decision:
     """Algorithm 1 of Q-Tuning on this mini-batch: EU-plane quadrants, then Q2 token pruning."""
-    from winnow.stages.eu_plane import eu_plane_select
+    from winnow.stages.eu_plane_math import BY_QUADRANT, Q1, Q2, Q3, Q4, eu_plane_select
 
     if s.entropy is None:
         raise ValueError("q_tuning needs the current model's entropy")
     r = eu_plane_select(s.nll, s.entropy, s.mask, p.r_sample, p.r_token, p.lam)
-    quads = {f"q{q}": int((r.quadrant == q).sum()) for q in (1, 2, 3, 4)}
-    topup = int((r.keep_sample & (r.kept_by > 1)).sum())
+    quads = {name: int((r.quadrant == q).sum()) for name, q in (("q1", Q1), ("q2", Q2), ("q3", Q3), ("q4", Q4))}
+    topup = int((r.keep_sample & (r.kept_by != BY_QUADRANT)).sum())
     return _decision(r.token_keep, s, {**quads, "topup": topup})
 
 
 def rho1(s: Scored, p: Rho1Online) -> Decision:
     """Rho-1's selective LM on this mini-batch: the top ``k_ratio`` excess losses across it."""
-    from winnow.stages.excess_loss import excess_loss_select
+    from winnow.stages.excess_loss_math import excess_loss_select
 
     if s.nll_ref is None:
         raise ValueError("rho1 needs the reference model's losses")
@@ -152,7 +152,7 @@ def rho1(s: Scored, p: Rho1Online) -> Decision:
 
 def sstoken(s: Scored, p: SSTokenOnline) -> Decision:
     """ssToken on this mini-batch: REL against the history model plus attention, top ``rho`` per sample."""
-    from winnow.stages.sstoken import sstoken_select
+    from winnow.stages.sstoken_math import sstoken_select
 
     nll_his = s.nll_his if s.nll_his is not None else s.nll  # gamma == 0: REL unused
     if p.gamma > 0 and s.nll_his is None:
