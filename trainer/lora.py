@@ -25,11 +25,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from winnow.pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -72,6 +73,8 @@ def require_peft():
 
 def apply_lora(model: torch.nn.Module, p: LoraParams, device: torch.device) -> torch.nn.Module:
     """Wrap ``model`` in LoRA adapters (only they train); bf16 base + fp32 adapters on GPU."""
+    import torch
+
     peft = require_peft()
     if device.type == "cuda":
         model.to(torch.bfloat16)
