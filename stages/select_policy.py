@@ -75,21 +75,30 @@ class SelectParams:
         return self.tokens or _DEFAULT_TOKENS.get(self.policy, "loss_mask")
 
 
-def _score_table(run: RunDir, stage: str, columns: list[str]) -> dict[str, dict]:
-    """sample_id -> {column: value} of ``scores/<stage>`` (checked present and fresh by the caller)."""
+def _score_table(run: RunDir, stage: str, columns: list[str], part: int) -> dict[str, dict]:
+    """sample_id -> {column: value} of shard ``part`` of ``scores/<stage>`` (a stage writes one shard
+    per samples shard; the caller checked the table present and fresh). One shard at a time, so memory
+    does not grow with the run (issue 16); a missing shard leaves its samples unscored."""
     table = run.table(f"scores/{stage}")
-    data = table.read(columns=["sample_id", *columns]).to_pydict()
+    if table.record(part) is None:
+        return {}
+    data = table.read_part(part, columns=["sample_id", *columns]).to_pydict()
     return {sid: {c: data[c][i] for c in columns} for i, sid in enumerate(data["sample_id"])}
 
 
-def _sample_half(run: RunDir, p: SelectParams, ids: list[str]) -> tuple[dict[str, bool], dict[str, str]]:
+def _sample_half(
+    run: RunDir, p: SelectParams, ids: list[str], part: int, sql_keep: dict[str, bool] | None
+) -> tuple[dict[str, bool], dict[str, str]]:
+    """Keep flag and reason of the samples ``ids`` of samples shard ``part``."""
     if p.policy == "all" or p.policy in ("excess_loss", "sstoken"):
         reason = "all" if p.policy == "all" else "token_level"
         return dict.fromkeys(ids, True), dict.fromkeys(ids, reason)
     if p.policy == "sql":
-        return _sql_keep(run, p.keep, ids)
+        assert sql_keep is not None
+        keep = {sid: bool(sql_keep.get(sid, False)) for sid in ids}
+        return keep, {sid: "sql_keep" if k else "sql_drop" for sid, k in keep.items()}
     if p.policy == "dv4llm":
-        rows = _score_table(run, "dv4llm", ["role", "selected"])
+        rows = _score_table(run, "dv4llm", ["role", "selected"], part)
         keep, why = {}, {}
         for sid in ids:
             r = rows.get(sid)
@@ -100,13 +109,15 @@ def _sample_half(run: RunDir, p: SelectParams, ids: list[str]) -> tuple[dict[str
             else:
                 keep[sid], why[sid] = bool(r["selected"]), "selected" if r["selected"] else "not_selected"
         return keep, why
-    rows = _score_table(run, p.policy, ["keep", "reason"])  # eu_plane, critical_tokens
+    rows = _score_table(run, p.policy, ["keep", "reason"], part)  # eu_plane, critical_tokens
     keep = {sid: bool(rows.get(sid, {}).get("keep")) for sid in ids}
     why = {sid: (rows[sid]["reason"] if sid in rows else "unscored") for sid in ids}
     return keep, why
 
 
-def _sql_keep(run: RunDir, expr: str, ids: list[str]) -> tuple[dict[str, bool], dict[str, str]]:
+def _sql_keep(run: RunDir, expr: str) -> dict[str, bool]:
+    """sample_id -> the expression's value over the whole samples view (it may aggregate or use
+    windows, so it is not evaluated shard by shard): a bool per sample, the one global state."""
     from winnow.pipeline.inspect_run import open_views
 
     con = open_views(str(run.root), check_lengths=False).con
@@ -114,8 +125,7 @@ def _sql_keep(run: RunDir, expr: str, ids: list[str]) -> tuple[dict[str, bool], 
         got = dict(con.sql(f"SELECT sample_id, coalesce(({expr}), false) FROM samples").fetchall())
     except Exception as e:  # duckdb raises many error classes; all mean the expression is wrong
         raise UserError(f"keep={expr!r}: bad SQL condition over samples ({e})") from None
-    keep = {sid: bool(got.get(sid, False)) for sid in ids}
-    return keep, {sid: "sql_keep" if k else "sql_drop" for sid, k in keep.items()}
+    return got
 
 
 def _check_fresh(run: RunDir, stage: str) -> None:
@@ -213,18 +223,24 @@ def run_select(run: RunDir, p: SelectParams) -> dict:
     io.drop_orphans(st.out, parts)
     counts: dict = {}
     if not io.all_fresh(st.out, parts, st.fp, inputs):
-        ids = samples.read(columns=["sample_id"]).column("sample_id").to_pylist()
-        keep, why = _sample_half(run, p, ids)
-        kept = weighted = 0
-        for part in parts:
+        sql_keep = _sql_keep(run, p.keep) if p.policy == "sql" else None
+        kept = weighted = n_samples = 0
+        for part in parts:  # one shard in memory at a time
             cols = samples.read_part(part, columns=["sample_id", "n_tokens", "loss_mask"])
             n_tokens = cols["n_tokens"].to_numpy()
+            keep, why = _sample_half(run, p, cols["sample_id"].to_pylist(), part, sql_keep)
+            n_samples += len(n_tokens)
             selection = token_selection(run, source, part, cols["sample_id"].combine_chunks(), n_tokens)
             table = _shard_table(cols, keep, why, selection, p.policy)
             kept += int(pc.sum(table["keep"].cast(pa.int64())).as_py() or 0)
             weighted += int(pc.sum(table["n_weighted"]).as_py() or 0)
             st.commit(part, table, inputs)
-        counts = {"samples": len(ids), "kept": kept, "dropped": len(ids) - kept, "weighted_tokens": weighted}
+        counts = {
+            "samples": n_samples,
+            "kept": kept,
+            "dropped": n_samples - kept,
+            "weighted_tokens": weighted,
+        }
     return st.finish(len(parts), counts)
 
 
