@@ -38,6 +38,14 @@ from pathlib import Path
 
 GSM8K = Path(os.environ.get("WINNOW_GSM8K", "/work/shared/data/gsm8k")) / "train.jsonl"
 N_TARGETS = 100
+OUTPUTS = {  # tables a step writes, removed before it runs
+    **{
+        f"score {s}": [f"scores/{s}"]
+        for s in ("eu_plane", "excess_loss", "sstoken", "critical_tokens", "dv4llm")
+    },
+    "select eu_plane": ["selection/eu"],
+    "select critical_tokens": ["selection/cdpo"],
+}
 TOKENS_SQL = "select count(*), count(current__logprob), avg(current__logprob), sum(loss_mask) from tokens"
 
 
@@ -185,6 +193,8 @@ def run_size(n: int, work: Path, results: Path, only: set[str] | None) -> None:
     for name, cmd in steps(str(run), str(inp), str(out)):
         if only is not None and name not in only:
             continue
+        for table in OUTPUTS.get(name, ()):  # a rerun must redo the work, not find it fresh and skip
+            shutil.rmtree(run / table, ignore_errors=True)
         r = measure(cmd, root / "log.txt")
         row = {"n": n, "step": name, **r, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         print(json.dumps(row), flush=True)

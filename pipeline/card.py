@@ -150,43 +150,13 @@ class _Card:
             ]
 
     def scores(self) -> None:
+        """One section per scoring stage with a table here, as its registry entry names it."""
+        from winnow.pipeline import card_sections, steps
+
         parts = []
-        if self.has("scores_eu_plane"):
-            rows = self.q(
-                "select quadrant, count(*), count_if(keep), median(error), median(uncertainty) "
-                "from scores_eu_plane group by 1 order by 1"
-            )
-            parts += [
-                "### EU plane (Q-Tuning)",
-                "",
-                _md_table(
-                    ["quadrant", "samples", "kept", "median PPL", "median entropy"], [list(r) for r in rows]
-                ),
-                "",
-            ]
-            self._eu_plot()
-        for stage, col in (("excess_loss", "mean_excess"), ("critical_tokens", "min_p_ce")):
-            if self.has(f"scores_{stage}"):
-                (r,) = self.q(
-                    f"select count({col}), min({col}), quantile_cont({col}, 0.1), median({col}), "
-                    f"quantile_cont({col}, 0.9), max({col}) from scores_{stage}"
-                )
-                parts += [
-                    f"### {stage}: `{col}` per sample",
-                    "",
-                    _md_table(["scored", "min", "p10", "median", "p90", "max"], [list(r)]),
-                    "",
-                ]
-        if self.has("scores_dv4llm"):
-            rows = self.q(
-                "select role, count(*), count_if(selected) from scores_dv4llm group by 1 order by 1"
-            )
-            parts += [
-                "### DV4LLM",
-                "",
-                _md_table(["role", "samples", "selected"], [list(r) for r in rows]),
-                "",
-            ]
+        for spec, section in steps.card_sections():
+            if self.has(f"scores_{spec.name}"):
+                parts += (section or card_sections.generic)(self, spec)
         if parts:
             self.md += ["## Scores", "", *parts]
 

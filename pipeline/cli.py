@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from winnow.pipeline import steps as registry
 from winnow.pipeline.params import build_params, parse_sets
 from winnow.pipeline.store import UserError
 
@@ -25,10 +26,9 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="step parameter 
 
 
 def _run_step(step_name: str, run_dir: str, values: dict, create: bool = False) -> dict:
-    from winnow.pipeline.steps import get_step
     from winnow.pipeline.store import RunDir
 
-    step = get_step(step_name)
+    step = registry.get_step(step_name)
     params = build_params(step.params, values, where=f"winnow {step_name}")
     return step.run(RunDir(run_dir, create=create), params)
 
@@ -77,7 +77,10 @@ def ingest(
 @app.command()
 def score(
     run_dir: Annotated[str, typer.Argument(help="run directory")],
-    stage: Annotated[str | None, typer.Argument(help="a scoring stage (omit for a model pass)")] = None,
+    stage: Annotated[
+        str | None,
+        typer.Argument(help=f"a scoring stage: {'|'.join(registry.score_stages())} (omit for a model pass)"),
+    ] = None,
     model: Annotated[
         str | None, typer.Option("--model", help="model pass: local HF dir or builtin:<name>")
     ] = None,
@@ -95,8 +98,6 @@ def score(
     sets: SetOpt = None,
 ) -> None:
     """A model pass (--model/--alias), the contrast pass (--contrast) or a scoring STAGE."""
-    from winnow.pipeline.steps import SCORE_STAGES
-
     values: dict = parse_sets(sets, "score")
     if contrast:
         if stage or model:
@@ -108,9 +109,9 @@ def score(
         }
         name = "contrast_pass"
     elif stage:
-        if stage not in SCORE_STAGES:
+        if stage not in registry.score_stages():
             raise UserError(
-                f"unknown stage {stage!r}; stages: {list(SCORE_STAGES)} (or --model for a model pass)"
+                f"unknown stage {stage!r}; stages: {registry.score_stages()} (or --model for a model pass)"
             )
         if targets is not None:
             values["targets"] = targets
@@ -136,15 +137,13 @@ def _summary(entry: dict) -> str:
 @app.command()
 def select(
     run_dir: Annotated[str, typer.Argument(help="run directory")],
-    policy: Annotated[
-        str, typer.Argument(help="eu_plane|excess_loss|sstoken|critical_tokens|dv4llm|all|sql")
-    ],
+    policy: Annotated[str, typer.Argument(help="|".join(registry.selection_policies()))],
     name: Annotated[
         str | None, typer.Option("--name", help="selection/<name>/ (default: the policy)")
     ] = None,
     tokens: Annotated[
         str | None,
-        typer.Option("--tokens", help="token weights: loss_mask|eu_plane|excess_loss|sstoken|p_ce"),
+        typer.Option("--tokens", help=f"token weights: {'|'.join(registry.token_sources())}"),
     ] = None,
     keep: Annotated[
         str | None, typer.Option("--keep", help="policy sql: boolean SQL over the samples view")
@@ -157,7 +156,7 @@ def select(
     entry = _run_step("select", run_dir, values)
     c = entry["counts"]
     typer.echo(
-        f"{entry['output']}: kept {c.get('kept', '?')} of {c.get('samples', '?')} samples, "
+        f"{entry['outputs'][0]}: kept {c.get('kept', '?')} of {c.get('samples', '?')} samples, "
         f"{c.get('weighted_tokens', '?')} weighted tokens; reasons {entry['reasons']}"
     )
 
@@ -224,11 +223,9 @@ def steps() -> None:
     """List the steps a recipe can name, with their parameters and defaults."""
     import dataclasses
 
-    from winnow.pipeline.steps import available_steps, get_step
-
-    for name in available_steps():
-        step = get_step(name)
-        typer.echo(f"{name}: {step.help}")
+    for name in registry.available_steps():
+        step = registry.get_step(name)
+        typer.echo(f"{name} ({registry.spec(name).kind}): {registry.spec(name).help}")
         for f in dataclasses.fields(step.params):
             default = (
                 f.default

@@ -23,6 +23,8 @@ import json
 import unicodedata
 from typing import Any
 
+from winnow.pipeline.errors import RejectError
+
 FORMATS = ("chat", "sharegpt", "prompt_response", "alpaca", "gsm8k", "text")
 ROLES = ("system", "user", "assistant", "tool")
 _SHAREGPT_ROLES = {
@@ -46,11 +48,7 @@ _FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-class RecordError(ValueError):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
+RecordError = RejectError  # a record that is not a conversation: the reason code of its reject row
 
 
 def detect_format(record: dict[str, Any]) -> str | None:

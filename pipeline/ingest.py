@@ -25,9 +25,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from winnow.pipeline.errors import RejectError
 from winnow.pipeline.formats import (
     FORMATS,
-    RecordError,
     canonical_messages,
     coerce_meta,
     detect_format,
@@ -37,10 +37,11 @@ from winnow.pipeline.formats import (
     value_kind,
 )
 from winnow.pipeline.readers import Row, file_fingerprint, iter_rows
+from winnow.pipeline.shards import Computed, ShardLoop, step_entry
 from winnow.pipeline.steps import Step
-from winnow.pipeline.store import RunDir, UserError, atomic_write_json, shard_done, stable_hash, versions
+from winnow.pipeline.store import RunDir, UserError, atomic_write_json, stable_hash
 
-CODE_VERSION = "ingest-1"  # with render.RENDER_VERSION in the fingerprint
+CODE_VERSION = "ingest/1"  # with render.RENDER_VERSION in the fingerprint
 LOSS_ON = ("all_turns", "last_turn")
 _ARROW_META = {
     "bool": pa.bool_(),
@@ -150,7 +151,7 @@ def scan_inputs(paths: list[Path], specs: list[str], forced: str) -> Scan:
             scan.formats[row.source] = fmt
         try:
             _, meta = to_messages(row.record, fmt)
-        except RecordError:
+        except RejectError:
             continue
         for k, v in meta.items():
             kinds = scan.meta_kinds.setdefault(k, set())
@@ -236,39 +237,78 @@ class _Ctx:
     schema: pa.Schema
 
 
-def _build_shard(ctx: _Ctx, rows: list[Row], seen: dict[str, str]) -> tuple[pa.Table, pa.Table, Counter]:
-    from winnow.pipeline.render import RenderError, render_batch
+# a row with its messages and meta_ fields, or the error that rejects it (record None: unreadable)
+_Converted = tuple[Row, list[dict] | None, dict | None, RejectError | None]
 
-    converted: list[tuple[Row, list[dict] | None, dict | None, RecordError | None]] = []
+
+def _convert(ctx: _Ctx, rows: list[Row]) -> list[_Converted]:
+    out: list[_Converted] = []
     for row in rows:
         if row.record is None:
-            converted.append((row, None, None, None))
+            out.append((row, None, None, None))
             continue
         fmt = ctx.formats.get(row.source)
         if fmt is None:
-            err = RecordError("unknown_format", f"no known record format in fields {sorted(row.record)[:8]}")
-            converted.append((row, None, None, err))
+            err = RejectError("unknown_format", f"no known record format in fields {sorted(row.record)[:8]}")
+            out.append((row, None, None, err))
             continue
         try:
             msgs, meta = to_messages(row.record, fmt)
-            converted.append((row, msgs, meta, None))
-        except RecordError as e:
-            converted.append((row, None, None, e))
+            out.append((row, msgs, meta, None))
+        except RejectError as e:
+            out.append((row, None, None, e))
+    return out
 
-    # Render each distinct conversation once; duplicates reuse the result.
+
+def _render_unique(ctx: _Ctx, converted: list[_Converted]) -> dict[str, Any]:
+    """Render each distinct conversation once (duplicates reuse it): sample_id -> Rendered or error."""
+    from winnow.pipeline.render import render_batch
+
     unique: dict[str, list[dict]] = {}
     for _, msgs, _, err in converted:
         if msgs is not None and err is None:
             unique.setdefault(sample_id(msgs), msgs)
     ids = list(unique)
-    rendered = dict(
-        zip(
-            ids,
-            render_batch(ctx.tokenizer, [unique[i] for i in ids], loss_on=ctx.params.loss_on),
-            strict=True,
-        )
-    )
+    rendered = render_batch(ctx.tokenizer, [unique[i] for i in ids], loss_on=ctx.params.loss_on)
+    return dict(zip(ids, rendered, strict=True))
 
+
+def _fit(ctx: _Ctx, r: Any) -> tuple[list[int], list[int], list[int]] | str:
+    """The rendered sample within ``max_tokens`` (cut when ``truncate``), or why it is too long."""
+    ids, offs, mask = r.input_ids, r.offsets, r.loss_mask
+    if len(ids) <= ctx.max_tokens:
+        return ids, offs, mask
+    if not ctx.params.truncate:
+        return f"{len(ids)} tokens > max_tokens={ctx.max_tokens} (raise max_tokens or set truncate=true)"
+    n = ctx.max_tokens
+    if not any(mask[:n]):
+        return f"no supervised token within the first {n} tokens after truncation"
+    return ids[:n], offs[:n], mask[:n]
+
+
+def _sample_row(ctx: _Ctx, row: Row, sid: str, msgs: list[dict], meta: dict, r: Any, fit: tuple) -> dict:
+    ids, offs, mask = fit
+    rec = {
+        "sample_id": sid,
+        "source": row.source,
+        "row": row.row,
+        "messages": canonical_messages(msgs),
+        "text": r.text,
+        "input_ids": ids,
+        "offsets": offs,
+        "loss_mask": mask,
+        "n_tokens": len(ids),
+        "n_loss_tokens": int(sum(mask)),
+    }
+    for k, kind in ctx.meta_types.items():
+        rec[f"meta_{k}"] = coerce_meta(meta.get(k), kind)
+    return rec
+
+
+def _build_shard(ctx: _Ctx, rows: list[Row], seen: dict[str, str]) -> tuple[pa.Table, pa.Table, Counter]:
+    """One shard of input rows -> (samples, rejects, counts); ``seen`` carries dedup across shards."""
+    converted = _convert(ctx, rows)
+    rendered = _render_unique(ctx, converted)
     samples: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
     counts: Counter = Counter()
@@ -284,55 +324,20 @@ def _build_shard(ctx: _Ctx, rows: list[Row], seen: dict[str, str]) -> tuple[pa.T
             rejects.append(_reject(row, "duplicate", f"same messages as {seen[sid]}", dup=sid, sid=sid))
             continue
         r = rendered[sid]
-        if isinstance(r, RenderError):
+        if isinstance(r, RejectError):
             rejects.append(_reject(row, r.reason, str(r), sid=sid))
             continue
-        ids_, offs, mask = r.input_ids, r.offsets, r.loss_mask
-        if len(ids_) > ctx.max_tokens:
-            if not ctx.params.truncate:
-                rejects.append(
-                    _reject(
-                        row,
-                        "too_long",
-                        f"{len(ids_)} tokens > max_tokens={ctx.max_tokens} "
-                        "(raise max_tokens or set truncate=true)",
-                        sid=sid,
-                    )
-                )
-                continue
-            ids_, offs, mask = ids_[: ctx.max_tokens], offs[: ctx.max_tokens], mask[: ctx.max_tokens]
-            if not any(mask):
-                rejects.append(
-                    _reject(
-                        row,
-                        "too_long",
-                        f"no supervised token within the first {ctx.max_tokens} tokens after truncation",
-                        sid=sid,
-                    )
-                )
-                continue
+        fit = _fit(ctx, r)
+        if isinstance(fit, str):
+            rejects.append(_reject(row, "too_long", fit, sid=sid))
+            continue
+        if len(fit[0]) < len(r.input_ids):
             counts["truncated"] += 1
         seen[sid] = f"{row.source}:{row.row}"
-        rec = {
-            "sample_id": sid,
-            "source": row.source,
-            "row": row.row,
-            "messages": canonical_messages(msgs),
-            "text": r.text,
-            "input_ids": ids_,
-            "offsets": offs,
-            "loss_mask": mask,
-            "n_tokens": len(ids_),
-            "n_loss_tokens": int(sum(mask)),
-        }
-        for k, kind in ctx.meta_types.items():
-            rec[f"meta_{k}"] = coerce_meta(meta.get(k), kind)
-        samples.append(rec)
+        samples.append(_sample_row(ctx, row, sid, msgs, meta, r, fit))
     for rj in rejects:
         counts[f"rejected_{rj['reason']}"] += 1
-    counts["samples"] = len(samples)
-    counts["rejects"] = len(rejects)
-    counts["rows_in"] = len(rows)
+    counts.update(samples=len(samples), rejects=len(rejects), rows_in=len(rows))
     return (
         pa.Table.from_pylist(samples, schema=ctx.schema),
         pa.Table.from_pylist(rejects, schema=REJECT_SCHEMA),
@@ -360,11 +365,26 @@ def _write_vocab(run: RunDir, tokenizer, tok_fp: str) -> None:
     table.write(0, tbl, fingerprint=tok_fp)
 
 
-def run_ingest(run: RunDir, p: IngestParams) -> dict[str, Any]:
+@dataclass
+class _Prepared:
+    """What ingest fixes before the first shard: tokenizer, inputs, scan, limits, fingerprint."""
+
+    model_dir: Path
+    tokenizer: Any
+    tok_fp: str
+    paths: list[Path]
+    specs: list[str]
+    scan: Scan
+    meta_types: dict[str, str]
+    max_tokens: int
+    plan: dict[str, Any]
+    fingerprint: str
+
+
+def _prepare(p: IngestParams) -> _Prepared:
     from winnow.pipeline.builtin.tiny_model import resolve_model
     from winnow.pipeline.render import RENDER_VERSION, tokenizer_fingerprint
 
-    t0 = time.time()
     model_dir = resolve_model(p.model)
     tokenizer = load_tokenizer(model_dir, p.trust_remote_code)
     tok_fp = tokenizer_fingerprint(tokenizer)
@@ -385,11 +405,10 @@ def run_ingest(run: RunDir, p: IngestParams) -> dict[str, Any]:
             "max_tokens": max_tokens,
         }
     )
-    n_shards = math.ceil(scan.rows / p.shard_rows) if scan.rows else 0
     plan = {
         "table": p.table,
         "shard_rows": p.shard_rows,
-        "shards": n_shards,
+        "shards": math.ceil(scan.rows / p.shard_rows) if scan.rows else 0,
         "rows": scan.rows,
         "sources": [
             {
@@ -401,41 +420,12 @@ def run_ingest(run: RunDir, p: IngestParams) -> dict[str, Any]:
             for s in specs
         ],
     }
-    run.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run.root / ("plan.json" if p.table == "samples" else f"plan_{p.table}.json"), plan)
-    if p.table == "samples":
-        _write_vocab(run, tokenizer, tok_fp)
-
-    ctx = _Ctx(
-        p, tokenizer, scan.formats, meta_types, max_tokens, samples_schema(meta_types, tok_fp, str(model_dir))
+    return _Prepared(
+        model_dir, tokenizer, tok_fp, paths, specs, scan, meta_types, max_tokens, plan, fingerprint
     )
-    samples_t, rejects_t = run.table(p.table), run.table(rejects_table(p.table))
-    samples_t.drop_parts_from(n_shards)
-    rejects_t.drop_parts_from(n_shards)
-    seen: dict[str, str] = {}
-    totals: Counter = Counter()
-    computed = skipped = 0
-    from rich.progress import Progress
 
-    with Progress(transient=True) as bar:
-        task = bar.add_task(f"ingest -> {p.table}", total=n_shards)
-        for part, rows in enumerate(_shards(paths, specs, p.shard_rows)):
-            rs, rr = samples_t.record(part), rejects_t.record(part)
-            if rs and rr and rs.fingerprint == fingerprint and rr.fingerprint == fingerprint:
-                done = samples_t.read_part(part, columns=["sample_id", "source", "row"]).to_pylist()
-                seen.update({d["sample_id"]: f"{d['source']}:{d['row']}" for d in done})
-                totals.update(rs.extra.get("counts", {}))
-                skipped += 1
-            else:
-                s_tbl, r_tbl, counts = _build_shard(ctx, rows, seen)
-                extra = {"counts": dict(counts)}
-                samples_t.write(part, s_tbl, fingerprint=fingerprint, extra=extra)
-                rejects_t.write(part, r_tbl, fingerprint=fingerprint, extra=extra)
-                totals.update(counts)
-                computed += 1
-                shard_done()
-            bar.advance(task)
 
+def _row_accounting(totals: Counter, rows_scanned: int) -> dict[str, Any]:
     by_reason = {
         k.removeprefix("rejected_"): v for k, v in sorted(totals.items()) if k.startswith("rejected_")
     }
@@ -446,30 +436,71 @@ def run_ingest(run: RunDir, p: IngestParams) -> dict[str, Any]:
         "truncated": totals["truncated"],
         "rejects_by_reason": by_reason,
     }
-    if counts["rows_in"] != scan.rows or counts["samples"] + counts["rejects"] != counts["rows_in"]:
-        raise RuntimeError(f"row accounting failed: {counts} vs {scan.rows} rows scanned")
-    entry = {
-        "step": "ingest",
-        "config": asdict(p),
-        "fingerprint": fingerprint,
-        "model": str(model_dir),
-        "tokenizer_fingerprint": tok_fp,
-        "max_tokens": max_tokens,
-        "meta_columns": meta_types,
-        "inputs": plan["sources"],
-        "counts": counts,
-        "shards": {"total": n_shards, "computed": computed, "skipped": skipped},
-        "wall_s": round(time.time() - t0, 3),
-        "versions": versions(),
-    }
-    run.update_manifest("ingest" if p.table == "samples" else f"ingest:{p.table}", entry)
+    if counts["rows_in"] != rows_scanned or counts["samples"] + counts["rejects"] != counts["rows_in"]:
+        raise RuntimeError(f"row accounting failed: {counts} vs {rows_scanned} rows scanned")
+    return counts
+
+
+def _ingest_shards(run: RunDir, p: IngestParams, prep: _Prepared) -> ShardLoop:
+    """Stream the rows shard by shard: fresh shards only seed deduplication, the rest are built."""
+    from rich.progress import Progress
+
+    n_shards = prep.plan["shards"]
+    schema = samples_schema(prep.meta_types, prep.tok_fp, str(prep.model_dir))
+    ctx = _Ctx(p, prep.tokenizer, prep.scan.formats, prep.meta_types, prep.max_tokens, schema)
+    samples_t, rejects_t = run.table(p.table), run.table(rejects_table(p.table))
+    samples_t.drop_parts_from(n_shards)
+    rejects_t.drop_parts_from(n_shards)
+    loop = ShardLoop([samples_t, rejects_t], prep.fingerprint, n_shards)
+    seen: dict[str, str] = {}
+
+    def reseed(part: int) -> None:  # a fresh shard's samples still count as seen for dedup
+        done = samples_t.read_part(part, columns=["sample_id", "source", "row"]).to_pylist()
+        seen.update({d["sample_id"]: f"{d['source']}:{d['row']}" for d in done})
+
+    def compute(part: int, rows: list[Row]) -> Computed:
+        s_tbl, r_tbl, counts = _build_shard(ctx, rows, seen)
+        return Computed((s_tbl, r_tbl), counts=counts)
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task(f"ingest -> {p.table}", total=n_shards)
+        work = enumerate(_shards(prep.paths, prep.specs, p.shard_rows))
+        loop.run(work, compute, on_skip=reseed, on_done=lambda _: bar.advance(task))
+    return loop
+
+
+def run_ingest(run: RunDir, p: IngestParams) -> dict[str, Any]:
+    t0 = time.time()
+    prep = _prepare(p)
+    run.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run.root / ("plan.json" if p.table == "samples" else f"plan_{p.table}.json"), prep.plan)
+    if p.table == "samples":
+        _write_vocab(run, prep.tokenizer, prep.tok_fp)
+    loop = _ingest_shards(run, p, prep)
+    entry = step_entry(
+        "ingest",
+        config=asdict(p),
+        fingerprint=prep.fingerprint,
+        outputs=[t.name for t in loop.outputs],
+        shards=loop.summary(),
+        counts=_row_accounting(loop.counts, prep.scan.rows),
+        started=t0,
+        model=str(prep.model_dir),
+        tokenizer_fingerprint=prep.tok_fp,
+        max_tokens=prep.max_tokens,
+        meta_columns=prep.meta_types,
+        inputs=prep.plan["sources"],
+    )
+    run.update_manifest(manifest_key(p), entry)
     return entry
+
+
+def manifest_key(p: IngestParams) -> str:
+    return "ingest" if p.table == "samples" else f"ingest:{p.table}"
 
 
 STEP = Step(
     name="ingest",
     params=IngestParams,
     run=run_ingest,
-    key=lambda p: "ingest" if p.table == "samples" else f"ingest:{p.table}",
-    help="Local files -> samples/ and rejects/ tables, tokenized with the model's chat template.",
 )

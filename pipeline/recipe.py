@@ -10,7 +10,9 @@ model = "builtin:tiny"
 ```
 
 Every step's table is validated against its dataclass before anything runs, so a typo in the last
-step fails in a second, not after an hour of model passes. Steps skip shards that are already
+step fails in a second, not after an hour of model passes; so is the order of the steps: a step that
+reads a table no earlier step writes (and the run does not hold yet) fails at once with the step to
+add (:func:`winnow.pipeline.steps.check_order`). Steps skip shards that are already
 committed with the same fingerprint, so rerunning a recipe only does what is missing or stale.
 """
 
@@ -25,7 +27,7 @@ from typing import Any
 import tomllib
 
 from winnow.pipeline.params import build_params
-from winnow.pipeline.steps import Step, get_step
+from winnow.pipeline.steps import Step, check_order, get_step, spec
 from winnow.pipeline.store import RunDir, UserError, atomic_write_json
 
 
@@ -84,6 +86,7 @@ def with_models(recipe: Recipe, models: dict[str, str]) -> Recipe:
 
 def run_loaded(recipe: Recipe, run_dir: str | None = None) -> dict[str, Any]:
     run = RunDir(run_dir or recipe.run_dir, create=True)
+    check_order([(s.name, p) for s, p in recipe.steps], run.tables(), where=str(recipe.path))
     atomic_write_json(
         run.root / "recipe.resolved.json",
         {
@@ -94,7 +97,7 @@ def run_loaded(recipe: Recipe, run_dir: str | None = None) -> dict[str, Any]:
     t0 = time.time()
     results = {}
     for step, params in recipe.steps:
-        key = step.key(params) or step.name
+        key = spec(step.name).key(params)
         t = time.time()
         results[key] = step.run(run, params)
         print(f"[winnow] {key}: done in {time.time() - t:.1f}s")

@@ -60,9 +60,11 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
 
+from winnow.pipeline.errors import RejectError
+
 LOSS_ON = ("all_turns", "last_turn")
 # Bump when rendering or masking rules change (the plain format included): ingest puts it in its fingerprint.
-RENDER_VERSION = "render-1"
+RENDER_VERSION = "render/1"
 
 
 @dataclass
@@ -76,13 +78,7 @@ class Rendered:
     n_straddle: int  # supervised tokens that also cover template characters next to the content
 
 
-class RenderError(ValueError):
-    """A sample that cannot be rendered exactly; ``reason`` is the short code of its reject row."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
+RenderError = RejectError  # a sample that cannot be rendered exactly: the reason code of its reject row
 
 
 # ---- per-tokenizer facts, computed once ---------------------------------------------------------

@@ -160,12 +160,10 @@ def run_critical_tokens(run: RunDir, params: CriticalTokensParams) -> dict:
         raise UserError(f"{signals} has no p_ce column; produce it with `{hint}`")
     key = (params.contrast, "p_ce")
     st = io.StageOutput(run, NAME, params, CODE_VERSION, started)
-    out, fp = st.out, st.fp
-    io.drop_orphans(out, parts)
-    missing = 0
+    io.drop_orphans(st.out, parts)
     for part in parts:
         inputs = io.part_inputs(run, [io.SAMPLES, signals], part)
-        if io.is_fresh(out, part, fp, inputs):
+        if st.skip_if_fresh(part, inputs):
             continue
         shard = io.read_shard(run, part, {params.contrast: ["p_ce"]}, sample_columns=[params.label])
         correct, labelled = parse_labels(shard.samples.column(params.label), f"samples.{params.label}")
@@ -213,16 +211,14 @@ def run_critical_tokens(run: RunDir, params: CriticalTokensParams) -> dict:
                 ),
             }
         )
-        st.commit(part, table, inputs)
-        missing += shard.supervised_without_signal(key)
-    counts = {"supervised_without_signal": missing} if st.written else {}
-    return st.finish(len(parts), counts)
+        st.commit(
+            part, table, inputs, counts={"supervised_without_signal": shard.supervised_without_signal(key)}
+        )
+    return st.finish(len(parts))
 
 
 STEP = Step(
     name=NAME,
     params=CriticalTokensParams,
     run=run_critical_tokens,
-    key=lambda p: NAME,
-    help="cDPO critical tokens: p_CE scores; for SFT drop incorrect samples, weight correct tokens by p_CE",
 )

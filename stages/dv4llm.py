@@ -32,7 +32,7 @@ from winnow.pipeline.steps import Step
 from winnow.pipeline.store import RunDir, UserError
 from winnow.stages import stage_io as io
 
-CODE_VERSION = "dv4llm-1"
+CODE_VERSION = "dv4llm/1"
 
 
 @dataclass
@@ -178,6 +178,4 @@ STEP = Step(
     name="dv4llm",
     params=DV4LLMParams,
     run=run_dv4llm,
-    key=lambda p: "dv4llm",
-    help="GOT-D optimal-transport selection of the candidates closest to a target set.",
 )

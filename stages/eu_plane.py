@@ -474,6 +474,4 @@ STEP = Step(
     name=NAME,
     params=EUPlaneParams,
     run=run_eu_plane,
-    key=lambda p: NAME,
-    help="Q-Tuning EU plane: sample quadrants by PPL x entropy, token pruning in Q2",
 )

@@ -280,6 +280,4 @@ STEP = Step(
     name=NAME,
     params=ExcessLossParams,
     run=run_excess_loss,
-    key=lambda p: NAME,
-    help="Rho-1 excess loss: current-model loss minus reference-model loss, top-k% across the batch",
 )

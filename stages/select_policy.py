@@ -38,14 +38,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from winnow.pipeline import steps
 from winnow.pipeline.steps import Step
 from winnow.pipeline.store import RunDir, UserError
 from winnow.stages import stage_io as io
 
 CODE_VERSION = "select/1"
-POLICIES = ("eu_plane", "excess_loss", "sstoken", "critical_tokens", "dv4llm", "all", "sql")
-TOKEN_SOURCES = ("loss_mask", "eu_plane", "excess_loss", "sstoken", "p_ce")
-_DEFAULT_TOKENS = {"eu_plane": "eu_plane", "excess_loss": "excess_loss", "sstoken": "sstoken"}
+# policies and token sources come from the step registry (steps.selection_policies, steps.token_sources)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
@@ -53,15 +52,17 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 class SelectParams:
     policy: str
     name: str = ""  # selection/<name>/; default: the policy's name
-    tokens: str = ""  # "" = the policy's own token half; else one of TOKEN_SOURCES
+    tokens: str = ""  # "" = the policy's own token half; else one of steps.token_sources()
     keep: str = ""  # policy=sql: a DuckDB boolean expression over the samples view
     keep_targets: bool = True  # policy=dv4llm: keep the target samples too
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy {self.policy!r}; policies: {list(POLICIES)}")
-        if self.tokens and self.tokens not in TOKEN_SOURCES:
-            raise ValueError(f"tokens={self.tokens!r}: use one of {list(TOKEN_SOURCES)} (or leave it unset)")
+        if self.policy not in steps.selection_policies():
+            raise ValueError(f"unknown policy {self.policy!r}; policies: {steps.selection_policies()}")
+        if self.tokens and self.tokens not in steps.token_sources():
+            raise ValueError(
+                f"tokens={self.tokens!r}: use one of {steps.token_sources()} (or leave it unset)"
+            )
         if (self.policy == "sql") != bool(self.keep):
             raise ValueError(
                 'policy sql needs --set keep="<boolean SQL over samples>"; other policies take no keep='
@@ -72,7 +73,9 @@ class SelectParams:
 
     @property
     def token_source(self) -> str:
-        return self.tokens or _DEFAULT_TOKENS.get(self.policy, "loss_mask")
+        if self.tokens:
+            return self.tokens
+        return self.policy if steps.writes_column(self.policy, "token_keep") else "loss_mask"
 
 
 def _score_table(run: RunDir, stage: str, columns: list[str], part: int) -> dict[str, dict]:
@@ -90,7 +93,7 @@ def _sample_half(
     run: RunDir, p: SelectParams, ids: list[str], part: int, sql_keep: dict[str, bool] | None
 ) -> tuple[dict[str, bool], dict[str, str]]:
     """Keep flag and reason of the samples ``ids`` of samples shard ``part``."""
-    if p.policy == "all" or p.policy in ("excess_loss", "sstoken"):
+    if p.policy == "all" or not (steps.writes_column(p.policy, "keep") or p.policy in ("sql", "dv4llm")):
         reason = "all" if p.policy == "all" else "token_level"
         return dict.fromkeys(ids, True), dict.fromkeys(ids, reason)
     if p.policy == "sql":
@@ -109,7 +112,7 @@ def _sample_half(
             else:
                 keep[sid], why[sid] = bool(r["selected"]), "selected" if r["selected"] else "not_selected"
         return keep, why
-    rows = _score_table(run, p.policy, ["keep", "reason"], part)  # eu_plane, critical_tokens
+    rows = _score_table(run, p.policy, ["keep", "reason"], part)  # stages with a sample half: eu_plane, ...
     keep = {sid: bool(rows.get(sid, {}).get("keep")) for sid in ids}
     why = {sid: (rows[sid]["reason"] if sid in rows else "unscored") for sid in ids}
     return keep, why
@@ -204,11 +207,7 @@ def run_select(run: RunDir, p: SelectParams) -> dict:
         raise UserError(f"{run.root} has no samples: run `winnow ingest` first")
     parts = [r.part for r in samples.records()]
     source = p.token_source
-    read = set()
-    if p.policy in ("eu_plane", "critical_tokens", "dv4llm"):
-        read.add(p.policy)
-    if source != "loss_mask":
-        read.add("critical_tokens" if source == "p_ce" else source)
+    read = {t.removeprefix("scores/") for t in steps.spec("select").tables_read(p) if t.startswith("scores/")}
     for stage in sorted(read):
         if not run.table(f"scores/{stage}").exists():
             raise UserError(f"{run.root} has no scores/{stage}: run `winnow score {run.root} {stage}` first")
@@ -248,6 +247,4 @@ STEP = Step(
     name="select",
     params=SelectParams,
     run=run_select,
-    key=lambda p: f"select:{p.name or p.policy}",
-    help="selection policy: scores -> keep per sample + token_weight per token in selection/<name>/",
 )

@@ -197,12 +197,10 @@ def run_sstoken(run: RunDir, params: SSTokenParams) -> dict:
     keys = [(alias, c) for alias, columns in read.items() for c in columns]
     tables = [io.SAMPLES, *(f"signals/{a}" for a in read)]
     st = io.StageOutput(run, NAME, params, CODE_VERSION, started)
-    out, fp = st.out, st.fp
-    io.drop_orphans(out, parts)
-    missing = 0
+    io.drop_orphans(st.out, parts)
     for part in parts:
         inputs = io.part_inputs(run, tables, part)  # per-sample maths: per-shard inputs
-        if io.is_fresh(out, part, fp, inputs):
+        if st.skip_if_fresh(part, inputs):
             continue
         shard = io.read_shard(run, part, read)
         mask_np = shard.valid(*keys)
@@ -233,16 +231,14 @@ def run_sstoken(run: RunDir, params: SSTokenParams) -> dict:
                 "token_keep": io.to_list_array(res.keep.numpy(), mask_np, shard.n_tokens, pa.bool_()),
             }
         )
-        st.commit(part, table, inputs)
-        missing += shard.supervised_without_signal(*keys)
-    counts = {"supervised_without_signal": missing} if st.written else {}
-    return st.finish(len(parts), counts)
+        st.commit(
+            part, table, inputs, counts={"supervised_without_signal": shard.supervised_without_signal(*keys)}
+        )
+    return st.finish(len(parts))
 
 
 STEP = Step(
     name=NAME,
     params=SSTokenParams,
     run=run_sstoken,
-    key=lambda p: NAME,
-    help="ssToken: retrospective excess loss (history - current) mixed with attention, top-rho per sample",
 )

@@ -11,9 +11,10 @@ trainer on one mini-batch) wrapped by a thin adapter. This module is that adapte
   should not depend on summation order; the values themselves are float32 in the tables.
 * **Writing.** :func:`to_list_array` turns a padded array plus a validity mask back into a per-token
   list column with exactly ``n_tokens`` entries and null where there is no value (never 0: 0 is a
-  valid score). :class:`StageOutput` owns ``scores/<stage>``: its fingerprint, ``commit`` (writes
-  ``part-NNNNN.parquet`` with its commit record and calls ``store.shard_done()``) and ``finish``
-  (the step's manifest entry).
+  valid score). :class:`StageOutput` owns ``scores/<stage>`` through the shared shard loop
+  (:class:`winnow.pipeline.shards.ShardLoop`): its fingerprint, ``skip_if_fresh``, ``commit`` (the
+  shard, its commit record with the shard's counts, then the fault hook) and ``finish`` (the step's
+  manifest entry under ``stage:<name>``, in the shape every step shares).
 * **Freshness.** The output fingerprint is a hash of the stage name, its parameters and its
   ``CODE_VERSION``. Per-shard stages record per-shard input digests (``signals/current/part-00003``)
   and skip shards whose record matches; stages with global statistics (dataset quantiles, top-k
@@ -43,7 +44,6 @@ quarter of it; the rest is float64 ``(B, T)`` array work.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -51,8 +51,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from winnow.pipeline import store
 from winnow.pipeline.params import as_dict
+from winnow.pipeline.shards import ShardLoop, step_entry
 from winnow.pipeline.store import RunDir, Table, UserError, part_name, stable_hash
 
 if TYPE_CHECKING:
@@ -335,8 +335,7 @@ def table_inputs(run: RunDir, tables: list[str]) -> dict[str, str]:
 
 
 def is_fresh(out: Table, part: int, fp: str, inputs: dict[str, str]) -> bool:
-    rec = out.record(part)
-    return rec is not None and rec.fingerprint == fp and rec.inputs == inputs
+    return ShardLoop([out], fp, 0).fresh(part, inputs)
 
 
 def all_fresh(out: Table, parts: list[int], fp: str, inputs: dict[str, str]) -> bool:
@@ -352,18 +351,6 @@ def drop_orphans(out: Table, parts: list[int]) -> None:
             out.part_path(rec.part).unlink(missing_ok=True)
 
 
-def commit_shard(
-    out: Table,
-    part: int,
-    table: pa.Table,
-    fp: str,
-    inputs: dict[str, str],
-    extra: dict[str, Any] | None = None,
-) -> None:
-    out.write(part, table, fingerprint=fp, inputs=inputs, extra=extra)
-    store.shard_done()
-
-
 def reason_counts(out: Table, column: str = "reason") -> dict[str, int]:
     """Rows per value of ``column`` over the committed output (for the manifest)."""
     schema = out.schema()
@@ -375,8 +362,9 @@ def reason_counts(out: Table, column: str = "reason") -> dict[str, int]:
 
 
 class StageOutput:
-    """A stage's output table (``scores/<stage>`` unless named) in a run: its fingerprint, the shards it
-    commits this time, and the manifest entry it records at the end."""
+    """A stage's output table (``scores/<stage>`` unless named) in a run, on the shared
+    :class:`~winnow.pipeline.shards.ShardLoop`: its fingerprint, the shards it skips as fresh or
+    commits this time (with their counts), and the manifest entry it records at the end."""
 
     def __init__(
         self,
@@ -390,35 +378,46 @@ class StageOutput:
     ):
         self.run, self.stage, self.params = run, stage, params
         self.code_version, self.started = code_version, started
-        self.key = key or stage  # the step's name in the manifest
+        self.key = key or f"stage:{stage}"  # the step's key in the manifest
         self.out = run.table(table or f"scores/{stage}")
         self.fp = fingerprint(stage, params, code_version)
-        self.written = 0
+        self.loop = ShardLoop([self.out], self.fp, 0, extra={"params": as_dict(params)})
 
-    def commit(self, part: int, table: pa.Table, inputs: dict[str, str]) -> None:
-        commit_shard(self.out, part, table, self.fp, inputs, extra={"params": as_dict(self.params)})
-        self.written += 1
+    @property
+    def written(self) -> int:
+        return len(self.loop.computed)
+
+    def skip_if_fresh(self, part: int, inputs: dict[str, str]) -> bool:
+        """True (and counted as skipped, its counts read back) when ``part`` is fresh."""
+        return self.loop.skip_if_fresh(part, inputs)
+
+    def commit(
+        self, part: int, table: pa.Table, inputs: dict[str, str], counts: dict[str, int] | None = None
+    ) -> None:
+        self.loop.commit(part, table, inputs=inputs, counts=counts)
 
     def finish(self, parts: int, counts: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Record the step in the run manifest (shards not written this time were fresh). When
-        nothing was written the output is the one the last run described, so its counts carry over."""
+        """Record the step in the run manifest (shards not written this time were fresh). ``counts``
+        are the step's global counts; per-shard counts are summed over every shard, fresh ones from
+        their commit records. When nothing was written and the stage keeps only global counts, the
+        output is the one the last run described, so its counts carry over."""
+        self.loop.total = parts
+        counts = {**self.loop.counts, **(counts or {})}
         if not self.written and not counts:
             last = self.run.manifest().get("steps", {}).get(self.key, {})
             counts = last.get("counts") if last.get("fingerprint") == self.fp else None
-        entry = {
-            "step": self.stage,
-            "output": self.out.name,
-            "params": as_dict(self.params),
-            "fingerprint": self.fp,
-            "code_version": self.code_version,
-            "shards_written": self.written,
-            "shards_skipped": parts - self.written,
-            "rows": sum(r.rows for r in self.out.records()),
-            "reasons": reason_counts(self.out),
-            "counts": counts or {},
-            "wall_s": round(time.time() - self.started, 3),
-            "versions": store.versions(),
-        }
+        entry = step_entry(
+            self.stage,
+            config=as_dict(self.params),
+            fingerprint=self.fp,
+            outputs=[self.out.name],
+            shards=self.loop.summary(),
+            counts=counts or {},
+            started=self.started,
+            code_version=self.code_version,
+            rows=sum(r.rows for r in self.out.records()),
+            reasons=reason_counts(self.out),
+        )
         self.run.update_manifest(self.key, entry)
         return entry
 

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from winnow.pipeline.params import as_dict
-from winnow.pipeline.steps import Step
+from winnow.pipeline.steps import Step, spec
 from winnow.pipeline.store import RunDir, UserError
 from winnow.stages.passes.model_io import (
     check_tokenizer,
@@ -206,7 +206,7 @@ def run_contrast_pass(run: RunDir, p: ContrastParams) -> dict[str, Any]:
             columns=SAMPLE_COLUMNS,
             load=load,
             compute=compute,
-            label="score:contrast",
+            label="model_pass:contrast",
         )
         entry = {
             "step": "contrast_pass",
@@ -222,7 +222,7 @@ def run_contrast_pass(run: RunDir, p: ContrastParams) -> dict[str, Any]:
             "world_size": d.world,
             **pass_entry(stats, plan, t0),
         }
-        return record_pass(run, d, "score:contrast", entry)
+        return record_pass(run, d, spec("contrast_pass").key(p), entry)
     finally:
         d.close()
 
@@ -231,8 +231,6 @@ STEP = Step(
     name="contrast_pass",
     params=ContrastParams,
     run=run_contrast_pass,
-    key=lambda p: "score:contrast",
-    help="cDPO contrastive estimate p_CE from a positive and a negative model -> signals/contrast/",
 )
 
 

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from winnow.pipeline.params import as_dict, build_params, parse_sets
-from winnow.pipeline.steps import Step
+from winnow.pipeline.steps import Step, spec
 from winnow.pipeline.store import RunDir, UserError, stable_hash
 from winnow.stages.passes.batching import LAYOUTS
 from winnow.stages.passes.model_io import (
@@ -71,7 +71,7 @@ if TYPE_CHECKING:
 
     from winnow.stages.passes.model_io import LoadedModel
 
-CODE_VERSION = 1
+CODE_VERSION = "model_pass/1"  # "<step>/<n>" like every step
 SIGNALS = ("logprob", "entropy", "attention", "embedding")
 POSITIONS = ("supervised", "all")
 SAMPLE_COLUMNS = ["sample_id", "input_ids", "loss_mask", "n_tokens"]
@@ -143,11 +143,7 @@ def auto_token_budget(token_budget: int, device: torch.device) -> int:
 
 
 def pass_fingerprint(kind: str, model_fps: dict[str, str], settings: dict[str, Any]) -> str:
-    from winnow import __version__
-
-    return stable_hash(
-        {"step": kind, "code": CODE_VERSION, "winnow": __version__, "models": model_fps, **settings}
-    )
+    return stable_hash({"step": kind, "code": CODE_VERSION, "models": model_fps, **settings})
 
 
 def run_model_pass(run: RunDir, p: ModelPassParams) -> dict[str, Any]:
@@ -221,7 +217,7 @@ def run_model_pass(run: RunDir, p: ModelPassParams) -> dict[str, Any]:
             columns=SAMPLE_COLUMNS,
             load=load,
             compute=compute,
-            label=f"score:{p.alias}",
+            label=f"model_pass:{p.alias}",
         )
         infos = [x for x in d.gather(info) if x]
         padded = sum(x.get("computed_tokens", 0) for x in infos)
@@ -242,7 +238,7 @@ def run_model_pass(run: RunDir, p: ModelPassParams) -> dict[str, Any]:
             **pass_entry(stats, plan, t0),
         }
         entry["counts"]["padding_fraction"] = round(1 - stats["tokens"] / padded, 4) if padded else None
-        return record_pass(run, d, f"score:{p.alias}", entry)
+        return record_pass(run, d, spec("model_pass").key(p), entry)
     finally:
         d.close()
 
@@ -251,8 +247,6 @@ STEP = Step(
     name="model_pass",
     params=ModelPassParams,
     run=run_model_pass,
-    key=lambda p: f"score:{p.alias}",
-    help="one forward of a causal LM: logprob, entropy, attention importance, embeddings -> signals/<alias>/",
 )
 
 

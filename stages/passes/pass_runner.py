@@ -33,7 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from winnow.pipeline.store import RunDir, UserError, part_name, shard_done, versions
+from winnow.pipeline.shards import ShardLoop, assign_by_tokens, shards_block
+from winnow.pipeline.store import RunDir, UserError, part_name, versions
 
 
 @dataclass
@@ -128,17 +129,6 @@ def set_threads(threads: int, d: Dist) -> int:
     return threads
 
 
-def assign_by_tokens(tokens: dict[int, int], world: int) -> list[list[int]]:
-    """Longest-processing-time-first assignment of shards to ranks (deterministic); each list sorted."""
-    loads = [0] * world
-    out: list[list[int]] = [[] for _ in range(world)]
-    for part in sorted(tokens, key=lambda p: (-tokens[p], p)):
-        r = min(range(world), key=lambda i: (loads[i], i))
-        out[r].append(part)
-        loads[r] += tokens[part]
-    return [sorted(x) for x in out]
-
-
 @dataclass
 class ShardPlan:
     assignment: list[list[int]]
@@ -167,15 +157,14 @@ def _plan_shards(run: RunDir, out_table: str, fingerprint: str, world: int) -> S
     recs = samples.records()
     if not recs:
         raise UserError(f"{run.root} has no committed samples shards: run `winnow ingest` first")
-    out = run.table(out_table)
+    fresh = ShardLoop([run.table(out_table)], fingerprint, len(recs)).fresh
     pending: dict[int, int] = {}
     inputs, tokens, rows, skipped = {}, {}, {}, []
     for rec in recs:
         inp = {f"samples/{part_name(rec.part)}": rec.sha256}
         n_tok = pq.read_table(samples.part_path(rec.part), columns=["n_tokens"])["n_tokens"]
         inputs[rec.part], tokens[rec.part], rows[rec.part] = inp, int(pc.sum(n_tok).as_py() or 0), rec.rows
-        done = out.record(rec.part)
-        if done is not None and done.fingerprint == fingerprint and done.inputs == inp:
+        if fresh(rec.part, inp):
             skipped.append(rec.part)
         else:
             pending[rec.part] = tokens[rec.part]
@@ -246,7 +235,8 @@ def run_shards(
 ) -> dict[str, Any]:
     """Compute and commit this rank's shards; return statistics summed over all ranks."""
     mine = plan.assignment[d.rank]
-    samples, out = run.table("samples"), run.table(out_table)
+    samples = run.table("samples")
+    loop = ShardLoop([run.table(out_table)], fingerprint, len(plan.inputs), extra=extra)
     stats = {"shards_computed": 0, "rows": 0, "tokens": 0, "compute_s": 0.0, "load_s": 0.0}
     if mine:
         t0 = time.perf_counter()
@@ -259,12 +249,12 @@ def run_shards(
                 t1 = time.perf_counter()
                 result = compute(state, tbl, prog.advance)
                 stats["compute_s"] += time.perf_counter() - t1
-                out.write(part, result, fingerprint=fingerprint, inputs=plan.inputs[part], extra=extra)
+                counts = {"samples": tbl.num_rows, "tokens": plan.tokens[part]}
+                loop.commit(part, result, inputs=plan.inputs[part], counts=counts)  # + the fault hook
                 stats["shards_computed"] += 1
                 stats["rows"] += tbl.num_rows
                 stats["tokens"] += plan.tokens[part]
                 prog.shard(part, tbl.num_rows, plan.tokens[part])
-                shard_done()  # fault hook: WINNOW_FAULT_KILL_AFTER_SHARDS
         finally:
             prog.close()
     gathered = d.gather(stats)
@@ -282,12 +272,9 @@ def run_shards(
 def pass_entry(stats: dict[str, Any], plan: ShardPlan, started: float) -> dict[str, Any]:
     """The manifest fields every model pass shares: shard counts, sample/token counts, timings."""
     return {
-        "shards": {
-            "total": stats["shards_total"],
-            "computed": stats["shards_computed"],
-            "skipped": stats["shards_skipped"],
-            "by_rank": stats["shards_by_rank"],
-        },
+        "shards": shards_block(
+            stats["shards_total"], stats["shards_computed"], stats["shards_skipped"], stats["shards_by_rank"]
+        ),
         "counts": {
             "samples": sum(plan.rows.values()),
             "tokens": sum(plan.tokens.values()),

@@ -103,6 +103,7 @@ def test_card_of_the_streamed_run_matches_sql(run):
     first = top_zeroed_tokens(run, "selection/eu", 1)[0]
     assert f"| {json.dumps(first[0])} | {first[1]} |" in card
     assert "By `meta_" in card
+    assert "(eu_plane.png)" in card and "(selection_eu.png)" in card  # plots linked, not just written
     assert sorted(p.name for p in (run.root / "card").iterdir()) == [
         "README.md",
         "eu_plane.png",

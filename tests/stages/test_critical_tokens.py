@@ -84,7 +84,7 @@ def test_hand_computed_scores_and_sft_mapping(tmp_path):
     assert per["w"]["n_critical"] == 2 and per["r"]["n_critical"] is None
     assert per["w"]["mean_p_ce"] == pytest.approx((0.875 + 0.25 + 0.5 + 0.125) / 4)
     assert per["w"]["min_p_ce"] == 0.125
-    assert run.manifest()["steps"]["critical_tokens"]["reasons"] == {
+    assert run.manifest()["steps"]["stage:critical_tokens"]["reasons"] == {
         "incorrect": 2,
         "correct": 1,
         "unlabelled": 1,

@@ -37,15 +37,15 @@ def test_sql_targets_rank_off_topic_last(demo_run):
     rest = [r["g"] for r in cands if r["k"] != "off_topic"]
     assert _auroc(off, rest) >= 0.9  # off-topic pushes away from the math targets: largest gradients
     full = json.loads((demo_run / "manifest.json").read_text())
-    man, n_parts = full["steps"]["dv4llm"], full["tables"]["samples"]["shards"]
+    man, n_parts = full["steps"]["stage:dv4llm"], full["tables"]["samples"]["shards"]
     assert man["counts"]["solver"]["converged"] and man["counts"]["solver"]["eps"] > 0
     assert man["counts"]["candidates"] == len(cands)
-    assert (man["shards_written"], man["shards_skipped"]) == (n_parts, 0)
+    assert (man["shards"]["computed"], man["shards"]["skipped"]) == (n_parts, 0)
     # a rerun with the same inputs writes nothing and keeps describing the output it left in place
     code, _, err = run_cli("score", demo_run, "dv4llm", "--targets", TARGET_SQL, "--set", "budget=0.5")
     assert code == 0, err
-    again = json.loads((demo_run / "manifest.json").read_text())["steps"]["dv4llm"]
-    assert (again["shards_written"], again["shards_skipped"]) == (0, n_parts)
+    again = json.loads((demo_run / "manifest.json").read_text())["steps"]["stage:dv4llm"]
+    assert (again["shards"]["computed"], again["shards"]["skipped"]) == (0, n_parts)
     assert again["counts"] == man["counts"] and again["fingerprint"] == man["fingerprint"]
 
 

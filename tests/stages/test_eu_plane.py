@@ -170,9 +170,9 @@ def test_simulated_batches_each_meet_their_target(tmp_path):
 def test_rerun_skips_and_changed_input_recomputes_every_shard(tmp_path):
     run = make_run(tmp_path / "run")
     p = eu.EUPlaneParams(r_sample=0.4)
-    assert eu.STEP.run(run, p)["shards_written"] == 2
+    assert eu.STEP.run(run, p)["shards"]["computed"] == 2
     again = eu.STEP.run(run, p)
-    assert again["shards_written"] == 0 and again["shards_skipped"] == 2
+    assert again["shards"]["computed"] == 0 and again["shards"]["skipped"] == 2
     assert again["reasons"]["kept_q2"] == 1
     # one signals shard changes: global quantiles -> both shards are recomputed
     io.write_signals(
@@ -187,9 +187,9 @@ def test_rerun_skips_and_changed_input_recomputes_every_shard(tmp_path):
         model_fingerprint="m-current",
     )
     assert "scores/eu_plane" in run.stale_tables()
-    assert eu.STEP.run(run, p)["shards_written"] == 2
+    assert eu.STEP.run(run, p)["shards"]["computed"] == 2
     assert run.stale_tables() == {}
-    assert run.manifest()["steps"]["eu_plane"]["fingerprint"] == io.fingerprint(
+    assert run.manifest()["steps"]["stage:eu_plane"]["fingerprint"] == io.fingerprint(
         "eu_plane", p, eu.CODE_VERSION
     )
 

@@ -85,7 +85,7 @@ def test_hand_computed_global_top_k_breaks_ties_by_input_order(tmp_path):
     # (shard, row, position) order: a2 and b1; c2 (shard 1) loses the tie
     assert sorted(k for k, v in got.items() if v[1]) == [("a", 2), ("b", 1), ("c", 1)]
     assert got[("c", 2)] == (1.0, False)
-    man = run.manifest()["steps"]["excess_loss"]
+    man = run.manifest()["steps"]["stage:excess_loss"]
     assert man["counts"]["supervised_without_signal"] == 1
     assert man["counts"]["scored_tokens"] == 9 and man["counts"]["kept_tokens"] == 3
     per = sql_json(
@@ -110,10 +110,10 @@ def test_hand_computed_simulated_batches(tmp_path):
 def test_rerun_skips_and_changed_reference_recomputes(tmp_path):
     run = make_run(tmp_path / "run")
     p = ex.ExcessLossParams(k_ratio=0.5)
-    assert ex.STEP.run(run, p)["shards_written"] == 2
-    assert ex.STEP.run(run, p)["shards_skipped"] == 2
+    assert ex.STEP.run(run, p)["shards"]["computed"] == 2
+    assert ex.STEP.run(run, p)["shards"]["skipped"] == 2
     io.write_signals(run, "reference", 1, ["c", "d"], {"logprob": [REF["c"], [None, -0.5]]})
-    assert ex.STEP.run(run, p)["shards_written"] == 2  # a global top-k: every shard is recomputed
+    assert ex.STEP.run(run, p)["shards"]["computed"] == 2  # a global top-k: every shard is recomputed
 
 
 def test_user_errors(tmp_path):

@@ -100,10 +100,10 @@ def test_rerun_skips_and_rescored_input_reselects(tmp_path):
     assert run_cli("score", run.root, "eu_plane", "--set", "r_sample=0.4")[0] == 0
     _select(run.root, "eu_plane")
     man = json.loads((run.root / "manifest.json").read_text())["steps"]["select:eu_plane"]
-    assert (man["shards_written"], man["counts"]["kept"]) == (2, 2)
+    assert (man["shards"]["computed"], man["counts"]["kept"]) == (2, 2)
     _select(run.root, "eu_plane")
     again = json.loads((run.root / "manifest.json").read_text())["steps"]["select:eu_plane"]
-    assert (again["shards_written"], again["shards_skipped"], again["counts"]) == (0, 2, man["counts"])
+    assert (again["shards"]["computed"], again["shards"]["skipped"], again["counts"]) == (0, 2, man["counts"])
     assert run_cli("score", run.root, "eu_plane", "--set", "r_sample=0.8")[0] == 0
     out = _select(run.root, "eu_plane")
     assert "kept 4 of 6" in out

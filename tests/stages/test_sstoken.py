@@ -127,7 +127,7 @@ def test_attention_requirements(tmp_path):
         ss.STEP.run(run, ss.SSTokenParams())
     # gamma = 1 needs no attention at all
     entry = ss.STEP.run(run, ss.SSTokenParams(gamma=1.0, current="current", history="history"))
-    assert entry["shards_written"] == 2
+    assert entry["shards"]["computed"] == 2
     ids = SHARDS[0]
     io.write_signals(run, "plain", 0, ids, {"logprob": [_lists(s)[1] for s in ids]}, model_fingerprint="w2")
     with pytest.raises(UserError, match="--alias plain --signals attention,logprob"):
@@ -137,8 +137,8 @@ def test_attention_requirements(tmp_path):
 def test_per_shard_freshness(tmp_path):
     run = make_run(tmp_path / "run")
     p = ss.SSTokenParams()
-    assert ss.STEP.run(run, p)["shards_written"] == 2
-    assert ss.STEP.run(run, p)["shards_skipped"] == 2
+    assert ss.STEP.run(run, p)["shards"]["computed"] == 2
+    assert ss.STEP.run(run, p)["shards"]["skipped"] == 2
     io.write_signals(
         run,
         "history",
@@ -148,7 +148,10 @@ def test_per_shard_freshness(tmp_path):
         model_fingerprint="base",
     )
     entry = ss.STEP.run(run, p)
-    assert (entry["shards_written"], entry["shards_skipped"]) == (1, 1)  # per-sample maths: one shard redone
+    assert (entry["shards"]["computed"], entry["shards"]["skipped"]) == (
+        1,
+        1,
+    )  # per-sample maths: one shard redone
 
 
 def _ref_select(his, cur, attn, mask, gamma, rho, attn_minmax):

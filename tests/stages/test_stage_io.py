@@ -159,7 +159,9 @@ def test_freshness_helpers(tmp_path):
     out = run.table("scores/x")
     inputs = io.part_inputs(run, ["samples", "signals/current"], 0)
     assert set(inputs) == {"samples/part-00000", "signals/current/part-00000"}
-    io.commit_shard(out, 0, pa.table({"sample_id": ids, "reason": ["a", "b"]}), "fp1", inputs)
+    from winnow.pipeline.shards import ShardLoop
+
+    ShardLoop([out], "fp1", 1).commit(0, pa.table({"sample_id": ids, "reason": ["a", "b"]}), inputs=inputs)
     assert io.is_fresh(out, 0, "fp1", inputs)
     assert not io.is_fresh(out, 0, "fp2", inputs)
     io.write_signals(run, "current", 0, ids, {"logprob": [[None, -2.0, -1.0], [None, -1.0]]})
@@ -206,8 +208,8 @@ def test_every_stage_runs_from_a_recipe(tmp_path):
         '[[steps]]\nstep = "critical_tokens"\nlabel = "meta_ok"\n'
     )
     results = run_recipe(recipe, str(run.root))
-    assert set(results) == {"eu_plane", "excess_loss", "sstoken", "critical_tokens"}
-    assert all(r["shards_written"] == 1 for r in results.values())
+    assert set(results) == {"stage:eu_plane", "stage:excess_loss", "stage:sstoken", "stage:critical_tokens"}
+    assert all(r["shards"]["computed"] == 1 for r in results.values())
     assert run.stale_tables() == {}
 
 

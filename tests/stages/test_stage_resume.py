@@ -42,12 +42,14 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(tmp_path, stage):
     assert [r.part for r in out.records()] == [0]
     leftovers = [p.name for p in out.dir.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
     assert leftovers == []
-    assert stage not in run.manifest().get("steps", {})  # an unfinished step is not recorded as done
+    assert f"stage:{stage}" not in run.manifest().get(
+        "steps", {}
+    )  # an unfinished step is not recorded as done
 
     code, _, err = run_cli("score", run.root, stage)
     assert code == 0, err
-    entry = run.manifest()["steps"][stage]
-    assert (entry["shards_written"], entry["shards_skipped"]) == (rewritten, 2 - rewritten)
+    entry = run.manifest()["steps"][f"stage:{stage}"]
+    assert (entry["shards"]["computed"], entry["shards"]["skipped"]) == (rewritten, 2 - rewritten)
 
     clean = make_run(tmp_path / "clean")
     code, _, err = run_cli("score", clean.root, stage)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from winnow.pipeline.steps import get_step
+from winnow.pipeline.steps import get_step, spec
 from winnow.pipeline.store import UserError
 from winnow.stages.passes.contrast_pass import ContrastParams, run_contrast_pass
 
@@ -67,7 +67,7 @@ def test_contrast_matches_direct_full_logits(tmp_path, beta, positions):
     spread = np.concatenate(spread)
     assert spread.max() > 0.05 and spread.min() < 1e-4  # p_ce spans a wide range: the check can fail
     again = run_contrast_pass(run, p)
-    assert again["shards"]["computed"] == 0 and "score:contrast" in run.manifest()["steps"]
+    assert again["shards"]["computed"] == 0 and "model_pass:contrast" in run.manifest()["steps"]
 
 
 def test_contrast_refuses_other_tokenizer(tmp_path):
@@ -88,5 +88,5 @@ def test_contrast_params_and_step():
     step = get_step("contrast_pass")
     assert (
         step.params is ContrastParams
-        and step.key(ContrastParams(positive="a", negative="b")) == "score:contrast"
+        and spec("contrast_pass").key(ContrastParams(positive="a", negative="b")) == "model_pass:contrast"
     )

@@ -17,7 +17,7 @@ import torch
 
 import winnow.stages.passes.model_pass as mp
 import winnow.stages.passes.model_scoring as ms
-from winnow.pipeline.steps import get_step
+from winnow.pipeline.steps import get_step, spec
 from winnow.pipeline.store import UserError, sha256_file
 from winnow.stages.passes.batching import plan_batches
 from winnow.stages.passes.model_io import load_model, weights_fingerprint
@@ -168,7 +168,7 @@ def test_positions_all_attention_and_schema(tmp_path, models):
         models["qwen2"]
     )
     assert rec.inputs == {"samples/part-00000": run.table("samples").part_digest(0)}
-    assert "score:reference" in run.manifest()["steps"]
+    assert "model_pass:reference" in run.manifest()["steps"]
 
 
 def test_attention_signal_is_query_anchored(tmp_path, models):
@@ -255,7 +255,7 @@ def test_params_validation_names_the_key():
     step = get_step("model_pass")
     assert (
         step.params is ModelPassParams
-        and step.key(ModelPassParams(model="m", alias="history")) == "score:history"
+        and spec("model_pass").key(ModelPassParams(model="m", alias="history")) == "model_pass:history"
     )
 
 

@@ -56,7 +56,7 @@ def test_two_ranks_match_one_process(tmp_path):
     ranks = {r.part: r.extra["rank"] for r in out.records()}
     assert sorted(ranks) == [0, 1, 2, 3]
     assert sorted(set(ranks.values())) == [0, 1]  # each rank committed shards
-    entry = multi.manifest()["steps"]["score:current"]
+    entry = multi.manifest()["steps"]["model_pass:current"]
     assert (
         entry["world_size"] == 2 and entry["shards"]["by_rank"] == [2, 2] and entry["shards"]["computed"] == 4
     )
