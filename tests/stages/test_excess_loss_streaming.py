@@ -37,7 +37,9 @@ def _run(root, rng, grid: float) -> tuple[RunDir, list]:
     return run, order
 
 
-@pytest.mark.parametrize("seed,grid,k_ratio", [(0, 0.25, 0.6), (1, 0.5, 0.33), (2, 1e-3, 0.9), (3, 1.0, 0.05)])
+@pytest.mark.parametrize(
+    "seed,grid,k_ratio", [(0, 0.25, 0.6), (1, 0.5, 0.33), (2, 1e-3, 0.9), (3, 1.0, 0.05)]
+)
 def test_streamed_top_k_equals_in_memory_stable_sort(tmp_path, seed, grid, k_ratio):
     run, order = _run(tmp_path / "run", np.random.default_rng(seed), grid)
     ex.STEP.run(run, ex.ExcessLossParams(k_ratio=k_ratio))
