@@ -142,7 +142,7 @@ def steps(run: str, inp: str, out: str) -> list[tuple[str, list[str]]]:
         ("ingest", [*w, "ingest", inp, "--run", run, "--model", "builtin:tiny", "--format", "gsm8k"]),
         ("(setup) synthetic signals", [*py, "--make-signals", run]),
         ("score eu_plane", [*w, "score", run, "eu_plane"]),
-        ("score excess_loss", [*w, "score", run, "excess_loss"]),
+        ("score excess_loss", [*w, "score", run, "excess_loss", "--set", "batch_size=0"]),
         ("score sstoken", [*w, "score", run, "sstoken"]),
         ("score critical_tokens", [*w, "score", run, "critical_tokens"]),
         ("score dv4llm", [*w, "score", run, "dv4llm", "--targets", "sql:meta_split = 't'"]),

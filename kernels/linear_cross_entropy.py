@@ -19,8 +19,9 @@ a time and backward just scales the stored gradients by the incoming scalar. Row
 are dropped before the head: they cost nothing. ``grad W`` accumulates in fp32 and is cast to W's
 dtype at the end. When no input needs a gradient (evaluation) the gradient work is skipped.
 
-The Triton kernel (:mod:`winnow.kernels.triton_linear_cross_entropy`, when present) has the same
-signature; :mod:`winnow.kernels.switch` picks one.
+The Triton kernel (:func:`winnow.kernels.triton_linear_cross_entropy.linear_cross_entropy_triton`) has
+the same signature (less ``chunk``); :mod:`winnow.kernels.switch` picks one. Measured on this CPU
+(``benchmarks/bench_kernels.py``, see ``benchmarks/RESULTS.md``) against materialised logits.
 """
 
 from __future__ import annotations

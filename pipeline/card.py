@@ -161,6 +161,17 @@ class _Card:
         if parts:
             self.md += ["## Scores", "", *parts]
 
+    def _eu_kept_by(self) -> list[str]:
+        """Where the kept samples came from: the quadrants or the top-up (manifest counts of eu_plane)."""
+        counts = self.man.get("steps", {}).get("stage:eu_plane", {}).get("counts", {})
+        kept = counts.get("kept_by")
+        if not kept:
+            return []
+        text = ", ".join(f"{k.replace('topup_', 'top-up from ')}: {v}" for k, v in kept.items())
+        return [f"Kept by origin ({counts.get('batches', '?')} mini-batches): {text}.", ""] + [
+            f"**Warning:** {w}" for w in counts.get("warnings", [])
+        ]
+
     def selections(self) -> None:
         names = sorted(v for v in self.views.views if v.startswith("selection_"))
         if not names:
@@ -187,6 +198,12 @@ class _Card:
                 f"({share:.1%}).",
                 "",
             ]
+            if "," in (policy or ""):
+                self.md += [
+                    "A composition: a sample is kept when every listed policy keeps it; a dropped sample's "
+                    "reason is `policy:reason` of the first policy that dropped it.",
+                    "",
+                ]
             rows = self.q(f"select reason, count(*), count_if(keep) from {view} group by 1 order by 2 desc")
             self.md += [_md_table(["reason", "samples", "kept"], [list(r) for r in rows]), ""]
             for col in metas:

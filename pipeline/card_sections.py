@@ -23,6 +23,7 @@ def eu_plane(card: Any, spec: Any) -> list[str]:
         "",
         _md_table(["quadrant", "samples", "kept", "median PPL", "median entropy"], [list(r) for r in rows]),
         "",
+        *card._eu_kept_by(),
         *card._eu_plot(),  # the image link: the plot was written but not linked before
     ]
 

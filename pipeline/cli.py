@@ -137,7 +137,13 @@ def _summary(entry: dict) -> str:
 @app.command()
 def select(
     run_dir: Annotated[str, typer.Argument(help="run directory")],
-    policy: Annotated[str, typer.Argument(help="|".join(registry.selection_policies()))],
+    policy: Annotated[
+        str,
+        typer.Argument(
+            help="|".join(registry.selection_policies())
+            + ", or several joined by ',' (kept when every one keeps it)"
+        ),
+    ],
     name: Annotated[
         str | None, typer.Option("--name", help="selection/<name>/ (default: the policy)")
     ] = None,

@@ -243,9 +243,9 @@ def _dv4llm_reads(p: Any) -> list[str]:
 
 
 def _select_reads(p: Any) -> list[str]:
-    out = []
-    if writes_column(p.policy, "keep") or writes_column(p.policy, "selected"):
-        out.append(f"scores/{p.policy}")
+    out = [
+        f"scores/{x}" for x in p.policies if writes_column(x, "keep") or writes_column(x, "selected")
+    ]  # every policy of a composition
     source = p.token_source
     if source == "p_ce":
         out.append("scores/critical_tokens")

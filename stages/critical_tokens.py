@@ -11,32 +11,35 @@ This stage reads the correctness label from a ``meta_`` column (``--set label=me
 booleans, 0/1 numbers or strings such as true/false, correct/incorrect, yes/no) and writes, over
 supervised tokens (``loss_mask == 1`` and ``p_ce`` present):
 
-* incorrect samples: ``token_score = 1 - p_CE`` (cDPO's rejected-side weight ``w_rej``; high =
-  critical) and ``token_critical = p_CE < threshold``;
-* correct samples: ``token_score = p_CE`` (cDPO's chosen-side weight ``w_cho``, used when
-  ``only_neg=False``), ``token_critical`` null;
-* unlabelled samples (null label): no token score and ``keep`` null — this stage has no verdict.
+* ``token_p_ce``: ``p_CE`` on every supervised token (whatever the label); on a correct sample it is
+  cDPO's chosen-side weight ``w_cho`` (used when ``only_neg=False``);
+* ``token_criticality = 1 - p_CE`` on incorrect samples only (cDPO's rejected-side weight ``w_rej``;
+  high = critical), null elsewhere, and ``token_critical = p_CE < threshold`` on the same tokens;
+* unlabelled samples (null label): no criticality and ``keep`` null — this stage has no verdict.
+
+Before ``critical_tokens/2`` one ``token_score`` column held ``p_CE`` on correct rows and ``1 - p_CE``
+on incorrect ones, so a hand-written SQL weighting over it up-weighted the critical tokens of wrong
+answers: each meaning now has its own column.
 
 Mapping to SFT (winnow is an SFT tool; the paper puts the weights inside a token-level DPO loss,
 ``-log σ(β·(Σ w_cho·Δlogπ_cho - Σ w_rej·Δlogπ_rej))``, which pushes *down* the critical tokens of
 the rejected answer): SFT can only push likelihood up, so an incorrect answer must never be trained
 on — least of all its critical tokens. Hence ``keep = is_correct`` (incorrect samples are dropped,
 reason ``incorrect``; their ``token_keep`` is False), and correct samples are kept with all their
-supervised tokens; a policy may optionally weight their tokens by ``token_score = p_CE``. The critical
+supervised tokens; a policy may optionally weight their tokens by ``token_p_ce``. The critical
 tokens of incorrect answers are diagnostics (where does the reasoning go wrong?), never training targets.
 
 ``threshold = 0.5`` for ``token_critical`` is winnow's choice (the paper uses the continuous weight
 1 - p_CE and defines no cut-off). Output ``scores/critical_tokens``: ``is_correct``, ``keep``,
-``reason``, ``n_supervised``, ``n_critical``, ``mean_p_ce``, ``min_p_ce``, per-token ``token_score``,
-``token_critical``, ``token_keep``. Per-sample maths, so shards are recomputed only when their inputs
-changed.
+``reason``, ``n_supervised``, ``n_critical``, ``mean_p_ce``, ``min_p_ce``, per-token ``token_p_ce``,
+``token_criticality``, ``token_critical``, ``token_keep``. Per-sample maths, so shards are recomputed
+only when their inputs changed.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -44,11 +47,9 @@ import pyarrow as pa
 from winnow.pipeline.steps import Step
 from winnow.pipeline.store import RunDir, UserError
 from winnow.stages import stage_io as io
+from winnow.stages.critical_tokens_math import CriticalResult, critical_token_scores  # noqa: F401
 
-if TYPE_CHECKING:
-    import torch
-
-CODE_VERSION = "critical_tokens/1"
+CODE_VERSION = "critical_tokens/2"
 NAME = "critical_tokens"
 CONTRAST_COMMAND = "winnow score {root} --contrast --positive POSITIVE_MODEL --negative NEGATIVE_MODEL"
 
@@ -73,40 +74,6 @@ class CriticalTokensParams:
             raise ValueError(f"threshold={self.threshold} must be in (0, 1]; e.g. --set threshold=0.5")
         if not self.contrast:
             raise ValueError("contrast must name the contrast signals table, e.g. --set contrast=contrast")
-
-
-# ---- array function (torch; usable on one mini-batch) ---------------------------------------------------
-class CriticalResult(NamedTuple):
-    token_score: torch.Tensor  # (B, T) 1 - p_CE on incorrect rows, p_CE on correct rows, NaN elsewhere
-    critical: torch.Tensor  # (B, T) bool: p_CE < threshold on incorrect rows
-    keep_sample: torch.Tensor  # (B,) bool: the SFT mapping, keep = is_correct
-    token_keep: torch.Tensor  # (B, T) bool: supervised tokens of kept rows
-
-
-def critical_token_scores(
-    p_ce: torch.Tensor,
-    mask: torch.Tensor,
-    is_correct: torch.Tensor,
-    threshold: float = 0.5,
-    labelled: torch.Tensor | None = None,
-) -> CriticalResult:
-    """cDPO token weights and the SFT mapping for one batch.
-
-    p_ce: (B, T) contrastive probability of token i; mask: (B, T) bool supervised positions;
-    is_correct: (B,) bool; labelled: (B,) bool, False for rows without a label (all True if None),
-    which get no score and are not kept.
-    """
-    import torch
-
-    if labelled is None:
-        labelled = torch.ones_like(is_correct, dtype=torch.bool)
-    good = (is_correct.bool() & labelled)[:, None]
-    bad = (~is_correct.bool() & labelled)[:, None]
-    score = torch.where(good, p_ce, 1.0 - p_ce)
-    score = torch.where(mask & (good | bad), score, float("nan"))
-    critical = mask & bad & (p_ce < threshold)
-    keep_sample = is_correct.bool() & labelled
-    return CriticalResult(score, critical, keep_sample, mask & keep_sample[:, None])
 
 
 # ---- stage adapter ---------------------------------------------------------------------------------
@@ -200,8 +167,9 @@ def run_critical_tokens(run: RunDir, params: CriticalTokensParams) -> dict:
                     type=pa.float64(),
                     from_pandas=True,
                 ),
-                "token_score": io.to_list_array(
-                    res.token_score.numpy(), token_keep_valid, shard.n_tokens, pa.float32()
+                "token_p_ce": io.to_list_array(res.p_ce.numpy(), mask_np, shard.n_tokens, pa.float32()),
+                "token_criticality": io.to_list_array(
+                    res.criticality.numpy(), mask_np & incorrect[:, None], shard.n_tokens, pa.float32()
                 ),
                 "token_critical": io.to_list_array(
                     critical, mask_np & incorrect[:, None], shard.n_tokens, pa.bool_()

@@ -31,6 +31,7 @@ import pyarrow as pa
 from winnow.pipeline.steps import Step
 from winnow.pipeline.store import RunDir, UserError
 from winnow.stages import stage_io as io
+from winnow.stages import topk
 
 CODE_VERSION = "dv4llm/1"
 
@@ -59,17 +60,30 @@ def _content_text(messages_json: str) -> str:
     return "\n".join(m["content"] for m in json.loads(messages_json))
 
 
-def _sql_targets(run: RunDir, condition: str) -> set[str]:
+def condition_rows(run: RunDir, query: str, what: str) -> list[tuple]:
+    """Rows of ``query`` over the run's views, where ``query`` embeds a user's SQL condition ``what``.
+
+    Only DuckDB parser and binder errors mean the condition is wrong; a table the views hide as stale
+    (catalog error) is reported as such, and IO errors (a corrupt Parquet shard) propagate unchanged.
+    """
+    import duckdb
+
     from winnow.pipeline.inspect_run import open_views
 
+    views = open_views(str(run.root), check_lengths=False)
     try:
-        rows = (
-            open_views(str(run.root), check_lengths=False)
-            .con.sql(f"select sample_id from samples where {condition}")
-            .fetchall()
-        )
-    except Exception as e:  # duckdb raises several error classes for bad SQL
-        raise UserError(f"dv4llm targets: bad SQL condition {condition!r}: {e}") from None
+        return views.con.sql(query).fetchall()
+    except (duckdb.ParserException, duckdb.BinderException) as e:
+        raise UserError(f"{what}: bad SQL condition ({e})") from None
+    except duckdb.CatalogException as e:
+        hidden = "; ".join(views.warnings) or "no table was hidden"
+        raise UserError(f"{what}: {e} ({hidden})") from None
+
+
+def _sql_targets(run: RunDir, condition: str) -> set[str]:
+    rows = condition_rows(
+        run, f"select sample_id from samples where {condition}", f"dv4llm targets {condition!r}"
+    )
     if not rows:
         raise UserError(f"dv4llm targets: no sample matches {condition!r}")
     return {r[0] for r in rows}
@@ -150,7 +164,7 @@ def run_dv4llm(run: RunDir, p: DV4LLMParams) -> dict[str, Any]:
     order = np.argsort(grad, kind="stable")
     rank = np.empty(len(order), np.int64)
     rank[order] = np.arange(len(order))
-    n_sel = int(round(p.budget * len(cand_idx))) if p.budget <= 1 else min(int(p.budget), len(cand_idx))
+    n_sel = topk.round_count(p.budget, len(cand_idx)) if p.budget <= 1 else min(int(p.budget), len(cand_idx))
     by_id = {
         ids[i]: (float(g[j]), float(grad[j]), int(rank[j]), bool(rank[j] < n_sel))
         for j, i in enumerate(cand_idx)

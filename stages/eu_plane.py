@@ -39,20 +39,29 @@ lower-band tie rule are winnow's precise reading of the paper's silence.
 (the paper's ``m(x) ⊙ x`` could also mean removal; loss-masking is ALGORITHMS.md §1(f)'s most
 plausible reading and the trainer's business either way).
 
-Offline, B is the whole dataset (``batch_size=0``) or seeded simulated mini-batches
-(``batch_size``, ``seed``): Q-Tuning recomputes the plane every training step, so simulated batches
-approximate what an online run would see, with a fixed model. The trainer calls
-:func:`eu_plane_select` on one mini-batch. Stage output ``scores/eu_plane``: ``batch``, ``error``,
-``uncertainty``, ``quadrant``, ``supp``, ``alpha``, ``keep``, ``reason``, ``n_supervised``,
-``n_token_keep``, and per-token ``token_score`` (Eq. 7 for every supervised token of every scored
-sample, so other policies can use it) and ``token_keep`` (null at unsupervised positions).
+Offline, B is a seeded simulated mini-batch of ``batch_size = 8`` samples by default
+(:func:`winnow.stages.topk.minibatches`, the very function the trainer's online Q-Tuning draws its batches
+with): the paper recomputes the plane every training step on a per-device batch of 8, and the plane means
+something different over a whole dataset. Measured on the quickstart (``builtin:demo``,
+``builtin:tiny-warm``, r_sample = 0.25; docs/CHANGES.md): with ``batch_size=0`` (one batch) PPL and
+entropy are correlated over the dataset, so Q2 ∪ Q4 reach only 215 of the 495 target even at α ≈ 0.49,
+the top-up fills the rest from Q1 by min-max-normalised |PPL−Ent| over a heavy-tailed PPL, and the
+selection keeps 92/99 off-topic and 81/139 junk-span samples against 249/1400 clean ones; with batches of
+8 it keeps 9/99 off-topic, 39/139 junk-span and 359/1400 clean (Q2 141, Q4 140, top-up 214).
+``batch_size=0`` remains available. The manifest records how many kept samples came from each quadrant
+and from the top-up (``counts.kept_by``), and the stage warns when the top-up is more than half of what
+it kept. The trainer calls :func:`eu_plane_select` on one mini-batch. Stage output ``scores/eu_plane``:
+``batch``, ``error``, ``uncertainty``, ``quadrant``, ``supp``, ``alpha``, ``keep``, ``reason``,
+``n_supervised``, ``n_token_keep``, and per-token ``token_score`` (Eq. 7 for every supervised token of
+every scored sample, so other policies can use it) and ``token_keep`` (null at unsupervised positions).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -60,18 +69,32 @@ import pyarrow as pa
 from winnow.pipeline.steps import Step
 from winnow.pipeline.store import RunDir
 from winnow.stages import stage_io as io
-
-if TYPE_CHECKING:
-    import torch
+from winnow.stages import topk
+from winnow.stages.eu_plane_math import (  # noqa: F401  (re-exported: the stage's public array API)
+    BY_QUADRANT,
+    BY_TOPUP_EXTREME,
+    BY_TOPUP_MIDDLE,
+    DROPPED,
+    MIDDLE,
+    Q1,
+    Q2,
+    Q3,
+    Q4,
+    QUADRANT_NAMES,
+    UNSCORED,
+    EUPlaneResult,
+    Quadrants,
+    eu_plane_select,
+    eu_quadrants,
+    eu_sample_stats,
+    eu_token_keep,
+    eu_token_mask,
+    eu_token_scores,
+    sorted_quantile,
+)
 
 CODE_VERSION = "eu_plane/1"
 NAME = "eu_plane"
-
-# quadrant codes returned by the array functions
-UNSCORED, MIDDLE = -1, 0
-QUADRANT_NAMES = {-1: "unscored", 0: "middle", 1: "Q1", 2: "Q2", 3: "Q3", 4: "Q4"}
-# kept_by codes
-DROPPED, BY_QUADRANT, BY_TOPUP_EXTREME, BY_TOPUP_MIDDLE = 0, 1, 2, 3
 
 
 @dataclass
@@ -84,7 +107,7 @@ class EUPlaneParams:
     lam: float = 0.5  # λ of Eq. 7 (paper Table 7)
     k_max: int = 10  # bisection steps (UNCONFIRMED: "typically < 10")
     alpha_max: float = 0.49  # upper end of the bisection interval (paper)
-    batch_size: int = 0  # simulated mini-batch size; 0 = the whole dataset is one batch
+    batch_size: int = topk.DEFAULT_BATCH_SIZE  # simulated mini-batch (paper: 8 per device); 0 = whole dataset
     seed: int = 0  # shuffle seed of the simulated mini-batches
     neighbour_fill: Literal["self", "omit"] = "self"  # UNCONFIRMED edge rule of Eq. 7
     neighbour_mean: bool = False  # UNCONFIRMED: paper sums neighbours; True averages them (slime)
@@ -109,249 +132,6 @@ class EUPlaneParams:
             raise ValueError("alias must name a signals table, e.g. --set alias=current")
 
 
-# ---- array functions (torch; the trainer calls these online on one mini-batch) ------------------------
-class Quadrants(NamedTuple):
-    quadrant: torch.Tensor  # (B,) int8: -1 unscored, 0 middle, 1..4 = Q1..Q4
-    kept_by: torch.Tensor  # (B,) int8: 0 dropped, 1 quadrant, 2 top-up from Q1∪Q3, 3 top-up from middle
-    supp: torch.Tensor  # (B,) float64 |PPL^ - Ent^|, NaN when unscored
-    alpha: float  # α of the partition used
-    target: int  # round(r_sample * |B|)
-
-
-class EUPlaneResult(NamedTuple):
-    error: torch.Tensor  # (B,) sample PPL
-    uncertainty: torch.Tensor  # (B,) sample mean entropy
-    quadrant: torch.Tensor  # (B,) int8
-    keep_sample: torch.Tensor  # (B,) bool
-    kept_by: torch.Tensor  # (B,) int8
-    supp: torch.Tensor  # (B,)
-    token_score: torch.Tensor  # (B, T) Eq. 7, NaN off the mask
-    token_keep: torch.Tensor  # (B, T) bool, False off the mask and in dropped samples
-    alpha: float
-    target: int
-
-
-def eu_sample_stats(
-    nll: torch.Tensor, entropy: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row ``(PPL, mean entropy, n)`` over ``mask``; NaN for rows with no masked token.
-
-    nll, entropy: (B, T) float (any value off the mask, NaN included); mask: (B, T) bool.
-    """
-    import torch
-
-    n = mask.sum(1)  # (B,)
-    denom = n.clamp_min(1).to(nll.dtype)
-    mean_nll = torch.where(mask, nll, 0.0).sum(1) / denom
-    mean_ent = torch.where(mask, entropy, 0.0).sum(1) / denom
-    empty = n == 0
-    nan = torch.full_like(mean_nll, float("nan"))
-    return torch.where(empty, nan, mean_nll.exp()), torch.where(empty, nan, mean_ent), n
-
-
-def sorted_quantile(sorted_x: torch.Tensor, q: float) -> float:
-    """Linear-interpolation quantile (numpy's default) of an ascending 1-D tensor."""
-    n = sorted_x.numel()
-    pos = q * (n - 1)
-    lo = int(np.floor(pos))
-    hi = min(lo + 1, n - 1)
-    t = pos - lo
-    a, b = float(sorted_x[lo]), float(sorted_x[hi])
-    # the two-sided form returns a or b exactly at t = 0 or 1 (and when a == b), like numpy's _lerp
-    return a + (b - a) * t if t < 0.5 else b - (b - a) * (1.0 - t)
-
-
-def _partition(err: torch.Tensor, unc: torch.Tensor, err_sorted, unc_sorted, alpha: float) -> torch.Tensor:
-    import torch
-
-    ppl_lo, ppl_hi = sorted_quantile(err_sorted, alpha), sorted_quantile(err_sorted, 1.0 - alpha)
-    ent_lo, ent_hi = sorted_quantile(unc_sorted, alpha), sorted_quantile(unc_sorted, 1.0 - alpha)
-    e_hi, e_lo = err > ppl_hi, err <= ppl_lo  # on a threshold -> the lower band
-    u_hi, u_lo = unc > ent_hi, unc <= ent_lo
-    q = torch.zeros(err.shape, dtype=torch.int8, device=err.device)
-    q[e_hi & u_hi] = 1
-    q[e_hi & u_lo] = 2
-    q[e_lo & u_lo] = 3
-    q[e_lo & u_hi] = 4
-    return q
-
-
-def _minmax(x: torch.Tensor) -> torch.Tensor:
-    lo, hi = x.min(), x.max()
-    return (x - lo) / (hi - lo) if hi > lo else x.new_zeros(x.shape)
-
-
-def eu_quadrants(
-    error: torch.Tensor,
-    uncertainty: torch.Tensor,
-    r_sample: float,
-    *,
-    k_max: int = 10,
-    alpha_max: float = 0.49,
-) -> Quadrants:
-    """Algorithm 1, stage 1: quadrants by bisection over α = β, then the top-up to the target.
-
-    Rows whose error is NaN (no supervised token) are unscored and excluded from B.
-    """
-    import torch
-
-    err_all = error.detach().double()
-    unc_all = uncertainty.detach().double()
-    scored = ~(err_all.isnan() | unc_all.isnan())
-    idx = torch.nonzero(scored).flatten()
-    quadrant = torch.full(error.shape, UNSCORED, dtype=torch.int8, device=error.device)
-    kept_by = torch.zeros(error.shape, dtype=torch.int8, device=error.device)
-    supp_all = torch.full(error.shape, float("nan"), dtype=torch.float64, device=error.device)
-    n = idx.numel()
-    target = io.round_count(r_sample, n)
-    if n == 0:
-        return Quadrants(quadrant, kept_by, supp_all, 0.0, 0)
-    err, unc = err_all[idx], unc_all[idx]
-    err_sorted, unc_sorted = err.sort().values, unc.sort().values
-
-    best_alpha, best = 0.0, _partition(err, unc, err_sorted, unc_sorted, 0.0)  # α = 0 keeps nobody
-    lo, hi = 0.0, alpha_max
-    for _ in range(k_max):
-        alpha = (lo + hi) / 2
-        q = _partition(err, unc, err_sorted, unc_sorted, alpha)
-        kept = int(((q == 2) | (q == 4)).sum())
-        if kept <= target:
-            best_alpha, best = alpha, q
-        if kept == target:
-            break
-        if kept < target:
-            lo = alpha
-        else:
-            hi = alpha
-
-    supp = (_minmax(err) - _minmax(unc)).abs()
-    by = torch.where((best == 2) | (best == 4), BY_QUADRANT, DROPPED).to(torch.int8)
-    need = target - int((by == BY_QUADRANT).sum())
-    for pool, code in (((best == 1) | (best == 3), BY_TOPUP_EXTREME), (best == MIDDLE, BY_TOPUP_MIDDLE)):
-        if need <= 0:
-            break
-        cand = torch.nonzero(pool).flatten()
-        order = torch.sort(supp[cand], descending=True, stable=True).indices  # ties: earlier sample
-        take = cand[order[:need]]
-        by[take] = code
-        need -= take.numel()
-    assert need <= 0, "top-up ran out of samples although target <= |B|"
-
-    quadrant[idx] = best
-    kept_by[idx] = by
-    supp_all[idx] = supp
-    return Quadrants(quadrant, kept_by, supp_all, best_alpha, target)
-
-
-def eu_token_scores(
-    nll: torch.Tensor,
-    mask: torch.Tensor,
-    lam: float = 0.5,
-    *,
-    neighbour_fill: str = "self",
-    neighbour_mean: bool = False,
-    token_measure: str = "ppl",
-) -> torch.Tensor:
-    """Eq. 7 per token: ``(1-λ)·v_i + λ·(v_{i-1} + v_{i+1})``, ``v = exp(ℓ)``; NaN off the mask.
-
-    A neighbour off the mask (outside the row, prompt, template between turns) is replaced by
-    ``v_i`` (``neighbour_fill="self"``) or left out (``"omit"``). ``neighbour_mean`` divides the
-    neighbour sum by the number of neighbours that entered it.
-    """
-    import torch
-
-    v = torch.where(mask, nll, 0.0)
-    if token_measure == "ppl":
-        v = torch.where(mask, v.exp(), 0.0)
-    prev_ok = torch.zeros_like(mask)
-    next_ok = torch.zeros_like(mask)
-    prev_ok[:, 1:] = mask[:, :-1]
-    next_ok[:, :-1] = mask[:, 1:]
-    prev_v = torch.zeros_like(v)
-    next_v = torch.zeros_like(v)
-    prev_v[:, 1:] = v[:, :-1]
-    next_v[:, :-1] = v[:, 1:]
-    if neighbour_fill == "self":
-        neigh = torch.where(prev_ok, prev_v, v) + torch.where(next_ok, next_v, v)
-        count = torch.full_like(v, 2.0)
-    elif neighbour_fill == "omit":
-        neigh = torch.where(prev_ok, prev_v, 0.0) + torch.where(next_ok, next_v, 0.0)
-        count = prev_ok.to(v.dtype) + next_ok.to(v.dtype)
-    else:
-        raise ValueError(f"neighbour_fill={neighbour_fill!r} must be 'self' or 'omit'")
-    if neighbour_mean:
-        neigh = neigh / count.clamp_min(1.0)
-    score = (1.0 - lam) * v + lam * neigh
-    return torch.where(mask, score, float("nan"))
-
-
-def eu_token_keep(score: torch.Tensor, mask: torch.Tensor, r_token: float) -> torch.Tensor:
-    """Keep ``max(1, ⌊r_token·|T|⌋)`` lowest-score tokens of every row with a masked token."""
-    import torch
-
-    n = mask.sum(1)
-    k = torch.floor(n.double() * r_token + io.COUNT_EPS).long().clamp_min(1)
-    return io.lowest_k_per_row(score, mask, torch.minimum(k, n))
-
-
-def eu_token_mask(
-    score: torch.Tensor, mask: torch.Tensor, quadrant: torch.Tensor, keep_sample: torch.Tensor, r_token: float
-) -> torch.Tensor:
-    """Algorithm 1, stage 2: (B, T) bool tokens to train on.
-
-    Q2 rows keep their lowest-score tokens (:func:`eu_token_keep`); every other kept row (Q4 and
-    top-ups) keeps all its masked tokens; dropped rows keep none.
-    """
-    pruned = eu_token_keep(score, mask, r_token)
-    return mask & keep_sample[:, None] & (pruned | (quadrant != 2)[:, None])
-
-
-def eu_plane_select(
-    nll: torch.Tensor,
-    entropy: torch.Tensor,
-    mask: torch.Tensor,
-    r_sample: float,
-    r_token: float,
-    lam: float = 0.5,
-    k_max: int = 10,
-    *,
-    alpha_max: float = 0.49,
-    neighbour_fill: str = "self",
-    neighbour_mean: bool = False,
-    token_measure: str = "ppl",
-) -> EUPlaneResult:
-    """Q-Tuning on one batch: which samples to train on and which of their tokens.
-
-    nll, entropy: (B, T) per-token loss ``-log p(x_i|x_<i)`` and predictive entropy at index i
-    (the position convention of the tables); mask: (B, T) bool, True on supervised tokens.
-    Train on rows with ``keep_sample`` and positions with ``token_keep``.
-    """
-    error, uncertainty, _ = eu_sample_stats(nll, entropy, mask)
-    quads = eu_quadrants(error, uncertainty, r_sample, k_max=k_max, alpha_max=alpha_max)
-    score = eu_token_scores(
-        nll,
-        mask,
-        lam,
-        neighbour_fill=neighbour_fill,
-        neighbour_mean=neighbour_mean,
-        token_measure=token_measure,
-    )
-    keep_sample = quads.kept_by != DROPPED
-    token_keep = eu_token_mask(score, mask, quads.quadrant, keep_sample, r_token)
-    return EUPlaneResult(
-        error,
-        uncertainty,
-        quads.quadrant,
-        keep_sample,
-        quads.kept_by,
-        quads.supp,
-        score,
-        token_keep,
-        quads.alpha,
-        quads.target,
-    )
-
-
 # ---- stage adapter ---------------------------------------------------------------------------------
 def _reason(quadrant: int, kept_by: int) -> str:
     if quadrant == UNSCORED:
@@ -364,71 +144,102 @@ def _reason(quadrant: int, kept_by: int) -> str:
     return f"dropped_{name}"
 
 
-def run_eu_plane(run: RunDir, params: EUPlaneParams) -> dict:
+def _sample_stats(run: RunDir, parts: list[int], params: EUPlaneParams, keys) -> tuple:
+    """Pass 1: per-sample error and uncertainty over the whole dataset, with shard sizes."""
     import torch
 
+    errs, uncs, sizes, missing = [], [], [], 0
+    for part in parts:
+        shard = io.read_shard(run, part, {params.alias: ["logprob", "entropy"]})
+        mask = torch.from_numpy(shard.valid(*keys))
+        nll = -torch.from_numpy(shard.signals[keys[0]])
+        err, unc, _ = eu_sample_stats(nll, torch.from_numpy(shard.signals[keys[1]]), mask)
+        errs.append(err)
+        uncs.append(unc)
+        sizes.append(len(err))
+        missing += shard.supervised_without_signal(*keys)
+    return torch.cat(errs), torch.cat(uncs), sizes, missing
+
+
+def _batch_quadrants(error, uncertainty, params: EUPlaneParams) -> dict:
+    """Quadrants per (simulated) mini-batch of scored samples, as whole-dataset (N,) tensors."""
+    import torch
+
+    total = error.numel()
+    got = {
+        "quadrant": torch.full((total,), UNSCORED, dtype=torch.int8),
+        "kept_by": torch.zeros(total, dtype=torch.int8),
+        "supp": torch.full((total,), float("nan"), dtype=torch.float64),
+        "alpha": torch.full((total,), float("nan"), dtype=torch.float64),
+        "batch": torch.full((total,), -1, dtype=torch.int64),
+    }
+    scored = torch.nonzero(~error.isnan()).flatten()
+    for b, sel in enumerate(topk.minibatches(scored.numel(), params.batch_size, params.seed)):
+        rows = scored[torch.from_numpy(sel)]
+        q = eu_quadrants(
+            error[rows], uncertainty[rows], params.r_sample, k_max=params.k_max, alpha_max=params.alpha_max
+        )
+        got["quadrant"][rows], got["kept_by"][rows], got["supp"][rows] = q.quadrant, q.kept_by, q.supp
+        got["alpha"][rows], got["batch"][rows] = q.alpha, b
+    return got
+
+
+def kept_by_counts(quadrant: np.ndarray, kept_by: np.ndarray) -> dict[str, int]:
+    """Kept samples by origin: ``Q2``/``Q4`` (the quadrants), ``topup_Q1``/``topup_Q3``/``topup_middle``."""
+    out: dict[str, int] = {}
+    for q in (Q2, Q4):
+        out[QUADRANT_NAMES[q]] = int(((quadrant == q) & (kept_by == BY_QUADRANT)).sum())
+    for q in (Q1, Q3, MIDDLE):
+        out[f"topup_{QUADRANT_NAMES[q]}"] = int(((quadrant == q) & (kept_by > BY_QUADRANT)).sum())
+    return out
+
+
+def _topup_warning(kept: dict[str, int]) -> str | None:
+    total = sum(kept.values())
+    topup = sum(v for k, v in kept.items() if k.startswith("topup_"))
+    if total and 2 * topup > total:
+        return (
+            f"eu_plane: {topup} of the {total} kept samples came from the top-up, not from Q2/Q4 "
+            f"({kept}): the plane barely separates this data; try a smaller --set batch_size or r_sample"
+        )
+    return None
+
+
+def run_eu_plane(run: RunDir, params: EUPlaneParams) -> dict:
     started = time.time()
     parts = io.samples_parts(run)
     signals = f"signals/{params.alias}"
     io.require_signals(run, params.alias, ["logprob", "entropy"], parts)
     st = io.StageOutput(run, NAME, params, CODE_VERSION, started)
-    out, fp = st.out, st.fp
     inputs = io.table_inputs(run, [io.SAMPLES, signals])  # global statistics: whole-table inputs
     keys = [(params.alias, "logprob"), (params.alias, "entropy")]
     counts: dict = {}
-    if not io.all_fresh(out, parts, fp, inputs):
-        io.drop_orphans(out, parts)
-        # pass 1: per-sample error and uncertainty over the whole dataset
-        errs, uncs, sizes, missing = [], [], [], 0
-        for part in parts:
-            shard = io.read_shard(run, part, {params.alias: ["logprob", "entropy"]})
-            mask = torch.from_numpy(shard.valid(*keys))
-            nll = -torch.from_numpy(shard.signals[keys[0]])
-            err, unc, _ = eu_sample_stats(nll, torch.from_numpy(shard.signals[keys[1]]), mask)
-            errs.append(err)
-            uncs.append(unc)
-            sizes.append(len(err))
-            missing += shard.supervised_without_signal(*keys)
-        error, uncertainty = torch.cat(errs), torch.cat(uncs)
-        # quadrants per (simulated) batch of scored samples
-        total = error.numel()
-        quadrant = torch.full((total,), UNSCORED, dtype=torch.int8)
-        kept_by = torch.zeros(total, dtype=torch.int8)
-        supp = torch.full((total,), float("nan"), dtype=torch.float64)
-        alpha = torch.full((total,), float("nan"), dtype=torch.float64)
-        batch = torch.full((total,), -1, dtype=torch.int64)
-        scored = torch.nonzero(~error.isnan()).flatten()
-        for b, sel in enumerate(io.simulated_batches(scored.numel(), params.batch_size, params.seed)):
-            rows = scored[torch.from_numpy(sel)]
-            q = eu_quadrants(
-                error[rows],
-                uncertainty[rows],
-                params.r_sample,
-                k_max=params.k_max,
-                alpha_max=params.alpha_max,
-            )
-            quadrant[rows], kept_by[rows], supp[rows] = q.quadrant, q.kept_by, q.supp
-            alpha[rows], batch[rows] = q.alpha, b
+    if not io.all_fresh(st.out, parts, st.fp, inputs):
+        io.drop_orphans(st.out, parts)
+        error, uncertainty, sizes, missing = _sample_stats(run, parts, params, keys)
+        got = _batch_quadrants(error, uncertainty, params)
         # pass 2: token scores and token keep, one shard at a time
         start = 0
         for part, size in zip(parts, sizes, strict=True):
             rows = slice(start, start + size)
             start += size
             shard = io.read_shard(run, part, {params.alias: ["logprob", "entropy"]})
-            table = _shard_table(
-                shard,
-                keys,
-                params,
-                error[rows],
-                uncertainty[rows],
-                quadrant[rows],
-                kept_by[rows],
-                supp[rows],
-                alpha[rows],
-                batch[rows],
+            per_row = {k: v[rows] for k, v in got.items()}
+            st.commit(
+                part, _shard_table(shard, keys, params, error[rows], uncertainty[rows], **per_row), inputs
             )
-            st.commit(part, table, inputs)
-        counts = {"samples": total, "scored": int(scored.numel()), "supervised_without_signal": missing}
+        kept = kept_by_counts(got["quadrant"].numpy(), got["kept_by"].numpy())
+        counts = {
+            "samples": int(error.numel()),
+            "scored": int((~error.isnan()).sum()),
+            "batches": int(got["batch"].max()) + 1,
+            "kept_by": kept,
+            "supervised_without_signal": missing,
+        }
+        warning = _topup_warning(kept)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
+            counts["warnings"] = [warning]
     return st.finish(len(parts), counts)
 
 

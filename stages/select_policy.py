@@ -14,9 +14,15 @@ A policy has two halves, chosen separately so that methods combine:
 * **which tokens** (``tokens``): the policy's own by default — the ``token_keep`` of eu_plane,
   excess_loss or sstoken, all supervised tokens otherwise — or any of ``loss_mask`` (every
   supervised token), ``eu_plane`` / ``excess_loss`` / ``sstoken`` (that stage's ``token_keep``) or
-  ``p_ce`` (cDPO's chosen-side weight, ``scores/critical_tokens.token_score``, on correct samples).
+  ``p_ce`` (cDPO's chosen-side weight, ``scores/critical_tokens.token_p_ce``, on correct samples).
   ``winnow select RUN critical_tokens --set tokens=excess_loss`` drops wrong answers and trains on
   Rho-1's tokens of the rest.
+
+**Compositions.** ``POLICY`` may list several policies joined by ``,`` (``dv4llm,critical_tokens``): a
+sample is kept only when every listed policy keeps it (an intersection, so the order never changes what is
+kept). Its reason is ``<policy>:<reason>`` of the first listed policy that dropped it
+(``dv4llm:not_selected``), or the kept reasons joined by ``+`` (``selected+correct``); the token half is
+``tokens`` or else the first listed policy's own. One policy alone keeps its plain reasons.
 
 ``token_weight[i]`` is 0 wherever ``loss_mask[i] == 0``, on dropped samples, and on tokens the
 token half did not select; a kept sample whose weights all come out 0 is dropped with reason
@@ -50,32 +56,44 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 @dataclass
 class SelectParams:
-    policy: str
-    name: str = ""  # selection/<name>/; default: the policy's name
+    policy: str  # one policy, or several joined by "," (a sample is kept when every one keeps it)
+    name: str = ""  # selection/<name>/; default: the policy's name (the names joined by "_and_")
     tokens: str = ""  # "" = the policy's own token half; else one of steps.token_sources()
     keep: str = ""  # policy=sql: a DuckDB boolean expression over the samples view
     keep_targets: bool = True  # policy=dv4llm: keep the target samples too
 
     def __post_init__(self) -> None:
-        if self.policy not in steps.selection_policies():
-            raise ValueError(f"unknown policy {self.policy!r}; policies: {steps.selection_policies()}")
+        for policy in self.policies:
+            if policy not in steps.selection_policies():
+                raise ValueError(
+                    f"unknown policy {policy!r}; policies: {steps.selection_policies()}, or several joined "
+                    "by ',' (e.g. dv4llm,critical_tokens)"
+                )
+        if len(set(self.policies)) != len(self.policies):
+            raise ValueError(f"policy={self.policy!r} lists a policy twice")
         if self.tokens and self.tokens not in steps.token_sources():
             raise ValueError(
                 f"tokens={self.tokens!r}: use one of {steps.token_sources()} (or leave it unset)"
             )
-        if (self.policy == "sql") != bool(self.keep):
+        if ("sql" in self.policies) != bool(self.keep):
             raise ValueError(
                 'policy sql needs --set keep="<boolean SQL over samples>"; other policies take no keep='
             )
-        self.name = self.name or self.policy
+        self.name = self.name or "_and_".join(self.policies)
         if not _NAME_RE.match(self.name):
             raise ValueError(f"name={self.name!r}: use letters, digits, '_', '-' or '.'")
 
     @property
+    def policies(self) -> list[str]:
+        return [x.strip() for x in self.policy.split(",")]
+
+    @property
     def token_source(self) -> str:
+        """``tokens``, else the token half of the first listed policy that has one, else every token."""
         if self.tokens:
             return self.tokens
-        return self.policy if steps.writes_column(self.policy, "token_keep") else "loss_mask"
+        own = [x for x in self.policies if steps.writes_column(x, "token_keep")]
+        return own[0] if own else "loss_mask"
 
 
 def _score_table(run: RunDir, stage: str, columns: list[str], part: int) -> dict[str, dict]:
@@ -92,15 +110,32 @@ def _score_table(run: RunDir, stage: str, columns: list[str], part: int) -> dict
 def _sample_half(
     run: RunDir, p: SelectParams, ids: list[str], part: int, sql_keep: dict[str, bool] | None
 ) -> tuple[dict[str, bool], dict[str, str]]:
-    """Keep flag and reason of the samples ``ids`` of samples shard ``part``."""
-    if p.policy == "all" or not (steps.writes_column(p.policy, "keep") or p.policy in ("sql", "dv4llm")):
-        reason = "all" if p.policy == "all" else "token_level"
+    """Keep and reason per sample. A composition keeps a sample when every policy keeps it; the reason is
+    ``<policy>:<its reason>`` of the first policy that dropped it, or the kept reasons joined by ``+``."""
+    halves = [(policy, _one_policy(run, policy, p, ids, part, sql_keep)) for policy in p.policies]
+    if len(halves) == 1:
+        return halves[0][1]
+    keep, why = {}, {}
+    for sid in ids:
+        dropped = next(((pol, h[1][sid]) for pol, h in halves if not h[0][sid]), None)
+        keep[sid] = dropped is None
+        why[sid] = "+".join(h[1][sid] for _, h in halves) if dropped is None else f"{dropped[0]}:{dropped[1]}"
+    return keep, why
+
+
+def _one_policy(
+    run: RunDir, policy: str, p: SelectParams, ids: list[str], part: int, sql_keep: dict[str, bool] | None
+) -> tuple[dict[str, bool], dict[str, str]]:
+    """Keep and reason of one policy for the samples ``ids`` of samples shard ``part`` (issue 16: one
+    shard of scores in memory at a time; a sql policy's values come precomputed in ``sql_keep``)."""
+    if policy == "all" or not (steps.writes_column(policy, "keep") or policy in ("sql", "dv4llm")):
+        reason = "all" if policy == "all" else "token_level"
         return dict.fromkeys(ids, True), dict.fromkeys(ids, reason)
-    if p.policy == "sql":
+    if policy == "sql":
         assert sql_keep is not None
         keep = {sid: bool(sql_keep.get(sid, False)) for sid in ids}
         return keep, {sid: "sql_keep" if k else "sql_drop" for sid, k in keep.items()}
-    if p.policy == "dv4llm":
+    if policy == "dv4llm":
         rows = _score_table(run, "dv4llm", ["role", "selected"], part)
         keep, why = {}, {}
         for sid in ids:
@@ -112,7 +147,7 @@ def _sample_half(
             else:
                 keep[sid], why[sid] = bool(r["selected"]), "selected" if r["selected"] else "not_selected"
         return keep, why
-    rows = _score_table(run, p.policy, ["keep", "reason"], part)  # stages with a sample half: eu_plane, ...
+    rows = _score_table(run, policy, ["keep", "reason"], part)  # stages with a sample half: eu_plane, ...
     keep = {sid: bool(rows.get(sid, {}).get("keep")) for sid in ids}
     why = {sid: (rows[sid]["reason"] if sid in rows else "unscored") for sid in ids}
     return keep, why
@@ -121,14 +156,10 @@ def _sample_half(
 def _sql_keep(run: RunDir, expr: str) -> dict[str, bool]:
     """sample_id -> the expression's value over the whole samples view (it may aggregate or use
     windows, so it is not evaluated shard by shard): a bool per sample, the one global state."""
-    from winnow.pipeline.inspect_run import open_views
+    from winnow.stages.dv4llm import condition_rows
 
-    con = open_views(str(run.root), check_lengths=False).con
-    try:
-        got = dict(con.sql(f"SELECT sample_id, coalesce(({expr}), false) FROM samples").fetchall())
-    except Exception as e:  # duckdb raises many error classes; all mean the expression is wrong
-        raise UserError(f"keep={expr!r}: bad SQL condition over samples ({e})") from None
-    return got
+    query = f"SELECT sample_id, coalesce(({expr}), false) FROM samples"
+    return dict(condition_rows(run, query, f"keep={expr!r} over samples"))
 
 
 def _check_fresh(run: RunDir, stage: str) -> None:
@@ -152,7 +183,7 @@ def token_selection(
     if source == "loss_mask":
         return np.ones(total, np.float32)
     stage = "critical_tokens" if source == "p_ce" else source
-    columns = ["token_score", "is_correct"] if source == "p_ce" else ["token_keep"]
+    columns = ["token_p_ce", "is_correct"] if source == "p_ce" else ["token_keep"]
     got = run.table(f"scores/{stage}").read_part(part, columns=["sample_id", *columns])
     if not got["sample_id"].combine_chunks().equals(sample_id):
         raise UserError(
@@ -213,7 +244,7 @@ def run_select(run: RunDir, p: SelectParams) -> dict:
             raise UserError(f"{run.root} has no scores/{stage}: run `winnow score {run.root} {stage}` first")
         _check_fresh(run, stage)
     tables = {f"scores/{stage}" for stage in read}
-    if p.policy == "sql":  # the expression may read any view
+    if "sql" in p.policies:  # the expression may read any view
         tables |= {t for t in run.tables() if not t.startswith("selection/")}
     st = io.StageOutput(
         run, "select", p, CODE_VERSION, started, table=f"selection/{p.name}", key=f"select:{p.name}"
@@ -222,7 +253,7 @@ def run_select(run: RunDir, p: SelectParams) -> dict:
     io.drop_orphans(st.out, parts)
     counts: dict = {}
     if not io.all_fresh(st.out, parts, st.fp, inputs):
-        sql_keep = _sql_keep(run, p.keep) if p.policy == "sql" else None
+        sql_keep = _sql_keep(run, p.keep) if "sql" in p.policies else None
         kept = weighted = n_samples = 0
         for part in parts:  # one shard in memory at a time
             cols = samples.read_part(part, columns=["sample_id", "n_tokens", "loss_mask"])

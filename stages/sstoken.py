@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -53,13 +52,18 @@ import pyarrow as pa
 from winnow.pipeline.steps import Step
 from winnow.pipeline.store import RunDir, UserError
 from winnow.stages import stage_io as io
-
-if TYPE_CHECKING:
-    import torch
+from winnow.stages.excess_loss_math import refuse_zero_excess
+from winnow.stages.sstoken_math import (  # noqa: F401  (re-exported: the stage's public array API)
+    NORM_EPS,
+    SSTokenResult,
+    minmax_rows,
+    retrospective_excess_loss,
+    sstoken_scores,
+    sstoken_select,
+)
 
 CODE_VERSION = "sstoken/1"
 NAME = "sstoken"
-NORM_EPS = 1e-8  # the authors' epsilon in the min-max normalisation
 
 
 @dataclass
@@ -88,89 +92,17 @@ class SSTokenParams:
             )
 
 
-# ---- array functions (torch; the trainer calls these online on one mini-batch) ------------------------
-class SSTokenResult(NamedTuple):
-    rel: torch.Tensor  # (B, T) L_his - L_cur, NaN off the mask
-    score: torch.Tensor  # (B, T) γ·REL^ + (1-γ)·attn, NaN off the mask
-    keep: torch.Tensor  # (B, T) bool
-
-
-def retrospective_excess_loss(
-    nll_his: torch.Tensor, nll_cur: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """(B, T) ``nll_his - nll_cur`` on the mask, NaN elsewhere."""
-    import torch
-
-    return torch.where(mask, nll_his - nll_cur, float("nan"))
-
-
-def minmax_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``(x - min) / (max - min + 1e-8)`` over each row's masked positions (0 when all equal)."""
-    import torch
-
-    lo = torch.where(mask, x, float("inf")).amin(1, keepdim=True)
-    hi = torch.where(mask, x, float("-inf")).amax(1, keepdim=True)
-    return (x - lo) / (hi - lo + NORM_EPS)
-
-
-def sstoken_scores(
-    rel: torch.Tensor,
-    attn: torch.Tensor | None,
-    mask: torch.Tensor,
-    gamma: float = 0.5,
-    attn_minmax: bool = False,
-) -> torch.Tensor:
-    """(B, T) ``γ·minmax_row(rel) + (1-γ)·attn`` on the mask, NaN elsewhere.
-
-    ``attn`` may be None when ``gamma == 1``; ``attn_minmax`` min-max normalises it per row too.
-    """
-    import torch
-
-    score = torch.zeros_like(rel)
-    if gamma > 0:
-        score = score + gamma * minmax_rows(rel, mask)
-    if gamma < 1:
-        if attn is None:
-            raise ValueError(f"gamma={gamma} < 1 needs the attention importance")
-        score = score + (1.0 - gamma) * (minmax_rows(attn, mask) if attn_minmax else attn)
-    return torch.where(mask, score, float("nan"))
-
-
-def sstoken_select(
-    nll_his: torch.Tensor,
-    nll_cur: torch.Tensor,
-    attn: torch.Tensor | None,
-    mask: torch.Tensor,
-    gamma: float = 0.5,
-    rho: float = 0.6,
-    attn_minmax: bool = False,
-) -> SSTokenResult:
-    """ssToken on one batch: keep the ``⌈ρ·|T_b|⌉`` highest-scoring supervised tokens of every row.
-
-    nll_his, nll_cur: (B, T) per-token losses at index i under the history and current models;
-    attn: (B, T) attention of query i to the prompt (None when gamma == 1); mask: (B, T) bool.
-    """
-    import torch
-
-    rel = retrospective_excess_loss(nll_his, nll_cur, mask)
-    score = sstoken_scores(rel, attn, mask, gamma, attn_minmax)
-    n = mask.sum(1)
-    k = torch.ceil(n.double() * rho - io.COUNT_EPS).long()
-    return SSTokenResult(rel, score, io.highest_k_per_row(score, mask, k))
-
-
 # ---- stage adapter ---------------------------------------------------------------------------------
 def _check_models(run: RunDir, params: SSTokenParams) -> None:
-    same = io.model_fingerprints(run, params.history) & io.model_fingerprints(run, params.current)
-    if same:
-        raise UserError(
-            f"signals/{params.history} and signals/{params.current} were computed with the same weights "
-            f"(model fingerprint {sorted(same)[0]}): the retrospective excess loss would be 0 for every token "
-            "and ssToken would silently rank by attention alone. Score a model that has moved away from the "
-            f"history model as {params.current!r}, e.g. a warmed-up copy: "
-            f"`{io.signals_command(run, params.current, ['logprob', 'attn_importance'])}` "
-            "(or --set gamma=0 to ask for attention-only scores)"
-        )
+    io.refuse_same_weights(
+        run,
+        params.history,
+        params.current,
+        "the retrospective excess loss would be 0 for every token and ssToken would silently rank by "
+        f"attention alone. Score a model that has moved away from the history model as {params.current!r}, "
+        f"e.g. a warmed-up copy: `{io.signals_command(run, params.current, ['logprob', 'attn_importance'])}` "
+        "(or --set gamma=0 to ask for attention-only scores)",
+    )
 
 
 def run_sstoken(run: RunDir, params: SSTokenParams) -> dict:
@@ -211,6 +143,13 @@ def run_sstoken(run: RunDir, params: SSTokenParams) -> dict:
         attn = torch.from_numpy(shard.signals[(params.current, "attn_importance")]) if use_attn else None
         res = sstoken_select(nll_his, nll_cur, attn, mask, params.gamma, params.rho, params.attn_minmax)
         rel = res.rel.numpy()
+        if use_rel:
+            refuse_zero_excess(
+                int(mask_np.sum()),
+                int((rel[mask_np] != 0).sum()),
+                f"sstoken (signals/{params.history} vs signals/{params.current}, {io.part_name(part)})",
+                "Score a model that has moved away from the history model as current (or --set gamma=0).",
+            )
         has = mask_np.any(1)
         rel_min = np.where(has, np.where(mask_np, rel, np.inf).min(1, initial=np.inf), np.nan)
         rel_max = np.where(has, np.where(mask_np, rel, -np.inf).max(1, initial=-np.inf), np.nan)

@@ -20,19 +20,17 @@ trainer on one mini-batch) wrapped by a thin adapter. This module is that adapte
   and skip shards whose record matches; stages with global statistics (dataset quantiles, top-k
   across the dataset or across simulated batches that span shards) record whole-table digests and
   recompute every shard when anything changed (:func:`all_fresh`).
-* **Simulated batches.** :func:`simulated_batches` cuts a seeded permutation of the samples into
-  mini-batches, so an offline stage can approximate what the trainer's per-batch selection would do.
-  Samples are numbered in (shard, row) order, which is input order whatever the shard size.
+* **Simulated batches.** :func:`winnow.stages.topk.minibatches` cuts a seeded permutation of the
+  samples into mini-batches (8 by default, the trainer's own batch definition), so an offline stage
+  approximates the trainer's per-batch selection. Samples are numbered in (shard, row) order, which
+  is input order whatever the shard size.
 * **Supervised tokens.** A stage scores position ``i`` when ``loss_mask[i] == 1`` *and* every signal
   it needs is non-null at ``i``; supervised positions without a signal are counted
   (``supervised_without_signal``) so a mismatch between a model pass and the loss mask is visible.
-* **Deterministic selection.** :func:`lowest_k_per_row`, :func:`highest_k_per_row` and
-  :func:`top_fraction` (torch) break ties by position (stable sorts), and counts such as
-  ``⌊r·n⌋`` go through :func:`floor_count` & co., which absorb float round-off (0.29·100 is
-  28.999999999999996 in float64). Same inputs, same selection, on any machine.
-* **Signals from elsewhere.** :func:`write_signals` commits a ``signals/<alias>`` shard computed
-  outside winnow (or by hand in tests); :func:`write_synthetic_samples` commits a minimal samples
-  shard, so a stage can be tried without a tokenizer or a model.
+* **Deterministic selection.** Counts and top-k live in :mod:`winnow.stages.topk` (torch/numpy only, so
+  the trainer imports them on GPU machines) and are re-exported here for the adapters.
+* **Synthetic runs** for tests (a samples or ``signals/<alias>`` shard written by hand) live in
+  ``tests/stage_fixtures.py``, outside the package.
 
 Measured on this 2-core CPU while other jobs ran (single runs, noisy): 8,000 synthetic samples, about
 1.3M tokens in 4 shards of 2,000: eu_plane 6-12 s over the whole dataset (7.6 s with simulated
@@ -43,7 +41,6 @@ quarter of it; the rest is float64 ``(B, T)`` array work.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -54,67 +51,26 @@ import pyarrow.compute as pc
 from winnow.pipeline.params import as_dict
 from winnow.pipeline.shards import ShardLoop, step_entry
 from winnow.pipeline.store import RunDir, Table, UserError, part_name, stable_hash
+from winnow.stages import topk
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 SAMPLES = "samples"
 
 # Per-token signal columns a model pass can write, and the --signals name that produces each.
 SIGNAL_FLAGS = {"logprob": "logprob", "entropy": "entropy", "attn_importance": "attention"}
 
-# Tolerance for ratio * count before floor/ceil: 0.29 * 100 is 28.999999999999996 in float64.
-COUNT_EPS = 1e-9
-
-
-def floor_count(ratio: float, n: int) -> int:
-    """``floor(ratio * n)``, robust to float round-off (0.29 * 100 -> 29, not 28)."""
-    return int(math.floor(ratio * n + COUNT_EPS))
-
-
-def ceil_count(ratio: float, n: int) -> int:
-    """``ceil(ratio * n)``, robust to float round-off (0.6 * 5 -> 3 even if the product is 3.0000000000000004)."""
-    return int(math.ceil(ratio * n - COUNT_EPS))
-
-
-def round_count(ratio: float, n: int) -> int:
-    """``ratio * n`` rounded half up (2.5 -> 3), not Python's half-to-even."""
-    return int(math.floor(ratio * n + 0.5 + COUNT_EPS))
-
-
-# ---- selection helpers shared by the array functions (torch, imported lazily) ---------------------
-def lowest_k_per_row(score: torch.Tensor, mask: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool: the ``k[b]`` masked positions of row b with the lowest score.
-
-    Ties go to the earlier position (stable sort), so results are deterministic.
-    """
-    import torch
-
-    key = torch.where(mask, score, float("inf"))
-    order = torch.sort(key, dim=1, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(score.shape[1], device=score.device).expand_as(order))
-    return mask & (rank < k[:, None])
-
-
-def highest_k_per_row(score: torch.Tensor, mask: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """(B, T) bool: the ``k[b]`` masked positions of row b with the highest score, ties to the earlier."""
-    return lowest_k_per_row(-score, mask, k)
-
-
-def top_fraction(score: torch.Tensor, mask: torch.Tensor, ratio: float) -> torch.Tensor:
-    """(B, T) bool: the ``⌊ratio·N⌋`` highest-scoring masked positions across the whole tensor.
-
-    N = number of masked positions; ties go to the earlier position in row-major order.
-    """
-    import torch
-
-    k = floor_count(ratio, int(mask.sum()))
-    key = torch.where(mask, score, float("-inf")).flatten()
-    order = torch.sort(key, descending=True, stable=True).indices
-    keep = torch.zeros_like(key, dtype=torch.bool)
-    keep[order[:k]] = True
-    return keep.view(mask.shape) & mask
+# Counting and top-k live in the torch/numpy-only topk module (the trainer imports them on GPU machines);
+# re-exported here for the adapters.
+COUNT_EPS = topk.COUNT_EPS
+floor_count, ceil_count, round_count = topk.floor_count, topk.ceil_count, topk.round_count
+lowest_k_per_row, highest_k_per_row, top_fraction = (
+    topk.lowest_k_per_row,
+    topk.highest_k_per_row,
+    topk.top_fraction,
+)
+simulated_batches = topk.minibatches
 
 
 # ---- inputs --------------------------------------------------------------------------------------
@@ -169,6 +125,17 @@ def model_fingerprints(run: RunDir, alias: str) -> set[str]:
         if fp:
             out.add(str(fp))
     return out
+
+
+def refuse_same_weights(run: RunDir, alias_a: str, alias_b: str, consequence: str) -> None:
+    """:class:`UserError` when ``signals/<alias_a>`` and ``signals/<alias_b>`` were computed with the same
+    weights (equal ``model_fingerprint``, a hash of the tensors): a contrast of the two would be 0."""
+    same = model_fingerprints(run, alias_a) & model_fingerprints(run, alias_b)
+    if same:
+        raise UserError(
+            f"signals/{alias_a} and signals/{alias_b} were computed with the same weights "
+            f"(model fingerprint {sorted(same)[0]}): {consequence}"
+        )
 
 
 def field_anchor(table: Table, column: str) -> str | None:
@@ -420,90 +387,3 @@ class StageOutput:
         )
         self.run.update_manifest(self.key, entry)
         return entry
-
-
-# ---- simulated mini-batches -----------------------------------------------------------------------
-def simulated_batches(n: int, batch_size: int, seed: int) -> list[np.ndarray]:
-    """Indices of ``n`` samples cut into mini-batches of ``batch_size`` after a seeded shuffle.
-
-    ``batch_size <= 0`` means one batch holding every sample in order (the whole dataset). The last
-    batch may be smaller, as with a data loader that keeps its last partial batch.
-    """
-    if batch_size <= 0 or batch_size >= n:
-        return [np.arange(n)]
-    perm = np.random.default_rng(seed).permutation(n)
-    return [perm[i : i + batch_size] for i in range(0, n, batch_size)]
-
-
-# ---- externally computed signals and synthetic runs ------------------------------------------------
-def write_signals(
-    run: RunDir,
-    alias: str,
-    part: int,
-    sample_ids: list[str],
-    columns: dict[str, list[list[float | None] | None]],
-    *,
-    model_fingerprint: str | None = None,
-    model: str | None = None,
-    attn_anchor: str = "query",
-) -> None:
-    """Commit one ``signals/<alias>`` shard computed outside winnow (or by hand, in tests).
-
-    Lists must be aligned with the samples' ``input_ids`` (index i = token i as a target), with
-    None where there is no value.
-    """
-    fields = [pa.field("sample_id", pa.string())]
-    arrays: list[pa.Array] = [pa.array(sample_ids, type=pa.string())]
-    for name, lists in columns.items():
-        meta = {b"winnow.anchor": attn_anchor.encode()} if name == "attn_importance" else None
-        fields.append(pa.field(name, pa.list_(pa.float32()), metadata=meta))
-        arrays.append(pa.array(lists, type=pa.list_(pa.float32())))
-    table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
-    extra = {"model_fingerprint": model_fingerprint, "model": model}
-    digest = run.table(SAMPLES).part_digest(part)
-    if digest is None:
-        raise UserError(
-            f"samples/{part_name(part)} is not committed in {run.root}; signals follow samples shards"
-        )
-    run.table(f"signals/{alias}").write(
-        part,
-        table,
-        fingerprint=stable_hash({"external": alias, "model": model_fingerprint}),
-        inputs={f"{SAMPLES}/{part_name(part)}": digest},
-        extra={k: v for k, v in extra.items() if v is not None},
-    )
-
-
-def write_synthetic_samples(
-    run: RunDir,
-    part: int,
-    rows: list[dict[str, Any]],
-) -> list[str]:
-    """Commit a minimal samples shard from ``{"input_ids": [...], "loss_mask": [...], "meta_x": ...}`` rows.
-
-    For tests and experiments that exercise a stage without ingesting text: the text columns are
-    placeholders, ``sample_id`` is taken from the row or made from ``part`` and the row number.
-    Returns the sample ids.
-    """
-    ids = [str(r.get("sample_id") or f"s{part:03d}-{i:04d}") for i, r in enumerate(rows)]
-    n_tokens = [len(r["input_ids"]) for r in rows]
-    for r, n in zip(rows, n_tokens, strict=True):
-        if len(r["loss_mask"]) != n:
-            raise ValueError(f"loss_mask has {len(r['loss_mask'])} entries for {n} input_ids")
-    data: dict[str, pa.Array] = {
-        "sample_id": pa.array(ids, type=pa.string()),
-        "source": pa.array(["synthetic"] * len(rows), type=pa.string()),
-        "row": pa.array(range(len(rows)), type=pa.int64()),
-        "messages": pa.array(["[]"] * len(rows), type=pa.string()),
-        "text": pa.array([""] * len(rows), type=pa.string()),
-        "input_ids": pa.array([r["input_ids"] for r in rows], type=pa.list_(pa.int32())),
-        "offsets": pa.array([[0] * n for n in n_tokens], type=pa.list_(pa.int32())),
-        "loss_mask": pa.array([r["loss_mask"] for r in rows], type=pa.list_(pa.uint8())),
-        "n_tokens": pa.array(n_tokens, type=pa.int32()),
-        "n_loss_tokens": pa.array([int(sum(r["loss_mask"])) for r in rows], type=pa.int32()),
-    }
-    meta_keys = sorted({k for r in rows for k in r if k.startswith("meta_")})
-    for key in meta_keys:
-        data[key] = pa.array([r.get(key) for r in rows])
-    run.table(SAMPLES).write(part, pa.table(data), fingerprint="synthetic", inputs={})
-    return ids

@@ -31,6 +31,7 @@ from winnow.pipeline.steps import Step, spec
 from winnow.pipeline.store import RunDir, UserError
 from winnow.stages.passes.model_io import (
     check_tokenizer,
+    config_fingerprint,
     load_model,
     resolve_device,
     resolve_dtype,
@@ -105,7 +106,7 @@ def contrast_samples(
     """p_ce, logprob_pos, logprob_neg on the flat token axis of ``seqs`` (+ the computed-position mask)."""
     import torch
 
-    from winnow.kernels.chunked_head import contrast_scores
+    from winnow.kernels.switch import contrast_scores
     from winnow.stages.passes.batching import collate, plan_batches
 
     lengths = np.array([len(x) for x in seqs], dtype=np.int64)
@@ -142,6 +143,7 @@ def run_contrast_pass(run: RunDir, p: ContrastParams) -> dict[str, Any]:
         dtype = resolve_dtype(p.dtype, device)
         fps = {role: weights_fingerprint(path) for role, path in dirs.items()}
         settings = {"beta": p.beta, "positions": p.positions, "dtype": str(dtype)}
+        settings["config"] = {role: config_fingerprint(path) for role, path in dirs.items()}
         fp = pass_fingerprint("contrast_pass", fps, settings)
         plan = plan_shards(run, TABLE, fp, d)
         threads = set_threads(p.threads, d) if device.type == "cpu" else None

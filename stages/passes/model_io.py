@@ -5,12 +5,14 @@
 * **Tokenizer identity.** The samples table records ``winnow.tokenizer_fingerprint``; a model whose
   tokenizer fingerprints differently is refused with :class:`UserError` (exit 2): its token ids would
   mean other strings.
-* **Weights fingerprint** (for commit records: a pass is redone when the model changes). Up to
-  :data:`FULL_HASH_BYTES` of safetensors the sha256 of every byte (~1 s per GB here). Above that, the
-  sha256 of each file's size and header (tensor names, dtypes, shapes, offsets) plus the first and last
-  4 KiB of every tensor's data: any fine-tune, merged LoRA or re-quantisation rewrites whole tensors,
-  so it is caught while reading a few MB of a 15 GB model. ``config.json`` is always hashed too
-  (rope scaling, softcapping and the like change outputs without touching weights).
+* **Weights fingerprint** (commit records' ``model_fingerprint``: a pass is redone when the model
+  changes, and Rho-1/ssToken refuse two aliases with equal weights). A hash of the tensors (name, dtype,
+  shape, data in name order), not of the files: re-saved identical weights fingerprint equal. Up to
+  :data:`FULL_HASH_BYTES` of safetensors every data byte is hashed (~1 s per GB here); above that the
+  first and last 4 KiB of every tensor's data: any fine-tune, merged LoRA or re-quantisation rewrites
+  whole tensors, so it is caught while reading a few MB of a 15 GB model. ``config.json`` is hashed
+  separately (:func:`config_fingerprint`) into the pass fingerprint: rope scaling, softcapping and the
+  like change outputs without touching weights.
 * **Body and head.** The pass runs ``model.base_model`` (embeddings, layers, final norm) and applies
   the LM head itself (:mod:`winnow.kernels.chunked_head`). A head applied outside ``forward`` must
   reproduce the model's own post-processing; :func:`check_head` compares it with a full forward on a
@@ -104,39 +106,57 @@ def check_tokenizer(
     return have
 
 
+def _tensor_index(files: list[Path]) -> list[tuple[str, Path, dict, int]]:
+    """``(name, file, header entry, data start)`` of every tensor over the safetensors shards, by name."""
+    out = []
+    for f in files:
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        out += [(name, f, info, 8 + n) for name, info in header.items() if name != "__metadata__"]
+    return sorted(out, key=lambda t: t[0])
+
+
 def weights_fingerprint(model_dir: Path) -> str:
-    """Hash of a model directory's safetensors weights and config (see the module docstring)."""
+    """Hash of a model directory's tensors: each tensor's name, dtype, shape and data, in name order.
+
+    File names, the split into shards, header metadata and ``config.json`` do not enter it, so the same
+    weights re-saved (another transformers version, another shard size) fingerprint equal: stages that
+    refuse two passes of the same weights (Rho-1, ssToken) compare this. Above :data:`FULL_HASH_BYTES`
+    only the first and last 4 KiB of each tensor's data are hashed (see the module docstring).
+    """
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise UserError(
             f"{model_dir} has no .safetensors weights; winnow loads safetensors only (never pickled .bin "
             "files). Convert with `model.save_pretrained(dir, safe_serialization=True)`."
         )
+    full = sum(f.stat().st_size for f in files) <= FULL_HASH_BYTES
     h = hashlib.sha256()
-    cfg = Path(model_dir) / "config.json"
-    if cfg.is_file():
-        h.update(cfg.read_bytes())
-    total = sum(f.stat().st_size for f in files)
-    for f in files:
-        h.update(f.name.encode())
-        h.update(struct.pack("<Q", f.stat().st_size))
-        with open(f, "rb") as fh:
-            if total <= FULL_HASH_BYTES:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-                continue
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = fh.read(n)
-            h.update(header)
-            base = 8 + n
-            for name, info in sorted(json.loads(header).items()):
-                if name == "__metadata__":
-                    continue
-                a, b = info["data_offsets"]
-                for off in sorted({a, max(a, b - _SAMPLE_BYTES)}):
-                    fh.seek(base + off)
-                    h.update(fh.read(min(_SAMPLE_BYTES, b - off)))
+    handles = {f: open(f, "rb") for f in files}  # noqa: SIM115  (closed below)
+    try:
+        for name, f, info, base in _tensor_index(files):
+            h.update(json.dumps([name, info["dtype"], info["shape"]]).encode())
+            a, b = info["data_offsets"]
+            spans = (
+                [(a, b)]
+                if full
+                else [(off, min(off + _SAMPLE_BYTES, b)) for off in sorted({a, max(a, b - _SAMPLE_BYTES)})]
+            )
+            for lo, hi in spans:
+                handles[f].seek(base + lo)
+                h.update(handles[f].read(hi - lo))
+    finally:
+        for fh in handles.values():
+            fh.close()
     return h.hexdigest()[:32]
+
+
+def config_fingerprint(model_dir: Path) -> str:
+    """Hash of ``config.json`` (rope scaling, softcapping and the like change outputs without touching
+    weights): part of a pass's commit fingerprint beside :func:`weights_fingerprint`."""
+    cfg = Path(model_dir) / "config.json"
+    return hashlib.sha256(cfg.read_bytes() if cfg.is_file() else b"").hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------- loading

@@ -49,6 +49,7 @@ from winnow.pipeline.store import RunDir, UserError, stable_hash
 from winnow.stages.passes.batching import LAYOUTS
 from winnow.stages.passes.model_io import (
     check_tokenizer,
+    config_fingerprint,
     load_model,
     resolve_device,
     resolve_dtype,
@@ -161,6 +162,7 @@ def run_model_pass(run: RunDir, p: ModelPassParams) -> dict[str, Any]:
             "positions": p.positions,
             "attention_layer": p.attention_layer if "attention" in p.signals else None,
             "dtype": str(dtype),
+            "config": config_fingerprint(model_dir),
         }
         fp = pass_fingerprint("model_pass", {"model": mfp}, settings)
         table = f"signals/{p.alias}"

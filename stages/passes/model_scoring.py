@@ -106,7 +106,7 @@ def score_samples(
     import torch
 
     from winnow.kernels.attention_importance import AttentionCapture, attention_importance
-    from winnow.kernels.chunked_head import logprob_entropy
+    from winnow.kernels.switch import logprob_entropy
     from winnow.stages.passes.batching import collate, plan_batches
 
     lengths = np.array([len(x) for x in seqs], dtype=np.int64)

@@ -14,12 +14,12 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from stage_fixtures import write_signals
 
 from winnow.pipeline.builtin.demo_data import write_demo_jsonl
 from winnow.pipeline.card import reservoir_sample, sql_histogram, top_zeroed_tokens
 from winnow.pipeline.inspect_run import open_views
 from winnow.pipeline.store import RunDir
-from winnow.stages import stage_io as io
 
 from conftest import run_cli
 
@@ -42,7 +42,7 @@ def run(tmp_path_factory) -> RunDir:
             lp.append([float(-rng.gamma(1.5)) if o else None for o in ok])
             en.append([float(rng.gamma(2.0)) if o else None for o in ok])
         ids = [r["sample_id"] for r in s]
-        io.write_signals(run, "current", rec.part, ids, {"logprob": lp, "entropy": en})
+        write_signals(run, "current", rec.part, ids, {"logprob": lp, "entropy": en})
     assert len(run.table("samples").records()) == 4
     assert run_cli("score", run.root, "eu_plane", "--set", "r_sample=0.5")[0] == 0
     assert run_cli("select", run.root, "eu_plane", "--tokens", "eu_plane", "--name", "eu")[0] == 0

@@ -52,13 +52,15 @@ def test_every_step_ran_and_every_row_is_accounted_for(quickstart):
 
 def test_per_token_lists_align_with_input_ids(quickstart):
     run, _ = quickstart
+    lists = {"critical_tokens": ["token_p_ce", "token_criticality"]}  # its two meanings, two columns
     for stage in SCORES:
-        bad = sql_json(
-            run,
-            f"select count(*) n from samples s join scores_{stage} t using (sample_id) "
-            "where len(t.token_score) != s.n_tokens",
-        )
-        assert bad == [{"n": 0}], stage
+        for col in lists.get(stage, ["token_score"]):
+            bad = sql_json(
+                run,
+                f"select count(*) n from samples s join scores_{stage} t using (sample_id) "
+                f"where len(t.{col}) != s.n_tokens",
+            )
+            assert bad == [{"n": 0}], (stage, col)
     bad = sql_json(
         run,
         "select count(*) n from samples s join signals_current c using (sample_id) "
@@ -80,6 +82,28 @@ def test_scores_flag_the_planted_off_topic_samples(quickstart):
     clean = [r["error"] for r in rows if r["k"] == "none"]
     auroc = sum((o > c) + 0.5 * (o == c) for o in off for c in clean) / (len(off) * len(clean))
     assert len(off) > 50 and auroc > 0.9
+
+
+def test_eu_plane_default_keeps_less_off_topic_than_clean(quickstart):
+    """EU plane's default (seeded mini-batches of 8, as in the paper) keeps a smaller share of the planted
+    off-topic samples than of the clean ones; one whole-dataset batch kept ~92% of them against ~18%."""
+    run, _ = quickstart
+    share = {
+        r["k"]: r["kept"] / r["n"]
+        for r in sql_json(
+            run,
+            "select s.meta_corruption k, count(*) n, count_if(e.keep) kept "
+            "from scores_eu_plane e join samples s using (sample_id) group by 1",
+        )
+    }
+    assert share["off_topic"] < share["none"], share
+    entry = _manifest(run)["steps"]["stage:eu_plane"]
+    assert entry["config"]["batch_size"] == 8
+    # where the kept samples came from, as the manifest records it, matches the table's reasons
+    kept_by, reasons = entry["counts"]["kept_by"], entry["reasons"]
+    assert kept_by["Q2"] == reasons.get("kept_q2", 0) and kept_by["Q4"] == reasons.get("kept_q4", 0)
+    for origin in ("Q1", "Q3", "middle"):
+        assert kept_by[f"topup_{origin}"] == reasons.get(f"topup_{origin.lower()}", 0)
 
 
 def test_rerun_skips_everything(quickstart):
@@ -142,7 +166,25 @@ def test_card_shows_what_the_quickstart_selection_dropped(quickstart):
     code, _, err = run_cli("card", run)
     assert code == 0, err
     card = (run / "card" / "README.md").read_text()
-    assert "### `quickstart` (policy `critical_tokens`)" in card and "By `meta_corruption`:" in card
+    assert (
+        "### `quickstart` (policy `dv4llm,critical_tokens,sql`)" in card and "By `meta_corruption`:" in card
+    )
+    # the composition's reasons name the policy that dropped each sample
+    assert "| dv4llm:not_selected |" in card and "| critical_tokens:incorrect |" in card
+    assert "| sql:sql_drop |" in card and "A composition:" in card and "Kept by origin (" in card
+    kept = {
+        r["k"]: r
+        for r in sql_json(
+            run,
+            "select meta_corruption k, count(*) n, count_if(keep) kept from selection_quickstart "
+            "join samples using (sample_id) group by 1",
+        )
+    }
+    # the planted corruptions go: no off-topic sample, at most 5% of the junk-span ones (they were 99/99 and
+    # 139/139 with critical_tokens alone), while a third or more of the clean samples stay
+    assert kept["off_topic"]["kept"] == 0 and kept["off_topic"]["n"] > 50
+    assert kept["junk_span"]["kept"] <= 0.05 * kept["junk_span"]["n"]
+    assert kept["none"]["kept"] >= kept["none"]["n"] / 3
     # the card's breakdown matches SQL: both wrong-answer kinds are dropped entirely
     for kind in ("wrong_final_answer", "wrong_step"):
         (row,) = sql_json(

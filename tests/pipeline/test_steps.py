@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pytest
+from stage_fixtures import write_synthetic_samples
 
 from winnow.pipeline import steps
 from winnow.pipeline.recipe import load_recipe, run_loaded
@@ -77,8 +78,8 @@ def toy():
 
 def _run(path) -> RunDir:
     run = RunDir(path, create=True)
-    io.write_synthetic_samples(run, 0, ROWS)
-    io.write_synthetic_samples(run, 1, ROWS_1)
+    write_synthetic_samples(run, 0, ROWS)
+    write_synthetic_samples(run, 1, ROWS_1)
     return run
 
 
@@ -121,7 +122,7 @@ def test_a_registered_stage_reaches_cli_select_recipe_check_and_card(tmp_path, t
 
 def _fresh_samples(path) -> RunDir:
     run = RunDir(path, create=True)
-    io.write_synthetic_samples(run, 0, ROWS)
+    write_synthetic_samples(run, 0, ROWS)
     return run
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from stage_fixtures import write_signals, write_synthetic_samples
 
 from winnow.pipeline.store import RunDir, UserError
 from winnow.stages import critical_tokens as ct
-from winnow.stages import stage_io as io
 
 from conftest import run_cli, sql_json
 
@@ -39,8 +39,8 @@ def make_run(root, labels=None, label_key="meta_is_correct") -> RunDir:
             }
             for s in ids
         ]
-        io.write_synthetic_samples(run, part, rows)
-        io.write_signals(run, "contrast", part, ids, {"p_ce": [DATA[s][1] for s in ids]})
+        write_synthetic_samples(run, part, rows)
+        write_signals(run, "contrast", part, ids, {"p_ce": [DATA[s][1] for s in ids]})
     return run
 
 
@@ -49,30 +49,34 @@ def test_hand_computed_scores_and_sft_mapping(tmp_path):
     code, _, err = run_cli("score", run.root, "critical_tokens")
     assert code == 0, err
     tok = {
-        (r["sample_id"], r["pos"]): (r["s"], r["c"], r["k"])
+        (r["sample_id"], r["pos"]): (r["p"], r["s"], r["c"], r["k"])
         for r in sql_json(
             run.root,
-            "SELECT sample_id, pos, critical_tokens__token_score AS s, critical_tokens__token_critical AS c, "
-            "critical_tokens__token_keep AS k FROM tokens",
+            "SELECT sample_id, pos, critical_tokens__token_p_ce AS p, "
+            "critical_tokens__token_criticality AS s, "
+            "critical_tokens__token_critical AS c, critical_tokens__token_keep AS k FROM tokens",
         )
     }
-    # incorrect: score 1 - p, critical where p < 0.5 (0.5 itself is not), never kept; prompt position 4 ignored
+    # incorrect: p_CE and criticality 1 - p, critical where p < 0.5 (0.5 itself is not), never kept;
+    # prompt position 4 ignored
     assert [tok[("w", p)] for p in range(6)] == [
-        (None, None, None),
-        (0.125, False, False),
-        (0.75, True, False),
-        (0.5, False, False),
-        (None, None, None),
-        (0.875, True, False),
+        (None, None, None, None),
+        (0.875, 0.125, False, False),
+        (0.25, 0.75, True, False),
+        (0.5, 0.5, False, False),
+        (None, None, None, None),
+        (0.125, 0.875, True, False),
     ]
-    # correct: score p (the chosen-side weight), kept, no critical flag
-    assert [tok[("r", p)] for p in (1, 2)] == [(0.75, None, True), (0.5, None, True)]
-    assert tok[("u", 1)] == (None, None, None)  # unlabelled: no verdict
-    assert tok[("o", 1)] == (0.9375, True, False)  # one-token wrong answer
+    # correct: p_CE (the chosen-side weight), kept, no criticality and no critical flag
+    assert [tok[("r", p)] for p in (1, 2)] == [(0.75, None, None, True), (0.5, None, None, True)]
+    assert tok[("u", 1)] == (0.25, None, None, None)  # unlabelled: p_CE is the model's, but no verdict
+    assert tok[("o", 1)] == (0.0625, 0.9375, True, False)  # one-token wrong answer
     per = {
         r["sample_id"]: r
         for r in sql_json(
-            run.root, "SELECT * EXCLUDE (token_score, token_critical, token_keep) FROM scores_critical_tokens"
+            run.root,
+            "SELECT * EXCLUDE (token_p_ce, token_criticality, token_critical, token_keep) "
+            "FROM scores_critical_tokens",
         )
     }
     assert [(per[s]["is_correct"], per[s]["keep"], per[s]["reason"]) for s in "wruo"] == [
@@ -92,7 +96,8 @@ def test_hand_computed_scores_and_sft_mapping(tmp_path):
     bad = sql_json(
         run.root,
         "SELECT count(*) AS n FROM scores_critical_tokens c JOIN samples s USING (sample_id) WHERE "
-        "len(c.token_score) <> len(s.input_ids) OR len(c.token_critical) <> len(s.input_ids) OR "
+        "len(c.token_p_ce) <> len(s.input_ids) OR len(c.token_criticality) <> len(s.input_ids) OR "
+        "len(c.token_critical) <> len(s.input_ids) OR "
         "len(c.token_keep) <> len(s.input_ids)",
     )
     assert bad == [{"n": 0}]
@@ -149,8 +154,8 @@ def test_array_function_invariants(b, t, threshold, seed):
     res = ct.critical_token_scores(p, mask, correct, threshold, labelled)
     good = (correct & labelled)[:, None] & mask
     bad = (~correct & labelled)[:, None] & mask
-    assert torch.equal(res.token_score[good], p[good]) and torch.equal(res.token_score[bad], 1 - p[bad])
-    assert res.token_score[~(good | bad)].isnan().all()
+    assert torch.equal(res.p_ce[mask], p[mask]) and res.p_ce[~mask].isnan().all()
+    assert torch.equal(res.criticality[bad], 1 - p[bad]) and res.criticality[~bad].isnan().all()
     assert torch.equal(res.critical, bad & (p < threshold))
     assert not (res.token_keep & ~good).any() and torch.equal(
         res.token_keep, good

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from stage_fixtures import decimal_count
 
 from conftest import ingest_demo, run_cli, sql_json
 
@@ -32,7 +33,15 @@ def test_sql_targets_rank_off_topic_last(demo_run):
     n_targets = sql_json(demo_run, f"select count(*) n from samples where {TARGET_SQL[4:]}")[0]["n"]
     assert len(targets) == n_targets > 0 and all(r["g"] is None for r in targets)
     assert sorted(r["rank"] for r in cands) == list(range(len(cands)))
-    assert sum(r["selected"] for r in cands) == round(0.5 * len(cands))
+    # half up, computed exactly (Python's round() would round 0.5 * odd down to even)
+    assert sum(r["selected"] for r in cands) == decimal_count(0.5, len(cands), "ROUND_HALF_UP")
+    # the selected candidates are those with the most negative calibrated gradient (rank 0 first) ...
+    chosen = [r["g"] for r in cands if r["selected"]]
+    left = [r["g"] for r in cands if not r["selected"]]
+    assert max(chosen) <= min(left)
+    assert all(r["selected"] == (r["rank"] < len(chosen)) for r in cands)
+    # ... so none of the planted off-topic samples is selected (99 of 99 would be, ranked the other way)
+    assert not [r for r in cands if r["k"] == "off_topic" and r["selected"]]
     off = [r["g"] for r in cands if r["k"] == "off_topic"]
     rest = [r["g"] for r in cands if r["k"] != "off_topic"]
     assert _auroc(off, rest) >= 0.9  # off-topic pushes away from the math targets: largest gradients

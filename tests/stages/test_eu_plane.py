@@ -11,11 +11,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from stage_fixtures import decimal_count, write_signals, write_synthetic_samples
 
 from winnow.pipeline.params import build_params
 from winnow.pipeline.store import RunDir, UserError
 from winnow.stages import eu_plane as eu
-from winnow.stages import stage_io as io
 
 from conftest import run_cli, sql_json
 
@@ -51,8 +51,8 @@ def make_run(root) -> RunDir:
         {"sample_id": "s4", "input_ids": [1, 2, 3, 4], "loss_mask": [0, 1, 1, 1]},
         {"sample_id": "s5", "input_ids": [1, 2], "loss_mask": [0, 0]},
     ]
-    io.write_synthetic_samples(run, 0, rows0)
-    io.write_synthetic_samples(run, 1, rows1)
+    write_synthetic_samples(run, 0, rows0)
+    write_synthetic_samples(run, 1, rows1)
     sig0 = [
         _signals(2, [1], {1: 0.0}, 5.0),
         _signals(3, [1, 2], {1: L2, 2: L2}, 1.0),
@@ -65,7 +65,7 @@ def make_run(root) -> RunDir:
     ]
     for part, ids, sig in ((0, ["s0", "s1", "s2"], sig0), (1, ["s3", "s4", "s5"], sig1)):
         cols = {"logprob": [s[0] for s in sig], "entropy": [s[1] for s in sig]}
-        io.write_signals(run, "current", part, ids, cols, model_fingerprint="m-current")
+        write_signals(run, "current", part, ids, cols, model_fingerprint="m-current")
     return run
 
 
@@ -149,10 +149,17 @@ def test_topup_by_supp_then_middle(tmp_path):
     assert got["s4"]["reason"] == "topup_q1" and got["s1"]["reason"] == "dropped_q3"
     assert got["s0"]["alpha"] == pytest.approx(0.49 * (1 - 2**-10))  # all 10 steps kept < target
     assert got["s4"]["n_token_keep"] == 3  # a top-up sample keeps all its tokens
-    _score(run, "r_sample=1.0")
+    counts = run.manifest()["steps"]["stage:eu_plane"]["counts"]
+    assert counts["kept_by"] == {"Q2": 1, "Q4": 1, "topup_Q1": 1, "topup_Q3": 0, "topup_middle": 0}
+    assert "warnings" not in counts  # 1 of 3 from the top-up
+    code, _, err = run_cli("score", run.root, "eu_plane", "--set", "r_sample=1.0")
+    assert code == 0 and "warning: eu_plane: 3 of the 5 kept samples came from the top-up" in err
     got = _samples(run)
     assert got["s2"]["reason"] == "topup_middle" and got["s1"]["reason"] == "topup_q3"
     assert sum(v["keep"] for v in got.values()) == 5
+    counts = run.manifest()["steps"]["stage:eu_plane"]["counts"]
+    assert counts["kept_by"] == {"Q2": 1, "Q4": 1, "topup_Q1": 1, "topup_Q3": 1, "topup_middle": 1}
+    assert len(counts["warnings"]) == 1
 
 
 def test_simulated_batches_each_meet_their_target(tmp_path):
@@ -175,7 +182,7 @@ def test_rerun_skips_and_changed_input_recomputes_every_shard(tmp_path):
     assert again["shards"]["computed"] == 0 and again["shards"]["skipped"] == 2
     assert again["reasons"]["kept_q2"] == 1
     # one signals shard changes: global quantiles -> both shards are recomputed
-    io.write_signals(
+    write_signals(
         run,
         "current",
         0,
@@ -187,11 +194,12 @@ def test_rerun_skips_and_changed_input_recomputes_every_shard(tmp_path):
         model_fingerprint="m-current",
     )
     assert "scores/eu_plane" in run.stale_tables()
+    first = run.manifest()["steps"]["stage:eu_plane"]["fingerprint"]
     assert eu.STEP.run(run, p)["shards"]["computed"] == 2
     assert run.stale_tables() == {}
-    assert run.manifest()["steps"]["stage:eu_plane"]["fingerprint"] == io.fingerprint(
-        "eu_plane", p, eu.CODE_VERSION
-    )
+    # the fingerprint follows the parameters, not the inputs: same here, different for another r_sample
+    assert run.manifest()["steps"]["stage:eu_plane"]["fingerprint"] == first
+    assert eu.STEP.run(run, eu.EUPlaneParams(r_sample=0.6))["fingerprint"] != first
 
 
 def test_missing_signals_is_a_user_error_naming_the_command(tmp_path):
@@ -280,15 +288,17 @@ def test_quadrants_partition_and_topup_meets_target(data, r_sample, k_max):
     unc = torch.tensor(unc_v, dtype=torch.float64)
     q = eu.eu_quadrants(err, unc, r_sample, k_max=k_max)
     quad, by = q.quadrant.numpy(), q.kept_by.numpy()
-    assert set(quad.tolist()) <= {0, 1, 2, 3, 4}  # every sample in exactly one region
-    # the regions are those of the thresholds at the reported α, lower band on ties
+    # the regions are those of the thresholds at the reported α (numpy quantiles), lower band on ties,
+    # and every sample outside the four corners is in the middle band: a partition
     a = q.alpha
     e, u = err.numpy(), unc.numpy()
     e_hi, e_lo = e > np.quantile(e, 1 - a), e <= np.quantile(e, a)
     u_hi, u_lo = u > np.quantile(u, 1 - a), u <= np.quantile(u, a)
-    assert np.array_equal(quad == 1, e_hi & u_hi) and np.array_equal(quad == 2, e_hi & u_lo)
-    assert np.array_equal(quad == 3, e_lo & u_lo) and np.array_equal(quad == 4, e_lo & u_hi)
-    assert q.target == io.round_count(r_sample, n)
+    corners = {eu.Q1: e_hi & u_hi, eu.Q2: e_hi & u_lo, eu.Q3: e_lo & u_lo, eu.Q4: e_lo & u_hi}
+    for code, region in corners.items():
+        assert np.array_equal(quad == code, region), code
+    assert np.array_equal(quad == eu.MIDDLE, ~np.logical_or.reduce(list(corners.values())))
+    assert q.target == decimal_count(r_sample, n, "ROUND_HALF_UP")
     assert ((by > 0).sum()) == q.target  # exactly the target after top-up
     assert np.array_equal(by == eu.BY_QUADRANT, (quad == 2) | (quad == 4))  # Q2 ∪ Q4 always kept
     extreme = (quad == 1) | (quad == 3)
@@ -346,8 +356,8 @@ def test_stage_lists_stay_aligned_with_input_ids(seed, batch_size):
         for part in range(2):
             rows, lp, en = _random_rows(rng, int(rng.integers(1, 6)))
             rows = [dict(r, sample_id=f"p{part}{r['sample_id']}") for r in rows]
-            ids = io.write_synthetic_samples(run, part, rows)
-            io.write_signals(run, "current", part, ids, {"logprob": lp, "entropy": en})
+            ids = write_synthetic_samples(run, part, rows)
+            write_signals(run, "current", part, ids, {"logprob": lp, "entropy": en})
         eu.STEP.run(run, eu.EUPlaneParams(r_sample=0.5, batch_size=batch_size))
         bad = sql_json(
             tmp,

@@ -11,11 +11,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from stage_fixtures import decimal_count, write_signals, write_synthetic_samples
 
 from winnow.pipeline.params import build_params
 from winnow.pipeline.store import RunDir, UserError
 from winnow.stages import excess_loss as ex
-from winnow.stages import stage_io as io
 
 from conftest import run_cli, sql_json
 
@@ -52,11 +52,9 @@ def make_run(root) -> RunDir:
     run = RunDir(root, create=True)
     for part, ids in SHARDS.items():
         rows = [{"sample_id": s, "input_ids": list(range(len(MASK[s]))), "loss_mask": MASK[s]} for s in ids]
-        io.write_synthetic_samples(run, part, rows)
-        io.write_signals(
-            run, "current", part, ids, {"logprob": [CUR[s] for s in ids]}, model_fingerprint="cur"
-        )
-        io.write_signals(
+        write_synthetic_samples(run, part, rows)
+        write_signals(run, "current", part, ids, {"logprob": [CUR[s] for s in ids]}, model_fingerprint="cur")
+        write_signals(
             run, "reference", part, ids, {"logprob": [REF[s] for s in ids]}, model_fingerprint="ref"
         )
     return run
@@ -112,7 +110,7 @@ def test_rerun_skips_and_changed_reference_recomputes(tmp_path):
     p = ex.ExcessLossParams(k_ratio=0.5)
     assert ex.STEP.run(run, p)["shards"]["computed"] == 2
     assert ex.STEP.run(run, p)["shards"]["skipped"] == 2
-    io.write_signals(run, "reference", 1, ["c", "d"], {"logprob": [REF["c"], [None, -0.5]]})
+    write_signals(run, "reference", 1, ["c", "d"], {"logprob": [REF["c"], [None, -0.5]]})
     assert ex.STEP.run(run, p)["shards"]["computed"] == 2  # a global top-k: every shard is recomputed
 
 
@@ -155,10 +153,12 @@ def test_stage_keeps_the_target_count_and_stays_aligned(seed, batch_size, k_rati
                 mask = [0] + [int(x) for x in rng.random(n - 1) < 0.7]
                 rows.append({"sample_id": f"p{part}-{i}", "input_ids": list(range(n)), "loss_mask": mask})
                 cur.append([None] + [float(-rng.integers(0, 4)) for _ in range(n - 1)])  # ties
-                ref.append([None] + [float(-rng.integers(0, 4)) for _ in range(n - 1)])
-            ids = io.write_synthetic_samples(run, part, rows)
-            io.write_signals(run, "current", part, ids, {"logprob": cur})
-            io.write_signals(run, "reference", part, ids, {"logprob": ref})
+                ref.append(
+                    [None] + [float(-rng.integers(0, 4)) - 0.5 for _ in range(n - 1)]
+                )  # never 0 excess
+            ids = write_synthetic_samples(run, part, rows)
+            write_signals(run, "current", part, ids, {"logprob": cur})
+            write_signals(run, "reference", part, ids, {"logprob": ref})
         ex.STEP.run(run, ex.ExcessLossParams(k_ratio=k_ratio, batch_size=batch_size))
         per_batch = sql_json(
             tmp,
@@ -166,7 +166,7 @@ def test_stage_keeps_the_target_count_and_stays_aligned(seed, batch_size, k_rati
             "WHERE n_supervised > 0 GROUP BY batch",
         )
         for r in per_batch:
-            assert r["kept"] == io.floor_count(k_ratio, r["n"])
+            assert r["kept"] == decimal_count(k_ratio, r["n"], "ROUND_FLOOR")
         bad = sql_json(
             tmp,
             "SELECT count(*) AS n FROM scores_excess_loss e JOIN samples s USING (sample_id) WHERE "
@@ -174,3 +174,38 @@ def test_stage_keeps_the_target_count_and_stays_aligned(seed, batch_size, k_rati
             "list_count(e.token_score) <> s.n_loss_tokens",
         )
         assert bad == [{"n": 0}]
+
+
+def test_identical_models_are_refused(tmp_path):
+    """Same weights (equal fingerprints) or identical likelihoods: the top-k would keep tokens in input order."""
+    run = make_run(tmp_path / "same")
+    for part, ids in SHARDS.items():  # the reference re-scored with the current weights
+        write_signals(
+            run, "reference", part, ids, {"logprob": [CUR[s] for s in ids]}, model_fingerprint="cur"
+        )
+    with pytest.raises(UserError, match="same weights .*model fingerprint cur"):
+        ex.STEP.run(run, ex.ExcessLossParams())
+    for part, ids in SHARDS.items():  # other fingerprints, same likelihoods (e.g. a re-saved copy)
+        write_signals(
+            run, "reference", part, ids, {"logprob": [CUR[s] for s in ids]}, model_fingerprint="copy"
+        )
+    with pytest.raises(UserError, match="exactly 0 on all 10 scored tokens"):
+        ex.STEP.run(run, ex.ExcessLossParams(batch_size=0))
+    assert not run.table("scores/excess_loss").records()  # refused before writing anything
+
+
+def test_default_is_mini_batches_of_eight(tmp_path):
+    run = RunDir(tmp_path / "run", create=True)
+    rng = np.random.default_rng(0)
+    rows = [{"sample_id": f"s{i:02d}", "input_ids": [0, 1, 2], "loss_mask": [0, 1, 1]} for i in range(20)]
+    ids = write_synthetic_samples(run, 0, rows)
+    cur = [[None, *(-rng.uniform(0.1, 3, 2)).tolist()] for _ in ids]
+    ref = [[None, *(-rng.uniform(0.1, 3, 2)).tolist()] for _ in ids]
+    write_signals(run, "current", 0, ids, {"logprob": cur}, model_fingerprint="c")
+    write_signals(run, "reference", 0, ids, {"logprob": ref}, model_fingerprint="r")
+    entry = ex.STEP.run(run, ex.ExcessLossParams())
+    assert entry["config"]["batch_size"] == 8 and entry["counts"]["batches"] == 3  # 8 + 8 + 4 samples
+    per = sql_json(
+        run.root, "SELECT batch, sum(n_token_keep) AS k FROM scores_excess_loss GROUP BY 1 ORDER BY 1"
+    )
+    assert [r["k"] for r in per] == [9, 9, 4]  # floor(0.6 * 16), floor(0.6 * 16), floor(0.6 * 8)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from stage_fixtures import write_signals, write_synthetic_samples
 
 from winnow.pipeline.store import RunDir
 from winnow.stages import excess_loss as ex
@@ -31,9 +32,9 @@ def _run(root, rng, grid: float) -> tuple[RunDir, list]:
             exc = [(-np.float32(a)) - (-np.float32(b)) if m and a is not None else None
                    for a, b, m in zip(c, r, mask, strict=True)]  # fmt: skip
             order.append((rows[-1]["sample_id"], exc))
-        ids = io.write_synthetic_samples(run, part, rows)
-        io.write_signals(run, "current", part, ids, {"logprob": cur}, model_fingerprint="cur")
-        io.write_signals(run, "reference", part, ids, {"logprob": ref}, model_fingerprint="ref")
+        ids = write_synthetic_samples(run, part, rows)
+        write_signals(run, "current", part, ids, {"logprob": cur}, model_fingerprint="cur")
+        write_signals(run, "reference", part, ids, {"logprob": ref}, model_fingerprint="ref")
     return run, order
 
 
@@ -42,7 +43,7 @@ def _run(root, rng, grid: float) -> tuple[RunDir, list]:
 )
 def test_streamed_top_k_equals_in_memory_stable_sort(tmp_path, seed, grid, k_ratio):
     run, order = _run(tmp_path / "run", np.random.default_rng(seed), grid)
-    ex.STEP.run(run, ex.ExcessLossParams(k_ratio=k_ratio))
+    ex.STEP.run(run, ex.ExcessLossParams(k_ratio=k_ratio, batch_size=0))
     flat = np.array([float(v) for _, exc in order for v in exc if v is not None], np.float64)
     k = io.floor_count(k_ratio, len(flat))
     ranked = np.argsort(-(flat + 0.0), kind="stable")  # descending; ties keep (shard, row, position) order

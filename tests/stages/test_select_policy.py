@@ -127,3 +127,71 @@ def test_user_errors_exit_2(tmp_path, args, match):
     code, _, err = run_cli("select", run.root, *args)
     assert code == 2
     assert re.search(match, err), err
+
+
+def test_composed_policies_keep_what_every_one_keeps(tmp_path):
+    run = test_critical_tokens.make_run(tmp_path / "run")
+    assert run_cli("score", run.root, "critical_tokens")[0] == 0
+    out = _select(run.root, "sql,critical_tokens", "--keep", "sample_id in ('w', 'r')")
+    assert "selection/sql_and_critical_tokens: kept 1 of 4 samples" in out
+    sel = _rows(run.root, "selection_sql_and_critical_tokens")
+    # a dropped sample carries the reason of the FIRST listed policy that dropped it
+    assert {s: (r["keep"], r["reason"]) for s, r in sel.items()} == {
+        "w": (False, "critical_tokens:incorrect"),
+        "r": (True, "sql_keep+correct"),
+        "u": (False, "sql:sql_drop"),
+        "o": (False, "sql:sql_drop"),
+    }
+    assert sel["r"]["policy"] == "sql,critical_tokens" and sel["r"]["token_weight"] == [0.0, 1.0, 1.0]
+    _select(
+        run.root,
+        "critical_tokens,sql",
+        "--keep",
+        "sample_id in ('w', 'r')",
+        "--tokens",
+        "p_ce",
+        "--name",
+        "c",
+    )
+    sel = _rows(run.root, "selection_c")
+    assert {s: r["reason"] for s, r in sel.items()} == {
+        "w": "critical_tokens:incorrect",
+        "r": "correct+sql_keep",
+        "u": "critical_tokens:unlabelled",
+        "o": "critical_tokens:incorrect",
+    }
+    assert sel["r"]["token_weight"] == [0.0, 0.75, 0.5]
+
+
+@pytest.mark.parametrize(
+    "policy, match", [("critical_tokens,nope", "unknown policy 'nope'"), ("all,all", "lists a policy twice")]
+)
+def test_bad_compositions_exit_2(tmp_path, policy, match):
+    run = test_critical_tokens.make_run(tmp_path / "run")
+    code, _, err = run_cli("select", run.root, policy)
+    assert code == 2 and re.search(match, err), err
+
+
+def test_sql_errors_that_are_not_a_bad_condition_are_not_reported_as_one(tmp_path):
+    import duckdb
+    from stage_fixtures import write_signals
+
+    from winnow.pipeline.store import UserError
+    from winnow.stages import select_policy as sp
+
+    run = test_critical_tokens.make_run(tmp_path / "run")
+    assert run_cli("score", run.root, "critical_tokens")[0] == 0
+    keep = "sample_id in (select sample_id from scores_critical_tokens where keep)"
+    # a stale table is hidden from the views: say so, not "bad SQL condition"
+    ids = test_critical_tokens.SHARDS[0]
+    write_signals(run, "contrast", 0, ids, {"p_ce": [[None, 0.5, 0.5, 0.5, 0.5, 0.5], [None, 0.5, 0.5]]})
+    code, _, err = run_cli("select", run.root, "sql", "--keep", keep)
+    assert code == 2 and "bad SQL condition" not in err and "stale table scores/critical_tokens" in err, err
+    # a corrupt Parquet shard is an IO error: it propagates as DuckDB raised it
+    assert run_cli("score", run.root, "critical_tokens")[0] == 0
+    path = run.table("scores/critical_tokens").part_path(1)
+    data = path.read_bytes()
+    path.write_bytes(data[:-8] + b"\0" * 8)  # same size (still committed), footer and magic gone
+    with pytest.raises(duckdb.Error) as info:
+        sp.STEP.run(run, sp.SelectParams(policy="sql", keep=keep))
+    assert not isinstance(info.value, UserError)

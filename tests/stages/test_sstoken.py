@@ -11,10 +11,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from stage_fixtures import write_signals, write_synthetic_samples
 
 from winnow.pipeline.store import RunDir, UserError
 from winnow.stages import sstoken as ss
-from winnow.stages import stage_io as io
 
 from conftest import run_cli, sql_json
 
@@ -48,12 +48,10 @@ def make_run(root, same_weights=False, anchor="query") -> RunDir:
             {"sample_id": s, "input_ids": list(range(len(CASES[s][0]))), "loss_mask": CASES[s][0]}
             for s in ids
         ]
-        io.write_synthetic_samples(run, part, rows)
+        write_synthetic_samples(run, part, rows)
         lists = [_lists(s) for s in ids]
-        io.write_signals(
-            run, "history", part, ids, {"logprob": [x[0] for x in lists]}, model_fingerprint="base"
-        )
-        io.write_signals(
+        write_signals(run, "history", part, ids, {"logprob": [x[0] for x in lists]}, model_fingerprint="base")
+        write_signals(
             run,
             "current",
             part,
@@ -129,7 +127,7 @@ def test_attention_requirements(tmp_path):
     entry = ss.STEP.run(run, ss.SSTokenParams(gamma=1.0, current="current", history="history"))
     assert entry["shards"]["computed"] == 2
     ids = SHARDS[0]
-    io.write_signals(run, "plain", 0, ids, {"logprob": [_lists(s)[1] for s in ids]}, model_fingerprint="w2")
+    write_signals(run, "plain", 0, ids, {"logprob": [_lists(s)[1] for s in ids]}, model_fingerprint="w2")
     with pytest.raises(UserError, match="--alias plain --signals attention,logprob"):
         ss.STEP.run(run, ss.SSTokenParams(current="plain"))
 
@@ -139,7 +137,7 @@ def test_per_shard_freshness(tmp_path):
     p = ss.SSTokenParams()
     assert ss.STEP.run(run, p)["shards"]["computed"] == 2
     assert ss.STEP.run(run, p)["shards"]["skipped"] == 2
-    io.write_signals(
+    write_signals(
         run,
         "history",
         1,
@@ -215,11 +213,9 @@ def test_stage_lists_stay_aligned(seed):
             his.append([None] + rng.uniform(-4, 0, n - 1).tolist())
             cur.append([None] + rng.uniform(-4, 0, n - 1).tolist())
             att.append([None] + rng.uniform(0, 1, n - 1).tolist())
-        ids = io.write_synthetic_samples(run, 0, rows)
-        io.write_signals(run, "history", 0, ids, {"logprob": his}, model_fingerprint="h")
-        io.write_signals(
-            run, "current", 0, ids, {"logprob": cur, "attn_importance": att}, model_fingerprint="c"
-        )
+        ids = write_synthetic_samples(run, 0, rows)
+        write_signals(run, "history", 0, ids, {"logprob": his}, model_fingerprint="h")
+        write_signals(run, "current", 0, ids, {"logprob": cur, "attn_importance": att}, model_fingerprint="c")
         ss.STEP.run(run, ss.SSTokenParams())
         bad = sql_json(
             tmp,
@@ -229,3 +225,30 @@ def test_stage_lists_stay_aligned(seed):
             "n_token_keep <> ceil(0.6 * s.n_loss_tokens - 1e-9)",
         )
         assert bad == [{"n": 0}]
+
+
+def test_identical_likelihoods_are_refused(tmp_path):
+    """Different fingerprints but REL exactly 0 (re-saved weights): ssToken would rank by attention alone."""
+    run = make_run(tmp_path / "run")
+    for part, ids in SHARDS.items():
+        lists = [_lists(s) for s in ids]
+        write_signals(run, "history", part, ids, {"logprob": [x[1] for x in lists]}, model_fingerprint="copy")
+    with pytest.raises(UserError, match="exactly 0 on all"):
+        ss.STEP.run(run, ss.SSTokenParams())
+    assert (
+        ss.STEP.run(run, ss.SSTokenParams(gamma=0.0))["shards"]["computed"] == 2
+    )  # attention only, asked for
+
+
+def test_supervised_without_signal_counts_skipped_shards(tmp_path):
+    run = make_run(tmp_path / "run")
+    his, _, _ = _lists("a")
+    his[5] = None  # one supervised token of shard 0 without a history value
+    write_signals(run, "history", 0, SHARDS[0], {"logprob": [his, _lists("b")[0]]}, model_fingerprint="base")
+    p = ss.SSTokenParams()
+    assert ss.STEP.run(run, p)["counts"]["supervised_without_signal"] == 1
+    write_signals(
+        run, "history", 1, SHARDS[1], {"logprob": [[None, -1.0], [None] * 3]}, model_fingerprint="base"
+    )
+    entry = ss.STEP.run(run, p)  # shard 1 redone, shard 0 skipped: its missing token still counts
+    assert entry["shards"]["computed"] == 1 and entry["counts"]["supervised_without_signal"] == 1

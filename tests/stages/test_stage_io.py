@@ -10,6 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from stage_fixtures import decimal_count, write_signals, write_synthetic_samples
 
 from winnow.pipeline.store import RunDir, UserError
 from winnow.stages import stage_io as io
@@ -85,7 +86,7 @@ def test_top_fraction_matches_brute_force(b, t, ratio, seed):
     flat = [(i, j) for i in range(b) for j in range(t) if mask[i, j]]
     flat.sort(key=lambda ij: (-score[ij], ij))  # highest first, ties: earlier in row-major order
     want = np.zeros_like(mask)
-    for ij in flat[: io.floor_count(ratio, len(flat))]:
+    for ij in flat[: decimal_count(ratio, len(flat), "ROUND_FLOOR")]:
         want[ij] = True
     assert np.array_equal(got, want)
 
@@ -104,7 +105,7 @@ def test_simulated_batches_partition_the_samples(n, size, seed):
 # ---- reading shards ---------------------------------------------------------------------------------
 def _run(tmp_path) -> tuple[RunDir, list[str]]:
     run = RunDir(tmp_path / "run", create=True)
-    ids = io.write_synthetic_samples(
+    ids = write_synthetic_samples(
         run,
         0,
         [
@@ -118,7 +119,7 @@ def _run(tmp_path) -> tuple[RunDir, list[str]]:
 def test_read_shard_aligns_signals_by_sample_id(tmp_path):
     run, ids = _run(tmp_path)
     # written in reverse order on purpose
-    io.write_signals(run, "current", 0, ids[::-1], {"logprob": [[None, -0.5], [None, None, -2.0]]})
+    write_signals(run, "current", 0, ids[::-1], {"logprob": [[None, -0.5], [None, None, -2.0]]})
     shard = io.read_shard(run, 0, {"current": ["logprob"]})
     got = shard.signals[("current", "logprob")]
     assert np.array_equal(got, [[np.nan, np.nan, -2.0], [np.nan, -0.5, np.nan]], equal_nan=True)
@@ -129,14 +130,14 @@ def test_read_shard_aligns_signals_by_sample_id(tmp_path):
 
 def test_read_shard_rejects_other_tokenization(tmp_path):
     run, ids = _run(tmp_path)
-    io.write_signals(run, "current", 0, ids, {"logprob": [[None, -1.0], [None, -0.5]]})
+    write_signals(run, "current", 0, ids, {"logprob": [[None, -1.0], [None, -0.5]]})
     with pytest.raises(UserError, match="another tokenization"):
         io.read_shard(run, 0, {"current": ["logprob"]})
 
 
 def test_read_shard_rejects_missing_samples(tmp_path):
     run, ids = _run(tmp_path)
-    io.write_signals(run, "current", 0, ids[:1], {"logprob": [[None, -1.0, -1.0]]})
+    write_signals(run, "current", 0, ids[:1], {"logprob": [[None, -1.0, -1.0]]})
     with pytest.raises(UserError, match="lacks 1 samples"):
         io.read_shard(run, 0, {"current": ["logprob"]})
 
@@ -145,17 +146,17 @@ def test_require_signals_names_the_command(tmp_path):
     run, ids = _run(tmp_path)
     with pytest.raises(UserError, match=r"--alias reference --signals entropy,logprob"):
         io.require_signals(run, "reference", ["logprob", "entropy"], [0])
-    io.write_signals(run, "reference", 0, ids, {"logprob": [[None, -1.0, -1.0], [None, -1.0]]})
+    write_signals(run, "reference", 0, ids, {"logprob": [[None, -1.0, -1.0], [None, -1.0]]})
     with pytest.raises(UserError, match=r"no column\(s\) \['entropy'\]"):
         io.require_signals(run, "reference", ["logprob", "entropy"], [0])
-    io.write_synthetic_samples(run, 1, [{"input_ids": [1, 2], "loss_mask": [0, 1]}])
+    write_synthetic_samples(run, 1, [{"input_ids": [1, 2], "loss_mask": [0, 1]}])
     with pytest.raises(UserError, match="lacks 1 of the 2 samples shards"):
         io.require_signals(run, "reference", ["logprob"], [0, 1])
 
 
 def test_freshness_helpers(tmp_path):
     run, ids = _run(tmp_path)
-    io.write_signals(run, "current", 0, ids, {"logprob": [[None, -1.0, -1.0], [None, -1.0]]})
+    write_signals(run, "current", 0, ids, {"logprob": [[None, -1.0, -1.0], [None, -1.0]]})
     out = run.table("scores/x")
     inputs = io.part_inputs(run, ["samples", "signals/current"], 0)
     assert set(inputs) == {"samples/part-00000", "signals/current/part-00000"}
@@ -164,7 +165,7 @@ def test_freshness_helpers(tmp_path):
     ShardLoop([out], "fp1", 1).commit(0, pa.table({"sample_id": ids, "reason": ["a", "b"]}), inputs=inputs)
     assert io.is_fresh(out, 0, "fp1", inputs)
     assert not io.is_fresh(out, 0, "fp2", inputs)
-    io.write_signals(run, "current", 0, ids, {"logprob": [[None, -2.0, -1.0], [None, -1.0]]})
+    write_signals(run, "current", 0, ids, {"logprob": [[None, -2.0, -1.0], [None, -1.0]]})
     assert not io.is_fresh(out, 0, "fp1", io.part_inputs(run, ["samples", "signals/current"], 0))
     assert io.reason_counts(out) == {"a": 1, "b": 1}
     io.drop_orphans(out, [1])
@@ -173,8 +174,8 @@ def test_freshness_helpers(tmp_path):
 
 def test_stale_signals_are_refused(tmp_path):
     run, ids = _run(tmp_path)
-    io.write_signals(run, "current", 0, ids, {"logprob": [[None, -1.0, -1.0], [None, -1.0]]})
-    io.write_synthetic_samples(run, 0, [{"input_ids": [1, 2, 3], "loss_mask": [0, 1, 0]}])  # re-ingested
+    write_signals(run, "current", 0, ids, {"logprob": [[None, -1.0, -1.0], [None, -1.0]]})
+    write_synthetic_samples(run, 0, [{"input_ids": [1, 2, 3], "loss_mask": [0, 1, 0]}])  # re-ingested
     with pytest.raises(UserError, match="is stale"):
         io.require_signals(run, "current", ["logprob"], [0])
 
@@ -187,19 +188,20 @@ def test_every_stage_runs_from_a_recipe(tmp_path):
         {"input_ids": [1, 2, 3], "loss_mask": [0, 1, 1], "meta_ok": True},
         {"input_ids": [4, 5], "loss_mask": [0, 1], "meta_ok": False},
     ]
-    ids = io.write_synthetic_samples(run, 0, rows)
+    ids = write_synthetic_samples(run, 0, rows)
     lp = {"logprob": [[None, -1.0, -0.5], [None, -2.0]]}
     full = {
         **lp,
         "entropy": [[None, 1.0, 2.0], [None, 0.5]],
         "attn_importance": [[None, 0.2, 0.4], [None, 0.3]],
     }
-    io.write_signals(run, "current", 0, ids, full, model_fingerprint="warm")
-    io.write_signals(
+    write_signals(run, "current", 0, ids, full, model_fingerprint="warm")
+    write_signals(
         run, "reference", 0, ids, {"logprob": [[None, -0.5, -0.5], [None, -1.0]]}, model_fingerprint="ref"
     )
-    io.write_signals(run, "base", 0, ids, lp, model_fingerprint="base")
-    io.write_signals(run, "contrast", 0, ids, {"p_ce": [[None, 0.5, 0.25], [None, 0.75]]})
+    base = {"logprob": [[None, -1.5, -0.25], [None, -2.5]]}  # the history model: other likelihoods
+    write_signals(run, "base", 0, ids, base, model_fingerprint="base")
+    write_signals(run, "contrast", 0, ids, {"p_ce": [[None, 0.5, 0.25], [None, 0.75]]})
     recipe = tmp_path / "r.toml"
     recipe.write_text(
         '[[steps]]\nstep = "eu_plane"\nr_sample = 0.5\nneighbour_fill = "omit"\n\n'
