@@ -305,6 +305,34 @@ class _Card:
             fig, f"selection_{name}.png", f"Selection `{name}`: reasons and weighted-token share"
         )
 
+    def training(self) -> None:
+        """Each `winnow train` of the run: eval_loss before/after and the loss curves (PNG)."""
+        import matplotlib.pyplot as plt
+
+        runs = [(k, e) for k, e in sorted(self.man.get("steps", {}).items()) if e.get("step") == "train"]
+        if not runs:
+            return
+        fig, ax = plt.subplots(figsize=(6.5, 3.2))
+        rows = []
+        for key, e in runs:
+            path = Path(e.get("out", "")) / "metrics.jsonl"
+            lines = (
+                [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+            )
+            train = [(r["step"], r["loss"]) for r in lines if "loss" in r]
+            evals = [(r["step"], r["eval_loss"]) for r in lines if r.get("eval_loss") is not None]
+            if train:
+                ax.plot(*zip(*train, strict=True), lw=1, label=f"{key} train (weighted)")
+            if evals:
+                ax.plot(*zip(*evals, strict=True), "o-", label=f"{key} eval (all supervised)")
+            rows.append([key, e.get("steps"), e.get("eval_loss_before"), e.get("eval_loss"), e.get("out")])
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.legend(fontsize=7)
+        header = ["run", "steps", "eval_loss before", "eval_loss after", "model"]
+        self.md += ["## Training", "", _md_table(header, rows), ""]
+        self.md += self._plot(fig, "training.png", "Training and held-out loss per step")
+
     def _plot(self, fig, filename: str, caption: str) -> list[str]:
         _save_png(fig, self.out / filename)
         self.plots.append(filename)
@@ -416,6 +444,7 @@ def write_card(run_dir: str | Path, out: str | Path | None = None) -> Path:
     card.passes()
     card.scores()
     card.selections()
+    card.training()
     try:
         return card.write()
     finally:

@@ -7,6 +7,7 @@ table-only verbs (`inspect`) start in well under a second. Exit status: 0 succes
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated
 
@@ -221,6 +222,33 @@ def export(
     e = export_selection(run_dir, fmt, out, selection, force)
     typer.echo(
         f"selection/{e['selection']}: {e['rows']} samples, {e['weighted_tokens']} weighted tokens -> {e['out']}"
+    )
+
+
+@app.command()
+def train(
+    run_dir: Annotated[str | None, typer.Argument(help="run directory (omit with --data)")] = None,
+    selection: Annotated[str | None, typer.Option("--selection", help="selection/<name>/ to train on")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="an export parquet instead of a run")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="builtin:<name> or a local HF model dir")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="RUN/train/<name>/ (default: the selection)")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="save_pretrained directory of the result")] = None,
+    sets: SetOpt = None,
+) -> None:
+    """Train a model on a selection (or an export): token-weighted, packed, resumable, torchrun-ready."""
+    from winnow.trainer.config import TrainParams
+    from winnow.trainer.step import train as train_model
+
+    flags = {"selection": selection, "data": data, "model": model, "name": name, "out": out}
+    values = parse_sets(sets, "train") | {k: v for k, v in flags.items() if v is not None}
+    entry = train_model(build_params(TrainParams, values, where="winnow train"), run_dir)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: one report, from rank 0
+        return
+    if entry.get("skipped"):
+        typer.echo(f"{entry.get('out', out)}: already trained (eval_loss {entry.get('eval_loss')}); nothing to do")
+        return
+    typer.echo(
+        f"{entry['out']}: {entry['steps']} steps, eval_loss {entry['eval_loss_before']} -> {entry['eval_loss']}"
     )
 
 

@@ -8,7 +8,8 @@ other tools train on.
   Hugging Face causal-LM trainer: ``input_ids``, ``attention_mask``, ``labels`` (``input_ids[i]``
   where ``token_weight[i] > 0``, else -100 — the Transformers convention, so token pruning needs no
   custom loss) and ``token_weight`` (for fractional weights such as cDPO's p_CE, which -100 cannot
-  express), plus ``sample_id``, ``messages`` and the ``meta_*`` columns. Position ``i`` is
+  express), ``loss_mask`` (every supervised token, whatever the selection's weights: the held-out
+  yardstick of `winnow train --data`), plus ``sample_id``, ``messages`` and the ``meta_*`` columns. Position ``i`` is
   ``input_ids[i]`` as a target in both winnow and Transformers, so no shift is involved.
 
 The selection must be fresh (not stale against the scores it came from). Output is written to a
@@ -86,6 +87,7 @@ def _train_table(s: pa.Table, weight: pa.ChunkedArray) -> pa.Table:
     cols["attention_mask"] = pa.ListArray.from_arrays(ids.offsets, ones)
     cols["labels"] = _labels(s["input_ids"], weight)
     cols["token_weight"] = weight.combine_chunks()
+    cols["loss_mask"] = s["loss_mask"]  # every supervised token: `winnow train --data` scores eval_loss on it
     for c in s.column_names:
         if c.startswith("meta_"):
             cols[c] = s[c]

@@ -344,5 +344,13 @@ for _spec in (
         key_pattern="select:{name}",
         help="selection policy: scores -> keep per sample + token_weight per token in selection/<name>/",
     ),
+    StepSpec(
+        "train",
+        "training",
+        "winnow.trainer.step",
+        reads=("samples", Ref("selection/{selection}", lambda p: bool(p.selection))),
+        key_pattern=lambda p: f"train:{p.name or p.selection or 'all'}",
+        help="train a model on a selection (token-weighted, trimmed, packed; resumable; torchrun) -> RUN/train/<name>/",
+    ),
 ):
     register(_spec)

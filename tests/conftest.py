@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
 
@@ -24,13 +25,27 @@ def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
 
 
+# Triton kernels run under the interpreter when there is no CUDA device. triton (3.x) reads
+# TRITON_INTERPRET when a kernel is defined (``@triton.jit``, i.e. when
+# winnow.kernels.triton_linear_cross_entropy is imported), and nothing imports that module before a
+# kernel test asks for it; tests/kernels/test_linear_cross_entropy.py::test_interpreter_is_active
+# fails if that ever stops holding. This lives here, not in tests/kernels/conftest.py, because a
+# second conftest module would shadow this one for `from conftest import run_cli`.
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow"):
-        return
-    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    skips = []
+    if not config.getoption("--runslow"):
+        skips.append(("slow", pytest.mark.skip(reason="slow: run with --runslow")))
+    if not HAS_CUDA:  # benchmarks/gpu_check.sh runs these with -m gpu on a GPU machine
+        skips.append(("gpu", pytest.mark.skip(reason="gpu: needs a CUDA device")))
     for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips:
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 def run_cli(*args) -> tuple[int, str, str]:

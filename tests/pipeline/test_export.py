@@ -64,6 +64,7 @@ def test_parquet_and_hf_labels_follow_the_weights(demo_selection, tmp_path):
         assert len(row["input_ids"]) == len(row["labels"]) == len(row["attention_mask"]) == len(mask)
         assert row["labels"] == [x if m else -100 for x, m in zip(row["input_ids"], mask, strict=True)]
         assert row["token_weight"] == [float(m) for m in mask]
+        assert row["loss_mask"] == mask
         checked += sum(mask) > 0
     assert checked == t.num_rows
     ds = load_dataset(

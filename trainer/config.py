@@ -1,0 +1,86 @@
+"""`winnow train` parameters: one validated dataclass, every key settable with ``--set key=value``.
+
+Defaults are sized for the builtin tiny model on this 2-core CPU (a few hundred steps a minute); a real
+model on a GPU wants a larger ``tokens_per_batch`` and a smaller ``lr``. The identity of a training run
+is (model fingerprint, data digest, these parameters minus the purely cosmetic ones, ``--out``):
+:data:`NOT_IN_IDENTITY` lists the keys a rerun may change without starting over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+# changing these on a rerun continues the same run (they do not change what is computed)
+NOT_IN_IDENTITY = ("log_every", "progress", "keep_checkpoints", "save_every", "eval_every")
+
+
+@dataclass
+class TrainParams:
+    # what to train on and where (the CLI fills these from its flags)
+    model: str = ""  # builtin:<name> or a local Hugging Face model directory
+    selection: str = ""  # selection/<name>/ of the run; empty: every supervised token at weight 1
+    data: str = ""  # an export parquet (input_ids, token_weight, loss_mask) instead of a run
+    name: str = ""  # RUN/train/<name>/ (default: the selection's name, or "all")
+    out: str = ""  # the save_pretrained directory (default RUN/train/<name>/)
+    # schedule
+    max_steps: int = 0  # 0: as many as `epochs` take
+    epochs: int = 1
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0: no clipping
+    # batches
+    tokens_per_batch: int = 4096  # per micro-batch and rank (computed tokens, padding included)
+    max_seq_len: int = 2048  # longer samples (after trimming) are skipped and counted
+    grad_accum: int = 1
+    layout: Literal["auto", "padded", "packed"] = "auto"  # auto: packed on GPU, padded rows on CPU
+    # held-out split: eval_loss is over every supervised token (loss_mask) of these samples
+    eval_fraction: float = 0.05
+    eval_where: str = ""  # a DuckDB condition over the samples view instead of eval_fraction
+    eval_every: int = 0  # 0: only at step 0 and at the end
+    eval_max_samples: int = 512
+    # checkpoints
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    # numerics and devices
+    seed: int = 0
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    threads: int = 1  # CPU intra-op threads (fixed so weights do not depend on OMP_NUM_THREADS)
+    activation_checkpointing: bool = False
+    fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP under torchrun
+    log_every: int = 1
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "tokens_per_batch", "max_seq_len", "grad_accum", "threads", "log_every")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 1")
+        for key in ("max_steps", "warmup_steps", "eval_every", "save_every", "keep_checkpoints"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}={getattr(self, key)} must be >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction={self.eval_fraction} must be in [0, 1)")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise ValueError("max_grad_norm and weight_decay must be >= 0")
+        if self.max_seq_len > self.tokens_per_batch:
+            raise ValueError(
+                f"max_seq_len={self.max_seq_len} > tokens_per_batch={self.tokens_per_batch}: a sample must fit "
+                "a micro-batch; raise tokens_per_batch or lower max_seq_len"
+            )
+        if self.data and self.selection:
+            raise ValueError("give --data (an export) or --selection (of a run), not both")
+
+    def identity(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in NOT_IN_IDENTITY:
+            d.pop(k)
+        return d
