@@ -43,6 +43,7 @@ CONTENDERS = ("hf_trainer", "trl_packed", "trl_padded", "winnow")
 # winnow variants (``--contenders winnow,q_tuning,...``): the same epoch with an online policy or LoRA;
 # their table compares epoch time and peak RSS with plain weighted training on the same samples
 VARIANTS = {
+    "minibatch": {"online": "all"},  # the policies' control: the same 8-sample mini-batches, no scoring
     "q_tuning": {"online": "q_tuning"},  # r_sample 0.25: a no-grad scoring forward + a quarter trained
     "rho1": {"online": "rho1"},  # + a reference forward (rho1.reference = a second copy of the model)
     "sstoken": {"online": "sstoken"},  # history = start (a frozen copy), gamma 0.5: attention recomputed
@@ -300,8 +301,10 @@ def variant_table(results: dict) -> list[str]:
         plain = rows["winnow"]
         for k, r in rows.items():
             if k in VARIANTS:
+                same = rows.get("minibatch") if VARIANTS[k].get("online") not in (None, "all") else None
+                vs = f" ({r['train_s'] / same['train_s']:.2f}x mini-batch control)" if same else ""
                 out.append(
-                    f"| {mode} | {k} | {r['train_s']:.1f} | {r['train_s'] / plain['train_s']:.2f}x | "
+                    f"| {mode} | {k} | {r['train_s']:.1f} | {r['train_s'] / plain['train_s']:.2f}x{vs} | "
                     f"{r['max_rss_mb']:,.0f} | {r['max_rss_mb'] / plain['max_rss_mb']:.2f}x |"
                 )
     return out if len(out) > 3 else []

@@ -64,7 +64,7 @@ class TrainParams:
     log_every: int = 1
     progress: bool = True
     # online selection on every mini-batch with the current model (winnow.trainer.online), Masked Thought
-    online: str = "none"  # none | q_tuning | rho1 | sstoken
+    online: str = "none"  # none | all (mini-batches, no selection) | q_tuning | rho1 | sstoken
     q_tuning: QTuningOnline = field(default_factory=QTuningOnline)
     rho1: Rho1Online = field(default_factory=Rho1Online)
     sstoken: SSTokenOnline = field(default_factory=SSTokenOnline)

@@ -119,7 +119,7 @@ def needs(params: OnlineParams) -> set[str]:
 
 
 def apply_policy(s: Scored, params: OnlineParams) -> Decision:
-    if params.online == "none":
+    if params.online in ("none", "all"):
         return _decision(s.mask, s)
     return POLICIES[params.online](s, getattr(params, params.online))
 

@@ -131,6 +131,30 @@ class OnlineBatches:
 
         return minibatches(self.n, self.batch_size, seed=self.loop.p.seed * 1_000_003 + epoch)
 
+    def _score(self, model, ids, mask, real, entropy: bool = False, attention: bool = False) -> dict:
+        """:func:`score_rows` over length-bucketed groups of the mini-batch (as the training rows are laid
+        out on CPU), so that one long sample does not pad all eight; results in the (B, W) frame."""
+        env = self.loop.env
+        lengths = real.sum(1).tolist()
+        out: dict[str, torch.Tensor] = {}
+        for group in plan(lengths, self.loop.p.tokens_per_batch, "padded"):
+            g = torch.as_tensor(group, dtype=torch.long)
+            width = max(lengths[k] for k in group)
+            sub_real = real[g, :width] if attention else None
+            part = score_rows(
+                model,
+                env.scale,
+                env.softcap,
+                ids[g.to(ids.device), :width],
+                mask[g, :width],
+                entropy,
+                sub_real,
+            )
+            for key, value in part.items():
+                full = out.setdefault(key, torch.full(mask.shape, math.nan, dtype=torch.float64))
+                full[g, :width] = value
+        return out
+
     def _scored(self, seqs: list[np.ndarray], weights: list[np.ndarray]) -> ol.Scored:
         env, lm = self.loop.env, self.loop.loss_mod.model
         ids, w, real = _padded(seqs, weights, env.pad_id, env.device)
@@ -138,29 +162,33 @@ class OnlineBatches:
         was_training = lm.training
         lm.eval()
         try:
-            attn_rows = real if "attention" in self.need else None
-            cur = score_rows(lm, env.scale, env.softcap, ids, mask, "entropy" in self.need, attn_rows)
+            cur = self._score(lm, ids, mask, real, "entropy" in self.need, "attention" in self.need)
             s = ol.Scored(
                 mask=mask, weight=w, nll=cur["nll"], entropy=cur.get("entropy"), attn=cur.get("attn")
             )
             if "reference" in self.need:
-                s.nll_ref = self._reference_nll(ids, mask)
+                s.nll_ref = self._reference_nll(ids, mask, real)
             if self.history is not None:
-                s.nll_his = score_rows(self.history, env.scale, env.softcap, ids, mask, False)["nll"]
+                s.nll_his = self._score(self.history, ids, mask, real)["nll"]
         finally:
             lm.train(was_training)
         return s
 
-    def _reference_nll(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        env = self.loop.env
+    def _reference_nll(self, ids: torch.Tensor, mask: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         if self.reference == "base":  # LoRA: the same weights with the adapters switched off
             with self.loop.loss_mod.model.disable_adapter():
-                return score_rows(self.loop.loss_mod.model, env.scale, env.softcap, ids, mask, False)["nll"]
-        return score_rows(self.reference, env.scale, env.softcap, ids, mask, False)["nll"]
+                return self._score(self.loop.loss_mod.model, ids, mask, real)["nll"]
+        return self._score(self.reference, ids, mask, real)["nll"]
 
     def _select(self, idx: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         tr = self.loop.data.train
         seqs, weights = [tr.ids[k] for k in idx], [tr.weights[k] for k in idx]
+        if self.op.online == "all":  # the same mini-batches, nothing scored: the control of the policies
+            self.stats["seen_samples"] = self.stats.get("seen_samples", 0) + len(idx)
+            return [
+                (np.asarray(x, dtype=np.int64), np.asarray(w, dtype=np.float32))
+                for x, w in zip(seqs, weights, strict=True)
+            ]
         decision = ol.apply_policy(self._scored(seqs, weights), self.op)
         for key, value in decision.stats.items():
             self.stats[key] = self.stats.get(key, 0) + int(value)

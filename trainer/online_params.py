@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-POLICY_NAMES = ("none", "q_tuning", "rho1", "sstoken")
+POLICY_NAMES = ("none", "all", "q_tuning", "rho1", "sstoken")  # all: mini-batch mode, no selection
 
 
 @dataclass
