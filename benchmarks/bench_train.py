@@ -40,6 +40,15 @@ from pathlib import Path
 import numpy as np
 
 CONTENDERS = ("hf_trainer", "trl_packed", "trl_padded", "winnow")
+# winnow variants (``--contenders winnow,q_tuning,...``): the same epoch with an online policy or LoRA;
+# their table compares epoch time and peak RSS with plain weighted training on the same samples
+VARIANTS = {
+    "minibatch": {"online": "all"},  # the policies' control: the same 8-sample mini-batches, no scoring
+    "q_tuning": {"online": "q_tuning"},  # r_sample 0.25: a no-grad scoring forward + a quarter trained
+    "rho1": {"online": "rho1"},  # + a reference forward (rho1.reference = a second copy of the model)
+    "sstoken": {"online": "sstoken"},  # history = start (a frozen copy), gamma 0.5: attention recomputed
+    "lora": {"lora_r": 16},
+}
 
 
 # ----------------------------------------------------------------------------------------- setup
@@ -193,11 +202,15 @@ def worker_trl(a, packing: bool) -> dict:
     return {"train_s": time.perf_counter() - t0, "loss": m["train_loss"]}
 
 
-def worker_winnow(a) -> dict:
+def worker_winnow(a, variant: str = "") -> dict:
+    from winnow.pipeline.params import build_params
     from winnow.trainer.config import TrainParams
     from winnow.trainer.step import train
 
-    p = TrainParams(
+    extra = dict(VARIANTS.get(variant, {}))
+    if extra.get("online") == "rho1":
+        extra["rho1.reference"] = a.model  # the same weights: the cost is what is measured here
+    base = dict(
         model=a.model,
         data=a.data,
         out=str(Path(a.tmp) / "out"),
@@ -210,6 +223,7 @@ def worker_winnow(a) -> dict:
         threads=a.threads,
         progress=False,
     )
+    p = build_params(TrainParams, {**base, **extra}, "bench_train")
     res = train(p)
     rows = [json.loads(x) for x in (Path(p.out) / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
@@ -274,6 +288,28 @@ def table(results: dict, targets: dict) -> list[str]:
     return lines
 
 
+def variant_table(results: dict) -> list[str]:
+    """Online policies and LoRA against plain winnow on the same epoch (same samples, same process setup)."""
+    out = [
+        "",
+        "| weights | variant | epoch train s | vs plain winnow | peak RSS MB | RSS vs plain |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mode, rows in results.items():
+        if "winnow" not in rows:
+            continue
+        plain = rows["winnow"]
+        for k, r in rows.items():
+            if k in VARIANTS:
+                same = rows.get("minibatch") if VARIANTS[k].get("online") not in (None, "all") else None
+                vs = f" ({r['train_s'] / same['train_s']:.2f}x mini-batch control)" if same else ""
+                out.append(
+                    f"| {mode} | {k} | {r['train_s']:.1f} | {r['train_s'] / plain['train_s']:.2f}x{vs} | "
+                    f"{r['max_rss_mb']:,.0f} | {r['max_rss_mb'] / plain['max_rss_mb']:.2f}x |"
+                )
+    return out if len(out) > 3 else []
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--samples", type=int, default=192)
@@ -295,6 +331,7 @@ def main() -> None:
             "trl_packed": lambda x: worker_trl(x, True),
             "trl_padded": lambda x: worker_trl(x, False),
             "winnow": worker_winnow,
+            **{v: (lambda x, v=v: worker_winnow(x, v)) for v in VARIANTS},
         }[a.worker]
         res = fn(a)
         res["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -311,7 +348,8 @@ def main() -> None:
             for kind in a.contenders.split(","):
                 results[mode][kind] = spawn(kind, a, model, data)
                 print(mode, kind, json.dumps(results[mode][kind]), flush=True)
-    lines = table(results, targets)
+    lines = table(results, targets) if "hf_trainer" in a.contenders.split(",") else []
+    lines += variant_table(results)
     print("\n".join(lines))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"args": vars(a), "targets": targets, "results": results}, indent=2))

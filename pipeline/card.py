@@ -9,6 +9,17 @@ every low-cardinality ``meta_`` column (≤ 20 values: "which kinds of data did 
 and the supervised tokens it zeroes most often. Plots: the EU plane (PPL x entropy by quadrant),
 per-selection reasons, and the distribution of the weighted-token share per kept sample.
 
+Memory stays bounded whatever the run's size (issue 16): nothing per token or per sample is pulled
+into Python. Tables and medians are DuckDB aggregates (holistic ones hold per-sample scalars only,
+8 bytes a sample), under a DuckDB ``memory_limit`` that lets joins spill to a temporary folder;
+the weighted-share histogram is binned inside DuckDB (the same bins as ``numpy.histogram``); the EU
+plane is a scatter of a reservoir sample of at most ``MAX_POINTS`` samples (counts in the legend are
+over all of them); the most-zeroed tokens are counted shard by shard with ``numpy.bincount`` over
+token ids instead of a join over the per-token ``tokens`` view. Measured with
+``benchmarks/bench_scale.py`` (2-core VM shared with other jobs, unique GSM8K rows): the card that
+pulled rows into Python and joined ``tokens`` peaked at 695 MB at 20k samples and 1,949 MB at 100k
+(24.9M tokens, 209 s); this one at 314 MB at both sizes (52 s at 100k), with the same Markdown.
+
 The card is Markdown with a Hugging Face dataset-card header, so it can be pushed beside an
 exported dataset. Files are written atomically (temporary name, fsync, rename); rerunning replaces
 the card. matplotlib runs headless (Agg).
@@ -18,15 +29,23 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from winnow.pipeline.inspect_run import open_views
 from winnow.pipeline.store import RunDir, UserError, atomic_write_bytes
 
 MAX_META_VALUES = 20  # a meta_ column with more distinct values is an identifier, not a category
 TOP_TOKENS = 15
+MAX_POINTS = 20_000  # EU-plane scatter: a reservoir sample of at most this many samples
+SHARE_BINS = 20
+DUCKDB_MEMORY = "256MB"  # joins and sorts beyond this spill to a temporary folder
 
 
 def _md_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -57,6 +76,13 @@ class _Card:
         self.run, self.out = run, out
         self.views = open_views(str(run.root), check_lengths=False)
         self.con = self.views.con
+        self._spill = tempfile.TemporaryDirectory(prefix="winnow-card-")
+        for setting in (
+            f"memory_limit = '{DUCKDB_MEMORY}'",
+            f"temp_directory = '{self._spill.name}'",
+            "preserve_insertion_order = false",
+        ):
+            self.con.execute(f"SET {setting}")
         self.man = run.manifest()
         self.md: list[str] = []
         self.plots: list[str] = []
@@ -201,23 +227,20 @@ class _Card:
         ]
         out = []
         for c in cols:
+            # HyperLogLog first (bounded memory, ~2% error): an identifier column with a million
+            # distinct values is never hashed exactly
+            (approx,) = self.q(f'select approx_count_distinct("{c}") from samples')[0]
+            if approx > 2 * MAX_META_VALUES:
+                continue
             (k,) = self.q(f'select count(distinct "{c}") from samples')[0]
             if 1 < k <= MAX_META_VALUES:
                 out.append(c)
         return out
 
     def _top_zeroed(self, view: str, name: str) -> None:
-        if "tokens" not in self.views.views or "vocab" not in self.views.views:
+        if "vocab" not in self.views.views:
             return
-        col = f"{name}__token_weight"
-        if col not in self.views.token_columns:
-            col = f"{view}__token_weight"
-            if col not in self.views.token_columns:
-                return
-        rows = self.q(
-            f"select token, count(*) n from tokens t join {view} s using (sample_id) "
-            f'where s.keep and t.loss_mask = 1 and t."{col}" = 0 group by 1 order by 2 desc, 1 limit {TOP_TOKENS}'
-        )
+        rows = top_zeroed_tokens(self.run, self.views.views[view], TOP_TOKENS)
         if rows:
             self.md += [
                 "Supervised tokens of kept samples given weight 0 most often:",
@@ -230,17 +253,29 @@ class _Card:
     def _eu_plot(self) -> list[str]:
         import matplotlib.pyplot as plt
 
-        rows = self.q("select error, uncertainty, quadrant from scores_eu_plane where error is not null")
-        if not rows:
+        counts = dict(
+            self.q("select quadrant, count(*) from scores_eu_plane where error is not null group by 1")
+        )
+        if not counts:
             return []
+        pts = reservoir_sample(
+            self.con,
+            "select error, uncertainty, quadrant from scores_eu_plane where error is not null",
+            MAX_POINTS,
+        )
         fig, ax = plt.subplots(figsize=(5.5, 4))
-        for quad in sorted({r[2] for r in rows}):
-            pts = [(r[0], r[1]) for r in rows if r[2] == quad]
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=6, alpha=0.6, label=f"{quad} ({len(pts)})")
+        for quad in sorted(counts):
+            sel = [(r[0], r[1]) for r in pts if r[2] == quad]
+            ax.scatter(
+                [p[0] for p in sel], [p[1] for p in sel], s=6, alpha=0.6, label=f"{quad} ({counts[quad]})"
+            )
         ax.set_xscale("log")
         ax.set_xlabel("error: PPL over supervised tokens (log)")
         ax.set_ylabel("uncertainty: mean entropy (nats)")
-        ax.set_title("EU plane")
+        total = sum(counts.values())
+        ax.set_title(
+            "EU plane" + (f" ({len(pts)} of {total} samples drawn at random)" if len(pts) < total else "")
+        )
         ax.legend(fontsize=7, markerscale=2)
         return self._plot(
             fig, "eu_plane.png", "EU plane: each sample by PPL and mean entropy, coloured by quadrant"
@@ -250,15 +285,18 @@ class _Card:
         import matplotlib.pyplot as plt
 
         reasons = self.q(f"select reason, count(*) from {view} group by 1 order by 2 desc")
-        shares = [
-            r[0]
-            for r in self.q(f"select n_weighted / n_supervised from {view} where keep and n_supervised > 0")
-        ]
+        counts, edges = sql_histogram(
+            self.con,
+            f"select n_weighted / n_supervised from {view} where keep and n_supervised > 0",
+            SHARE_BINS,
+            0.0,
+            1.0,
+        )
         fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
         a.barh([r[0] for r in reasons][::-1], [r[1] for r in reasons][::-1], color="tab:blue")
         a.set_xlabel("samples")
         a.set_title("reasons")
-        b.hist(shares, bins=20, range=(0, 1), color="tab:green")
+        b.hist(edges[:-1], bins=edges, weights=counts, color="tab:green")
         b.set_xlabel("weighted share of supervised tokens")
         b.set_ylabel("kept samples")
         b.set_title("token weight per kept sample")
@@ -306,6 +344,94 @@ class _Card:
         return path
 
 
+def sql_histogram(con, sql: str, bins: int, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+    """``numpy.histogram(values, bins, (lo, hi))`` of the first column of ``sql``, binned in DuckDB.
+
+    numpy's rule, so the counts are identical: index ``floor((x - lo) / (hi - lo) * bins)``, then moved
+    down or up one bin when ``x`` falls on the wrong side of the edge ``lo + i * ((hi - lo) / bins)``
+    (``linspace``'s edges, the last one exactly ``hi``); ``hi`` itself counts in the last bin.
+    """
+    step = (hi - lo) / bins
+    edge = "(case when {i} >= $bins then $hi else {i} * $step + $lo end)"
+    got = con.execute(
+        f"""
+        with v as (select x::double as x from ({sql}) t(x) where x >= $lo and x <= $hi),
+        i as (select x, least(floor((x - $lo) / ($hi - $lo) * $bins)::bigint, $bins - 1) as i from v)
+        select case when x < {edge.format(i="i")} then i - 1
+                    when i < $bins - 1 and x >= {edge.format(i="(i + 1)")} then i + 1 else i end as j,
+               count(*)
+        from i group by j
+        """,
+        {"lo": float(lo), "hi": float(hi), "step": step, "bins": bins},
+    ).fetchall()
+    counts = np.zeros(bins, np.int64)
+    for j, n in got:
+        counts[int(j)] += n
+    return counts, np.linspace(lo, hi, bins + 1)
+
+
+def reservoir_sample(con, sql: str, k: int, seed: int = 0) -> list[tuple]:
+    """At most ``k`` rows of ``sql`` drawn uniformly at random (all rows when there are no more)."""
+    return con.sql(
+        f"select * from ({sql}) using sample reservoir({int(k)} rows) repeatable ({int(seed)})"
+    ).fetchall()
+
+
+def top_zeroed_tokens(run: RunDir, selection: str, k: int) -> list[tuple[str | None, int]]:
+    """The ``k`` token texts most often at weight 0 on a supervised position of a kept sample.
+
+    One shard of ``samples`` and of the ``selection`` table in memory at a time: counts per token id
+    (``numpy.bincount``), then merged by text (two ids may decode to the same text) and ordered by
+    count, then text, like ``group by token order by count desc, token`` over the ``tokens`` view.
+    Rows whose ``token_weight`` list does not have one entry per token are skipped (in SQL their
+    positions beyond the list read as null, never 0; ``select`` never writes such rows).
+    """
+    samples, sel = run.table("samples"), run.table(selection)
+    schema = sel.schema()
+    if schema is None or "token_weight" not in schema.names:
+        return []
+    counts = np.zeros(1, np.int64)
+    for rec in sel.records():
+        t = sel.read_part(rec.part, columns=["sample_id", "keep", "token_weight"])
+        s = samples.read_part(rec.part, columns=["sample_id", "input_ids", "loss_mask"])
+        s_ids, t_ids = s["sample_id"].combine_chunks(), t["sample_id"].combine_chunks()
+        if not s_ids.equals(t_ids):  # align by sample_id, not by row order
+            where = pc.index_in(s_ids, value_set=t_ids)
+            s = s.filter(pc.is_valid(where))
+            t = t.take(pc.drop_null(where))
+        ids = s["input_ids"].combine_chunks()
+        weight = t["token_weight"].combine_chunks()
+        lengths = np.asarray(ids.value_lengths().fill_null(0), np.int64)
+        ok = (lengths == np.asarray(weight.value_lengths().fill_null(-1), np.int64)) & np.asarray(
+            pc.fill_null(t["keep"].combine_chunks(), False), bool
+        )
+        if not ok.any():
+            continue
+        ids, weight, mask = (
+            ids.filter(pa.array(ok)),
+            weight.filter(pa.array(ok)),
+            s["loss_mask"].combine_chunks(),
+        )
+        mask = mask.filter(pa.array(ok))
+        zero = pc.fill_null(pc.equal(pc.list_flatten(weight), 0), False)
+        hit = np.asarray(zero, bool) & (np.asarray(pc.list_flatten(mask).to_numpy(zero_copy_only=False)) == 1)
+        tok = np.asarray(pc.list_flatten(ids).to_numpy(zero_copy_only=False), np.int64)[hit]
+        part_counts = np.bincount(tok, minlength=len(counts))
+        part_counts[: len(counts)] += counts
+        counts = part_counts
+    nz = np.flatnonzero(counts)
+    if not len(nz):
+        return []
+    vocab = run.table("vocab").read(columns=["token_id", "token"])
+    text = dict(zip(vocab["token_id"].to_pylist(), vocab["token"].to_pylist(), strict=True))
+    by_text: dict[str | None, int] = {}
+    for i in nz:
+        key = text.get(int(i))
+        by_text[key] = by_text.get(key, 0) + int(counts[i])
+    order = sorted(by_text.items(), key=lambda kv: (-kv[1], kv[0] is None, kv[0] or ""))
+    return order[:k]
+
+
 def write_card(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the data card of ``run_dir`` into ``out`` (default ``run_dir/card``); returns README.md."""
     run = RunDir(run_dir)
@@ -319,4 +445,7 @@ def write_card(run_dir: str | Path, out: str | Path | None = None) -> Path:
     card.scores()
     card.selections()
     card.training()
-    return card.write()
+    try:
+        return card.write()
+    finally:
+        card._spill.cleanup()

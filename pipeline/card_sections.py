@@ -18,13 +18,13 @@ def eu_plane(card: Any, spec: Any) -> list[str]:
         "select quadrant, count(*), count_if(keep), median(error), median(uncertainty) "
         "from scores_eu_plane group by 1 order by 1"
     )
-    card._eu_plot()
     return [
         "### EU plane (Q-Tuning)",
         "",
         _md_table(["quadrant", "samples", "kept", "median PPL", "median entropy"], [list(r) for r in rows]),
         "",
         *card._eu_kept_by(),
+        *card._eu_plot(),  # the image link: the plot was written but not linked before
     ]
 
 

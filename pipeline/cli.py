@@ -27,11 +27,14 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="step parameter 
 
 
 def _run_step(step_name: str, run_dir: str, values: dict, create: bool = False) -> dict:
+    from winnow.pipeline.lock import run_lock
     from winnow.pipeline.store import RunDir
 
     step = registry.get_step(step_name)
     params = build_params(step.params, values, where=f"winnow {step_name}")
-    return step.run(RunDir(run_dir, create=create), params)
+    run = RunDir(run_dir, create=create)
+    with run_lock(run, registry.spec(step_name).key(params)):  # one writer per run, before any input is read
+        return step.run(run, params)
 
 
 @app.command()
@@ -176,25 +179,44 @@ def inspect(
     ] = None,
     fmt: Annotated[str, typer.Option("--format", help="table|csv|json|parquet")] = "table",
     out: Annotated[str | None, typer.Option("--out", help="write the result to this file")] = None,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="skip checking shards against their sha256 (warns)")
+    ] = False,
 ) -> None:
-    """Query the run's tables with DuckDB (views: samples, rejects, tokens, signals_*, scores_*, ...)."""
-    from winnow.pipeline.inspect_run import format_result, open_views, repl
+    """Query the run's tables with DuckDB, read-only (views: samples, rejects, tokens, signals_*, ...)."""
+    from winnow.pipeline.inspect_run import check_out_path, format_result, open_views, repl, run_sql
 
     if fmt not in ("table", "csv", "json", "parquet"):
         raise UserError(f"--format {fmt!r}: use table, csv, json or parquet")
+    check_out_path(run_dir, out)
     if sql is None:
-        repl(run_dir)
+        repl(run_dir, verify=not no_verify)
         return
-    views = open_views(run_dir)
+    views = open_views(run_dir, verify=not no_verify)
     for w in views.warnings:
         typer.echo(f"warning: {w}", err=True)
     try:
-        rel = views.con.sql(sql)
-        result = rel.to_arrow_table() if rel is not None else None
-    except Exception as e:  # duckdb raises many error classes; all mean the SQL is wrong
-        raise UserError(f"SQL error: {e}") from None
+        result = run_sql(views, sql)
+    finally:
+        views.close()
     if result is not None:
         format_result(result, fmt, out)
+
+
+@app.command()
+def verify(
+    run_dir: Annotated[str, typer.Argument(help="run directory")],
+    full: Annotated[bool, typer.Option("--full", help="hash every file again, ignoring the cache")] = False,
+) -> None:
+    """Check every shard against its commit record, and the plan and manifest (exit 1 on a problem)."""
+    from winnow.pipeline.verify import verify_run
+
+    problems, summary = verify_run(run_dir, full)
+    typer.echo(summary)
+    for p in problems:
+        typer.echo(f"problem: {p}", err=True)
+    if problems:
+        sys.exit(1)  # typer.Exit's code is swallowed under standalone_mode=False
 
 
 @app.command()
@@ -241,7 +263,15 @@ def train(
 
     flags = {"selection": selection, "data": data, "model": model, "name": name, "out": out}
     values = parse_sets(sets, "train") | {k: v for k, v in flags.items() if v is not None}
-    entry = train_model(build_params(TrainParams, values, where="winnow train"), run_dir)
+    params = build_params(TrainParams, values, where="winnow train")
+    if run_dir is None:
+        entry = train_model(params, run_dir)
+    else:  # one writer per run, as for every other step
+        from winnow.pipeline.lock import run_lock
+        from winnow.pipeline.store import RunDir
+
+        with run_lock(RunDir(run_dir), f"train:{name or selection or 'default'}"):
+            entry = train_model(params, run_dir)
     if os.environ.get("RANK", "0") != "0":  # torchrun: one report, from rank 0
         return
     if entry.get("skipped"):
@@ -269,7 +299,22 @@ def steps() -> None:
             typer.echo(f"    {f.name} = {default!r}")
 
 
+def _fixed_mmap_threshold() -> None:
+    """Serve large temporary arrays (a shard padded to (B, T) is megabytes) straight from mmap, so
+    freeing one returns it to the OS. glibc otherwise raises its mmap threshold after the first such
+    free and serves them from the heap, whose fragments made peak RSS grow with the number of shards:
+    `score eu_plane` peaked at 798 MB with glibc's default and 547 MB with this, at 100k samples
+    (benchmarks/bench_scale.py, issue 16)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB, no dynamic raise
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
 def main() -> None:
+    _fixed_mmap_threshold()
     try:
         app(standalone_mode=False)
     except UserError as e:

@@ -12,6 +12,11 @@ Formats (auto-detected per file from its first parseable record, or forced with 
 | text            | text                                     | one assistant turn (all tokens trained)   |
 
 Every other field of the record is returned as metadata and lands in a ``meta_<name>`` column.
+No record can raise anything but :class:`RecordError`: content that cannot be used (text that is not
+valid Unicode, e.g. a lone surrogate escape ``"\\ud800"``; a role that is not a string; nesting deeper
+than ``MAX_DEPTH``) is a reject with a reason code (``bad_text``, ``bad_role``, ``too_deep``), while a
+value that only a meta field holds (an integer beyond int64, a string with a lone surrogate) keeps the
+sample and makes that column JSON text, like any column of mixed types.
 Content is Unicode-NFC-normalised and stripped of outer whitespace; that normalised form is both
 what ``sample_id`` hashes and what gets rendered (ARCHITECTURE.md "sample_id").
 """
@@ -48,6 +53,8 @@ _FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
+MAX_DEPTH = 64  # nesting of lists/objects in one record; deeper is rejected as too_deep
+_INT64 = (-(2**63), 2**63 - 1)
 RecordError = RejectError  # a record that is not a conversation: the reason code of its reject row
 
 
@@ -58,8 +65,43 @@ def detect_format(record: dict[str, Any]) -> str | None:
     return None
 
 
-def normalize(text: str) -> str:
+def normalize(text: str, where: str = "text") -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RecordError(
+            "bad_text", f"{where}: not valid Unicode at character {e.start} (a lone surrogate escape)"
+        ) from None
     return unicodedata.normalize("NFC", text).strip()
+
+
+def nesting_depth(value: Any, limit: int = MAX_DEPTH) -> int:
+    """Depth of nested lists/dicts, counted without recursion and capped at ``limit + 1``."""
+    depth, level = 0, [value]
+    while level and depth <= limit:
+        nxt = []
+        for v in level:
+            if isinstance(v, dict):
+                nxt.extend(v.values())
+            elif isinstance(v, (list, tuple)):
+                nxt.extend(v)
+        if not nxt:
+            break
+        depth += 1
+        level = nxt
+    return depth
+
+
+def safe_json(value: Any, limit: int | None = None) -> str:
+    """JSON text of any record value, valid UTF-8 (lone surrogates escaped), never an exception."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(value, ensure_ascii=True, sort_keys=True, default=str)
+    except (RecursionError, ValueError, TypeError) as e:
+        text = f"<unprintable value: {type(e).__name__}>"
+    return text[:limit] if limit else text
 
 
 def _text_field(record: dict[str, Any], key: str, optional: bool = False) -> str | None:
@@ -70,7 +112,7 @@ def _text_field(record: dict[str, Any], key: str, optional: bool = False) -> str
     value = record[key]
     if not isinstance(value, str):
         raise RecordError("bad_field_type", f"field {key!r} is a {type(value).__name__}, expected a string")
-    return normalize(value)
+    return normalize(value, f"field {key!r}")
 
 
 def _message_list(value: Any, key: str, role_key: str, content_key: str, role_map: dict[str, str] | None):
@@ -88,6 +130,10 @@ def _message_list(value: Any, key: str, role_key: str, content_key: str, role_ma
         if content_key not in m or m[content_key] is None:
             raise RecordError("missing_field", f"{key}[{j}] has no {content_key!r}")
         role = m[role_key]
+        if not isinstance(role, str):
+            raise RecordError(
+                "bad_role", f"{key}[{j}].{role_key} is a {type(role).__name__}, expected a string"
+            )
         if role_map is not None:
             role = role_map.get(role, role)
         if role not in ROLES:
@@ -97,12 +143,14 @@ def _message_list(value: Any, key: str, role_key: str, content_key: str, role_ma
         content = m[content_key]
         if not isinstance(content, str):
             raise RecordError("bad_field_type", f"{key}[{j}].{content_key} is a {type(content).__name__}")
-        out.append({"role": role, "content": normalize(content)})
+        out.append({"role": role, "content": normalize(content, f"{key}[{j}].{content_key}")})
     return out
 
 
 def to_messages(record: dict[str, Any], fmt: str) -> tuple[list[dict[str, str]], dict[str, Any]]:
     """Convert a record to normalised messages and its leftover fields (future meta_ columns)."""
+    if nesting_depth(record) > MAX_DEPTH:
+        raise RecordError("too_deep", f"the record nests lists/objects deeper than {MAX_DEPTH} levels")
     required, optional = _FIELDS[fmt]
     used = set(required) | set(optional)
     if fmt == "chat":
@@ -166,12 +214,41 @@ def value_kind(v: Any) -> str | None:
     if isinstance(v, bool):
         return "bool"
     if isinstance(v, int):
-        return "int"
+        return "int" if _INT64[0] <= v <= _INT64[1] else "json"
     if isinstance(v, float):
         return "float"
     if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            return "json"  # a lone surrogate: kept as escaped JSON text
         return "str"
     return "json"
+
+
+def unique_meta_names(keys: list[str]) -> dict[str, str]:
+    """Column name (without ``meta_``) for each meta key, unique case-insensitively: DuckDB
+    identifiers ignore case, so ``Foo`` and ``foo`` would be one column there. Later keys (in sorted
+    order) get ``__2``, ``__3``, ...; the mapping is recorded in the manifest."""
+    out: dict[str, str] = {}
+    taken: set[str] = set()
+    for k in sorted(keys):
+        base = k if _encodes(k) else safe_json(k)[1:-1]
+        name, n = base, 1
+        while name.lower() in taken:
+            n += 1
+            name = f"{base}__{n}"
+        taken.add(name.lower())
+        out[k] = name
+    return out
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def merge_kinds(kinds: set[str]) -> str:
@@ -189,7 +266,7 @@ def coerce_meta(v: Any, kind: str) -> Any:
     if v is None:
         return None
     if kind == "json":
-        return json.dumps(v, ensure_ascii=False, sort_keys=True, default=str)
+        return safe_json(v)
     if kind == "float":
         return float(v)
     return v

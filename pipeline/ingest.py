@@ -32,16 +32,18 @@ from winnow.pipeline.formats import (
     coerce_meta,
     detect_format,
     merge_kinds,
+    safe_json,
     sample_id,
     to_messages,
+    unique_meta_names,
     value_kind,
 )
 from winnow.pipeline.readers import Row, file_fingerprint, iter_rows
 from winnow.pipeline.shards import Computed, ShardLoop, step_entry
 from winnow.pipeline.steps import Step
-from winnow.pipeline.store import RunDir, UserError, atomic_write_json, stable_hash
+from winnow.pipeline.store import RunDir, UserError, atomic_write_json, plan_digest, stable_hash
 
-CODE_VERSION = "ingest/1"  # with render.RENDER_VERSION in the fingerprint
+CODE_VERSION = "ingest/2"  # with render.RENDER_VERSION in the fingerprint
 LOSS_ON = ("all_turns", "last_turn")
 _ARROW_META = {
     "bool": pa.bool_(),
@@ -159,22 +161,27 @@ def _reject(
     row: Row, reason: str, detail: str, raw: str | None = None, dup: str | None = None, sid: str | None = None
 ) -> dict[str, Any]:
     if raw is None:
-        import json
-
-        raw = (
-            json.dumps(row.record, ensure_ascii=False, default=str)[:2000]
-            if row.record is not None
-            else row.raw
-        )
+        raw = safe_json(row.record, 2000) if row.record is not None else row.raw
     return {
-        "source": row.source,
+        "source": _utf8(row.source),
         "row": row.row,
         "reason": reason,
-        "detail": detail,
+        "detail": _utf8(detail),
         "duplicate_of": dup,
         "sample_id": sid,
-        "raw": raw,
+        "raw": _utf8(raw),
     }
+
+
+def _utf8(text: str | None) -> str | None:
+    """Text Arrow can store: lone surrogates become backslash escapes (a reject never fails to write)."""
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 REJECT_SCHEMA = pa.schema(
@@ -190,7 +197,9 @@ REJECT_SCHEMA = pa.schema(
 )
 
 
-def samples_schema(meta_types: dict[str, str], tok_fp: str, model: str) -> pa.Schema:
+def samples_schema(
+    meta_types: dict[str, str], tok_fp: str, model: str, names: dict[str, str] | None = None
+) -> pa.Schema:
     fields = [
         ("sample_id", pa.string()),
         ("source", pa.string()),
@@ -203,19 +212,21 @@ def samples_schema(meta_types: dict[str, str], tok_fp: str, model: str) -> pa.Sc
         ("n_tokens", pa.int32()),
         ("n_loss_tokens", pa.int32()),
     ]
-    fields += [(f"meta_{k}", _ARROW_META[t]) for k, t in sorted(meta_types.items())]
+    names = names or unique_meta_names(list(meta_types))
+    fields += [(f"meta_{names[k]}", _ARROW_META[t]) for k, t in sorted(meta_types.items())]
     return pa.schema(fields, metadata={"winnow.tokenizer_fingerprint": tok_fp, "winnow.model": model})
 
 
 def _shards(paths: list[Path], specs: list[str], shard_rows: int) -> Iterator[list[Row]]:
     buf: list[Row] = []
+    first = True
     for row in _iter_all(paths, specs):
         buf.append(row)
         if len(buf) == shard_rows:
             yield buf
-            buf = []
-    if buf:
-        yield buf
+            buf, first = [], False
+    if buf or first:
+        yield buf  # an input with zero rows still gets one (empty) shard: tables with the right schema
 
 
 @dataclass
@@ -226,6 +237,7 @@ class _Ctx:
     meta_types: dict[str, str]
     max_tokens: int
     schema: pa.Schema
+    meta_names: dict[str, str] = field(default_factory=dict)
 
 
 # a row with its messages and meta_ fields, or the error that rejects it (record None: unreadable)
@@ -292,7 +304,7 @@ def _sample_row(ctx: _Ctx, row: Row, sid: str, msgs: list[dict], meta: dict, r: 
         "n_loss_tokens": int(sum(mask)),
     }
     for k, kind in ctx.meta_types.items():
-        rec[f"meta_{k}"] = coerce_meta(meta.get(k), kind)
+        rec[f"meta_{ctx.meta_names[k]}"] = coerce_meta(meta.get(k), kind)
     return rec
 
 
@@ -381,6 +393,7 @@ def _prepare(p: IngestParams) -> _Prepared:
     tok_fp = tokenizer_fingerprint(tokenizer)
     paths = [resolve_input(s) for s in p.inputs]
     specs = [str(x) if s.startswith("builtin:") else s for s, x in zip(p.inputs, paths, strict=True)]
+    _check_distinct(paths)
     scan = scan_inputs(paths, specs, p.format)
     meta_types = {k: merge_kinds(v) for k, v in scan.meta_kinds.items()}
     max_tokens = p.max_tokens or model_max_tokens(tokenizer, model_dir)
@@ -399,7 +412,7 @@ def _prepare(p: IngestParams) -> _Prepared:
     plan = {
         "table": p.table,
         "shard_rows": p.shard_rows,
-        "shards": math.ceil(scan.rows / p.shard_rows) if scan.rows else 0,
+        "shards": max(1, math.ceil(scan.rows / p.shard_rows)),
         "rows": scan.rows,
         "sources": [
             {
@@ -437,8 +450,9 @@ def _ingest_shards(run: RunDir, p: IngestParams, prep: _Prepared) -> ShardLoop:
     from rich.progress import Progress
 
     n_shards = prep.plan["shards"]
-    schema = samples_schema(prep.meta_types, prep.tok_fp, str(prep.model_dir))
-    ctx = _Ctx(p, prep.tokenizer, prep.scan.formats, prep.meta_types, prep.max_tokens, schema)
+    names = unique_meta_names(list(prep.meta_types))
+    schema = samples_schema(prep.meta_types, prep.tok_fp, str(prep.model_dir), names)
+    ctx = _Ctx(p, prep.tokenizer, prep.scan.formats, prep.meta_types, prep.max_tokens, schema, names)
     samples_t, rejects_t = run.table(p.table), run.table(rejects_table(p.table))
     samples_t.drop_parts_from(n_shards)
     rejects_t.drop_parts_from(n_shards)
@@ -456,7 +470,8 @@ def _ingest_shards(run: RunDir, p: IngestParams, prep: _Prepared) -> ShardLoop:
     with Progress(transient=True) as bar:
         task = bar.add_task(f"ingest -> {p.table}", total=n_shards)
         work = enumerate(_shards(prep.paths, prep.specs, p.shard_rows))
-        loop.run(work, compute, on_skip=reseed, on_done=lambda _: bar.advance(task))
+        planned = {f"plan:{plan_file(p)}": plan_digest(prep.plan)}  # a re-ingest of other inputs: stale
+        loop.run(work, compute, inputs=lambda _: planned, on_skip=reseed, on_done=lambda _: bar.advance(task))
     return loop
 
 
@@ -464,7 +479,7 @@ def run_ingest(run: RunDir, p: IngestParams) -> dict[str, Any]:
     t0 = time.time()
     prep = _prepare(p)
     run.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run.root / ("plan.json" if p.table == "samples" else f"plan_{p.table}.json"), prep.plan)
+    atomic_write_json(run.root / plan_file(p), prep.plan)
     if p.table == "samples":
         _write_vocab(run, prep.tokenizer, prep.tok_fp)
     loop = _ingest_shards(run, p, prep)
@@ -480,10 +495,24 @@ def run_ingest(run: RunDir, p: IngestParams) -> dict[str, Any]:
         tokenizer_fingerprint=prep.tok_fp,
         max_tokens=prep.max_tokens,
         meta_columns=prep.meta_types,
+        meta_column_names={k: f"meta_{v}" for k, v in unique_meta_names(list(prep.meta_types)).items()},
         inputs=prep.plan["sources"],
     )
     run.update_manifest(manifest_key(p), entry)
     return entry
+
+
+def plan_file(p: IngestParams) -> str:
+    return "plan.json" if p.table == "samples" else f"plan_{p.table}.json"
+
+
+def _check_distinct(paths: list[Path]) -> None:
+    seen: dict[str, Path] = {}
+    for path in paths:
+        real = str(path.resolve())
+        if real in seen:
+            raise UserError(f"{path}: given twice (also as {seen[real]}); (source, row) would be ambiguous")
+        seen[real] = path
 
 
 def manifest_key(p: IngestParams) -> str:

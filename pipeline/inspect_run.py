@@ -10,6 +10,15 @@ Names (ARCHITECTURE.md "Naming in DuckDB"): ``samples``, ``rejects``, ``targets`
 ``offset``, ``loss_mask``, and every per-token list column of every other table as
 ``<table>__<column>`` (``current__logprob``, ``eu_plane__token_score``, ``default__token_weight``).
 
+Read-only (the inspector writes nothing into the run and reads nothing outside it): every shard is
+verified against its commit record's sha256 before the views open (cached; ``--no-verify`` skips it
+with a warning); views read symlinks to the verified shards in a private temporary folder, so a run
+path with glob characters (``g[1]``, ``g*``) is read as the path it is; DuckDB runs with external
+access limited to those symlinks (``allowed_paths``), extension install/autoload off and its
+configuration locked; and each statement's type is checked before anything runs: only SELECT-like
+statements (SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE, which DuckDB parses as SELECT) and EXPLAIN pass.
+COPY, ATTACH, EXPORT, INSTALL/LOAD, SET, PRAGMA, CALL, CREATE ... are refused with exit 2.
+
 The per-token view uses positional subscripts (``col[pos + 1]``) over ``range(n_tokens)`` rather
 than side-by-side ``unnest``, which silently pads shorter lists with NULL; list lengths are checked
 against ``n_tokens`` when the views are built and a mismatch is reported.
@@ -17,13 +26,18 @@ against ``n_tokens`` when the views are built and a mismatch is reported.
 
 from __future__ import annotations
 
+import atexit
+import os
 import re
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyarrow as pa
 
-from winnow.pipeline.store import RunDir
+from winnow.pipeline.store import VERIFY, RunDir, UserError
 
 _PREFIXES = {"signals": "signals", "scores": "scores", "selection": "selection"}
 _SAMPLE_LISTS = {"input_ids", "offsets", "loss_mask"}
@@ -54,34 +68,112 @@ class Views:
     views: dict[str, str] = field(default_factory=dict)  # view -> table
     warnings: list[str] = field(default_factory=list)
     token_columns: list[str] = field(default_factory=list)
+    farm: Path | None = None  # temporary folder of symlinks to the verified shards
+
+    def close(self) -> None:
+        self.con.close()
+        if self.farm is not None:
+            shutil.rmtree(self.farm, ignore_errors=True)
+            self.farm = None
+
+
+READ_TYPES = ("SELECT", "EXPLAIN")
+
+
+def check_read_only(sql: str) -> None:
+    """Refuse (UserError) unless every statement in ``sql`` only reads."""
+    import duckdb
+
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as e:
+        raise UserError(f"SQL error: {e}") from None
+    if not statements:
+        raise UserError("SQL error: no statement given")
+    for st in statements:
+        kind = str(st.type).rsplit(".", 1)[-1]
+        if kind not in READ_TYPES:
+            raise UserError(
+                f"refused: {kind} statement `{st.query.strip()[:80]}` - winnow inspect only reads "
+                "(SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN); use --out FILE to save a result"
+            )
+
+
+def run_sql(views: Views, sql: str) -> pa.Table | None:
+    """Run read-only SQL over the views; UserError for a refused statement or bad SQL."""
+    check_read_only(sql)
+    try:
+        rel = views.con.sql(sql)
+        return rel.to_arrow_table() if rel is not None else None
+    except Exception as e:  # duckdb raises many error classes; all mean the SQL is wrong
+        raise UserError(f"SQL error: {e}") from None
+
+
+def check_out_path(run_dir: str, out: str | None) -> None:
+    if out is None:
+        return
+    root, target = Path(run_dir).resolve(), Path(out).resolve()
+    if target == root or root in target.parents:
+        raise UserError(f"--out {out} is inside the run {run_dir}: the inspector writes nothing into a run")
+
+
+def _connect(paths: list[Path]):
+    import duckdb
+
+    con = duckdb.connect(
+        ":memory:", config={"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+    )
+    con.execute("SET allowed_paths = " + _sql_list(paths))
+    con.execute("SET enable_external_access = false")
+    return con
+
+
+def _link_farm(run: RunDir, tables: list[str]) -> tuple[Path, dict[str, list[Path]]]:
+    farm = Path(tempfile.mkdtemp(prefix="winnow-inspect-"))
+    atexit.register(shutil.rmtree, farm, True)
+    links: dict[str, list[Path]] = {}
+    for i, table in enumerate(tables):
+        links[table] = []
+        for j, path in enumerate(run.table(table).paths()):
+            link = farm / f"t{i}_p{j}.parquet"
+            os.symlink(os.path.realpath(path), link)
+            links[table].append(link)
+    return farm, links
 
 
 def per_token_columns(schema: pa.Schema) -> list[str]:
     return [f.name for f in schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)]
 
 
-def open_views(run_dir: str, check_lengths: bool = True):
-    """A DuckDB connection (in-memory, reading the run's files) with every view defined."""
-    import duckdb
-
-    run = RunDir(run_dir)
-    con = duckdb.connect(":memory:")
-    out = Views(con)
-    stale = run.stale_tables()
-    plan_shards = None
+def open_views(run_dir: str, check_lengths: bool = True, verify: bool = True) -> Views:
+    """A DuckDB connection (in-memory, reading only the run's verified shards) with every view defined."""
+    saved, VERIFY.enabled = VERIFY.enabled, verify and VERIFY.enabled
     try:
-        plan_shards = run.plan().get("shards")
-    except Exception:  # noqa: BLE001 - a run without a plan simply has no shard count to compare
-        pass
+        return _open_views(RunDir(run_dir), check_lengths, verify)
+    finally:
+        VERIFY.enabled = saved
+
+
+def _open_views(run: RunDir, check_lengths: bool, verify: bool) -> Views:
+    stale = run.stale_tables()
+    plan = run.read_json("plan.json")  # unreadable: reported by read_json, no shard count to compare
+    plan_shards = plan.get("shards") if isinstance(plan, dict) else None
+    warnings = [f"hiding stale table {t}: {stale[t][0]} (rerun its step)" for t in run.tables() if t in stale]
+    tables = [t for t in run.tables() if t not in stale]
+    damage = [m for t in run.tables() for m in run.table(t).problems() if "ignored" not in m]
+    if damage:
+        raise UserError("the run failed verification:\n  " + "\n  ".join(damage))
+    farm, links = _link_farm(run, tables)
+    out = Views(_connect([p for ps in links.values() for p in ps]), warnings=warnings, farm=farm)
+    if not verify:
+        out.warnings.append("--no-verify: shards were not checked against their commit records' sha256")
     per_token: dict[str, list[str]] = {}
-    for table in run.tables():
-        if table in stale:
-            out.warnings.append(f"hiding stale table {table}: {stale[table][0]} (rerun its step)")
+    for table in tables:
+        paths = links[table]
+        if not paths:
             continue
-        t = run.table(table)
-        paths = t.paths()
         name = view_name(table)
-        con.execute(
+        out.con.execute(
             f"CREATE VIEW {_q(name)} AS SELECT * FROM read_parquet({_sql_list(paths)}, union_by_name=true)"
         )
         out.views[name] = table
@@ -94,11 +186,12 @@ def open_views(run_dir: str, check_lengths: bool = True):
                 f"{table}: {len(paths)} of {plan_shards} shards committed (partial; rerun its step)"
             )
         if table.split("/")[0] in _PREFIXES:
-            cols = per_token_columns(t.schema())
+            cols = per_token_columns(run.table(table).schema())
             if cols:
                 per_token[table] = cols
     if "samples" in out.views:
         _tokens_view(out, per_token, check_lengths)
+    out.con.execute("SET lock_configuration = true")
     return out
 
 
@@ -146,7 +239,10 @@ def _tokens_view(out: Views, per_token: dict[str, list[str]], check_lengths: boo
 
 def query(run_dir: str, sql: str) -> tuple[pa.Table, list[str]]:
     v = open_views(run_dir)
-    return v.con.sql(sql).to_arrow_table(), v.warnings
+    try:
+        return run_sql(v, sql), v.warnings
+    finally:
+        v.close()
 
 
 def format_result(table: pa.Table, fmt: str, out_path: str | None = None) -> None:
@@ -162,6 +258,7 @@ def format_result(table: pa.Table, fmt: str, out_path: str | None = None) -> Non
     if fmt == "csv":
         import pyarrow.csv as pcsv
 
+        table = _flat_for_csv(table)
         if out_path:
             pcsv.write_csv(table, out_path)
         else:
@@ -193,6 +290,17 @@ def format_result(table: pa.Table, fmt: str, out_path: str | None = None) -> Non
         console.print(f"({table.num_rows} rows, first 200 shown)")
 
 
+def _flat_for_csv(table: pa.Table) -> pa.Table:
+    """CSV has no nested values: list/struct/map columns become JSON text."""
+    import json
+
+    for i, f in enumerate(table.schema):
+        if pa.types.is_nested(f.type):
+            text = [None if v is None else json.dumps(v, default=_json_value) for v in table.column(i).to_pylist()]
+            table = table.set_column(i, f.name, pa.array(text, pa.string()))
+    return table
+
+
 def _json_value(v):
     """JSON for what `json` cannot encode: DuckDB's sum()/count_if() are HUGEINT, which arrive as
     Decimal; whole ones become ints (a count must read back as a number), others floats."""
@@ -208,9 +316,9 @@ def _cell(v) -> str:
     return s if len(s) <= 120 else s[:117] + "..."
 
 
-def repl(run_dir: str) -> None:
+def repl(run_dir: str, verify: bool = True) -> None:
     """A minimal interactive SQL prompt; `.tables` lists views, `.quit` leaves."""
-    v = open_views(run_dir)
+    v = open_views(run_dir, verify=verify)
     for w in v.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(
@@ -233,9 +341,9 @@ def repl(run_dir: str) -> None:
         if not buf.strip().endswith(";"):
             continue
         try:
-            rel = v.con.sql(buf)
-            if rel is not None:
-                format_result(rel.to_arrow_table(), "table")
-        except Exception as e:  # noqa: BLE001 - show the SQL error and keep the prompt alive
+            result = run_sql(v, buf)
+            if result is not None:
+                format_result(result, "table")
+        except UserError as e:  # a refused statement or bad SQL: say why and keep the prompt alive
             print(f"error: {e}", file=sys.stderr)
         buf = ""

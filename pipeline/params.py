@@ -70,13 +70,40 @@ def field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
+def _group_namespaces(values: dict[str, Any], types_: dict[str, Any]) -> dict[str, Any]:
+    """``{"q_tuning.r_sample": "0.5"}`` -> ``{"q_tuning": {"r_sample": "0.5"}}`` for dataclass fields."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        head, dot, rest = key.partition(".")
+        if dot and dataclasses.is_dataclass(types_.get(head)):
+            sub = out.setdefault(head, {})
+            if not isinstance(sub, dict):
+                raise UserError(f"{head} is given both as a whole and as {key}")
+            sub[rest] = value
+        else:
+            out[key] = value
+    return out
+
+
 def build_params(cls: type[T], values: dict[str, Any], where: str) -> T:
-    """Instantiate ``cls`` from a mapping, converting and validating every value."""
+    """Instantiate ``cls`` from a mapping, converting and validating every value.
+
+    A field whose type is itself a parameter dataclass is a namespace: ``--set ns.key=value`` (or a
+    recipe sub-table ``[ns]``) fills it, e.g. ``q_tuning.r_sample=0.25``.
+    """
     types_ = field_types(cls)
+    values = _group_namespaces(values, types_)
     unknown = sorted(set(values) - set(types_))
     if unknown:
         raise UserError(f"{where}: unknown parameter(s) {unknown}; valid: {sorted(types_)}")
-    converted = {k: _convert(v, types_[k], k, where) for k, v in values.items()}
+    converted = {}
+    for k, v in values.items():
+        if dataclasses.is_dataclass(types_[k]):
+            if not isinstance(v, dict):
+                raise UserError(f"{where}: {k} is a group of parameters: use {k}.KEY=VALUE")
+            converted[k] = build_params(types_[k], v, f"{where} {k}")
+        else:
+            converted[k] = _convert(v, types_[k], k, where)
     try:
         return cls(**converted)
     except TypeError as e:  # a required field is missing

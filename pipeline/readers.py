@@ -10,6 +10,12 @@ rejects that line only), JSON (an array of objects, or an object holding one suc
 CSV, and `datasets` directories written by `save_to_disk` (a Dataset or a DatasetDict, every split).
 Row numbers are 0-based within their file (JSONL: the line index; CSV: the data row after the
 header).
+
+Text quirks handled rather than rejected: a UTF-8 byte-order mark is stripped (JSONL, JSON, CSV);
+a file whose only line ends are CR is read line by line like any other; CSV fields of any size are
+read (the csv module's 131,072-character default limit is lifted); JSON nested deeper than the
+parser's recursion limit becomes a ``too_deep`` reject. A CSV header naming one column twice is a
+user error (a value would be silently dropped otherwise).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +32,7 @@ from typing import Any
 from winnow.pipeline.store import UserError
 
 RAW_LIMIT = 2000  # characters of a bad row kept in rejects.raw
+BOM = b"\xef\xbb\xbf"
 
 
 @dataclass
@@ -90,6 +98,8 @@ def _parse_json_bytes(line: bytes, source: str, i: int) -> Row:
         return Row(
             source, i, reason="malformed_json", detail=f"{e.msg} at column {e.colno}", raw=_raw_text(text)
         )
+    except RecursionError:
+        return Row(source, i, reason="too_deep", detail="JSON nested too deeply to parse", raw=_raw_text(text))
     if not isinstance(obj, dict):
         return Row(
             source,
@@ -101,18 +111,31 @@ def _parse_json_bytes(line: bytes, source: str, i: int) -> Row:
     return Row(source, i, record=obj)
 
 
-def _read_jsonl(path: Path, source: str) -> Iterator[Row]:
+def _lines(path: Path) -> Iterator[bytes]:
+    """Lines of a file split on LF, or on CR when CR is its only line end (old Mac files)."""
     with open(path, "rb") as f:
-        for i, line in enumerate(f):
-            stripped = line.strip()
-            if not stripped:
-                yield Row(source, i, reason="blank_line", detail="empty line", raw="")
-                continue
-            yield _parse_json_bytes(stripped, source, i)
+        head = f.read(1 << 20)
+        f.seek(0)
+        if b"\r" in head and b"\n" not in head and b"\n" not in f.read():
+            f.seek(0)
+            lines = f.read().split(b"\r")
+            yield from lines[:-1] if lines and not lines[-1] else lines
+            return
+        f.seek(0)
+        yield from f
+
+
+def _read_jsonl(path: Path, source: str) -> Iterator[Row]:
+    for i, line in enumerate(_lines(path)):
+        stripped = (line.removeprefix(BOM) if i == 0 else line).strip()
+        if not stripped:
+            yield Row(source, i, reason="blank_line", detail="empty line", raw="")
+            continue
+        yield _parse_json_bytes(stripped, source, i)
 
 
 def _read_json(path: Path, source: str) -> Iterator[Row]:
-    data = path.read_bytes()
+    data = path.read_bytes().removeprefix(BOM)
     try:
         obj = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -125,6 +148,8 @@ def _read_json(path: Path, source: str) -> Iterator[Row]:
         raise UserError(
             f"{path}: malformed JSON document ({e.msg}, line {e.lineno}); fix it or use JSONL"
         ) from None
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply to parse; use JSONL (one record per line)") from None
     if isinstance(obj, dict):
         lists = [v for v in obj.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -159,12 +184,16 @@ def _read_parquet(path: Path, source: str) -> Iterator[Row]:
 
 def _read_csv(path: Path, source: str) -> Iterator[Row]:
     # surrogateescape keeps undecodable bytes visible so that one bad row is rejected, not the file
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+    csv.field_size_limit(sys.maxsize)  # the 131,072-character default would fail the whole file
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.reader(f)
         try:
             header = next(reader)
         except StopIteration:
             return
+        dup = sorted({h for h in header if header.count(h) > 1})
+        if dup:
+            raise UserError(f"{path}: the CSV header names column(s) {dup} more than once; rename them")
         for i, values in enumerate(reader):
             line = ",".join(values)
             if any("\udc80" <= ch <= "\udcff" for ch in line):

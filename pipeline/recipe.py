@@ -85,7 +85,14 @@ def with_models(recipe: Recipe, models: dict[str, str]) -> Recipe:
 
 
 def run_loaded(recipe: Recipe, run_dir: str | None = None) -> dict[str, Any]:
+    from winnow.pipeline.lock import run_lock
+
     run = RunDir(run_dir or recipe.run_dir, create=True)
+    with run_lock(run, f"recipe {recipe.path.name}"):  # one writer for the whole recipe
+        return _run_steps(recipe, run)
+
+
+def _run_steps(recipe: Recipe, run: RunDir) -> dict[str, Any]:
     check_order([(s.name, p) for s, p in recipe.steps], run.tables(), where=str(recipe.path))
     atomic_write_json(
         run.root / "recipe.resolved.json",

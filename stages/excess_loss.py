@@ -20,9 +20,18 @@ the model pass) equals the current model's, and data whose excess loss is exactl
 UNCONFIRMED (a parameter): ``k_ratio = 0.6`` — inferred from "9B selected of 15B tokens" for the
 1B model (0.7 for the 7B model); the paper states no ratio for SFT.
 
-The global top-k holds every scored token's float64 score in memory once (8 bytes per supervised
-token plus a byte per token for the masks: about 1 GB for 100M supervised tokens); shards are then
-written one at a time. Output ``scores/excess_loss``: ``batch``, ``n_supervised``, ``n_token_keep``,
+Memory (issue 16). The whole-dataset top-k (``batch_size=0``) is streamed: each scored token's
+score goes to a temporary file as an order-preserving 8-byte key, a radix select over 16-bit digits
+finds the k-th largest in three more reads of that file, and shards are written one at a time, so
+memory does not grow with the run (the file does: 8 bytes a supervised token on disk). Simulated
+mini-batches (``batch_size > 0``, the default) draw samples from every shard, so that path keeps every
+scored token's float64 score and each shard's mask in memory (about 9 bytes a supervised token plus the
+padded masks: global state). Measured by ``benchmarks/bench_scale.py`` with ``batch_size=0`` (2-core
+VM under load): peak RSS 606 MB at 20k samples and 1,251 MB at 100k (15M supervised tokens) when every
+score was held; 505, 553 and 510 MB at 20k, 100k and 300k streamed. Side by side at 20k the wall time
+did not change (40-44 s before, 39-42 s after, load ~15).
+
+Output ``scores/excess_loss``: ``batch``, ``n_supervised``, ``n_token_keep``,
 ``mean_excess``, per-token ``token_score`` (the excess loss) and ``token_keep``, null where a token
 is not scored.
 """
@@ -155,6 +164,103 @@ def _shard_table(sample_id, batch, mask, n_tokens, score_flat, keep_flat) -> pa.
     )
 
 
+def order_keys(x: np.ndarray) -> np.ndarray:
+    """float64 -> uint64 keys whose unsigned order is the numeric order (-0.0 counts as 0.0)."""
+    bits = (np.asarray(x, np.float64) + 0.0).view(np.uint64)  # + 0.0 turns -0.0 into 0.0
+    return np.where(bits >> np.uint64(63), ~bits, bits | np.uint64(1 << 63))
+
+
+def _spilled(spill, sizes: list[int]):
+    spill.seek(0)
+    for n in sizes:
+        yield np.fromfile(spill, dtype=np.uint64, count=n)
+
+
+def _kth_largest_key(spill, sizes: list[int], hist: np.ndarray, k: int) -> tuple[int, int]:
+    """(t, above): the k-th largest key t and how many keys are > t, by radix select over 16-bit
+    digits (the first histogram comes from pass 1; each further digit is one read of the spill)."""
+    prefix, above, shift = 0, 0, 48
+    while True:
+        from_top = np.cumsum(hist[::-1])
+        i = int(np.searchsorted(above + from_top, k))  # first digit (from the top) reaching k
+        digit = 65535 - i
+        above += int(from_top[i] - hist[digit])
+        prefix |= digit << shift
+        if shift == 0:
+            return prefix, above
+        high, shift = prefix >> shift, shift - 16
+        hist = np.zeros(65536, np.int64)
+        for keys in _spilled(spill, sizes):
+            inside = keys[(keys >> np.uint64(shift + 16)) == np.uint64(high)]
+            digits = ((inside >> np.uint64(shift)) & np.uint64(0xFFFF)).astype(np.int64)
+            hist += np.bincount(digits, minlength=65536)
+
+
+def _shard_scores(run: RunDir, part: int, params: ExcessLossParams) -> tuple:
+    """One shard's (shard, scored mask, excess loss at the scored positions in row-major order)."""
+    import torch
+
+    keys = [(params.current, "logprob"), (params.reference, "logprob")]
+    shard = io.read_shard(run, part, {params.current: ["logprob"], params.reference: ["logprob"]})
+    mask = shard.valid(*keys)
+    score = excess_loss(
+        -torch.from_numpy(shard.signals[keys[0]]),
+        -torch.from_numpy(shard.signals[keys[1]]),
+        torch.from_numpy(mask),
+    )
+    return shard, mask, score.numpy()[mask], shard.supervised_without_signal(*keys)
+
+
+def _whole_dataset(
+    run: RunDir, st: io.StageOutput, parts: list[int], params: ExcessLossParams, inputs
+) -> dict:
+    """The global top ``⌊k_ratio·N⌋`` with memory independent of N (issue 16).
+
+    Pass 1 writes each scored token's order key to a temporary file and histograms its top 16 bits; a
+    radix select finds the k-th largest key in three more reads of that file; pass 2 keeps the keys
+    above it and, of the keys equal to it, the earliest in (shard, row, position) order: the very
+    tokens ``top_fraction`` over the concatenated scores keeps.
+    """
+    import tempfile
+
+    hist, sizes, missing, nonzero = np.zeros(65536, np.int64), [], 0, 0
+    with tempfile.TemporaryFile(prefix="winnow-excess-") as spill:
+        for part in parts:
+            _, _, flat, miss = _shard_scores(run, part, params)
+            order = order_keys(flat)
+            order.tofile(spill)
+            hist += np.bincount((order >> np.uint64(48)).astype(np.int64), minlength=65536)
+            sizes.append(len(order))
+            missing, nonzero = missing + miss, nonzero + int((flat != 0).sum())
+        n = sum(sizes)
+        refuse_zero_excess(
+            n,
+            nonzero,
+            f"excess_loss (signals/{params.current} vs signals/{params.reference})",
+            f"--set reference=ALIAS of a model trained on high-quality data, not a copy of {params.current!r}.",
+        )
+        k = io.floor_count(params.k_ratio, n)
+        t, above = _kth_largest_key(spill, sizes, hist, k) if k else (None, 0)
+        ties_left, n_samples = k - above, 0
+        for part, got in zip(parts, _spilled(spill, sizes), strict=True):
+            shard, mask, flat, _ = _shard_scores(run, part, params)
+            keep = np.zeros(len(got), bool)
+            if t is not None:
+                tie = got == np.uint64(t)
+                keep = (got > np.uint64(t)) | (tie & (np.cumsum(tie) <= ties_left))
+                ties_left -= int((tie & keep).sum())
+            batch = np.where(mask.any(1), 0, -1)
+            st.commit(part, _shard_table(shard.sample_id, batch, mask, shard.n_tokens, flat, keep), inputs)
+            n_samples += len(shard.n_tokens)
+    return {
+        "samples": n_samples,
+        "scored_tokens": n,
+        "kept_tokens": k,
+        "batches": 1,
+        "supervised_without_signal": missing,
+    }
+
+
 def run_excess_loss(run: RunDir, params: ExcessLossParams) -> dict:
     import torch
 
@@ -167,7 +273,12 @@ def run_excess_loss(run: RunDir, params: ExcessLossParams) -> dict:
     tables = [io.SAMPLES, f"signals/{params.current}", f"signals/{params.reference}"]
     inputs = io.table_inputs(run, tables)  # top-k across batches that span shards: whole-table inputs
     counts: dict = {}
-    if not io.all_fresh(st.out, parts, st.fp, inputs):
+    n_samples = sum(r.rows for r in run.table(io.SAMPLES).records())
+    whole = params.batch_size <= 0 or params.batch_size >= n_samples  # one batch: the whole dataset
+    if whole and not io.all_fresh(st.out, parts, st.fp, inputs):
+        io.drop_orphans(st.out, parts)
+        counts = _whole_dataset(run, st, parts, params, inputs)
+    elif not io.all_fresh(st.out, parts, st.fp, inputs):
         io.drop_orphans(st.out, parts)
         masks, flats, n_tok, missing = _read_scores(run, parts, params)
         flat = torch.from_numpy(np.concatenate(flats)) if flats else torch.zeros(0, dtype=torch.float64)

@@ -96,17 +96,23 @@ class SelectParams:
         return own[0] if own else "loss_mask"
 
 
-def _score_table(run: RunDir, stage: str, columns: list[str]) -> dict[str, dict]:
-    """sample_id -> {column: value} of ``scores/<stage>`` (checked present and fresh by the caller)."""
+def _score_table(run: RunDir, stage: str, columns: list[str], part: int) -> dict[str, dict]:
+    """sample_id -> {column: value} of shard ``part`` of ``scores/<stage>`` (a stage writes one shard
+    per samples shard; the caller checked the table present and fresh). One shard at a time, so memory
+    does not grow with the run (issue 16); a missing shard leaves its samples unscored."""
     table = run.table(f"scores/{stage}")
-    data = table.read(columns=["sample_id", *columns]).to_pydict()
+    if table.record(part) is None:
+        return {}
+    data = table.read_part(part, columns=["sample_id", *columns]).to_pydict()
     return {sid: {c: data[c][i] for c in columns} for i, sid in enumerate(data["sample_id"])}
 
 
-def _sample_half(run: RunDir, p: SelectParams, ids: list[str]) -> tuple[dict[str, bool], dict[str, str]]:
+def _sample_half(
+    run: RunDir, p: SelectParams, ids: list[str], part: int, sql_keep: dict[str, bool] | None
+) -> tuple[dict[str, bool], dict[str, str]]:
     """Keep and reason per sample. A composition keeps a sample when every policy keeps it; the reason is
     ``<policy>:<its reason>`` of the first policy that dropped it, or the kept reasons joined by ``+``."""
-    halves = [(policy, _one_policy(run, policy, p, ids)) for policy in p.policies]
+    halves = [(policy, _one_policy(run, policy, p, ids, part, sql_keep)) for policy in p.policies]
     if len(halves) == 1:
         return halves[0][1]
     keep, why = {}, {}
@@ -118,15 +124,19 @@ def _sample_half(run: RunDir, p: SelectParams, ids: list[str]) -> tuple[dict[str
 
 
 def _one_policy(
-    run: RunDir, policy: str, p: SelectParams, ids: list[str]
+    run: RunDir, policy: str, p: SelectParams, ids: list[str], part: int, sql_keep: dict[str, bool] | None
 ) -> tuple[dict[str, bool], dict[str, str]]:
+    """Keep and reason of one policy for the samples ``ids`` of samples shard ``part`` (issue 16: one
+    shard of scores in memory at a time; a sql policy's values come precomputed in ``sql_keep``)."""
     if policy == "all" or not (steps.writes_column(policy, "keep") or policy in ("sql", "dv4llm")):
         reason = "all" if policy == "all" else "token_level"
         return dict.fromkeys(ids, True), dict.fromkeys(ids, reason)
     if policy == "sql":
-        return _sql_keep(run, p.keep, ids)
+        assert sql_keep is not None
+        keep = {sid: bool(sql_keep.get(sid, False)) for sid in ids}
+        return keep, {sid: "sql_keep" if k else "sql_drop" for sid, k in keep.items()}
     if policy == "dv4llm":
-        rows = _score_table(run, "dv4llm", ["role", "selected"])
+        rows = _score_table(run, "dv4llm", ["role", "selected"], part)
         keep, why = {}, {}
         for sid in ids:
             r = rows.get(sid)
@@ -137,19 +147,19 @@ def _one_policy(
             else:
                 keep[sid], why[sid] = bool(r["selected"]), "selected" if r["selected"] else "not_selected"
         return keep, why
-    rows = _score_table(run, policy, ["keep", "reason"])  # stages with a sample half: eu_plane, ...
+    rows = _score_table(run, policy, ["keep", "reason"], part)  # stages with a sample half: eu_plane, ...
     keep = {sid: bool(rows.get(sid, {}).get("keep")) for sid in ids}
     why = {sid: (rows[sid]["reason"] if sid in rows else "unscored") for sid in ids}
     return keep, why
 
 
-def _sql_keep(run: RunDir, expr: str, ids: list[str]) -> tuple[dict[str, bool], dict[str, str]]:
+def _sql_keep(run: RunDir, expr: str) -> dict[str, bool]:
+    """sample_id -> the expression's value over the whole samples view (it may aggregate or use
+    windows, so it is not evaluated shard by shard): a bool per sample, the one global state."""
     from winnow.stages.dv4llm import condition_rows
 
     query = f"SELECT sample_id, coalesce(({expr}), false) FROM samples"
-    got = dict(condition_rows(run, query, f"keep={expr!r} over samples"))
-    keep = {sid: bool(got.get(sid, False)) for sid in ids}
-    return keep, {sid: "sql_keep" if k else "sql_drop" for sid, k in keep.items()}
+    return dict(condition_rows(run, query, f"keep={expr!r} over samples"))
 
 
 def _check_fresh(run: RunDir, stage: str) -> None:
@@ -243,18 +253,24 @@ def run_select(run: RunDir, p: SelectParams) -> dict:
     io.drop_orphans(st.out, parts)
     counts: dict = {}
     if not io.all_fresh(st.out, parts, st.fp, inputs):
-        ids = samples.read(columns=["sample_id"]).column("sample_id").to_pylist()
-        keep, why = _sample_half(run, p, ids)
-        kept = weighted = 0
-        for part in parts:
+        sql_keep = _sql_keep(run, p.keep) if "sql" in p.policies else None
+        kept = weighted = n_samples = 0
+        for part in parts:  # one shard in memory at a time
             cols = samples.read_part(part, columns=["sample_id", "n_tokens", "loss_mask"])
             n_tokens = cols["n_tokens"].to_numpy()
+            keep, why = _sample_half(run, p, cols["sample_id"].to_pylist(), part, sql_keep)
+            n_samples += len(n_tokens)
             selection = token_selection(run, source, part, cols["sample_id"].combine_chunks(), n_tokens)
             table = _shard_table(cols, keep, why, selection, p.policy)
             kept += int(pc.sum(table["keep"].cast(pa.int64())).as_py() or 0)
             weighted += int(pc.sum(table["n_weighted"]).as_py() or 0)
             st.commit(part, table, inputs)
-        counts = {"samples": len(ids), "kept": kept, "dropped": len(ids) - kept, "weighted_tokens": weighted}
+        counts = {
+            "samples": n_samples,
+            "kept": kept,
+            "dropped": n_samples - kept,
+            "weighted_tokens": weighted,
+        }
     return st.finish(len(parts), counts)
 
 

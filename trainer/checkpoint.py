@@ -64,7 +64,10 @@ def save(
     scheduler: Any,
     meta: dict[str, Any],
     rank: int,
+    extra: Any = None,
 ) -> Path | None:
+    """Weights, optimizer, scheduler and RNG of ``step`` into ``root/step-N`` atomically (rank 0 writes);
+    ``extra(folder)`` adds more state (e.g. ssToken's EMA history) before the folder is renamed in."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
@@ -82,6 +85,8 @@ def save(
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng}, tmp / "state.pt")
     atomic_write_json(tmp / "trainer_state.json", {"step": step, **meta})
+    if extra is not None:
+        extra(tmp)
     fsync_tree(tmp)
     if final.exists():  # an earlier attempt got this far before dying: same step, same content
         shutil.rmtree(final)

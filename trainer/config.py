@@ -9,8 +9,17 @@ is (model fingerprint, data digest, these parameters minus the purely cosmetic o
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from winnow.trainer.online_params import (
+    POLICY_NAMES,
+    MaskedThoughtParams,
+    OnlineParams,
+    QTuningOnline,
+    Rho1Online,
+    SSTokenOnline,
+)
 
 # changing these on a rerun continues the same run (they do not change what is computed)
 NOT_IN_IDENTITY = ("log_every", "progress", "keep_checkpoints", "save_every", "eval_every")
@@ -54,6 +63,18 @@ class TrainParams:
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP under torchrun
     log_every: int = 1
     progress: bool = True
+    # online selection on every mini-batch with the current model (winnow.trainer.online), Masked Thought
+    online: str = "none"  # none | all (mini-batches, no selection) | q_tuning | rho1 | sstoken
+    q_tuning: QTuningOnline = field(default_factory=QTuningOnline)
+    rho1: Rho1Online = field(default_factory=Rho1Online)
+    sstoken: SSTokenOnline = field(default_factory=SSTokenOnline)
+    masked_thought: MaskedThoughtParams = field(default_factory=MaskedThoughtParams)
+    # LoRA through peft (winnow.trainer.lora): lora_r > 0 turns it on
+    lora_r: int = 0
+    lora_alpha: int = 0  # 0 = 2 * lora_r
+    lora_dropout: float = 0.0
+    lora_target: str = "all-linear"  # or a comma list of module names, e.g. q_proj,v_proj
+    merge: bool = False  # with LoRA: also save the merged full model under OUT/merged
 
     def __post_init__(self) -> None:
         positive = ("epochs", "tokens_per_batch", "max_seq_len", "grad_accum", "threads", "log_every")
@@ -76,8 +97,23 @@ class TrainParams:
                 f"max_seq_len={self.max_seq_len} > tokens_per_batch={self.tokens_per_batch}: a sample must fit "
                 "a micro-batch; raise tokens_per_batch or lower max_seq_len"
             )
+        if self.online not in POLICY_NAMES:
+            raise ValueError(f"online={self.online!r}: use one of {', '.join(POLICY_NAMES)}")
+        if self.online == "rho1" and self.rho1.reference == "base" and self.lora_r == 0:
+            raise ValueError("rho1.reference=base means the base model under LoRA adapters: set lora_r > 0")
+        self.lora_params()  # validates the LoRA keys with their own messages
         if self.data and self.selection:
             raise ValueError("give --data (an export) or --selection (of a run), not both")
+
+    def online_params(self) -> OnlineParams:
+        return OnlineParams(
+            self.online, self.q_tuning, self.rho1, self.sstoken, self.masked_thought
+        )
+
+    def lora_params(self):
+        from winnow.trainer.lora import LoraParams
+
+        return LoraParams(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_target, self.merge)
 
     def identity(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

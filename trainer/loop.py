@@ -68,7 +68,9 @@ class Env:
 
 
 class Loop:
-    def __init__(self, p: TrainParams, data: TrainData, model: torch.nn.Module, env: Env):
+    def __init__(
+        self, p: TrainParams, data: TrainData, model: torch.nn.Module, env: Env, reference: Any | None = None
+    ):
         self.p, self.data, self.env, self.d = p, data, env, env.dist
         cuda = env.device.type == "cuda"
         self.layout = p.layout if p.layout != "auto" else ("packed" if cuda else "padded")
@@ -91,6 +93,17 @@ class Loop:
         self.evals: dict[int, float] = {}
         self.kills_after = int(os.environ.get(FAULT_ENV, "0") or 0)
         self.steps_here = 0
+        self.online = None
+        if p.online != "none":
+            from winnow.trainer.online_batches import OnlineBatches
+
+            self.online = OnlineBatches(self, p.online_params(), reference)
+            self.steps_per_epoch = self.online.steps_per_epoch
+            total = p.epochs * self.steps_per_epoch
+            self.total_steps = min(total, p.max_steps) if p.max_steps else total
+            fn = lambda s: lr_factor(s, p.warmup_steps, self.total_steps, p.min_lr_ratio)  # noqa: E731
+            self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, fn)
+        self.mask_id = env.pad_id
 
     @staticmethod
     def _amp_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
@@ -103,6 +116,8 @@ class Loop:
     # ------------------------------------------------------------------------------- batches
     def micro_batches(self, step: int) -> list[MicroBatch]:
         """This rank's ``grad_accum`` micro-batches of optimizer step ``step``."""
+        if self.online is not None:
+            return self.online.micro_batches(step)
         tr, pad = self.data.train, self.env.pad_id
         out = []
         for b in step_batches(
@@ -115,13 +130,23 @@ class Loop:
             out.append(layout_batch([tr.ids[k] for k in idx], [tr.weights[k] for k in idx], self.layout, pad))
         return out
 
-    def _forward(self, module: torch.nn.Module, b: MicroBatch) -> torch.Tensor:
+    def _forward(
+        self, module: torch.nn.Module, b: MicroBatch, noise: float = 0.0, key: int = 0
+    ) -> torch.Tensor:
         dev = self.env.device
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)  # noqa: E731
         pos = t(b.position_ids) if b.layout == "packed" else None
+        ids = t(b.input_ids)
+        if noise > 0.0:  # Masked Thought: response *inputs* (the weighted targets, as inputs) -> mask id
+            from winnow.trainer.online import masked_thought_inputs
+
+            flat = torch.zeros(ids.numel(), dtype=torch.bool)
+            flat[torch.from_numpy(b.gather + 1)] = True
+            g = torch.Generator().manual_seed(key)  # a function of (seed, step, rank, micro-batch): resumable
+            ids = masked_thought_inputs(ids, flat.view(ids.shape).to(dev), noise, self.mask_id, g)
         ctx = torch.autocast(dev.type, dtype=self.amp) if self.amp is not None else nullcontext()
         with ctx:
-            return module(t(b.input_ids), t(b.gather), t(b.targets), t(b.weights), pos)
+            return module(ids, t(b.gather), t(b.targets), t(b.weights), pos)
 
     # ------------------------------------------------------------------------------- steps
     def train_step(self, step: int) -> dict[str, Any]:
@@ -129,9 +154,13 @@ class Loop:
         self.wrapped.train()
         mbs = self.micro_batches(step)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        from winnow.trainer.online import masked_thought_rate
+
+        noise = masked_thought_rate(self.p.masked_thought, step, self.total_steps)
         for m, b in enumerate(mbs):
             with no_sync(self.wrapped, last=m == len(mbs) - 1):
-                part = self._forward(self.wrapped, b)
+                key = ((self.p.seed * 1_000_003 + step) * 4099 + self.d.rank) * 131 + m
+                part = self._forward(self.wrapped, b, noise, key)
                 (self.scaler.scale(part) if self.scaler else part).backward()
             loss_sum += part.detach().double()
         local = [
@@ -156,6 +185,8 @@ class Loop:
             self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.online is not None:
+            self.online.after_step()
         self._fault_hook()
         dt = time.perf_counter() - t0
         rec = {
@@ -170,7 +201,19 @@ class Loop:
             "grad_norm": float(getattr(norm, "full_tensor", lambda: norm)()),
             "step_s": dt,
         }
+        if noise > 0.0:
+            rec["masked_thought_p"] = noise
+        if self.online is not None:
+            rec |= {
+                f"online_{k}" if k in ("kept_samples", "kept_tokens", "seen_samples") else k: v
+                for k, v in self._online_stats().items()
+            }
         return rec | self._memory() | self._mfu(tokens, rows, len_sq, dt)
+
+    def _online_stats(self) -> dict[str, int]:
+        keys = sorted(self.online.stats)
+        summed = all_reduce_sum([float(self.online.stats[k]) for k in keys], self.env.device)
+        return {k: int(v) for k, v in zip(keys, summed, strict=True)}
 
     def _fault_hook(self) -> None:
         self.steps_here += 1
@@ -232,6 +275,8 @@ class Loop:
             checkpoint.step_dir(ckpt_root, steps[-1]), self.loss_mod, self.opt, self.sched
         )
         self.evals = {int(k): v for k, v in state.get("evals", {}).items()}
+        if self.online is not None:
+            self.online.load(checkpoint.step_dir(ckpt_root, steps[-1]))
         if state.get("world") != self.d.world and self.d.main:
             print(
                 f"resuming step {state['step']} on {self.d.world} rank(s), checkpoint written by "
@@ -243,7 +288,8 @@ class Loop:
 
     def save(self, ckpt_root: Path, step: int) -> None:
         meta = {"world": self.d.world, "evals": self.evals, "total_steps": self.total_steps}
-        checkpoint.save(ckpt_root, step, self.loss_mod, self.opt, self.sched, meta, self.d.rank)
+        extra = self.online.save if self.online is not None else None
+        checkpoint.save(ckpt_root, step, self.loss_mod, self.opt, self.sched, meta, self.d.rank, extra)
         if self.d.main:
             scored = {k: v for k, v in self.evals.items() if v is not None}
             best = min(scored, key=scored.get) if scored else None

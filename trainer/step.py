@@ -30,6 +30,7 @@ from winnow.pipeline.store import (
     atomic_write_bytes,
     atomic_write_json,
     fsync_dir,
+    fsync_tree,
     stable_hash,
 )
 from winnow.trainer.config import TrainParams
@@ -165,6 +166,39 @@ def _progress(loop, start: int):
     return bar, bar.add_task("train", total=loop.total_steps, completed=start)
 
 
+def _reference(p: TrainParams, run_dir, device):
+    """Online Rho-1's reference model: ``rho1.reference``, else the model of the run's `reference` signals."""
+    if p.online != "rho1":
+        return None
+    if p.rho1.reference == "base":
+        return "base"
+    spec = p.rho1.reference
+    if not spec:
+        records = RunDir(run_dir).table("signals/reference").records() if run_dir is not None else []
+        spec = next((r.extra.get("model") for r in records if r.extra.get("model")), "")
+        if not spec:
+            raise UserError(
+                "online=rho1 needs a reference model: --set rho1.reference=MODEL_DIR (or builtin:NAME), or "
+                "score the run with `winnow score RUN --model REF --alias reference` first"
+            )
+    from winnow.pipeline.models import resolve_model
+
+    ref, _ = _load_model(resolve_model(spec), device, p.dtype)
+    return ref.to(device).eval().requires_grad_(False)
+
+
+def _save_model(loop, tmp: Path, model_dir: Path, state: dict) -> None:
+    from winnow.trainer.lora import is_peft, save_adapter, save_merged
+
+    lm = loop.loss_mod.model
+    if is_peft(lm):  # the adapter (pointing at the resolved base) and, asked for, the merged model
+        save_adapter(lm, tmp, model_dir)
+        if loop.p.merge:
+            save_merged(lm, tmp / "merged")
+        return
+    lm.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+
+
 def _finish(loop, out: Path, tokenizer_dir: Path, info: dict[str, Any]) -> None:
     """Weights, tokenizer and model card into ``out`` (rank 0), file by file from a temporary folder."""
     from transformers import AutoTokenizer
@@ -177,14 +211,18 @@ def _finish(loop, out: Path, tokenizer_dir: Path, info: dict[str, Any]) -> None:
         return
     tmp = out / f".final-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    lm = loop.loss_mod.model
-    lm.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+    _save_model(loop, tmp, tokenizer_dir, state)
     try:
         AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(tmp))
     except (OSError, ValueError):
         pass  # a model directory without a tokenizer: the weights are still usable
     (tmp / "README.md").write_text(model_card(info))
     for f in sorted(tmp.iterdir()):
+        if f.is_dir():  # merged/: a complete model folder of its own
+            fsync_tree(f)
+            shutil.rmtree(out / f.name, ignore_errors=True)
+            os.replace(f, out / f.name)
+            continue
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(f, out / f.name)
@@ -234,6 +272,12 @@ def _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0
     torch.set_num_threads(p.threads)
     torch.manual_seed(p.seed + d.rank)
     model, head = _load_model(model_dir, device, p.dtype)
+    if p.lora_r > 0:
+        from winnow.trainer.lora import apply_lora
+
+        if p.fsdp:
+            raise UserError("LoRA with fsdp=true is not supported yet: use DDP (the default) for adapters")
+        model = apply_lora(model, p.lora_params(), device)
     pad = getattr(model.config, "pad_token_id", None)
     env = Env(
         device,
@@ -243,7 +287,7 @@ def _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0
         head.scale,
         head.softcap,
     )
-    loop = Loop(p, data, model, env)
+    loop = Loop(p, data, model, env, _reference(p, run_dir, device))
     steps = _drive(loop, Metrics(out / "metrics.jsonl", d.main), out)
     info = {
         "name": name,

@@ -1,0 +1,243 @@
+"""The trainer's online mode: per-step mini-batches scored by the current model, selected, then packed.
+
+Without an online policy the loop plans its packs once (:mod:`winnow.trainer.packing`). With one,
+every optimizer step takes ``grad_accum`` mini-batches of ``q_tuning.batch_size`` samples (8 by
+default, the paper's per-device batch) per rank, in the seeded order of
+:func:`winnow.stages.topk.minibatches` (the offline stages' definition), and for each:
+
+1. one no-grad forward of the current model over the trimmed samples (right-padded rows; causal, so
+   padding never reaches a real position) gives log-prob and full-vocabulary entropy at every weighted
+   target through :func:`winnow.kernels.switch.logprob_entropy` (no ``[N, V]`` logits); ``rho1`` adds
+   a reference forward, ``sstoken`` a history forward and the last layer's attention to the prompt
+   (the model pass's recomputation, :mod:`winnow.kernels.attention_importance`);
+2. the policy (:mod:`winnow.trainer.online`) returns sample drops and token weights;
+3. the kept samples are trimmed again and packed into micro-batches as usual; ranks pad to the same
+   number of micro-batches (a collective per forward under FSDP2).
+
+A separate scoring forward rather than reusing the training forward's hidden states: Q-Tuning at
+``r_sample=0.25`` then back-propagates through a quarter of the tokens, and a no-grad forward costs
+about a third of a forward+backward, so the step costs ~0.6x plain training on the same mini-batch
+instead of 1.0x (measured in ``benchmarks/bench_train.py``).
+
+The history model of ssToken is the model training started from (``history=start``) or an EMA of the
+weights updated after every optimizer step (``ema``, Eq. 4); the EMA tensors are saved with every
+checkpoint so a resumed run is bitwise identical on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from winnow.kernels.chunked_head import LMHead
+from winnow.kernels.switch import logprob_entropy
+from winnow.trainer import online as ol
+from winnow.trainer.loss import body_and_head, unwrap
+from winnow.trainer.packing import MicroBatch, empty_batch, layout_batch, plan, trim
+
+EMA_FILE = "ema_history.safetensors"
+
+
+def _padded(
+    seqs: list[np.ndarray], weights: list[np.ndarray], pad_id: int, device
+) -> tuple[torch.Tensor, ...]:
+    """Right-padded ``ids`` (B, W) on ``device``, ``weights`` (B, W) float64 and ``real`` (B, W) bool."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    w = torch.zeros((len(seqs), width), dtype=torch.float64)
+    for r, (s, x) in enumerate(zip(seqs, weights, strict=True)):
+        ids[r, : len(s)] = torch.from_numpy(np.asarray(s, dtype=np.int64))
+        w[r, : len(x)] = torch.from_numpy(np.asarray(x, dtype=np.float64))
+    w[:, 0] = 0.0  # index 0 has no predecessor
+    real = torch.arange(width)[None] < torch.tensor([len(s) for s in seqs])[:, None]
+    return ids.to(device), w, real
+
+
+def _max_over_ranks(value: int, device) -> int:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+@torch.no_grad()
+def score_rows(
+    model: Any,
+    scale: float,
+    softcap: float | None,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    entropy: bool,
+    real: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-token ``nll`` (and ``entropy``; ``attn`` when ``real`` marks the rows' tokens) at the masked
+    targets of right-padded rows, NaN elsewhere. ``attn[i]``: head-mean attention of query ``i`` in the
+    last layer to the unweighted tokens of its row (ssToken's response-to-prompt score)."""
+    attention = real is not None
+    from winnow.stages.passes.attention_capture import AttentionCapture, attention_importance
+
+    body, head_mod = body_and_head(model)
+    capture = AttentionCapture(body, -1) if attention else nullcontext()
+    with capture as cap:
+        hidden = body(input_ids=ids, use_cache=False).last_hidden_state  # (B, W, D)
+    rows, cols = torch.nonzero(mask.to(ids.device), as_tuple=True)
+    h = hidden[rows, cols - 1]  # the state before target i predicts it
+    head = LMHead(head_mod.weight, getattr(head_mod, "bias", None), scale, softcap).to_fp32()
+    lp, ent = logprob_entropy(head, h, ids[rows, cols], entropy=entropy)
+    out = {"nll": torch.full(mask.shape, math.nan, dtype=torch.float64)}
+    out["nll"][rows.cpu(), cols.cpu()] = -lp.double().cpu()
+    if entropy:
+        out["entropy"] = torch.full(mask.shape, math.nan, dtype=torch.float64)
+        out["entropy"][rows.cpu(), cols.cpu()] = ent.double().cpu()
+    if attention:
+        dev = ids.device
+        segment = torch.where(real.to(dev), torch.arange(ids.shape[0], device=dev)[:, None], -1)
+        keys = (real & ~mask).to(dev)
+        imp = attention_importance(
+            cap.module, cap.hidden, cap.position_embeddings, segment, keys, mask.to(dev)
+        )
+        out["attn"] = torch.where(mask, imp.double().cpu(), math.nan)
+    return out
+
+
+class OnlineBatches:
+    """Replaces the loop's planned micro-batches when ``online`` names a policy."""
+
+    def __init__(self, loop: Any, op: ol.OnlineParams, reference: Any | None):
+        self.loop, self.op = loop, op
+        self.need = ol.needs(op)
+        self.n = len(loop.data.train.ids)
+        self.batch_size = op.q_tuning.batch_size
+        self.n_minibatches = math.ceil(self.n / self.batch_size)
+        self.steps_per_epoch = max(1, math.ceil(self.n_minibatches / (loop.d.world * loop.p.grad_accum)))
+        self.reference = reference
+        self.history = None
+        if "history" in self.need:
+            self.history = copy.deepcopy(unwrap(loop.loss_mod.model)).eval().requires_grad_(False)
+        self.stats: dict[str, int] = {}
+
+    # ---------------------------------------------------------------------------------- selection
+    def _order(self, epoch: int) -> list[np.ndarray]:
+        from winnow.stages.topk import minibatches
+
+        return minibatches(self.n, self.batch_size, seed=self.loop.p.seed * 1_000_003 + epoch)
+
+    def _score(self, model, ids, mask, real, entropy: bool = False, attention: bool = False) -> dict:
+        """:func:`score_rows` over length-bucketed groups of the mini-batch (as the training rows are laid
+        out on CPU), so that one long sample does not pad all eight; results in the (B, W) frame."""
+        env = self.loop.env
+        lengths = real.sum(1).tolist()
+        out: dict[str, torch.Tensor] = {}
+        for group in plan(lengths, self.loop.p.tokens_per_batch, "padded"):
+            g = torch.as_tensor(group, dtype=torch.long)
+            width = max(lengths[k] for k in group)
+            sub_real = real[g, :width] if attention else None
+            part = score_rows(
+                model,
+                env.scale,
+                env.softcap,
+                ids[g.to(ids.device), :width],
+                mask[g, :width],
+                entropy,
+                sub_real,
+            )
+            for key, value in part.items():
+                full = out.setdefault(key, torch.full(mask.shape, math.nan, dtype=torch.float64))
+                full[g, :width] = value
+        return out
+
+    def _scored(self, seqs: list[np.ndarray], weights: list[np.ndarray]) -> ol.Scored:
+        env, lm = self.loop.env, self.loop.loss_mod.model
+        ids, w, real = _padded(seqs, weights, env.pad_id, env.device)
+        mask = w > 0
+        was_training = lm.training
+        lm.eval()
+        try:
+            cur = self._score(lm, ids, mask, real, "entropy" in self.need, "attention" in self.need)
+            s = ol.Scored(
+                mask=mask, weight=w, nll=cur["nll"], entropy=cur.get("entropy"), attn=cur.get("attn")
+            )
+            if "reference" in self.need:
+                s.nll_ref = self._reference_nll(ids, mask, real)
+            if self.history is not None:
+                s.nll_his = self._score(self.history, ids, mask, real)["nll"]
+        finally:
+            lm.train(was_training)
+        return s
+
+    def _reference_nll(self, ids: torch.Tensor, mask: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        if self.reference == "base":  # LoRA: the same weights with the adapters switched off
+            with self.loop.loss_mod.model.disable_adapter():
+                return self._score(self.loop.loss_mod.model, ids, mask, real)["nll"]
+        return self._score(self.reference, ids, mask, real)["nll"]
+
+    def _select(self, idx: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        tr = self.loop.data.train
+        seqs, weights = [tr.ids[k] for k in idx], [tr.weights[k] for k in idx]
+        if self.op.online == "all":  # the same mini-batches, nothing scored: the control of the policies
+            self.stats["seen_samples"] = self.stats.get("seen_samples", 0) + len(idx)
+            return [
+                (np.asarray(x, dtype=np.int64), np.asarray(w, dtype=np.float32))
+                for x, w in zip(seqs, weights, strict=True)
+            ]
+        decision = ol.apply_policy(self._scored(seqs, weights), self.op)
+        for key, value in decision.stats.items():
+            self.stats[key] = self.stats.get(key, 0) + int(value)
+        self.stats["seen_samples"] = self.stats.get("seen_samples", 0) + len(idx)
+        kept = []
+        for r in range(len(idx)):
+            w = decision.weight[r, : len(seqs[r])].numpy().astype(np.float32)
+            t = trim(seqs[r], w) if decision.keep[r] else None
+            if t is not None:
+                kept.append(t)
+        return kept
+
+    def micro_batches(self, step: int) -> list[MicroBatch]:
+        """This rank's micro-batches of optimizer step ``step`` (padded to the ranks' common count)."""
+        loop = self.loop
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = self._order(epoch)
+        self.stats = {}
+        kept: list[tuple[np.ndarray, np.ndarray]] = []
+        g, world, rank = loop.p.grad_accum, loop.d.world, loop.d.rank
+        for m in range(g):
+            i = within * world * g + rank * g + m
+            if i < len(order):
+                kept += self._select(order[i])
+        out = []
+        if kept:
+            lengths = [len(s) for s, _ in kept]
+            for group in plan(lengths, loop.p.tokens_per_batch, loop.layout):
+                out.append(
+                    layout_batch(
+                        [kept[k][0] for k in group], [kept[k][1] for k in group], loop.layout, loop.env.pad_id
+                    )
+                )
+        want = _max_over_ranks(max(len(out), 1), loop.env.device)
+        return out + [empty_batch(loop.env.pad_id) for _ in range(want - len(out))]
+
+    # ---------------------------------------------------------------------------------- state
+    def after_step(self) -> None:
+        if self.history is not None and self.op.sstoken.history == "ema":
+            ol.ema_update(self.history, unwrap(self.loop.loss_mod.model), self.op.sstoken.ema_decay)
+
+    def save(self, path: Path) -> None:
+        if self.history is not None and self.op.sstoken.history == "ema":
+            from safetensors.torch import save_model  # handles tied embeddings (shared tensors)
+
+            save_model(self.history, str(path / EMA_FILE))
+
+    def load(self, path: Path) -> None:
+        if self.history is not None and self.op.sstoken.history == "ema":
+            from safetensors.torch import load_model
+
+            load_model(self.history, str(path / EMA_FILE), device=str(self.loop.env.device))
