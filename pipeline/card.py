@@ -74,15 +74,14 @@ class _Card:
 
         matplotlib.use("Agg")
         self.run, self.out = run, out
-        self.views = open_views(str(run.root), check_lengths=False)
-        self.con = self.views.con
         self._spill = tempfile.TemporaryDirectory(prefix="winnow-card-")
-        for setting in (
+        settings = (
             f"memory_limit = '{DUCKDB_MEMORY}'",
             f"temp_directory = '{self._spill.name}'",
             "preserve_insertion_order = false",
-        ):
-            self.con.execute(f"SET {setting}")
+        )
+        self.views = open_views(str(run.root), check_lengths=False, settings=settings)
+        self.con = self.views.con
         self.man = run.manifest()
         self.md: list[str] = []
         self.plots: list[str] = []

@@ -145,16 +145,20 @@ def per_token_columns(schema: pa.Schema) -> list[str]:
     return [f.name for f in schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)]
 
 
-def open_views(run_dir: str, check_lengths: bool = True, verify: bool = True) -> Views:
-    """A DuckDB connection (in-memory, reading only the run's verified shards) with every view defined."""
+def open_views(
+    run_dir: str, check_lengths: bool = True, verify: bool = True, settings: tuple[str, ...] = ()
+) -> Views:
+    """A DuckDB connection (in-memory, reading only the run's verified shards) with every view defined.
+
+    ``settings`` (e.g. ``"memory_limit = '256MB'"``) are applied before the configuration is locked."""
     saved, VERIFY.enabled = VERIFY.enabled, verify and VERIFY.enabled
     try:
-        return _open_views(RunDir(run_dir), check_lengths, verify)
+        return _open_views(RunDir(run_dir), check_lengths, verify, settings)
     finally:
         VERIFY.enabled = saved
 
 
-def _open_views(run: RunDir, check_lengths: bool, verify: bool) -> Views:
+def _open_views(run: RunDir, check_lengths: bool, verify: bool, settings: tuple[str, ...] = ()) -> Views:
     stale = run.stale_tables()
     plan = run.read_json("plan.json")  # unreadable: reported by read_json, no shard count to compare
     plan_shards = plan.get("shards") if isinstance(plan, dict) else None
@@ -191,6 +195,8 @@ def _open_views(run: RunDir, check_lengths: bool, verify: bool) -> Views:
                 per_token[table] = cols
     if "samples" in out.views:
         _tokens_view(out, per_token, check_lengths)
+    for setting in settings:
+        out.con.execute(f"SET {setting}")
     out.con.execute("SET lock_configuration = true")
     return out
 
