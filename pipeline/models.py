@@ -53,6 +53,8 @@ def resolve_model(spec: str | Path) -> Path:
 
         return builtin_model_path(spec[len(BUILTIN_PREFIX) :])
     path = Path(spec).expanduser()
+    if adapter_base(path) is not None:  # a peft adapter: scored as its base with the adapter merged in
+        return path
     if not (path / "config.json").is_file():
         from winnow.pipeline.builtin.tiny_model import BUILTIN_MODELS
 
@@ -76,10 +78,51 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
+# ------------------------------------------------------------------------------------- adapters
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_base(path: Path) -> Path | None:
+    """The base model directory a peft adapter directory names, or None when ``path`` is no adapter."""
+    cfg = Path(path) / ADAPTER_CONFIG
+    if not cfg.is_file():
+        return None
+    try:
+        base = json.loads(cfg.read_text()).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{cfg}: unreadable adapter config ({e})") from None
+    if not base or not (Path(base) / "config.json").is_file():
+        raise UserError(
+            f"{cfg}: base_model_name_or_path={base!r} is not a local model directory; "
+            "point it at the base model's save_pretrained folder"
+        )
+    return Path(base)
+
+
+def load_causal_lm(path: Path, **kwargs: Any) -> Any:
+    """``AutoModelForCausalLM.from_pretrained(path)``; an adapter directory is loaded onto its base and
+    merged (peft), so callers such as the model passes see one plain model with the adapter's weights."""
+    from transformers import AutoModelForCausalLM
+
+    base = adapter_base(path)
+    if base is None:
+        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    try:
+        import peft
+    except ModuleNotFoundError:
+        raise UserError(f"{path} is a LoRA adapter: loading it needs pip install 'winnow[peft]'") from None
+    model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
+    return peft.PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+
+
 # ------------------------------------------------------------------------------------- tokenizer
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> Any:
-    """The tokenizer saved beside ``model_dir``'s weights (UserError naming the directory otherwise)."""
+    """The tokenizer saved beside ``model_dir``'s weights (an adapter without one: its base's)."""
     from transformers import AutoTokenizer
+
+    base = adapter_base(model_dir)
+    if base is not None and not (Path(model_dir) / "tokenizer_config.json").is_file():
+        model_dir = base
 
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
@@ -150,6 +193,9 @@ def weights_fingerprint(model_dir: Path) -> str:
     files = safetensors_files(model_dir)
     full = sum(f.stat().st_size for f in files) <= FULL_HASH_BYTES
     h = hashlib.sha256()
+    base = adapter_base(model_dir)
+    if base is not None:  # an adapter means base + adapter: both enter its fingerprint
+        h.update(weights_fingerprint(base).encode())
     handles = {f: open(f, "rb") for f in files}  # noqa: SIM115  (closed below)
     try:
         for name, f, info, base in _tensor_index(files):
@@ -173,4 +219,9 @@ def config_fingerprint(model_dir: Path) -> str:
     """Hash of ``config.json`` (rope scaling, softcapping and the like change outputs without touching
     weights): part of a pass's commit fingerprint beside :func:`weights_fingerprint`."""
     cfg = Path(model_dir) / "config.json"
+    base = adapter_base(model_dir)
+    if base is not None:
+        return hashlib.sha256(
+            (base / "config.json").read_bytes() + (Path(model_dir) / ADAPTER_CONFIG).read_bytes()
+        ).hexdigest()[:16]
     return hashlib.sha256(cfg.read_bytes() if cfg.is_file() else b"").hexdigest()[:16]

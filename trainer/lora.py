@@ -22,17 +22,16 @@ promises around it:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from winnow.pipeline.errors import UserError
+from winnow.pipeline.models import ADAPTER_CONFIG, adapter_base, load_causal_lm  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     import torch
 
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass
@@ -117,33 +116,3 @@ def save_merged(model: Any, out: Path) -> None:
 
     merged = copy.deepcopy(model).merge_and_unload()
     merged.save_pretrained(str(out), safe_serialization=True)
-
-
-def adapter_base(path: Path) -> Path | None:
-    """The base model directory an adapter directory names, or None when ``path`` is no adapter."""
-    cfg = Path(path) / ADAPTER_CONFIG
-    if not cfg.is_file():
-        return None
-    try:
-        base = json.loads(cfg.read_text()).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{cfg}: unreadable adapter config ({e})") from None
-    if not base or not (Path(base) / "config.json").is_file():
-        raise UserError(
-            f"{cfg}: base_model_name_or_path={base!r} is not a local model directory; "
-            "point it at the base model's save_pretrained folder"
-        )
-    return Path(base)
-
-
-def load_causal_lm(path: Path, **kwargs: Any) -> Any:
-    """``AutoModelForCausalLM.from_pretrained(path)``; an adapter directory is loaded onto its base and
-    merged, so callers (the model passes) see one plain model with the adapter's weights."""
-    from transformers import AutoModelForCausalLM
-
-    base = adapter_base(path)
-    if base is None:
-        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    peft = require_peft()
-    model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
-    return peft.PeftModel.from_pretrained(model, str(path)).merge_and_unload()

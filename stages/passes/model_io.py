@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from winnow.kernels.chunked_head import LMHead
 from winnow.pipeline.errors import UserError
-from winnow.pipeline.models import weights_fingerprint
+from winnow.pipeline.models import load_causal_lm, weights_fingerprint
 
 if TYPE_CHECKING:
     import torch
@@ -100,7 +100,6 @@ def load_model(
 ) -> LoadedModel:
     """Load ``model_dir`` for scoring and verify its head (UserError when it cannot be scored exactly)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     # FlashAttention kernels take fp16/bf16 only; an fp32 GPU pass stays on SDPA with padded batches
     flash = flash_attention_available(device) and dtype in (torch.bfloat16, torch.float16)
@@ -110,7 +109,7 @@ def load_model(
     if flash and layout == "packed":
         kwargs["attn_implementation"] = "flash_attention_2"
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+        model = load_causal_lm(model_dir, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load {model_dir} as a causal LM: {e}") from None
     model.to(device).eval()

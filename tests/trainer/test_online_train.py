@@ -142,3 +142,31 @@ def test_lora_trains_only_adapters_saves_loadable_adapter_and_merged_model(input
     assert torch.allclose(lt, lm, atol=1e-5) and not torch.allclose(lt, lb, atol=1e-4)
     adapters = load_file(out / "adapter_model.safetensors")
     assert adapters and all("lora_" in k for k in adapters)
+
+
+def test_model_pass_scores_with_an_adapter_directory(inputs, tmp_path):
+    """`winnow score --model ADAPTER_DIR` loads the base, merges the adapter and scores exactly."""
+    from peft import AutoPeftModelForCausalLM
+    from trainer_fixtures import synthetic_run
+
+    from winnow.pipeline.store import RunDir
+
+    out = tmp_path / "lora"
+    code, _, err = _train(inputs, out, "--set", "lora_r=4", "--set", "lr=5e-2", "--set", "max_steps=2")
+    assert code == 0, err
+    run = synthetic_run(tmp_path / "run", inputs[0]).root
+    code, _, err = run_cli("score", run, "--model", out, "--alias", "tuned", "--signals", "logprob")
+    assert code == 0, err
+    signals = RunDir(run).table("signals/tuned").read().to_pylist()
+    samples = {r["sample_id"]: r for r in RunDir(run).table("samples").read().to_pylist()}
+    tuned = AutoPeftModelForCausalLM.from_pretrained(str(out), dtype=torch.float64).eval()
+    checked = 0
+    for row in signals:
+        ids = torch.as_tensor(samples[row["sample_id"]]["input_ids"])[None]
+        with torch.no_grad():
+            logp = tuned(input_ids=ids).logits[0].double().log_softmax(-1)
+        for i, lp in enumerate(row["logprob"]):
+            if lp is not None:
+                assert abs(lp - float(logp[i - 1, ids[0, i]])) < 1e-4
+                checked += 1
+    assert checked > 20
