@@ -75,11 +75,11 @@ class _Card:
         matplotlib.use("Agg")
         self.run, self.out = run, out
         self._spill = tempfile.TemporaryDirectory(prefix="winnow-card-")
-        settings = (
-            f"memory_limit = '{DUCKDB_MEMORY}'",
-            f"temp_directory = '{self._spill.name}'",
-            "preserve_insertion_order = false",
-        )
+        settings = {
+            "memory_limit": DUCKDB_MEMORY,
+            "temp_directory": self._spill.name,
+            "preserve_insertion_order": False,
+        }
         self.views = open_views(str(run.root), check_lengths=False, settings=settings)
         self.con = self.views.con
         self.man = run.manifest()

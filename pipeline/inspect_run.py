@@ -117,12 +117,11 @@ def check_out_path(run_dir: str, out: str | None) -> None:
         raise UserError(f"--out {out} is inside the run {run_dir}: the inspector writes nothing into a run")
 
 
-def _connect(paths: list[Path]):
+def _connect(paths: list[Path], settings: dict | None = None):
     import duckdb
 
-    con = duckdb.connect(
-        ":memory:", config={"autoinstall_known_extensions": False, "autoload_known_extensions": False}
-    )
+    config = {"autoinstall_known_extensions": False, "autoload_known_extensions": False, **(settings or {})}
+    con = duckdb.connect(":memory:", config=config)
     con.execute("SET allowed_paths = " + _sql_list(paths))
     con.execute("SET enable_external_access = false")
     return con
@@ -146,11 +145,12 @@ def per_token_columns(schema: pa.Schema) -> list[str]:
 
 
 def open_views(
-    run_dir: str, check_lengths: bool = True, verify: bool = True, settings: tuple[str, ...] = ()
+    run_dir: str, check_lengths: bool = True, verify: bool = True, settings: dict | None = None
 ) -> Views:
     """A DuckDB connection (in-memory, reading only the run's verified shards) with every view defined.
 
-    ``settings`` (e.g. ``"memory_limit = '256MB'"``) are applied before the configuration is locked."""
+    ``settings`` (e.g. ``{"memory_limit": "256MB", "temp_directory": ...}``) configure the connection when
+    it is made: external access is off and the configuration locked afterwards."""
     saved, VERIFY.enabled = VERIFY.enabled, verify and VERIFY.enabled
     try:
         return _open_views(RunDir(run_dir), check_lengths, verify, settings)
@@ -158,7 +158,7 @@ def open_views(
         VERIFY.enabled = saved
 
 
-def _open_views(run: RunDir, check_lengths: bool, verify: bool, settings: tuple[str, ...] = ()) -> Views:
+def _open_views(run: RunDir, check_lengths: bool, verify: bool, settings: dict | None = None) -> Views:
     stale = run.stale_tables()
     plan = run.read_json("plan.json")  # unreadable: reported by read_json, no shard count to compare
     plan_shards = plan.get("shards") if isinstance(plan, dict) else None
@@ -168,7 +168,7 @@ def _open_views(run: RunDir, check_lengths: bool, verify: bool, settings: tuple[
     if damage:
         raise UserError("the run failed verification:\n  " + "\n  ".join(damage))
     farm, links = _link_farm(run, tables)
-    out = Views(_connect([p for ps in links.values() for p in ps]), warnings=warnings, farm=farm)
+    out = Views(_connect([p for ps in links.values() for p in ps], settings), warnings=warnings, farm=farm)
     if not verify:
         out.warnings.append("--no-verify: shards were not checked against their commit records' sha256")
     per_token: dict[str, list[str]] = {}
@@ -195,8 +195,6 @@ def _open_views(run: RunDir, check_lengths: bool, verify: bool, settings: tuple[
                 per_token[table] = cols
     if "samples" in out.views:
         _tokens_view(out, per_token, check_lengths)
-    for setting in settings:
-        out.con.execute(f"SET {setting}")
     out.con.execute("SET lock_configuration = true")
     return out
 
