@@ -173,7 +173,6 @@ def test_bad_compositions_exit_2(tmp_path, policy, match):
 
 
 def test_sql_errors_that_are_not_a_bad_condition_are_not_reported_as_one(tmp_path):
-    import duckdb
     from stage_fixtures import write_signals
 
     from winnow.pipeline.store import UserError
@@ -187,11 +186,12 @@ def test_sql_errors_that_are_not_a_bad_condition_are_not_reported_as_one(tmp_pat
     write_signals(run, "contrast", 0, ids, {"p_ce": [[None, 0.5, 0.5, 0.5, 0.5, 0.5], [None, 0.5, 0.5]]})
     code, _, err = run_cli("select", run.root, "sql", "--keep", keep)
     assert code == 2 and "bad SQL condition" not in err and "stale table scores/critical_tokens" in err, err
-    # a corrupt Parquet shard is an IO error: it propagates as DuckDB raised it
+    # a corrupt Parquet shard is caught by the checksum before any SQL runs: named as such, never as
+    # "bad SQL condition"
     assert run_cli("score", run.root, "critical_tokens")[0] == 0
     path = run.table("scores/critical_tokens").part_path(1)
     data = path.read_bytes()
-    path.write_bytes(data[:-8] + b"\0" * 8)  # same size (still committed), footer and magic gone
-    with pytest.raises(duckdb.Error) as info:
+    path.write_bytes(data[:-8] + b"\0" * 8)  # same size, footer and magic gone
+    with pytest.raises(UserError) as info:
         sp.STEP.run(run, sp.SelectParams(policy="sql", keep=keep))
-    assert not isinstance(info.value, UserError)
+    assert "checksum" in str(info.value) and "bad SQL condition" not in str(info.value)
