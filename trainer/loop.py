@@ -100,9 +100,8 @@ class Loop:
             self.online = OnlineBatches(self, p.online_params(), reference)
             self.steps_per_epoch = self.online.steps_per_epoch
             total = p.epochs * self.steps_per_epoch
+            # the scheduler's lambda reads self.total_steps when called: no second scheduler needed
             self.total_steps = min(total, p.max_steps) if p.max_steps else total
-            fn = lambda s: lr_factor(s, p.warmup_steps, self.total_steps, p.min_lr_ratio)  # noqa: E731
-            self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, fn)
         self.mask_id = env.pad_id
 
     @staticmethod
