@@ -38,6 +38,7 @@ is not scored.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -90,57 +91,6 @@ def _check_models(run: RunDir, params: ExcessLossParams) -> None:
         f"Score a model trained on high-quality data as {params.reference!r}: "
         f"`{io.signals_command(run, params.reference, ['logprob'])}`",
     )
-
-
-def _read_scores(run: RunDir, parts: list[int], params: ExcessLossParams) -> tuple:
-    """Pass 1: every scored token's excess loss, flat in (shard, row, position) order."""
-    import torch
-
-    keys = [(params.current, "logprob"), (params.reference, "logprob")]
-    read = {params.current: ["logprob"], params.reference: ["logprob"]}
-    masks, flats, n_tok, missing = [], [], [], 0
-    for part in parts:
-        shard = io.read_shard(run, part, read)
-        mask = shard.valid(*keys)
-        score = excess_loss(
-            -torch.from_numpy(shard.signals[keys[0]]),
-            -torch.from_numpy(shard.signals[keys[1]]),
-            torch.from_numpy(mask),
-        )
-        masks.append(mask)
-        flats.append(score.numpy()[mask])
-        n_tok.append(shard.n_tokens)
-        missing += shard.supervised_without_signal(*keys)
-    return masks, flats, n_tok, missing
-
-
-def _select_in_batches(flat, per_sample: np.ndarray, params: ExcessLossParams) -> tuple:
-    """The top-k of each simulated mini-batch: ``(keep_flat, batch of each sample, number of batches)``."""
-    import torch
-
-    starts = np.concatenate([[0], np.cumsum(per_sample)])
-    keep_flat = torch.zeros(flat.numel(), dtype=torch.bool)
-    batch = np.full(len(per_sample), -1, dtype=np.int32)
-    scored = np.flatnonzero(per_sample > 0)
-    batches = topk.minibatches(len(scored), params.batch_size, params.seed)
-    if len(batches) == 1:  # the whole dataset: one row, the very same top-k function
-        keep_flat = topk.top_fraction(
-            flat[None], torch.ones(1, flat.numel(), dtype=torch.bool), params.k_ratio
-        )[0]
-        batch[scored] = 0
-        return keep_flat, batch, 1
-    for b, sel in enumerate(batches):
-        rows = scored[sel]
-        width = int(per_sample[rows].max())
-        vals = torch.zeros(len(rows), width, dtype=torch.float64)
-        bmask = torch.arange(width)[None, :] < torch.from_numpy(per_sample[rows])[:, None]
-        index = torch.from_numpy(
-            np.concatenate([np.arange(starts[r], starts[r + 1]) for r in rows]).astype(np.int64)
-        )
-        vals[bmask] = flat[index]  # row-major fill keeps each sample's tokens in order
-        keep_flat[index] = topk.top_fraction(vals, bmask, params.k_ratio)[bmask]
-        batch[rows] = b
-    return keep_flat, batch, len(batches)
 
 
 def _shard_table(sample_id, batch, mask, n_tokens, score_flat, keep_flat) -> pa.Table:
@@ -261,9 +211,88 @@ def _whole_dataset(
     }
 
 
-def run_excess_loss(run: RunDir, params: ExcessLossParams) -> dict:
+def _batch_cutoffs(spill, starts: np.ndarray, rows: np.ndarray, k_ratio: float) -> tuple[float, np.ndarray]:
+    """One mini-batch's top-k as per-sample scalars: the smallest kept score ``t`` and, for each row, how
+    many of its tokens scoring exactly ``t`` are kept (ties go to the earlier token in batch order, so
+    within a row to the earlier position). Each row's scores are read back from the spill file."""
     import torch
 
+    counts = (starts[rows + 1] - starts[rows]).astype(np.int64)
+    chunks = [os.pread(spill.fileno(), int(8 * c), int(8 * starts[r])) for r, c in zip(rows, counts, strict=True)]
+    bmask = np.arange(int(counts.max()))[None, :] < counts[:, None]
+    vals = np.zeros(bmask.shape, np.float64)
+    vals[bmask] = np.frombuffer(b"".join(chunks), np.float64)  # row-major fill keeps each row in order
+    keep = topk.top_fraction(torch.from_numpy(vals), torch.from_numpy(bmask), k_ratio).numpy()
+    if not keep.any():
+        return np.inf, np.zeros(len(rows), np.int32)
+    t = float(vals[keep].min())
+    return t, (keep & (vals == t)).sum(1).astype(np.int32)
+
+
+def _keep_from_cutoffs(flat: np.ndarray, per_row: np.ndarray, cut: np.ndarray, ties: np.ndarray) -> np.ndarray:
+    """A shard's kept tokens (flat, row-major) from each row's cutoff and number of kept ties."""
+    row = np.repeat(np.arange(len(per_row)), per_row)
+    t = cut[row]
+    tie = flat == t
+    run_ties = np.cumsum(tie)
+    before_row = np.concatenate([[0], run_ties])[np.cumsum(per_row) - per_row]
+    rank = run_ties - np.repeat(before_row, per_row)  # 1-based rank of a tie within its row
+    return (flat > t) | (tie & (rank <= ties[row]))
+
+
+def _minibatches(run: RunDir, st: io.StageOutput, parts: list[int], params: ExcessLossParams, inputs) -> dict | None:
+    """The top-k of each simulated mini-batch with only per-sample scalars in memory (issue 16).
+
+    Pass 1 spills every scored token's float64 excess loss to a temporary file in (shard, row,
+    position) order. Each mini-batch reads its rows back (``pread``), and keeps of its top-k only the
+    cutoff score and each row's number of kept ties (:func:`_batch_cutoffs`); pass 2 recomputes each
+    shard's scores and applies the cutoffs. ``None`` when there is a single batch (the whole dataset).
+    """
+    import tempfile
+
+    with tempfile.TemporaryFile(prefix="winnow-excess-") as spill:
+        per_sample, missing, nonzero = [], 0, 0
+        for part in parts:
+            _, mask, flat, miss = _shard_scores(run, part, params)
+            np.asarray(flat, np.float64).tofile(spill)
+            per_sample.append(mask.sum(1).astype(np.int64))
+            missing, nonzero = missing + miss, nonzero + int((flat != 0).sum())
+        spill.flush()
+        per = np.concatenate(per_sample) if per_sample else np.zeros(0, np.int64)
+        starts = np.concatenate([[0], np.cumsum(per)])
+        refuse_zero_excess(
+            int(starts[-1]),
+            nonzero,
+            f"excess_loss (signals/{params.current} vs signals/{params.reference})",
+            f"--set reference=ALIAS of a model trained on high-quality data, not a copy of {params.current!r}.",
+        )
+        scored = np.flatnonzero(per > 0)
+        batches = topk.minibatches(len(scored), params.batch_size, params.seed)
+        if len(batches) == 1:
+            return None
+        batch = np.full(len(per), -1, np.int32)
+        cut, ties = np.full(len(per), np.inf), np.zeros(len(per), np.int32)
+        for b, sel in enumerate(batches):
+            rows = scored[sel]
+            cut[rows], ties[rows] = _batch_cutoffs(spill, starts, rows, params.k_ratio)
+            batch[rows] = b
+    row0, kept = 0, 0
+    for part in parts:
+        shard, mask, flat, _ = _shard_scores(run, part, params)
+        rows = slice(row0, row0 + mask.shape[0])
+        keep = _keep_from_cutoffs(flat, per[rows], cut[rows], ties[rows])
+        st.commit(part, _shard_table(shard.sample_id, batch[rows], mask, shard.n_tokens, flat, keep), inputs)
+        row0, kept = row0 + mask.shape[0], kept + int(keep.sum())
+    return {
+        "samples": int(len(per)),
+        "scored_tokens": int(starts[-1]),
+        "kept_tokens": kept,
+        "batches": len(batches),
+        "supervised_without_signal": missing,
+    }
+
+
+def run_excess_loss(run: RunDir, params: ExcessLossParams) -> dict:
     started = time.time()
     parts = io.samples_parts(run)
     for alias in (params.current, params.reference):
@@ -280,39 +309,7 @@ def run_excess_loss(run: RunDir, params: ExcessLossParams) -> dict:
         counts = _whole_dataset(run, st, parts, params, inputs)
     elif not io.all_fresh(st.out, parts, st.fp, inputs):
         io.drop_orphans(st.out, parts)
-        masks, flats, n_tok, missing = _read_scores(run, parts, params)
-        flat = torch.from_numpy(np.concatenate(flats)) if flats else torch.zeros(0, dtype=torch.float64)
-        refuse_zero_excess(
-            flat.numel(),
-            int((flat != 0).sum()),
-            f"excess_loss (signals/{params.current} vs signals/{params.reference})",
-            f"--set reference=ALIAS of a model trained on high-quality data, "
-            f"not a copy of {params.current!r}.",
-        )
-        per_sample = np.concatenate([m.sum(1) for m in masks])  # scored tokens per sample
-        keep_flat, batch, n_batches = _select_in_batches(flat, per_sample, params)
-        # pass 2: write each shard from the flat arrays
-        keep_np, flat_np, start, row0 = keep_flat.numpy(), flat.numpy(), 0, 0
-        for part, mask, n_tokens in zip(parts, masks, n_tok, strict=True):
-            n_rows, n_flat = mask.shape[0], int(mask.sum())
-            sample_id = run.table(io.SAMPLES).read_part(part, columns=["sample_id"]).column("sample_id")
-            table = _shard_table(
-                sample_id,
-                batch[row0 : row0 + n_rows],
-                mask,
-                n_tokens,
-                flat_np[start : start + n_flat],
-                keep_np[start : start + n_flat],
-            )
-            start, row0 = start + n_flat, row0 + n_rows
-            st.commit(part, table, inputs)
-        counts = {
-            "samples": int(len(per_sample)),
-            "scored_tokens": int(flat.numel()),
-            "kept_tokens": int(keep_flat.sum()),
-            "batches": n_batches,
-            "supervised_without_signal": missing,
-        }
+        counts = _minibatches(run, st, parts, params, inputs) or _whole_dataset(run, st, parts, params, inputs)
     return st.finish(len(parts), counts)
 
 

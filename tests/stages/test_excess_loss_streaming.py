@@ -67,3 +67,33 @@ def test_order_keys_sort_like_the_floats():
         keys = ex.order_keys(x)
         np.testing.assert_array_equal(np.argsort(keys, kind="stable"), np.argsort(x + 0.0, kind="stable"))
     assert ex.order_keys(np.array([-0.0]))[0] == ex.order_keys(np.array([0.0]))[0]
+
+
+@pytest.mark.parametrize("seed,grid,k_ratio,batch_size", [(4, 0.25, 0.6, 8), (5, 0.5, 0.33, 3), (6, 1e-3, 0.9, 5)])
+def test_streamed_minibatches_equal_in_memory_batches(tmp_path, seed, grid, k_ratio, batch_size):
+    """The default path (simulated mini-batches drawn across shards, only per-sample cutoffs held) keeps
+    what a stable sort of each batch's concatenated scores keeps (rows in batch order, then position)."""
+    run, order = _run(tmp_path / "run", np.random.default_rng(seed), grid)
+    ex.STEP.run(run, ex.ExcessLossParams(k_ratio=k_ratio, batch_size=batch_size, seed=seed))
+    scores = [np.array([float(v) for v in exc if v is not None], np.float64) for _, exc in order]
+    scored = [i for i, s in enumerate(scores) if len(s)]
+    want_keep = [np.zeros(len(s), bool) for s in scores]
+    want_batch = np.full(len(order), -1)
+    perm = np.random.default_rng(seed).permutation(len(scored))  # the trainer's mini-batch definition
+    n_batches = 0
+    for b, i in enumerate(range(0, len(scored), batch_size)):
+        rows = [scored[j] for j in perm[i : i + batch_size]]
+        cat = np.concatenate([scores[r] for r in rows]) + 0.0
+        top = np.argsort(-cat, kind="stable")[: io.floor_count(k_ratio, len(cat))]
+        keep = np.zeros(len(cat), bool)
+        keep[top] = True
+        for r, part in zip(rows, np.split(keep, np.cumsum([len(scores[r]) for r in rows])[:-1]), strict=True):
+            want_keep[r], want_batch[r] = part, b
+        n_batches += 1
+    assert n_batches > 2
+    got = pq.read_table(run.table("scores/excess_loss").paths()).to_pydict()
+    by_id = {sid: (b, k) for sid, b, k in zip(got["sample_id"], got["batch"], got["token_keep"], strict=True)}
+    for (sid, exc), keep, b in zip(order, want_keep, want_batch, strict=True):
+        got_b, got_k = by_id[sid]
+        assert got_b == b, sid
+        np.testing.assert_array_equal(np.array([got_k[i] for i, v in enumerate(exc) if v is not None], bool), keep)
