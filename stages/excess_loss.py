@@ -218,7 +218,9 @@ def _batch_cutoffs(spill, starts: np.ndarray, rows: np.ndarray, k_ratio: float) 
     import torch
 
     counts = (starts[rows + 1] - starts[rows]).astype(np.int64)
-    chunks = [os.pread(spill.fileno(), int(8 * c), int(8 * starts[r])) for r, c in zip(rows, counts, strict=True)]
+    chunks = [
+        os.pread(spill.fileno(), int(8 * c), int(8 * starts[r])) for r, c in zip(rows, counts, strict=True)
+    ]
     bmask = np.arange(int(counts.max()))[None, :] < counts[:, None]
     vals = np.zeros(bmask.shape, np.float64)
     vals[bmask] = np.frombuffer(b"".join(chunks), np.float64)  # row-major fill keeps each row in order
@@ -229,7 +231,9 @@ def _batch_cutoffs(spill, starts: np.ndarray, rows: np.ndarray, k_ratio: float) 
     return t, (keep & (vals == t)).sum(1).astype(np.int32)
 
 
-def _keep_from_cutoffs(flat: np.ndarray, per_row: np.ndarray, cut: np.ndarray, ties: np.ndarray) -> np.ndarray:
+def _keep_from_cutoffs(
+    flat: np.ndarray, per_row: np.ndarray, cut: np.ndarray, ties: np.ndarray
+) -> np.ndarray:
     """A shard's kept tokens (flat, row-major) from each row's cutoff and number of kept ties."""
     row = np.repeat(np.arange(len(per_row)), per_row)
     t = cut[row]
@@ -240,7 +244,9 @@ def _keep_from_cutoffs(flat: np.ndarray, per_row: np.ndarray, cut: np.ndarray, t
     return (flat > t) | (tie & (rank <= ties[row]))
 
 
-def _minibatches(run: RunDir, st: io.StageOutput, parts: list[int], params: ExcessLossParams, inputs) -> dict | None:
+def _minibatches(
+    run: RunDir, st: io.StageOutput, parts: list[int], params: ExcessLossParams, inputs
+) -> dict | None:
     """The top-k of each simulated mini-batch with only per-sample scalars in memory (issue 16).
 
     Pass 1 spills every scored token's float64 excess loss to a temporary file in (shard, row,
@@ -309,7 +315,9 @@ def run_excess_loss(run: RunDir, params: ExcessLossParams) -> dict:
         counts = _whole_dataset(run, st, parts, params, inputs)
     elif not io.all_fresh(st.out, parts, st.fp, inputs):
         io.drop_orphans(st.out, parts)
-        counts = _minibatches(run, st, parts, params, inputs) or _whole_dataset(run, st, parts, params, inputs)
+        counts = _minibatches(run, st, parts, params, inputs) or _whole_dataset(
+            run, st, parts, params, inputs
+        )
     return st.finish(len(parts), counts)
 
 

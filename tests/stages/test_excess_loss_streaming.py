@@ -69,7 +69,9 @@ def test_order_keys_sort_like_the_floats():
     assert ex.order_keys(np.array([-0.0]))[0] == ex.order_keys(np.array([0.0]))[0]
 
 
-@pytest.mark.parametrize("seed,grid,k_ratio,batch_size", [(4, 0.25, 0.6, 8), (5, 0.5, 0.33, 3), (6, 1e-3, 0.9, 5)])
+@pytest.mark.parametrize(
+    "seed,grid,k_ratio,batch_size", [(4, 0.25, 0.6, 8), (5, 0.5, 0.33, 3), (6, 1e-3, 0.9, 5)]
+)
 def test_streamed_minibatches_equal_in_memory_batches(tmp_path, seed, grid, k_ratio, batch_size):
     """The default path (simulated mini-batches drawn across shards, only per-sample cutoffs held) keeps
     what a stable sort of each batch's concatenated scores keeps (rows in batch order, then position)."""
@@ -96,4 +98,6 @@ def test_streamed_minibatches_equal_in_memory_batches(tmp_path, seed, grid, k_ra
     for (sid, exc), keep, b in zip(order, want_keep, want_batch, strict=True):
         got_b, got_k = by_id[sid]
         assert got_b == b, sid
-        np.testing.assert_array_equal(np.array([got_k[i] for i, v in enumerate(exc) if v is not None], bool), keep)
+        np.testing.assert_array_equal(
+            np.array([got_k[i] for i, v in enumerate(exc) if v is not None], bool), keep
+        )
