@@ -19,10 +19,12 @@ export is recorded in the run manifest (``export:<selection>``: path, format, ro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,26 +121,79 @@ def _write(run: RunDir, name: str, fmt: str, tmp: Path, meta_kinds: dict[str, st
                 f.writelines(line + "\n" for line in _jsonl_lines(s, meta_kinds))
                 rows, weighted = rows + s.num_rows, weighted + _n_weighted(w)
         return rows, weighted
-    pq_path = tmp if fmt == "parquet" else tmp.with_suffix(".parquet")
+    tables = (_train_table(s, w) for s, w in _kept_parts(run, name))
+    if fmt == "hf":
+        return _write_hf(tables, tmp)
     writer = None
     try:
-        for s, w in _kept_parts(run, name):
-            t = _train_table(s, w)
-            writer = writer or pq.ParquetWriter(pq_path, t.schema)
+        for t in tables:
+            writer = writer or pq.ParquetWriter(tmp, t.schema)
             writer.write_table(t)
-            rows, weighted = rows + t.num_rows, weighted + _n_weighted(w)
+            rows, weighted = rows + t.num_rows, weighted + _n_weighted(t["token_weight"])
     finally:
         if writer is not None:
             writer.close()
     assert writer is not None, "export_selection checked that some sample is kept"
-    if fmt == "hf":
-        import tempfile
+    return rows, weighted
 
-        from datasets import Dataset
 
-        with tempfile.TemporaryDirectory(dir=tmp.parent) as cache:  # not the user's HF cache
-            Dataset.from_parquet(str(pq_path), cache_dir=cache).save_to_disk(str(tmp))
-        pq_path.unlink()
+# datasets' own default ``max_shard_size`` for save_to_disk (an uncompressed Arrow size)
+HF_SHARD_BYTES = 500 * 2**20
+
+
+def _write_hf(tables: Iterator[pa.Table], folder: Path) -> tuple[int, int]:
+    """The ``save_to_disk`` layout (``data-XXXXX-of-NNNNN.arrow``, ``state.json``, ``dataset_info.json``)
+    written shard by shard with ``datasets``' own ``ArrowWriter``, so memory does not grow with the export.
+
+    Going through ``Dataset.from_parquet(...).save_to_disk`` grew from 255 to 590 MB peak RSS between
+    20k and 300k samples (the Arrow cache and the saved files are memory-mapped while they are read):
+    issue 16. ``load_from_disk`` reads the result back; a test checks it equals the ``datasets`` route.
+    """
+    from dataclasses import asdict
+
+    from datasets import DatasetInfo, Features
+    from datasets.arrow_writer import ArrowWriter
+
+    folder.mkdir()
+    files: list[Path] = []
+    writer, features, size, rows, weighted = None, None, 0, 0, 0
+    try:
+        # rolling over between pieces of a shard keeps each data file near HF_SHARD_BYTES
+        for t in (piece for table in tables for piece in table.to_batches(max_chunksize=256)):
+            if writer is None or size >= HF_SHARD_BYTES:
+                if writer is not None:
+                    writer.finalize()
+                    writer.close()
+                features = features or Features.from_arrow_schema(t.schema)
+                files.append(folder / f".part-{len(files)}.arrow")
+                writer, size = ArrowWriter(features=features, path=str(files[-1])), 0
+            writer.write_table(pa.Table.from_batches([t]))
+            size, rows, weighted = (
+                size + t.nbytes,
+                rows + t.num_rows,
+                weighted + _n_weighted(t["token_weight"]),
+            )
+    finally:
+        if writer is not None:
+            writer.finalize()
+            writer.close()
+    assert features is not None, "export_selection checked that some sample is kept"
+    names = [f"data-{i:05d}-of-{len(files):05d}.arrow" for i in range(len(files))]
+    for f, n in zip(files, names, strict=True):
+        os.rename(f, folder / n)
+    digest = hashlib.sha256(f"{features}|{rows}|{weighted}".encode()).hexdigest()[:16]
+    state = {
+        "_data_files": [{"filename": n} for n in names],
+        "_fingerprint": digest,
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    info = asdict(DatasetInfo(features=features))
+    (folder / "dataset_info.json").write_text(json.dumps({k: info[k] for k in sorted(info)}, indent=2))
     return rows, weighted
 
 
@@ -190,7 +245,6 @@ def export_selection(
         _swap_into_place(tmp, out)
     except BaseException:
         _remove(tmp)
-        _remove(tmp.with_suffix(".parquet"))
         raise
     entry = {
         "step": "export",

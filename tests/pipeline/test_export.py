@@ -134,3 +134,26 @@ def test_empty_and_replaced_exports_leave_nothing_behind(tmp_path):
         == 0
     )
     assert target.is_file() and sorted(p.name for p in out.iterdir()) == ["kept"]
+
+
+def test_streamed_hf_folder_equals_the_datasets_route(demo_selection, tmp_path, monkeypatch):
+    """The hf export is written shard by shard (issue 16); it must load to what `datasets` itself makes of
+    the same rows (Dataset.from_parquet(...).save_to_disk), also when it rolls over to several files."""
+    from datasets import Dataset, load_from_disk
+
+    from winnow.pipeline import export
+
+    run = demo_selection
+    export.export_selection(run, "parquet", tmp_path / "c.parquet", "clean")
+    ref_dir = tmp_path / "ref_hf"
+    Dataset.from_parquet(str(tmp_path / "c.parquet"), cache_dir=str(tmp_path / "cache")).save_to_disk(
+        str(ref_dir)
+    )
+    ref = load_from_disk(str(ref_dir))
+    monkeypatch.setattr(export, "HF_SHARD_BYTES", 20_000)  # several data files
+    export.export_selection(run, "hf", tmp_path / "c_hf", "clean")
+    got = load_from_disk(str(tmp_path / "c_hf"))
+    assert len(list((tmp_path / "c_hf").glob("data-*-of-*.arrow"))) > 2
+    assert got.features == ref.features
+    assert got.num_rows == ref.num_rows > 1000
+    assert got.to_dict() == ref.to_dict()
