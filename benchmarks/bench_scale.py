@@ -43,6 +43,7 @@ OUTPUTS = {  # tables a step writes, removed before it runs
         f"score {s}": [f"scores/{s}"]
         for s in ("eu_plane", "excess_loss", "sstoken", "critical_tokens", "dv4llm")
     },
+    "score excess_loss whole": ["scores/excess_loss"],
     "select eu_plane": ["selection/eu"],
     "select critical_tokens": ["selection/cdpo"],
 }
@@ -142,7 +143,8 @@ def steps(run: str, inp: str, out: str) -> list[tuple[str, list[str]]]:
         ("ingest", [*w, "ingest", inp, "--run", run, "--model", "builtin:tiny", "--format", "gsm8k"]),
         ("(setup) synthetic signals", [*py, "--make-signals", run]),
         ("score eu_plane", [*w, "score", run, "eu_plane"]),
-        ("score excess_loss", [*w, "score", run, "excess_loss", "--set", "batch_size=0"]),
+        ("score excess_loss", [*w, "score", run, "excess_loss"]),  # simulated mini-batches of 8
+        ("score excess_loss whole", [*w, "score", run, "excess_loss", "--set", "batch_size=0"]),
         ("score sstoken", [*w, "score", run, "sstoken"]),
         ("score critical_tokens", [*w, "score", run, "critical_tokens"]),
         ("score dv4llm", [*w, "score", run, "dv4llm", "--targets", "sql:meta_split = 't'"]),
