@@ -20,16 +20,17 @@ the model pass) equals the current model's, and data whose excess loss is exactl
 UNCONFIRMED (a parameter): ``k_ratio = 0.6`` — inferred from "9B selected of 15B tokens" for the
 1B model (0.7 for the 7B model); the paper states no ratio for SFT.
 
-Memory (issue 16). The whole-dataset top-k (``batch_size=0``) is streamed: each scored token's
-score goes to a temporary file as an order-preserving 8-byte key, a radix select over 16-bit digits
-finds the k-th largest in three more reads of that file, and shards are written one at a time, so
-memory does not grow with the run (the file does: 8 bytes a supervised token on disk). Simulated
-mini-batches (``batch_size > 0``, the default) draw samples from every shard, so that path keeps every
-scored token's float64 score and each shard's mask in memory (about 9 bytes a supervised token plus the
-padded masks: global state). Measured by ``benchmarks/bench_scale.py`` with ``batch_size=0`` (2-core
-VM under load): peak RSS 606 MB at 20k samples and 1,251 MB at 100k (15M supervised tokens) when every
-score was held; 505, 553 and 510 MB at 20k, 100k and 300k streamed. Side by side at 20k the wall time
-did not change (40-44 s before, 39-42 s after, load ~15).
+Memory (issue 16): both paths spill each scored token's score to a temporary file (8 bytes a supervised
+token on disk) and write shards one at a time, so memory does not grow with the run beyond per-sample
+scalars. The whole-dataset top-k (``batch_size=0``) spills order-preserving 8-byte keys and a radix
+select over 16-bit digits finds the k-th largest in three more reads of the file. Simulated mini-batches
+(``batch_size > 0``, the default) draw samples from every shard: each batch reads its rows back with
+``pread`` and keeps only its cutoff score and each row's number of kept ties (about 40 bytes a sample
+in all, with the batch index and offsets); pass 2 applies them shard by shard. Measured by
+``benchmarks/bench_scale.py`` (2-core VM under load): with ``batch_size=0``, peak RSS 606 MB at 20k
+samples and 1,251 MB at 100k (15M supervised tokens) when every score was held, 505, 553 and 510 MB at
+20k, 100k and 300k streamed; the mini-batch path held every score (about 1.25 GB at 100k) until it
+was streamed the same way (benchmarks/RESULTS.md, "Scale ... to 1M").
 
 Output ``scores/excess_loss``: ``batch``, ``n_supervised``, ``n_token_keep``,
 ``mean_excess``, per-token ``token_score`` (the excess loss) and ``token_keep``, null where a token
