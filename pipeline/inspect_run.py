@@ -122,7 +122,14 @@ def check_out_path(run_dir: str, out: str | None) -> None:
 def _connect(paths: list[Path], settings: dict | None = None):
     import duckdb
 
-    config = {"autoinstall_known_extensions": False, "autoload_known_extensions": False, **(settings or {})}
+    # DuckDB estimates ~0 rows for a POSITIONAL JOIN, so its build_side_probe_side optimizer would build the
+    # vocab join's hash table on the per-token side: 14.8 GB and an OOM kill at 100k samples (issue 16)
+    config = {
+        "autoinstall_known_extensions": False,
+        "autoload_known_extensions": False,
+        "disabled_optimizers": "build_side_probe_side",
+        **(settings or {}),
+    }
     con = duckdb.connect(":memory:", config=config)
     con.execute("SET allowed_paths = " + _sql_list(paths))
     con.execute("SET enable_external_access = false")
