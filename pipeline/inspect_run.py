@@ -204,8 +204,11 @@ def _open_views(run: RunDir, check_lengths: bool, verify: bool, settings: dict |
                 per_token[table] = cols
     if "samples" in out.views:
         shards = [(r.part, r.rows) for r in run.table("samples").records()]
-        aligned = {t for t in per_token if [(r.part, r.rows) for r in run.table(t).records()] == shards}
-        _tokens_view(out, per_token, check_lengths, aligned)
+        aligned = [t for t in per_token if [(r.part, r.rows) for r in run.table(t).records()] == shards]
+        # the scans themselves, not the views: a view adds a projection, and DuckDB merges POSITIONAL JOINs
+        # into one streaming Positional Scan only when every side is a bare table scan
+        src = {t: f"read_parquet({_sql_list(links[t])}, union_by_name=true)" for t in ["samples", *aligned]}
+        _tokens_view(out, per_token, check_lengths, src)
     out.con.execute("SET lock_configuration = true")
     return out
 
@@ -227,13 +230,17 @@ def _positional_ok(out: Views, table: str, cols: list[str], check_lengths: bool)
     return True
 
 
-def _tokens_view(out: Views, per_token: dict[str, list[str]], check_lengths: bool, aligned: set[str]) -> None:
-    """The per-token view. A table with the samples' shards, row counts and sample_id order (every table a
-    stage writes) joins by POSITIONAL JOIN, which streams; any other by a LEFT JOIN on sample_id, whose
-    hash table holds the joined lists: at 300k samples that grew `inspect` to 801 MB (2.8x its 20k peak),
-    and under a DuckDB memory_limit it failed or spilled 6x slower (issue 16). Measured at 100k (2-core
-    VM): 10 of 51 shards -> all 51, peak RSS 226 -> 342 MB and 42 s with the hash joins, 155 -> 162 MB
-    and 3.9 s by position."""
+def _tokens_view(
+    out: Views, per_token: dict[str, list[str]], check_lengths: bool, src: dict[str, str]
+) -> None:
+    """The per-token view. Tables with the samples' shards, row counts and sample_id order (every table a
+    stage writes) are POSITIONAL JOINed to samples as bare Parquet scans, which DuckDB runs as one streaming
+    Positional Scan; any other table joins by sample_id (LEFT JOIN: a hash table of its lists). Issue 16:
+    with hash joins for all, `inspect` grew from 286 to 801 MB between 20k and 300k samples and under a
+    DuckDB memory_limit failed or spilled 6x slower. Measured at 100k samples (2-core VM, an aggregate over
+    current__logprob, views over the first 10 vs all 51 shards): hash joins 226 -> 342 MB and 42 s;
+    positional joins over the views (a projection on each side, so each join materialised its side)
+    185 -> 281 MB and 7 s; one Positional Scan 177 -> 186 MB and 5 s."""
     con = out.con
     selects = [
         "s.sample_id",
@@ -250,9 +257,8 @@ def _tokens_view(out: Views, per_token: dict[str, list[str]], check_lengths: boo
         prefix = _ident(short) if short not in used else view_name(table)
         used.add(short)
         alias = f"t{i}"
-        if table in aligned and _positional_ok(out, table, cols, check_lengths):
-            picked = ", ".join(_q(c) for c in cols)
-            positional.append(f"POSITIONAL JOIN (SELECT {picked} FROM {_q(view_name(table))}) {alias}")
+        if table in src and _positional_ok(out, table, cols, check_lengths):
+            positional.append(f"POSITIONAL JOIN {src[table]} {alias}")
         else:
             joins.append(f"LEFT JOIN {_q(view_name(table))} {alias} ON {alias}.sample_id = s.sample_id")
             if check_lengths:
@@ -265,7 +271,7 @@ def _tokens_view(out: Views, per_token: dict[str, list[str]], check_lengths: boo
     sql = (
         "CREATE VIEW tokens AS SELECT "
         + ", ".join(selects)
-        + " FROM samples s "
+        + f" FROM {src['samples']} s "
         + " ".join(positional)
         + " CROSS JOIN LATERAL (SELECT unnest(range(s.n_tokens)) AS pos) g "
         + vocab_join
