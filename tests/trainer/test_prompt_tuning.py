@@ -154,3 +154,92 @@ def test_only_the_prompt_trains_and_the_saved_adapter_reloads(tmp_path):
     model.eval()
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=x).logits, model(input_ids=x).logits)
+
+
+# ------------------------------------------------------------------------------------- `winnow train`
+SETS = ["--set", "tokens_per_batch=256", "--set", "max_seq_len=128", "--set", "eval_fraction=0.2"]
+SETS += ["--set", "lr=0.1", "--set", "save_every=2", "--set", "keep_checkpoints=1", "--set", "epochs=2"]
+SETS += ["--set", "prompt_tuning.num_virtual_tokens=4"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    from trainer_fixtures import export_parquet, model_dir
+
+    root = tmp_path_factory.mktemp("prompt_inputs")
+    return model_dir(root / "model"), export_parquet(root / "data.parquet", n=40)
+
+
+def _cli_args(inputs, out, *extra):
+    m, d = inputs
+    return ["train", "--data", d, "--model", m, "--out", out, *SETS, *extra]
+
+
+def _eval_loss_of_saved_adapter(inputs, out) -> float:
+    """eval_loss recomputed from the saved adapter alone: peft in float64, each held-out sample alone,
+    full logits, loss_mask weights (token 0 never counts)."""
+    from peft import AutoPeftModelForCausalLM
+
+    from winnow.trainer.config import TrainParams
+    from winnow.trainer.data import load
+
+    ev = load(TrainParams(data=str(inputs[1]), out=str(out), eval_fraction=0.2, max_seq_len=128), None).eval
+    model = AutoPeftModelForCausalLM.from_pretrained(str(out), dtype=torch.float64).eval()
+    total, wsum = 0.0, 0.0
+    with torch.no_grad():
+        for x, w in zip(ev.ids, ev.weights, strict=True):
+            lp = model(input_ids=torch.as_tensor(x)[None]).logits[0, 4:].log_softmax(-1)
+            nll = -lp[:-1].gather(-1, torch.as_tensor(x)[1:, None])[:, 0]
+            total += float((torch.as_tensor(w[1:], dtype=torch.float64) * nll).sum())
+            wsum += float(w[1:].sum())
+    return total / wsum
+
+
+def test_train_saves_a_prompt_that_reloads_resumes_bitwise_and_is_refused_where_unsupported(inputs, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from conftest import run_cli
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    code, _, err = run_cli(*_cli_args(inputs, straight))
+    assert code == 0, err
+    metrics = [json.loads(ln) for ln in (straight / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in metrics if "eval_loss" in r]
+    assert len([r for r in metrics if "loss" in r]) >= 4 and evals[-1] != evals[0]
+    cfg = json.loads((straight / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "PROMPT_TUNING" and cfg["num_virtual_tokens"] == 4
+    assert cfg["base_model_name_or_path"] == str(Path(inputs[0]).resolve())
+    prompt = load_file(straight / "adapter_model.safetensors")
+    assert list(prompt) == ["prompt_embeddings"]
+    vocab = load_file(Path(inputs[0]) / "model.safetensors")["model.embed_tokens.weight"]
+    # it trained: no virtual token is still the vocabulary row sample_vocab started it from
+    assert not any(bool((vocab == row).all(-1).any()) for row in prompt["prompt_embeddings"])
+    assert not (straight / "model.safetensors").exists()  # the base is not copied
+    assert abs(_eval_loss_of_saved_adapter(inputs, straight) - evals[-1]) < 1e-5
+    # killed after step 3 and rerun: the same prompt as the uninterrupted run, bit for bit
+    env = dict(os.environ, WINNOW_FAULT_KILL_AFTER_STEPS="3")
+    args = [sys.executable, "-m", "winnow.pipeline.cli", *map(str, _cli_args(inputs, killed))]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    assert run_cli(*_cli_args(inputs, killed))[0] == 0
+    a, b = (load_file(o / "adapter_model.safetensors")["prompt_embeddings"] for o in (straight, killed))
+    assert torch.equal(a, b)
+    for extra, named in [
+        (["--set", "layout=packed"], "layout=packed"),
+        (["--set", "online=rho1"], "online=rho1"),
+        (["--set", "lora_r=4"], "lora_r=4"),
+    ]:
+        code, _, err = run_cli(*_cli_args(inputs, tmp_path / "refused", *extra))
+        assert code == 2 and named in err and "prompt_tuning.num_virtual_tokens=4" in err, err
+    assert not (tmp_path / "refused").exists()
+    from winnow.pipeline.errors import UserError
+    from winnow.pipeline.models import load_causal_lm
+
+    with pytest.raises(UserError, match="PROMPT_TUNING adapter"):
+        load_causal_lm(straight)
