@@ -68,7 +68,7 @@ def apply_prompt_tuning(
     base in bf16 on GPU, as for LoRA)."""
     import torch
 
-    from winnow.trainer.lora import require_peft
+    from winnow.trainer.lora import require_peft, trainable_in_fp32
 
     peft = require_peft()
     if device.type == "cuda":
@@ -80,11 +80,7 @@ def apply_prompt_tuning(
         prompt_tuning_init_text=p.init_text or None,
         tokenizer_name_or_path=str(Path(tokenizer_dir).resolve()) if p.init == "text" else None,
     )
-    wrapped = peft.get_peft_model(model, config)
-    for param in wrapped.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
-    return wrapped
+    return trainable_in_fp32(peft.get_peft_model(model, config))
 
 
 def virtual_tokens(model: Any) -> int:
