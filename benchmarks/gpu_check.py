@@ -289,7 +289,6 @@ def _train_setup(dev: str, c: dict, lora_r: int, batch) -> dict:
            "tokens_per_s": round(tokens / sec)}
     if dev == "cuda":
         out["peak_GiB"] = round((torch.cuda.max_memory_allocated() - before) / 2**30, 3)
-    del model, opt, params, loss_fn
     return out
 
 
