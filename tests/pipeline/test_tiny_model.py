@@ -32,8 +32,7 @@ SMALL = dataclasses.replace(
     tokenizer_samples=600,
     data_samples=400,
     steps=100,
-    batch_size=2,
-    seq_len=128,
+    tokens_per_batch=256,
     warmup_steps=10,
 )  # ~7 s to train; reaches ~3.9 nats/token on held-out chats (ln 1024 = 6.9)
 
@@ -116,7 +115,7 @@ def test_config_is_gqa_llama_with_tied_embeddings(small_dir: Path) -> None:
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert config["num_key_value_heads"] < config["num_attention_heads"]
     assert config["tie_word_embeddings"] is True
-    assert config.get("use_cache", True) is True  # the training loop passes use_cache=False instead
+    assert config.get("use_cache", True) is True  # the trainer passes use_cache=False instead
     assert config["max_position_embeddings"] == 1024
     assert (small_dir / "model.safetensors").is_file()
     assert not list(small_dir.glob("*.bin"))  # no pickle
@@ -144,17 +143,19 @@ def test_same_recipe_same_weights_and_exact_reload(
 ) -> None:
     import torch
 
-    again = tm.train_recipe(SMALL, cache_root / "models")  # in memory, not via the cache
+    again_dir = cache_root / "again"
+    stats = tm.train_recipe(SMALL, again_dir, cache_root / "models")  # not via the cache
+    again, _ = _load(again_dir)
     loaded, tok = _load(small_dir)
     texts = [tm.render_chat(r["messages"]) for r in held_out[:4]]
     enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
     with torch.no_grad():
-        a = again.model(**enc, use_cache=False).logits
+        a = again(**enc, use_cache=False).logits
         b = loaded(**enc, use_cache=False).logits
     assert torch.equal(a, b)
     assert a.abs().max() > 1.0  # not vacuous: real, non-constant logits
     saved = json.loads((small_dir / tm.RECIPE_FILE).read_text())["stats"]
-    assert saved["loss_last10"] == again.stats["loss_last10"]
+    assert saved["loss_last10"] == stats["loss_last10"]
 
 
 def test_second_call_returns_cache_without_rebuilding(
@@ -174,7 +175,7 @@ def test_concurrent_builders_train_once_and_clear_crashed_builds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     micro = dataclasses.replace(
-        SMALL, name="tiny-micro", vocab_size=300, tokenizer_samples=50, data_samples=40, steps=2, seq_len=32
+        SMALL, name="tiny-micro", vocab_size=300, tokenizer_samples=50, data_samples=40, steps=2
     )
     root = tmp_path / "models"
     root.mkdir()
@@ -187,9 +188,9 @@ def test_concurrent_builders_train_once_and_clear_crashed_builds(
     calls: list[str] = []
     real = tm.train_recipe
 
-    def counting(recipe, r=None):
+    def counting(recipe, out, r=None):
         calls.append(recipe.name)
-        return real(recipe, r)
+        return real(recipe, out, r)
 
     monkeypatch.setattr(tm, "train_recipe", counting)
     # flock locks belong to open file descriptions, so threads contend exactly like processes do.
