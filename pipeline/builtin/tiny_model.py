@@ -25,26 +25,43 @@ Design decisions (numbers measured on this 2-core VM while other jobs ran; singl
   Embeddings are **tied**: an untied head would add 0.26M parameters (+26%) and its gradient to the
   one-minute budget, and tied weights are what many small real models ship (Qwen2.5-0.5B, Llama-3.2-1B,
   SmolLM), so save/load paths get exercised on a shared tensor. Hidden 128 beat 192 within a fixed CPU
-  minute: 400 steps at 128 reached 1.32 nats/token on held-out chats, 300 steps at 192 only 2.09
-  (and took longer); at this budget the number of updates matters most (4x256 tokens per step beat
-  8x256 with half the steps: 1.50 vs 2.18 nats at vocab 4096).
+  minute (measured with the builder's previous loop on 256-token windows): 400 steps at 128 reached
+  1.32 nats/token on held-out chats, 300 steps at 192 only 2.09 (and took longer); at this budget the
+  number of updates matters most (4x256 tokens per step beat 8x256 with half the steps: 1.50 vs 2.18
+  nats at vocab 4096).
 * **One thread.** Training runs with ``torch.set_num_threads(1)`` (restored afterwards): on the busy
   2-core machine two intra-op threads ran 10-15x *slower* than one (204-411 vs 3,500-5,700 tokens/s),
   and a fixed thread count keeps a recipe's weights independent of OMP_NUM_THREADS (torchrun sets 1).
-* **Training.** The base model ``tiny`` learns next-token prediction on every token of rendered chats
-  of the full demo mix (corrupted samples included, like real pretraining text), packed into 256-token
-  windows that cross document boundaries with ``<|endoftext|>`` between documents (dense batches, no
-  mask: fastest on CPU); training loss 7.2 -> 1.31 in 400 steps (~410k tokens, 57-95 s depending on
-  load), 1.38 nats/token on a held-out draw (untrained: 7.66; ln V = 7.62).
-  Variants fine-tune it for 200 steps of 6 samples with the loss on assistant tokens only (23-25 s each
-  at load 4-5). All use fp32 (bf16 autocast is ~27x slower on this CPU), AdamW, warmup + cosine decay,
-  ``use_cache=False``, ``torch.manual_seed`` and a seeded permutation, so a recipe gives the same
-  weights each time on a given machine.
-* **What the variants learned** (held-out draw, assistant tokens, nats/token; ``tiny`` / reference /
-  warm): clean 1.16 / 1.02 / 1.04, junk spans 1.91 / 2.16 / 1.80, off-topic 5.30 / 6.13 / 5.12 — the
-  reference fits clean answers better and junk worse (Rho-1's excess loss has a sign). On the digits
-  after ``####``, negative minus positive is +0.14 nats on clean rows and -0.11 on wrong-final-answer
-  rows: the cDPO pair disagrees in the right direction.
+* **Training: winnow's own trainer.** Every model is built by :func:`winnow.trainer.step.train`, the
+  loop users train with (one training loop in the project). The builder writes the recipe's draw as an
+  export parquet (``input_ids``, ``token_weight``, ``loss_mask``); a from-scratch recipe first trains the
+  tokenizer and saves it beside a seeded ``LlamaForCausalLM(config)`` (``save_pretrained``), and the
+  trainer starts from that directory; a fine-tune starts from its base's cache directory. Trainer
+  settings: CPU, fp32 (bf16 autocast is ~27x slower on this CPU), one thread, length-bucketed padded
+  rows of whole samples, AdamW with warmup + cosine decay to 0.1 lr, ``max_steps`` = the recipe's
+  steps, no held-out split (quality is measured on other draws, below) and no intermediate
+  checkpoints (the final one is deleted: the cache keeps weights, tokenizer, ``metrics.jsonl`` and the
+  trainer's model card). Seeds fix the init and the batch order, so a recipe gives the same weights
+  each time on a given machine.
+  The base ``tiny`` learns every token of each rendered chat of the full demo mix (corrupted samples
+  included, like real pretraining text) plus a closing ``<|endoftext|>``, all at weight 1; fine-tunes
+  weigh the assistant tokens as ingest marks them (:mod:`winnow.pipeline.render`; rows it rejects are
+  left out). 400 steps of 1,024 tokens (~12 samples, 388k weighted tokens): training loss 7.21 -> 0.94
+  (last 10 steps), **1.17 nats/token** on 300 held-out chats (seed 9090, every token) against 1.37 for
+  the previous builder's loop, which cut 256-token windows across documents (the scored samples always
+  start at position 0, as the trainer's rows do). Variants: 200 steps of 512 tokens (~6 samples).
+  Build seconds measured 2026-11-30 on this 2-core VM at load average 11-14 (other agents' jobs), so
+  3-5x an idle machine: ``tiny`` 499 s (the old loop's build of the same recipe logged 429 s at a
+  similar load, 60 s on a quieter machine), fine-tunes 157-234 s (old loop: 71-119 s loaded, 15-17 s
+  quieter).
+* **What the variants learned** (``python benchmarks/tiny_model_quality.py``: held-out draw seed 9191,
+  120 rows per kind, assistant tokens, nats/token; ``tiny`` / reference / warm): clean 1.09 / 1.01 /
+  1.04, junk spans 1.70 / 1.94 / 1.61, off-topic 4.99 / 5.71 / 4.90 (old loop: clean 1.19 / 1.04 /
+  1.06, junk 1.79 / 2.03 / 1.64, off-topic 5.24 / 6.07 / 5.20) — the reference fits clean answers
+  better and junk worse (Rho-1's excess loss has a sign); with a stronger base the fine-tunes gain less
+  on clean rows (reference - tiny -0.08, warm - tiny -0.06; old -0.15, -0.12). On the digits after
+  ``####``, negative minus positive is +0.06 nats on clean rows and -0.07 on wrong-final-answer rows
+  (old +0.05 / -0.10): the cDPO pair disagrees in the right direction.
 * **No model scores its own training data.** Every recipe draws with a seed different from the demo's
   ``DEMO_SEED`` (checked in ``__post_init__``).
 * **Caching.** A model is described by a frozen :class:`TinyModelRecipe`; its directory is
@@ -63,7 +80,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -151,7 +167,7 @@ class TinyModelRecipe:
     data_samples: int
     steps: int  # optimizer steps of winnow's trainer
     lr: float
-    tokens_per_batch: int  # the trainer's micro-batch: length-bucketed rows of whole samples, padding included
+    tokens_per_batch: int  # the trainer's micro-batch: bucketed rows of whole samples, padding included
     base: TinyModelRecipe | None = None
     architecture: Architecture | None = None
     vocab_size: int | None = None
@@ -569,10 +585,11 @@ def _stats(metrics: Path) -> dict[str, Any]:
 
 
 def _write_recipe_file(recipe: TinyModelRecipe, out: Path, stats: dict[str, Any]) -> None:
-    from safetensors import safe_open
+    import torch
+    from transformers import AutoModelForCausalLM
 
-    with safe_open(str(out / "model.safetensors"), "pt") as f:
-        stats["n_params"] = sum(int(math.prod(f.get_slice(k).get_shape())) for k in f.keys())
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    stats["n_params"] = sum(p.numel() for p in model.parameters())  # a tied head counts once
     info = {
         "name": recipe.name,
         "fingerprint": recipe.fingerprint(),
