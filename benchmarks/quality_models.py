@@ -19,8 +19,13 @@ the seconds are both runs (exploratory / rerun), each sharing the CPU with anoth
 | 4,000 | 1,121 / 1,218 | 0.000 | 0.26 | 1.000 | 0.973 | 0.970 |
 
 Copying is learned by 1,000 steps; the arithmetic keeps improving to the end. A 3.5M-parameter model
-(hidden 256) was no better per step at 500 steps and ran 2.5x slower, so the base stays small and
-trains 5,000 steps.
+(hidden 256) was no better per step at 500 steps and ran 2.5x slower, so the base stays small. It
+trained 5,000 steps with the builder's previous loop (8 x 256-token windows across documents). Since
+every model is built by winnow's trainer (``tiny_model`` docstring: whole samples in length-bucketed
+rows, same tokens per step, ~7,000-7,800 tokens per CPU-second against ~6,200-6,500 for the old loop,
+side by side on this VM), the base trains **3,000 steps** of 2,048 tokens: 5,000 did not fit the time
+left on the loaded VM (other agents' jobs kept the load average at 11-14; the 3,000-step row of the
+table is what the shortening costs, measured with the old loop).
 
 The roles mirror the quickstart so the same recipe runs on either set:
 
@@ -37,8 +42,8 @@ data. The base is "pretrained" on clean text only, as a real base model mostly i
 the corrupted kinds too, like a model part-way through fine-tuning on the very data being curated.
 
 Models are cached like the builtin ones (``$WINNOW_CACHE/models/<name>-<hash>``, built once under a
-file lock). Building the base took 23 minutes (1,357 s) on one core of this VM; the fine-tunes about 30 s
-each. Run ``python benchmarks/quality_models.py`` to build them and print their training statistics;
+file lock). With the old loop the 5,000-step base took 23 minutes (1,357 s) on one core of this VM and
+the fine-tunes about 30 s each; the trainer-built 3,000-step base: BUILD_TIME_TBD. Run ``python benchmarks/quality_models.py`` to build them and print their training statistics;
 ``python benchmarks/quality_report.py --models quality`` builds them on demand.
 """
 

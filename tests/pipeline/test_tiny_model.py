@@ -158,6 +158,45 @@ def test_same_recipe_same_weights_and_exact_reload(
     assert saved["loss_last10"] == stats["loss_last10"]
 
 
+def test_training_data_weighs_every_token_for_a_base_and_assistant_tokens_for_a_fine_tune(
+    small_dir: Path, tmp_path: Path
+) -> None:
+    """What the builder hands winnow's trainer: a scratch base learns every token of each chat plus a
+    closing <|endoftext|>; a fine-tune learns what the chat template marks as the assistant's."""
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(small_dir)
+    eos = tok.convert_tokens_to_ids(tm.EOS)
+    n = tm._write_training_data(SMALL, small_dir, tmp_path / "base.parquet")
+    rows = pq.read_table(tmp_path / "base.parquet").to_pylist()
+    draw = generate_demo(SMALL.data_samples, SMALL.data_seed)
+    assert n == len(rows) == len(draw)
+    for row, r in zip(rows[:20], draw[:20], strict=True):
+        text = tm.render_chat(r["messages"]) + tm.EOS
+        assert row["input_ids"] == tok(text, add_special_tokens=False)["input_ids"] and row["input_ids"][-1] == eos
+        assert row["token_weight"] == [1.0] * len(row["input_ids"]) == row["loss_mask"]
+    tune = dataclasses.replace(
+        tm.BUILTIN_MODELS["tiny-warm"], base=SMALL, data_samples=30, name="tiny-test-tune"
+    )
+    tm._write_training_data(tune, small_dir, tmp_path / "tune.parquet")
+    rows = pq.read_table(tmp_path / "tune.parquet").to_pylist()
+    draw = generate_demo(30, tune.data_seed)
+    assert 25 <= len(rows) <= 30  # rows render refuses are left out
+    by_ids = {tuple(r["input_ids"]): r for r in rows}
+    matched = 0
+    for r in draw:
+        ref = tok.apply_chat_template(
+            r["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        got = by_ids.get(tuple(ref["input_ids"]))
+        if got is not None:
+            matched += 1
+            assert got["token_weight"] == [float(m) for m in ref["assistant_masks"]] == got["loss_mask"]
+            assert 0 < sum(got["token_weight"]) < len(got["input_ids"])
+    assert matched == len(rows)
+
+
 def test_second_call_returns_cache_without_rebuilding(
     small_dir: Path, cache_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
