@@ -9,12 +9,12 @@ Splits (deterministic, by index; nothing random):
 
 | part | rows | used for |
 |---|---|---|
-| scored half | solutions with ``test_index % 4 == 0`` (330 questions, 1,320 solutions) | the scored run (curated, trained on) |
-| contrast half | solutions with ``test_index % 4 == 2`` (the other 330 even questions) | cDPO positive / negative models |
-| eval | reference answers of the *odd* test questions (659) | held-out loss of the curation benchmark |
+| scored half | solutions, ``test_index % 4 == 0`` (330 questions, 1,320 rows) | the scored run |
+| contrast half | solutions, ``test_index % 4 == 2`` (the other 330 even questions) | cDPO pos./neg. |
+| eval | reference answers of the *odd* test questions (659) | the benchmark's held-out loss |
 | train ``i % 3 == 0`` | GSM8K train reference answers | warm (``current``) model |
-| train ``i % 3 == 1`` | GSM8K train reference answers, another subset | Rho-1 ``reference`` model |
-| train ``i % 3 == 2`` | the first ``target_rows`` as DV4LLM targets, the next 64 as the models' eval split | "a user's clean examples of the task" |
+| train ``i % 3 == 1`` | GSM8K train reference answers, another subset | Rho-1 ``reference`` |
+| train ``i % 3 == 2`` | the first ``target_rows``: DV4LLM targets; the next 64: the models' eval | targets |
 
 Nothing trained on even-question solutions is ever evaluated on even questions: the eval file holds only
 odd ones (a test checks it against ``test.jsonl``). ``--quick`` keeps the first 60 questions of each half.
@@ -72,8 +72,8 @@ class Sizes:
     lr: float = 1e-3
 
 
-FULL = Sizes(questions=None, warm_rows=2000, warm_steps=150, ref_rows=2000, ref_steps=300,
-             contrast_steps=120, target_rows=200)
+FULL = Sizes(questions=None, warm_rows=2000, warm_steps=100, ref_rows=2000, ref_steps=200,
+             contrast_steps=80, target_rows=200)
 QUICK = Sizes(questions=60, warm_rows=300, warm_steps=30, ref_rows=300, ref_steps=60, contrast_steps=30,
               target_rows=50, model_eval_rows=32)
 
@@ -186,13 +186,18 @@ def _timed(recipe, seconds: dict[str, float], build: bool = False) -> None:
         seconds["build:data"] = seconds.get("build:data", 0.0) + data
 
 
-def build_models(work: Path, data: Path, sizes: Sizes, base: str, seconds: dict[str, float]) -> dict[str, Path]:
+def build_models(
+    work: Path, data: Path, sizes: Sizes, base: str, seconds: dict[str, float]
+) -> dict[str, Path]:
     """warm, reference (GSM8K train) and positive, negative (the contrast half's solutions)."""
     models = work / "models"
     tables = [{"step": "ingest", "inputs": [str(data / "train_parts.jsonl")], "model": base}]
     tables += _train_steps(
         base, sizes, models,
-        {"warm": ("meta_part = 'warm'", sizes.warm_steps), "reference": ("meta_part = 'reference'", sizes.ref_steps)},
+        {
+            "warm": ("meta_part = 'warm'", sizes.warm_steps),
+            "reference": ("meta_part = 'reference'", sizes.ref_steps),
+        },
         eval_where="meta_part = 'eval'",
     )
     _timed(_recipe("gsm8k_models", work / "train_run", tables), seconds, build=True)
@@ -347,7 +352,8 @@ def sample_auroc(run_dir: Path) -> dict[str, float]:
     con = open_views(run_dir).con
     label = dict(con.sql("select sample_id, meta_is_correct from samples").fetchall())
     scores = {name: dict(con.sql(q).fetchall()) for name, q in qr.SCORES.items()}
-    scores["length (supervised tokens)"] = dict(con.sql("select sample_id, n_loss_tokens from samples").fetchall())
+    lengths = con.sql("select sample_id, n_loss_tokens from samples").fetchall()
+    scores["length (supervised tokens)"] = dict(lengths)
     rng = np.random.default_rng(0)
     scores["random"] = {sid: float(rng.random()) for sid in sorted(label)}
     table = {}
@@ -419,7 +425,8 @@ def main() -> None:
     n = con.sql("select count(*), count(*) filter (where not meta_is_correct) from samples").fetchall()[0]
     rej = con.sql("select reason, count(*) from rejects group by 1 order by 1").fetchall()
     print(f"scored run {res['run_dir']}: {n[0]} solutions ({n[1]} incorrect); rejected {rej}")
-    print(f"accuracy check (warm model, greedy, odd questions): {'some solved' if res['accuracy'] else 'none solved'}")
+    solved = "some solved" if res["accuracy"] else "none solved"
+    print(f"accuracy check (warm model, greedy, odd questions): {solved}")
     print(f"\n{'sample score (incorrect vs correct)':38s} {'AUROC':>7s}")
     for name, v in res["auroc"].items():
         print(f"{name:38s} {v:7.3f}")

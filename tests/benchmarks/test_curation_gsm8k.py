@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
 from conftest import run_cli, sql_json
 
 ROOT = Path(__file__).resolve().parents[2]
