@@ -164,30 +164,37 @@ def _train_steps(base: str, sizes: Sizes, models: Path, jobs: dict[str, tuple[st
     return tables
 
 
-def _timed(recipe, seconds: dict[str, float], build: bool = False) -> None:
-    """Run ``recipe``; record each step's wall seconds unless it only skipped finished work. Scored run:
-    ``ingest``, pass alias, stage name; model builds: ``build:<model>`` and ``build:data`` (ingest and
-    select steps of the model runs, summed)."""
+@dataclasses.dataclass
+class Seconds:
+    """Wall seconds per step; a step that only skipped finished work keeps the time it took when it ran
+    (``previous``, read from the work folder), so a resumed prepare still reports what each step costs."""
+
+    previous: dict[str, float]
+    now: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def record(self, name: str, wall: float, skipped: bool) -> None:
+        self.now[name] = self.previous[name] if skipped and name in self.previous else wall
+
+
+def _timed(recipe, seconds: Seconds, build: bool = False) -> None:
+    """Run ``recipe`` and time its steps. Scored run: the manifest keys (``ingest``,
+    ``model_pass:current``, ``stage:eu_plane``, ...); model runs: ``build:<model>`` per training and
+    ``build:data`` (their ingest and select steps, summed over this call)."""
     from winnow.pipeline.recipe import run_loaded
 
-    results = run_loaded(recipe)
-    data = 0.0
-    for key, res in results.items():
+    for key, res in run_loaded(recipe).items():
         kind, _, name = key.partition(":")
         wall = float(res.get("wall_s", 0.0))
         if build and kind != "train":
-            data += wall
+            seconds.now["build:data"] = seconds.now.get("build:data", 0.0) + wall
             continue
-        name = f"build:{name}" if build else (name or kind)
-        skipped = res.get("skipped") or (res.get("shards", {}).get("total") and not res["shards"]["computed"])
-        if not skipped or name not in seconds:
-            seconds[name] = wall
-    if build:
-        seconds["build:data"] = seconds.get("build:data", 0.0) + data
+        shards = res.get("shards", {})
+        skipped = bool(res.get("skipped") or (shards.get("total") and not shards.get("computed")))
+        seconds.record(f"build:{name}" if build else key, wall, skipped)
 
 
 def build_models(
-    work: Path, data: Path, sizes: Sizes, base: str, seconds: dict[str, float]
+    work: Path, data: Path, sizes: Sizes, base: str, seconds: Seconds
 ) -> dict[str, Path]:
     """warm, reference (GSM8K train) and positive, negative (the contrast half's solutions)."""
     models = work / "models"
@@ -261,8 +268,9 @@ def prepare_gsm8k(
     """Build the models, the scored run and the eval file under ``workdir``; rerunning skips what is done.
 
     Returns ``run_dir``, ``base_model``, ``eval_jsonl``, ``accuracy`` (whether the warm model solves any
-    odd test question by greedy generation), ``stage_seconds`` (``build:<model>``, ``ingest``, each pass
-    alias and each stage -> seconds) and ``auroc`` (stage -> AUROC, incorrect vs correct).
+    odd test question by greedy generation), ``stage_seconds`` (manifest key of each pass and stage, e.g.
+    ``model_pass:current``, ``stage:eu_plane``, and ``build:<model>`` -> seconds) and ``auroc`` (score ->
+    AUROC, incorrect vs correct solutions).
     """
     from winnow.pipeline.models import resolve_model
     from winnow.pipeline.store import UserError, atomic_write_json
@@ -274,21 +282,20 @@ def prepare_gsm8k(
     files = _write_inputs(work / "data", gsm8k, sizes)
     base_dir = resolve_model(base)
     times_path = work / "stage_seconds.json"
-    seconds: dict[str, float] = json.loads(times_path.read_text()) if times_path.exists() else {}
-    seconds["build:data"] = 0.0  # cheap; summed over both model runs of this call
+    seconds = Seconds(json.loads(times_path.read_text()) if times_path.exists() else {})
     models = build_models(work, work / "data", sizes, str(base_dir), seconds)
     recipe = scored_recipe(work / "run", files["scored"], files["targets"], str(base_dir), models)
     _timed(recipe, seconds)
-    atomic_write_json(times_path, seconds)
+    atomic_write_json(times_path, seconds.now)
     t = time.time()
     solved = solved_count(models["warm"], files["eval"], n=16 if quick else 64)
-    seconds["accuracy_check"] = round(time.time() - t, 3)
+    seconds.now["accuracy_check"] = round(time.time() - t, 3)
     return {
         "run_dir": work / "run",
         "base_model": base_dir,
         "eval_jsonl": files["eval"],
         "accuracy": solved > 0,
-        "stage_seconds": seconds,
+        "stage_seconds": seconds.now,
         "auroc": sample_auroc(work / "run"),
     }
 
