@@ -48,6 +48,7 @@ VARIANTS = {
     "rho1": {"online": "rho1"},  # + a reference forward (rho1.reference = a second copy of the model)
     "sstoken": {"online": "sstoken"},  # history = start (a frozen copy), gamma 0.5: attention recomputed
     "lora": {"lora_r": 16},
+    "prompt_tuning": {"prompt_tuning.num_virtual_tokens": 20},  # padded rows, 20 more positions each
 }
 
 
