@@ -151,7 +151,9 @@ def _recipe(name: str, run_dir: Path, tables: list[dict[str, Any]]):
 
 def _train_steps(base: str, sizes: Sizes, models: Path, jobs: dict[str, tuple[str, int]], **extra) -> list:
     """select (sql) + train steps: one model per job name -> (keep condition, steps)."""
+    from winnow.pipeline.params import build_params
     from winnow.pipeline.store import stable_hash
+    from winnow.trainer.config import TrainParams
 
     tables: list[dict[str, Any]] = []
     for name, (keep, steps) in jobs.items():
@@ -162,8 +164,10 @@ def _train_steps(base: str, sizes: Sizes, models: Path, jobs: dict[str, tuple[st
             "lr": sizes.lr, "warmup_steps": 10, "tokens_per_batch": sizes.tokens_per_batch,
             "max_seq_len": 1024, "progress": False, "save_every": 0, **extra,
         }
-        # the folder names its configuration: another size or schedule trains beside it, never refused
-        out = models / f"{name}-{stable_hash([train, keep, dataclasses.asdict(sizes)], 8)}"
+        # The folder names the trainer's whole resolved configuration (defaults included): another size,
+        # schedule or trainer version trains beside it instead of being refused by `winnow train`.
+        ident = build_params(TrainParams, {k: v for k, v in train.items() if k != "step"}, name).identity()
+        out = models / f"{name}-{stable_hash([ident, keep, dataclasses.asdict(sizes)], 8)}"
         tables.append(train | {"out": str(out)})
     return tables
 
