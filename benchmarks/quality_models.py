@@ -43,7 +43,10 @@ the corrupted kinds too, like a model part-way through fine-tuning on the very d
 
 Models are cached like the builtin ones (``$WINNOW_CACHE/models/<name>-<hash>``, built once under a
 file lock). With the old loop the 5,000-step base took 23 minutes (1,357 s) on one core of this VM and
-the fine-tunes about 30 s each; the trainer-built 3,000-step base: BUILD_TIME_TBD. Run ``python benchmarks/quality_models.py`` to build them and print their training statistics;
+the fine-tunes about 30 s each; the trainer-built 3,000-step base
+(6.0M tokens, training loss 7.36 -> 0.29) took 67 minutes (4,008 s, 269 s of it drawing and
+tokenizing) on 2026-11-30 at load average 11-14 (other agents' jobs; ~13.5 CPU-minutes of training at
+the side-by-side rate above), the fine-tunes 72 s and more each at the same load. Run ``python benchmarks/quality_models.py`` to build them and print their training statistics;
 ``python benchmarks/quality_report.py --models quality`` builds them on demand.
 """
 
