@@ -124,6 +124,12 @@ class OnlineBatches:
         if "history" in self.need:
             self.history = copy.deepcopy(unwrap(loop.loss_mod.model)).eval().requires_grad_(False)
         self.stats: dict[str, int] = {}
+        self.recorder = None
+        if loop.p.record_weights:
+            from winnow.trainer.online_record import WeightRecorder
+
+            self.recorder = WeightRecorder(loop, op.online)
+        self._step = 0
 
     # ---------------------------------------------------------------------------------- selection
     def _order(self, epoch: int) -> list[np.ndarray]:
@@ -183,23 +189,33 @@ class OnlineBatches:
     def _select(self, idx: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         tr = self.loop.data.train
         seqs, weights = [tr.ids[k] for k in idx], [tr.weights[k] for k in idx]
+        self.stats["seen_samples"] = self.stats.get("seen_samples", 0) + len(idx)
         if self.op.online == "all":  # the same mini-batches, nothing scored: the control of the policies
-            self.stats["seen_samples"] = self.stats.get("seen_samples", 0) + len(idx)
-            return [
+            out = [
                 (np.asarray(x, dtype=np.int64), np.asarray(w, dtype=np.float32))
                 for x, w in zip(seqs, weights, strict=True)
             ]
+            for k, (_, w) in zip(idx, out, strict=True):
+                self._note(int(k), w, "all")
+            return out
         decision = ol.apply_policy(self._scored(seqs, weights), self.op)
         for key, value in decision.stats.items():
             self.stats[key] = self.stats.get(key, 0) + int(value)
-        self.stats["seen_samples"] = self.stats.get("seen_samples", 0) + len(idx)
         kept = []
-        for r in range(len(idx)):
+        for r, k in enumerate(idx):
             w = decision.weight[r, : len(seqs[r])].numpy().astype(np.float32)
             t = trim(seqs[r], w) if decision.keep[r] else None
             if t is not None:
                 kept.append(t)
+            default = "kept" if t is not None else "no_token_kept"
+            self._note(
+                int(k), None if t is None else t[1], decision.reason[r] if decision.reason else default
+            )
         return kept
+
+    def _note(self, k: int, weight: np.ndarray | None, reason: str) -> None:
+        if self.recorder is not None:
+            self.recorder.note(k, weight, reason)
 
     def micro_batches(self, step: int) -> list[MicroBatch]:
         """This rank's micro-batches of optimizer step ``step`` (padded to the ranks' common count)."""
@@ -207,6 +223,7 @@ class OnlineBatches:
         epoch, within = divmod(step, self.steps_per_epoch)
         order = self._order(epoch)
         self.stats = {}
+        self._step = step
         kept: list[tuple[np.ndarray, np.ndarray]] = []
         g, world, rank = loop.p.grad_accum, loop.d.world, loop.d.rank
         for m in range(g):
@@ -229,14 +246,33 @@ class OnlineBatches:
     def after_step(self) -> None:
         if self.history is not None and self.op.sstoken.history == "ema":
             ol.ema_update(self.history, unwrap(self.loop.loss_mod.model), self.op.sstoken.ema_decay)
+        if self.recorder is not None:
+            self._record_after(self._step + 1)
+
+    def _record_after(self, done: int) -> None:
+        """Gather the recorded rows onto rank 0 before every checkpoint (the loop saves after this hook)
+        and at the end of an epoch, where rank 0 writes the epoch's table."""
+        p, last = self.loop.p, self.loop.total_steps
+        epoch_end = done % self.steps_per_epoch == 0 or done == last
+        if not (epoch_end or done == last or (p.save_every and done % p.save_every == 0)):
+            return
+        self.recorder.reduce()
+        if epoch_end:
+            if self.loop.d.main:
+                self.recorder.write((done - 1) // self.steps_per_epoch)
+            self.recorder.reset()
 
     def save(self, path: Path) -> None:
+        if self.recorder is not None:
+            self.recorder.save(path)
         if self.history is not None and self.op.sstoken.history == "ema":
             from safetensors.torch import save_model  # handles tied embeddings (shared tensors)
 
             save_model(self.history, str(path / EMA_FILE))
 
     def load(self, path: Path) -> None:
+        if self.recorder is not None:
+            self.recorder.load(path)
         if self.history is not None and self.op.sstoken.history == "ema":
             from safetensors.torch import load_model
 
