@@ -48,6 +48,10 @@ VARIANTS = {
     "rho1": {"online": "rho1"},  # + a reference forward (rho1.reference = a second copy of the model)
     "sstoken": {"online": "sstoken"},  # history = start (a frozen copy), gamma 0.5: attention recomputed
     "lora": {"lora_r": 16},
+    # the current model's scores from the training forward instead of a separate no-grad one (online_reuse)
+    "q_tuning_reuse": {"online": "q_tuning", "online_scoring": "reuse"},
+    "rho1_reuse": {"online": "rho1", "online_scoring": "reuse"},
+    "sstoken_reuse": {"online": "sstoken", "online_scoring": "reuse"},
 }
 
 

@@ -71,6 +71,8 @@ class TrainParams:
     masked_thought: MaskedThoughtParams = field(default_factory=MaskedThoughtParams)
     # with an online policy: the weights each epoch trained with, as selection/online-<name>-epoch<E> of the run
     record_weights: bool = False
+    # the current model's scores from a separate no-grad forward, or from the training forward (online_reuse)
+    online_scoring: Literal["separate", "reuse"] = "separate"
     # LoRA through peft (winnow.trainer.lora): lora_r > 0 turns it on
     lora_r: int = 0
     lora_alpha: int = 0  # 0 = 2 * lora_r
@@ -103,6 +105,11 @@ class TrainParams:
             raise ValueError(f"online={self.online!r}: use one of {', '.join(POLICY_NAMES)}")
         if self.online == "rho1" and self.rho1.reference == "base" and self.lora_r == 0:
             raise ValueError("rho1.reference=base means the base model under LoRA adapters: set lora_r > 0")
+        if self.online_scoring == "reuse" and self.masked_thought.p > 0:
+            raise ValueError(
+                "online_scoring=reuse scores from the training forward, whose inputs Masked Thought masks: "
+                "use online_scoring=separate with masked_thought.p > 0"
+            )
         if self.record_weights and self.online == "none":
             raise ValueError(
                 "record_weights=true records what an online policy kept: set online=q_tuning|rho1|sstoken (or all)"

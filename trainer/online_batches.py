@@ -161,17 +161,19 @@ class OnlineBatches:
                 full[g, :width] = value
         return out
 
-    def _scored(self, seqs: list[np.ndarray], weights: list[np.ndarray]) -> ol.Scored:
+    def _scored(self, seqs: list[np.ndarray], weights: list[np.ndarray], current: bool = True) -> ol.Scored:
+        """The mini-batch with the scores its policy needs; ``current=False`` leaves the current model's to
+        the training forward (``online_scoring=reuse``)."""
         env, lm = self.loop.env, self.loop.loss_mod.model
         ids, w, real = _padded(seqs, weights, env.pad_id, env.device)
         mask = w > 0
+        s = ol.Scored(mask=mask, weight=w, nll=torch.full(mask.shape, math.nan, dtype=torch.float64))
         was_training = lm.training
         lm.eval()
         try:
-            cur = self._score(lm, ids, mask, real, "entropy" in self.need, "attention" in self.need)
-            s = ol.Scored(
-                mask=mask, weight=w, nll=cur["nll"], entropy=cur.get("entropy"), attn=cur.get("attn")
-            )
+            if current:
+                cur = self._score(lm, ids, mask, real, "entropy" in self.need, "attention" in self.need)
+                s.nll, s.entropy, s.attn = cur["nll"], cur.get("entropy"), cur.get("attn")
             if "reference" in self.need:
                 s.nll_ref = self._reference_nll(ids, mask, real)
             if self.history is not None:
@@ -199,19 +201,42 @@ class OnlineBatches:
                 self._note(int(k), w, "all")
             return out
         decision = ol.apply_policy(self._scored(seqs, weights), self.op)
+        return [t for t in self._account(idx, seqs, decision) if t is not None]
+
+    def _account(self, idx: np.ndarray, seqs: list[np.ndarray], decision: ol.Decision) -> list:
+        """Stats and recorded weights of one decision; each sample trimmed to what it trains on (or None)."""
         for key, value in decision.stats.items():
             self.stats[key] = self.stats.get(key, 0) + int(value)
-        kept = []
+        out = []
         for r, k in enumerate(idx):
             w = decision.weight[r, : len(seqs[r])].numpy().astype(np.float32)
             t = trim(seqs[r], w) if decision.keep[r] else None
-            if t is not None:
-                kept.append(t)
             default = "kept" if t is not None else "no_token_kept"
             self._note(
                 int(k), None if t is None else t[1], decision.reason[r] if decision.reason else default
             )
-        return kept
+            out.append(t)
+        return out
+
+    def _reuse_batch(self, idx: np.ndarray) -> MicroBatch:
+        """One micro-batch holding the whole mini-batch; the policy runs inside its training forward."""
+        from winnow.trainer import online_reuse as reuse
+
+        loop, tr = self.loop, self.loop.data.train
+        seqs, weights = [tr.ids[k] for k in idx], [tr.weights[k] for k in idx]
+        self.stats["seen_samples"] = self.stats.get("seen_samples", 0) + len(idx)
+        scored = self._scored(seqs, weights, current=False)
+        lengths = [len(x) for x in seqs]
+        groups = [
+            reuse.group(seqs, weights, members, loop.layout, loop.env.pad_id)
+            for members in plan(lengths, loop.p.tokens_per_batch, loop.layout)
+        ]
+        outer = empty_batch(loop.env.pad_id)
+        outer.n_samples, outer.real_tokens = len(seqs), sum(lengths)
+        outer.len_sq = sum(n * n for n in lengths)
+        done = lambda d: self._account(idx, seqs, d)  # noqa: E731
+        outer.select = reuse.ReuseSelect(groups, scored, self.op, self.need, done, outer)
+        return outer
 
     def _note(self, k: int, weight: np.ndarray | None, reason: str) -> None:
         if self.recorder is not None:
@@ -226,11 +251,14 @@ class OnlineBatches:
         self._step = step
         kept: list[tuple[np.ndarray, np.ndarray]] = []
         g, world, rank = loop.p.grad_accum, loop.d.world, loop.d.rank
+        reuse = loop.p.online_scoring == "reuse" and self.op.online != "all"
+        out = []
         for m in range(g):
             i = within * world * g + rank * g + m
-            if i < len(order):
+            if i < len(order) and reuse:
+                out.append(self._reuse_batch(order[i]))
+            elif i < len(order):
                 kept += self._select(order[i])
-        out = []
         if kept:
             lengths = [len(s) for s, _ in kept]
             for group in plan(lengths, loop.p.tokens_per_batch, loop.layout):

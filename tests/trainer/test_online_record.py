@@ -156,3 +156,37 @@ def test_resumed_run_records_the_same_tables(model, tmp_path):
     assert tables["straight"] == tables["killed"]
     a, b = tables["straight_w"], tables["killed_w"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("policy", ["sstoken", "rho1", "q_tuning"])
+def test_reuse_scores_from_the_training_forward_select_what_a_separate_forward_selects(model, tmp_path, policy):
+    """online_scoring=reuse (scores from the training forward's hidden states) against the default separate
+    no-grad forward: the same tokens chosen at every step of two epochs (recorded tables equal) and the
+    same model to float tolerance (the two batch the head differently)."""
+    import torch
+    from safetensors.torch import load_file
+
+    extra = ["--set", f"online={policy}", "--set", "sstoken.gamma=0.5", "--set", "rho1.k_ratio=0.5"]
+    if policy == "rho1":
+        extra += ["--set", f"rho1.reference={model_dir(tmp_path / 'ref', seed=1)}"]
+    got = {}
+    for mode in ("separate", "reuse"):
+        run = synthetic_run(tmp_path / mode, model).root
+        code, _, err = run_cli("train", run, "--model", model, *SETS, *extra, "--set", f"online_scoring={mode}")
+        assert code == 0, err
+        got[mode] = (
+            {t: RunDir(run).table(t).read().to_pylist() for t in RunDir(run).tables() if "online-" in t},
+            load_file(run / "train" / "all" / "model.safetensors"),
+            [json.loads(x) for x in (run / "train" / "all" / "metrics.jsonl").read_text().splitlines()],
+        )
+    (ta, wa, ma), (tb, wb, mb) = got["separate"], got["reuse"]
+    assert len(ta) == 2 and ta == tb
+    start = load_file(model / "model.safetensors")
+    moved = max(float((wa[k] - start[k]).abs().max()) for k in start)
+    assert moved > 1e-2  # lr 1e-2 for 6 steps: the weights moved, and the two runs agree 100x closer
+    assert all(float((wa[k] - wb[k]).abs().max()) < 1e-4 for k in wa)
+    for a, b in zip(ma, mb, strict=True):
+        assert a.get("weighted_tokens") == b.get("weighted_tokens")
+        assert a.get("weight_sum") == b.get("weight_sum")
+        if "loss" in a:
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
