@@ -105,6 +105,11 @@ class TrainParams:
             raise ValueError(f"online={self.online!r}: use one of {', '.join(POLICY_NAMES)}")
         if self.online == "rho1" and self.rho1.reference == "base" and self.lora_r == 0:
             raise ValueError("rho1.reference=base means the base model under LoRA adapters: set lora_r > 0")
+        if self.fsdp and self.online == "sstoken":
+            raise ValueError(
+                "online=sstoken with fsdp=true is not supported yet (its history copy and attention recomputation "
+                "need the unsharded model): use DDP (fsdp=false)"
+            )
         if self.online_scoring == "reuse" and self.masked_thought.p > 0:
             raise ValueError(
                 "online_scoring=reuse scores from the training forward, whose inputs Masked Thought masks: "

@@ -182,6 +182,7 @@ def ema_update(history: torch.nn.Module, current: torch.nn.Module, decay: float)
     cur = dict(current.named_parameters())
     for name, t in history.named_parameters():
         src = cur[name].detach()
+        src = src.full_tensor() if hasattr(src, "full_tensor") else src  # FSDP2: every rank gathers
         if t.dtype.is_floating_point:
             t.lerp_(src.to(t.dtype), 1.0 - decay)
 

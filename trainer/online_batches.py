@@ -14,10 +14,15 @@ default, the paper's per-device batch) per rank, in the seeded order of
 3. the kept samples are trimmed again and packed into micro-batches as usual; ranks pad to the same
    number of micro-batches (a collective per forward under FSDP2).
 
-A separate scoring forward rather than reusing the training forward's hidden states: Q-Tuning at
-``r_sample=0.25`` then back-propagates through a quarter of the tokens, and a no-grad forward costs
-about a third of a forward+backward, so the step costs ~0.6x plain training on the same mini-batch
-instead of 1.0x (measured in ``benchmarks/bench_train.py``).
+A separate scoring forward by default; ``online_scoring=reuse`` (:mod:`winnow.trainer.online_reuse`)
+takes the current model's scores from the training forward instead. Measured side by side on the same
+mini-batches (``bench_train.py --interleaved``, loaded VM, against the mini-batch control): Q-Tuning at
+``r_sample=0.25`` 0.59x separate vs 0.68x reuse (reuse must run forward+backward through every sample);
+Rho-1 1.33-1.53x vs 1.30-1.41x; ssToken 1.32-1.82x vs 1.36-1.65x (no consistent winner). Separate stays
+the default: it is never clearly slower and it trims what the policy dropped.
+
+``record_weights=true`` hands every decision to :mod:`winnow.trainer.online_record`, which writes one
+``selection/online-<name>-epoch<E>`` table per epoch into the run.
 
 The history model of ssToken is the model training started from (``history=start``) or an EMA of the
 weights updated after every optimizer step (``ema``, Eq. 4); the EMA tensors are saved with every
@@ -247,7 +252,10 @@ class OnlineBatches:
         loop = self.loop
         epoch, within = divmod(step, self.steps_per_epoch)
         order = self._order(epoch)
-        self.stats = {}
+        # the same keys on every rank (the loop all-reduces them by sorted key), drawn mini-batch or not
+        keys = ["seen_samples"] + ([] if self.op.online == "all" else ["kept_samples", "kept_tokens"])
+        keys += ["q1", "q2", "q3", "q4", "topup"] if self.op.online == "q_tuning" else []
+        self.stats = dict.fromkeys(keys, 0)
         self._step = step
         kept: list[tuple[np.ndarray, np.ndarray]] = []
         g, world, rank = loop.p.grad_accum, loop.d.world, loop.d.rank

@@ -21,8 +21,10 @@ of the kept positions through that same forward. What it can and cannot do:
 * Masked Thought masks the training forward's inputs, while scores must see the unmasked ones: the two
   are refused together. Scores come from the model in train mode (identical unless it has dropout).
 
-Measured in ``benchmarks/bench_train.py`` (``sstoken_reuse``, ``rho1_reuse``, ``q_tuning_reuse``) side by
-side with the separate forward; the faster (see benchmarks/RESULTS.md) is the default.
+Measured in ``benchmarks/bench_train.py --interleaved`` side by side with the separate forward on the same
+mini-batches (loaded 2-core VM, ratio to the mini-batch control): Q-Tuning 0.68x (separate 0.59x), Rho-1
+1.30-1.41x (separate 1.33-1.53x), ssToken 1.36-1.65x (separate 1.32-1.82x). Not a clear win for any
+policy, so ``separate`` stays the default (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -69,7 +69,10 @@ def test_recorded_weights_are_the_weights_the_loss_saw(model, tmp_path, monkeypa
 
     monkeypatch.setattr(loop_mod.Loop, "train_step", train_step)
     monkeypatch.setattr(loop_mod.Loop, "_forward", forward)
-    values = parse_sets([s for s in SETS if s != "--set"], "test") | {"model": str(model), "progress": "false"}
+    values = parse_sets([s for s in SETS if s != "--set"], "test") | {
+        "model": str(model),
+        "progress": "false",
+    }
     res = train(build_params(TrainParams, values, "test"), run.root)
     samples = _samples(RunDir(run.root))
     per_epoch = res["steps"] // 2
@@ -98,9 +101,7 @@ def test_recorded_weights_are_the_weights_the_loss_saw(model, tmp_path, monkeypa
             assert row["epoch"] == e + 1 and row["policy"] == "online:q_tuning"
         reasons = {r["reason"] for r in got.values()}
         assert "held_out" in reasons and any(x.startswith("dropped_") for x in reasons)
-        assert all(
-            r["reason"].startswith(("kept_", "topup_")) for s, r in got.items() if s in expected[e]
-        )
+        assert all(r["reason"].startswith(("kept_", "topup_")) for s, r in got.items() if s in expected[e])
 
 
 def test_tables_read_back_through_inspect_card_and_train(model, tmp_path):
@@ -117,7 +118,9 @@ def test_tables_read_back_through_inspect_card_and_train(model, tmp_path):
     assert list(row.values())[0] == 40 and list(row.values())[1] > 0
     code, _, err = run_cli("card", run, "--out", tmp_path / "card")
     assert code == 0, err
-    assert "### `online_all_epoch1` (policy `online:q_tuning`)" in (tmp_path / "card" / "README.md").read_text()
+    assert (
+        "### `online_all_epoch1` (policy `online:q_tuning`)" in (tmp_path / "card" / "README.md").read_text()
+    )
     code, _, err = run_cli(
         "train", run, "--selection", "online-all-epoch1", "--model", model, "--out", tmp_path / "again",
         "--set", "max_steps=1", "--set", "tokens_per_batch=256", "--set", "max_seq_len=128",
@@ -158,12 +161,20 @@ def test_resumed_run_records_the_same_tables(model, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("policy", ["sstoken", "rho1", "q_tuning"])
-def test_reuse_scores_from_the_training_forward_select_what_a_separate_forward_selects(model, tmp_path, policy):
+@pytest.mark.parametrize(
+    "policy",
+    [
+        "sstoken",
+        pytest.param("rho1", marks=pytest.mark.slow),
+        pytest.param("q_tuning", marks=pytest.mark.slow),
+    ],
+)
+def test_reuse_scores_from_the_training_forward_select_what_a_separate_forward_selects(
+    model, tmp_path, policy
+):
     """online_scoring=reuse (scores from the training forward's hidden states) against the default separate
     no-grad forward: the same tokens chosen at every step of two epochs (recorded tables equal) and the
     same model to float tolerance (the two batch the head differently)."""
-    import torch
     from safetensors.torch import load_file
 
     extra = ["--set", f"online={policy}", "--set", "sstoken.gamma=0.5", "--set", "rho1.k_ratio=0.5"]
@@ -172,7 +183,9 @@ def test_reuse_scores_from_the_training_forward_select_what_a_separate_forward_s
     got = {}
     for mode in ("separate", "reuse"):
         run = synthetic_run(tmp_path / mode, model).root
-        code, _, err = run_cli("train", run, "--model", model, *SETS, *extra, "--set", f"online_scoring={mode}")
+        code, _, err = run_cli(
+            "train", run, "--model", model, *SETS, *extra, "--set", f"online_scoring={mode}"
+        )
         assert code == 0, err
         got[mode] = (
             {t: RunDir(run).table(t).read().to_pylist() for t in RunDir(run).tables() if "online-" in t},
@@ -190,3 +203,33 @@ def test_reuse_scores_from_the_training_forward_select_what_a_separate_forward_s
         assert a.get("weight_sum") == b.get("weight_sum")
         if "loss" in a:
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings(r"ignore:Seems like `optimizer.step\(\)` has been overridden")
+def test_two_ranks_record_the_tables_of_one_process(model, tmp_path):
+    """2 gloo DDP ranks with sstoken under reuse scoring: the rows each rank recorded are
+    gathered onto rank 0 and the tables equal a single process running both ranks' mini-batches per step
+    (grad_accum 2); the select= argument passes through DDP."""
+    import torch.multiprocessing as mp
+    from dist_online_worker import train_and_read, worker
+
+    from winnow.trainer.distributed import Dist
+
+    run = synthetic_run(tmp_path / "run", model).root
+    want = {
+        mode: train_and_read(str(run), str(model), 2, mode == "fsdp2", Dist(), f"single-{mode}")
+        for mode in ("ddp",)
+    }
+    assert all(len(w) == 2 for w in want.values())
+    out = tmp_path / "tables.json"
+    args = (2, str(tmp_path / "init"), str(run), str(model), str(out))
+    mp.spawn(worker, args=args, nprocs=2, join=True)
+    got = json.loads(out.read_text())
+    for mode in ("ddp",):
+        tables = {k.replace(f"online-{mode}-", f"online-single-{mode}-"): v for k, v in got[mode].items()}
+        assert tables.keys() == want[mode].keys()
+        for name, rows in want[mode].items():
+            for a, b in zip(rows, tables[name], strict=True):
+                assert a["sample_id"] == b["sample_id"] and a["reason"] == b["reason"], (mode, name)
+                assert a["token_weight"] == b["token_weight"], (mode, name, a["sample_id"])
