@@ -48,6 +48,7 @@ VARIANTS = {
     "rho1": {"online": "rho1"},  # + a reference forward (rho1.reference = a second copy of the model)
     "sstoken": {"online": "sstoken"},  # history = start (a frozen copy), gamma 0.5: attention recomputed
     "lora": {"lora_r": 16},
+    "prompt_tuning": {"prompt_tuning.num_virtual_tokens": 20},  # padded rows, 20 more positions each
     # the current model's scores from the training forward instead of a separate no-grad one (online_reuse)
     "q_tuning_reuse": {"online": "q_tuning", "online_scoring": "reuse"},
     "rho1_reuse": {"online": "rho1", "online_scoring": "reuse"},

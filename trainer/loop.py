@@ -73,9 +73,13 @@ class Loop:
     ):
         self.p, self.data, self.env, self.d = p, data, env, env.dist
         cuda = env.device.type == "cuda"
-        self.layout = p.layout if p.layout != "auto" else ("packed" if cuda else "padded")
-        self.plan = plan(data.train.lengths, p.tokens_per_batch, self.layout)
-        self.eval_plan = plan(data.eval.lengths, p.tokens_per_batch, self.layout) if data.eval.ids else []
+        # prompt tuning: padded rows only, each costing num_virtual_tokens more positions (prompt_tuning.py)
+        packed_ok = cuda and not p.virtual_tokens
+        self.layout = p.layout if p.layout != "auto" else ("packed" if packed_ok else "padded")
+        self.plan = plan(data.train.lengths + p.virtual_tokens, p.tokens_per_batch, self.layout)
+        self.eval_plan = (
+            plan(data.eval.lengths + p.virtual_tokens, p.tokens_per_batch, self.layout) if data.eval.ids else []
+        )
         self.per_step = self.d.world * p.grad_accum
         self.steps_per_epoch = math.ceil(len(self.plan) / self.per_step)
         total = p.epochs * self.steps_per_epoch
