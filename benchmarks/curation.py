@@ -194,6 +194,12 @@ POLICIES = [
         select={"policy": "dv4llm,critical_tokens,sql", "keep": _QS_KEEP, "tokens": "excess_loss"},
         cost=(CUR, REF, CON, "stage:dv4llm", "stage:critical_tokens", "stage:excess_loss"),
     ),
+    Policy(  # the quickstart composition without its oracle: no correctness labels
+        "quickstart_no_labels",
+        "select",
+        select={"policy": "dv4llm,sql", "keep": _QS_KEEP, "tokens": "excess_loss"},
+        cost=(CUR, REF, "stage:dv4llm", "stage:excess_loss"),
+    ),
     Policy("online_q_tuning", "online", online="q_tuning", knob="r_sample"),
     Policy("online_rho1", "online", online="rho1", knob="k_ratio"),
     Policy("online_sstoken", "online", online="sstoken", knob="rho"),
@@ -308,7 +314,7 @@ class TrainCfg:
     lora_lr: float = 3e-3
     lora_r: int = 8
     warmup: int = 10
-    max_new_tokens: int = 96
+    max_new_tokens: int = 80  # demo answers: 99th percentile 82 supervised tokens, clean math shorter
 
 
 _TEST_CACHE: dict[str, Any] = {}
@@ -408,18 +414,58 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_jobs(jobs: list[dict[str, Any]], workers: int, log) -> list[dict[str, Any]]:
-    import multiprocessing as mp
+def _key(r: dict[str, Any]) -> str:
+    return f"{r['dataset']}|{r['row']}|{r['budget']}|{r['seed']}"
 
+
+def read_journal(path: Path) -> list[dict[str, Any]]:
+    """Results written so far (one JSON line per finished training; a torn last line is ignored)."""
     out = []
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
-        for r in ex.map(run_job, jobs):
-            acc = f" acc {r['accuracy']:.3f}" if "accuracy" in r else ""
-            log(
-                f"{r['dataset']} {r['row']} b{r['budget']} s{r['seed']}: loss {r['eval_loss']:.4f}{acc} "
-                f"(train {r['train_s']:.0f}s, eval {r['eval_s']:.0f}s)"
-            )
-            out.append(r)
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def _append(path: Path, rec: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_jobs(jobs: list[dict[str, Any]], args, log) -> list[dict[str, Any]]:
+    """Run the jobs not yet in the journal, seed-major (every row of seed 0 first), until the deadline.
+
+    Each result is appended to the journal as it lands, so a killed or timed-out run keeps what finished
+    and a rerun continues; past ``args.deadline`` no new training starts (running ones finish)."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    done = {_key(r) for r in read_journal(args.journal)}
+    todo = sorted((j for j in jobs if _key(j) not in done), key=lambda j: (j["seed"], j["lora"]))
+    out = []
+    with ProcessPoolExecutor(max_workers=args.workers, mp_context=mp.get_context("spawn")) as ex:
+        pending, queue = set(), list(todo)
+        while queue or pending:
+            while queue and len(pending) < args.workers and time.time() < args.deadline:
+                pending.add(ex.submit(run_job, queue.pop(0)))
+            if not pending:
+                log(f"deadline reached: {len(queue)} trainings not started")
+                break
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in finished:
+                r = f.result()
+                _append(args.journal, r)
+                acc = f" acc {r['accuracy']:.3f}" if "accuracy" in r else ""
+                log(
+                    f"{r['dataset']} {r['row']} b{r['budget']} s{r['seed']}: loss {r['eval_loss']:.4f}{acc} "
+                    f"(train {r['train_s']:.0f}s, eval {r['eval_s']:.0f}s)"
+                )
+                out.append(r)
     return out
 
 
@@ -449,7 +495,7 @@ def _jobs(ctx: dict[str, Any], budget: float, policies: list[Policy], stats, see
             if p.kind == "online":
                 job |= {"online": p.online, "knob": p.knob}
             jobs.append(job | {"row": p.name, "out": str(ctx["workdir"] / "train" / tag)})
-            if p.name in lora:
+            if p.name in lora and seed in seeds[: ctx["lora_seeds"]]:
                 jobs.append(
                     job
                     | {
@@ -584,6 +630,23 @@ def _ingest_test(prep: dict[str, Any], test_run: Path) -> None:
     )
 
 
+def _base_result(name: str, ev: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "dataset": name,
+        "row": "base (no training)",
+        "policy": "base",
+        "budget": None,
+        "seed": 0,
+        "gt": False,
+        "lora": False,
+        "paired": "",
+        "train_s": 0.0,
+        "train_samples": None,
+        "weighted_tokens": None,
+        **ev,
+    }
+
+
 def bench_dataset(name: str, args, cfg: TrainCfg, log) -> tuple[list[dict[str, Any]], dict[str, float]]:
     workdir = args.workdir / name
     t0 = time.time()
@@ -591,28 +654,22 @@ def bench_dataset(name: str, args, cfg: TrainCfg, log) -> tuple[list[dict[str, A
     if prep is None:
         return [], {}
     log(f"{name}: prepared in {time.time() - t0:.0f}s; stage seconds {prep['stage_seconds']}")
+    from winnow.pipeline.store import atomic_write_json
+
+    atomic_write_json(workdir / "stage_seconds.json", prep["stage_seconds"])
     test_run = workdir / "test_run"
     _ingest_test(prep, test_run)
-    base = evaluate(Path(prep["base_model"]), test_run, prep["accuracy"], cfg.max_new_tokens)
+    results = [r for r in read_journal(args.journal) if r["dataset"] == name]
+    base = next((r for r in results if r["row"] == "base (no training)"), None)
+    if base is None:
+        base = _base_result(
+            name, evaluate(Path(prep["base_model"]), test_run, prep["accuracy"], cfg.max_new_tokens)
+        )
+        _append(args.journal, base)
+        results.append(base)
     log(
         f"{name}: base model loss {base['eval_loss']:.4f} acc {base.get('accuracy')}; e.g. {base.get('example')!r}"
     )
-    results = [
-        {
-            "dataset": name,
-            "row": "base (no training)",
-            "policy": "base",
-            "budget": None,
-            "seed": 0,
-            "gt": False,
-            "lora": False,
-            "paired": "",
-            "train_s": 0.0,
-            "train_samples": None,
-            "weighted_tokens": None,
-            **base,
-        }
-    ]
     names = QUICK_POLICIES if args.quick else tuple(p.name for p in POLICIES)
     policies = [p for p in POLICIES if p.name in names]
     lora = () if args.quick or args.no_lora else LORA_POLICIES
@@ -623,6 +680,7 @@ def bench_dataset(name: str, args, cfg: TrainCfg, log) -> tuple[list[dict[str, A
         "workdir": workdir,
         "accuracy": prep["accuracy"],
         "cfg": dataclasses.asdict(cfg),
+        "lora_seeds": args.lora_seeds,
     }
     seeds = list(range(args.seeds))
     for budget in (0.5, 0.25):
@@ -644,7 +702,8 @@ def bench_dataset(name: str, args, cfg: TrainCfg, log) -> tuple[list[dict[str, A
         jobs = _jobs(ctx, budget, policies, stats, seeds, lora)
         if budget == 0.25:
             jobs = [j for j in jobs if j["row"] != "full"]
-        results += run_jobs(jobs, args.workers, log)
+        run_jobs(jobs, args, log)
+        results = [r for r in read_journal(args.journal) if r["dataset"] == name]
     return results, prep["stage_seconds"]
 
 
@@ -658,7 +717,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per training")
     ap.add_argument("--no-lora", action="store_true", help="skip the LoRA rows")
+    ap.add_argument("--lora-seeds", type=int, default=1, help="seeds of the LoRA rows (the first N)")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument(
+        "--max-minutes", type=float, default=None, help="start no training after this (then report)"
+    )
+    ap.add_argument("--report", action="store_true", help="only print the table of the results so far")
     args = ap.parse_args(argv)
     args.seeds = args.seeds or (1 if args.quick else 3)
     args.workdir = args.workdir or HERE / "out" / ("curation-quick" if args.quick else "curation")
@@ -666,13 +730,21 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainCfg(steps=args.steps or (40 if args.quick else 150))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.time()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    args.journal = args.workdir / "results.jsonl"
+    args.deadline = t0 + 60 * args.max_minutes if args.max_minutes else float("inf")
 
     def log(msg: str) -> None:
         print(f"[curation {time.time() - t0:6.0f}s] {msg}", flush=True)
 
     results, costs = [], {}
     for name in datasets:
-        res, cost = bench_dataset(name, args, cfg, log)
+        if args.report:
+            res = [r for r in read_journal(args.journal) if r["dataset"] == name]
+            f = args.workdir / name / "stage_seconds.json"
+            cost = json.loads(f.read_text()) if f.exists() else {}
+        else:
+            res, cost = bench_dataset(name, args, cfg, log)
         results += res
         costs[name] = cost
     rows = aggregate(results, costs)
@@ -683,7 +755,8 @@ def main(argv: list[str] | None = None) -> int:
         f"target (demo, 50%, no GT column, beats full and random by more than the seed spread): "
         f"{', '.join(wins) if wins else 'not met'}"
     )
-    print(f"wall time {time.time() - t0:.0f}s, load average {os.getloadavg()}")
+    if not args.report:
+        print(f"wall time {time.time() - t0:.0f}s, load average {os.getloadavg()}")
     from winnow.pipeline.store import atomic_write_bytes, atomic_write_json
 
     atomic_write_bytes(args.workdir / "table.md", table.encode())
