@@ -66,18 +66,31 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def stage_seconds(run_dir: Path) -> dict[str, float]:
-    """Wall seconds of every model pass and stage in the run's manifest (``model_pass:current``, ...)."""
+def stage_seconds(run_dir: Path, previous: dict[str, float] | None = None) -> dict[str, float]:
+    """Wall seconds of every model pass and stage in the run's manifest (``model_pass:current``, ...).
+
+    A rerun that skipped a step records its skip time; ``previous`` keeps the time it took when computed."""
     manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
     steps = manifest.get("steps", manifest)
-    return {
-        k: float(v["wall_s"])
-        for k, v in steps.items()
-        if isinstance(v, dict) and "wall_s" in v and k.split(":")[0] in ("model_pass", "stage", "ingest")
-    }
+    out = dict(previous or {})
+    for k, v in steps.items():
+        if not (
+            isinstance(v, dict) and "wall_s" in v and k.split(":")[0] in ("model_pass", "stage", "ingest")
+        ):
+            continue
+        if v.get("shards", {}).get("computed", 1) > 0 or k not in out:
+            out[k] = float(v["wall_s"])
+    return out
 
 
-def prepare_demo(workdir: Path, quick: bool) -> dict[str, Any]:
+def _previous_seconds(workdir: Path) -> dict[str, float]:
+    f = workdir / "stage_seconds.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def prepare_demo(
+    workdir: Path, quick: bool, *, models: str | None = None, test_size: int | None = None
+) -> dict[str, Any]:
     """The quickstart pipeline on the demo data: builtin models (``quick``) or the quality models."""
     from winnow.pipeline.builtin.demo_data import DEMO_SIZE, generate_demo
     from winnow.pipeline.models import resolve_model
@@ -86,13 +99,12 @@ def prepare_demo(workdir: Path, quick: bool) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     pool = {r["messages"][0]["content"] for r in generate_demo(DEMO_SIZE)}
     # test: a fresh clean draw no model trained on; targets: another, never the pool's meta_corruption
-    test = _write_jsonl(
-        workdir / "test.jsonl", _demo_rows(400 if quick else 1000, TEST_SEED, pool)[: 150 if quick else 500]
-    )
+    n_test = test_size or (150 if quick else 500)
+    test = _write_jsonl(workdir / "test.jsonl", _demo_rows(3 * n_test, TEST_SEED, pool)[:n_test])
     targets = _write_jsonl(workdir / "dv4llm_targets.jsonl", _demo_rows(400, TARGET_SEED, pool)[:200])
     recipe = load_recipe(HERE.parent / "recipes" / "quickstart.toml")
     base = "builtin:tiny"
-    if not quick:
+    if (models or ("builtin" if quick else "quality")) == "quality":
         from quality_models import QUICKSTART_ROLES, build_quality_models
 
         dirs = build_quality_models()
@@ -112,7 +124,7 @@ def prepare_demo(workdir: Path, quick: bool) -> dict[str, Any]:
         "base_model": resolve_model(base),
         "eval_jsonl": test,
         "accuracy": True,
-        "stage_seconds": stage_seconds(run_dir),
+        "stage_seconds": stage_seconds(run_dir, _previous_seconds(workdir)),
     }
 
 
@@ -336,7 +348,9 @@ def _test_set(test_run: Path) -> dict[str, Any]:
     return _TEST_CACHE[str(test_run)]
 
 
-def evaluate(model_dir: Path, test_run: Path, accuracy: bool, max_new_tokens: int) -> dict[str, Any]:
+def evaluate(
+    model_dir: Path, test_run: Path, accuracy: bool, max_new_tokens: int, tokenizer_dir: Path | None = None
+) -> dict[str, Any]:
     """Held-out answer loss and (if asked) greedy exact-match accuracy of the model in ``model_dir``."""
     import torch
     from curation_eval import eval_loss, exact_match, greedy_answers
@@ -348,7 +362,7 @@ def evaluate(model_dir: Path, test_run: Path, accuracy: bool, max_new_tokens: in
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, use_safetensors=True)
     res: dict[str, Any] = {"eval_loss": eval_loss(model, data["ids"], data["mask"])}
     if accuracy:
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir or model_dir))
         outs = greedy_answers(model, tok, data["prompts"], max_new_tokens)
         res["accuracy"] = float(np.mean([exact_match(o, r) for o, r in zip(outs, data["refs"], strict=True)]))
         res["example"] = outs[0]
@@ -403,7 +417,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     res = train(build_params(TrainParams, values, f"curation {job['row']}"), run_dir)
     train_s = time.time() - t0
     model_dir = Path(job["out"]) / ("merged" if job.get("lora") else "")
-    ev = evaluate(model_dir, Path(job["test_run"]), job["accuracy"], cfg.max_new_tokens)
+    ev = evaluate(
+        model_dir, Path(job["test_run"]), job["accuracy"], cfg.max_new_tokens, Path(job["base_model"])
+    )
     counts = res.get("counts", {})
     return {
         **{k: job[k] for k in ("dataset", "row", "policy", "budget", "seed", "gt", "lora", "paired")},
@@ -566,7 +582,15 @@ def aggregate(results: list[dict[str, Any]], costs: dict[str, float]) -> list[di
                 "train_s": _mean_std([r["train_s"] for r in rs])[0],
             }
         )
-    return rows
+    return sorted(rows, key=_order)
+
+
+def _order(r: dict[str, Any]) -> tuple:
+    names = [p.name for p in POLICIES]
+    pol = r["paired"] or r["row"].split(" ")[0]
+    idx = names.index(pol) if pol in names else -1
+    variant = 1 if r["paired"] else 2 if r["lora"] else 0
+    return (r["dataset"], -(r["budget"] or 1.0), idx, variant)
 
 
 def _cost(stage_s: dict[str, float], key: str) -> float:
@@ -578,18 +602,24 @@ def _cost(stage_s: dict[str, float], key: str) -> float:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = (
-        "| data | budget | row | GT | samples | weighted tokens | eval loss | exact match % | scoring s | "
-        "train s |\n|---|---:|---|:-:|---:|---:|---:|---:|---:|---:|\n"
+        "| data | budget | row | GT | seeds | samples | weighted tokens | eval loss | exact match % | scoring s | "
+        "train s |\n|---|---:|---|:-:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = []
     for r in rows:
-        b = "-" if r["budget"] is None else f"{int(r['budget'] * 100)}%"
+        b = (
+            "-"
+            if r["budget"] is None
+            else "100%"
+            if r["row"].startswith("full")
+            else f"{int(r['budget'] * 100)}%"
+        )
         acc = "-" if np.isnan(r["acc"]) else f"{100 * r['acc']:.1f} ± {100 * r['acc_sd']:.1f}"
         cost = "in training" if r["scoring_s"] is None else f"{r['scoring_s']:.0f}"
         samples = "-" if np.isnan(r["samples"]) else f"{r['samples']:.0f}"
         tokens = "-" if np.isnan(r["tokens"]) else f"{r['tokens']:.0f}"
         lines.append(
-            f"| {r['dataset']} | {b} | {r['row']} | {'yes' if r['gt'] else ''} | {samples} | {tokens} | "
+            f"| {r['dataset']} | {b} | {r['row']} | {'yes' if r['gt'] else ''} | {r['seeds']} | {samples} | {tokens} | "
             f"{r['loss']:.4f} ± {r['loss_sd']:.4f} | {acc} | {cost} | {r['train_s']:.0f} |"
         )
     return head + "\n".join(lines) + "\n"
@@ -613,9 +643,10 @@ def target_check(rows: list[dict[str, Any]], dataset: str = "demo", budget: floa
 
 
 # ----------------------------------------------------------------------------------------------- driver
-def _prepare(name: str, workdir: Path, quick: bool) -> dict[str, Any] | None:
+def _prepare(name: str, workdir: Path, args) -> dict[str, Any] | None:
+    quick = args.quick
     if name == "demo":
-        return prepare_demo(workdir, quick)
+        return prepare_demo(workdir, quick, models=args.models, test_size=args.test_size)
     try:
         from curation_gsm8k import prepare_gsm8k
     except ImportError:
@@ -628,6 +659,12 @@ def _ingest_test(prep: dict[str, Any], test_run: Path) -> None:
     _run_steps(
         test_run, [("ingest", {"inputs": [str(prep["eval_jsonl"])], "model": str(prep["base_model"])})]
     )
+
+
+def ranked(results: list[dict[str, Any]], accuracy: bool, names) -> list[str]:
+    """Policies of ``names`` with 50% results, best first (mean accuracy, else lowest held-out loss)."""
+    rows = [r for r in aggregate(results, {}) if r["row"] in names and r["budget"] == 0.5]
+    return [r["row"] for r in sorted(rows, key=(lambda r: -r["acc"]) if accuracy else (lambda r: r["loss"]))]
 
 
 def _base_result(name: str, ev: dict[str, Any]) -> dict[str, Any]:
@@ -650,7 +687,7 @@ def _base_result(name: str, ev: dict[str, Any]) -> dict[str, Any]:
 def bench_dataset(name: str, args, cfg: TrainCfg, log) -> tuple[list[dict[str, Any]], dict[str, float]]:
     workdir = args.workdir / name
     t0 = time.time()
-    prep = _prepare(name, workdir, args.quick)
+    prep = _prepare(name, workdir, args)
     if prep is None:
         return [], {}
     log(f"{name}: prepared in {time.time() - t0:.0f}s; stage seconds {prep['stage_seconds']}")
@@ -683,27 +720,31 @@ def bench_dataset(name: str, args, cfg: TrainCfg, log) -> tuple[list[dict[str, A
         "lora_seeds": args.lora_seeds,
     }
     seeds = list(range(args.seeds))
-    for budget in (0.5, 0.25):
-        if budget == 0.25:
-            if args.quick:
-                break
-            scored = [
-                r for r in aggregate(results, {}) if r["row"] in TOP_BUDGET_POLICIES and r["budget"] == 0.5
-            ]
-            key = (lambda r: r["acc"]) if prep["accuracy"] else (lambda r: -r["loss"])
-            best = [r["row"] for r in sorted(scored, key=key, reverse=True)[:2]]
-            policies = [p for p in POLICIES if p.name in best]
-            lora = ()
-            log(f"{name}: 25% budget for {best}")
-        ctx["run_b"] = workdir / f"run_b{int(budget * 100)}"
-        t1 = time.time()
-        stats = budget_run(Path(prep["run_dir"]), ctx["run_b"], budget, policies)
-        log(f"{name}: budget {budget} selections in {time.time() - t1:.0f}s: {stats}")
-        jobs = _jobs(ctx, budget, policies, stats, seeds, lora)
-        if budget == 0.25:
-            jobs = [j for j in jobs if j["row"] != "full"]
-        run_jobs(jobs, args, log)
-        results = [r for r in read_journal(args.journal) if r["dataset"] == name]
+    journal = lambda: [r for r in read_journal(args.journal) if r["dataset"] == name]  # noqa: E731
+    ctx["run_b"] = workdir / "run_b50"
+    stats = budget_run(Path(prep["run_dir"]), ctx["run_b"], 0.5, policies)
+    log(f"{name}: 50% selections: {stats}")
+    jobs50 = _jobs(ctx, 0.5, policies, stats, seeds, lora)
+    # A: every 50% row once (seed 0), LoRA rows last
+    run_jobs([j for j in jobs50 if j["seed"] == 0], args, log)
+    if args.quick:
+        return journal(), prep["stage_seconds"]
+    # B: the 25% budget for the two best knobbed policies and their random pairs, seed 0
+    best = ranked(journal(), prep["accuracy"], TOP_BUDGET_POLICIES)[:2]
+    log(f"{name}: 25% budget for {best}")
+    ctx25 = ctx | {"run_b": workdir / "run_b25"}
+    pol25 = [p for p in POLICIES if p.name in best]
+    jobs25 = _jobs(
+        ctx25, 0.25, pol25, budget_run(Path(prep["run_dir"]), ctx25["run_b"], 0.25, pol25), seeds, ()
+    )
+    run_jobs([j for j in jobs25 if j["seed"] == 0], args, log)
+    # C: the other seeds of full, the three best policies reading no ground truth, their pairs, the 25% rows
+    names = [p.name for p in POLICIES if not p.gt and p.name != "full"]
+    top = {"full", *ranked(journal(), prep["accuracy"], names)[:3]}
+    core = [j for j in jobs50 if (j["row"] in top or j["paired"] in top) and not j["lora"]]
+    run_jobs(core + jobs25, args, log)
+    # D: every remaining seed
+    run_jobs(jobs50, args, log)
     return results, prep["stage_seconds"]
 
 
@@ -719,6 +760,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-lora", action="store_true", help="skip the LoRA rows")
     ap.add_argument("--lora-seeds", type=int, default=1, help="seeds of the LoRA rows (the first N)")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument(
+        "--models",
+        choices=("builtin", "quality"),
+        default=None,
+        help="demo models (default: quality; builtin with --quick)",
+    )
+    ap.add_argument(
+        "--test-size", type=int, default=None, help="held-out demo problems (500; 150 with --quick)"
+    )
     ap.add_argument(
         "--max-minutes", type=float, default=None, help="start no training after this (then report)"
     )
