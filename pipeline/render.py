@@ -64,7 +64,8 @@ from winnow.pipeline.errors import RejectError
 
 LOSS_ON = ("all_turns", "last_turn")
 # Bump when rendering or masking rules change (the plain format included): ingest puts it in its fingerprint.
-RENDER_VERSION = "render/1"
+# 2: a content candidate that starts or ends inside an added token is refused (see _cuts_control)
+RENDER_VERSION = "render/2"
 
 
 @dataclass
@@ -267,6 +268,22 @@ def _render_plain(
     return "".join(parts), spans
 
 
+def _cuts_control(text: str, info: _TokInfo, start: int, end: int) -> bool:
+    """Whether a candidate content span [start, end) begins or ends strictly inside an added token's text.
+
+    Added tokens are split off before BPE, so a real content boundary never falls inside one; a candidate
+    that does is template text. Without this check the answer ``"<"`` under a template that injects
+    ``"<think>\\n\\n</think>\\n\\n"`` after ``"<|im_start|>assistant\\n"`` is found at the ``"<"`` of
+    ``"<think>"`` (that lead-in matches first) and the template's ``<think>`` is supervised instead.
+    """
+    for cs in info.control_strings:
+        n = len(cs)
+        # an occurrence wholly inside [b - n + 1, b + n - 1) starts before b and ends after it
+        if n > 1 and any(text.find(cs, max(0, b - n + 1), b + n - 1) >= 0 for b in (start, end)):
+            return True
+    return False
+
+
 def _locate(
     text: str,
     info: _TokInfo,
@@ -290,6 +307,8 @@ def _locate(
             # A template may keep the leading whitespace of unstripped input or trim it: try both.
             for pre in (lead, lead + ws) if ws else (lead,):
                 p = text.find(pre + content, cursor)
+                while p >= 0 and _cuts_control(text, info, p + len(pre), p + len(pre) + len(content)):
+                    p = text.find(pre + content, p + 1)
                 if p >= 0 and (best < 0 or p + len(pre) < best):
                     best = p + len(pre)
         if best < 0:  # fallback: first occurrence that lies outside every special token
@@ -300,7 +319,7 @@ def _locate(
             p = text.find(content, cursor)
             while p >= 0:
                 j = bisect_right(sp_starts, p + len(content) - 1)  # specials starting inside or before
-                if j == 0 or sp_ends[j - 1] <= p:
+                if (j == 0 or sp_ends[j - 1] <= p) and not _cuts_control(text, info, p, p + len(content)):
                     best = p
                     break
                 p = text.find(content, p + 1)

@@ -439,8 +439,8 @@ def conversations(draw):
     return [m(x["role"], x["content"].strip()) for x in msgs] if strip else msgs
 
 
-# derandomize: CI runs the same 120 examples every time. A random search found the known bug below
-# (test_content_that_prefixes_injected_template_text); until it is fixed a random run could fail on it.
+# derandomize: CI runs the same 120 examples every time (no flaky CI). Random searches of 3 x 3,000 examples
+# passed after the fix of test_content_that_prefixes_injected_template_text, the one bug a search found.
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(
     name=st.sampled_from(list(CASES)),
@@ -456,11 +456,11 @@ def test_property_random_conversations(name, conv, loss_on):
     check(name, conv, loss_on)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: content located inside injected <think> template text")
 def test_content_that_prefixes_injected_template_text():
-    """An answer "<" under a template that injects "<think>\n\n</think>\n\n" before it: the content is
-    found at the "<" of "<think>" (the assistant lead-in "assistant\n" followed by "<" matches there), so
-    "<think>" is supervised and the real answer is not. Found by the property test's random search."""
+    """An answer "<" under a template that injects "<think>\n\n</think>\n\n" before it: the lead-in
+    "assistant\n" followed by "<" also matches at the "<" of "<think>"; that candidate must be refused (it
+    ends inside an added token), else "<think>" is supervised and the real answer is not. Found by the
+    property test's random search."""
     t = tok("chatml_think")
     r = render_sample(t, [m("user", "a"), m("assistant", "<")])
     supervised = [t.decode([i]) for i, k in zip(r.input_ids, r.loss_mask, strict=True) if k]
