@@ -148,6 +148,7 @@ def test_greedy_answers_batched_equals_one_by_one():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # under 5 minutes on an idle machine; the shared VM runs it several times slower
 def test_quick_benchmark_table_is_well_formed(tmp_path):
     """``curation.py --quick`` end to end (builtin models; a few minutes): the table has its rows."""
     proc = subprocess.run(
