@@ -637,7 +637,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def target_check(rows: list[dict[str, Any]], dataset: str = "demo", budget: float = 0.5) -> list[str]:
     """Policies reading no ground-truth column that beat full and their random pair in exact match by more
-    than the seed spread (the larger std of the two compared rows)."""
+    than the seed spread (the larger std of the two compared rows; rows with one seed do not count)."""
     at = {r["row"]: r for r in rows if r["dataset"] == dataset and r["budget"] == budget and not r["lora"]}
     full = at.get("full")
     wins = []
@@ -646,6 +646,8 @@ def target_check(rows: list[dict[str, Any]], dataset: str = "demo", budget: floa
     for name, r in at.items():
         rnd = at.get(f"random~{name}")
         if r["gt"] or name == "full" or name.startswith("random~") or rnd is None:
+            continue
+        if min(r["seeds"], full["seeds"], rnd["seeds"]) < 2:  # one seed has no spread to beat
             continue
         if all(r["acc"] - o["acc"] > max(r["acc_sd"], o["acc_sd"]) for o in (full, rnd)):
             wins.append(name)
@@ -662,7 +664,10 @@ def _prepare(name: str, workdir: Path, args) -> dict[str, Any] | None:
     except ImportError:
         print("[curation] gsm8k: benchmarks/curation_gsm8k.py is not here yet; skipped", flush=True)
         return None
-    return prepare_gsm8k(workdir, quick, **({"base": args.gsm8k_base} if args.gsm8k_base else {}))
+    # --gsm8k-prep-dir: a prepare already run elsewhere (its model paths are in the run's manifest, so it
+    # must be resumed where it was made, not copied)
+    where = Path(args.gsm8k_prep_dir) if args.gsm8k_prep_dir else workdir
+    return prepare_gsm8k(where, quick, **({"base": args.gsm8k_base} if args.gsm8k_base else {}))
 
 
 def _ingest_test(prep: dict[str, Any], test_run: Path) -> None:
@@ -788,6 +793,7 @@ def main(argv: list[str] | None = None) -> int:
         "--max-minutes", type=float, default=None, help="start no training after this (then report)"
     )
     ap.add_argument("--gsm8k-base", default=None, help="GSM8K starting model (default: curation_gsm8k's)")
+    ap.add_argument("--gsm8k-prep-dir", default=None, help="workdir of an earlier prepare_gsm8k to resume")
     ap.add_argument("--report", action="store_true", help="only print the table of the results so far")
     args = ap.parse_args(argv)
     args.seeds = args.seeds or (1 if args.quick else 3)

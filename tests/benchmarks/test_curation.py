@@ -171,3 +171,38 @@ def test_quick_benchmark_table_is_well_formed(tmp_path):
     table = (tmp_path / "table.md").read_text().splitlines()
     assert table[0].startswith("| data | budget | row |") and len(table) == 2 + len(want)
     assert all(line.count("|") == table[0].count("|") for line in table)
+
+
+def _row(row, acc, sd, seeds=3, gt=False, paired=""):
+    return {
+        "dataset": "demo",
+        "budget": 0.5,
+        "row": row,
+        "acc": acc,
+        "acc_sd": sd,
+        "seeds": seeds,
+        "gt": gt,
+        "lora": False,
+        "paired": paired,
+    }
+
+
+def test_target_check_needs_a_margin_over_full_and_random_and_no_ground_truth():
+    import curation
+
+    rows = [
+        _row("full", 0.30, 0.01),
+        _row("a", 0.35, 0.02),
+        _row("random~a", 0.31, 0.01, paired="a"),  # beats both by > 0.02: wins
+        _row("b", 0.35, 0.02),
+        _row("random~b", 0.34, 0.01, paired="b"),  # random within the spread
+        _row("c", 0.50, 0.01, gt=True),
+        _row("random~c", 0.30, 0.01, paired="c"),  # reads labels
+        _row("d", 0.50, 0.00, seeds=1),
+        _row("random~d", 0.30, 0.00, seeds=1, paired="d"),  # one seed
+        _row("e", 0.315, 0.02),
+        _row("random~e", 0.20, 0.01, paired="e"),  # full within the spread
+        _row("f", 0.60, 0.01),  # no random pair
+    ]
+    assert curation.target_check(rows) == ["a"]
+    assert curation.target_check(rows, budget=0.25) == []
