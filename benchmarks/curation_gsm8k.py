@@ -17,7 +17,8 @@ Splits (deterministic, by index; nothing random):
 | train ``i % 3 == 2`` | the first ``target_rows``: DV4LLM targets; the next 64: the models' eval | targets |
 
 Nothing trained on even-question solutions is ever evaluated on even questions: the eval file holds only
-odd ones (a test checks it against ``test.jsonl``). ``--quick`` keeps the first 60 questions of each half.
+odd ones (a test checks it against ``test.jsonl``). ``--quick`` keeps the first 60 questions of each half
+and the first 120 odd questions.
 
 Models, all made by ``winnow train`` (the project's one loop), all from the same base (``builtin:tiny`` by
 default, 1.0M parameters, byte-level BPE trained on the demo data: GSM8K text encodes in ~226 tokens
@@ -26,16 +27,19 @@ per chat at the median, 1,602 at most; one solution over the base's 1,024 positi
 | role (alias) | trained on | steps (full / quick) |
 |---|---|---|
 | history | the base itself | - |
-| current (warm) | base + GSM8K train ``i % 3 == 0`` answers | ``WARM_STEPS`` |
-| reference | base + GSM8K train ``i % 3 == 1`` answers (a disjoint subset), twice as long | ``REF_STEPS`` |
-| positive / negative | base + correct / incorrect solutions of the contrast half | ``CONTRAST_STEPS`` each |
+| current (warm) | base + GSM8K train ``i % 3 == 0`` answers | 100 / 30 |
+| reference | base + GSM8K train ``i % 3 == 1`` answers (a disjoint subset), twice as long | 200 / 60 |
+| positive / negative | base + correct / incorrect solutions of the contrast half | 80 / 30 each |
 
 The warm model is trained half as long as the reference (it stands in for a model part-way through
 fine-tuning), so the Rho-1 and ssToken contrasts measure training progress on the task, not two equally
 trained copies. The scored run then runs ``recipes/quickstart.toml``'s model passes and stages with the
 same step names and parameters (only the models, the inputs and DV4LLM's targets change), so ``winnow
 select`` policies and the quickstart's composed selection apply unchanged. Measured numbers are in
-``benchmarks/RESULTS.md`` ("GSM8K: detecting real wrong answers").
+``benchmarks/RESULTS.md`` ("GSM8K: detecting real wrong answers"): on the full half no stage beats the
+answer's length (AUROC 0.632; best stage sstoken 0.615; within length quintiles 0.48-0.59), the warm
+model solves no odd question, and the whole prepare took 35 min on the loaded 2-core VM (load 11-19),
+half of it model builds (warm 150 -> 100, reference 300 -> 200, cDPO pair 120 -> 80 steps were cut).
 """
 
 from __future__ import annotations
@@ -147,7 +151,9 @@ def _recipe(name: str, run_dir: Path, tables: list[dict[str, Any]]):
 
 def _train_steps(base: str, sizes: Sizes, models: Path, jobs: dict[str, tuple[str, int]], **extra) -> list:
     """select (sql) + train steps: one model per job name -> (keep condition, steps)."""
+    from winnow.pipeline.params import build_params
     from winnow.pipeline.store import stable_hash
+    from winnow.trainer.config import TrainParams
 
     tables: list[dict[str, Any]] = []
     for name, (keep, steps) in jobs.items():
@@ -158,8 +164,10 @@ def _train_steps(base: str, sizes: Sizes, models: Path, jobs: dict[str, tuple[st
             "lr": sizes.lr, "warmup_steps": 10, "tokens_per_batch": sizes.tokens_per_batch,
             "max_seq_len": 1024, "progress": False, "save_every": 0, **extra,
         }
-        # the folder names its configuration: another size or schedule trains beside it, never refused
-        out = models / f"{name}-{stable_hash([train, keep, dataclasses.asdict(sizes)], 8)}"
+        # The folder names the trainer's whole resolved configuration (defaults included): another size,
+        # schedule or trainer version trains beside it instead of being refused by `winnow train`.
+        ident = build_params(TrainParams, {k: v for k, v in train.items() if k != "step"}, name).identity()
+        out = models / f"{name}-{stable_hash([ident, keep, dataclasses.asdict(sizes)], 8)}"
         tables.append(train | {"out": str(out)})
     return tables
 
@@ -350,25 +358,50 @@ def _quality_report():
     return quality_report
 
 
-def sample_auroc(run_dir: Path) -> dict[str, float]:
-    """AUROC of each stage's sample score (quality_report's signs: higher = more suspicious), incorrect
-    solutions as positives against correct ones; plus a seeded random control and answer length."""
+def _sample_scores(run_dir: Path) -> tuple[dict[str, bool], dict[str, int], dict[str, dict[str, float]]]:
+    """(is_correct, supervised tokens, score name -> sample -> score) of the scored run."""
     from winnow.pipeline.inspect_run import open_views
 
     qr = _quality_report()
     con = open_views(run_dir).con
     label = dict(con.sql("select sample_id, meta_is_correct from samples").fetchall())
+    length = dict(con.sql("select sample_id, n_loss_tokens from samples").fetchall())
     scores = {name: dict(con.sql(q).fetchall()) for name, q in qr.SCORES.items()}
-    lengths = con.sql("select sample_id, n_loss_tokens from samples").fetchall()
-    scores["length (supervised tokens)"] = dict(lengths)
+    scores["length (supervised tokens)"] = {k: float(v) for k, v in length.items()}
     rng = np.random.default_rng(0)
     scores["random"] = {sid: float(rng.random()) for sid in sorted(label)}
-    table = {}
+    return label, length, scores
+
+
+def _auroc_of(sc: dict[str, float], label: dict[str, bool], ids) -> tuple[float, int]:
+    """(AUROC incorrect vs correct over ``ids``, n_incorrect * n_correct)."""
+    pos = np.array([sc[s] for s in ids if label[s] is False and sc.get(s) is not None], dtype=float)
+    neg = np.array([sc[s] for s in ids if label[s] is True and sc.get(s) is not None], dtype=float)
+    if not (len(pos) and len(neg)):
+        return float("nan"), 0
+    return _quality_report().auroc(pos, neg), len(pos) * len(neg)
+
+
+def sample_auroc(run_dir: Path) -> dict[str, float]:
+    """AUROC of each stage's sample score (quality_report's signs: higher = more suspicious), incorrect
+    solutions as positives against correct ones; plus a seeded random control and answer length."""
+    label, _, scores = _sample_scores(run_dir)
+    return {name: _auroc_of(sc, label, sorted(label))[0] for name, sc in scores.items()}
+
+
+def length_stratified_auroc(run_dir: Path, bins: int = 5) -> dict[str, float]:
+    """The same AUROC within quantile bins of supervised length, pooled (weights n_inc * n_cor): what a
+    score says beyond "incorrect solutions are longer"."""
+    label, length, scores = _sample_scores(run_dir)
+    ids = sorted(label)
+    edges = np.quantile([length[s] for s in ids], np.linspace(0, 1, bins + 1)[1:-1])
+    strata = [[s for s in ids if np.searchsorted(edges, length[s], side="right") == b] for b in range(bins)]
+    out = {}
     for name, sc in scores.items():
-        pos = np.array([v for s, v in sc.items() if label.get(s) is False and v is not None], dtype=float)
-        neg = np.array([v for s, v in sc.items() if label.get(s) is True and v is not None], dtype=float)
-        table[name] = qr.auroc(pos, neg) if len(pos) and len(neg) else float("nan")
-    return table
+        got = [_auroc_of(sc, label, st) for st in strata]
+        w = sum(n for _, n in got)
+        out[name] = sum(a * n for a, n in got if n) / w if w else float("nan")
+    return out
 
 
 # Per-token scores, higher = more suspicious, signs fixed before looking (as the sample scores).
@@ -434,9 +467,10 @@ def main() -> None:
     print(f"scored run {res['run_dir']}: {n[0]} solutions ({n[1]} incorrect); rejected {rej}")
     solved = "some solved" if res["accuracy"] else "none solved"
     print(f"accuracy check (warm model, greedy, odd questions): {solved}")
-    print(f"\n{'sample score (incorrect vs correct)':38s} {'AUROC':>7s}")
+    strat = length_stratified_auroc(res["run_dir"])
+    print(f"\n{'sample score (incorrect vs correct)':38s} {'AUROC':>7s} {'within length quintiles':>24s}")
     for name, v in res["auroc"].items():
-        print(f"{name:38s} {v:7.3f}")
+        print(f"{name:38s} {v:7.3f} {strat[name]:24.3f}")
     print(f"\n{'final-answer tokens (incorrect vs correct)':44s} {'AUROC':>7s} {'n_inc':>7s} {'n_cor':>7s}")
     tok = answer_token_auroc(res["run_dir"])
     for name, (v, a, b) in tok.items():
@@ -447,8 +481,11 @@ def main() -> None:
 
     atomic_write_json(
         REPO / "benchmarks" / "out" / f"curation_gsm8k{'_quick' if args.quick else ''}.json",
-        {"auroc": res["auroc"], "answer_tokens": tok, "stage_seconds": res["stage_seconds"],
-         "accuracy": res["accuracy"], "wall_s": wall, "samples": n[0], "incorrect": n[1]},
+        {
+            "auroc": res["auroc"], "auroc_within_length_quintiles": strat, "answer_tokens": tok,
+            "stage_seconds": res["stage_seconds"], "accuracy": res["accuracy"], "wall_s": wall,
+            "samples": n[0], "incorrect": n[1],
+        },
     )
 
 

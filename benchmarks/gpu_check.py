@@ -15,7 +15,12 @@ failure is recorded and the next section still runs:
    V = 128256, tied), 4 x 4096 tokens, SDPA causal attention, fwd + bwd + fused AdamW, bf16, with the
    loss from materialized logits vs the fused kernel (and through the trainer's ``WeightedLMLoss`` when
    ``winnow.trainer.loss`` exists): tokens/s, MFU, peak memory.
-5. ``packer``: one micro-batch of ragged samples packed by the torch reference on CPU, on the GPU, by the
+5. ``lora``: ``winnow train``'s two setups side by side on the same ~1B config and batch, both through
+   ``WeightedLMLoss`` under bf16 autocast with AdamW: full fine-tuning (fp32 weights, every parameter
+   trained) vs LoRA r = 16 on every linear layer (``winnow.trainer.lora.apply_lora``: frozen bf16 base,
+   fp32 adapters): tokens/s, trainable parameters and peak memory of the whole training state (weights,
+   gradients, optimizer, activations), measured from an empty allocation; then the ratios.
+6. ``packer``: one micro-batch of ragged samples packed by the torch reference on CPU, on the GPU, by the
    CuPy packer, and by the trainer's numpy packer when present (each including the host -> device
    copy), against the step time of section 4.
 
@@ -250,6 +255,58 @@ def train_step(dev: str, c: dict, model) -> dict:
     return out
 
 
+def _train_setup(dev: str, c: dict, lora_r: int, batch) -> dict:
+    """One of winnow train's GPU setups from scratch: steps/s and the peak of its whole training state."""
+    from winnow.trainer.lora import LoraParams, apply_lora
+
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated() if dev == "cuda" else 0
+    model = build_llama(dev, c).float()  # the trainer loads fp32 weights and trains under autocast
+    if lora_r:
+        model = apply_lora(model, LoraParams(lora_r=lora_r), torch.device(dev))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6, fused=dev == "cuda")
+    loss_fn = _trainer_loss(model, batch[0], batch[2])
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else None
+    if dev == "cuda":  # leave out the transient copies of building the model; keep what it holds
+        torch.cuda.reset_peak_memory_stats()
+
+    def one():
+        opt.zero_grad(set_to_none=True)
+        if amp is None:
+            loss_fn().backward()
+        else:
+            with amp:
+                loss = loss_fn()
+            loss.backward()
+        opt.step()
+
+    sec = timed(one, dev, c["reps"])
+    tokens = batch[0].numel()
+    out = {"trainable_params": sum(p.numel() for p in params), "step_s": round(sec, 4),
+           "tokens_per_s": round(tokens / sec)}
+    if dev == "cuda":
+        out["peak_GiB"] = round((torch.cuda.max_memory_allocated() - before) / 2**30, 3)
+    return out
+
+
+def lora_vs_full(dev: str, c: dict) -> dict:
+    batch = _batch(dev, c)
+    out = {"tokens_per_step": batch[0].numel(), "lora_r": 16, "lora_target": "all-linear"}
+    for name, r in (("full", 0), ("lora", 16)):
+        out[name] = _train_setup(dev, c, r, batch)
+        print(name, out[name], flush=True)
+    full, lora = out["full"], out["lora"]
+    out["lora_over_full_tokens_per_s"] = round(lora["tokens_per_s"] / full["tokens_per_s"], 3)
+    if "peak_GiB" in full:
+        out["lora_over_full_peak"] = round(lora["peak_GiB"] / full["peak_GiB"], 3)
+    # the GPU machine lacks these: the trainer's GPU path must not have pulled them in
+    out["heavy_modules_imported"] = [m for m in ("polars", "duckdb", "datasets") if m in sys.modules]
+    return out
+
+
 def packer(dev: str, c: dict, step_s: float | None) -> dict:
     import importlib.util
 
@@ -299,6 +356,8 @@ def main() -> None:
     rec.section("train_step", train_step, dev, c, model)
     ts = rec.data["sections"]["train_step"].get("result", {}).get("fused", {}).get("step_s")
     rec.section("packer", packer, dev, c, ts)
+    del model
+    rec.section("lora", lora_vs_full, dev, c)
     print(f"wrote {rec.path}", flush=True)
 
 

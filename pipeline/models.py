@@ -111,6 +111,12 @@ def load_causal_lm(path: Path, **kwargs: Any) -> Any:
         import peft
     except ModuleNotFoundError:
         raise UserError(f"{path} is a LoRA adapter: loading it needs pip install 'winnow[peft]'") from None
+    kind = json.loads((Path(path) / ADAPTER_CONFIG).read_text()).get("peft_type", "LORA")
+    if kind != "LORA":  # prompt tuning has no merged form: its virtual tokens shift every position
+        raise UserError(
+            f"{path} is a {kind} adapter: model passes score with the base or a LoRA adapter only; "
+            "load it with peft's AutoPeftModelForCausalLM.from_pretrained instead"
+        )
     model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
     return peft.PeftModel.from_pretrained(model, str(path)).merge_and_unload()
 

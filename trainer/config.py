@@ -20,6 +20,7 @@ from winnow.trainer.online_params import (
     Rho1Online,
     SSTokenOnline,
 )
+from winnow.trainer.prompt_tuning import PromptTuningParams
 
 # changing these on a rerun continues the same run (they do not change what is computed)
 NOT_IN_IDENTITY = ("log_every", "progress", "keep_checkpoints", "save_every", "eval_every")
@@ -69,12 +70,18 @@ class TrainParams:
     rho1: Rho1Online = field(default_factory=Rho1Online)
     sstoken: SSTokenOnline = field(default_factory=SSTokenOnline)
     masked_thought: MaskedThoughtParams = field(default_factory=MaskedThoughtParams)
+    # with an online policy: the weights each epoch trained with, as selection/online-<name>-epoch<E> of the run
+    record_weights: bool = False
+    # the current model's scores from a separate no-grad forward, or from the training forward (online_reuse)
+    online_scoring: Literal["separate", "reuse"] = "separate"
     # LoRA through peft (winnow.trainer.lora): lora_r > 0 turns it on
     lora_r: int = 0
     lora_alpha: int = 0  # 0 = 2 * lora_r
     lora_dropout: float = 0.0
     lora_target: str = "all-linear"  # or a comma list of module names, e.g. q_proj,v_proj
     merge: bool = False  # with LoRA: also save the merged full model under OUT/merged
+    # prompt tuning through peft (winnow.trainer.prompt_tuning): num_virtual_tokens > 0 turns it on
+    prompt_tuning: PromptTuningParams = field(default_factory=PromptTuningParams)
 
     def __post_init__(self) -> None:
         positive = ("epochs", "tokens_per_batch", "max_seq_len", "grad_accum", "threads", "log_every")
@@ -101,9 +108,59 @@ class TrainParams:
             raise ValueError(f"online={self.online!r}: use one of {', '.join(POLICY_NAMES)}")
         if self.online == "rho1" and self.rho1.reference == "base" and self.lora_r == 0:
             raise ValueError("rho1.reference=base means the base model under LoRA adapters: set lora_r > 0")
+        if self.fsdp and self.online == "sstoken":
+            raise ValueError(
+                "online=sstoken with fsdp=true is not supported yet (its history copy and attention recomputation "
+                "need the unsharded model): use DDP (fsdp=false)"
+            )
+        if self.online_scoring == "reuse" and self.masked_thought.p > 0:
+            raise ValueError(
+                "online_scoring=reuse scores from the training forward, whose inputs Masked Thought masks: "
+                "use online_scoring=separate with masked_thought.p > 0"
+            )
+        if self.record_weights and self.online == "none":
+            raise ValueError(
+                "record_weights=true records what an online policy kept: set online=q_tuning|rho1|sstoken (or all)"
+            )
+        if self.record_weights and self.data:
+            raise ValueError(
+                "record_weights=true writes selection/online-<name>-epoch<E> tables into a run: train on a RUN "
+                "(--selection or all samples) instead of --data"
+            )
         self.lora_params()  # validates the LoRA keys with their own messages
+        self._check_prompt_tuning()
         if self.data and self.selection:
             raise ValueError("give --data (an export) or --selection (of a run), not both")
+
+    def _check_prompt_tuning(self) -> None:
+        n = self.prompt_tuning.num_virtual_tokens
+        if n == 0:
+            return
+        key = f"prompt_tuning.num_virtual_tokens={n}"
+        if self.lora_r > 0:
+            raise ValueError(f"{key} with lora_r={self.lora_r}: choose one method (prompt tuning or LoRA)")
+        if self.layout == "packed":
+            raise ValueError(
+                f"layout=packed with {key}: peft prepends the virtual tokens to every row and drops "
+                "position_ids, so packed samples would share one prompt and one position range; use "
+                "layout=padded (layout=auto picks it under prompt tuning)"
+            )
+        if self.fsdp:
+            raise ValueError(f"fsdp=true with {key} is not supported: use DDP (the default)")
+        if self.online != "none":
+            raise ValueError(
+                f"online={self.online} with {key} is not supported: the online scoring forward runs "
+                "without the virtual tokens; use online=none"
+            )
+        if self.max_seq_len + n > self.tokens_per_batch:
+            raise ValueError(
+                f"max_seq_len={self.max_seq_len} + {n} virtual tokens > tokens_per_batch={self.tokens_per_batch}: "
+                "every row carries the prompt; raise tokens_per_batch or lower max_seq_len"
+            )
+
+    @property
+    def virtual_tokens(self) -> int:
+        return self.prompt_tuning.num_virtual_tokens
 
     def online_params(self) -> OnlineParams:
         return OnlineParams(

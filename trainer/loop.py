@@ -73,16 +73,23 @@ class Loop:
     ):
         self.p, self.data, self.env, self.d = p, data, env, env.dist
         cuda = env.device.type == "cuda"
-        self.layout = p.layout if p.layout != "auto" else ("packed" if cuda else "padded")
-        self.plan = plan(data.train.lengths, p.tokens_per_batch, self.layout)
-        self.eval_plan = plan(data.eval.lengths, p.tokens_per_batch, self.layout) if data.eval.ids else []
+        # prompt tuning: padded rows only, each costing num_virtual_tokens more positions (prompt_tuning.py)
+        packed_ok = cuda and not p.virtual_tokens
+        self.layout = p.layout if p.layout != "auto" else ("packed" if packed_ok else "padded")
+        self.plan = plan(data.train.lengths + p.virtual_tokens, p.tokens_per_batch, self.layout)
+        self.eval_plan = (
+            plan(data.eval.lengths + p.virtual_tokens, p.tokens_per_batch, self.layout) if data.eval.ids else []
+        )
         self.per_step = self.d.world * p.grad_accum
         self.steps_per_epoch = math.ceil(len(self.plan) / self.per_step)
         total = p.epochs * self.steps_per_epoch
         self.total_steps = min(total, p.max_steps) if p.max_steps else total
         if p.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.loss_mod = WeightedLMLoss(model.to(env.device), env.scale, env.softcap)
+        loss_cls = WeightedLMLoss
+        if p.online not in ("none", "all") and p.online_scoring == "reuse":  # scores from the training forward
+            from winnow.trainer.online_reuse import ReuseLMLoss as loss_cls
+        self.loss_mod = loss_cls(model.to(env.device), env.scale, env.softcap)
         self.wrapped = wrap(self.loss_mod, self.d, p.fsdp, env.device)
         self.params = [q for q in self.loss_mod.parameters() if q.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=p.lr, weight_decay=p.weight_decay, fused=cuda or None)
@@ -144,8 +151,9 @@ class Loop:
             g = torch.Generator().manual_seed(key)  # a function of (seed, step, rank, micro-batch): resumable
             ids = masked_thought_inputs(ids, flat.view(ids.shape).to(dev), noise, self.mask_id, g)
         ctx = torch.autocast(dev.type, dtype=self.amp) if self.amp is not None else nullcontext()
+        extra = {"select": b.select} if getattr(b, "select", None) is not None else {}  # online_reuse
         with ctx:
-            return module(ids, t(b.gather), t(b.targets), t(b.weights), pos)
+            return module(ids, t(b.gather), t(b.targets), t(b.weights), pos, **extra)
 
     # ------------------------------------------------------------------------------- steps
     def train_step(self, step: int) -> dict[str, Any]:

@@ -88,6 +88,13 @@ def apply_lora(model: torch.nn.Module, p: LoraParams, device: torch.device) -> t
         wrapped = peft.get_peft_model(model, config)
     except ValueError as e:  # peft names the modules it could not find
         raise UserError(f"lora_target={p.lora_target!r}: {e}") from None
+    return trainable_in_fp32(wrapped)
+
+
+def trainable_in_fp32(wrapped: torch.nn.Module) -> torch.nn.Module:
+    """Cast the trainable (adapter) parameters to fp32: updates of size lr·grad vanish in bf16."""
+    import torch
+
     for param in wrapped.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()

@@ -12,7 +12,9 @@ does: ``scale * (W h + b)`` is computed as ``W (scale h) + scale b``, then the s
 kernel on CUDA), so full ``(tokens, vocab)`` logits never exist and weight-0 positions never reach it.
 
 A ``peft``-wrapped model works unchanged: :func:`unwrap` finds the causal LM underneath (its layers hold
-the adapters), and its body and head are called as for a plain model.
+the adapters), and its body and head are called as for a plain model. Under prompt tuning
+(:mod:`winnow.trainer.prompt_tuning`, padded rows only) the body runs on ``[prompt; embed(ids)]`` and the
+gather index skips the virtual positions, which therefore never carry loss.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import torch
 
 from winnow.kernels.switch import linear_cross_entropy
+from winnow.trainer.prompt_tuning import prompted_embeds, shift_gather, virtual_tokens
 
 
 def unwrap(model: Any) -> Any:
@@ -47,9 +50,20 @@ class WeightedLMLoss(torch.nn.Module):
         self.softcap = softcap
 
     def hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        """Hidden states aligned with ``input_ids`` (a prompt's virtual positions dropped)."""
+        h = self._hidden(input_ids, position_ids)
+        return h[:, h.shape[1] - input_ids.shape[1] :]
+
+    def _hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
         body, _ = body_and_head(self.model)
         # use_cache=False: with a cache transformers lets packed samples attend to each other
-        kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
+        kwargs: dict[str, Any] = {"use_cache": False}
+        if virtual_tokens(self.model):
+            if position_ids is not None:  # peft would drop them: packed samples would run into each other
+                raise ValueError("prompt tuning runs on the padded layout only (no position_ids)")
+            kwargs["inputs_embeds"] = prompted_embeds(self.model, input_ids)
+        else:
+            kwargs["input_ids"] = input_ids
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         return body(**kwargs).last_hidden_state
@@ -62,7 +76,10 @@ class WeightedLMLoss(torch.nn.Module):
         weights: torch.Tensor,  # (M,) float
         position_ids: torch.Tensor | None = None,  # packed rows: restarting per sample
     ) -> torch.Tensor:
-        h = self.hidden(input_ids, position_ids)
+        h = self._hidden(input_ids, position_ids)
+        n_virtual = h.shape[1] - input_ids.shape[1]
+        if n_virtual:
+            gather = shift_gather(gather, input_ids.shape[1], n_virtual)
         h = h.reshape(-1, h.shape[-1]).index_select(0, gather)
         _, head = body_and_head(self.model)
         bias = getattr(head, "bias", None)

@@ -278,6 +278,10 @@ def _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0
         if p.fsdp:
             raise UserError("LoRA with fsdp=true is not supported yet: use DDP (the default) for adapters")
         model = apply_lora(model, p.lora_params(), device)
+    if p.virtual_tokens:
+        from winnow.trainer.prompt_tuning import apply_prompt_tuning
+
+        model = apply_prompt_tuning(model, p.prompt_tuning, device, model_dir)
     pad = getattr(model.config, "pad_token_id", None)
     env = Env(
         device,

@@ -10,6 +10,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import run_cli, sql_json
@@ -130,3 +131,28 @@ def test_final_answer_parsing(cg):
     assert cg.final_answer("#### $1,250") == "1250"
     assert cg.final_answer("#### -3.5 dollars") == "-3.5"
     assert cg.final_answer("A: 26") is None
+
+
+def test_length_stratified_auroc_pools_pairwise_counts_within_length_quintiles(cg, monkeypatch):
+    rng = np.random.default_rng(3)
+    ids = [f"s{i:03d}" for i in range(200)]
+    length = dict(zip(ids, rng.permutation(np.arange(50, 250)).tolist(), strict=True))  # distinct lengths
+    label = {s: bool(rng.random() < (0.8 if length[s] < 150 else 0.3)) for s in ids}  # long -> wrong
+    scores = {
+        "length": {s: float(length[s]) for s in ids},
+        "noisy": {s: float(rng.normal(0.5 * (not label[s]))) for s in ids},
+    }
+    monkeypatch.setattr(cg, "_sample_scores", lambda run_dir: (label, length, scores))
+    got = cg.length_stratified_auroc(Path("unused"))
+    # by brute force: the 5 groups of 40 by length, every (incorrect, correct) pair, ties half
+    order = sorted(ids, key=length.get)
+    for name, sc in scores.items():
+        wins = pairs = 0.0
+        for k in range(5):
+            group = order[40 * k : 40 * (k + 1)]
+            for a in (s for s in group if not label[s]):
+                for b in (s for s in group if label[s]):
+                    wins += 1.0 if sc[a] > sc[b] else 0.5 if sc[a] == sc[b] else 0.0
+                    pairs += 1
+        assert got[name] == pytest.approx(wins / pairs, abs=1e-12)
+    assert cg.sample_auroc(Path("unused"))["length"] > got["length"]  # stratifying removes most of it
