@@ -19,8 +19,18 @@ of weighted tokens drawn uniformly among their supervised tokens (``curation_eva
 draw per seed, trained from an export-style parquet with ``winnow train --data``. Online policies are not
 paired (what they keep is decided during training).
 
-Usage: ``python benchmarks/curation.py [--quick] [--seeds 3] [--workers 2] [--datasets demo,gsm8k]``.
-The table is printed and written to ``<workdir>/table.md`` and ``results.json``.
+Trainings run in worker processes (``--workers``, one thread each), each on its own copy of the budget run
+(a training writes the run's manifest; one writer per run). Every result is appended to
+``<workdir>/results.jsonl`` as it lands: a rerun skips what is there, ``--max-minutes`` stops starting
+trainings at a deadline and ``--report`` prints the table of what finished. Rows run in phases (every core
+row once, then all seeds of full and the three best, then every other row, then 25%, then the rest) so a
+run cut short still answers the main question. Measured on the shared 2-core VM at load 11-17
+(``benchmarks/RESULTS.md``): one demo training of 100 steps plus its evaluation on 300 problems took
+90-170 s per worker, two workers about 45 s a row; ``--quick`` took 221 s with the model passes done.
+
+Usage: ``python benchmarks/curation.py [--quick] [--models builtin|quality] [--seeds 3] [--workers 2]
+[--datasets demo,gsm8k] [--steps N] [--max-minutes M] [--report]``. The table is printed and written to
+``<workdir>/table.md`` and ``results.json``.
 """
 
 from __future__ import annotations
