@@ -49,6 +49,10 @@ VARIANTS = {
     "sstoken": {"online": "sstoken"},  # history = start (a frozen copy), gamma 0.5: attention recomputed
     "lora": {"lora_r": 16},
     "prompt_tuning": {"prompt_tuning.num_virtual_tokens": 20},  # padded rows, 20 more positions each
+    # the current model's scores from the training forward instead of a separate no-grad one (online_reuse)
+    "q_tuning_reuse": {"online": "q_tuning", "online_scoring": "reuse"},
+    "rho1_reuse": {"online": "rho1", "online_scoring": "reuse"},
+    "sstoken_reuse": {"online": "sstoken", "online_scoring": "reuse"},
 }
 
 
@@ -237,7 +241,7 @@ def worker_winnow(a, variant: str = "") -> dict:
 
 
 # ----------------------------------------------------------------------------------------- driver
-def spawn(kind: str, a, model: Path, data: Path) -> dict:
+def spawn(kind: str, a, model: Path, data: Path, more: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
             sys.executable,
@@ -254,6 +258,7 @@ def spawn(kind: str, a, model: Path, data: Path) -> dict:
             str(data),
             "--tmp",
             tmp,
+            *(more or []),
         ]
         env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "TOKENIZERS_PARALLELISM": "false"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -311,6 +316,64 @@ def variant_table(results: dict) -> list[str]:
     return out if len(out) > 3 else []
 
 
+# ----------------------------------------------------------------------------------------- interleaved
+# ``--interleaved``: one process, one Loop per variant (own model copy, same seed: the same mini-batches at
+# every step), their train_step calls interleaved step by step in a rotating order, so every variant
+# meets the same machine load; the per-step ratio to the mini-batch control is the number to quote on a
+# loaded VM (whole-epoch runs in separate processes differed by up to 1.5x between identical runs here).
+INTERLEAVED = {
+    "minibatch": {"online": "all"},
+    "q_tuning": {"online": "q_tuning"},
+    "q_tuning_reuse": {"online": "q_tuning", "online_scoring": "reuse"},
+    "rho1": {"online": "rho1"},
+    "rho1_reuse": {"online": "rho1", "online_scoring": "reuse"},
+    "sstoken": {"online": "sstoken"},
+    "sstoken_reuse": {"online": "sstoken", "online_scoring": "reuse"},
+}
+
+
+def _loop(a, extra: dict):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from winnow.pipeline.params import build_params
+    from winnow.trainer import data as data_mod
+    from winnow.trainer.config import TrainParams
+    from winnow.trainer.distributed import Dist
+    from winnow.trainer.loop import Env, Loop
+
+    base = dict(model=a.model, data=a.data, out=a.tmp, tokens_per_batch=a.tokens, max_seq_len=1024)
+    p = build_params(TrainParams, {**base, "eval_fraction": 0.0, "progress": False, **extra}, "bench")
+    load = lambda: AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)  # noqa: E731
+    ref = load().eval().requires_grad_(False) if extra.get("online") == "rho1" else None
+    env = Env(torch.device("cpu"), Dist(), Path(a.tmp))
+    return Loop(p, data_mod.load(p, None), load(), env, ref)
+
+
+def worker_interleaved(a) -> dict:
+    names = a.variants.split(",")
+    loops = {k: _loop(a, INTERLEAVED[k]) for k in names}
+    steps = min(lp.total_steps for lp in loops.values())
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for s in range(steps):
+        for k in names[s % len(names) :] + names[: s % len(names)]:
+            t0 = time.perf_counter()
+            loops[k].train_step(s)
+            times[k].append(time.perf_counter() - t0)
+    return {"steps": steps, "times": times}
+
+
+def interleaved_table(res: dict, control: str = "minibatch") -> list[str]:
+    t = res["times"]
+    out = ["| variant | step s (sum) | vs control (sum) | median per-step ratio |", "|---|---|---|---|"]
+    for k, v in t.items():
+        ratios = sorted(x / c for x, c in zip(v, t[control], strict=True))
+        out.append(
+            f"| {k} | {sum(v):.1f} | {sum(v) / sum(t[control]):.2f}x | {ratios[len(ratios) // 2]:.2f}x |"
+        )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--samples", type=int, default=192)
@@ -320,6 +383,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--contenders", default=",".join(CONTENDERS))
     ap.add_argument("--out", default="benchmarks/out/train.json")
+    ap.add_argument("--interleaved", action="store_true", help="online policies step by step in one process")
+    ap.add_argument("--variants", default=",".join(INTERLEAVED), help="with --interleaved")
     for hidden in ("--worker", "--model", "--data", "--tmp"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -332,12 +397,15 @@ def main() -> None:
             "trl_packed": lambda x: worker_trl(x, True),
             "trl_padded": lambda x: worker_trl(x, False),
             "winnow": worker_winnow,
+            "interleaved": worker_interleaved,
             **{v: (lambda x, v=v: worker_winnow(x, v)) for v in VARIANTS},
         }[a.worker]
         res = fn(a)
         res["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(res))
         return
+    if a.interleaved:
+        return main_interleaved(a)
     results: dict[str, dict] = {}
     targets: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -354,6 +422,20 @@ def main() -> None:
     print("\n".join(lines))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"args": vars(a), "targets": targets, "results": results}, indent=2))
+
+
+def main_interleaved(a) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build(Path(tmp), a)
+        res = {}
+        for mode in ("ones", "half"):
+            res[mode] = spawn(
+                "interleaved", a, model, Path(tmp) / f"{mode}.parquet", ["--variants", a.variants]
+            )
+            print(mode, f"({res[mode]['steps']} steps)", flush=True)
+            print("\n".join(interleaved_table(res[mode])), flush=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"args": vars(a), "interleaved": res}, indent=2))
 
 
 if __name__ == "__main__":

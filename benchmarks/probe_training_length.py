@@ -1,9 +1,9 @@
 """Probe: how long must a tiny model train before its own token losses expose wrong answers?
 
 Trains the builtin architecture (or ``--hidden``/``--layers``) from scratch on clean math rows of a
-separate draw of the demo generator (seed 555; packed 256-token windows, loss on every token, one
-thread), and every ``--every`` steps scores 1,500 held-out rows (seed 777; the clean and wrong-answer
-ones) with the model itself:
+separate draw of the demo generator (seed 555; winnow's trainer with the builtin builder's settings:
+whole samples, loss on every token, one thread), saving a checkpoint every ``--every`` steps, and then
+scores 1,500 held-out rows (seed 777; the clean and wrong-answer ones) with each checkpoint:
 
 * ``final_sum_clean``: summed loss (nats) of the digits after ``####`` on clean answers (is the last
   result copied?);
@@ -11,7 +11,8 @@ ones) with the model itself:
 * AUROC, wrong kind against clean: ``wrong_final`` by the summed ``####``-digit loss,
   ``wrong_step_max`` by the largest assistant-token loss, ``wrong_step_mean`` by the mean.
 
-This is what sized the base model of ``benchmarks/quality_models.py`` (table in its docstring).
+This is what sized the base model of ``benchmarks/quality_models.py`` (table in its docstring; measured
+with the builder's own loop on 8 x 256-token windows before the builder moved to the trainer).
 Run: ``python benchmarks/probe_training_length.py [--steps 4000] [--every 500]``; prints one line per
 checkpoint and writes ``benchmarks/out/probe_training_length_h<hidden>.json``.
 """
@@ -71,20 +72,60 @@ def result_digit_losses(model, tok, text: str) -> list[float]:
     ]
 
 
-def main() -> None:
+def _checkpoint_model(init_dir: Path, ckpt: Path):
+    """The model of one trainer checkpoint (weights saved under the loss module's ``model.`` prefix)."""
     import torch
-    from transformers import LlamaForCausalLM
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(init_dir, dtype=torch.float32)
+    state = {k.removeprefix("model."): v for k, v in load_file(ckpt / "model.safetensors").items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:  # a tied head may be absent: it is the embedding
+        raise RuntimeError(f"{ckpt}: checkpoint does not match the model ({missing}, {unexpected})")
+    return model.eval()
+
+
+def _score(model, tok, texts: list[str], kinds: list[str]) -> dict[str, float]:
+    feats = [sample_features(model, tok, t) for t in texts]
+    digits = [
+        d for t, k in zip(texts, kinds, strict=True) if k == "none" for d in result_digit_losses(model, tok, t)
+    ]
+    by_kind: dict[str, list[tuple[float, float, float]]] = {}
+    for f, k in zip(feats, kinds, strict=True):
+        by_kind.setdefault(k, []).append(f)
+
+    def col(kind: str, j: int) -> list[float]:
+        return [f[j] for f in by_kind[kind]]
+
+    return {
+        "final_sum_clean": round(float(np.mean(col("none", 0))), 4),
+        "res_digit_clean": round(float(np.mean(digits)), 4),
+        "wrong_final": round(auroc(col("wrong_final_answer", 0), col("none", 0)), 3),
+        "wrong_step_max": round(auroc(col("wrong_step", 1), col("none", 1)), 3),
+        "wrong_step_mean": round(auroc(col("wrong_step", 2), col("none", 2)), 3),
+    }
+
+
+def main() -> None:
+    import dataclasses
+    import json
+    import tempfile
+
+    import torch
+    from transformers import AutoTokenizer
 
     from winnow.pipeline.builtin import tiny_model as tm
     from winnow.pipeline.builtin.demo_data import generate_demo
     from winnow.pipeline.store import atomic_write_json
+    from winnow.trainer.step import train
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--every", type=int, default=500)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--tokens-per-batch", type=int, default=2048)
     ap.add_argument("--lr", type=float, default=3e-3)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -105,63 +146,39 @@ def main() -> None:
         data_samples=40000,
         corruptions=("none", "near_duplicate"),
         steps=args.steps,
-        batch_size=args.batch_size,
-        seq_len=256,
+        tokens_per_batch=args.tokens_per_batch,
         lr=args.lr,
         warmup_steps=50,
     )
-    torch.manual_seed(0)
-    tok = tm.train_tokenizer((tm.render_chat(r["messages"]) for r in generate_demo(4000, 101)), 2048)
-    model = LlamaForCausalLM(tm.llama_config(arch, tok))
-    batches = tm._packed_batches(tok, tm._draw(recipe), recipe, torch.Generator().manual_seed(0))
     held_out = [
         r for r in generate_demo(1500, 777) if r["corruption"] in ("none", "wrong_final_answer", "wrong_step")
     ]
     texts = [tm.render_chat(r["messages"]) for r in held_out]
     kinds = [r["corruption"] for r in held_out]
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95))
-    t0, losses, curve = time.time(), [], []
-    for step in range(args.steps):
-        for group in opt.param_groups:
-            group["lr"] = tm._lr_at(step, recipe)
-        loss = model(**next(batches), use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if (step + 1) % args.every and step + 1 != args.steps:
-            continue
-        model.eval()
-        feats = [sample_features(model, tok, t) for t in texts]
-        digits = [
-            d
-            for t, k in zip(texts, kinds, strict=True)
-            if k == "none"
-            for d in result_digit_losses(model, tok, t)
-        ]
-        model.train()
-        by_kind: dict[str, list[tuple[float, float, float]]] = {}
-        for f, k in zip(feats, kinds, strict=True):
-            by_kind.setdefault(k, []).append(f)
-
-        def col(kind: str, j: int, by_kind=by_kind) -> list[float]:
-            return [f[j] for f in by_kind[kind]]
-
-        point = {
-            "step": step + 1,
-            "seconds": round(time.time() - t0, 1),
-            "train_loss": round(float(np.mean(losses[-50:])), 4),
-            "final_sum_clean": round(float(np.mean(col("none", 0))), 4),
-            "res_digit_clean": round(float(np.mean(digits)), 4),
-            "wrong_final": round(auroc(col("wrong_final_answer", 0), col("none", 0)), 3),
-            "wrong_step_max": round(auroc(col("wrong_step", 1), col("none", 1)), 3),
-            "wrong_step_mean": round(auroc(col("wrong_step", 2), col("none", 2)), 3),
-        }
-        curve.append(point)
-        print(" ".join(f"{k}={v}" for k, v in point.items()), flush=True)
-    out = Path(__file__).parent / "out" / f"probe_training_length_h{args.hidden}.json"
-    atomic_write_json(out, {"args": vars(args), "curve": curve})
+    with tempfile.TemporaryDirectory() as work:
+        init, data, out = Path(work) / "init", Path(work) / "train.parquet", Path(work) / "out"
+        tm._init_scratch(recipe, init)
+        tm._write_training_data(recipe, init, data)
+        p = dataclasses.replace(
+            tm._train_params(recipe, init, data, out),
+            save_every=args.every,
+            keep_checkpoints=args.steps // args.every + 1,
+        )
+        t0 = time.time()
+        train(p)
+        seconds = round(time.time() - t0, 1)
+        tok = AutoTokenizer.from_pretrained(init)
+        losses = {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").open()) if "loss" in r}
+        curve = []
+        for ckpt in sorted((out / "checkpoints").glob("step-*")):
+            step = int(ckpt.name.split("-")[1])
+            window = [losses[s] for s in range(max(1, step - 49), step + 1)]
+            point = {"step": step, "train_seconds_total": seconds, "train_loss": round(float(np.mean(window)), 4)}
+            point |= _score(_checkpoint_model(init, ckpt), tok, texts, kinds)
+            curve.append(point)
+            print(" ".join(f"{k}={v}" for k, v in point.items()), flush=True)
+    out_path = Path(__file__).parent / "out" / f"probe_training_length_h{args.hidden}.json"
+    atomic_write_json(out_path, {"args": vars(args), "curve": curve})
 
 
 if __name__ == "__main__":

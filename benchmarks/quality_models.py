@@ -19,8 +19,13 @@ the seconds are both runs (exploratory / rerun), each sharing the CPU with anoth
 | 4,000 | 1,121 / 1,218 | 0.000 | 0.26 | 1.000 | 0.973 | 0.970 |
 
 Copying is learned by 1,000 steps; the arithmetic keeps improving to the end. A 3.5M-parameter model
-(hidden 256) was no better per step at 500 steps and ran 2.5x slower, so the base stays small and
-trains 5,000 steps.
+(hidden 256) was no better per step at 500 steps and ran 2.5x slower, so the base stays small. It
+trained 5,000 steps with the builder's previous loop (8 x 256-token windows across documents). Since
+every model is built by winnow's trainer (``tiny_model`` docstring: whole samples in length-bucketed
+rows, same tokens per step, ~7,000-7,800 tokens per CPU-second against ~6,200-6,500 for the old loop,
+side by side on this VM), the base trains **3,000 steps** of 2,048 tokens: 5,000 did not fit the time
+left on the loaded VM (other agents' jobs kept the load average at 11-14; the 3,000-step row of the
+table is what the shortening costs, measured with the old loop).
 
 The roles mirror the quickstart so the same recipe runs on either set:
 
@@ -37,8 +42,11 @@ data. The base is "pretrained" on clean text only, as a real base model mostly i
 the corrupted kinds too, like a model part-way through fine-tuning on the very data being curated.
 
 Models are cached like the builtin ones (``$WINNOW_CACHE/models/<name>-<hash>``, built once under a
-file lock). Building the base took 23 minutes (1,357 s) on one core of this VM; the fine-tunes about 30 s
-each. Run ``python benchmarks/quality_models.py`` to build them and print their training statistics;
+file lock). With the old loop the 5,000-step base took 23 minutes (1,357 s) on one core of this VM and
+the fine-tunes about 30 s each; the trainer-built 3,000-step base
+(6.0M tokens, training loss 7.36 -> 0.29) took 67 minutes (4,008 s, 269 s of it drawing and
+tokenizing) on 2026-11-30 at load average 11-14 (other agents' jobs; ~13.5 CPU-minutes of training at
+the side-by-side rate above), the fine-tunes 72 s and more each at the same load. Run ``python benchmarks/quality_models.py`` to build them and print their training statistics;
 ``python benchmarks/quality_report.py --models quality`` builds them on demand.
 """
 
@@ -57,18 +65,17 @@ BASE = TinyModelRecipe(
     tokenizer_seed=101,  # the builtin tokenizer recipe: same vocabulary as builtin:tiny
     tokenizer_samples=4000,
     data_seed=201,
-    data_samples=60000,  # ~48k clean rows, ~4.5M tokens: about two passes in 5,000 steps of 8 x 256
+    data_samples=60000,  # ~48k clean rows, ~4.5M tokens: about 1.4 passes in 3,000 steps of 2,048 tokens
     corruptions=("none", "near_duplicate", "off_topic"),
-    steps=5000,
-    batch_size=8,
-    seq_len=256,
+    steps=3000,  # 5,000 with the old loop; see the module docstring for what 3,000 costs
+    tokens_per_batch=2048,
     lr=3e-3,
     warmup_steps=50,
 )
 
-_FINETUNE = dict(base=BASE, steps=300, batch_size=8, lr=5e-4, warmup_steps=20, loss_on="assistant")
+_FINETUNE = dict(base=BASE, steps=300, tokens_per_batch=768, lr=5e-4, warmup_steps=20, loss_on="assistant")
 # One draw split by correctness for the cDPO pair; 20,000 rows hold ~2,400 wrong-answer rows, so the
-# negative model sees each of its rows once in 300 steps of 8.
+# negative model sees each of its rows about once in 300 steps of ~8 samples (768 tokens).
 _CONTRAST = dict(data_seed=204, data_samples=20000, **_FINETUNE)
 
 QUALITY_MODELS: dict[str, TinyModelRecipe] = {

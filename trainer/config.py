@@ -70,6 +70,10 @@ class TrainParams:
     rho1: Rho1Online = field(default_factory=Rho1Online)
     sstoken: SSTokenOnline = field(default_factory=SSTokenOnline)
     masked_thought: MaskedThoughtParams = field(default_factory=MaskedThoughtParams)
+    # with an online policy: the weights each epoch trained with, as selection/online-<name>-epoch<E> of the run
+    record_weights: bool = False
+    # the current model's scores from a separate no-grad forward, or from the training forward (online_reuse)
+    online_scoring: Literal["separate", "reuse"] = "separate"
     # LoRA through peft (winnow.trainer.lora): lora_r > 0 turns it on
     lora_r: int = 0
     lora_alpha: int = 0  # 0 = 2 * lora_r
@@ -104,6 +108,25 @@ class TrainParams:
             raise ValueError(f"online={self.online!r}: use one of {', '.join(POLICY_NAMES)}")
         if self.online == "rho1" and self.rho1.reference == "base" and self.lora_r == 0:
             raise ValueError("rho1.reference=base means the base model under LoRA adapters: set lora_r > 0")
+        if self.fsdp and self.online == "sstoken":
+            raise ValueError(
+                "online=sstoken with fsdp=true is not supported yet (its history copy and attention recomputation "
+                "need the unsharded model): use DDP (fsdp=false)"
+            )
+        if self.online_scoring == "reuse" and self.masked_thought.p > 0:
+            raise ValueError(
+                "online_scoring=reuse scores from the training forward, whose inputs Masked Thought masks: "
+                "use online_scoring=separate with masked_thought.p > 0"
+            )
+        if self.record_weights and self.online == "none":
+            raise ValueError(
+                "record_weights=true records what an online policy kept: set online=q_tuning|rho1|sstoken (or all)"
+            )
+        if self.record_weights and self.data:
+            raise ValueError(
+                "record_weights=true writes selection/online-<name>-epoch<E> tables into a run: train on a RUN "
+                "(--selection or all samples) instead of --data"
+            )
         self.lora_params()  # validates the LoRA keys with their own messages
         self._check_prompt_tuning()
         if self.data and self.selection:

@@ -86,7 +86,10 @@ class Loop:
         self.total_steps = min(total, p.max_steps) if p.max_steps else total
         if p.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.loss_mod = WeightedLMLoss(model.to(env.device), env.scale, env.softcap)
+        loss_cls = WeightedLMLoss
+        if p.online not in ("none", "all") and p.online_scoring == "reuse":  # scores from the training forward
+            from winnow.trainer.online_reuse import ReuseLMLoss as loss_cls
+        self.loss_mod = loss_cls(model.to(env.device), env.scale, env.softcap)
         self.wrapped = wrap(self.loss_mod, self.d, p.fsdp, env.device)
         self.params = [q for q in self.loss_mod.parameters() if q.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=p.lr, weight_decay=p.weight_decay, fused=cuda or None)
@@ -148,8 +151,9 @@ class Loop:
             g = torch.Generator().manual_seed(key)  # a function of (seed, step, rank, micro-batch): resumable
             ids = masked_thought_inputs(ids, flat.view(ids.shape).to(dev), noise, self.mask_id, g)
         ctx = torch.autocast(dev.type, dtype=self.amp) if self.amp is not None else nullcontext()
+        extra = {"select": b.select} if getattr(b, "select", None) is not None else {}  # online_reuse
         with ctx:
-            return module(ids, t(b.gather), t(b.targets), t(b.weights), pos)
+            return module(ids, t(b.gather), t(b.targets), t(b.weights), pos, **extra)
 
     # ------------------------------------------------------------------------------- steps
     def train_step(self, step: int) -> dict[str, Any]:

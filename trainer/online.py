@@ -55,13 +55,26 @@ class Decision:
     keep: torch.Tensor  # (B,) bool: samples trained on
     weight: torch.Tensor  # (B, T) float: token weights used (0 in dropped samples)
     stats: dict[str, int]  # logged to metrics.jsonl
+    reason: list[str] | None = None  # per sample, recorded by record_weights; None: kept / no_token_kept
 
 
-def _decision(keep_tokens: torch.Tensor, s: Scored, extra: dict[str, int] | None = None) -> Decision:
+def _decision(
+    keep_tokens: torch.Tensor, s: Scored, extra: dict[str, int] | None = None, reason: list[str] | None = None
+) -> Decision:
     weight = torch.where(keep_tokens, s.weight, torch.zeros_like(s.weight))
     keep = weight.ne(0).any(1)
     stats = {"kept_samples": int(keep.sum()), "kept_tokens": int(weight.ne(0).sum())}
-    return Decision(keep, weight, {**stats, **(extra or {})})
+    return Decision(keep, weight, {**stats, **(extra or {})}, reason)
+
+
+def _eu_reason(quadrant: int, kept_by: int) -> str:
+    """The offline eu_plane stage's reason vocabulary (kept_q2, topup_middle, dropped_q1, ...)."""
+    from winnow.stages.eu_plane_math import BY_QUADRANT, DROPPED, QUADRANT_NAMES, UNSCORED
+
+    if quadrant == UNSCORED:
+        return "no_supervised_tokens"
+    head = "kept" if kept_by == BY_QUADRANT else ("dropped" if kept_by == DROPPED else "topup")
+    return f"{head}_{QUADRANT_NAMES[quadrant].lower()}"
 
 
 def q_tuning(s: Scored, p: QTuningOnline) -> Decision:
@@ -75,7 +88,8 @@ def q_tuning(s: Scored, p: QTuningOnline) -> Decision:
         name: int((r.quadrant == q).sum()) for name, q in (("q1", Q1), ("q2", Q2), ("q3", Q3), ("q4", Q4))
     }
     topup = int((r.keep_sample & (r.kept_by != BY_QUADRANT)).sum())
-    return _decision(r.token_keep, s, {**quads, "topup": topup})
+    why = [_eu_reason(int(q), int(b)) for q, b in zip(r.quadrant.tolist(), r.kept_by.tolist(), strict=True)]
+    return _decision(r.token_keep, s, {**quads, "topup": topup}, why)
 
 
 def rho1(s: Scored, p: Rho1Online) -> Decision:
@@ -168,6 +182,7 @@ def ema_update(history: torch.nn.Module, current: torch.nn.Module, decay: float)
     cur = dict(current.named_parameters())
     for name, t in history.named_parameters():
         src = cur[name].detach()
+        src = src.full_tensor() if hasattr(src, "full_tensor") else src  # FSDP2: every rank gathers
         if t.dtype.is_floating_point:
             t.lerp_(src.to(t.dtype), 1.0 - decay)
 

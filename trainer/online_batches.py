@@ -14,10 +14,15 @@ default, the paper's per-device batch) per rank, in the seeded order of
 3. the kept samples are trimmed again and packed into micro-batches as usual; ranks pad to the same
    number of micro-batches (a collective per forward under FSDP2).
 
-A separate scoring forward rather than reusing the training forward's hidden states: Q-Tuning at
-``r_sample=0.25`` then back-propagates through a quarter of the tokens, and a no-grad forward costs
-about a third of a forward+backward, so the step costs ~0.6x plain training on the same mini-batch
-instead of 1.0x (measured in ``benchmarks/bench_train.py``).
+A separate scoring forward by default; ``online_scoring=reuse`` (:mod:`winnow.trainer.online_reuse`)
+takes the current model's scores from the training forward instead. Measured side by side on the same
+mini-batches (``bench_train.py --interleaved``, loaded VM, against the mini-batch control): Q-Tuning at
+``r_sample=0.25`` 0.59x separate vs 0.68x reuse (reuse must run forward+backward through every sample);
+Rho-1 1.33-1.53x vs 1.30-1.41x; ssToken 1.32-1.82x vs 1.36-1.65x (no consistent winner). Separate stays
+the default: it is never clearly slower and it trims what the policy dropped.
+
+``record_weights=true`` hands every decision to :mod:`winnow.trainer.online_record`, which writes one
+``selection/online-<name>-epoch<E>`` table per epoch into the run.
 
 The history model of ssToken is the model training started from (``history=start``) or an EMA of the
 weights updated after every optimizer step (``ema``, Eq. 4); the EMA tensors are saved with every
@@ -124,6 +129,12 @@ class OnlineBatches:
         if "history" in self.need:
             self.history = copy.deepcopy(unwrap(loop.loss_mod.model)).eval().requires_grad_(False)
         self.stats: dict[str, int] = {}
+        self.recorder = None
+        if loop.p.record_weights:
+            from winnow.trainer.online_record import WeightRecorder
+
+            self.recorder = WeightRecorder(loop, op.online)
+        self._step = 0
 
     # ---------------------------------------------------------------------------------- selection
     def _order(self, epoch: int) -> list[np.ndarray]:
@@ -155,17 +166,19 @@ class OnlineBatches:
                 full[g, :width] = value
         return out
 
-    def _scored(self, seqs: list[np.ndarray], weights: list[np.ndarray]) -> ol.Scored:
+    def _scored(self, seqs: list[np.ndarray], weights: list[np.ndarray], current: bool = True) -> ol.Scored:
+        """The mini-batch with the scores its policy needs; ``current=False`` leaves the current model's to
+        the training forward (``online_scoring=reuse``)."""
         env, lm = self.loop.env, self.loop.loss_mod.model
         ids, w, real = _padded(seqs, weights, env.pad_id, env.device)
         mask = w > 0
+        s = ol.Scored(mask=mask, weight=w, nll=torch.full(mask.shape, math.nan, dtype=torch.float64))
         was_training = lm.training
         lm.eval()
         try:
-            cur = self._score(lm, ids, mask, real, "entropy" in self.need, "attention" in self.need)
-            s = ol.Scored(
-                mask=mask, weight=w, nll=cur["nll"], entropy=cur.get("entropy"), attn=cur.get("attn")
-            )
+            if current:
+                cur = self._score(lm, ids, mask, real, "entropy" in self.need, "attention" in self.need)
+                s.nll, s.entropy, s.attn = cur["nll"], cur.get("entropy"), cur.get("attn")
             if "reference" in self.need:
                 s.nll_ref = self._reference_nll(ids, mask, real)
             if self.history is not None:
@@ -183,37 +196,77 @@ class OnlineBatches:
     def _select(self, idx: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         tr = self.loop.data.train
         seqs, weights = [tr.ids[k] for k in idx], [tr.weights[k] for k in idx]
+        self.stats["seen_samples"] = self.stats.get("seen_samples", 0) + len(idx)
         if self.op.online == "all":  # the same mini-batches, nothing scored: the control of the policies
-            self.stats["seen_samples"] = self.stats.get("seen_samples", 0) + len(idx)
-            return [
+            out = [
                 (np.asarray(x, dtype=np.int64), np.asarray(w, dtype=np.float32))
                 for x, w in zip(seqs, weights, strict=True)
             ]
+            for k, (_, w) in zip(idx, out, strict=True):
+                self._note(int(k), w, "all")
+            return out
         decision = ol.apply_policy(self._scored(seqs, weights), self.op)
+        return [t for t in self._account(idx, seqs, decision) if t is not None]
+
+    def _account(self, idx: np.ndarray, seqs: list[np.ndarray], decision: ol.Decision) -> list:
+        """Stats and recorded weights of one decision; each sample trimmed to what it trains on (or None)."""
         for key, value in decision.stats.items():
             self.stats[key] = self.stats.get(key, 0) + int(value)
-        self.stats["seen_samples"] = self.stats.get("seen_samples", 0) + len(idx)
-        kept = []
-        for r in range(len(idx)):
+        out = []
+        for r, k in enumerate(idx):
             w = decision.weight[r, : len(seqs[r])].numpy().astype(np.float32)
             t = trim(seqs[r], w) if decision.keep[r] else None
-            if t is not None:
-                kept.append(t)
-        return kept
+            default = "kept" if t is not None else "no_token_kept"
+            self._note(
+                int(k), None if t is None else t[1], decision.reason[r] if decision.reason else default
+            )
+            out.append(t)
+        return out
+
+    def _reuse_batch(self, idx: np.ndarray) -> MicroBatch:
+        """One micro-batch holding the whole mini-batch; the policy runs inside its training forward."""
+        from winnow.trainer import online_reuse as reuse
+
+        loop, tr = self.loop, self.loop.data.train
+        seqs, weights = [tr.ids[k] for k in idx], [tr.weights[k] for k in idx]
+        self.stats["seen_samples"] = self.stats.get("seen_samples", 0) + len(idx)
+        scored = self._scored(seqs, weights, current=False)
+        lengths = [len(x) for x in seqs]
+        groups = [
+            reuse.group(seqs, weights, members, loop.layout, loop.env.pad_id)
+            for members in plan(lengths, loop.p.tokens_per_batch, loop.layout)
+        ]
+        outer = empty_batch(loop.env.pad_id)
+        outer.n_samples, outer.real_tokens = len(seqs), sum(lengths)
+        outer.len_sq = sum(n * n for n in lengths)
+        done = lambda d: self._account(idx, seqs, d)  # noqa: E731
+        outer.select = reuse.ReuseSelect(groups, scored, self.op, self.need, done, outer)
+        return outer
+
+    def _note(self, k: int, weight: np.ndarray | None, reason: str) -> None:
+        if self.recorder is not None:
+            self.recorder.note(k, weight, reason)
 
     def micro_batches(self, step: int) -> list[MicroBatch]:
         """This rank's micro-batches of optimizer step ``step`` (padded to the ranks' common count)."""
         loop = self.loop
         epoch, within = divmod(step, self.steps_per_epoch)
         order = self._order(epoch)
-        self.stats = {}
+        # the same keys on every rank (the loop all-reduces them by sorted key), drawn mini-batch or not
+        keys = ["seen_samples"] + ([] if self.op.online == "all" else ["kept_samples", "kept_tokens"])
+        keys += ["q1", "q2", "q3", "q4", "topup"] if self.op.online == "q_tuning" else []
+        self.stats = dict.fromkeys(keys, 0)
+        self._step = step
         kept: list[tuple[np.ndarray, np.ndarray]] = []
         g, world, rank = loop.p.grad_accum, loop.d.world, loop.d.rank
+        reuse = loop.p.online_scoring == "reuse" and self.op.online != "all"
+        out = []
         for m in range(g):
             i = within * world * g + rank * g + m
-            if i < len(order):
+            if i < len(order) and reuse:
+                out.append(self._reuse_batch(order[i]))
+            elif i < len(order):
                 kept += self._select(order[i])
-        out = []
         if kept:
             lengths = [len(s) for s, _ in kept]
             for group in plan(lengths, loop.p.tokens_per_batch, loop.layout):
@@ -229,14 +282,33 @@ class OnlineBatches:
     def after_step(self) -> None:
         if self.history is not None and self.op.sstoken.history == "ema":
             ol.ema_update(self.history, unwrap(self.loop.loss_mod.model), self.op.sstoken.ema_decay)
+        if self.recorder is not None:
+            self._record_after(self._step + 1)
+
+    def _record_after(self, done: int) -> None:
+        """Gather the recorded rows onto rank 0 before every checkpoint (the loop saves after this hook)
+        and at the end of an epoch, where rank 0 writes the epoch's table."""
+        p, last = self.loop.p, self.loop.total_steps
+        epoch_end = done % self.steps_per_epoch == 0 or done == last
+        if not (epoch_end or done == last or (p.save_every and done % p.save_every == 0)):
+            return
+        self.recorder.reduce()
+        if epoch_end:
+            if self.loop.d.main:
+                self.recorder.write((done - 1) // self.steps_per_epoch)
+            self.recorder.reset()
 
     def save(self, path: Path) -> None:
+        if self.recorder is not None:
+            self.recorder.save(path)
         if self.history is not None and self.op.sstoken.history == "ema":
             from safetensors.torch import save_model  # handles tied embeddings (shared tensors)
 
             save_model(self.history, str(path / EMA_FILE))
 
     def load(self, path: Path) -> None:
+        if self.recorder is not None:
+            self.recorder.load(path)
         if self.history is not None and self.op.sstoken.history == "ema":
             from safetensors.torch import load_model
 

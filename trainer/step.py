@@ -113,6 +113,7 @@ def _load_model(model_dir: Path, device, dtype_name: str):
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load {model_dir} as a causal LM: {e}") from None
+    model.winnow_use_cache = getattr(model.config, "use_cache", True)  # restored in the saved config
     model.config.use_cache = False  # a KV cache would make packed samples attend to each other
     out_emb = model.get_output_embeddings()
     with torch.no_grad():
@@ -196,7 +197,13 @@ def _save_model(loop, tmp: Path, model_dir: Path, state: dict) -> None:
         if loop.p.merge:
             save_merged(lm, tmp / "merged")
         return
-    lm.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+    # the KV cache was switched off for packed training only: the saved model generates with it again
+    use_cache = lm.config.use_cache
+    lm.config.use_cache = getattr(lm, "winnow_use_cache", True)
+    try:
+        lm.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+    finally:
+        lm.config.use_cache = use_cache
 
 
 def _finish(loop, out: Path, tokenizer_dir: Path, info: dict[str, Any]) -> None:

@@ -25,26 +25,43 @@ Design decisions (numbers measured on this 2-core VM while other jobs ran; singl
   Embeddings are **tied**: an untied head would add 0.26M parameters (+26%) and its gradient to the
   one-minute budget, and tied weights are what many small real models ship (Qwen2.5-0.5B, Llama-3.2-1B,
   SmolLM), so save/load paths get exercised on a shared tensor. Hidden 128 beat 192 within a fixed CPU
-  minute: 400 steps at 128 reached 1.32 nats/token on held-out chats, 300 steps at 192 only 2.09
-  (and took longer); at this budget the number of updates matters most (4x256 tokens per step beat
-  8x256 with half the steps: 1.50 vs 2.18 nats at vocab 4096).
+  minute (measured with the builder's previous loop on 256-token windows): 400 steps at 128 reached
+  1.32 nats/token on held-out chats, 300 steps at 192 only 2.09 (and took longer); at this budget the
+  number of updates matters most (4x256 tokens per step beat 8x256 with half the steps: 1.50 vs 2.18
+  nats at vocab 4096).
 * **One thread.** Training runs with ``torch.set_num_threads(1)`` (restored afterwards): on the busy
   2-core machine two intra-op threads ran 10-15x *slower* than one (204-411 vs 3,500-5,700 tokens/s),
   and a fixed thread count keeps a recipe's weights independent of OMP_NUM_THREADS (torchrun sets 1).
-* **Training.** The base model ``tiny`` learns next-token prediction on every token of rendered chats
-  of the full demo mix (corrupted samples included, like real pretraining text), packed into 256-token
-  windows that cross document boundaries with ``<|endoftext|>`` between documents (dense batches, no
-  mask: fastest on CPU); training loss 7.2 -> 1.31 in 400 steps (~410k tokens, 57-95 s depending on
-  load), 1.38 nats/token on a held-out draw (untrained: 7.66; ln V = 7.62).
-  Variants fine-tune it for 200 steps of 6 samples with the loss on assistant tokens only (23-25 s each
-  at load 4-5). All use fp32 (bf16 autocast is ~27x slower on this CPU), AdamW, warmup + cosine decay,
-  ``use_cache=False``, ``torch.manual_seed`` and a seeded permutation, so a recipe gives the same
-  weights each time on a given machine.
-* **What the variants learned** (held-out draw, assistant tokens, nats/token; ``tiny`` / reference /
-  warm): clean 1.16 / 1.02 / 1.04, junk spans 1.91 / 2.16 / 1.80, off-topic 5.30 / 6.13 / 5.12 — the
-  reference fits clean answers better and junk worse (Rho-1's excess loss has a sign). On the digits
-  after ``####``, negative minus positive is +0.14 nats on clean rows and -0.11 on wrong-final-answer
-  rows: the cDPO pair disagrees in the right direction.
+* **Training: winnow's own trainer.** Every model is built by :func:`winnow.trainer.step.train`, the
+  loop users train with (one training loop in the project). The builder writes the recipe's draw as an
+  export parquet (``input_ids``, ``token_weight``, ``loss_mask``); a from-scratch recipe first trains the
+  tokenizer and saves it beside a seeded ``LlamaForCausalLM(config)`` (``save_pretrained``), and the
+  trainer starts from that directory; a fine-tune starts from its base's cache directory. Trainer
+  settings: CPU, fp32 (bf16 autocast is ~27x slower on this CPU), one thread, length-bucketed padded
+  rows of whole samples, AdamW with warmup + cosine decay to 0.1 lr, ``max_steps`` = the recipe's
+  steps, no held-out split (quality is measured on other draws, below) and no intermediate
+  checkpoints (the final one is deleted: the cache keeps weights, tokenizer, ``metrics.jsonl`` and the
+  trainer's model card). Seeds fix the init and the batch order, so a recipe gives the same weights
+  each time on a given machine.
+  The base ``tiny`` learns every token of each rendered chat of the full demo mix (corrupted samples
+  included, like real pretraining text) plus a closing ``<|endoftext|>``, all at weight 1; fine-tunes
+  weigh the assistant tokens as ingest marks them (:mod:`winnow.pipeline.render`; rows it rejects are
+  left out). 400 steps of 1,024 tokens (~12 samples, 388k weighted tokens): training loss 7.21 -> 0.94
+  (last 10 steps), **1.17 nats/token** on 300 held-out chats (seed 9090, every token) against 1.37 for
+  the previous builder's loop, which cut 256-token windows across documents (the scored samples always
+  start at position 0, as the trainer's rows do). Variants: 200 steps of 512 tokens (~6 samples).
+  Build seconds measured 2026-11-30 on this 2-core VM at load average 11-14 (other agents' jobs), so
+  3-5x an idle machine: ``tiny`` 499 s (the old loop's build of the same recipe logged 429 s at a
+  similar load, 60 s on a quieter machine), fine-tunes 157-234 s (old loop: 71-119 s loaded, 15-17 s
+  quieter).
+* **What the variants learned** (``python benchmarks/tiny_model_quality.py``: held-out draw seed 9191,
+  120 rows per kind, assistant tokens, nats/token; ``tiny`` / reference / warm): clean 1.09 / 1.01 /
+  1.04, junk spans 1.70 / 1.94 / 1.61, off-topic 4.99 / 5.71 / 4.90 (old loop: clean 1.19 / 1.04 /
+  1.06, junk 1.79 / 2.03 / 1.64, off-topic 5.24 / 6.07 / 5.20) — the reference fits clean answers
+  better and junk worse (Rho-1's excess loss has a sign); with a stronger base the fine-tunes gain less
+  on clean rows (reference - tiny -0.08, warm - tiny -0.06; old -0.15, -0.12). On the digits after
+  ``####``, negative minus positive is +0.06 nats on clean rows and -0.07 on wrong-final-answer rows
+  (old +0.05 / -0.10): the cDPO pair disagrees in the right direction.
 * **No model scores its own training data.** Every recipe draws with a seed different from the demo's
   ``DEMO_SEED`` (checked in ``__post_init__``).
 * **Caching.** A model is described by a frozen :class:`TinyModelRecipe`; its directory is
@@ -63,17 +80,17 @@ import fcntl
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from winnow.pipeline.store import UserError, fsync_dir, fsync_tree
+from winnow.pipeline.store import UserError, atomic_write_json, fsync_dir, fsync_tree
 
 if TYPE_CHECKING:
     import torch
@@ -82,7 +99,9 @@ if TYPE_CHECKING:
 # Bump when a change here alters the weights a recipe produces: every cached model is rebuilt.
 # 2: fine-tunes take their supervision from winnow.pipeline.render and skip rows it rejects (11 of
 #    tiny-warm's 1,200 rows hold chat-template text in the answer); the other recipes train identically.
-CODE_VERSION = 2
+# 3: every model is trained by winnow's trainer (winnow.trainer.step.train) on whole samples instead of
+#    the builder's own loop on 256-token windows; recipes give tokens_per_batch instead of batch_size/seq_len.
+CODE_VERSION = 3
 
 EOS = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -146,15 +165,14 @@ class TinyModelRecipe:
     name: str
     data_seed: int
     data_samples: int
-    steps: int
+    steps: int  # optimizer steps of winnow's trainer
     lr: float
-    batch_size: int
+    tokens_per_batch: int  # the trainer's micro-batch: bucketed rows of whole samples, padding included
     base: TinyModelRecipe | None = None
     architecture: Architecture | None = None
     vocab_size: int | None = None
     tokenizer_seed: int | None = None
     tokenizer_samples: int | None = None
-    seq_len: int = 256  # window length of from-scratch packing; fine-tunes use whole samples
     corruptions: tuple[str, ...] | None = None
     is_correct: bool | None = None
     loss_on: Literal["all", "assistant"] = "all"
@@ -191,7 +209,7 @@ class TinyModelRecipe:
             raise ValueError(f"{where}: corruptions {unknown} are not demo kinds {list(CORRUPTION_KINDS)}")
         if self.loss_on not in ("all", "assistant"):
             raise ValueError(f"{where}: loss_on={self.loss_on!r} is not 'all' or 'assistant'")
-        for key in ("data_samples", "steps", "batch_size", "seq_len", "num_threads"):
+        for key in ("data_samples", "steps", "tokens_per_batch", "num_threads"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{where}: {key} must be >= 1, got {getattr(self, key)}")
         if not self.lr > 0:
@@ -221,16 +239,15 @@ _TINY = TinyModelRecipe(
     tokenizer_seed=101,
     tokenizer_samples=4000,
     data_seed=102,
-    data_samples=5000,  # ~410k tokens: one pass over fresh text in 400 steps of 4 x 256
+    data_samples=5000,  # ~420k tokens: about one pass over fresh text in 400 steps of 1,024 tokens
     steps=400,
-    batch_size=4,
-    seq_len=256,
+    tokens_per_batch=1024,
     lr=3e-3,
 )
 
-_FINETUNE = dict(steps=200, batch_size=6, lr=1e-3, warmup_steps=10, loss_on="assistant")
+_FINETUNE = dict(steps=200, tokens_per_batch=512, lr=1e-3, warmup_steps=10, loss_on="assistant")
 # The cDPO pair trains on one draw, split by correctness: same problems, opposite answers. 6000 rows hold
-# 720 wrong-answer samples (12%), enough for 200 steps of 6 at under two passes.
+# 720 wrong-answer samples (12%), enough for 200 steps of ~6 samples (512 tokens) at under two passes.
 _CONTRAST = dict(data_seed=104, data_samples=6000, **_FINETUNE)
 
 BUILTIN_MODELS: dict[str, TinyModelRecipe] = {
@@ -394,13 +411,6 @@ def _pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torc
 # --------------------------------------------------------------------------------- training
 
 
-@dataclass
-class TrainedModel:
-    model: LlamaForCausalLM
-    tokenizer: PreTrainedTokenizerFast
-    stats: dict[str, Any] = field(default_factory=dict)
-
-
 def _draw(recipe: TinyModelRecipe) -> list[dict[str, Any]]:
     from winnow.pipeline.builtin.demo_data import generate_demo
 
@@ -414,159 +424,180 @@ def _draw(recipe: TinyModelRecipe) -> list[dict[str, Any]]:
     return rows
 
 
-def _lr_at(step: int, recipe: TinyModelRecipe) -> float:
-    if step < recipe.warmup_steps:
-        return recipe.lr * (step + 1) / recipe.warmup_steps
-    progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return recipe.lr * (recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * cosine)
-
-
-def _packed_batches(
-    tokenizer: PreTrainedTokenizerFast,
-    rows: list[dict[str, Any]],
-    recipe: TinyModelRecipe,
-    gen: torch.Generator,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless batches of seq_len windows cut from the concatenated documents (loss on every token)."""
+def _init_scratch(recipe: TinyModelRecipe, out: Path) -> None:
+    """Tokenizer and a seeded, untrained model saved into ``out``: the trainer starts from there."""
     import torch
+    from transformers import GenerationConfig, LlamaForCausalLM
 
-    eos_id = tokenizer.convert_tokens_to_ids(EOS)
-    stream: list[int] = []
-    for ids in tokenizer([render_chat(r["messages"]) for r in rows], add_special_tokens=False)["input_ids"]:
-        stream += ids + [eos_id]
-    n_win = len(stream) // recipe.seq_len
-    if n_win < recipe.batch_size:
-        raise ValueError(f"tiny model recipe {recipe.name!r}: {n_win} windows, fewer than one batch")
-    windows = torch.tensor(stream[: n_win * recipe.seq_len]).view(n_win, recipe.seq_len)  # (N, T)
-    while True:
-        order = torch.randperm(n_win, generator=gen)
-        for i in range(0, n_win - recipe.batch_size + 1, recipe.batch_size):
-            x = windows[order[i : i + recipe.batch_size]]  # (B, T)
-            yield {"input_ids": x, "labels": x}
+    from winnow.pipeline.builtin.demo_data import generate_demo
+
+    assert recipe.architecture is not None and recipe.vocab_size is not None  # __post_init__ checked
+    tok_rows = generate_demo(recipe.tokenizer_samples or 0, recipe.tokenizer_seed or 0)
+    tokenizer = train_tokenizer((render_chat(r["messages"]) for r in tok_rows), recipe.vocab_size)
+    torch.manual_seed(recipe.seed)
+    model = LlamaForCausalLM(llama_config(recipe.architecture, tokenizer))
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    # Stop generation at the end of an assistant turn as well as at end of text.
+    model.generation_config = GenerationConfig(
+        eos_token_id=[im_end, tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
-def _supervised_batches(
-    tokenizer: PreTrainedTokenizerFast,
-    rows: list[dict[str, Any]],
-    recipe: TinyModelRecipe,
-    gen: torch.Generator,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless right-padded batches of whole samples; labels -100 outside assistant spans."""
-    import torch
+def _write_training_data(recipe: TinyModelRecipe, model_dir: Path, path: Path) -> int:
+    """The recipe's draw as a parquet in the export format (``input_ids``, ``token_weight``,
+    ``loss_mask``); returns the number of rows written.
+
+    ``loss_on="all"``: each rendered chat followed by ``<|endoftext|>``, every token weighing 1 (a base
+    model learns the whole text, corrupted rows included). ``"assistant"``: the supervision ingest marks
+    (:func:`winnow.pipeline.render.render_batch`); rows it rejects (chat-template text typed into an
+    answer) are left out, as a user's training data would be."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
 
     from winnow.pipeline.render import RenderError, render_batch
 
-    max_len = tokenizer.model_max_length
-    rows = rows[: recipe.steps * recipe.batch_size]  # never encode rows that one pass would not reach
-    # Supervision as ingest marks it; rows ingest would reject (chat-template text typed into an answer)
-    # are left out, as a user's training data would be.
-    rendered = render_batch(tokenizer, [r["messages"] for r in rows])
-    encoded = [
-        (x.input_ids[:max_len], x.loss_mask[:max_len]) for x in rendered if not isinstance(x, RenderError)
-    ]
-    pad = tokenizer.pad_token_id
-    batch = min(recipe.batch_size, len(encoded))
-    while True:
-        order = torch.randperm(len(encoded), generator=gen).tolist()
-        for i in range(0, len(order) - batch + 1, batch):
-            chosen = [encoded[j] for j in order[i : i + batch]]
-            x, attn = _pad([ids for ids, _ in chosen], pad)
-            mask, _ = _pad([m for _, m in chosen], 0)
-            yield {"input_ids": x, "attention_mask": attn, "labels": x.masked_fill(mask == 0, -100)}
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = _draw(recipe)
+    if recipe.loss_on == "all":
+        eos = tokenizer.convert_tokens_to_ids(EOS)
+        texts = [render_chat(r["messages"]) for r in rows]
+        ids = [x + [eos] for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        masks = [[1] * len(x) for x in ids]
+    else:
+        rendered = [x for x in render_batch(tokenizer, [r["messages"] for r in rows])
+                    if not isinstance(x, RenderError)]  # fmt: skip
+        ids = [x.input_ids for x in rendered]
+        masks = [x.loss_mask for x in rendered]
+    table = pa.table(
+        {
+            "sample_id": [f"{recipe.name}-{i}" for i in range(len(ids))],
+            "input_ids": pa.array(ids, type=pa.list_(pa.int32())),
+            "token_weight": pa.array(masks, type=pa.list_(pa.float32())),
+            "loss_mask": pa.array(masks, type=pa.list_(pa.int8())),
+        }
+    )
+    pq.write_table(table, path)
+    return len(ids)
 
 
-def train_recipe(recipe: TinyModelRecipe, root: Path | None = None) -> TrainedModel:
-    """Train ``recipe`` in memory (a fine-tune's base comes from the cache under ``root``)."""
-    import torch
+def _train_params(recipe: TinyModelRecipe, model_dir: Path, data: Path, out: Path):
+    from winnow.trainer.config import TrainParams
 
-    if recipe.base is not None:
-        build_model(recipe.base, root)  # before changing the thread count: it may train too
-    threads = torch.get_num_threads()
-    torch.set_num_threads(recipe.num_threads)
+    return TrainParams(
+        model=str(model_dir),
+        data=str(data),
+        out=str(out),
+        max_steps=recipe.steps,
+        epochs=10_000,  # max_steps ends the run; the cosine schedule spans max_steps
+        lr=recipe.lr,
+        min_lr_ratio=recipe.min_lr_ratio,
+        warmup_steps=recipe.warmup_steps,
+        weight_decay=recipe.weight_decay,
+        max_grad_norm=recipe.grad_clip,
+        tokens_per_batch=recipe.tokens_per_batch,
+        max_seq_len=min(recipe.tokens_per_batch, 1024),
+        layout="padded",
+        eval_fraction=0.0,  # every row trains; quality is measured on other draws (module docstring)
+        save_every=0,
+        keep_checkpoints=1,
+        seed=recipe.seed,
+        device="cpu",  # the same weights whatever accelerator the machine has
+        dtype="float32",
+        threads=recipe.num_threads,
+        log_every=1,
+        progress=False,
+    )
+
+
+@contextmanager
+def _single_process() -> Iterator[None]:
+    """Train in this process alone, also under torchrun: other ranks wait on the build lock, so a
+    process group spanning them would never form."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise UserError(
+            "a builtin tiny model is missing from the cache and cannot be built inside a running process "
+            "group; build it once in a single process first (python -c \"from winnow.pipeline.builtin."
+            "tiny_model import builtin_model_path as b; b('tiny')\" for each builtin model you use)"
+        )
+    keys = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+    saved = {k: os.environ.pop(k) for k in keys if k in os.environ}
     try:
-        return _train(recipe, root)
+        yield
     finally:
-        torch.set_num_threads(threads)
+        os.environ.update(saved)
 
 
-def _train(recipe: TinyModelRecipe, root: Path | None) -> TrainedModel:
+def train_recipe(recipe: TinyModelRecipe, out: Path, root: Path | None = None) -> dict[str, Any]:
+    """Train ``recipe`` with :func:`winnow.trainer.step.train` into the model directory ``out`` (a
+    fine-tune's base comes from the cache under ``root``); returns the training statistics."""
     import torch
-    from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
+
+    from winnow.trainer.step import train
 
     t0 = time.perf_counter()
-    torch.manual_seed(recipe.seed)
-    gen = torch.Generator().manual_seed(recipe.seed)
-    if recipe.base is None:
-        assert recipe.architecture is not None and recipe.vocab_size is not None  # __post_init__ checked
-        from winnow.pipeline.builtin.demo_data import generate_demo
+    base_dir = build_model(recipe.base, root) if recipe.base is not None else None
+    work = out.parent / f"{out.name}-work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    threads = torch.get_num_threads()
+    try:
+        if base_dir is None:
+            base_dir = work / "init"
+            _init_scratch(recipe, base_dir)
+        n_rows = _write_training_data(recipe, base_dir, work / "train.parquet")
+        t_setup = time.perf_counter() - t0
+        with _single_process():
+            result = train(_train_params(recipe, base_dir, work / "train.parquet", out))
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(work, ignore_errors=True)
+    # the final weights are in `out`; the resumable state is of no use to a cached model
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    # the trainer's model card names files of the deleted work folder (the data; a scratch model's init)
+    card = (out / "README.md").read_text().replace(str(work / "init"), "a seeded random initialisation")
+    (out / "README.md").write_text(card.replace(str(work), f"the {recipe.name} recipe's draw"))
+    stats = _stats(out / "metrics.jsonl")
+    return stats | {
+        "train_rows": n_rows,
+        "train_samples": result["counts"]["train_samples"],
+        "train_skipped": result.get("train_skipped", {}),
+        "setup_seconds": round(t_setup, 2),
+        "train_seconds": round(time.perf_counter() - t0 - t_setup, 2),
+        "torch_threads": recipe.num_threads,
+    }
 
-        tok_rows = generate_demo(recipe.tokenizer_samples, recipe.tokenizer_seed)
-        tokenizer = train_tokenizer((render_chat(r["messages"]) for r in tok_rows), recipe.vocab_size)
-        model = LlamaForCausalLM(llama_config(recipe.architecture, tokenizer))
-        im_end = tokenizer.convert_tokens_to_ids(IM_END)
-        # Stop generation at the end of an assistant turn as well as at end of text.
-        model.generation_config = GenerationConfig(
-            eos_token_id=[im_end, tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id
-        )
-    else:
-        base_dir = build_model(recipe.base, root)
-        tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    t_setup = time.perf_counter() - t0
 
-    rows = _draw(recipe)
-    make = _packed_batches if recipe.loss_on == "all" else _supervised_batches
-    batches = make(tokenizer, rows, recipe, gen)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=recipe.lr, betas=(0.9, 0.95), weight_decay=recipe.weight_decay
-    )
-    model.train()
-    losses: list[float] = []
-    tokens = 0
-    for step in range(recipe.steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(step, recipe)
-        batch = next(batches)
-        loss = model(**batch, use_cache=False).loss  # use_cache=False: no cache object in training
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % 50 == 0 or step == recipe.steps - 1:
-            log.info("tiny model %s: step %d/%d loss %.3f", recipe.name, step + 1, recipe.steps, losses[-1])
-        tokens += int((batch["labels"][:, 1:] != -100).sum())
-    model.eval()
-    head = losses[: min(10, len(losses))]
-    tail = losses[-min(10, len(losses)) :]
-    stats = {
-        "train_rows": len(rows),
-        "train_tokens": tokens,
-        "n_params": sum(p.numel() for p in model.parameters()),
+def _stats(metrics: Path) -> dict[str, Any]:
+    recs = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
+    losses = [r["loss"] for r in recs if "loss" in r]
+    head, tail = losses[: min(10, len(losses))], losses[-min(10, len(losses)) :]
+    return {
+        "train_tokens": sum(r["weighted_tokens"] for r in recs if "loss" in r),
         "loss_first10": sum(head) / len(head),
         "loss_last10": sum(tail) / len(tail),
         "loss_curve": [round(v, 4) for v in losses[:: max(1, len(losses) // 25)]],
-        "setup_seconds": round(t_setup, 2),
-        "train_seconds": round(time.perf_counter() - t0 - t_setup, 2),
-        "torch_threads": torch.get_num_threads(),
     }
-    return TrainedModel(model, tokenizer, stats)
 
 
-def save_trained(trained: TrainedModel, recipe: TinyModelRecipe, out: Path) -> None:
-    """Write model (safetensors), tokenizer, generation config and ``winnow_recipe.json`` into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    trained.model.save_pretrained(out)  # safetensors is the transformers default
-    trained.tokenizer.save_pretrained(out)
+def _write_recipe_file(recipe: TinyModelRecipe, out: Path, stats: dict[str, Any]) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    stats["n_params"] = sum(p.numel() for p in model.parameters())  # a tied head counts once
     info = {
         "name": recipe.name,
         "fingerprint": recipe.fingerprint(),
         "code_version": CODE_VERSION,
         "recipe": dataclasses.asdict(recipe),
-        "stats": trained.stats,
+        "stats": stats,
     }
-    (out / RECIPE_FILE).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    atomic_write_json(out / RECIPE_FILE, info)
 
 
 # ---------------------------------------------------------------------------------- caching
@@ -596,11 +627,9 @@ def build_model(recipe: TinyModelRecipe, root: Path | None = None) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
         tmp = base / f".tmp-{recipe.dir_name()}-{os.getpid()}"
         log.warning("building tiny model %s once into %s (%d steps on CPU)", recipe.name, final, recipe.steps)
-        trained = train_recipe(recipe, root)
-        trained.stats["build_seconds"] = round(
-            trained.stats["setup_seconds"] + trained.stats["train_seconds"], 2
-        )
-        save_trained(trained, recipe, tmp)
+        stats = train_recipe(recipe, tmp, root)
+        stats["build_seconds"] = round(stats["setup_seconds"] + stats["train_seconds"], 2)
+        _write_recipe_file(recipe, tmp, stats)
         fsync_tree(tmp)
         if final.exists():  # incomplete (no recipe file): not written by this code, replace it
             shutil.rmtree(final)

@@ -32,8 +32,7 @@ SMALL = dataclasses.replace(
     tokenizer_samples=600,
     data_samples=400,
     steps=100,
-    batch_size=2,
-    seq_len=128,
+    tokens_per_batch=256,
     warmup_steps=10,
 )  # ~7 s to train; reaches ~3.9 nats/token on held-out chats (ln 1024 = 6.9)
 
@@ -116,7 +115,7 @@ def test_config_is_gqa_llama_with_tied_embeddings(small_dir: Path) -> None:
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert config["num_key_value_heads"] < config["num_attention_heads"]
     assert config["tie_word_embeddings"] is True
-    assert config.get("use_cache", True) is True  # the training loop passes use_cache=False instead
+    assert config.get("use_cache", True) is True  # the trainer passes use_cache=False instead
     assert config["max_position_embeddings"] == 1024
     assert (small_dir / "model.safetensors").is_file()
     assert not list(small_dir.glob("*.bin"))  # no pickle
@@ -144,17 +143,58 @@ def test_same_recipe_same_weights_and_exact_reload(
 ) -> None:
     import torch
 
-    again = tm.train_recipe(SMALL, cache_root / "models")  # in memory, not via the cache
+    again_dir = cache_root / "again"
+    stats = tm.train_recipe(SMALL, again_dir, cache_root / "models")  # not via the cache
+    again, _ = _load(again_dir)
     loaded, tok = _load(small_dir)
     texts = [tm.render_chat(r["messages"]) for r in held_out[:4]]
     enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
     with torch.no_grad():
-        a = again.model(**enc, use_cache=False).logits
+        a = again(**enc, use_cache=False).logits
         b = loaded(**enc, use_cache=False).logits
     assert torch.equal(a, b)
     assert a.abs().max() > 1.0  # not vacuous: real, non-constant logits
     saved = json.loads((small_dir / tm.RECIPE_FILE).read_text())["stats"]
-    assert saved["loss_last10"] == again.stats["loss_last10"]
+    assert saved["loss_last10"] == stats["loss_last10"]
+
+
+def test_training_data_weighs_every_token_for_a_base_and_assistant_tokens_for_a_fine_tune(
+    small_dir: Path, tmp_path: Path
+) -> None:
+    """What the builder hands winnow's trainer: a scratch base learns every token of each chat plus a
+    closing <|endoftext|>; a fine-tune learns what the chat template marks as the assistant's."""
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(small_dir)
+    eos = tok.convert_tokens_to_ids(tm.EOS)
+    n = tm._write_training_data(SMALL, small_dir, tmp_path / "base.parquet")
+    rows = pq.read_table(tmp_path / "base.parquet").to_pylist()
+    draw = generate_demo(SMALL.data_samples, SMALL.data_seed)
+    assert n == len(rows) == len(draw)
+    for row, r in zip(rows[:20], draw[:20], strict=True):
+        text = tm.render_chat(r["messages"]) + tm.EOS
+        assert row["input_ids"] == tok(text, add_special_tokens=False)["input_ids"] and row["input_ids"][-1] == eos
+        assert row["token_weight"] == [1.0] * len(row["input_ids"]) == row["loss_mask"]
+    tune = dataclasses.replace(
+        tm.BUILTIN_MODELS["tiny-warm"], base=SMALL, data_samples=30, name="tiny-test-tune"
+    )
+    tm._write_training_data(tune, small_dir, tmp_path / "tune.parquet")
+    rows = pq.read_table(tmp_path / "tune.parquet").to_pylist()
+    draw = generate_demo(30, tune.data_seed)
+    assert 25 <= len(rows) <= 30  # rows render refuses are left out
+    by_ids = {tuple(r["input_ids"]): r for r in rows}
+    matched = 0
+    for r in draw:
+        ref = tok.apply_chat_template(
+            r["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        got = by_ids.get(tuple(ref["input_ids"]))
+        if got is not None:
+            matched += 1
+            assert got["token_weight"] == [float(m) for m in ref["assistant_masks"]] == got["loss_mask"]
+            assert 0 < sum(got["token_weight"]) < len(got["input_ids"])
+    assert matched == len(rows)
 
 
 def test_second_call_returns_cache_without_rebuilding(
@@ -174,7 +214,7 @@ def test_concurrent_builders_train_once_and_clear_crashed_builds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     micro = dataclasses.replace(
-        SMALL, name="tiny-micro", vocab_size=300, tokenizer_samples=50, data_samples=40, steps=2, seq_len=32
+        SMALL, name="tiny-micro", vocab_size=300, tokenizer_samples=50, data_samples=40, steps=2
     )
     root = tmp_path / "models"
     root.mkdir()
@@ -187,9 +227,9 @@ def test_concurrent_builders_train_once_and_clear_crashed_builds(
     calls: list[str] = []
     real = tm.train_recipe
 
-    def counting(recipe, r=None):
+    def counting(recipe, out, r=None):
         calls.append(recipe.name)
-        return real(recipe, r)
+        return real(recipe, out, r)
 
     monkeypatch.setattr(tm, "train_recipe", counting)
     # flock locks belong to open file descriptions, so threads contend exactly like processes do.

@@ -68,9 +68,27 @@ def test_trains_saves_loadable_model_and_rerun_does_nothing(inputs, tmp_path):
     for name, p in model.named_parameters():
         assert torch.equal(p, ckpt["model." + name]), name
     assert (out / "README.md").read_text().count("eval_loss") == 1 and (out / "tokenizer.json").exists()
+    assert json.loads((out / "config.json").read_text())["use_cache"] is False  # as the base's config
     before = (out / "metrics.jsonl").read_text()
     code, stdout, _ = _train(inputs, out)
     assert code == 0 and "nothing to do" in stdout and (out / "metrics.jsonl").read_text() == before
+
+
+def test_saved_config_keeps_the_base_use_cache(inputs, tmp_path):
+    """Training switches the KV cache off (packed samples would attend to each other); the saved model
+    gets the base's setting back, so generate() with a base that caches keeps caching."""
+    import shutil
+
+    m, d = inputs
+    base = tmp_path / "base"
+    shutil.copytree(m, base)
+    cfg = json.loads((base / "config.json").read_text())
+    assert cfg["use_cache"] is False  # the fixture's; this base differs from it
+    (base / "config.json").write_text(json.dumps(cfg | {"use_cache": True}))
+    out = tmp_path / "out"
+    code, _, err = run_cli("train", "--data", d, "--model", base, "--out", out, *SETS, "--set", "max_steps=1")
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["use_cache"] is True
 
 
 def test_killed_run_resumes_bitwise(inputs, tmp_path):
