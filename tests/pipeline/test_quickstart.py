@@ -39,7 +39,8 @@ def test_every_step_ran_and_every_row_is_accounted_for(quickstart):
         *(f"stage:{s}" for s in SCORES),
         "stage:dv4llm",
         "select:quickstart",
-        "train:quickstart",
+        "select:quickstart_samples",
+        "train:quickstart_samples",
     }
     counts = man["steps"]["ingest"]["counts"]
     assert counts["rows_in"] == 2000 == counts["samples"] + counts["rejects"]
@@ -48,10 +49,11 @@ def test_every_step_ran_and_every_row_is_accounted_for(quickstart):
         assert not table["stale"], name
         if name.startswith(("signals/", "scores/", "selection/")):
             assert table["rows"] == n, name
-    assert "12 steps" in out
-    train = man["steps"]["train:quickstart"]
-    assert train["steps"] == 12 and "train: eval_loss" in out
-    assert train["eval_loss"] < train["eval_loss_before"] + 0.05  # a short, gentle fine-tune: no blow-up
+    assert "13 steps" in out
+    train = man["steps"]["train:quickstart_samples"]
+    assert train["steps"] > 0 and "train: eval_loss" in out
+    # one epoch on the kept samples lowers the loss on held-out clean samples (1.0743 -> 1.0619 measured)
+    assert train["eval_loss"] < train["eval_loss_before"]
 
 
 def test_per_token_lists_align_with_input_ids(quickstart):
