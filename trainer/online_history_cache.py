@@ -65,7 +65,9 @@ class HistoryCache:
 
     def put(self, k: int, values: np.ndarray) -> None:
         if len(values) != self.counts[k]:
-            raise ValueError(f"sample {k}: {len(values)} history values for {self.counts[k]} supervised targets")
+            raise ValueError(
+                f"sample {k}: {len(values)} history values for {self.counts[k]} supervised targets"
+            )
         self.values[self.offsets[k] : self.offsets[k + 1]] = values
         self.filled[k] = self.fresh[k] = True
 

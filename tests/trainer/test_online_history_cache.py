@@ -60,7 +60,9 @@ def _reference_nll(model_path, ids: np.ndarray, weights: np.ndarray) -> np.ndarr
 
 
 @pytest.mark.parametrize("scoring", ["separate", "reuse"])
-def test_history_forward_only_in_epoch_one_and_cached_values_are_the_start_models_nll(inputs, tmp_path, scoring):
+def test_history_forward_only_in_epoch_one_and_cached_values_are_the_start_models_nll(
+    inputs, tmp_path, scoring
+):
     loop = _loop(inputs, tmp_path / "out", online_scoring=scoring)
     calls = _count_history_forwards(loop)
     per_step = []
