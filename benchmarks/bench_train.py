@@ -321,6 +321,8 @@ def variant_table(results: dict) -> list[str]:
 # every step), their train_step calls interleaved step by step in a rotating order, so every variant
 # meets the same machine load; the per-step ratio to the mini-batch control is the number to quote on a
 # loaded VM (whole-epoch runs in separate processes differed by up to 1.5x between identical runs here).
+# ``--epochs N``: N epochs over the same mini-batches, the table per epoch (ssToken's history=start losses
+# are cached per sample from epoch 2 on: its epoch 1 and later epochs cost differently).
 INTERLEAVED = {
     "minibatch": {"online": "all"},
     "q_tuning": {"online": "q_tuning"},
