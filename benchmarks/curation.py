@@ -763,6 +763,8 @@ def bench_dataset(name: str, args, cfg: TrainCfg, log) -> tuple[list[dict[str, A
         f"{name}: base model loss {base['eval_loss']:.4f} acc {base.get('accuracy')}; e.g. {base.get('example')!r}"
     )
     names = QUICK_POLICIES if args.quick else tuple(p.name for p in POLICIES)
+    if args.rows:
+        names = ("full", *args.rows)
     policies = [p for p in POLICIES if p.name in names]
     lora = () if args.quick or args.no_lora else LORA_POLICIES
     ctx = {
@@ -818,6 +820,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per training")
     ap.add_argument("--no-lora", action="store_true", help="skip the LoRA rows")
+    ap.add_argument("--rows", default=None, help="comma list of policy rows to run (full is always run)")
     ap.add_argument("--lora-seeds", type=int, default=1, help="seeds of the LoRA rows (the first N)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument(
@@ -843,6 +846,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", action="store_true", help="only print the table of the results so far")
     args = ap.parse_args(argv)
     args.seeds = args.seeds or (1 if args.quick else 3)
+    known = {p.name for p in POLICIES}
+    args.rows = args.rows.split(",") if args.rows else None
+    if args.rows and not set(args.rows) <= known:
+        ap.error(f"--rows: unknown {sorted(set(args.rows) - known)}; rows are {sorted(known)}")
     default_dir = "curation-quick" if args.quick else "curation" + ("-new-task" if args.start == "new-task" else "")
     args.workdir = args.workdir or HERE / "out" / default_dir
     datasets = (args.datasets or ("demo" if args.quick else "demo,gsm8k")).split(",")
