@@ -72,8 +72,9 @@ class TrainParams:
     masked_thought: MaskedThoughtParams = field(default_factory=MaskedThoughtParams)
     # with an online policy: the weights each epoch trained with, as selection/online-<name>-epoch<E> of the run
     record_weights: bool = False
-    # the current model's scores from a separate no-grad forward, or from the training forward (online_reuse)
-    online_scoring: Literal["separate", "reuse"] = "separate"
+    # the current model's scores from a separate no-grad forward, or from the training forward (online_reuse);
+    # auto: reuse for sstoken (faster in every near-idle measurement), separate for the others (RESULTS.md)
+    online_scoring: Literal["auto", "separate", "reuse"] = "auto"
     # LoRA through peft (winnow.trainer.lora): lora_r > 0 turns it on
     lora_r: int = 0
     lora_alpha: int = 0  # 0 = 2 * lora_r
@@ -157,6 +158,14 @@ class TrainParams:
                 f"max_seq_len={self.max_seq_len} + {n} virtual tokens > tokens_per_batch={self.tokens_per_batch}: "
                 "every row carries the prompt; raise tokens_per_batch or lower max_seq_len"
             )
+
+    @property
+    def scoring_mode(self) -> str:
+        """``online_scoring`` resolved: what the loop and the online batches run."""
+        if self.online_scoring != "auto":
+            return self.online_scoring
+        plain = self.masked_thought.p == 0 and self.lora_r == 0
+        return "reuse" if self.online == "sstoken" and plain else "separate"
 
     @property
     def virtual_tokens(self) -> int:

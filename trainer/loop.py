@@ -87,7 +87,7 @@ class Loop:
         if p.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         loss_cls = WeightedLMLoss
-        if p.online not in ("none", "all") and p.online_scoring == "reuse":  # scores from the training forward
+        if p.online not in ("none", "all") and p.scoring_mode == "reuse":  # scores from the training forward
             from winnow.trainer.online_reuse import ReuseLMLoss as loss_cls
         self.loss_mod = loss_cls(model.to(env.device), env.scale, env.softcap)
         self.wrapped = wrap(self.loss_mod, self.d, p.fsdp, env.device)

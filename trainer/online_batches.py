@@ -14,12 +14,14 @@ default, the paper's per-device batch) per rank, in the seeded order of
 3. the kept samples are trimmed again and packed into micro-batches as usual; ranks pad to the same
    number of micro-batches (a collective per forward under FSDP2).
 
-A separate scoring forward by default; ``online_scoring=reuse`` (:mod:`winnow.trainer.online_reuse`)
-takes the current model's scores from the training forward instead. Measured side by side on the same
-mini-batches (``bench_train.py --interleaved``, loaded VM, against the mini-batch control): Q-Tuning at
-``r_sample=0.25`` 0.59x separate vs 0.68x reuse (reuse must run forward+backward through every sample);
-Rho-1 1.33-1.53x vs 1.30-1.41x; ssToken 1.32-1.82x vs 1.36-1.65x (no consistent winner). Separate stays
-the default: it is never clearly slower and it trims what the policy dropped.
+``online_scoring=reuse`` (:mod:`winnow.trainer.online_reuse`) takes the current model's scores from the
+training forward instead of a separate no-grad forward. Measured side by side on the same mini-batches
+(``bench_train.py --interleaved``, against the mini-batch control; near-idle 2-core VM): Q-Tuning at
+``r_sample=0.25`` 0.57-0.61x separate vs 0.80-0.92x reuse (reuse must run forward+backward through every
+sample); Rho-1 1.45-1.74x vs 1.49-1.62x (no consistent winner); ssToken 1.49-1.73x vs 1.40-1.43x, and
+reuse also won all four rows of the cached-history run. So ``online_scoring=auto`` (the default) reuses
+for ssToken and runs the separate forward for the others (and for ssToken under LoRA or Masked Thought,
+which reuse does not serve or was not measured with).
 
 ``record_weights=true`` hands every decision to :mod:`winnow.trainer.online_record`, which writes one
 ``selection/online-<name>-epoch<E>`` table per epoch into the run.
@@ -297,7 +299,7 @@ class OnlineBatches:
         self._step = step
         kept: list[tuple[np.ndarray, np.ndarray]] = []
         g, world, rank = loop.p.grad_accum, loop.d.world, loop.d.rank
-        reuse = loop.p.online_scoring == "reuse" and self.op.online != "all"
+        reuse = loop.p.scoring_mode == "reuse" and self.op.online != "all"
         out = []
         for m in range(g):
             i = within * world * g + rank * g + m

@@ -164,3 +164,19 @@ def test_exchange_gives_every_rank_every_filled_sample(tmp_path):
     got = [json.loads(Path(out.format(rank)).read_text()) for rank in (0, 1)]
     assert got[0]["first"] == got[1]["first"] == want
     assert got[0]["second"] == {**want, "4": [7.5]} and got[1]["second"]["4"] == [7.5]
+
+
+def test_auto_scoring_reuses_for_sstoken_only():
+    from winnow.trainer.config import TrainParams
+
+    def mode(**kw):
+        return TrainParams(model="m", **kw).scoring_mode
+
+    assert mode(online="sstoken") == "reuse"
+    assert mode(online="q_tuning") == "separate" and mode(online="rho1") == "separate"
+    assert mode(online="sstoken", online_scoring="separate") == "separate"
+    assert mode(online="q_tuning", online_scoring="reuse") == "reuse"
+    from winnow.trainer.online_params import MaskedThoughtParams
+
+    assert mode(online="sstoken", masked_thought=MaskedThoughtParams(p=0.1)) == "separate"
+    assert mode(online="sstoken", lora_r=4) == "separate"
