@@ -16,12 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from stage_fixtures import write_signals
-from tokenizers_fixtures import make_tokenizer
 
 from winnow.pipeline.render import tokenizer_fingerprint
 from winnow.pipeline.store import RunDir
 
 from conftest import run_cli, sql_json, write_model_dir
+from tokenizers_fixtures import make_tokenizer
 
 CHATS = {  # (prompt, answer): the answer is supervised, the prompt (with its own <|im_end|> and ####) is not
     "a": ("What is 2 plus 3? Say it after ####.", "2 plus 3 is 5.\n#### 5"),
@@ -78,7 +78,10 @@ def make_run(root, tok_dir) -> tuple[RunDir, dict[str, tuple[list[int], list[int
                 "n_loss_tokens": pa.array([sum(r[2]) for r in rows], pa.int32()),
             }
         )
-        meta = {b"winnow.tokenizer_fingerprint": tokenizer_fingerprint(tok).encode(), b"winnow.model": str(tok_dir)}
+        meta = {
+            b"winnow.tokenizer_fingerprint": tokenizer_fingerprint(tok).encode(),
+            b"winnow.model": str(tok_dir),
+        }
         run.table("samples").write(part, t.replace_schema_metadata(meta), fingerprint="synthetic", inputs={})
         his, cur, att = [], [], []
         for _, ids, _ in rows:
@@ -143,7 +146,10 @@ def test_floor_forces_supervised_structural_tokens_in_kept_samples(tmp_path, tok
 @pytest.mark.parametrize(
     "args, match",
     [
-        (["sstoken", "--always-keep", "<|im_end|>,<|eot_idd|>"], r"--always-keep.*'<\|eot_idd\|>'.*special token"),
+        (
+            ["sstoken", "--always-keep", "<|im_end|>,<|eot_idd|>"],
+            r"--always-keep.*'<\|eot_idd\|>'.*special token",
+        ),
         (["sstoken", "--always-keep", "####,"], r"--always-keep.*text '' tokenizes to nothing"),
         (["all", "--always-keep", "####"], r"always_keep=####.*keeps every supervised token.*--tokens"),
     ],
@@ -155,3 +161,16 @@ def test_bad_always_keep_exits_2(tmp_path, tok_dir, args, match):
     assert code == 2, err
     assert re.search(match, err), err
     assert not (run.root / "selection").exists()
+
+
+def test_texts_map_to_every_id_and_special_tokens_to_one(tok_dir):
+    from transformers import AutoTokenizer
+
+    from winnow.pipeline.always_keep import always_keep_ids
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    # pieces read off the tokenizer's vocabulary by hand: 'Half of' -> H, al, fĠ, of; <think> is an added token
+    pieces = ["H", "al", "fĠ", "of", "<think>", "<|im_end|>"]
+    want = sorted(tok.convert_tokens_to_ids(pieces))
+    assert len(set(want)) == 6
+    assert always_keep_ids(tok, ["Half of", "<think>", "<|im_end|>"], "--always-keep") == want
