@@ -58,14 +58,16 @@ TARGET_SEED = 302  # DV4LLM's "small set of clean examples of the task" a user w
 
 
 # ----------------------------------------------------------------------------------------------- demo data
-def _demo_rows(n: int, seed: int, pool_questions: set[str]) -> list[dict]:
+def _demo_rows(n: int, seed: int, pool_questions: set[str], templates: tuple[str, ...] | None = None) -> list[dict]:
+    """Clean math rows of the draw ``(n, seed)`` whose question is not in the pool (of ``templates``)."""
     from winnow.pipeline.builtin.demo_data import generate_demo
 
     rows = []
     for r in generate_demo(n, seed):
         q = r["messages"][0]["content"]
         if r["corruption"] == "none" and r["domain"] == "math" and q not in pool_questions:
-            rows.append({"messages": r["messages"], "final_answer": r["final_answer"]})
+            if templates is None or r["template"] in templates:
+                rows.append({"messages": r["messages"], "final_answer": r["final_answer"]})
     return rows
 
 
@@ -99,27 +101,50 @@ def _previous_seconds(workdir: Path) -> dict[str, float]:
 
 
 def prepare_demo(
-    workdir: Path, quick: bool, *, models: str | None = None, test_size: int | None = None
+    workdir: Path,
+    quick: bool,
+    *,
+    models: str | None = None,
+    test_size: int | None = None,
+    start: str = "base",
 ) -> dict[str, Any]:
-    """The quickstart pipeline on the demo data: builtin models (``quick``) or the quality models."""
+    """The quickstart pipeline on the demo data: builtin models (``quick``) or the quality models.
+
+    ``start="new-task"``: fine-tune the quality base that never saw a quarter of the math templates
+    (``quality_models.NEW_TASK_BASE``), test on those templates only, and give DV4LLM clean examples of
+    them as its targets (a user teaching a task has some); the scoring models stay the quality set."""
     from winnow.pipeline.builtin.demo_data import DEMO_SIZE, generate_demo
     from winnow.pipeline.models import resolve_model
     from winnow.pipeline.recipe import Recipe, load_recipe, run_loaded, with_models
 
     workdir.mkdir(parents=True, exist_ok=True)
     pool = {r["messages"][0]["content"] for r in generate_demo(DEMO_SIZE)}
+    task = None
+    if start == "new-task":
+        from quality_models import HELD_OUT_TEMPLATES
+
+        task = HELD_OUT_TEMPLATES
     # test: a fresh clean draw no model trained on; targets: another, never the pool's meta_corruption
     n_test = test_size or (150 if quick else 500)
-    test = _write_jsonl(workdir / "test.jsonl", _demo_rows(3 * n_test, TEST_SEED, pool)[:n_test])
-    targets = _write_jsonl(workdir / "dv4llm_targets.jsonl", _demo_rows(400, TARGET_SEED, pool)[:200])
+    draw = 1 if task is None else 4  # the task is a quarter of the templates
+    test = _write_jsonl(workdir / "test.jsonl", _demo_rows(3 * draw * n_test, TEST_SEED, pool, task)[:n_test])
+    targets = _write_jsonl(
+        workdir / "dv4llm_targets.jsonl", _demo_rows(400 * draw, TARGET_SEED, pool, task)[:200]
+    )
     recipe = load_recipe(HERE.parent / "recipes" / "quickstart.toml")
     base = "builtin:tiny"
     if (models or ("builtin" if quick else "quality")) == "quality":
-        from quality_models import QUICKSTART_ROLES, build_quality_models
+        from quality_models import NEW_TASK_BASE, QUICKSTART_ROLES, build_quality_models
 
-        dirs = build_quality_models()
-        recipe = with_models(recipe, {old: str(dirs[new]) for old, new in QUICKSTART_ROLES.items()})
-        base = str(dirs["quality-base"])
+        dirs = {k: str(v) for k, v in build_quality_models().items()}
+        if task is not None:  # ssToken's history (and drop_high_loss's base loss): the model trained from
+            from winnow.pipeline.builtin.tiny_model import build_model
+
+            dirs["quality-base"] = str(build_model(NEW_TASK_BASE))
+        recipe = with_models(recipe, {old: dirs[new] for old, new in QUICKSTART_ROLES.items()})
+        base = dirs["quality-base"]
+    elif task is not None:
+        raise SystemExit("--start new-task needs --models quality (its base is a quality recipe)")
     steps = []
     for step, params in recipe.steps:
         if step.name == "train":
@@ -170,6 +195,8 @@ POLICIES = [
     Policy("full", "full"),
     Policy("drop_high_loss", "select", sql_budget="drop_high_loss", cost=(HIST,)),
     Policy("drop_short", "select", sql_budget="drop_short"),
+    # Rho-1's score per sample (mean excess loss, current minus reference), every supervised token kept
+    Policy("excess_samples", "select", sql_budget="excess_samples", cost=(CUR, REF, "stage:excess_loss")),
     Policy(
         "eu_plane",
         "select",
@@ -240,12 +267,15 @@ POLICIES = [
 QUICK_POLICIES = ("full", "eu_plane", "excess_loss")
 # the rows every seed-0 pass starts with: full and the policies reading no ground truth that the quality
 # report found (excess_loss: AUROC 1.000 on junk and wrong final answers; eu_plane: 0.92-0.96 on wrong answers)
-CORE = ("full", "excess_loss", "quickstart_no_labels", "eu_plane", "drop_high_loss")
+CORE = ("full", "excess_loss", "quickstart_no_labels", "eu_plane", "drop_high_loss", "excess_samples", "dv4llm")
 LORA_POLICIES = ("full", "eu_plane", "sstoken", "cdpo_p_ce")  # Q-Tuning, ssToken, cDPO ran with LoRA
-TOP_BUDGET_POLICIES = ("drop_high_loss", "drop_short", "eu_plane", "excess_loss", "sstoken", "dv4llm")
+TOP_BUDGET_POLICIES = ("drop_high_loss", "drop_short", "excess_samples", "eu_plane", "excess_loss", "sstoken", "dv4llm")
 
 
 def _sql_budget(kind: str, n_keep: int) -> str:
+    if kind == "excess_samples":
+        inner = f"select sample_id from scores_excess_loss order by mean_excess desc nulls last, sample_id limit {n_keep}"
+        return f"sample_id in ({inner})"
     if kind == "drop_short":
         order = "s.n_loss_tokens desc, s.sample_id"
         src = "samples s"
@@ -680,7 +710,7 @@ def target_check(rows: list[dict[str, Any]], dataset: str = "demo", budget: floa
 def _prepare(name: str, workdir: Path, args) -> dict[str, Any] | None:
     quick = args.quick
     if name == "demo":
-        return prepare_demo(workdir, quick, models=args.models, test_size=args.test_size)
+        return prepare_demo(workdir, quick, models=args.models, test_size=args.test_size, start=args.start)
     try:
         from curation_gsm8k import prepare_gsm8k
     except ImportError:
@@ -809,6 +839,12 @@ def main(argv: list[str] | None = None) -> int:
         help="demo models (default: quality; builtin with --quick)",
     )
     ap.add_argument(
+        "--start",
+        choices=("base", "new-task"),
+        default="base",
+        help="demo starting model: the quality base, or the one that never saw the test's templates",
+    )
+    ap.add_argument(
         "--test-size", type=int, default=None, help="held-out demo problems (500; 150 with --quick)"
     )
     ap.add_argument(
@@ -819,7 +855,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", action="store_true", help="only print the table of the results so far")
     args = ap.parse_args(argv)
     args.seeds = args.seeds or (1 if args.quick else 3)
-    args.workdir = args.workdir or HERE / "out" / ("curation-quick" if args.quick else "curation")
+    default_dir = "curation-quick" if args.quick else "curation" + ("-new-task" if args.start == "new-task" else "")
+    args.workdir = args.workdir or HERE / "out" / default_dir
     datasets = (args.datasets or ("demo" if args.quick else "demo,gsm8k")).split(",")
     cfg = TrainCfg(steps=args.steps or (40 if args.quick else 150))
     os.environ.setdefault("OMP_NUM_THREADS", "1")

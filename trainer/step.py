@@ -198,6 +198,17 @@ def _reference(p: TrainParams, run_dir, device):
     return ref.to(device).eval().requires_grad_(False)
 
 
+def _without_tied_copy(lm, state: dict) -> dict:
+    """Drop the output embedding when it is the input embedding: the gathered state holds two separate
+    copies, so ``save_pretrained`` cannot see the tie and wrote both (+26% file size for the tiny models);
+    ``from_pretrained`` re-ties it from the config, as for a model saved from its own state dict."""
+    out, inp = lm.get_output_embeddings(), lm.get_input_embeddings()
+    if out is None or inp is None or out.weight is not inp.weight:
+        return state
+    name = next(n for n, m in lm.named_modules(remove_duplicate=False) if m is out)
+    return {k: v for k, v in state.items() if k != f"{name}.weight"}
+
+
 def _save_model(loop, tmp: Path, model_dir: Path, state: dict) -> None:
     from winnow.trainer.lora import is_peft, save_adapter, save_merged
 
@@ -207,6 +218,7 @@ def _save_model(loop, tmp: Path, model_dir: Path, state: dict) -> None:
         if loop.p.merge:
             save_merged(lm, tmp / "merged")
         return
+    state = _without_tied_copy(lm, state)
     # the KV cache was switched off for packed training only: the saved model generates with it again
     use_cache = lm.config.use_cache
     lm.config.use_cache = getattr(lm, "winnow_use_cache", True)

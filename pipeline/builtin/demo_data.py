@@ -386,6 +386,7 @@ def _load_template(spec: dict[str, Any]) -> _Template:
 
 
 _TEMPLATES: list[_Template] = [_load_template(spec) for spec in _SPEC["templates"]]
+MATH_TEMPLATES = tuple(f"math/{t.name}" for t in _TEMPLATES)  # the rows' ``template`` values
 
 
 # --------------------------------------------------------------------------------------------------

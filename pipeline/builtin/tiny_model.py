@@ -175,6 +175,9 @@ class TinyModelRecipe:
     tokenizer_samples: int | None = None
     corruptions: tuple[str, ...] | None = None
     is_correct: bool | None = None
+    # math templates left out of the draw (e.g. "math/wages"): a base that has not seen a task the
+    # fine-tune then teaches (benchmarks/curation.py); None keeps every template
+    exclude_templates: tuple[str, ...] | None = None
     loss_on: Literal["all", "assistant"] = "all"
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
@@ -184,7 +187,7 @@ class TinyModelRecipe:
     num_threads: int = 1  # intra-op threads while training (see the module docstring)
 
     def __post_init__(self) -> None:
-        from winnow.pipeline.builtin.demo_data import CORRUPTION_KINDS, DEMO_SEED
+        from winnow.pipeline.builtin.demo_data import CORRUPTION_KINDS, DEMO_SEED, MATH_TEMPLATES
 
         where = f"tiny model recipe {self.name!r}"
         scratch = ("architecture", "vocab_size", "tokenizer_seed", "tokenizer_samples")
@@ -205,6 +208,9 @@ class TinyModelRecipe:
                     "samples they score, pick another seed"
                 )
         unknown = sorted(set(self.corruptions or ()) - set(CORRUPTION_KINDS))
+        templates = sorted(set(self.exclude_templates or ()) - set(MATH_TEMPLATES))
+        if templates:
+            raise ValueError(f"{where}: exclude_templates {templates} are not demo templates {MATH_TEMPLATES}")
         if unknown:
             raise ValueError(f"{where}: corruptions {unknown} are not demo kinds {list(CORRUPTION_KINDS)}")
         if self.loss_on not in ("all", "assistant"):
@@ -223,13 +229,24 @@ class TinyModelRecipe:
         payload = {
             "code_version": CODE_VERSION,
             "generator_version": GENERATOR_VERSION,
-            "recipe": dataclasses.asdict(self),
+            "recipe": _hashed_fields(dataclasses.asdict(self)),
         }
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def dir_name(self) -> str:
         return f"{self.name}-{self.fingerprint()}"
+
+
+# fields added after CODE_VERSION 3: left out of the hash while unset, so built models keep their names
+_HASHED_ONLY_WHEN_SET = ("exclude_templates",)
+
+
+def _hashed_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in fields.items() if not (k in _HASHED_ONLY_WHEN_SET and v is None)}
+    if isinstance(out.get("base"), dict):
+        out["base"] = _hashed_fields(out["base"])
+    return out
 
 
 _TINY = TinyModelRecipe(
@@ -419,6 +436,8 @@ def _draw(recipe: TinyModelRecipe) -> list[dict[str, Any]]:
         rows = [r for r in rows if r["corruption"] in recipe.corruptions]
     if recipe.is_correct is not None:
         rows = [r for r in rows if bool(r["is_correct"]) == recipe.is_correct]
+    if recipe.exclude_templates is not None:
+        rows = [r for r in rows if r["template"] not in recipe.exclude_templates]
     if not rows:
         raise ValueError(f"tiny model recipe {recipe.name!r}: no rows of the draw pass its filters")
     return rows

@@ -280,6 +280,32 @@ def test_fingerprint_changes_with_every_field(name: str, monkeypatch: pytest.Mon
     assert recipe.fingerprint() not in seen
 
 
+def test_exclude_templates_filters_the_draw_and_keeps_unset_fingerprints() -> None:
+    import hashlib
+
+    from winnow.pipeline.builtin.demo_data import GENERATOR_VERSION
+
+    recipe = tm.BUILTIN_MODELS["tiny-warm"]
+    # the formula before the field existed: every other field, the base's included
+    old = dataclasses.asdict(recipe)
+    del old["exclude_templates"], old["base"]["exclude_templates"]
+    blob = json.dumps(
+        {"code_version": tm.CODE_VERSION, "generator_version": GENERATOR_VERSION, "recipe": old},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    assert recipe.fingerprint() == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    held = ("math/wages", "math/ages")
+    small = dataclasses.replace(recipe, data_samples=400, exclude_templates=held)
+    assert small.fingerprint() != dataclasses.replace(recipe, data_samples=400).fingerprint()
+    rows = tm._draw(small)
+    everything = [r for r in generate_demo(400, recipe.data_seed)]
+    assert len(rows) == sum(r["template"] not in held for r in everything) < len(everything)
+    assert not {r["template"] for r in rows} & set(held)
+    with pytest.raises(ValueError, match="not demo templates"):
+        dataclasses.replace(recipe, exclude_templates=("math/no_such",))
+
+
 def test_recipe_validation() -> None:
     with pytest.raises(ValueError, match="demo's own seed"):
         dataclasses.replace(SMALL, data_seed=DEMO_SEED)

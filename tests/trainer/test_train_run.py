@@ -45,6 +45,17 @@ def test_trains_on_selection_into_run_and_records_manifest(run_and_model):
     assert ident["config"]["selection"] == "clean"
     card = (run.root / "train" / "clean" / "README.md").read_text()
     assert "selection `clean`" in card
+    # tied embeddings are saved once and tied again on load
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    with safe_open(str(run.root / "train" / "clean" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        embed = f.get_tensor("model.embed_tokens.weight")
+    assert "lm_head.weight" not in keys and "model.norm.weight" in keys
+    loaded = AutoModelForCausalLM.from_pretrained(str(run.root / "train" / "clean"))
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert (loaded.lm_head.weight.detach() == embed).all()
     code, _, err = run_cli("card", run.root, "--out", run.root / "card")  # the data card's training section
     assert code == 0, err
     data_card = (run.root / "card" / "README.md").read_text()
