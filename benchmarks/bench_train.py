@@ -321,6 +321,8 @@ def variant_table(results: dict) -> list[str]:
 # every step), their train_step calls interleaved step by step in a rotating order, so every variant
 # meets the same machine load; the per-step ratio to the mini-batch control is the number to quote on a
 # loaded VM (whole-epoch runs in separate processes differed by up to 1.5x between identical runs here).
+# ``--epochs N``: N epochs over the same mini-batches, the table per epoch (ssToken's history=start losses
+# are cached per sample from epoch 2 on: its epoch 1 and later epochs cost differently).
 INTERLEAVED = {
     "minibatch": {"online": "all"},
     "q_tuning": {"online": "q_tuning"},
@@ -342,7 +344,9 @@ def _loop(a, extra: dict):
     from winnow.trainer.distributed import Dist
     from winnow.trainer.loop import Env, Loop
 
-    base = dict(model=a.model, data=a.data, out=a.tmp, tokens_per_batch=a.tokens, max_seq_len=1024)
+    base = dict(
+        model=a.model, data=a.data, out=a.tmp, tokens_per_batch=a.tokens, max_seq_len=1024, epochs=a.epochs
+    )
     p = build_params(TrainParams, {**base, "eval_fraction": 0.0, "progress": False, **extra}, "bench")
     load = lambda: AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)  # noqa: E731
     ref = load().eval().requires_grad_(False) if extra.get("online") == "rho1" else None
@@ -360,17 +364,27 @@ def worker_interleaved(a) -> dict:
             t0 = time.perf_counter()
             loops[k].train_step(s)
             times[k].append(time.perf_counter() - t0)
-    return {"steps": steps, "times": times}
+    per_epoch = min(lp.steps_per_epoch for lp in loops.values())
+    return {"steps": steps, "steps_per_epoch": per_epoch, "times": times}
 
 
 def interleaved_table(res: dict, control: str = "minibatch") -> list[str]:
-    t = res["times"]
-    out = ["| variant | step s (sum) | vs control (sum) | median per-step ratio |", "|---|---|---|---|"]
-    for k, v in t.items():
-        ratios = sorted(x / c for x, c in zip(v, t[control], strict=True))
-        out.append(
-            f"| {k} | {sum(v):.1f} | {sum(v) / sum(t[control]):.2f}x | {ratios[len(ratios) // 2]:.2f}x |"
-        )
+    """Per epoch: each variant's summed step time, its ratio to the control's sum, the median per-step
+    ratio (epoch 2 on differs from epoch 1 where a variant caches per-sample work, e.g. ssToken's history)."""
+    t, spe = res["times"], res.get("steps_per_epoch") or res["steps"]
+    out = [
+        "| epoch | variant | step s (sum) | vs control (sum) | median per-step ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for e in range(-(-res["steps"] // spe)):
+        span = slice(e * spe, (e + 1) * spe)
+        c = t[control][span]
+        for k, v in t.items():
+            v = v[span]
+            ratios = sorted(x / y for x, y in zip(v, c, strict=True))
+            out.append(
+                f"| {e + 1} | {k} | {sum(v):.1f} | {sum(v) / sum(c):.2f}x | {ratios[len(ratios) // 2]:.2f}x |"
+            )
     return out
 
 
@@ -385,6 +399,9 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/out/train.json")
     ap.add_argument("--interleaved", action="store_true", help="online policies step by step in one process")
     ap.add_argument("--variants", default=",".join(INTERLEAVED), help="with --interleaved")
+    ap.add_argument(
+        "--epochs", type=int, default=1, help="with --interleaved: epochs over the same mini-batches"
+    )
     for hidden in ("--worker", "--model", "--data", "--tmp"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -430,7 +447,11 @@ def main_interleaved(a) -> None:
         res = {}
         for mode in ("ones", "half"):
             res[mode] = spawn(
-                "interleaved", a, model, Path(tmp) / f"{mode}.parquet", ["--variants", a.variants]
+                "interleaved",
+                a,
+                model,
+                Path(tmp) / f"{mode}.parquet",
+                ["--variants", a.variants, "--epochs", str(a.epochs)],
             )
             print(mode, f"({res[mode]['steps']} steps)", flush=True)
             print("\n".join(interleaved_table(res[mode])), flush=True)

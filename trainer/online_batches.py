@@ -26,7 +26,13 @@ the default: it is never clearly slower and it trims what the policy dropped.
 
 The history model of ssToken is the model training started from (``history=start``) or an EMA of the
 weights updated after every optimizer step (``ema``, Eq. 4); the EMA tensors are saved with every
-checkpoint so a resumed run is bitwise identical on CPU.
+checkpoint so a resumed run is bitwise identical on CPU. With ``history=start`` a sample's history
+losses never change: :mod:`winnow.trainer.online_history_cache` computes them the first time the sample
+is drawn and reads them back in later epochs (``sstoken.cache_history``, default on; 4 bytes per
+supervised token; saved with every checkpoint). ssToken's cost against the mini-batch control, measured
+side by side (``bench_train.py --interleaved --epochs 2``, loaded VM, benchmarks/RESULTS.md): epoch 1
+1.46-1.71x separate / 1.34-1.37x reuse (the history forward still runs), epoch 2 1.08-1.24x separate /
+0.94-1.13x reuse (what remains is the current model's scoring forward and head pass).
 """
 
 from __future__ import annotations
@@ -128,6 +134,7 @@ class OnlineBatches:
         self.history = None
         if "history" in self.need:
             self.history = copy.deepcopy(unwrap(loop.loss_mod.model)).eval().requires_grad_(False)
+        self.cache = self._history_cache()
         self.stats: dict[str, int] = {}
         self.recorder = None
         if loop.p.record_weights:
@@ -135,6 +142,20 @@ class OnlineBatches:
 
             self.recorder = WeightRecorder(loop, op.online)
         self._step = 0
+
+    def _history_cache(self):
+        """A frozen history (``start``) scores a sample the same in every epoch: keep its losses when a
+        later epoch will read them back (:mod:`winnow.trainer.online_history_cache`)."""
+        sst, p = self.op.sstoken, self.loop.p
+        steps = p.epochs * self.steps_per_epoch
+        steps = min(steps, p.max_steps) if p.max_steps else steps
+        if self.history is None or sst.history != "start" or not sst.cache_history:
+            return None
+        if steps <= self.steps_per_epoch:
+            return None
+        from winnow.trainer.online_history_cache import HistoryCache, supervised_counts
+
+        return HistoryCache(supervised_counts(self.loop.data.train.weights))
 
     # ---------------------------------------------------------------------------------- selection
     def _order(self, epoch: int) -> list[np.ndarray]:
@@ -166,9 +187,11 @@ class OnlineBatches:
                 full[g, :width] = value
         return out
 
-    def _scored(self, seqs: list[np.ndarray], weights: list[np.ndarray], current: bool = True) -> ol.Scored:
-        """The mini-batch with the scores its policy needs; ``current=False`` leaves the current model's to
-        the training forward (``online_scoring=reuse``)."""
+    def _scored(
+        self, idx: np.ndarray, seqs: list[np.ndarray], weights: list[np.ndarray], current: bool = True
+    ) -> ol.Scored:
+        """The mini-batch (training samples ``idx``) with the scores its policy needs; ``current=False``
+        leaves the current model's to the training forward (``online_scoring=reuse``)."""
         env, lm = self.loop.env, self.loop.loss_mod.model
         ids, w, real = _padded(seqs, weights, env.pad_id, env.device)
         mask = w > 0
@@ -183,10 +206,25 @@ class OnlineBatches:
             if "reference" in self.need:
                 s.nll_ref = self._reference_nll(ids, mask, real)
             if self.history is not None:
-                s.nll_his = self._score(self.history, ids, mask, real)["nll"]
+                s.nll_his = self._history_nll(idx, ids, mask, real)
         finally:
             lm.train(was_training)
         return s
+
+    def _history_nll(self, idx: np.ndarray, ids: torch.Tensor, mask: torch.Tensor, real: torch.Tensor):
+        if self.cache is None:
+            return self._score(self.history, ids, mask, real)["nll"]
+        out, missing = self.cache.read(idx, mask)
+        if missing:
+            rows = torch.as_tensor(missing, dtype=torch.long)
+            width = int(real[rows].sum(1).max())
+            sub_mask = mask[rows, :width]
+            fresh = self._score(self.history, ids[rows.to(ids.device), :width], sub_mask, real[rows, :width])
+            self.cache.write(idx[rows.numpy()], list(range(len(missing))), sub_mask, fresh["nll"])
+            # epoch 1 reads the stored (float32-rounded) values too: the same number in every epoch
+            got, _ = self.cache.read(idx[rows.numpy()], sub_mask)
+            out[rows, :width] = got
+        return out
 
     def _reference_nll(self, ids: torch.Tensor, mask: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         if self.reference == "base":  # LoRA: the same weights with the adapters switched off
@@ -206,7 +244,7 @@ class OnlineBatches:
             for k, (_, w) in zip(idx, out, strict=True):
                 self._note(int(k), w, "all")
             return out
-        decision = ol.apply_policy(self._scored(seqs, weights), self.op)
+        decision = ol.apply_policy(self._scored(idx, seqs, weights), self.op)
         return [t for t in self._account(idx, seqs, decision) if t is not None]
 
     def _account(self, idx: np.ndarray, seqs: list[np.ndarray], decision: ol.Decision) -> list:
@@ -231,7 +269,7 @@ class OnlineBatches:
         loop, tr = self.loop, self.loop.data.train
         seqs, weights = [tr.ids[k] for k in idx], [tr.weights[k] for k in idx]
         self.stats["seen_samples"] = self.stats.get("seen_samples", 0) + len(idx)
-        scored = self._scored(seqs, weights, current=False)
+        scored = self._scored(idx, seqs, weights, current=False)
         lengths = [len(x) for x in seqs]
         groups = [
             reuse.group(seqs, weights, members, loop.layout, loop.env.pad_id)
@@ -283,16 +321,20 @@ class OnlineBatches:
     def after_step(self) -> None:
         if self.history is not None and self.op.sstoken.history == "ema":
             ol.ema_update(self.history, unwrap(self.loop.loss_mod.model), self.op.sstoken.ema_decay)
-        if self.recorder is not None:
-            self._record_after(self._step + 1)
-
-    def _record_after(self, done: int) -> None:
-        """Gather the recorded rows onto rank 0 before every checkpoint (the loop saves after this hook)
-        and at the end of an epoch, where rank 0 writes the epoch's table."""
+        done = self._step + 1
         p, last = self.loop.p, self.loop.total_steps
         epoch_end = done % self.steps_per_epoch == 0 or done == last
-        if not (epoch_end or done == last or (p.save_every and done % p.save_every == 0)):
+        # the loop saves a checkpoint after this hook: gather what the ranks hold before it
+        if not (epoch_end or (p.save_every and done % p.save_every == 0)):
             return
+        if self.cache is not None:
+            self.cache.exchange(self.loop.d.rank, self.loop.d.world, self.loop.env.device)
+        if self.recorder is not None:
+            self._record_after(done, epoch_end)
+
+    def _record_after(self, done: int, epoch_end: bool) -> None:
+        """Gather the recorded rows onto rank 0 before every checkpoint and at the end of an epoch, where
+        rank 0 writes the epoch's table."""
         self.recorder.reduce()
         if epoch_end:
             if self.loop.d.main:
@@ -302,6 +344,8 @@ class OnlineBatches:
     def save(self, path: Path) -> None:
         if self.recorder is not None:
             self.recorder.save(path)
+        if self.cache is not None:
+            self.cache.save(path)
         if self.history is not None and self.op.sstoken.history == "ema":
             from safetensors.torch import save_model  # handles tied embeddings (shared tensors)
 
@@ -310,6 +354,8 @@ class OnlineBatches:
     def load(self, path: Path) -> None:
         if self.recorder is not None:
             self.recorder.load(path)
+        if self.cache is not None:
+            self.cache.load(path)
         if self.history is not None and self.op.sstoken.history == "ema":
             from safetensors.torch import load_model
 

@@ -44,6 +44,9 @@ class SSTokenOnline:
     rho: float = 0.6  # fraction of each sample's supervised tokens kept (paper: 0.6 at 3B/8B)
     history: Literal["start", "ema"] = "start"  # the released code's fixed base model, or Eq. 4's EMA
     ema_decay: float = 0.99  # α of Eq. 4 (UNCONFIRMED: the paper gives no value)
+    # history=start: each sample's history losses computed once, read back in later epochs
+    # (winnow.trainer.online_history_cache; 4 bytes per supervised token, saved with checkpoints)
+    cache_history: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.gamma <= 1.0:

@@ -24,7 +24,8 @@ of the kept positions through that same forward. What it can and cannot do:
 Measured in ``benchmarks/bench_train.py --interleaved`` side by side with the separate forward on the same
 mini-batches (loaded 2-core VM, ratio to the mini-batch control): Q-Tuning 0.68x (separate 0.59x), Rho-1
 1.30-1.41x (separate 1.33-1.53x), ssToken 1.36-1.65x (separate 1.32-1.82x). Not a clear win for any
-policy, so ``separate`` stays the default (benchmarks/RESULTS.md).
+policy, so ``separate`` stays the default (benchmarks/RESULTS.md). With ssToken's history losses cached
+(``history=start``, from epoch 2 on) one run measured reuse 0.94-1.13x against separate 1.08-1.24x.
 """
 
 from __future__ import annotations

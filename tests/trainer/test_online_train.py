@@ -95,29 +95,48 @@ def test_rho1_keeps_k_ratio_of_the_mini_batch_tokens(inputs, tmp_path):
     assert code == 2 and "rho1.reference" in err
 
 
-def test_sstoken_ema_run_resumes_bitwise(inputs, tmp_path):
-    """Killed after step 3 and rerun: same weights and metrics as an uninterrupted run (EMA restored)."""
-    extra = ["--set", "online=sstoken", "--set", "sstoken.history=ema", "--set", "sstoken.ema_decay=0.5"]
-    extra += ["--set", "sstoken.gamma=0.8", "--set", "sstoken.rho=0.3", "--set", "epochs=2"]
-    extra += ["--set", "masked_thought.p=0.3", "--set", "masked_thought.warmup=0"]
+def _killed_and_resumed(inputs, tmp_path, extra: list[str], kill_after: int, ckpt_file: str) -> dict:
+    """An uninterrupted run and one killed after step ``kill_after`` then rerun; asserts that the last
+    checkpoint before the kill holds ``ckpt_file`` and that both end with the same weights bit for bit."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     code, _, err = _train(inputs, straight, *extra)
     assert code == 0, err
     m, d, _ = inputs
     args = [sys.executable, "-m", "winnow.pipeline.cli", "train", "--data", d, "--model", m, "--out", killed]
-    env = dict(os.environ, WINNOW_FAULT_KILL_AFTER_STEPS="3")
+    env = dict(os.environ, WINNOW_FAULT_KILL_AFTER_STEPS=str(kill_after))
     proc = subprocess.run([str(a) for a in [*args, *SETS, *extra]], env=env, capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
-    assert (killed / "checkpoints" / "step-00000002" / "ema_history.safetensors").is_file()
+    last = kill_after - kill_after % 2  # save_every=2 in SETS
+    assert (killed / "checkpoints" / f"step-{last:08d}" / ckpt_file).is_file()
     assert _train(inputs, killed, *extra)[0] == 0
     a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return a
+
+
+def test_sstoken_ema_run_resumes_bitwise(inputs, tmp_path):
+    """Killed after step 3 and rerun: same weights and metrics as an uninterrupted run (EMA restored)."""
+    extra = ["--set", "online=sstoken", "--set", "sstoken.history=ema", "--set", "sstoken.ema_decay=0.5"]
+    extra += ["--set", "sstoken.gamma=0.8", "--set", "sstoken.rho=0.3", "--set", "epochs=2"]
+    extra += ["--set", "masked_thought.p=0.3", "--set", "masked_thought.warmup=0"]
+    a = _killed_and_resumed(inputs, tmp_path, extra, 3, "ema_history.safetensors")
+    straight = tmp_path / "straight"
     rows = [r for r in _metrics(straight) if "loss" in r]
     assert all(r["masked_thought_p"] == 0.3 and r["online_kept_tokens"] > 0 for r in rows)
     # Masked Thought changed the training inputs: the same run without it ends elsewhere
     plain = tmp_path / "nomask"
     assert _train(inputs, plain, *extra[:12])[0] == 0
     assert not all(torch.equal(load_file(plain / "model.safetensors")[k], a[k]) for k in a)
+
+
+def test_sstoken_start_run_with_the_history_cache_resumes_bitwise_in_epoch_two(inputs, tmp_path):
+    """history=start with the cache (the default): 3 steps per epoch, killed after step 5, resumed from
+    the checkpoint of step 4 (epoch 2's first; the rest of the epoch reads the cache it carries)."""
+    extra = ["--set", "online=sstoken", "--set", "sstoken.gamma=0.8", "--set", "sstoken.rho=0.3"]
+    extra += ["--set", "epochs=2"]
+    _killed_and_resumed(inputs, tmp_path, extra, 5, "history_cache.safetensors")
+    rows = [r for r in _metrics(tmp_path / "straight") if "loss" in r]
+    assert len(rows) == 6 and all(r["online_kept_tokens"] > 0 for r in rows)
 
 
 def test_lora_trains_only_adapters_saves_loadable_adapter_and_merged_model(inputs, tmp_path):
