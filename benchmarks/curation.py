@@ -176,6 +176,7 @@ class Policy:
     online: str = ""
     cost: tuple[str, ...] = ()  # manifest keys of the passes and stages it needs
     lora: bool = False
+    train: dict[str, str] = field(default_factory=dict)  # extra winnow train parameters (online rows)
 
     @property
     def budgeted(self) -> bool:
@@ -189,6 +190,7 @@ CUR, HIST, REF, CON = (
     "model_pass:contrast",
 )
 _QS_KEEP = "sample_id in (select sample_id from scores_excess_loss where mean_excess >= 0)"
+FLOOR = "<|im_end|>,####"  # the structural tokens ssToken drops (RESULTS.md): always kept in the *_floor rows
 POLICIES = [
     Policy("full", "full"),
     Policy("drop_high_loss", "select", sql_budget="drop_high_loss", cost=(HIST,)),
@@ -217,6 +219,14 @@ POLICIES = [
         stage="sstoken",
         knob="rho",
         select={"policy": "sstoken"},
+        cost=(CUR, HIST, "stage:sstoken"),
+    ),
+    Policy(
+        "sstoken_floor",
+        "select",
+        stage="sstoken",
+        knob="rho",
+        select={"policy": "sstoken", "always_keep": FLOOR},
         cost=(CUR, HIST, "stage:sstoken"),
     ),
     Policy(
@@ -252,6 +262,7 @@ POLICIES = [
     Policy("online_q_tuning", "online", online="q_tuning", knob="r_sample"),
     Policy("online_rho1", "online", online="rho1", knob="k_ratio"),
     Policy("online_sstoken", "online", online="sstoken", knob="rho"),
+    Policy("online_sstoken_floor", "online", online="sstoken", knob="rho", train={"always_keep": FLOOR}),
 ]
 QUICK_POLICIES = ("full", "eu_plane", "excess_loss")
 # the rows every seed-0 pass starts with: full and the policies reading no ground truth that the quality
@@ -454,6 +465,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
             values["selection"] = job["selection"]
     if job.get("online"):
         values |= {"online": job["online"], f"{job['online']}.{job['knob']}": job["budget"]}
+        values |= job.get("train", {})
     if job.get("lora"):
         values |= {"lora_r": cfg.lora_r, "lr": cfg.lora_lr, "merge": True}
     t0 = time.time()
@@ -559,7 +571,7 @@ def _jobs(ctx: dict[str, Any], budget: float, policies: list[Policy], stats, see
             if p.kind == "select":
                 job["selection"] = p.name
             if p.kind == "online":
-                job |= {"online": p.online, "knob": p.knob}
+                job |= {"online": p.online, "knob": p.knob, "train": p.train}
             jobs.append(job | {"row": p.name, "out": str(ctx["workdir"] / "train" / tag)})
             if p.name in lora and seed in seeds[: ctx["lora_seeds"]]:
                 jobs.append(

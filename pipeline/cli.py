@@ -158,11 +158,22 @@ def select(
     keep: Annotated[
         str | None, typer.Option("--keep", help="policy sql: boolean SQL over the samples view")
     ] = None,
+    always_keep: Annotated[
+        str | None,
+        typer.Option(
+            "--always-keep",
+            help='TEXT[,TEXT...]: tokens the token half never drops where supervised (e.g. "<|im_end|>,####")',
+        ),
+    ] = None,
     sets: SetOpt = None,
 ) -> None:
     """Turn scores into a keep flag per sample and a weight per token: selection/<name>/."""
+    from winnow.pipeline.always_keep import split_texts
+
     values: dict = {"policy": policy, **parse_sets(sets, "select")}
     values |= {k: v for k, v in {"name": name, "tokens": tokens, "keep": keep}.items() if v is not None}
+    if always_keep is not None:  # a list, so an empty item reaches the check that names it
+        values["always_keep"] = split_texts(always_keep)
     entry = _run_step("select", run_dir, values)
     c = entry["counts"]
     typer.echo(

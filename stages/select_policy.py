@@ -24,6 +24,14 @@ kept). Its reason is ``<policy>:<reason>`` of the first listed policy that dropp
 (``dv4llm:not_selected``), or the kept reasons joined by ``+`` (``selected+correct``); the token half is
 ``tokens`` or else the first listed policy's own. One policy alone keeps its plain reasons.
 
+**Always-keep floor.** ``--always-keep "<|im_end|>,####"`` (``always_keep``) names texts whose tokens the
+token half never drops: at supervised positions whose ``input_id`` is one of their ids (tokenized with the
+samples' tokenizer, :mod:`winnow.pipeline.always_keep`), ``token_weight`` becomes at least the
+``loss_mask`` value (1.0), in the samples the selection trains on (a dropped sample, or one with no token
+selected, stays dropped). Without it ssToken kept 1.9% of ``<|im_end|>`` and 0.6% of ``####`` and the
+fine-tuned model stopped answering (RESULTS.md, curation from the quality base). The texts and ids are
+recorded in every shard's schema metadata, ``winnow.always_keep`` (JSON ``{"texts", "ids"}``).
+
 ``token_weight[i]`` is 0 wherever ``loss_mask[i] == 0``, on dropped samples, and on tokens the
 token half did not select; a kept sample whose weights all come out 0 is dropped with reason
 ``no_token_weight`` (nothing left to train on). Output columns: ``sample_id``, ``keep``, ``reason``,
@@ -36,9 +44,10 @@ the whole run), so a changed score reselects everything; an unchanged rerun writ
 
 from __future__ import annotations
 
+import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -61,6 +70,8 @@ class SelectParams:
     tokens: str = ""  # "" = the policy's own token half; else one of steps.token_sources()
     keep: str = ""  # policy=sql: a DuckDB boolean expression over the samples view
     keep_targets: bool = True  # policy=dv4llm: keep the target samples too
+    # texts whose tokens the token half never drops (winnow.pipeline.always_keep), e.g. <|im_end|>,####
+    always_keep: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for policy in self.policies:
@@ -78,6 +89,11 @@ class SelectParams:
         if ("sql" in self.policies) != bool(self.keep):
             raise ValueError(
                 'policy sql needs --set keep="<boolean SQL over samples>"; other policies take no keep='
+            )
+        if self.always_keep and self.token_source == "loss_mask":
+            raise ValueError(
+                f"always_keep={','.join(self.always_keep)} floors a token-level selection, but this one keeps "
+                f"every supervised token already: add --tokens {'|'.join(steps.token_sources()[1:])}"
             )
         self.name = self.name or "_and_".join(self.policies)
         if not _NAME_RE.match(self.name):
@@ -201,8 +217,23 @@ def token_selection(
     return sel
 
 
+def _floor(weight: np.ndarray, mask: np.ndarray, cols: pa.Table, row_of: np.ndarray, floor_ids) -> np.ndarray:
+    """``always_keep``: supervised tokens whose id is in ``floor_ids`` get at least their loss_mask weight,
+    in the samples the selection trains on (some weight left after both halves); a dropped sample, or one
+    whose token half selected nothing, stays as it is."""
+    trains = np.bincount(row_of, weights=weight > 0, minlength=len(cols)) > 0
+    input_ids = pc.list_flatten(cols["input_ids"].combine_chunks()).to_numpy(zero_copy_only=False)
+    force = np.isin(input_ids, floor_ids) & (mask > 0) & trains[row_of]
+    return np.where(force, np.maximum(weight, mask), weight).astype(np.float32)
+
+
 def _shard_table(
-    cols: pa.Table, keep: dict[str, bool], why: dict[str, str], selection: np.ndarray, policy: str
+    cols: pa.Table,
+    keep: dict[str, bool],
+    why: dict[str, str],
+    selection: np.ndarray,
+    policy: str,
+    floor_ids: np.ndarray | None = None,
 ) -> pa.Table:
     sample_id = cols["sample_id"].combine_chunks()
     ids = sample_id.to_pylist()
@@ -211,6 +242,8 @@ def _shard_table(
     keep_row = np.array([keep[s] for s in ids], dtype=bool)
     weight = mask * selection * np.repeat(keep_row, n_tokens).astype(np.float32)  # (total tokens,)
     row_of = np.repeat(np.arange(len(ids)), n_tokens)
+    if floor_ids is not None:
+        weight = _floor(weight, mask, cols, row_of, floor_ids)
     n_weighted = np.bincount(row_of, weights=weight > 0, minlength=len(ids)).astype(np.int32)
     weight_sum = np.bincount(row_of, weights=weight.astype(np.float64), minlength=len(ids))
     reason = [why[s] for s in ids]
@@ -231,6 +264,19 @@ def _shard_table(
     )
 
 
+def _always_keep(run: RunDir, p: SelectParams) -> tuple[np.ndarray | None, dict | None]:
+    """The floor's token ids (tokenized with the samples' tokenizer) and the schema metadata recording
+    them in every shard of the selection (``winnow.always_keep``: the texts and the ids)."""
+    if not p.always_keep:
+        return None, None
+    from winnow.pipeline import always_keep as ak
+
+    where = "select --always-keep (always_keep)"
+    ids = ak.always_keep_ids(ak.run_tokenizer(run, where), p.always_keep, where)
+    meta = {ak.METADATA_KEY: json.dumps({"texts": p.always_keep, "ids": ids}).encode()}
+    return np.asarray(ids, np.int64), meta
+
+
 def run_select(run: RunDir, p: SelectParams) -> dict:
     started = time.time()
     samples = run.table(io.SAMPLES)
@@ -238,6 +284,7 @@ def run_select(run: RunDir, p: SelectParams) -> dict:
         raise UserError(f"{run.root} has no samples: run `winnow ingest` first")
     parts = [r.part for r in samples.records()]
     source = p.token_source
+    floor_ids, meta = _always_keep(run, p)  # a bad text fails before anything is read or written
     read = {t.removeprefix("scores/") for t in steps.spec("select").tables_read(p) if t.startswith("scores/")}
     for stage in sorted(read):
         if not run.table(f"scores/{stage}").exists():
@@ -255,13 +302,15 @@ def run_select(run: RunDir, p: SelectParams) -> dict:
     if not io.all_fresh(st.out, parts, st.fp, inputs):
         sql_keep = _sql_keep(run, p.keep) if "sql" in p.policies else None
         kept = weighted = n_samples = 0
+        columns = ["sample_id", "n_tokens", "loss_mask"] + (["input_ids"] if p.always_keep else [])
         for part in parts:  # one shard in memory at a time
-            cols = samples.read_part(part, columns=["sample_id", "n_tokens", "loss_mask"])
+            cols = samples.read_part(part, columns=columns)
             n_tokens = cols["n_tokens"].to_numpy()
             keep, why = _sample_half(run, p, cols["sample_id"].to_pylist(), part, sql_keep)
             n_samples += len(n_tokens)
             selection = token_selection(run, source, part, cols["sample_id"].combine_chunks(), n_tokens)
-            table = _shard_table(cols, keep, why, selection, p.policy)
+            table = _shard_table(cols, keep, why, selection, p.policy, floor_ids)
+            table = table.replace_schema_metadata(meta)
             kept += int(pc.sum(table["keep"].cast(pa.int64())).as_py() or 0)
             weighted += int(pc.sum(table["n_weighted"]).as_py() or 0)
             st.commit(part, table, inputs)

@@ -75,6 +75,8 @@ class TrainParams:
     # the current model's scores from a separate no-grad forward, or from the training forward (online_reuse);
     # auto: reuse for sstoken (faster in every near-idle measurement), separate for the others (RESULTS.md)
     online_scoring: Literal["auto", "separate", "reuse"] = "auto"
+    # texts whose tokens an online policy never drops where supervised, e.g. "<|im_end|>,####" (issue 15)
+    always_keep: list[str] = field(default_factory=list)
     # LoRA through peft (winnow.trainer.lora): lora_r > 0 turns it on
     lora_r: int = 0
     lora_alpha: int = 0  # 0 = 2 * lora_r
@@ -118,6 +120,11 @@ class TrainParams:
             raise ValueError(
                 "online_scoring=reuse scores from the training forward, whose inputs Masked Thought masks: "
                 "use online_scoring=separate with masked_thought.p > 0"
+            )
+        if self.always_keep and self.online in ("none", "all"):
+            raise ValueError(
+                f"always_keep={','.join(self.always_keep)} floors an online token selection: set "
+                "online=q_tuning|rho1|sstoken (an offline selection takes `winnow select ... --always-keep`)"
             )
         if self.record_weights and self.online == "none":
             raise ValueError(
@@ -171,9 +178,11 @@ class TrainParams:
     def virtual_tokens(self) -> int:
         return self.prompt_tuning.num_virtual_tokens
 
-    def online_params(self) -> OnlineParams:
+    def online_params(self, always_keep_ids: tuple[int, ...] = ()) -> OnlineParams:
+        """The online group; ``always_keep_ids``: :attr:`always_keep` tokenized by the caller (the trainer
+        holds the model's tokenizer)."""
         return OnlineParams(
-            self.online, self.q_tuning, self.rho1, self.sstoken, self.masked_thought
+            self.online, self.q_tuning, self.rho1, self.sstoken, self.masked_thought, tuple(always_keep_ids)
         )
 
     def lora_params(self):

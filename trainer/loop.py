@@ -65,6 +65,7 @@ class Env:
     pad_id: int = 0
     scale: float = 1.0
     softcap: float | None = None
+    always_keep_ids: tuple[int, ...] = ()  # TrainParams.always_keep as token ids of the model's tokenizer
 
 
 class Loop:
@@ -104,7 +105,7 @@ class Loop:
         if p.online != "none":
             from winnow.trainer.online_batches import OnlineBatches
 
-            self.online = OnlineBatches(self, p.online_params(), reference)
+            self.online = OnlineBatches(self, p.online_params(env.always_keep_ids), reference)
             self.steps_per_epoch = self.online.steps_per_epoch
             total = p.epochs * self.steps_per_epoch
             # the scheduler's lambda reads self.total_steps when called: no second scheduler needed

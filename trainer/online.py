@@ -13,6 +13,8 @@ in, which samples to train on and each token's weight out. The trainer draws the
 default 8 samples per rank, the paper's per-device batch, in its seeded order, before packing),
 fills the signals the policy ``needs`` (:data:`NEEDS`), applies the decision and then trims and packs
 the kept samples as usual. A new method is one function and one line in :data:`POLICIES`.
+``always_keep`` (``--set always_keep="<|im_end|>,####"``, any policy) then puts those tokens back where
+the policy dropped them (:func:`always_keep`; why: :mod:`winnow.pipeline.always_keep`).
 
 Masked Thought (ALGORITHMS.md §7.1) is input-side noise, not a selection: :func:`masked_thought_inputs`
 replaces response *input* tokens with probability ``p`` (ramped as the authors' trainer does) in the
@@ -48,6 +50,7 @@ class Scored:
     nll_ref: torch.Tensor | None = None  # (B, T) under the reference model (rho1)
     nll_his: torch.Tensor | None = None  # (B, T) under the history model (sstoken, gamma > 0)
     attn: torch.Tensor | None = None  # (B, T) attention of query i to the prompt (sstoken, gamma < 1)
+    ids: torch.Tensor | None = None  # (B, T) input ids, on the CPU (only for an always_keep floor)
 
 
 @dataclass
@@ -133,9 +136,23 @@ def needs(params: OnlineParams) -> set[str]:
 
 
 def apply_policy(s: Scored, params: OnlineParams) -> Decision:
+    """The policy's decision on this mini-batch, then the ``always_keep`` floor (before trimming/packing)."""
     if params.online in ("none", "all"):
         return _decision(s.mask, s)
-    return POLICIES[params.online](s, getattr(params, params.online))
+    decision = POLICIES[params.online](s, getattr(params, params.online))
+    return always_keep(decision, s, params.always_keep_ids) if params.always_keep_ids else decision
+
+
+def always_keep(d: Decision, s: Scored, ids: tuple[int, ...]) -> Decision:
+    """Supervised tokens whose id is in ``ids`` train with the selection's weight (as if the policy had kept
+    them) in every sample the decision trains on; a dropped sample stays dropped (the offline floor's rule,
+    :mod:`winnow.pipeline.always_keep`)."""
+    if s.ids is None:
+        raise ValueError("always_keep needs the mini-batch's input ids (Scored.ids)")
+    hit = torch.isin(s.ids, torch.as_tensor(ids, dtype=s.ids.dtype))
+    force = hit & s.mask & d.keep[:, None]
+    weight = torch.where(force, torch.maximum(d.weight, s.weight), d.weight)
+    return Decision(d.keep, weight, {**d.stats, "kept_tokens": int(weight.ne(0).sum())}, d.reason)
 
 
 # ---- Masked Thought ------------------------------------------------------------------------------------

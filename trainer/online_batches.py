@@ -198,6 +198,7 @@ class OnlineBatches:
         ids, w, real = _padded(seqs, weights, env.pad_id, env.device)
         mask = w > 0
         s = ol.Scored(mask=mask, weight=w, nll=torch.full(mask.shape, math.nan, dtype=torch.float64))
+        s.ids = ids.cpu() if self.op.always_keep_ids else None
         was_training = lm.training
         lm.eval()
         try:

@@ -75,6 +75,16 @@ def _check_model(p: TrainParams, run_dir, model_dir: Path, max_token_id: int) ->
     return {"vocab_size": vocab, "fingerprint": weights_fingerprint(model_dir)}
 
 
+def _always_keep_ids(p: TrainParams, model_dir: Path) -> tuple[int, ...]:
+    """``always_keep`` as token ids of the model's tokenizer (the samples' one: checked by _check_model)."""
+    if not p.always_keep:
+        return ()
+    from winnow.pipeline.always_keep import always_keep_ids
+    from winnow.pipeline.models import load_tokenizer
+
+    return tuple(always_keep_ids(load_tokenizer(model_dir), p.always_keep, "train always_keep"))
+
+
 def _claim_out(out: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
     """Create ``out`` for this run; the finished result when an identical run already completed."""
     out.mkdir(parents=True, exist_ok=True)
@@ -263,6 +273,7 @@ def train(p: TrainParams, run_dir: str | Path | None = None) -> dict[str, Any]:
     model_dir = resolve_model(p.model)
     data = data_mod.load(p, run_dir)
     model_info = _check_model(p, run_dir, model_dir, data.max_token_id)
+    model_info["always_keep_ids"] = _always_keep_ids(p, model_dir)
     _check_writable(out)
     ident = {
         "model": p.model,
@@ -309,6 +320,7 @@ def _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0
         pad if isinstance(pad, int) and 0 <= pad < model_info["vocab_size"] else 0,
         head.scale,
         head.softcap,
+        model_info["always_keep_ids"],
     )
     loop = Loop(p, data, model, env, _reference(p, run_dir, device))
     steps = _drive(loop, Metrics(out / "metrics.jsonl", d.main), out)
