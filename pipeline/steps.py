@@ -79,6 +79,15 @@ def _resolve(decls: tuple[TableDecl, ...], params: Any) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def _online_records(p: Any) -> list[str]:
+    """``record_weights=true``: one ``selection/online-<name>-epoch<E>`` per epoch (trainer.online_record;
+    fewer when ``max_steps`` ends training early)."""
+    if not getattr(p, "record_weights", False) or p.online == "none":
+        return []
+    name = p.name or p.selection or "all"
+    return [f"selection/online-{name}-epoch{e}" for e in range(1, p.epochs + 1)]
+
+
 @dataclass(frozen=True)
 class StepSpec:
     """One registry line. ``module`` holds ``STEP``; ``card`` is ``"module:function"`` called as
@@ -349,6 +358,7 @@ for _spec in (
         "training",
         "winnow.trainer.step",
         reads=("samples", Ref("selection/{selection}", lambda p: bool(p.selection))),
+        writes=(_online_records,),
         key_pattern=lambda p: f"train:{p.name or p.selection or 'all'}",
         help="train a model on a selection (token-weighted, trimmed, packed; resumable; torchrun) -> RUN/train/<name>/",
     ),

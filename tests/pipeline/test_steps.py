@@ -215,3 +215,15 @@ def test_one_reject_error_class():
     assert RecordError is RejectError and RenderError is RejectError
     e = RejectError("bad_role", "role 'wizard'")
     assert (e.reason, e.detail, str(e)) == ("bad_role", "role 'wizard'", "role 'wizard'")
+
+
+def test_train_declares_the_online_tables_it_records():
+    from winnow.pipeline.steps import spec as step_spec
+    from winnow.trainer.config import TrainParams
+
+    spec = step_spec("train")
+    on = TrainParams(model="m", selection="keep", online="q_tuning", record_weights=True, epochs=2)
+    assert spec.tables_written(on) == ["selection/online-keep-epoch1", "selection/online-keep-epoch2"]
+    named = TrainParams(model="m", name="run1", online="all", record_weights=True)
+    assert spec.tables_written(named) == ["selection/online-run1-epoch1"]
+    assert spec.tables_written(TrainParams(model="m", online="q_tuning")) == []
