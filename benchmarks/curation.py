@@ -819,7 +819,7 @@ def bench_dataset(name: str, args, cfg: TrainCfg, log) -> tuple[list[dict[str, A
     run_jobs(jobs25, args, log)
     # D: every remaining seed
     run_jobs(jobs50, args, log)
-    return results, prep["stage_seconds"]
+    return journal(), prep["stage_seconds"]
 
 
 def main(argv: list[str] | None = None) -> int:
