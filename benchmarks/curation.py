@@ -822,7 +822,7 @@ def bench_dataset(name: str, args, cfg: TrainCfg, log) -> tuple[list[dict[str, A
     return journal(), prep["stage_seconds"]
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="demo data, builtin models, 1 seed, 4 rows")
     ap.add_argument("--seeds", type=int, default=None, help="default 3 (1 with --quick)")
@@ -856,6 +856,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gsm8k-base", default=None, help="GSM8K starting model (default: curation_gsm8k's)")
     ap.add_argument("--gsm8k-prep-dir", default=None, help="workdir of an earlier prepare_gsm8k to resume")
     ap.add_argument("--report", action="store_true", help="only print the table of the results so far")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
     args = ap.parse_args(argv)
     args.seeds = args.seeds or (1 if args.quick else 3)
     known = {p.name for p in POLICIES}

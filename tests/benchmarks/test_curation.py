@@ -206,3 +206,26 @@ def test_target_check_needs_a_margin_over_full_and_random_and_no_ground_truth():
     ]
     assert curation.target_check(rows) == ["a"]
     assert curation.target_check(rows, budget=0.25) == []
+
+
+def test_excess_samples_keeps_the_top_mean_excess_and_new_task_rows_hold_only_the_task():
+    import curation as cu
+    import duckdb
+
+    rng = np.random.default_rng(3)
+    ids, scores = list(range(40)), rng.normal(size=40)
+    scores[5] = np.nan  # a sample with no supervised token: never kept first
+    con = duckdb.connect()
+    con.execute("create table scores_excess_loss (sample_id bigint, mean_excess double)")
+    con.executemany("insert into scores_excess_loss values (?, ?)", [(i, None if np.isnan(v) else float(v)) for i, v in zip(ids, scores, strict=True)])
+    con.execute("create table samples as select sample_id from scores_excess_loss")
+    kept = {r[0] for r in con.execute(f"select sample_id from samples where {cu._sql_budget('excess_samples', 10)}").fetchall()}
+    by_hand = {ids[k] for k in sorted(range(40), key=lambda k: -np.nan_to_num(scores[k], nan=-np.inf))[:10]}
+    assert kept == by_hand and 5 not in kept
+
+    task = ("math/wages", "math/ages")
+    rows = cu._demo_rows(300, 99, set(), task)
+    from winnow.pipeline.builtin.demo_data import generate_demo
+
+    want = [r for r in generate_demo(300, 99) if r["corruption"] == "none" and r["template"] in task]
+    assert [r["messages"] for r in rows] == [r["messages"] for r in want] and len(rows) > 5
