@@ -29,8 +29,9 @@ run cut short still answers the main question. Measured on the shared 2-core VM 
 90-170 s per worker, two workers about 45 s a row; ``--quick`` took 221 s with the model passes done.
 
 Usage: ``python benchmarks/curation.py [--quick] [--models builtin|quality] [--seeds 3] [--workers 2]
-[--datasets demo,gsm8k] [--steps N] [--max-minutes M] [--report]``. The table is printed and written to
-``<workdir>/table.md`` and ``results.json``.
+[--datasets demo,gsm8k] [--steps N] [--start base|new-task] [--rows a,b] [--max-minutes M] [--report]``.
+The table is printed and written to ``<workdir>/table.md`` and ``results.json``. ``--start new-task``: see
+:func:`prepare_demo` (the setting where DV4LLM met the target, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
