@@ -208,7 +208,7 @@ def worker_trl(a, packing: bool) -> dict:
 
 
 def worker_winnow(a, variant: str = "") -> dict:
-    from winnow.pipeline.params import build_params
+    from winnow.core.params import build_params
     from winnow.trainer.config import TrainParams
     from winnow.trainer.step import train
 
@@ -338,7 +338,7 @@ def _loop(a, extra: dict):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from winnow.pipeline.params import build_params
+    from winnow.core.params import build_params
     from winnow.trainer import data as data_mod
     from winnow.trainer.config import TrainParams
     from winnow.trainer.distributed import Dist

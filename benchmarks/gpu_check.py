@@ -165,8 +165,8 @@ def model_flops_per_token(model, c: dict) -> float:
 
 
 def model_pass(dev: str, c: dict, model) -> dict:
+    from winnow.core.model_io import LoadedModel
     from winnow.kernels.chunked_head import LMHead
-    from winnow.stages.passes.model_io import LoadedModel
     from winnow.stages.passes.model_scoring import score_samples
 
     model.eval()

@@ -38,8 +38,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from winnow.core.store import RunDir, UserError, atomic_write_bytes
 from winnow.pipeline.inspect_run import open_views
-from winnow.pipeline.store import RunDir, UserError, atomic_write_bytes
 
 MAX_META_VALUES = 20  # a meta_ column with more distinct values is an identifier, not a category
 TOP_TOKENS = 15

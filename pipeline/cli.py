@@ -13,9 +13,9 @@ from typing import Annotated
 
 import typer
 
+from winnow.core.params import build_params, parse_sets
+from winnow.core.store import UserError
 from winnow.pipeline import steps as registry
-from winnow.pipeline.params import build_params, parse_sets
-from winnow.pipeline.store import UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -27,8 +27,8 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="step parameter 
 
 
 def _run_step(step_name: str, run_dir: str, values: dict, create: bool = False) -> dict:
-    from winnow.pipeline.lock import run_lock
-    from winnow.pipeline.store import RunDir
+    from winnow.core.lock import run_lock
+    from winnow.core.store import RunDir
 
     step = registry.get_step(step_name)
     params = build_params(step.params, values, where=f"winnow {step_name}")
@@ -168,7 +168,7 @@ def select(
     sets: SetOpt = None,
 ) -> None:
     """Turn scores into a keep flag per sample and a weight per token: selection/<name>/."""
-    from winnow.pipeline.always_keep import split_texts
+    from winnow.core.always_keep import split_texts
 
     values: dict = {"policy": policy, **parse_sets(sets, "select")}
     values |= {k: v for k, v in {"name": name, "tokens": tokens, "keep": keep}.items() if v is not None}
@@ -278,8 +278,8 @@ def train(
     if run_dir is None:
         entry = train_model(params, run_dir)
     else:  # one writer per run, as for every other step
-        from winnow.pipeline.lock import run_lock
-        from winnow.pipeline.store import RunDir
+        from winnow.core.lock import run_lock
+        from winnow.core.store import RunDir
 
         with run_lock(RunDir(run_dir), f"train:{name or selection or 'default'}"):
             entry = train_model(params, run_dir)

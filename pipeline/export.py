@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from winnow.pipeline.store import RunDir, UserError, fsync_dir, fsync_tree
+from winnow.core.store import RunDir, UserError, fsync_dir, fsync_tree
 
 FORMATS = ("jsonl", "parquet", "hf")
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from winnow.pipeline.store import VERIFY, RunDir, UserError
+from winnow.core.store import VERIFY, RunDir, UserError
 
 _PREFIXES = {"signals": "signals", "scores": "scores", "selection": "selection"}
 _SAMPLE_LISTS = {"input_ids", "offsets", "loss_mask"}

@@ -26,9 +26,9 @@ from typing import Any
 
 import tomllib
 
-from winnow.pipeline.params import build_params
+from winnow.core.params import build_params
+from winnow.core.store import RunDir, UserError, atomic_write_json
 from winnow.pipeline.steps import Step, check_order, get_step, spec
-from winnow.pipeline.store import RunDir, UserError, atomic_write_json
 
 
 @dataclass
@@ -85,7 +85,7 @@ def with_models(recipe: Recipe, models: dict[str, str]) -> Recipe:
 
 
 def run_loaded(recipe: Recipe, run_dir: str | None = None) -> dict[str, Any]:
-    from winnow.pipeline.lock import run_lock
+    from winnow.core.lock import run_lock
 
     run = RunDir(run_dir or recipe.run_dir, create=True)
     with run_lock(run, f"recipe {recipe.path.name}"):  # one writer for the whole recipe

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from winnow.pipeline.errors import UserError
+from winnow.core.errors import UserError
 
 KINDS = ("ingest", "model_pass", "stage", "selection", "training")
 
@@ -272,7 +272,7 @@ for _spec in (
     StepSpec(
         "ingest",
         "ingest",
-        "winnow.pipeline.ingest",
+        "winnow.core.ingest",
         writes=("{table}", Ref("rejects", _is_samples), Ref("vocab", _is_samples)),
         key_pattern=lambda p: "ingest" if p.table == "samples" else f"ingest:{p.table}",
         help="Local files -> samples/ and rejects/ tables, tokenized with the model's chat template.",

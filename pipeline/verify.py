@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from winnow.pipeline.store import MANIFEST, VERIFY, RunDir
+from winnow.core.store import MANIFEST, VERIFY, RunDir
 
 
 def verify_run(run_dir: str, full: bool = False) -> tuple[list[str], str]:

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from winnow.pipeline.errors import UserError
+from winnow.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def model_embeddings(
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from winnow.pipeline.models import safetensors_files
+    from winnow.core.models import safetensors_files
 
     path = resolve_model_dir(model)
     safetensors_files(path)  # refuses a directory with pickled weights only

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from winnow.pipeline.store import RunDir, UserError, sha256_file, stable_hash
+from winnow.core.store import RunDir, UserError, sha256_file, stable_hash
 from winnow.trainer.config import TrainParams
 from winnow.trainer.packing import Prepared, prepare
 

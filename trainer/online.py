@@ -14,7 +14,7 @@ default 8 samples per rank, the paper's per-device batch, in its seeded order, b
 fills the signals the policy ``needs`` (:data:`NEEDS`), applies the decision and then trims and packs
 the kept samples as usual. A new method is one function and one line in :data:`POLICIES`.
 ``always_keep`` (``--set always_keep="<|im_end|>,####"``, any policy) then puts those tokens back where
-the policy dropped them (:func:`always_keep`; why: :mod:`winnow.pipeline.always_keep`).
+the policy dropped them (:func:`always_keep`; why: :mod:`winnow.core.always_keep`).
 
 Masked Thought (ALGORITHMS.md §7.1) is input-side noise, not a selection: :func:`masked_thought_inputs`
 replaces response *input* tokens with probability ``p`` (ramped as the authors' trainer does) in the
@@ -146,7 +146,7 @@ def apply_policy(s: Scored, params: OnlineParams) -> Decision:
 def always_keep(d: Decision, s: Scored, ids: tuple[int, ...]) -> Decision:
     """Supervised tokens whose id is in ``ids`` train with the selection's weight (as if the policy had kept
     them) in every sample the decision trains on; a dropped sample stays dropped (the offline floor's rule,
-    :mod:`winnow.pipeline.always_keep`)."""
+    :mod:`winnow.core.always_keep`)."""
     if s.ids is None:
         raise ValueError("always_keep needs the mini-batch's input ids (Scored.ids)")
     hit = torch.isin(s.ids, torch.as_tensor(ids, dtype=s.ids.dtype))

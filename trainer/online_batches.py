@@ -96,7 +96,7 @@ def score_rows(
     targets of right-padded rows, NaN elsewhere. ``attn[i]``: head-mean attention of query ``i`` in the
     last layer to the unweighted tokens of its row (ssToken's response-to-prompt score)."""
     attention = real is not None
-    from winnow.stages.passes.attention_capture import AttentionCapture, attention_importance
+    from winnow.core.attention_capture import AttentionCapture, attention_importance
 
     body, head_mod = body_and_head(model)
     capture = AttentionCapture(body, -1) if attention else nullcontext()

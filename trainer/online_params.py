@@ -79,7 +79,7 @@ class OnlineParams:
     sstoken: SSTokenOnline = field(default_factory=SSTokenOnline)
     masked_thought: MaskedThoughtParams = field(default_factory=MaskedThoughtParams)
     # token ids every policy's decision keeps where supervised (TrainParams.always_keep, tokenized by the
-    # trainer with the model's tokenizer: winnow.pipeline.always_keep)
+    # trainer with the model's tokenizer: winnow.core.always_keep)
     always_keep_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:

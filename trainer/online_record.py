@@ -100,7 +100,7 @@ class WeightRecorder:
     # ------------------------------------------------------------------------ the table
     def write(self, epoch: int) -> str:
         """``selection/online-<name>-epoch<E>`` from the rows so far (rank 0, after :meth:`reduce`)."""
-        from winnow.pipeline.store import RunDir, stable_hash
+        from winnow.core.store import RunDir, stable_hash
 
         run = RunDir(self.run_root)
         samples = run.table("samples")

@@ -99,7 +99,7 @@ class ReuseSelect:
         )
 
     def loss(self, mod: WeightedLMLoss) -> torch.Tensor:
-        from winnow.stages.passes.attention_capture import AttentionCapture
+        from winnow.core.attention_capture import AttentionCapture
 
         body, head = body_and_head(mod.model)
         attention = "attention" in self.need
@@ -153,7 +153,7 @@ class ReuseSelect:
 
     def _attention(self, cap, g: Group, dev) -> torch.Tensor:
         """Head-mean attention of each supervised query to the unweighted tokens of its own sample."""
-        from winnow.stages.passes.attention_capture import attention_importance
+        from winnow.core.attention_capture import attention_importance
 
         shape = g.batch.input_ids.shape
         fr = torch.from_numpy(g.frame_rows)

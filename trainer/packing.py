@@ -12,7 +12,7 @@ Conventions: ``token_weight[i]`` weighs token ``i`` *as a target*, predicted by 
   ``packed`` (GPU, varlen attention): best-fit decreasing into ``tokens_per_batch`` tokens per pack,
   one flat row with ``position_ids`` restarting per sample and ``cu_seqlens`` marking the samples;
   ``padded`` (CPU): length-bucketed rows, one sample per row, right padding and no attention mask
-  (the model passes' layout, :func:`winnow.stages.passes.batching.plan_padded`: on this CPU a masked
+  (the model passes' layout, :func:`winnow.core.layout.plan_padded`: on this CPU a masked
   packed row runs 4-5x slower than bucketed rows, which pad <= 10%).
 * **Shuffle.** The plan is fixed for a run; the order of its micro-batches is a permutation seeded by
   ``(seed, epoch)``, so a resumed run sees exactly the batches an uninterrupted one would.
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from winnow.stages.passes.batching import plan_padded
+from winnow.core.layout import plan_padded
 
 LAYOUTS = ("padded", "packed")
 

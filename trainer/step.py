@@ -23,8 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from winnow.pipeline.steps import Step
-from winnow.pipeline.store import (
+from winnow.core.store import (
     RunDir,
     UserError,
     atomic_write_bytes,
@@ -33,6 +32,7 @@ from winnow.pipeline.store import (
     fsync_tree,
     stable_hash,
 )
+from winnow.pipeline.steps import Step
 from winnow.trainer.config import TrainParams
 
 IDENTITY_FILE = "winnow_train.json"
@@ -59,7 +59,7 @@ def _check_writable(out: Path) -> None:
 def _check_model(p: TrainParams, run_dir, model_dir: Path, max_token_id: int) -> dict[str, Any]:
     from transformers import AutoConfig
 
-    from winnow.pipeline.models import check_tokenizer, weights_fingerprint
+    from winnow.core.models import check_tokenizer, weights_fingerprint
 
     if not p.data:
         check_tokenizer(RunDir(run_dir), model_dir, what="model")
@@ -79,8 +79,8 @@ def _always_keep_ids(p: TrainParams, model_dir: Path) -> tuple[int, ...]:
     """``always_keep`` as token ids of the model's tokenizer (the samples' one: checked by _check_model)."""
     if not p.always_keep:
         return ()
-    from winnow.pipeline.always_keep import always_keep_ids
-    from winnow.pipeline.models import load_tokenizer
+    from winnow.core.always_keep import always_keep_ids
+    from winnow.core.models import load_tokenizer
 
     return tuple(always_keep_ids(load_tokenizer(model_dir), p.always_keep, "train always_keep"))
 
@@ -110,8 +110,8 @@ def _load_model(model_dir: Path, device, dtype_name: str):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from winnow.core.model_io import check_head, flash_attention_available
     from winnow.kernels.chunked_head import LMHead
-    from winnow.stages.passes.model_io import check_head, flash_attention_available
 
     hf_logging.disable_progress_bar()  # the trainer reports its own progress; no per-file bars
     kwargs: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": True}
@@ -192,7 +192,7 @@ def _reference(p: TrainParams, run_dir, device):
                 "online=rho1 needs a reference model: --set rho1.reference=MODEL_DIR (or builtin:NAME), or "
                 "score the run with `winnow score RUN --model REF --alias reference` first"
             )
-    from winnow.pipeline.models import resolve_model
+    from winnow.core.models import resolve_model
 
     ref, _ = _load_model(resolve_model(spec), device, p.dtype)
     return ref.to(device).eval().requires_grad_(False)
@@ -261,7 +261,7 @@ def _finish(loop, out: Path, tokenizer_dir: Path, info: dict[str, Any]) -> None:
 
 def train(p: TrainParams, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Train ``p.model`` on a run's selection (or an export) into ``--out``; resume or skip as needed."""
-    from winnow.pipeline.models import resolve_model
+    from winnow.core.models import resolve_model
     from winnow.trainer import data as data_mod
 
     t0 = time.time()
@@ -289,7 +289,7 @@ def train(p: TrainParams, run_dir: str | Path | None = None) -> dict[str, Any]:
 def _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0) -> dict[str, Any]:
     import torch
 
-    from winnow.stages.passes.model_io import resolve_device
+    from winnow.core.model_io import resolve_device
     from winnow.trainer.distributed import all_reduce_sum, setup, teardown
     from winnow.trainer.loop import Env, Loop, Metrics
 
@@ -335,7 +335,7 @@ def _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0
         "config": p.identity(),
     }
     _finish(loop, out, model_dir, info)
-    from winnow.pipeline.shards import shards_block, step_entry
+    from winnow.core.shards import shards_block, step_entry
 
     result = step_entry(
         "train",

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from winnow.pipeline.errors import UserError
+from winnow.core.errors import UserError
 
 if TYPE_CHECKING:
     import torch
 
-    from winnow.stages.passes.batching import Collated
-    from winnow.stages.passes.model_io import LoadedModel
+    from winnow.core.layout import Collated
+    from winnow.core.model_io import LoadedModel
 
 COLUMNS = {
     "logprob": "logprob",
@@ -105,9 +105,9 @@ def score_samples(
     """Every requested signal for a list of samples (token ids + loss masks)."""
     import torch
 
+    from winnow.core.attention_capture import AttentionCapture, attention_importance
+    from winnow.core.layout import collate, plan_batches
     from winnow.kernels.switch import logprob_entropy
-    from winnow.stages.passes.attention_capture import AttentionCapture, attention_importance
-    from winnow.stages.passes.batching import collate, plan_batches
 
     lengths = np.array([len(x) for x in seqs], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from winnow.core.model_io import check_head
+from winnow.core.store import UserError
 from winnow.kernels.chunked_head import LMHead, auto_chunk, contrast_scores, logprob_entropy
-from winnow.pipeline.store import UserError
-from winnow.stages.passes.model_io import check_head
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from model_pass_fixtures import make_config  # noqa: E402

@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from stage_fixtures import write_signals
 
+from winnow.core.store import RunDir
 from winnow.pipeline.builtin.demo_data import write_demo_jsonl
 from winnow.pipeline.card import reservoir_sample, sql_histogram, top_zeroed_tokens
 from winnow.pipeline.inspect_run import open_views
-from winnow.pipeline.store import RunDir
 
 from conftest import run_cli
 

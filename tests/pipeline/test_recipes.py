@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from winnow.core.store import UserError
 from winnow.pipeline.recipe import load_recipe
-from winnow.pipeline.store import UserError
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.toml"))
 

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pytest
 from stage_fixtures import write_synthetic_samples
 
+from winnow.core.store import RunDir, UserError
 from winnow.pipeline import steps
 from winnow.pipeline.recipe import load_recipe, run_loaded
-from winnow.pipeline.store import RunDir, UserError
 from winnow.stages import stage_io as io
 
 from conftest import run_cli, sql_json
@@ -179,14 +179,14 @@ def test_one_code_version_form():
         version = importlib.import_module(s.module).__dict__.get("CODE_VERSION")
         if version is not None and name != "contrast_pass":  # the contrast pass shares model_pass's
             assert re.fullmatch(rf"{name}/\d+", version), (name, version)
-    from winnow.pipeline.render import RENDER_VERSION
+    from winnow.core.render import RENDER_VERSION
 
     assert re.fullmatch(r"render/\d+", RENDER_VERSION)
 
 
 def test_shard_loop_counts_fresh_shards_from_their_records(tmp_path, monkeypatch):
-    from winnow.pipeline import store
-    from winnow.pipeline.shards import Computed, ShardLoop
+    from winnow.core import store
+    from winnow.core.shards import Computed, ShardLoop
 
     hooks = []
     monkeypatch.setattr(store, "_fault_hook", lambda: hooks.append(1))
@@ -208,9 +208,9 @@ def test_shard_loop_counts_fresh_shards_from_their_records(tmp_path, monkeypatch
 
 
 def test_one_reject_error_class():
-    from winnow.pipeline.errors import RejectError
-    from winnow.pipeline.formats import RecordError
-    from winnow.pipeline.render import RenderError
+    from winnow.core.errors import RejectError
+    from winnow.core.formats import RecordError
+    from winnow.core.render import RenderError
 
     assert RecordError is RejectError and RenderError is RejectError
     e = RejectError("bad_role", "role 'wizard'")

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from stage_fixtures import write_signals, write_synthetic_samples
 
-from winnow.pipeline.store import RunDir, UserError
+from winnow.core.store import RunDir, UserError
 from winnow.stages import critical_tokens as ct
 
 from conftest import run_cli, sql_json

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from stage_fixtures import decimal_count, write_signals, write_synthetic_samples
 
-from winnow.pipeline.params import build_params
-from winnow.pipeline.store import RunDir, UserError
+from winnow.core.params import build_params
+from winnow.core.store import RunDir, UserError
 from winnow.stages import excess_loss as ex
 
 from conftest import run_cli, sql_json

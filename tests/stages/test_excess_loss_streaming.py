@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from stage_fixtures import write_signals, write_synthetic_samples
 
-from winnow.pipeline.store import RunDir
+from winnow.core.store import RunDir
 from winnow.stages import excess_loss as ex
 from winnow.stages import stage_io as io
 

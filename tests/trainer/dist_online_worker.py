@@ -12,8 +12,8 @@ import torch
 def train_and_read(run_root: str, model: str, grad_accum: int, fsdp: bool, dist_info, name: str) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from winnow.pipeline.params import build_params
-    from winnow.pipeline.store import RunDir
+    from winnow.core.params import build_params
+    from winnow.core.store import RunDir
     from winnow.trainer import data as data_mod
     from winnow.trainer.config import TrainParams
     from winnow.trainer.loop import Env, Loop

@@ -8,7 +8,7 @@ import pytest
 import torch
 from trainer_fixtures import model_dir, synthetic_run
 
-from winnow.pipeline.store import RunDir
+from winnow.core.store import RunDir
 from winnow.trainer import online as ol
 
 NAN = float("nan")
@@ -95,7 +95,7 @@ def test_training_records_the_floor(model, tmp_path):
     import pyarrow as pa
     from transformers import AutoTokenizer
 
-    from winnow.pipeline.params import build_params
+    from winnow.core.params import build_params
     from winnow.trainer.config import TrainParams
     from winnow.trainer.step import train
 

@@ -19,7 +19,7 @@ def inputs(tmp_path_factory):
 def _loop(inputs, out: Path, **extra):
     from transformers import AutoModelForCausalLM
 
-    from winnow.pipeline.params import build_params
+    from winnow.core.params import build_params
     from winnow.trainer import data as data_mod
     from winnow.trainer.config import TrainParams
     from winnow.trainer.distributed import Dist

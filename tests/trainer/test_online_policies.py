@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from winnow.pipeline.errors import UserError
-from winnow.pipeline.params import build_params
+from winnow.core.errors import UserError
+from winnow.core.params import build_params
 from winnow.trainer import online as ol
 
 NAN = float("nan")

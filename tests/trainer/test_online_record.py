@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from trainer_fixtures import model_dir, synthetic_run
 
-from winnow.pipeline.store import RunDir
+from winnow.core.store import RunDir
 
 from conftest import run_cli
 
@@ -48,7 +48,7 @@ def test_recorded_weights_are_the_weights_the_loss_saw(model, tmp_path, monkeypa
     tokens, and must equal the epoch's table row; samples never trained carry zeros and keep=False."""
     import torch
 
-    from winnow.pipeline.params import build_params, parse_sets
+    from winnow.core.params import build_params, parse_sets
     from winnow.trainer import loop as loop_mod
     from winnow.trainer.config import TrainParams
     from winnow.trainer.step import train

@@ -168,7 +168,7 @@ def test_model_pass_scores_with_an_adapter_directory(inputs, tmp_path):
     from peft import AutoPeftModelForCausalLM
     from trainer_fixtures import synthetic_run
 
-    from winnow.pipeline.store import RunDir
+    from winnow.core.store import RunDir
 
     out = tmp_path / "lora"
     code, _, err = _train(inputs, out, "--set", "lora_r=4", "--set", "lr=5e-2", "--set", "max_steps=2")

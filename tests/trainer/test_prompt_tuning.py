@@ -238,8 +238,8 @@ def test_train_saves_a_prompt_that_reloads_resumes_bitwise_and_is_refused_where_
         code, _, err = run_cli(*_cli_args(inputs, tmp_path / "refused", *extra))
         assert code == 2 and named in err and "prompt_tuning.num_virtual_tokens=4" in err, err
     assert not (tmp_path / "refused").exists()
-    from winnow.pipeline.errors import UserError
-    from winnow.pipeline.models import load_causal_lm
+    from winnow.core.errors import UserError
+    from winnow.core.models import load_causal_lm
 
     with pytest.raises(UserError, match="PROMPT_TUNING adapter"):
         load_causal_lm(straight)

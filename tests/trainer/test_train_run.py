@@ -8,7 +8,7 @@ import json
 import pytest
 from trainer_fixtures import export_parquet, model_dir, synthetic_run
 
-from winnow.pipeline.store import RunDir
+from winnow.core.store import RunDir
 
 from conftest import run_cli
 

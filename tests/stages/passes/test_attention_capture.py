@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from winnow.pipeline.store import UserError
-from winnow.stages.passes.attention_capture import AttentionCapture, attention_importance, check_attention
-from winnow.stages.passes.batching import collate, plan_batches
+from winnow.core.attention_capture import AttentionCapture, attention_importance, check_attention
+from winnow.core.layout import collate, plan_batches
+from winnow.core.store import UserError
 
 sys.path.insert(0, str(Path(__file__).parents[2]))
 from model_pass_fixtures import make_config, random_samples  # noqa: E402
@@ -113,7 +113,7 @@ def test_query_chunking_and_skipping(monkeypatch):
 
 
 def test_check_attention_accepts_and_refuses(monkeypatch):
-    import winnow.stages.passes.attention_capture as ai
+    import winnow.core.attention_capture as ai
 
     model = _model("qwen3")
     orig = ai._project

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from winnow.stages.passes.batching import (
+from winnow.core.layout import (
     MAX_PAD_FRAC,
     collate,
     padding_fraction,

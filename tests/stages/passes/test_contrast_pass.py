@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from winnow.core.store import UserError
 from winnow.pipeline.steps import get_step, spec
-from winnow.pipeline.store import UserError
 from winnow.stages.passes.contrast_pass import ContrastParams, run_contrast_pass
 
 sys.path.insert(0, str(Path(__file__).parents[2]))

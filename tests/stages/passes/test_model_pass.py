@@ -17,11 +17,11 @@ import torch
 
 import winnow.stages.passes.model_pass as mp
 import winnow.stages.passes.model_scoring as ms
-from winnow.pipeline.models import weights_fingerprint
+from winnow.core.layout import plan_batches
+from winnow.core.model_io import load_model
+from winnow.core.models import weights_fingerprint
+from winnow.core.store import UserError
 from winnow.pipeline.steps import get_step, spec
-from winnow.pipeline.store import UserError
-from winnow.stages.passes.batching import plan_batches
-from winnow.stages.passes.model_io import load_model
 from winnow.stages.passes.model_pass import ModelPassParams, run_model_pass, score_samples
 
 sys.path.insert(0, str(Path(__file__).parents[2]))
@@ -282,7 +282,7 @@ def _full_hash_by_hand(model_dir) -> str:
 
 
 def test_weights_fingerprint(tmp_path, models, monkeypatch):
-    import winnow.pipeline.models as wm
+    import winnow.core.models as wm
 
     full = weights_fingerprint(models["llama"])
     assert full == _full_hash_by_hand(models["llama"]) and full != weights_fingerprint(models["qwen2"])

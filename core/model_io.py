@@ -3,7 +3,7 @@
 * **Security.** Weights load only from safetensors (``use_safetensors=True``: a directory with only
   pickled ``.bin`` weights is refused) and ``trust_remote_code`` stays off unless the user asks.
 * **Identity** (which directory a spec names, tokenizer check, weights fingerprint) lives in
-  :mod:`winnow.pipeline.models`, shared with ingest.
+  :mod:`winnow.core.models`, shared with ingest.
 * **Body and head.** The pass runs ``model.base_model`` (embeddings, layers, final norm) and applies
   the LM head itself (:mod:`winnow.kernels.chunked_head`). A head applied outside ``forward`` must
   reproduce the model's own post-processing; :func:`check_head` compares it with a full forward on a
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from winnow.core.errors import UserError
+from winnow.core.models import load_causal_lm, weights_fingerprint
 from winnow.kernels.chunked_head import LMHead
-from winnow.pipeline.errors import UserError
-from winnow.pipeline.models import load_causal_lm, weights_fingerprint
 
 if TYPE_CHECKING:
     import torch
@@ -73,7 +73,7 @@ class LoadedModel:
     fingerprint: str
     device: torch.device
     dtype: torch.dtype
-    layout: str  # "padded" | "packed" (see winnow.stages.passes.batching)
+    layout: str  # "padded" | "packed" (see winnow.core.layout)
 
     @property
     def attn_implementation(self) -> str:

@@ -9,7 +9,7 @@ the error messages are the same.
   ``$WINNOW_CACHE/models/<name>-<hash>/``; anything else is a local Hugging Face directory written by
   ``save_pretrained`` (there is no hub download: the project runs offline).
 * **Tokenizer.** ``AutoTokenizer.from_pretrained`` with ``trust_remote_code`` off unless the user asks;
-  its fingerprint is :func:`winnow.pipeline.render.tokenizer_fingerprint` (one definition), recorded in
+  its fingerprint is :func:`winnow.core.render.tokenizer_fingerprint` (one definition), recorded in
   the samples table's schema metadata under :data:`FINGERPRINT_KEY`. A model pass refuses a model whose
   tokenizer fingerprints differently (:func:`check_tokenizer`): its token ids would mean other strings.
 * **Weights fingerprint** (commit records' ``model_fingerprint``: a pass is redone when the model
@@ -33,10 +33,10 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from winnow.pipeline.errors import UserError
+from winnow.core.errors import UserError
 
 if TYPE_CHECKING:
-    from winnow.pipeline.store import RunDir
+    from winnow.core.store import RunDir
 
 BUILTIN_PREFIX = "builtin:"
 FINGERPRINT_KEY = b"winnow.tokenizer_fingerprint"
@@ -141,8 +141,8 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> Any:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """The samples table's tokenizer fingerprint (defined once, in :mod:`winnow.pipeline.render`)."""
-    from winnow.pipeline.render import tokenizer_fingerprint as fp
+    """The samples table's tokenizer fingerprint (defined once, in :mod:`winnow.core.render`)."""
+    from winnow.core.render import tokenizer_fingerprint as fp
 
     return fp(tokenizer)
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from winnow.pipeline.store import UserError
+from winnow.core.store import UserError
 
 RAW_LIMIT = 2000  # characters of a bad row kept in rejects.raw
 BOM = b"\xef\xbb\xbf"

@@ -25,8 +25,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from winnow.pipeline.errors import RejectError
-from winnow.pipeline.formats import (
+from winnow.core.errors import RejectError
+from winnow.core.formats import (
     FORMATS,
     canonical_messages,
     coerce_meta,
@@ -38,10 +38,10 @@ from winnow.pipeline.formats import (
     unique_meta_names,
     value_kind,
 )
-from winnow.pipeline.readers import Row, file_fingerprint, iter_rows
-from winnow.pipeline.shards import Computed, ShardLoop, step_entry
+from winnow.core.readers import Row, file_fingerprint, iter_rows
+from winnow.core.shards import Computed, ShardLoop, step_entry
+from winnow.core.store import RunDir, UserError, atomic_write_json, plan_digest, stable_hash
 from winnow.pipeline.steps import Step
-from winnow.pipeline.store import RunDir, UserError, atomic_write_json, plan_digest, stable_hash
 
 CODE_VERSION = "ingest/2"  # with render.RENDER_VERSION in the fingerprint
 LOSS_ON = ("all_turns", "last_turn")
@@ -265,7 +265,7 @@ def _convert(ctx: _Ctx, rows: list[Row]) -> list[_Converted]:
 
 def _render_unique(ctx: _Ctx, converted: list[_Converted]) -> dict[str, Any]:
     """Render each distinct conversation once (duplicates reuse it): sample_id -> Rendered or error."""
-    from winnow.pipeline.render import render_batch
+    from winnow.core.render import render_batch
 
     unique: dict[str, list[dict]] = {}
     for _, msgs, _, err in converted:
@@ -385,8 +385,8 @@ class _Prepared:
 
 
 def _prepare(p: IngestParams) -> _Prepared:
-    from winnow.pipeline.models import load_tokenizer, resolve_model, tokenizer_fingerprint
-    from winnow.pipeline.render import RENDER_VERSION
+    from winnow.core.models import load_tokenizer, resolve_model, tokenizer_fingerprint
+    from winnow.core.render import RENDER_VERSION
 
     model_dir = resolve_model(p.model)
     tokenizer = load_tokenizer(model_dir, p.trust_remote_code)
