@@ -25,6 +25,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from winnow.core import builtins
 from winnow.core.errors import RejectError
 from winnow.core.formats import (
     FORMATS,
@@ -40,8 +41,8 @@ from winnow.core.formats import (
 )
 from winnow.core.readers import Row, file_fingerprint, iter_rows
 from winnow.core.shards import Computed, ShardLoop, step_entry
+from winnow.core.steps import Step
 from winnow.core.store import RunDir, UserError, atomic_write_json, plan_digest, stable_hash
-from winnow.pipeline.steps import Step
 
 CODE_VERSION = "ingest/2"  # with render.RENDER_VERSION in the fingerprint
 LOSS_ON = ("all_turns", "last_turn")
@@ -90,12 +91,8 @@ def rejects_table(table: str) -> str:
 
 
 def resolve_input(spec: str) -> Path:
-    if spec == "builtin:demo":
-        from winnow.pipeline.builtin.demo_data import demo_path
-
-        return demo_path()
-    if spec.startswith("builtin:"):
-        raise UserError(f"unknown built-in input {spec!r}; the only one is builtin:demo")
+    if spec.startswith(builtins.PREFIX):  # builtin:demo (its provider: winnow.pipeline.builtin.demo_data)
+        return builtins.resolve("input", spec)
     return Path(spec)
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from winnow.core.store import RunDir, UserError
-from winnow.pipeline.steps import Step
+from winnow.core.steps import Step
 from winnow.stages import stage_io as io
 from winnow.stages import topk
 
@@ -68,7 +68,7 @@ def condition_rows(run: RunDir, query: str, what: str) -> list[tuple]:
     """
     import duckdb
 
-    from winnow.pipeline.inspect_run import open_views
+    from winnow.core.views import open_views
 
     views = open_views(str(run.root), check_lengths=False)
     try:

@@ -54,8 +54,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from winnow.core.store import RunDir, UserError
-from winnow.pipeline import steps
-from winnow.pipeline.steps import Step
+from winnow.core import steps
+from winnow.core.steps import Step
 from winnow.stages import stage_io as io
 
 CODE_VERSION = "select/1"

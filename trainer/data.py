@@ -151,7 +151,7 @@ def _eval_ids(p: TrainParams, rows: Rows, run: RunDir | None) -> set[str]:
 
         try:
             if run is not None:
-                from winnow.pipeline.inspect_run import open_views
+                from winnow.core.views import open_views
 
                 got = open_views(run.root).con.sql(f"select sample_id from samples where {p.eval_where}")
             else:

@@ -32,7 +32,7 @@ from winnow.core.store import (
     fsync_tree,
     stable_hash,
 )
-from winnow.pipeline.steps import Step
+from winnow.core.steps import Step
 from winnow.trainer.config import TrainParams
 
 IDENTITY_FILE = "winnow_train.json"

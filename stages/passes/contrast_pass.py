@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from winnow.core.errors import UserError
 from winnow.core.store import RunDir
-from winnow.pipeline.steps import Step
+from winnow.core.steps import Step
 from winnow.stages.passes.model_scoring import forward_hidden, gather_targets, list_column, read_samples
 from winnow.stages.passes.pass_step import PassContext, PassJob, PassSettings, run_pass
 from winnow.stages.passes.pass_step import main as pass_main

@@ -41,7 +41,7 @@ from winnow.core.layout import LAYOUTS
 from winnow.core.models import check_tokenizer, config_fingerprint, resolve_model, weights_fingerprint
 from winnow.core.params import as_dict, build_params, parse_sets
 from winnow.core.store import RunDir, stable_hash
-from winnow.pipeline.steps import spec
+from winnow.core.steps import spec
 from winnow.stages.passes.pass_runner import (
     Dist,
     init_distributed,
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     import torch
 
     from winnow.core.model_io import LoadedModel
-    from winnow.pipeline.steps import Step
+    from winnow.core.steps import Step
 
 CODE_VERSION = "model_pass/1"  # "<step>/<n>" like every step; the contrast pass shares it
 POSITIONS = ("supervised", "all")
