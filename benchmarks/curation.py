@@ -437,8 +437,8 @@ def _run_copy(src: str) -> Path:
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """One row x seed: train with ``winnow.trainer`` into job['out'], then evaluate the result."""
     from winnow.core.params import build_params
+    from winnow.pipeline.train import train
     from winnow.trainer.config import TrainParams
-    from winnow.trainer.step import train
 
     cfg = TrainCfg(**job["cfg"])
     values: dict[str, Any] = {

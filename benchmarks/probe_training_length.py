@@ -118,7 +118,7 @@ def main() -> None:
     from winnow.core.store import atomic_write_json
     from winnow.pipeline.builtin import tiny_model as tm
     from winnow.pipeline.builtin.demo_data import generate_demo
-    from winnow.trainer.step import train
+    from winnow.pipeline.train import train
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=128)

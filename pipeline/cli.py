@@ -270,19 +270,15 @@ def train(
 ) -> None:
     """Train a model on a selection (or an export): token-weighted, packed, resumable, torchrun-ready."""
     from winnow.trainer.config import TrainParams
-    from winnow.trainer.step import train as train_model
 
     flags = {"selection": selection, "data": data, "model": model, "name": name, "out": out}
     values = parse_sets(sets, "train") | {k: v for k, v in flags.items() if v is not None}
-    params = build_params(TrainParams, values, where="winnow train")
-    if run_dir is None:
-        entry = train_model(params, run_dir)
-    else:  # one writer per run, as for every other step
-        from winnow.core.lock import run_lock
-        from winnow.core.store import RunDir
+    if run_dir is None:  # an export: no run to lock or record into
+        from winnow.pipeline.train import train as train_export
 
-        with run_lock(RunDir(run_dir), f"train:{name or selection or 'default'}"):
-            entry = train_model(params, run_dir)
+        entry = train_export(build_params(TrainParams, values, where="winnow train"), None)
+    else:  # the same step runner (and run lock) as every other verb
+        entry = _run_step("train", run_dir, values)
     if os.environ.get("RANK", "0") != "0":  # torchrun: one report, from rank 0
         return
     if entry.get("skipped"):

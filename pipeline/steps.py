@@ -248,7 +248,7 @@ for _spec in (
     StepSpec(
         "train",
         "training",
-        "winnow.trainer.step",
+        "winnow.pipeline.train",
         reads=("samples", Ref("selection/{selection}", lambda p: bool(p.selection))),
         writes=(_online_records,),
         key_pattern=lambda p: f"train:{p.name or p.selection or 'all'}",

@@ -44,8 +44,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from winnow.core.store import RunDir, UserError
 from winnow.core.steps import Step
+from winnow.core.store import RunDir, UserError
 from winnow.stages import stage_io as io
 from winnow.stages.critical_tokens_math import CriticalResult, critical_token_scores  # noqa: F401
 

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from winnow.core.store import RunDir, UserError
 from winnow.core.steps import Step
+from winnow.core.store import RunDir, UserError
 from winnow.stages import stage_io as io
 from winnow.stages import topk
 

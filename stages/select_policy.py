@@ -53,9 +53,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from winnow.core.store import RunDir, UserError
 from winnow.core import steps
 from winnow.core.steps import Step
+from winnow.core.store import RunDir, UserError
 from winnow.stages import stage_io as io
 
 CODE_VERSION = "select/1"

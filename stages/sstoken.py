@@ -49,8 +49,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from winnow.core.store import RunDir, UserError
 from winnow.core.steps import Step
+from winnow.core.store import RunDir, UserError
 from winnow.stages import stage_io as io
 from winnow.stages.excess_loss_math import refuse_zero_excess
 from winnow.stages.sstoken_math import (  # noqa: F401  (re-exported: the stage's public array API)

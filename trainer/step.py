@@ -1,8 +1,13 @@
-"""`winnow train`: the entry point (:func:`train`, one function a run lock can wrap) and the `train` step.
+"""The trainer's entry point (:func:`train`): a model directory and a dataset in, a trained model out.
 
-Order of work, so that bad input leaves nothing behind: parameters, model directory, data (selection
-checks, held-out split), tokenizer and vocabulary checks, ``--out`` writability; only then is ``--out``
-created. ``--out`` holds ``winnow_train.json`` (the run's identity: model fingerprint, data digest,
+A leaf: it knows nothing of runs, recipes, ``builtin:`` specs or the step registry. The roof's `train`
+step (:mod:`winnow.pipeline.train`) resolves the model spec and the reference model, reads a run's
+selection (or an export) into a :class:`~winnow.trainer.data.Dataset`, takes the run lock and records the
+manifest entry through ``on_done``; the tiny-model builder calls :func:`train` directly.
+
+Order of work, so that bad input leaves nothing behind: (the roof: parameters, model directory, data and
+selection checks, tokenizer check) the held-out split, vocabulary check, ``--out`` writability; only then
+is ``--out`` created. ``--out`` holds ``winnow_train.json`` (the run's identity: model fingerprint, data digest,
 parameters, the out path) from the first step on; a rerun with the same identity resumes from the newest
 checkpoint, or does nothing once ``train_result.json`` (written last) exists; another identity in the
 same ``--out`` is refused. The final weights, tokenizer and model card are written into a temporary
@@ -20,11 +25,12 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from winnow.core.store import (
-    RunDir,
     UserError,
     atomic_write_bytes,
     atomic_write_json,
@@ -32,20 +38,11 @@ from winnow.core.store import (
     fsync_tree,
     stable_hash,
 )
-from winnow.core.steps import Step
 from winnow.trainer.config import TrainParams
+from winnow.trainer.data import Dataset
 
 IDENTITY_FILE = "winnow_train.json"
 RESULT_FILE = "train_result.json"
-
-
-def _out_dir(p: TrainParams, run_dir: str | Path | None) -> tuple[Path, str]:
-    name = p.name or p.selection or ("all" if not p.data else Path(p.data).stem)
-    if p.out:
-        return Path(p.out).expanduser(), name
-    if run_dir is None:
-        raise UserError("winnow train --data needs --out DIR (the directory the trained model is saved to)")
-    return Path(run_dir) / "train" / name, name
 
 
 def _check_writable(out: Path) -> None:
@@ -56,13 +53,11 @@ def _check_writable(out: Path) -> None:
         raise UserError(f"--out {out}: {probe} is not a writable directory; choose another --out")
 
 
-def _check_model(p: TrainParams, run_dir, model_dir: Path, max_token_id: int) -> dict[str, Any]:
+def _check_model(p: TrainParams, model_dir: Path, max_token_id: int) -> dict[str, Any]:
     from transformers import AutoConfig
 
-    from winnow.core.models import check_tokenizer, weights_fingerprint
+    from winnow.core.models import weights_fingerprint
 
-    if not p.data:
-        check_tokenizer(RunDir(run_dir), model_dir, what="model")
     cfg = AutoConfig.from_pretrained(str(model_dir))
     vocab = int(
         getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "vocab_size", 0) or 0
@@ -177,24 +172,16 @@ def _progress(loop, start: int):
     return bar, bar.add_task("train", total=loop.total_steps, completed=start)
 
 
-def _reference(p: TrainParams, run_dir, device):
-    """Online Rho-1's reference model: ``rho1.reference``, else the model of the run's `reference` signals."""
+def _reference(p: TrainParams, reference: Path | str | None, device):
+    """Online Rho-1's reference model: ``"base"`` (the model being trained, frozen) or a model directory
+    (the roof resolves ``rho1.reference`` or the run's `reference` signals to one)."""
     if p.online != "rho1":
         return None
-    if p.rho1.reference == "base":
+    if reference == "base":
         return "base"
-    spec = p.rho1.reference
-    if not spec:
-        records = RunDir(run_dir).table("signals/reference").records() if run_dir is not None else []
-        spec = next((r.extra.get("model") for r in records if r.extra.get("model")), "")
-        if not spec:
-            raise UserError(
-                "online=rho1 needs a reference model: --set rho1.reference=MODEL_DIR (or builtin:NAME), or "
-                "score the run with `winnow score RUN --model REF --alias reference` first"
-            )
-    from winnow.core.models import resolve_model
-
-    ref, _ = _load_model(resolve_model(spec), device, p.dtype)
+    if reference is None:
+        raise UserError("online=rho1 needs a reference model: --set rho1.reference=MODEL_DIR")
+    ref, _ = _load_model(Path(reference), device, p.dtype)
     return ref.to(device).eval().requires_grad_(False)
 
 
@@ -259,20 +246,26 @@ def _finish(loop, out: Path, tokenizer_dir: Path, info: dict[str, Any]) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def train(p: TrainParams, run_dir: str | Path | None = None) -> dict[str, Any]:
-    """Train ``p.model`` on a run's selection (or an export) into ``--out``; resume or skip as needed."""
-    from winnow.core.models import resolve_model
-    from winnow.trainer import data as data_mod
+def train(
+    p: TrainParams,
+    model_dir: Path,
+    dataset: Dataset,
+    out: Path,
+    name: str,
+    reference: Path | str | None = None,
+    on_done: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train the model in ``model_dir`` on ``dataset`` into ``out``; resume or skip as needed.
+
+    ``reference``: online Rho-1's reference model directory (or ``"base"``); ``on_done(result)`` runs
+    on the main rank once ``train_result.json`` is written (the roof records the manifest entry there).
+    ``p.model`` is only a label here (the identity keeps the spec the user gave).
+    """
+    from winnow.trainer.data import prepare_data
 
     t0 = time.time()
-    if not p.model:
-        raise UserError("winnow train needs --model (builtin:<name> or a local model directory)")
-    if not p.data and run_dir is None:
-        raise UserError("winnow train needs a RUN directory with --selection, or --data EXPORT.parquet")
-    out, name = _out_dir(p, run_dir)
-    model_dir = resolve_model(p.model)
-    data = data_mod.load(p, run_dir)
-    model_info = _check_model(p, run_dir, model_dir, data.max_token_id)
+    data = prepare_data(p, dataset)
+    model_info = _check_model(p, model_dir, data.max_token_id)
     model_info["always_keep_ids"] = _always_keep_ids(p, model_dir)
     _check_writable(out)
     ident = {
@@ -283,25 +276,30 @@ def train(p: TrainParams, run_dir: str | Path | None = None) -> dict[str, Any]:
         "out": str(out.resolve()),
     }
     ident["hash"] = stable_hash(ident)
-    return _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0)
+    run = _Run(p, out, name, model_dir, data, model_info, ident, t0, reference, on_done)
+    return _train_claimed(run)
 
 
-def _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0) -> dict[str, Any]:
-    import torch
+@dataclass
+class _Run:
+    """One claimed training run: what :func:`train` checked, handed to the steps after the claim."""
 
-    from winnow.core.model_io import resolve_device
-    from winnow.trainer.distributed import all_reduce_sum, setup, teardown
-    from winnow.trainer.loop import Env, Loop, Metrics
+    p: TrainParams
+    out: Path
+    name: str
+    model_dir: Path
+    data: Any
+    model_info: dict[str, Any]
+    ident: dict[str, Any]
+    t0: float
+    reference: Path | str | None
+    on_done: Callable[[dict[str, Any]], None] | None
 
-    device = resolve_device(p.device)
-    d = setup(device.type)
-    done = _claim_out(out, ident) if d.main else None
-    if all_reduce_sum([1.0 if done is not None else 0.0], device)[0] > 0:  # every rank learns it is done
-        teardown()
-        return (done or {}) | {"skipped": True}
-    torch.set_num_threads(p.threads)
-    torch.manual_seed(p.seed + d.rank)
-    model, head = _load_model(model_dir, device, p.dtype)
+
+def _build(r: _Run, device):
+    """The model to train (with LoRA or prompt tuning applied) and the loop's environment."""
+    p = r.p
+    model, head = _load_model(r.model_dir, device, p.dtype)
     if p.lora_r > 0:
         from winnow.trainer.lora import apply_lora
 
@@ -311,69 +309,69 @@ def _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0
     if p.virtual_tokens:
         from winnow.trainer.prompt_tuning import apply_prompt_tuning
 
-        model = apply_prompt_tuning(model, p.prompt_tuning, device, model_dir)
+        model = apply_prompt_tuning(model, p.prompt_tuning, device, r.model_dir)
     pad = getattr(model.config, "pad_token_id", None)
-    env = Env(
-        device,
-        d,
-        out,
-        pad if isinstance(pad, int) and 0 <= pad < model_info["vocab_size"] else 0,
-        head.scale,
-        head.softcap,
-        model_info["always_keep_ids"],
-    )
-    loop = Loop(p, data, model, env, _reference(p, run_dir, device))
+    pad = pad if isinstance(pad, int) and 0 <= pad < r.model_info["vocab_size"] else 0
+    return model, (pad, head.scale, head.softcap, r.model_info["always_keep_ids"])
+
+
+def _train_claimed(r: _Run) -> dict[str, Any]:
+    import torch
+
+    from winnow.core.model_io import resolve_device
+    from winnow.trainer.distributed import all_reduce_sum, setup, teardown
+    from winnow.trainer.loop import Env, Loop, Metrics
+
+    p, out = r.p, r.out
+    device = resolve_device(p.device)
+    d = setup(device.type)
+    done = _claim_out(out, r.ident) if d.main else None
+    if all_reduce_sum([1.0 if done is not None else 0.0], device)[0] > 0:  # every rank learns it is done
+        teardown()
+        return (done or {}) | {"skipped": True}
+    torch.set_num_threads(p.threads)
+    torch.manual_seed(p.seed + d.rank)
+    model, (pad, scale, softcap, keep_ids) = _build(r, device)
+    env = Env(device, d, out, pad, scale, softcap, keep_ids)
+    loop = Loop(p, r.data, model, env, _reference(p, r.reference, device))
     steps = _drive(loop, Metrics(out / "metrics.jsonl", d.main), out)
     info = {
-        "name": name,
+        "name": r.name,
         "base_model": p.model,
-        "base_path": str(model_dir),
-        "base_fingerprint": model_info["fingerprint"],
-        "source": data.source,
+        "base_path": str(r.model_dir),
+        "base_fingerprint": r.model_info["fingerprint"],
+        "source": r.data.source,
         "evals": loop.evals,
         "steps": steps,
         "config": p.identity(),
     }
-    _finish(loop, out, model_dir, info)
-    from winnow.core.shards import shards_block, step_entry
-
-    result = step_entry(
-        "train",
-        config=p.identity(),
-        fingerprint=ident["hash"],
-        outputs=[str(out.resolve())],
-        shards=shards_block(0, 0, 0),  # training has no shards; the block keeps the one entry shape
-        counts={k: data.source[k] for k in ("train_samples", "eval_samples", "weighted_tokens")},
-        started=t0,
-        out=str(out.resolve()),
-        steps=steps,
-        eval_loss_before=loop.evals.get(0),
-        eval_loss=loop.evals.get(steps),
-        layout=loop.layout,
-        world_size=d.world,
-        train_skipped=data.source["train_skipped"],
-    )
+    _finish(loop, out, r.model_dir, info)
+    result = _result(r, loop, steps, d.world)
     if d.main:
         atomic_write_bytes(out / RESULT_FILE, (json.dumps(result, indent=2) + "\n").encode())
-        if run_dir is not None and not p.data:
-            RunDir(run_dir).update_manifest(f"train:{name}", result)
+        if r.on_done is not None:
+            r.on_done(result)
     teardown()
     return result
 
 
-def _run_step(run: RunDir, p: TrainParams) -> dict[str, Any]:
-    res = train(p, run.root)
-    before, after = res.get("eval_loss_before"), res.get("eval_loss")
-    if before is not None and after is not None:
-        print(
-            f"[winnow] train: eval_loss {before:.4f} -> {after:.4f} after {res['steps']} steps ({res['out']})"
-        )
-    return res
+def _result(r: _Run, loop, steps: int, world: int) -> dict[str, Any]:
+    from winnow.core.shards import shards_block, step_entry
 
-
-STEP = Step(
-    name="train",
-    params=TrainParams,
-    run=_run_step,
-    help="train a model on a selection (token-weighted, trimmed, packed; resumable; torchrun)",
-)
+    out, data = str(r.out.resolve()), r.data
+    return step_entry(
+        "train",
+        config=r.p.identity(),
+        fingerprint=r.ident["hash"],
+        outputs=[out],
+        shards=shards_block(0, 0, 0),  # training has no shards; the block keeps the one entry shape
+        counts={k: data.source[k] for k in ("train_samples", "eval_samples", "weighted_tokens")},
+        started=r.t0,
+        out=out,
+        steps=steps,
+        eval_loss_before=loop.evals.get(0),
+        eval_loss=loop.evals.get(steps),
+        layout=loop.layout,
+        world_size=world,
+        train_skipped=data.source["train_skipped"],
+    )

@@ -556,6 +556,7 @@ def train_recipe(recipe: TinyModelRecipe, out: Path, root: Path | None = None) -
     fine-tune's base comes from the cache under ``root``); returns the training statistics."""
     import torch
 
+    from winnow.pipeline.train import dataset
     from winnow.trainer.step import train
 
     t0 = time.perf_counter()
@@ -571,7 +572,8 @@ def train_recipe(recipe: TinyModelRecipe, out: Path, root: Path | None = None) -
         n_rows = _write_training_data(recipe, base_dir, work / "train.parquet")
         t_setup = time.perf_counter() - t0
         with _single_process():
-            result = train(_train_params(recipe, base_dir, work / "train.parquet", out))
+            p = _train_params(recipe, base_dir, work / "train.parquet", out)
+            result = train(p, base_dir, dataset(p, None), out, "train")  # the leaf: a directory and rows in
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(work, ignore_errors=True)

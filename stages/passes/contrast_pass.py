@@ -28,8 +28,8 @@ import numpy as np
 import pyarrow as pa
 
 from winnow.core.errors import UserError
-from winnow.core.store import RunDir
 from winnow.core.steps import Step
+from winnow.core.store import RunDir
 from winnow.stages.passes.model_scoring import forward_hidden, gather_targets, list_column, read_samples
 from winnow.stages.passes.pass_step import PassContext, PassJob, PassSettings, run_pass
 from winnow.stages.passes.pass_step import main as pass_main

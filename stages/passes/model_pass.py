@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from winnow.core.store import RunDir
 from winnow.core.steps import Step
+from winnow.core.store import RunDir
 from winnow.stages.passes.model_scoring import read_samples, score_samples, signals_table
 from winnow.stages.passes.pass_step import (
     ALIAS_RE,

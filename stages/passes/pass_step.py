@@ -40,8 +40,8 @@ from winnow.core.errors import UserError
 from winnow.core.layout import LAYOUTS
 from winnow.core.models import check_tokenizer, config_fingerprint, resolve_model, weights_fingerprint
 from winnow.core.params import as_dict, build_params, parse_sets
-from winnow.core.store import RunDir, stable_hash
 from winnow.core.steps import spec
+from winnow.core.store import RunDir, stable_hash
 from winnow.stages.passes.pass_runner import (
     Dist,
     init_distributed,

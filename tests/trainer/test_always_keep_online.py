@@ -96,8 +96,8 @@ def test_training_records_the_floor(model, tmp_path):
     from transformers import AutoTokenizer
 
     from winnow.core.params import build_params
+    from winnow.pipeline.train import train
     from winnow.trainer.config import TrainParams
-    from winnow.trainer.step import train
 
     run = synthetic_run(tmp_path / "run", model, per_shard=12)
     end = AutoTokenizer.from_pretrained(str(model)).convert_tokens_to_ids("<|im_end|>")

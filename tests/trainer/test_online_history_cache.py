@@ -20,7 +20,7 @@ def _loop(inputs, out: Path, **extra):
     from transformers import AutoModelForCausalLM
 
     from winnow.core.params import build_params
-    from winnow.trainer import data as data_mod
+    from winnow.pipeline import train as data_mod
     from winnow.trainer.config import TrainParams
     from winnow.trainer.distributed import Dist
     from winnow.trainer.loop import Env, Loop
@@ -34,7 +34,7 @@ def _loop(inputs, out: Path, **extra):
     p = build_params(TrainParams, values, "test")
     lm = AutoModelForCausalLM.from_pretrained(str(m), dtype=torch.float32)
     lm.config.use_cache = False
-    return Loop(p, data_mod.load(p, None), lm, Env(torch.device("cpu"), Dist(), out))
+    return Loop(p, data_mod.load_data(p, None), lm, Env(torch.device("cpu"), Dist(), out))
 
 
 def _count_history_forwards(loop) -> list[int]:

@@ -49,9 +49,9 @@ def test_recorded_weights_are_the_weights_the_loss_saw(model, tmp_path, monkeypa
     import torch
 
     from winnow.core.params import build_params, parse_sets
+    from winnow.pipeline.train import train
     from winnow.trainer import loop as loop_mod
     from winnow.trainer.config import TrainParams
-    from winnow.trainer.step import train
 
     run = synthetic_run(tmp_path / "run", model)
     seen: list[tuple[int, object]] = []  # (step, micro-batch) as fed to the loss module

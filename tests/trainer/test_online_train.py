@@ -38,8 +38,8 @@ def _metrics(out):
 
 def _train_rows(inputs, out):
     """The training samples in the trainer's order (eval split and trimming as the trainer does them)."""
+    from winnow.pipeline.train import load_data as load
     from winnow.trainer.config import TrainParams
-    from winnow.trainer.data import load
 
     _, d, _ = inputs
     return load(TrainParams(data=str(d), out=str(out), eval_fraction=0.2, max_seq_len=128), None).train

@@ -180,8 +180,8 @@ def _eval_loss_of_saved_adapter(inputs, out) -> float:
     full logits, loss_mask weights (token 0 never counts)."""
     from peft import AutoPeftModelForCausalLM
 
+    from winnow.pipeline.train import load_data as load
     from winnow.trainer.config import TrainParams
-    from winnow.trainer.data import load
 
     ev = load(TrainParams(data=str(inputs[1]), out=str(out), eval_fraction=0.2, max_seq_len=128), None).eval
     model = AutoPeftModelForCausalLM.from_pretrained(str(out), dtype=torch.float64).eval()
