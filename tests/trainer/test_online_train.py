@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from trainer_fixtures import export_parquet, model_dir
 
-from conftest import run_cli
+from cli_runner import WINNOW, run_cli
 
 SETS = ["--set", "tokens_per_batch=256", "--set", "max_seq_len=128", "--set", "eval_fraction=0.2"]
 SETS += ["--set", "lr=1e-2", "--set", "save_every=2", "--set", "keep_checkpoints=1"]
@@ -102,7 +101,7 @@ def _killed_and_resumed(inputs, tmp_path, extra: list[str], kill_after: int, ckp
     code, _, err = _train(inputs, straight, *extra)
     assert code == 0, err
     m, d, _ = inputs
-    args = [sys.executable, "-m", "winnow.pipeline.cli", "train", "--data", d, "--model", m, "--out", killed]
+    args = [WINNOW, "train", "--data", d, "--model", m, "--out", killed]
     env = dict(os.environ, WINNOW_FAULT_KILL_AFTER_STEPS=str(kill_after))
     proc = subprocess.run([str(a) for a in [*args, *SETS, *extra]], env=env, capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
@@ -203,7 +202,7 @@ def test_lora_with_rho1_against_the_base_resumes_bitwise(inputs, tmp_path):
     # step 1: adapters start at zero effect, so excess loss is 0 everywhere and top-k still keeps k_ratio
     assert rows[0]["online_kept_tokens"] > 0 and len(rows) >= 4
     m, d, _ = inputs
-    args = [sys.executable, "-m", "winnow.pipeline.cli", "train", "--data", d, "--model", m, "--out", killed]
+    args = [WINNOW, "train", "--data", d, "--model", m, "--out", killed]
     env = dict(os.environ, WINNOW_FAULT_KILL_AFTER_STEPS="3")
     proc = subprocess.run([str(a) for a in [*args, *SETS, *extra]], env=env, capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr

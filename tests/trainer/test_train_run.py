@@ -10,7 +10,7 @@ from trainer_fixtures import export_parquet, model_dir, synthetic_run
 
 from winnow.pipeline.store import RunDir
 
-from conftest import run_cli
+from cli_runner import run_cli
 
 SETS = [
     "--set",
