@@ -8,11 +8,11 @@ import subprocess
 
 import numpy as np
 import pytest
-from trainer_fixtures import model_dir, synthetic_run
 
 from winnow.pipeline.store import RunDir
 
 from cli_runner import WINNOW, run_cli
+from trainer_fixtures import model_dir, synthetic_run
 
 SETS = ["--set", "tokens_per_batch=256", "--set", "max_seq_len=128", "--set", "eval_fraction=0.2"]
 SETS += ["--set", "lr=1e-2", "--set", "save_every=2", "--set", "keep_checkpoints=1", "--set", "epochs=2"]
@@ -211,9 +211,10 @@ def test_two_ranks_record_the_tables_of_one_process(model, tmp_path):
     gathered onto rank 0 and the tables equal a single process running both ranks' mini-batches per step
     (grad_accum 2); the select= argument passes through DDP."""
     import torch.multiprocessing as mp
-    from dist_online_worker import train_and_read, worker
 
     from winnow.trainer.distributed import Dist
+
+    from dist_online_worker import train_and_read, worker
 
     run = synthetic_run(tmp_path / "run", model).root
     want = {

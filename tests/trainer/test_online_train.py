@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_fixtures import export_parquet, model_dir
 
 from cli_runner import WINNOW, run_cli
+from trainer_fixtures import export_parquet, model_dir
 
 SETS = ["--set", "tokens_per_batch=256", "--set", "max_seq_len=128", "--set", "eval_fraction=0.2"]
 SETS += ["--set", "lr=1e-2", "--set", "save_every=2", "--set", "keep_checkpoints=1"]
@@ -165,9 +165,10 @@ def test_lora_trains_only_adapters_saves_loadable_adapter_and_merged_model(input
 def test_model_pass_scores_with_an_adapter_directory(inputs, tmp_path):
     """`winnow score --model ADAPTER_DIR` loads the base, merges the adapter and scores exactly."""
     from peft import AutoPeftModelForCausalLM
-    from trainer_fixtures import synthetic_run
 
     from winnow.pipeline.store import RunDir
+
+    from trainer_fixtures import synthetic_run
 
     out = tmp_path / "lora"
     code, _, err = _train(inputs, out, "--set", "lora_r=4", "--set", "lr=5e-2", "--set", "max_steps=2")

@@ -14,7 +14,6 @@ import numpy as np
 import peft  # noqa: F401  (a dev dependency: a missing peft fails here, never skips)
 import pytest
 import torch
-from trainer_fixtures import tiny_llama, weighted_samples
 
 from winnow.trainer import lora
 from winnow.trainer.loss import WeightedLMLoss
@@ -22,6 +21,7 @@ from winnow.trainer.packing import layout_batch, plan, prepare
 from winnow.trainer.prompt_tuning import PromptTuningParams, apply_prompt_tuning, shift_gather
 
 from cli_runner import WINNOW
+from trainer_fixtures import tiny_llama, weighted_samples
 
 CPU = torch.device("cpu")
 TOL = 1e-5

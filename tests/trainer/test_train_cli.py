@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_fixtures import export_parquet, model_dir
 
 from cli_runner import WINNOW, run_cli
+from trainer_fixtures import export_parquet, model_dir
 
 SETS = [
     "--set",
