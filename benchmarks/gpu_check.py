@@ -310,7 +310,7 @@ def lora_vs_full(dev: str, c: dict) -> dict:
 def packer(dev: str, c: dict, step_s: float | None) -> dict:
     import importlib.util
 
-    from winnow.kernels.packing_reference import pack_reference, stage
+    from winnow.core.layout import pack_varlen, stage
 
     rng = np.random.default_rng(2)
     lens = rng.integers(c["pack_len"] // 8, c["pack_len"], c["pack_samples"])
@@ -318,18 +318,21 @@ def packer(dev: str, c: dict, step_s: float | None) -> dict:
     ids = rng.integers(0, c["vocab"], int(offsets[-1]))
     w = np.where(rng.random(ids.size) < 0.6, 1.0, 0.0).astype(np.float32)
     out = {"samples": len(lens), "tokens": int(offsets[-1]), "train_step_s": step_s}
-    out["torch_cpu_ms"] = 1e3 * timed(lambda: pack_reference(*stage(offsets, ids, w, "cpu")), "cpu", 5)
-    if importlib.util.find_spec("winnow.trainer.packing") is not None:  # the trainer's numpy packer + copy
+    out["torch_cpu_ms"] = 1e3 * timed(lambda: pack_varlen(*stage(offsets, ids, w, "cpu")), "cpu", 5)
+    if importlib.util.find_spec("winnow.trainer.packing") is not None:  # the trainer's path: trim, lay out, copy
+        from winnow.core.layout import layout_batch
         from winnow.trainer import packing as tp
 
         def numpy_pack():
             pairs = zip(offsets[:-1], offsets[1:], strict=True)
             kept = [t for t in (tp.trim(ids[a:b], w[a:b]) for a, b in pairs) if t is not None]
-            return [torch.from_numpy(x).to(dev) for x in tp.pack_varlen([k[0] for k in kept], [k[1] for k in kept])]
+            b = layout_batch([k[0] for k in kept], [k[1] for k in kept], "packed")
+            arrays = (b.input_ids, b.position_ids, b.cu_seqlens, b.gather, b.targets, b.weights)
+            return [torch.from_numpy(x).to(dev) for x in arrays]
 
         out["trainer_numpy_ms"] = 1e3 * timed(numpy_pack, dev, 5)
     if dev == "cuda":
-        out["torch_gpu_ms"] = 1e3 * timed(lambda: pack_reference(*stage(offsets, ids, w, dev)), dev, 5)
+        out["torch_gpu_ms"] = 1e3 * timed(lambda: pack_varlen(*stage(offsets, ids, w, dev)), dev, 5)
         if importlib.util.find_spec("cupy") is not None:
             from winnow.kernels.cupy_packing import pack_cupy
 

@@ -1,4 +1,9 @@
-"""Token-budget batching for model passes: which samples share a forward, and how they are laid out.
+"""Row layout, the one module of it: which samples share a forward, and how they are laid out in tensors.
+
+The model passes (:func:`plan_batches`, :func:`collate`) and the trainer (:func:`plan_batches`,
+:func:`layout_batch`) lay rows out here, and both packed layouts go through one packer,
+:func:`pack_varlen` (torch ops on any device; :func:`winnow.kernels.cupy_packing.pack_cupy` is its CuPy
+alternative with the same signature, tested against it).
 
 Two layouts, one invariant: a sample's values depend only on the sample (no token attends to another
 sample, and the last token of one sample never predicts the first of another; shifting is done per
@@ -12,7 +17,8 @@ sample by the caller, from the positions this module returns).
   greedily: a batch closes when one more sample would exceed the token budget or push padding above
   ``max_pad_frac`` (10%) of the batch's computed tokens, so at most 10% of computed tokens are padding.
 * ``packed`` (GPU with ``flash_attention_2``): samples concatenated into one row of at most
-  ``token_budget`` tokens with ``position_ids`` restarting at 0 per sample. FlashAttention then runs
+  ``token_budget`` tokens with ``position_ids`` restarting at 0 per sample; which samples share a row is
+  best-fit decreasing (:func:`best_fit_decreasing`: longest first, each into the fullest row it fits). FlashAttention then runs
   varlen attention per sample; under SDPA/eager transformers builds a block-diagonal mask from the
   positions, but **only when no KV cache is created** (callers must pass ``use_cache=False``; with a
   cache the samples silently attend to each other, a test checks it).
@@ -40,11 +46,14 @@ code (sliding windows, softcapping, sinks); bucketing needs none. In whole passe
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from winnow.kernels.packed import Packed
 
 if TYPE_CHECKING:
     import torch
@@ -100,32 +109,46 @@ def plan_padded(
     return plans
 
 
-def plan_packed(lengths: Sequence[int], token_budget: int) -> list[BatchPlan]:
-    """One row per batch holding consecutive samples (input order) up to ``token_budget`` tokens."""
-    plans: list[BatchPlan] = []
-    cur: list[int] = []
-    cur_tokens = 0
+def best_fit_decreasing(lengths: Sequence[int], capacity: int, oversize_alone: bool = False) -> list[list[int]]:
+    """Bins of sample indices, each summing to <= ``capacity`` tokens; longest first, each into the
+    fullest bin it fits (ties by length keep input order, so the plan is deterministic). A sample longer
+    than ``capacity`` is an error, or with ``oversize_alone`` a bin of its own (a model pass's budget is a
+    target, not a cap on sample length)."""
+    lens = np.asarray(lengths, dtype=np.int64)
+    if lens.size and int(lens.max()) > capacity and not oversize_alone:
+        raise ValueError(f"a sample of {int(lens.max())} tokens exceeds the pack capacity {capacity}")
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (free tokens, bin number)
+    for i in np.argsort(-lens, kind="stable"):
+        n = int(lens[i])
+        k = bisect.bisect_left(free, (n, -1))
+        if k == len(free):
+            bins.append([int(i)])
+            bisect.insort(free, (max(capacity - n, 0), len(bins) - 1))
+            continue
+        room, b = free.pop(k)
+        bins[b].append(int(i))
+        bisect.insort(free, (room - n, b))
+    return bins
 
-    def close() -> None:
-        if cur:
-            plans.append(BatchPlan(rows=(tuple(cur),), width=max(cur_tokens, 1), real_tokens=cur_tokens))
 
-    for idx, n in enumerate(lengths):
-        n = int(n)
-        if cur and cur_tokens + n > token_budget:
-            close()
-            cur, cur_tokens = [], 0
-        cur.append(idx)
-        cur_tokens += n
-    close()
+def plan_packed(lengths: Sequence[int], token_budget: int, oversize_alone: bool = True) -> list[BatchPlan]:
+    """One row per batch, its samples chosen by :func:`best_fit_decreasing` into ``token_budget`` tokens."""
+    plans = []
+    for b in best_fit_decreasing(lengths, token_budget, oversize_alone):
+        n = int(sum(int(lengths[i]) for i in b))
+        plans.append(BatchPlan(rows=(tuple(b),), width=max(n, 1), real_tokens=n))
     return plans
 
 
-def plan_batches(lengths: Sequence[int], token_budget: int, layout: str) -> list[BatchPlan]:
+def plan_batches(
+    lengths: Sequence[int], token_budget: int, layout: str, oversize_alone: bool = True
+) -> list[BatchPlan]:
+    """The batches of ``layout`` (the trainer passes ``oversize_alone=False``: its packs are a cap)."""
     if layout == "padded":
         return plan_padded(lengths, token_budget)
     if layout == "packed":
-        return plan_packed(lengths, token_budget)
+        return plan_packed(lengths, token_budget, oversize_alone)
     raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
 
 
@@ -151,6 +174,33 @@ class Collated:
         return tuple(self.input_ids.shape)  # type: ignore[return-value]
 
 
+def _rows(
+    rows: Sequence[Sequence[np.ndarray]], width: int, layout: str, pad_id: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``rows[r]`` (samples, left to right) laid into ``(R, width)`` arrays: ids (``pad_id`` after the
+    samples), positions restarting at 0 per sample, the sample number ``k`` (-1 on padding), and each
+    sample's flat start and length."""
+    n_rows = len(rows)
+    ids = np.full((n_rows, width), pad_id, dtype=np.int64)
+    pos = np.tile(np.arange(width, dtype=np.int64), (n_rows, 1))
+    seg = np.full((n_rows, width), -1, dtype=np.int64)
+    starts, lens = [], []
+    for r, row in enumerate(rows):
+        col = 0
+        for x in row:
+            n = len(x)
+            ids[r, col : col + n] = x
+            pos[r, col : col + n] = np.arange(n)
+            seg[r, col : col + n] = len(starts)
+            starts.append(r * width + col)
+            lens.append(n)
+            col += n
+        if layout == "packed" and col < width:
+            # keep positions increasing by one after the last sample, so the tail is not taken for a sample
+            pos[r, col:] = np.arange(width - col) + (pos[r, col - 1] + 1 if col else 0)
+    return ids, pos, seg, np.asarray(starts, dtype=np.int64), np.asarray(lens, dtype=np.int64)
+
+
 def collate(
     plan: BatchPlan,
     seqs: Sequence[np.ndarray],
@@ -166,35 +216,14 @@ def collate(
     """
     import torch
 
-    n_rows, width = len(plan.rows), plan.width
-    ids = np.full((n_rows, width), pad_id, dtype=np.int64)
-    pos = np.tile(np.arange(width, dtype=np.int64), (n_rows, 1))
-    seg = np.full((n_rows, width), -1, dtype=np.int64)
-    starts, lens, order = [], [], []
-    k = 0
-    for r, row in enumerate(plan.rows):
-        col = 0
-        for s in row:
-            x = np.asarray(seqs[s])
-            n = len(x)
-            ids[r, col : col + n] = x
-            pos[r, col : col + n] = np.arange(n)
-            seg[r, col : col + n] = k
-            starts.append(r * width + col)
-            lens.append(n)
-            order.append(s)
-            col += n
-            k += 1
-        if layout == "packed" and col < width:
-            # keep positions increasing by one after the last sample, so the tail is not taken for a sample
-            pos[r, col:] = np.arange(width - col) + (pos[r, col - 1] + 1 if col else 0)
+    ids, pos, seg, starts, lens = _rows([[seqs[s] for s in row] for row in plan.rows], plan.width, layout, pad_id)
     return Collated(
         input_ids=torch.from_numpy(ids).to(device),
         position_ids=torch.from_numpy(pos).to(device),
         segment=torch.from_numpy(seg).to(device),
-        samples=order,
-        starts=np.asarray(starts, dtype=np.int64),
-        lengths=np.asarray(lens, dtype=np.int64),
+        samples=plan.samples,
+        starts=starts,
+        lengths=lens,
         layout=layout,
     )
 
@@ -202,3 +231,147 @@ def collate(
 def padding_fraction(plans: Sequence[BatchPlan]) -> float:
     computed = sum(p.computed_tokens for p in plans)
     return 1.0 - sum(p.real_tokens for p in plans) / computed if computed else 0.0
+
+
+# ------------------------------------------------------------------------------------- the varlen packer
+def check_ragged(offsets: np.ndarray, ids: np.ndarray, weights: np.ndarray) -> None:
+    if offsets.ndim != 1 or offsets.size < 1 or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
+        raise ValueError("offsets must be a non-decreasing (S+1,) array starting at 0")
+    if int(offsets[-1]) != ids.size or ids.size != weights.size:
+        raise ValueError(f"offsets end at {int(offsets[-1])} but ids/weights hold {ids.size}/{weights.size}")
+
+
+def stage(
+    offsets: np.ndarray, ids: np.ndarray, weights: np.ndarray, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(offsets int64, ids int64, weights float32) on ``device``. For CUDA the three arrays are laid
+    into one pinned host buffer and copied with a single non-blocking transfer on the current stream
+    (torch's pinned allocator keeps the buffer alive until that copy is done)."""
+    import torch
+
+    offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    weights = np.ascontiguousarray(weights, dtype=np.float32)
+    check_ragged(offsets, ids, weights)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return tuple(torch.from_numpy(x).to(device) for x in (offsets, ids, weights))  # type: ignore[return-value]
+    a, b = offsets.nbytes, offsets.nbytes + ids.nbytes  # both multiples of 8: every view stays aligned
+    host = torch.empty(b + weights.nbytes, dtype=torch.uint8, pin_memory=True)
+    buf = host.numpy()
+    buf[:a] = offsets.view(np.uint8)
+    buf[a:b] = ids.view(np.uint8)
+    buf[b:] = weights.view(np.uint8)
+    dev = host.to(device, non_blocking=True)
+    return dev[:a].view(torch.int64), dev[a:b].view(torch.int64), dev[b:].view(torch.float32)
+
+
+def pack_varlen(offsets: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, trim: bool = True) -> Packed:
+    """Pack one micro-batch in Arrow layout (``offsets`` (S+1,), ``ids`` (T,), ``weights`` (T,) with
+    ``weights[i]`` weighing token ``i`` *as a target*) into one varlen row: see :class:`Packed`.
+
+    ``trim``: each sample is cut after its last nonzero-weight target (under causal attention no later
+    token changes a loss term) and samples without one are dropped, so no zero-length segment reaches the
+    attention kernel (the CuPy packer's semantics). ``trim=False`` keeps every sample whole, in order (the
+    trainer's rows, trimmed once by ``prepare`` and mapped back sample by sample). Position 0 of a sample
+    never predicts anything; no target crosses a sample. Vectorised torch ops, on the inputs' device.
+    """
+    import torch
+
+    dev = ids.device
+    n_samples = offsets.numel() - 1
+    lens = offsets[1:] - offsets[:-1]
+    sample = torch.repeat_interleave(torch.arange(n_samples, device=dev), lens)  # (T,) owner of each token
+    local = torch.arange(ids.numel(), device=dev) - offsets[:-1][sample]  # index inside its sample
+    weighted = (weights != 0) & (local >= 1)
+    if trim:
+        last = torch.full((n_samples,), -1, dtype=torch.int64, device=dev)
+        last.scatter_reduce_(0, sample[weighted], local[weighted], reduce="amax")
+        kept_len = last + 1  # 0 when the sample weighs nothing
+    else:
+        kept_len = lens
+    keep = local < kept_len[sample]
+    starts = torch.cumsum(kept_len, 0) - kept_len  # packed start of each sample
+    flat = starts[sample] + local
+    kept = kept_len[kept_len > 0] if trim else kept_len
+    cu = torch.zeros(kept.numel() + 1, dtype=torch.int32, device=dev)
+    cu[1:] = torch.cumsum(kept, 0)
+    return Packed(
+        input_ids=ids[keep],
+        position_ids=local[keep],
+        cu_seqlens=cu,
+        max_seqlen=int(kept.max()) if kept.numel() else 0,
+        gather=flat[weighted] - 1,
+        targets=ids[weighted],
+        weights=weights[weighted].to(torch.float32),
+    )
+
+
+# ------------------------------------------------------------------------------------- trainer micro-batches
+@dataclass
+class MicroBatch:
+    """One micro-batch as arrays. ``input_ids``/``position_ids`` are (R, W): R rows of W tokens (packed:
+    one row). Flat index ``r * W + c``: ``gather`` lists the positions whose *next* token is a weighted
+    target, ``targets``/``weights`` that token and its weight. ``cu_seqlens`` (packed) bounds the samples
+    in the flat row."""
+
+    input_ids: np.ndarray
+    position_ids: np.ndarray
+    gather: np.ndarray
+    targets: np.ndarray
+    weights: np.ndarray
+    cu_seqlens: np.ndarray | None
+    layout: str
+    n_samples: int
+    real_tokens: int  # tokens of samples (padding excluded)
+    len_sq: int = 0  # Σ length² over the samples (attention FLOPs for the MFU estimate)
+
+    @property
+    def weight_sum(self) -> float:
+        return float(self.weights.sum(dtype=np.float64))
+
+
+def _packed_whole(seqs: Sequence[np.ndarray], weights: Sequence[np.ndarray]) -> Packed:
+    import torch
+
+    lens = np.array([len(s) for s in seqs], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    cat = lambda xs, dt: np.concatenate([np.asarray(x, dt) for x in xs]) if len(xs) else np.zeros(0, dt)  # noqa: E731
+    ids, w = cat(seqs, np.int64), cat(weights, np.float32)
+    return pack_varlen(*(torch.from_numpy(x) for x in (offsets, ids, w)), trim=False)
+
+
+def layout_batch(
+    seqs: Sequence[np.ndarray], weights: Sequence[np.ndarray], layout: str, pad_id: int = 0
+) -> MicroBatch:
+    """Lay the samples of one micro-batch out (packed: one flat row; padded: one right-padded row each).
+    Both take their targets from :func:`pack_varlen` (whole samples); padded maps them onto its rows."""
+    p = _packed_whole(seqs, weights)
+    cu, g = p.cu_seqlens.numpy(), p.gather.numpy()
+    tg, wt = p.targets.numpy(), p.weights.numpy()
+    len_sq = int(sum(len(s) ** 2 for s in seqs))
+    if layout == "packed":
+        ids, pos = p.input_ids.numpy()[None], p.position_ids.numpy()[None]
+        return MicroBatch(ids, pos, g, tg, wt, cu, layout, len(seqs), int(cu[-1]), len_sq)
+    width = max((len(s) for s in seqs), default=1)
+    ids, pos, _, _, _ = _rows([[s] for s in seqs], width, "padded", pad_id)
+    row = np.searchsorted(cu, g, side="right") - 1  # the sample (= row) of each gathered position
+    g = row * width + (g - cu[row])
+    return MicroBatch(ids, pos, g, tg, wt, None, layout, len(seqs), int(cu[-1]), len_sq)
+
+
+def empty_batch(pad_id: int = 0) -> MicroBatch:
+    """A one-token micro-batch with nothing to learn: ranks without a real micro-batch at the end of an
+    epoch run it so every rank takes part in the gradient all-reduce."""
+    z = np.zeros(0, dtype=np.int64)
+    return MicroBatch(
+        np.full((1, 1), pad_id, np.int64),
+        np.zeros((1, 1), np.int64),
+        z,
+        z,
+        np.zeros(0, np.float32),
+        None,
+        "padded",
+        0,
+        0,
+    )

@@ -34,12 +34,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from winnow.core.layout import MicroBatch, empty_batch, layout_batch
 from winnow.trainer import checkpoint
 from winnow.trainer.config import TrainParams
 from winnow.trainer.data import TrainData
 from winnow.trainer.distributed import Dist, all_reduce_sum, no_sync, wrap
 from winnow.trainer.loss import WeightedLMLoss
-from winnow.trainer.packing import MicroBatch, empty_batch, layout_batch, plan, step_batches
+from winnow.trainer.packing import plan, step_batches
 
 FAULT_ENV = "WINNOW_FAULT_KILL_AFTER_STEPS"
 

@@ -48,11 +48,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from winnow.core.layout import MicroBatch, empty_batch, layout_batch
 from winnow.kernels.chunked_head import LMHead
 from winnow.kernels.switch import logprob_entropy
 from winnow.trainer import online as ol
 from winnow.trainer.loss import body_and_head, unwrap
-from winnow.trainer.packing import MicroBatch, empty_batch, layout_batch, plan, trim
+from winnow.trainer.packing import plan, trim
 
 EMA_FILE = "ema_history.safetensors"
 

@@ -38,11 +38,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from winnow.core.layout import MicroBatch, layout_batch
 from winnow.kernels.chunked_head import LMHead
 from winnow.kernels.switch import linear_cross_entropy, logprob_entropy
 from winnow.trainer import online as ol
 from winnow.trainer.loss import WeightedLMLoss, body_and_head
-from winnow.trainer.packing import MicroBatch, layout_batch
 
 
 @dataclass

@@ -15,9 +15,10 @@ import peft  # noqa: F401  (a dev dependency: a missing peft fails here, never s
 import pytest
 import torch
 
+from winnow.core.layout import layout_batch
 from winnow.trainer import lora
 from winnow.trainer.loss import WeightedLMLoss
-from winnow.trainer.packing import layout_batch, plan, prepare
+from winnow.trainer.packing import plan, prepare
 from winnow.trainer.prompt_tuning import PromptTuningParams, apply_prompt_tuning, shift_gather
 
 from cli_runner import WINNOW

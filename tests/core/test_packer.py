@@ -1,5 +1,5 @@
-"""The micro-batch packer: the torch reference against a brute-force Python packer and by invariants
-(CPU), and the CuPy packer against the reference (``gpu``)."""
+"""The one packer (:func:`winnow.core.layout.pack_varlen`) against a brute-force Python packer and by
+invariants (CPU), and the CuPy packer against it (``gpu``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from winnow.kernels.packing_reference import pack_reference, stage
+from winnow.core.layout import pack_varlen, stage
 
 
 def _ragged(seed, n_samples=12, max_len=40, vocab=1000):
@@ -54,7 +54,7 @@ def _brute(ids, ws):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_reference_matches_brute_force(seed):
     offsets, ids, ws, ids_list, ws_list = _ragged(seed)
-    p = pack_reference(*stage(offsets, ids, ws, "cpu"))
+    p = pack_varlen(*stage(offsets, ids, ws, "cpu"))
     want = _brute(ids_list, ws_list)
     got = (p.input_ids, p.position_ids, p.cu_seqlens, p.gather, p.targets, p.weights)
     for name, a, e in zip(("ids", "pos", "cu", "gather", "targets", "weights"), got, want, strict=True):
@@ -65,7 +65,7 @@ def test_reference_matches_brute_force(seed):
 
 def test_reference_invariants():
     offsets, ids, ws, *_ = _ragged(7, n_samples=40, max_len=200)
-    p = pack_reference(*stage(offsets, ids, ws, "cpu"))
+    p = pack_varlen(*stage(offsets, ids, ws, "cpu"))
     cu = p.cu_seqlens.long()
     assert cu[0] == 0 and cu[-1] == p.input_ids.numel() and torch.all(cu[1:] > cu[:-1])  # no empty sample
     starts = torch.zeros(p.input_ids.numel(), dtype=torch.bool)
@@ -80,21 +80,36 @@ def test_reference_invariants():
     assert torch.isin(cu[1:] - 2, p.gather).all()
 
 
+def _brute_whole(ids, ws):
+    """Every sample whole, in order (``trim=False``), one token at a time."""
+    out_ids, out_pos, cu, gather, targets, weights = [], [], [0], [], [], []
+    for x, w in zip(ids, ws, strict=True):
+        start = len(out_ids)
+        for i in range(len(x)):
+            out_ids.append(int(x[i]))
+            out_pos.append(i)
+            if i >= 1 and w[i] != 0:
+                gather.append(start + i - 1)
+                targets.append(int(x[i]))
+                weights.append(float(w[i]))
+        cu.append(len(out_ids))
+    return out_ids, out_pos, cu, gather, targets, weights
+
+
 @pytest.mark.parametrize("seed", [3, 4])
-def test_reference_matches_trainer_cpu_packer(seed):
-    """Same outputs, dtypes included, as the trainer's CPU packer (trim, then pack_varlen)."""
-    packing = pytest.importorskip("winnow.trainer.packing")
+def test_whole_samples_match_brute_force(seed):
+    """``trim=False`` (the trainer's rows): no sample cut or dropped, empty and unweighted ones included."""
     offsets, ids, ws, ids_list, ws_list = _ragged(seed, n_samples=30, max_len=100)
-    kept = [t for t in (packing.trim(x, w) for x, w in zip(ids_list, ws_list, strict=True)) if t is not None]
-    want = packing.pack_varlen([t[0] for t in kept], [t[1] for t in kept])
-    p = pack_reference(*stage(offsets, ids, ws, "cpu"))
+    p = pack_varlen(*stage(offsets, ids, ws, "cpu"), trim=False)
+    want = _brute_whole(ids_list, ws_list)
     got = (p.input_ids, p.position_ids, p.cu_seqlens, p.gather, p.targets, p.weights)
-    for a, e in zip(got, want, strict=True):
-        assert a.numpy().dtype == e.dtype and np.array_equal(a.numpy(), e)
+    for name, a, e in zip(("ids", "pos", "cu", "gather", "targets", "weights"), got, want, strict=True):
+        assert a.tolist() == pytest.approx(e), name
+    assert p.cu_seqlens.dtype == torch.int32 and p.weights.dtype == torch.float32
 
 
 def test_empty_batch_and_bad_offsets():
-    p = pack_reference(*stage(np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), "cpu"))
+    p = pack_varlen(*stage(np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), "cpu"))
     assert p.input_ids.numel() == 0 and p.cu_seqlens.tolist() == [0] and p.max_seqlen == 0
     with pytest.raises(ValueError, match="offsets"):
         stage(np.array([0, 5]), np.zeros(4, np.int64), np.zeros(4, np.float32), "cpu")
@@ -103,12 +118,12 @@ def test_empty_batch_and_bad_offsets():
 @pytest.mark.gpu
 @pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="cupy is not installed")
 @pytest.mark.parametrize("seed,n_samples,max_len", [(0, 12, 40), (1, 64, 4096), (2, 1, 3)])
-def test_cupy_matches_reference(seed, n_samples, max_len):
+def test_cupy_matches_the_torch_packer(seed, n_samples, max_len):
     from winnow.kernels.cupy_packing import pack_cupy
 
     offsets, ids, ws, *_ = _ragged(seed, n_samples, max_len)
     staged = stage(offsets, ids, ws, "cuda")
-    want = pack_reference(*staged)
+    want = pack_varlen(*staged)
     got = pack_cupy(*staged)
     torch.cuda.synchronize()
     for f in ("input_ids", "position_ids", "cu_seqlens", "gather", "targets", "weights"):
