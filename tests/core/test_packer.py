@@ -32,11 +32,11 @@ def _ragged(seed, n_samples=12, max_len=40, vocab=1000):
     return offsets, np.concatenate(ids).astype(np.int64), np.concatenate(ws).astype(np.float32), ids, ws
 
 
-def _brute(ids, ws):
-    """One sample at a time, token by token."""
+def _brute(ids, ws, trim=True):
+    """One sample at a time, token by token (``trim=False``: every sample whole, none dropped)."""
     out_ids, out_pos, cu, gather, targets, weights = [], [], [0], [], [], []
     for x, w in zip(ids, ws, strict=True):
-        last = max((i for i in range(1, len(x)) if w[i] != 0), default=None)
+        last = max((i for i in range(1, len(x)) if w[i] != 0), default=None) if trim else len(x) - 1
         if last is None:
             continue
         start = len(out_ids)
@@ -80,28 +80,12 @@ def test_reference_invariants():
     assert torch.isin(cu[1:] - 2, p.gather).all()
 
 
-def _brute_whole(ids, ws):
-    """Every sample whole, in order (``trim=False``), one token at a time."""
-    out_ids, out_pos, cu, gather, targets, weights = [], [], [0], [], [], []
-    for x, w in zip(ids, ws, strict=True):
-        start = len(out_ids)
-        for i in range(len(x)):
-            out_ids.append(int(x[i]))
-            out_pos.append(i)
-            if i >= 1 and w[i] != 0:
-                gather.append(start + i - 1)
-                targets.append(int(x[i]))
-                weights.append(float(w[i]))
-        cu.append(len(out_ids))
-    return out_ids, out_pos, cu, gather, targets, weights
-
-
 @pytest.mark.parametrize("seed", [3, 4])
 def test_whole_samples_match_brute_force(seed):
     """``trim=False`` (the trainer's rows): no sample cut or dropped, empty and unweighted ones included."""
     offsets, ids, ws, ids_list, ws_list = _ragged(seed, n_samples=30, max_len=100)
     p = pack_varlen(*stage(offsets, ids, ws, "cpu"), trim=False)
-    want = _brute_whole(ids_list, ws_list)
+    want = _brute(ids_list, ws_list, trim=False)
     got = (p.input_ids, p.position_ids, p.cu_seqlens, p.gather, p.targets, p.weights)
     for name, a, e in zip(("ids", "pos", "cu", "gather", "targets", "weights"), got, want, strict=True):
         assert a.tolist() == pytest.approx(e), name

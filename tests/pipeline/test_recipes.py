@@ -10,10 +10,6 @@ from winnow.pipeline.recipe import load_recipe
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.toml"))
 
 
-def test_there_is_a_quickstart():
-    assert any(p.name == "quickstart.toml" for p in RECIPES)
-
-
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_validates(path):
     recipe = load_recipe(path)
