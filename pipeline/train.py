@@ -153,7 +153,25 @@ def dataset(p: TrainParams, run_dir: str | Path | None) -> Dataset:
     digest = stable_hash([run.table("samples").digest(), sel_digest])
     source = {"run": str(run.root.resolve()), "selection": p.selection or "all", "selection_digest": sel_digest}
     label = f"selection/{p.selection}" if p.selection else "the samples"
-    return Dataset(rows, digest, source, _held_out(p, run), label)
+    return Dataset(rows, digest, source, _held_out(p, run), label, online_sink(run_dir, p.selection))
+
+
+def online_sink(run_dir: str | Path, selection: str):
+    """``record_weights=true``: write an epoch's online weights as a selection of the run, one shard per
+    samples shard (the rows come from the trainer's recorder, ``rows_of(columns of the samples shard)``)."""
+
+    def write(name: str, fingerprint: str, epoch: int, rows_of) -> None:
+        run = RunDir(run_dir)
+        samples = run.table("samples")
+        inputs = {"samples": samples.digest()}
+        if selection:
+            inputs[f"selection/{selection}"] = run.table(f"selection/{selection}").digest()
+        out = run.table(name)
+        for rec in samples.records():
+            cols = samples.read_part(rec.part, columns=["sample_id", "n_tokens", "loss_mask"]).to_pydict()
+            out.write(rec.part, rows_of(cols), fingerprint=fingerprint, inputs=inputs, extra={"epoch": epoch})
+
+    return write
 
 
 def load_data(p: TrainParams, run_dir: str | Path | None) -> TrainData:

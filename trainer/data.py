@@ -16,6 +16,7 @@ Up to ``eval_max_samples`` held-out samples are scored (the first by hash, again
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,7 @@ class TrainData:
     digest: str
     source: dict[str, Any]
     max_token_id: int
+    sink: Callable[[str, str, int, Callable[[dict[str, list]], Any]], None] | None = None  # Dataset.sink
 
 
 def _hash_unit(sample_id: str) -> float:
@@ -70,6 +72,9 @@ class Dataset:
     source: dict[str, Any]
     held_out: set[str] | None = None
     label: str = "the samples"  # names the data in a message ("selection/default", an export path)
+    # record_weights=true: sink(table, fingerprint, epoch, rows_of_shard) stores an epoch's online weights
+    # (the roof writes them into the run: winnow.pipeline.train.online_sink)
+    sink: Callable[[str, str, int, Callable[[dict[str, list]], Any]], None] | None = None
 
 
 def prepare_data(p: TrainParams, ds: Dataset) -> TrainData:
@@ -104,4 +109,4 @@ def prepare_data(p: TrainParams, ds: Dataset) -> TrainData:
         "eval_split": f"eval_where: {p.eval_where}" if p.eval_where else f"eval_fraction: {p.eval_fraction}",
     }
     max_id = max(int(x.max()) for x in rows.ids if len(x)) if rows.ids else 0
-    return TrainData(train, evald, stable_hash([ds.digest, source["eval_split"]]), source, max_id)
+    return TrainData(train, evald, stable_hash([ds.digest, source["eval_split"]]), source, max_id, ds.sink)

@@ -100,39 +100,6 @@ def _claim_out(out: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _load_model(model_dir: Path, device, dtype_name: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    from winnow.core.model_io import check_head, flash_attention_available
-    from winnow.kernels.chunked_head import LMHead
-
-    hf_logging.disable_progress_bar()  # the trainer reports its own progress; no per-file bars
-    kwargs: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": True}
-    if device.type == "cuda":  # varlen attention for packed rows, never a padded full mask
-        kwargs["attn_implementation"] = (
-            "flash_attention_2" if flash_attention_available(device) else "flex_attention"
-        )
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load {model_dir} as a causal LM: {e}") from None
-    model.winnow_use_cache = getattr(model.config, "use_cache", True)  # restored in the saved config
-    model.config.use_cache = False  # a KV cache would make packed samples attend to each other
-    out_emb = model.get_output_embeddings()
-    with torch.no_grad():
-        head = check_head(
-            model,
-            model.base_model,
-            LMHead(out_emb.weight, getattr(out_emb, "bias", None)),
-            device=torch.device("cpu"),
-            dtype=torch.float32,
-            where=str(model_dir),
-        )
-    return model, head
-
-
 def _drive(loop, metrics, out: Path) -> int:
     p, ckpt = loop.p, out / "checkpoints"
     start = loop.resume(ckpt)
@@ -181,7 +148,9 @@ def _reference(p: TrainParams, reference: Path | str | None, device):
         return "base"
     if reference is None:
         raise UserError("online=rho1 needs a reference model: --set rho1.reference=MODEL_DIR")
-    ref, _ = _load_model(Path(reference), device, p.dtype)
+    from winnow.core.model_io import load_for_training
+
+    ref, _ = load_for_training(Path(reference), device)
     return ref.to(device).eval().requires_grad_(False)
 
 
@@ -298,8 +267,10 @@ class _Run:
 
 def _build(r: _Run, device):
     """The model to train (with LoRA or prompt tuning applied) and the loop's environment."""
+    from winnow.core.model_io import load_for_training
+
     p = r.p
-    model, head = _load_model(r.model_dir, device, p.dtype)
+    model, head = load_for_training(r.model_dir, device)
     if p.lora_r > 0:
         from winnow.trainer.lora import apply_lora
 
