@@ -55,7 +55,7 @@ log "measurements rc=$? (timeout ${left}s); results in $OUT/gpu_check.json"
 left=$(( 235 - ($(date +%s) - start) ))
 if [ "$left" -gt 15 ]; then
   timeout "$left" python -P -m pytest -q -p no:cacheprovider -o addopts="--import-mode=importlib" tests/kernels/test_linear_cross_entropy.py \
-    tests/kernels/test_triton_head.py tests/kernels/test_packing_reference.py tests/kernels/test_passes_through_switch.py \
+    tests/kernels/test_triton_head.py tests/core/test_packer.py tests/kernels/test_passes_through_switch.py \
     > "$OUT/native_tests.log" 2>&1
   log "native kernel tests rc=$? ($(tail -1 "$OUT/native_tests.log"))"
 fi
