@@ -39,7 +39,7 @@ rc=$?
 log "preflight ($(grep -E '^(gpu|triton launch):' "$OUT/env.txt" | tr '\n' ' ')) rc=$rc"
 
 # tests/kernels only: other test folders import polars/duckdb, which the GPU machine lacks
-timeout 40 $PY -P -m pytest -q -p no:cacheprovider -m gpu tests/kernels -o addopts="" \
+timeout 40 $PY -P -m pytest -q -p no:cacheprovider -m gpu tests/kernels -o addopts="--import-mode=importlib" \
   --junitxml "$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
 rc=$?
 [ "$rc" -eq 5 ] && rc=0  # no test collected (a CPU smoke deselects them all) is not a failure
