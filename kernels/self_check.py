@@ -106,6 +106,13 @@ def run_check(op: str, device: torch.device, dtype: torch.dtype, bias: bool, sof
     """``None`` when the kernel matches the reference on the check's case, else what went wrong."""
     if op not in OPS:
         raise ValueError(f"unknown kernel {op!r}: one of {', '.join(OPS)}")
+    # the first call may come from an evaluation (no_grad), a pass (inference_mode) or a forward under
+    # autocast: none of them may change the check (autocast would turn the reference's fp32 into bf16)
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+        return _run_checks(op, device, dtype, bias, softcap)
+
+
+def _run_checks(op: str, device: torch.device, dtype: torch.dtype, bias: bool, softcap: bool) -> str | None:
     try:
         from winnow.kernels import triton_linear_cross_entropy as tk
 

@@ -141,3 +141,14 @@ def test_reduce_pins_every_rank_when_one_fails(monkeypatch):
         )
     assert not ok and votes == [True]
     assert not sc.passes("linear_ce", CPU, torch.bfloat16, False, False)
+
+
+@pytest.mark.parametrize("op", ["linear_ce", "logprob_entropy"])
+def test_caller_modes_do_not_change_the_verdict(monkeypatch, op):
+    """The first auto call may come from no_grad evaluation, an inference-mode pass, or a forward under
+    autocast: the check still runs its backward and its fp32/float64 reference."""
+    monkeypatch.setattr(sc, "SHAPE", SMALL)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert sc.run_check(op, CPU, torch.bfloat16, True, False) is None
+    with torch.no_grad():
+        assert sc.run_check(op, CPU, torch.bfloat16, False, True) is None
