@@ -9,11 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from trainer_fixtures import tiny_llama
 
 from winnow.kernels import self_check, switch
 from winnow.trainer import distributed, kernel_agreement
 from winnow.trainer.loss import WeightedLMLoss
+
+from trainer_fixtures import tiny_llama
 
 CPU = torch.device("cpu")
 

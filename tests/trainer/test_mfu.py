@@ -8,9 +8,10 @@ d_attn = 4 x 8 = 32."""
 from __future__ import annotations
 
 import pytest
-from trainer_fixtures import tiny_llama
 
 from winnow.trainer.mfu import mfu, step_flops
+
+from trainer_fixtures import tiny_llama
 
 T, R, S = 100, 40, 50**2 + 30**2  # tokens, weighted rows, sum of squared sample lengths
 BODY, HEAD, D_ATTN, LAYERS = 18432, 9600, 32, 2
