@@ -23,7 +23,8 @@ references still stand), 1 otherwise.
 ``--cpu-smoke`` runs everything at toy sizes on the CPU (Triton under the interpreter).
 ``--preflight`` writes the environment report (``env.txt``; <= 10 s). ``WINNOW_GPU_CHECK_FAULT=triton``
 makes every Triton launch raise, in the preflight and in every section (the fault-injection run; the
-CI test ``tests/benchmarks/test_gpu_check.py`` does the same in-process). Imports no polars, duckdb or
+CI test ``tests/benchmarks/test_gpu_check.py`` does the same in-process); ``=triton-abort`` makes the
+section's process die at its first Triton launch instead (a sticky CUDA fault). Imports no polars, duckdb or
 datasets; every child inherits this process's environment.
 """
 
@@ -170,11 +171,14 @@ def exit_status(data: dict) -> int:
     return 0
 
 
-def inject_triton_fault(patch=setattr) -> None:
-    """Every Triton launch raises (compiled or interpreted): ``patch(cls, "run", raiser)``."""
+def inject_triton_fault(patch=setattr, abort: bool = False) -> None:
+    """Every Triton launch raises (compiled or interpreted): ``patch(cls, "run", raiser)``; with
+    ``abort`` the process dies on the spot instead, as after a sticky CUDA fault."""
     from triton.runtime import interpreter, jit
 
     def raiser(self, *a, **k):
+        if abort:
+            os.abort()
         raise RuntimeError(
             f"injected fault ({FAULT_ENV}): Triton launch of {getattr(self, '__name__', self)}"
         )
@@ -203,8 +207,9 @@ def run_section(out: Path, name: str, smoke: bool) -> None:
     import gpu_sections
     import torch
 
-    if os.environ.get(FAULT_ENV) == "triton" and gpu_sections.has_triton():
-        inject_triton_fault()
+    fault = os.environ.get(FAULT_ENV)
+    if fault in ("triton", "triton-abort") and gpu_sections.has_triton():
+        inject_triton_fault(abort=fault == "triton-abort")
     rec = Recorder(out)
     rec.begin(name)
     t0 = time.time()
@@ -223,8 +228,11 @@ def run_section(out: Path, name: str, smoke: bool) -> None:
     rec.end(name, time.time() - t0, error)
 
 
-def drive(out: Path, smoke: bool, budget: float, in_process: bool = False) -> int:
-    """Every section, each in a child process (or here, for the in-process test), within ``budget`` s."""
+def drive(
+    out: Path, smoke: bool, budget: float, in_process: bool = False, only: list[str] | None = None
+) -> int:
+    """Every section (or those in ``only``), each in a child process (or here, for the in-process
+    test), within ``budget`` seconds."""
     c = SMOKE if smoke else FULL
     rec = Recorder(out)
     meta = {
@@ -237,7 +245,7 @@ def drive(out: Path, smoke: bool, budget: float, in_process: bool = False) -> in
     rec.save({"meta": meta, "sections": {}})
     print("sizes:", sizes_line(c), flush=True)
     t_end = time.time() + budget
-    names = list(SECTIONS)
+    names = [n for n in SECTIONS if only is None or n in only]
     for i, name in enumerate(names):
         left = t_end - time.time() - 3 * (len(names) - i - 1)  # a few seconds kept for each later one
         if left < 5:

@@ -70,3 +70,16 @@ def test_recorder_closes_a_section_whose_process_died_inside_a_path(tmp_path):
     assert [e["path"] for e in s["result"]] == ["reference", "triton"] and s["result"][0]["loss"] == 1.0
     assert s["result"][1]["ok"] is False and s["ok"] is False and s["died_in"]["path"] == "triton"
     assert gpu_check.exit_status({"sections": {"s": s}}) == 0
+
+
+def test_a_section_process_killed_inside_a_triton_path_keeps_its_reference(tmp_path, monkeypatch):
+    """A sticky fault, simulated: the head section's process aborts at its first Triton launch. The
+    driver records the path it died in as failed, keeps the reference measured before it, and the
+    next section still runs in a fresh process (~15 s: two child processes)."""
+    monkeypatch.setenv(gpu_check.FAULT_ENV, "triton-abort")
+    assert gpu_check.drive(tmp_path, smoke=True, budget=120, only=["head", "packer"]) == 0
+    sections = json.loads((tmp_path / "gpu_check.json").read_text())["sections"]
+    head = sections["head"]
+    assert [(e["path"], e["ok"]) for e in head["result"]] == [("reference", True), ("triton", False)]
+    assert head["died_in"]["path"] == "triton" and "rc=" in head["error"] and head["result"][0]["ms"] > 0
+    assert sections["packer"]["ok"]
