@@ -19,7 +19,6 @@ fingerprints, threads and the manifest are the model pass's (:mod:`.pass_step`).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,7 +31,6 @@ from winnow.core.steps import Step
 from winnow.core.store import RunDir
 from winnow.stages.passes.model_scoring import forward_hidden, gather_targets, list_column, read_samples
 from winnow.stages.passes.pass_step import PassContext, PassJob, PassSettings, run_pass
-from winnow.stages.passes.pass_step import main as pass_main
 
 if TYPE_CHECKING:
     from winnow.core.model_io import LoadedModel
@@ -154,12 +152,3 @@ STEP = Step(
     params=ContrastParams,
     run=run_contrast_pass,
 )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m winnow.stages.passes.contrast_pass RUN_DIR key=value ...`` (torchrun-friendly)."""
-    return pass_main(argv, step=STEP)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

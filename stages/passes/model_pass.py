@@ -34,7 +34,6 @@ Commit fingerprint (:func:`.pass_step.pass_fingerprint`) = hash of the output-af
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -52,12 +51,11 @@ from winnow.stages.passes.pass_step import (
     PassSettings,
     run_pass,
 )
-from winnow.stages.passes.pass_step import main as pass_main
 
 if TYPE_CHECKING:
     from winnow.core.model_io import LoadedModel
 
-__all__ = ["CODE_VERSION", "SIGNALS", "STEP", "ModelPassParams", "main", "run_model_pass", "score_samples"]
+__all__ = ["CODE_VERSION", "SIGNALS", "STEP", "ModelPassParams", "run_model_pass", "score_samples"]
 
 SIGNALS = ("logprob", "entropy", "attention", "embedding")
 
@@ -141,12 +139,3 @@ STEP = Step(
     params=ModelPassParams,
     run=run_model_pass,
 )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m winnow.stages.passes.model_pass RUN_DIR key=value ...`` (torchrun-friendly)."""
-    return pass_main(argv, step=STEP)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -25,10 +25,8 @@ not recompute a run.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,10 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from winnow.core.errors import UserError
 from winnow.core.layout import LAYOUTS
 from winnow.core.models import check_tokenizer, config_fingerprint, resolve_model, weights_fingerprint
-from winnow.core.params import as_dict, build_params, parse_sets
+from winnow.core.params import as_dict
 from winnow.core.steps import spec
 from winnow.core.store import RunDir, stable_hash
 from winnow.stages.passes.pass_runner import (
@@ -58,7 +55,6 @@ if TYPE_CHECKING:
     import torch
 
     from winnow.core.model_io import LoadedModel
-    from winnow.core.steps import Step
 
 CODE_VERSION = "model_pass/1"  # "<step>/<n>" like every step; the contrast pass shares it
 POSITIONS = ("supervised", "all")
@@ -248,20 +244,3 @@ def run_pass(run: RunDir, p: PassSettings, job: PassJob) -> dict[str, Any]:
 
 def _str(dirs: dict[str, Path]) -> dict[str, str]:
     return {role: str(path) for role, path in dirs.items()}
-
-
-def main(argv: list[str] | None = None, *, step: Step) -> int:
-    """``python -m winnow.stages.passes.<pass> RUN_DIR key=value ...`` (torchrun-friendly entry point)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        print(f"usage: python -m {step.run.__module__} RUN_DIR key=value ...", file=sys.stderr)
-        return 2
-    try:
-        params = build_params(step.params, parse_sets(argv[1:], step.name), where=step.name)
-        entry = step.run(RunDir(argv[0]), params)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if os.environ.get("RANK", "0") == "0":
-        print(json.dumps(entry, default=str))
-    return 0
