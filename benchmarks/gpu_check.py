@@ -264,7 +264,7 @@ def _train_setup(dev: str, c: dict, lora_r: int, batch) -> dict:
     before = torch.cuda.memory_allocated() if dev == "cuda" else 0
     model = build_llama(dev, c).float()  # the trainer loads fp32 weights and trains under autocast
     if lora_r:
-        model = apply_lora(model, LoraParams(lora_r=lora_r), torch.device(dev))
+        model = apply_lora(model, LoraParams(r=lora_r), torch.device(dev))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6, fused=dev == "cuda")

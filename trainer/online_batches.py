@@ -1,8 +1,8 @@
 """The trainer's online mode: per-step mini-batches scored by the current model, selected, then packed.
 
 Without an online policy the loop plans its packs once (:mod:`winnow.trainer.packing`). With one,
-every optimizer step takes ``grad_accum`` mini-batches of ``q_tuning.batch_size`` samples (8 by
-default, the paper's per-device batch) per rank, in the seeded order of
+every optimizer step takes ``grad_accum`` mini-batches of the policy's ``batch_size`` samples (8 by
+default, the Q-Tuning paper's per-device batch; ``online.<policy>.batch_size``) per rank, in the seeded order of
 :func:`winnow.stages.topk.minibatches` (the offline stages' definition), and for each:
 
 1. one no-grad forward of the current model over the trimmed samples (right-padded rows; causal, so
@@ -51,6 +51,7 @@ import torch
 from winnow.kernels.chunked_head import LMHead
 from winnow.kernels.switch import logprob_entropy
 from winnow.trainer import online as ol
+from winnow.trainer.batches import BatchSource, Feed
 from winnow.trainer.loss import body_and_head, unwrap
 from winnow.trainer.packing import MicroBatch, empty_batch, layout_batch, plan, trim
 
@@ -122,63 +123,79 @@ def score_rows(
     return out
 
 
-class OnlineBatches:
-    """Replaces the loop's planned micro-batches when ``online`` names a policy."""
+class OnlineBatches(BatchSource):
+    """The micro-batches of an online policy: ``feed.grad_accum`` mini-batches of the policy's
+    ``batch_size`` samples per rank and step, scored, selected, trimmed and packed.
 
-    def __init__(self, loop: Any, op: ol.OnlineParams, reference: Any | None):
-        self.loop, self.op = loop, op
+    ``model``: the model being trained (its no-grad forward scores a mini-batch; under LoRA its adapters
+    are switched off for ``rho1.reference=base``); ``head``: its logit ``(scale, softcap)``;
+    ``reference``: Rho-1's reference model (or ``"base"``); ``reuse``: the current model's scores come
+    from the training forward (:mod:`winnow.trainer.online_reuse`); ``recorder``: a
+    :class:`winnow.trainer.online_record.WeightRecorder` (``record_weights=true``).
+    """
+
+    def __init__(
+        self,
+        feed: Feed,
+        op: ol.OnlineParams,
+        model: Any,
+        head: tuple[float, float | None],
+        *,
+        reference: Any | None = None,
+        reuse: bool = False,
+        recorder: Any | None = None,
+    ):
+        self.feed, self.op, self.model, self.head = feed, op, model, head
+        self.policy = op.chosen
         self.need = ol.needs(op)
-        self.n = len(loop.data.train.ids)
-        self.batch_size = op.q_tuning.batch_size
+        self.n = len(feed.train.ids)
+        self.batch_size = self.policy.batch_size
         self.n_minibatches = math.ceil(self.n / self.batch_size)
-        self.steps_per_epoch = max(1, math.ceil(self.n_minibatches / (loop.d.world * loop.p.grad_accum)))
-        self.reference = reference
+        self.steps_per_epoch = max(1, math.ceil(self.n_minibatches / feed.per_step))
+        self.total_steps = feed.total_steps(self.steps_per_epoch)
+        self.reference, self.reuse, self.recorder = reference, reuse and op.selects, recorder
+        self.history_spec = self.policy.history_model() if "history" in self.need else None
         self.history = None
-        if "history" in self.need:
-            self.history = copy.deepcopy(unwrap(loop.loss_mod.model)).eval().requires_grad_(False)
+        if self.history_spec is not None:
+            self.history = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
         self.cache = self._history_cache()
         self.stats: dict[str, int] = {}
-        self.recorder = None
-        if loop.p.record_weights:
-            from winnow.trainer.online_record import WeightRecorder
 
-            self.recorder = WeightRecorder(loop, op.online)
-        self._step = 0
+    @property
+    def ema(self) -> bool:
+        return self.history_spec is not None and self.history_spec[0] == "ema"
 
     def _history_cache(self):
         """A frozen history (``start``) scores a sample the same in every epoch: keep its losses when a
         later epoch will read them back (:mod:`winnow.trainer.online_history_cache`)."""
-        sst, p = self.op.sstoken, self.loop.p
-        steps = p.epochs * self.steps_per_epoch
-        steps = min(steps, p.max_steps) if p.max_steps else steps
-        if self.history is None or sst.history != "start" or not sst.cache_history:
+        if self.history_spec is None or self.history_spec[0] != "start" or not self.history_spec[2]:
             return None
-        if steps <= self.steps_per_epoch:
+        if self.total_steps <= self.steps_per_epoch:
             return None
         from winnow.trainer.online_history_cache import HistoryCache, supervised_counts
 
-        return HistoryCache(supervised_counts(self.loop.data.train.weights))
+        return HistoryCache(supervised_counts(self.feed.train.weights))
 
     # ---------------------------------------------------------------------------------- selection
     def _order(self, epoch: int) -> list[np.ndarray]:
         from winnow.stages.topk import minibatches
 
-        return minibatches(self.n, self.batch_size, seed=self.loop.p.seed * 1_000_003 + epoch)
+        return minibatches(self.n, self.batch_size, seed=self.feed.seed * 1_000_003 + epoch)
 
     def _score(self, model, ids, mask, real, entropy: bool = False, attention: bool = False) -> dict:
         """:func:`score_rows` over length-bucketed groups of the mini-batch (as the training rows are laid
         out on CPU), so that one long sample does not pad all eight; results in the (B, W) frame."""
-        env = self.loop.env
+        scale, softcap = self.head
         lengths = real.sum(1).tolist()
         out: dict[str, torch.Tensor] = {}
-        for group in plan(lengths, self.loop.p.tokens_per_batch, "padded"):
+        for group in plan(lengths, self.feed.tokens_per_batch, "padded"):
             g = torch.as_tensor(group, dtype=torch.long)
             width = max(lengths[k] for k in group)
             sub_real = real[g, :width] if attention else None
             part = score_rows(
                 model,
-                env.scale,
-                env.softcap,
+                scale,
+                softcap,
                 ids[g.to(ids.device), :width],
                 mask[g, :width],
                 entropy,
@@ -194,8 +211,8 @@ class OnlineBatches:
     ) -> ol.Scored:
         """The mini-batch (training samples ``idx``) with the scores its policy needs; ``current=False``
         leaves the current model's to the training forward (``online_scoring=reuse``)."""
-        env, lm = self.loop.env, self.loop.loss_mod.model
-        ids, w, real = _padded(seqs, weights, env.pad_id, env.device)
+        lm = self.model
+        ids, w, real = _padded(seqs, weights, self.feed.pad_id, self.feed.device)
         mask = w > 0
         s = ol.Scored(mask=mask, weight=w, nll=torch.full(mask.shape, math.nan, dtype=torch.float64))
         s.ids = ids.cpu() if self.op.always_keep_ids else None
@@ -230,15 +247,15 @@ class OnlineBatches:
 
     def _reference_nll(self, ids: torch.Tensor, mask: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         if self.reference == "base":  # LoRA: the same weights with the adapters switched off
-            with self.loop.loss_mod.model.disable_adapter():
-                return self._score(self.loop.loss_mod.model, ids, mask, real)["nll"]
+            with self.model.disable_adapter():
+                return self._score(self.model, ids, mask, real)["nll"]
         return self._score(self.reference, ids, mask, real)["nll"]
 
     def _select(self, idx: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        tr = self.loop.data.train
+        tr = self.feed.train
         seqs, weights = [tr.ids[k] for k in idx], [tr.weights[k] for k in idx]
         self.stats["seen_samples"] = self.stats.get("seen_samples", 0) + len(idx)
-        if self.op.online == "all":  # the same mini-batches, nothing scored: the control of the policies
+        if not self.op.selects:  # the same mini-batches, nothing scored: the control of the policies
             out = [
                 (np.asarray(x, dtype=np.int64), np.asarray(w, dtype=np.float32))
                 for x, w in zip(seqs, weights, strict=True)
@@ -268,16 +285,16 @@ class OnlineBatches:
         """One micro-batch holding the whole mini-batch; the policy runs inside its training forward."""
         from winnow.trainer import online_reuse as reuse
 
-        loop, tr = self.loop, self.loop.data.train
+        f, tr = self.feed, self.feed.train
         seqs, weights = [tr.ids[k] for k in idx], [tr.weights[k] for k in idx]
         self.stats["seen_samples"] = self.stats.get("seen_samples", 0) + len(idx)
         scored = self._scored(idx, seqs, weights, current=False)
         lengths = [len(x) for x in seqs]
         groups = [
-            reuse.group(seqs, weights, members, loop.layout, loop.env.pad_id)
-            for members in plan(lengths, loop.p.tokens_per_batch, loop.layout)
+            reuse.group(seqs, weights, members, f.layout, f.pad_id)
+            for members in plan(lengths, f.tokens_per_batch, f.layout)
         ]
-        outer = empty_batch(loop.env.pad_id)
+        outer = empty_batch(f.pad_id)
         outer.n_samples, outer.real_tokens = len(seqs), sum(lengths)
         outer.len_sq = sum(n * n for n in lengths)
         done = lambda d: self._account(idx, seqs, d)  # noqa: E731
@@ -290,47 +307,40 @@ class OnlineBatches:
 
     def micro_batches(self, step: int) -> list[MicroBatch]:
         """This rank's micro-batches of optimizer step ``step`` (padded to the ranks' common count)."""
-        loop = self.loop
+        f = self.feed
         epoch, within = divmod(step, self.steps_per_epoch)
         order = self._order(epoch)
         # the same keys on every rank (the loop all-reduces them by sorted key), drawn mini-batch or not
-        keys = ["seen_samples"] + ([] if self.op.online == "all" else ["kept_samples", "kept_tokens"])
-        keys += ["q1", "q2", "q3", "q4", "topup"] if self.op.online == "q_tuning" else []
-        self.stats = dict.fromkeys(keys, 0)
-        self._step = step
+        self.stats = dict.fromkeys(["seen_samples", *self.policy.STATS], 0)
         kept: list[tuple[np.ndarray, np.ndarray]] = []
-        g, world, rank = loop.p.grad_accum, loop.d.world, loop.d.rank
-        reuse = loop.p.scoring_mode == "reuse" and self.op.online != "all"
+        g, world, rank = f.grad_accum, f.world, f.rank
         out = []
         for m in range(g):
             i = within * world * g + rank * g + m
-            if i < len(order) and reuse:
+            if i < len(order) and self.reuse:
                 out.append(self._reuse_batch(order[i]))
             elif i < len(order):
                 kept += self._select(order[i])
         if kept:
             lengths = [len(s) for s, _ in kept]
-            for group in plan(lengths, loop.p.tokens_per_batch, loop.layout):
+            for group in plan(lengths, f.tokens_per_batch, f.layout):
                 out.append(
-                    layout_batch(
-                        [kept[k][0] for k in group], [kept[k][1] for k in group], loop.layout, loop.env.pad_id
-                    )
+                    layout_batch([kept[k][0] for k in group], [kept[k][1] for k in group], f.layout, f.pad_id)
                 )
-        want = _max_over_ranks(max(len(out), 1), loop.env.device)
-        return out + [empty_batch(loop.env.pad_id) for _ in range(want - len(out))]
+        want = _max_over_ranks(max(len(out), 1), f.device)
+        return out + [empty_batch(f.pad_id) for _ in range(want - len(out))]
 
     # ---------------------------------------------------------------------------------- state
-    def after_step(self) -> None:
-        if self.history is not None and self.op.sstoken.history == "ema":
-            ol.ema_update(self.history, unwrap(self.loop.loss_mod.model), self.op.sstoken.ema_decay)
-        done = self._step + 1
-        p, last = self.loop.p, self.loop.total_steps
-        epoch_end = done % self.steps_per_epoch == 0 or done == last
+    def after_step(self, step: int) -> None:
+        if self.ema:
+            ol.ema_update(self.history, unwrap(self.model), self.history_spec[1])
+        done = step + 1
+        epoch_end = done % self.steps_per_epoch == 0 or done == self.total_steps
         # the loop saves a checkpoint after this hook: gather what the ranks hold before it
-        if not (epoch_end or (p.save_every and done % p.save_every == 0)):
+        if not (epoch_end or self.feed.checkpoint_after(done)):
             return
         if self.cache is not None:
-            self.cache.exchange(self.loop.d.rank, self.loop.d.world, self.loop.env.device)
+            self.cache.exchange(self.feed.rank, self.feed.world, self.feed.device)
         if self.recorder is not None:
             self._record_after(done, epoch_end)
 
@@ -339,7 +349,7 @@ class OnlineBatches:
         rank 0 writes the epoch's table."""
         self.recorder.reduce()
         if epoch_end:
-            if self.loop.d.main:
+            if self.feed.rank == 0:
                 self.recorder.write((done - 1) // self.steps_per_epoch)
             self.recorder.reset()
 
@@ -348,7 +358,7 @@ class OnlineBatches:
             self.recorder.save(path)
         if self.cache is not None:
             self.cache.save(path)
-        if self.history is not None and self.op.sstoken.history == "ema":
+        if self.ema:
             from safetensors.torch import save_model  # handles tied embeddings (shared tensors)
 
             save_model(self.history, str(path / EMA_FILE))
@@ -358,7 +368,7 @@ class OnlineBatches:
             self.recorder.load(path)
         if self.cache is not None:
             self.cache.load(path)
-        if self.history is not None and self.op.sstoken.history == "ema":
+        if self.ema:
             from safetensors.torch import load_model
 
-            load_model(self.history, str(path / EMA_FILE), device=str(self.loop.env.device))
+            load_model(self.history, str(path / EMA_FILE), device=str(self.feed.device))

@@ -233,7 +233,7 @@ def test_train_saves_a_prompt_that_reloads_resumes_bitwise_and_is_refused_where_
     for extra, named in [
         (["--set", "layout=packed"], "layout=packed"),
         (["--set", "online=rho1"], "online=rho1"),
-        (["--set", "lora_r=4"], "lora_r=4"),
+        (["--set", "lora_r=4"], "lora.r=4"),  # the alias; the message names the key now
     ]:
         code, _, err = run_cli(*_cli_args(inputs, tmp_path / "refused", *extra))
         assert code == 2 and named in err and "prompt_tuning.num_virtual_tokens=4" in err, err
