@@ -27,7 +27,7 @@ TOL = 1e-5
 
 def _prompted(n_virtual: int, tied: bool, init: str = "random"):
     """A tiny Llama under a prompt of random fractional entries (not peft's init: a generic point)."""
-    model = apply_prompt_tuning(tiny_llama(tied=tied), PromptTuningParams(n_virtual, init), CPU, "unused")
+    model = apply_prompt_tuning(tiny_llama(tied=tied), PromptTuningParams(num_virtual_tokens=n_virtual, init=init), CPU, "unused")
     emb = model.prompt_encoder["default"].embedding.weight
     with torch.no_grad():
         emb.copy_(torch.randn(emb.shape, generator=torch.Generator().manual_seed(7)) * 0.3)
@@ -125,7 +125,7 @@ def test_only_the_prompt_trains_and_the_saved_adapter_reloads(tmp_path):
     base = tiny_llama(tied=True)
     base.save_pretrained(str(base_dir), safe_serialization=True)
     frozen = {k: v.clone() for k, v in base.state_dict().items()}
-    model = apply_prompt_tuning(base, PromptTuningParams(6), CPU, base_dir)
+    model = apply_prompt_tuning(base, PromptTuningParams(num_virtual_tokens=6), CPU, base_dir)
     emb = model.prompt_encoder["default"].embedding.weight
     vocab = lora.base_causal_lm(model).get_input_embeddings().weight
     # sample_vocab: every virtual token starts as a row of the model's own embedding matrix
