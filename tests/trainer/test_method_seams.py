@@ -12,13 +12,14 @@ import copy
 
 import pytest
 import torch
-from trainer_fixtures import tiny_llama, weighted_samples
 
 from winnow.trainer.distributed import Dist
 from winnow.trainer.loss import LossTerm, TermInput, WeightedLMLoss, per_token_in_head
 from winnow.trainer.method import TrainingMethod
 from winnow.trainer.optim import lr_factor
 from winnow.trainer.packing import plan, prepare
+
+from trainer_fixtures import tiny_llama, weighted_samples
 
 
 def _train_set(n: int = 7, seed: int = 2):
