@@ -215,6 +215,32 @@ def inspect(
 
 
 @app.command()
+def show(
+    run_dir: Annotated[str, typer.Argument(help="run directory")],
+    sample_id: Annotated[str, typer.Argument(help="the sample's sample_id")],
+    selection: Annotated[
+        str | None, typer.Option("--selection", help="colour by this selection's token weights")
+    ] = None,
+    score: Annotated[
+        str | None, typer.Option("--score", help="colour by a stage's token score (STAGE or STAGE:COLUMN)")
+    ] = None,
+    html_out: Annotated[str | None, typer.Option("--html", help="also write a self-contained HTML page")] = None,
+) -> None:
+    """Show one sample token by token: weight or score as colour, dropped tokens struck through."""
+    from rich.console import Console
+
+    from winnow.pipeline.show import check_html_path, load_view, render_terminal, write_html
+    from winnow.pipeline.store import RunDir
+
+    check_html_path(run_dir, html_out)
+    view = load_view(RunDir(run_dir), sample_id, selection, score)
+    render_terminal(view, Console(soft_wrap=True))
+    if html_out:
+        write_html(view, html_out)
+        typer.echo(f"wrote {html_out}")
+
+
+@app.command()
 def verify(
     run_dir: Annotated[str, typer.Argument(help="run directory")],
     full: Annotated[bool, typer.Option("--full", help="hash every file again, ignoring the cache")] = False,
