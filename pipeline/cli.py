@@ -341,6 +341,9 @@ def main() -> None:
         if isinstance(e, click.ClickException):
             e.show()
             sys.exit(2)
+        if isinstance(getattr(e, "winnow_exit", None), int):  # a runtime stop with its own one-line message
+            typer.echo(f"error: {e}", err=True)
+            sys.exit(e.winnow_exit)
         raise
 
 

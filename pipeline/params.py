@@ -9,6 +9,7 @@ model is loaded. Validation specific to a step lives in its dataclass's ``__post
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, TypeVar
@@ -17,6 +18,7 @@ from winnow.pipeline.store import UserError
 
 T = TypeVar("T")
 
+INT_LIMIT = 2**63
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -55,8 +57,12 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
         if tp is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)
+            if not -INT_LIMIT < int(value) < INT_LIMIT:  # a 20-digit seed overflowed torch's int64
+                raise UserError(f"{where}: {key}={value} is out of range (|value| < 2^63)")
             return int(value)
         if tp is float:
+            if not math.isfinite(float(value)):  # lr=inf trained to NaN and saved it (issue 24)
+                raise UserError(f"{where}: {key}={value} is not a finite number")
             return float(value)
         if tp is str:
             return str(value)

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from winnow.trainer import checkpoint
+from winnow.trainer import checkpoint, ckpt_integrity
 from winnow.trainer.config import TrainParams
 from winnow.trainer.data import TrainData
 from winnow.trainer.distributed import Dist, all_reduce_sum, no_sync, wrap
@@ -167,7 +167,8 @@ class Loop:
         noise = masked_thought_rate(self.p.masked_thought, step, self.total_steps)
         for m, b in enumerate(mbs):
             with no_sync(self.wrapped, last=m == len(mbs) - 1):
-                key = ((self.p.seed * 1_000_003 + step) * 4099 + self.d.rank) * 131 + m
+                # modulo 2^63: a seed above ~3e7 overflowed the generator's 64-bit seed (same key below)
+                key = (((self.p.seed * 1_000_003 + step) * 4099 + self.d.rank) * 131 + m) % (1 << 63)
                 part = self._forward(self.wrapped, b, noise, key)
                 (self.scaler.scale(part) if self.scaler else part).backward()
             loss_sum += part.detach().double()
@@ -185,6 +186,9 @@ class Loop:
             if q.grad is not None:
                 q.grad.mul_(self.d.world / wsum)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.p.max_grad_norm or float("inf"))
+        # fp16's scaler skips overflowing steps itself; anything else non-finite stops before the update
+        norm = getattr(norm, "full_tensor", lambda: norm)()  # FSDP2: a DTensor
+        ckpt_integrity.check_finite(step, lsum, None if self.scaler else float(norm))
         lr = self.opt.param_groups[0]["lr"]
         if self.scaler:
             self.scaler.step(self.opt)
@@ -206,7 +210,7 @@ class Loop:
             "tokens_per_s": tokens / dt,
             "weighted_tokens_per_s": rows / dt,
             "lr": lr,
-            "grad_norm": float(getattr(norm, "full_tensor", lambda: norm)()),
+            "grad_norm": float(norm),
             "step_s": dt,
         }
         if noise > 0.0:
@@ -276,13 +280,15 @@ class Loop:
 
     # ------------------------------------------------------------------------------- driving
     def resume(self, ckpt_root: Path) -> int:
-        steps = checkpoint.list_steps(ckpt_root)
+        steps = ckpt_integrity.good_steps(ckpt_root, self.d.main)  # damaged ones reported and skipped
         if not steps:
             return 0
         state = checkpoint.load(
             checkpoint.step_dir(ckpt_root, steps[-1]), self.loss_mod, self.opt, self.sched
         )
         self.evals = {int(k): v for k, v in state.get("evals", {}).items()}
+        if self.d.main:  # a kill between a save and its prune left one checkpoint too many
+            checkpoint.prune(ckpt_root, self.p.keep_checkpoints, ckpt_integrity.best_step(self.evals))
         if self.online is not None:
             self.online.load(checkpoint.step_dir(ckpt_root, steps[-1]))
         if state.get("world") != self.d.world and self.d.main:
