@@ -309,6 +309,8 @@ def _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0
     done = _claim_out(out, ident) if d.main else None
     if all_reduce_sum([1.0 if done is not None else 0.0], device)[0] > 0:  # every rank learns it is done
         teardown()
+        if done and run_dir is not None and not p.data:  # a rerun repairs an edited manifest entry
+            RunDir(run_dir).update_manifest(f"train:{name}", done)
         return (done or {}) | {"skipped": True}
     torch.set_num_threads(p.threads)
     torch.manual_seed(p.seed + d.rank)
