@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one GPU check, for the H200 lent now and then (15 minutes of device time per session, no network,
-# no polars/duckdb/datasets/flash-attn). Finishes within 4 minutes; every step has its own timeout and
+# The one GPU check, for an H100 or H200 machine without network, polars, duckdb, datasets or flash-attn.
+# Finishes within 4 minutes; every step has its own timeout and
 # writes into OUTDIR as it goes, so a cut-off run still leaves what it measured:
 #   OUTDIR/env.txt          GPU, driver, python/torch/triton/cupy/transformers versions
 #   OUTDIR/install.log      pip install --no-deps --no-build-isolation -e .  (no network needed)
@@ -22,7 +22,7 @@ log() { echo "[gpu_check +$(( $(date +%s) - start ))s] $*" | tee -a "$OUT/steps.
 {
   date -u +"%Y-%m-%d %H:%M UTC"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-  python - <<'EOF'
+  python -P - <<'EOF'
 import importlib, sys
 print("python", sys.version.split()[0])
 for m in ("torch", "triton", "cupy", "transformers", "pyarrow", "liger_kernel", "cut_cross_entropy"):
@@ -42,7 +42,7 @@ if [ "$SMOKE" != "--cpu-smoke" ]; then
 fi
 
 # tests/kernels only: other test folders import polars/duckdb, which the GPU machine lacks
-timeout 75 python -m pytest -q -p no:cacheprovider -m gpu tests/kernels -o addopts="" --continue-on-collection-errors \
+timeout 75 python -P -m pytest -q -p no:cacheprovider -m gpu tests/kernels -o addopts="--import-mode=importlib" --continue-on-collection-errors \
   --junitxml "$OUT/gpu_tests.xml" > "$OUT/gpu_tests.log" 2>&1
 log "gpu tests rc=$? ($(tail -1 "$OUT/gpu_tests.log"))"
 
@@ -54,7 +54,7 @@ log "measurements rc=$? (timeout ${left}s); results in $OUT/gpu_check.json"
 # the CPU suite's kernel tests, natively on the GPU (same shapes, native block sizes), with what is left
 left=$(( 235 - ($(date +%s) - start) ))
 if [ "$left" -gt 15 ]; then
-  timeout "$left" python -m pytest -q -p no:cacheprovider -o addopts="" tests/kernels/test_linear_cross_entropy.py \
+  timeout "$left" python -P -m pytest -q -p no:cacheprovider -o addopts="--import-mode=importlib" tests/kernels/test_linear_cross_entropy.py \
     tests/kernels/test_triton_head.py tests/kernels/test_packing_reference.py tests/kernels/test_passes_through_switch.py \
     > "$OUT/native_tests.log" 2>&1
   log "native kernel tests rc=$? ($(tail -1 "$OUT/native_tests.log"))"

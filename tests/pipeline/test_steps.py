@@ -11,14 +11,14 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pytest
-from stage_fixtures import write_synthetic_samples
 
 from winnow.pipeline import steps
 from winnow.pipeline.recipe import load_recipe, run_loaded
 from winnow.pipeline.store import RunDir, UserError
 from winnow.stages import stage_io as io
 
-from conftest import run_cli, sql_json
+from cli_runner import run_cli, sql_json
+from stage_fixtures import write_synthetic_samples
 
 # ---- a toy scoring stage: what a new stage module holds ------------------------------------------
 

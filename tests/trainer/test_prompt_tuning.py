@@ -14,12 +14,14 @@ import numpy as np
 import peft  # noqa: F401  (a dev dependency: a missing peft fails here, never skips)
 import pytest
 import torch
-from trainer_fixtures import tiny_llama, weighted_samples
 
 from winnow.trainer import lora
 from winnow.trainer.loss import WeightedLMLoss
 from winnow.trainer.packing import layout_batch, plan, prepare
 from winnow.trainer.prompt_tuning import PromptTuningParams, apply_prompt_tuning, shift_gather
+
+from cli_runner import WINNOW
+from trainer_fixtures import tiny_llama, weighted_samples
 
 CPU = torch.device("cpu")
 TOL = 1e-5
@@ -199,12 +201,11 @@ def test_train_saves_a_prompt_that_reloads_resumes_bitwise_and_is_refused_where_
     import json
     import os
     import subprocess
-    import sys
     from pathlib import Path
 
     from safetensors.torch import load_file
 
-    from conftest import run_cli
+    from cli_runner import run_cli
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     code, _, err = run_cli(*_cli_args(inputs, straight))
@@ -224,7 +225,7 @@ def test_train_saves_a_prompt_that_reloads_resumes_bitwise_and_is_refused_where_
     assert abs(_eval_loss_of_saved_adapter(inputs, straight) - evals[-1]) < 1e-5
     # killed after step 3 and rerun: the same prompt as the uninterrupted run, bit for bit
     env = dict(os.environ, WINNOW_FAULT_KILL_AFTER_STEPS="3")
-    args = [sys.executable, "-m", "winnow.pipeline.cli", *map(str, _cli_args(inputs, killed))]
+    args = [WINNOW, *map(str, _cli_args(inputs, killed))]
     proc = subprocess.run(args, env=env, capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
     assert run_cli(*_cli_args(inputs, killed))[0] == 0
