@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ingest_demo, run_cli, sql_json
+from cli_runner import ingest_demo, run_cli, sql_json
 
 KEEP = "meta_corruption = 'none'"
 

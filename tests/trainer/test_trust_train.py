@@ -10,7 +10,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,12 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_fixtures import export_parquet, model_dir, synthetic_run
 
 from winnow.pipeline.store import UserError
 from winnow.trainer.config import TrainParams
 
-from conftest import run_cli
+from cli_runner import WINNOW, run_cli
+from trainer_fixtures import export_parquet, model_dir, synthetic_run
 
 SETS = ["--set", "tokens_per_batch=256", "--set", "max_seq_len=128", "--set", "eval_fraction=0.2"]
 CKPT = SETS + [
@@ -38,7 +37,6 @@ CKPT = SETS + [
     "--set",
     "keep_checkpoints=2",
 ]
-WINNOW = str(Path(sys.executable).parent / "winnow")
 
 
 def _tree(root: Path) -> dict[str, str]:
