@@ -272,7 +272,7 @@ def test_eval_where_on_a_run_cannot_smuggle_a_write(inputs, tmp_path):
         "--set",
         f"eval_where=true; COPY (SELECT 1 AS x) TO '{shard}' (FORMAT parquet)",
     )
-    assert code == 2 and "eval_where" in err, err
+    assert code == 2 and "eval_where" in err and "refused" in err, err
     assert _tree(run) == before
 
 
