@@ -125,6 +125,18 @@ def best_step(evals: dict[int, Any]) -> int | None:
     return min(scored, key=scored.get) if scored else None
 
 
+def clip_checked(params, max_norm: float, step: int, loss_sum: float, scaled: bool) -> float:
+    """Clip the gradients to ``max_norm`` (0: no clipping) and return their norm as a float, after
+    :func:`check_finite`, i.e. before the optimizer can apply a non-finite update. Under fp16's gradient
+    scaler an overflowing step is skipped by the scaler itself, so only the loss is checked."""
+    import torch
+
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
+    value = float(getattr(norm, "full_tensor", lambda: norm)())  # FSDP2: a DTensor
+    check_finite(step, loss_sum, None if scaled else value)
+    return value
+
+
 def check_finite(step: int, loss: float, grad_norm: float | None) -> None:
     """Stop before the optimizer applies a non-finite update (nothing of this step is saved)."""
     bad = [

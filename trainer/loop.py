@@ -149,7 +149,9 @@ class Loop:
 
             flat = torch.zeros(ids.numel(), dtype=torch.bool)
             flat[torch.from_numpy(b.gather + 1)] = True
-            g = torch.Generator().manual_seed(key)  # a function of (seed, step, rank, micro-batch): resumable
+            # a function of (seed, step, rank, micro-batch): resumable; modulo 2^63, as a seed above ~3e7
+            # overflowed the generator's 64-bit seed
+            g = torch.Generator().manual_seed(key % (1 << 63))
             ids = masked_thought_inputs(ids, flat.view(ids.shape).to(dev), noise, self.mask_id, g)
         ctx = torch.autocast(dev.type, dtype=self.amp) if self.amp is not None else nullcontext()
         extra = {"select": b.select} if getattr(b, "select", None) is not None else {}  # online_reuse
@@ -167,8 +169,7 @@ class Loop:
         noise = masked_thought_rate(self.p.masked_thought, step, self.total_steps)
         for m, b in enumerate(mbs):
             with no_sync(self.wrapped, last=m == len(mbs) - 1):
-                # modulo 2^63: a seed above ~3e7 overflowed the generator's 64-bit seed (same key below)
-                key = (((self.p.seed * 1_000_003 + step) * 4099 + self.d.rank) * 131 + m) % (1 << 63)
+                key = ((self.p.seed * 1_000_003 + step) * 4099 + self.d.rank) * 131 + m
                 part = self._forward(self.wrapped, b, noise, key)
                 (self.scaler.scale(part) if self.scaler else part).backward()
             loss_sum += part.detach().double()
@@ -185,10 +186,7 @@ class Loop:
         for q in self.params:
             if q.grad is not None:
                 q.grad.mul_(self.d.world / wsum)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.p.max_grad_norm or float("inf"))
-        # fp16's scaler skips overflowing steps itself; anything else non-finite stops before the update
-        norm = getattr(norm, "full_tensor", lambda: norm)()  # FSDP2: a DTensor
-        ckpt_integrity.check_finite(step, lsum, None if self.scaler else float(norm))
+        norm = ckpt_integrity.clip_checked(self.params, self.p.max_grad_norm, step, lsum, bool(self.scaler))
         lr = self.opt.param_groups[0]["lr"]
         if self.scaler:
             self.scaler.step(self.opt)

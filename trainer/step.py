@@ -309,9 +309,7 @@ def _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0
     done = _claim_out(out, ident) if d.main else None
     if all_reduce_sum([1.0 if done is not None else 0.0], device)[0] > 0:  # every rank learns it is done
         teardown()
-        if done and run_dir is not None and not p.data:  # a rerun repairs an edited manifest entry
-            RunDir(run_dir).update_manifest(f"train:{name}", done)
-        return (done or {}) | {"skipped": True}
+        return _already_trained(done, p, run_dir, name)
     torch.set_num_threads(p.threads)
     torch.manual_seed(p.seed + d.rank)
     model, head = _load_model(model_dir, device, p.dtype)
@@ -372,6 +370,14 @@ def _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0
             RunDir(run_dir).update_manifest(f"train:{name}", result)
     teardown()
     return result
+
+
+def _already_trained(done: dict[str, Any] | None, p: TrainParams, run_dir, name: str) -> dict[str, Any]:
+    """The finished result; rank 0 rewrites the run's manifest entry from it (so a rerun repairs an
+    edited ``eval_loss`` that `winnow verify` reported)."""
+    if done and run_dir is not None and not p.data:
+        RunDir(run_dir).update_manifest(f"train:{name}", done)
+    return (done or {}) | {"skipped": True}
 
 
 def _run_step(run: RunDir, p: TrainParams) -> dict[str, Any]:
