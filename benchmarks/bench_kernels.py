@@ -158,23 +158,11 @@ def run(device: str, vocabs: list[int], n: int, d: int, dtype: torch.dtype, reps
                 rows.append({"contender": name, "V": v, "error": f"{type(e).__name__}: {e}"})
                 print(f"{name:>13} V={v:>6}: failed: {type(e).__name__}: {e}", flush=True)
                 continue
-            rows.append(
-                {
-                    "contender": name,
-                    "V": v,
-                    "N": n,
-                    "D": d,
-                    "dtype": str(dtype).split(".")[-1],
-                    "ms": round(sec * 1e3, 3),
-                    "peak_extra_MiB": None if mem is None else round(mem / 2**20, 1),
-                    "loss": loss,
-                }
-            )
-            print(
-                f"{name:>13} V={v:>6} N={n} D={d}: {sec * 1e3:9.1f} ms/step"
-                + ("" if mem is None else f"  peak beyond inputs+grads {mem / 2**20:8.1f} MiB"),
-                flush=True,
-            )
+            rows.append({"contender": name, "V": v, "N": n, "D": d, "dtype": str(dtype).split(".")[-1],
+                         "ms": round(sec * 1e3, 3), "peak_extra_MiB": None if mem is None else round(mem / 2**20, 1),
+                         "loss": loss})
+            print(f"{name:>13} V={v:>6} N={n} D={d}: {sec * 1e3:9.1f} ms/step"
+                  + ("" if mem is None else f"  peak beyond inputs+grads {mem / 2**20:8.1f} MiB"), flush=True)
         del inputs
     return rows
 

@@ -46,10 +46,7 @@ VARIANTS = {
     "minibatch": {"online": "all"},  # the policies' control: the same 8-sample mini-batches, no scoring
     "q_tuning": {"online": "q_tuning"},  # r_sample 0.25: a no-grad scoring forward + a quarter trained
     "rho1": {"online": "rho1"},  # + a reference forward (rho1.reference = a second copy of the model)
-    "sstoken": {
-        "online": "sstoken",
-        "online_scoring": "separate",
-    },  # history = start (a frozen copy), gamma 0.5: attention recomputed
+    "sstoken": {"online": "sstoken", "online_scoring": "separate"},  # history = start (a frozen copy), gamma 0.5: attention recomputed
     "lora": {"lora_r": 16},
     "prompt_tuning": {"prompt_tuning.num_virtual_tokens": 20},  # padded rows, 20 more positions each
     # the current model's scores from the training forward instead of a separate no-grad one (online_reuse)

@@ -59,9 +59,7 @@ TARGET_SEED = 302  # DV4LLM's "small set of clean examples of the task" a user w
 
 
 # ----------------------------------------------------------------------------------------------- demo data
-def _demo_rows(
-    n: int, seed: int, pool_questions: set[str], templates: tuple[str, ...] | None = None
-) -> list[dict]:
+def _demo_rows(n: int, seed: int, pool_questions: set[str], templates: tuple[str, ...] | None = None) -> list[dict]:
     """Clean math rows of the draw ``(n, seed)`` whose question is not in the pool (of ``templates``)."""
     from winnow.pipeline.builtin.demo_data import generate_demo
 
@@ -270,25 +268,9 @@ POLICIES = [
 QUICK_POLICIES = ("full", "eu_plane", "excess_loss")
 # the rows every seed-0 pass starts with: full and the policies reading no ground truth that the quality
 # report found (excess_loss: AUROC 1.000 on junk and wrong final answers; eu_plane: 0.92-0.96 on wrong answers)
-CORE = (
-    "full",
-    "excess_loss",
-    "quickstart_no_labels",
-    "eu_plane",
-    "drop_high_loss",
-    "excess_samples",
-    "dv4llm",
-)
+CORE = ("full", "excess_loss", "quickstart_no_labels", "eu_plane", "drop_high_loss", "excess_samples", "dv4llm")
 LORA_POLICIES = ("full", "eu_plane", "sstoken", "cdpo_p_ce")  # Q-Tuning, ssToken, cDPO ran with LoRA
-TOP_BUDGET_POLICIES = (
-    "drop_high_loss",
-    "drop_short",
-    "excess_samples",
-    "eu_plane",
-    "excess_loss",
-    "sstoken",
-    "dv4llm",
-)
+TOP_BUDGET_POLICIES = ("drop_high_loss", "drop_short", "excess_samples", "eu_plane", "excess_loss", "sstoken", "dv4llm")
 
 
 def _sql_budget(kind: str, n_keep: int) -> str:
@@ -886,9 +868,7 @@ def main(argv: list[str] | None = None) -> int:
     args.rows = args.rows.split(",") if args.rows else None
     if args.rows and not set(args.rows) <= known:
         ap.error(f"--rows: unknown {sorted(set(args.rows) - known)}; rows are {sorted(known)}")
-    default_dir = (
-        "curation-quick" if args.quick else "curation" + ("-new-task" if args.start == "new-task" else "")
-    )
+    default_dir = "curation-quick" if args.quick else "curation" + ("-new-task" if args.start == "new-task" else "")
     args.workdir = args.workdir or HERE / "out" / default_dir
     datasets = (args.datasets or ("demo" if args.quick else "demo,gsm8k")).split(",")
     cfg = TrainCfg(steps=args.steps or (40 if args.quick else 150))

@@ -76,25 +76,10 @@ class Sizes:
     lr: float = 1e-3
 
 
-FULL = Sizes(
-    questions=None,
-    warm_rows=2000,
-    warm_steps=100,
-    ref_rows=2000,
-    ref_steps=200,
-    contrast_steps=80,
-    target_rows=200,
-)
-QUICK = Sizes(
-    questions=60,
-    warm_rows=300,
-    warm_steps=30,
-    ref_rows=300,
-    ref_steps=60,
-    contrast_steps=30,
-    target_rows=50,
-    model_eval_rows=32,
-)
+FULL = Sizes(questions=None, warm_rows=2000, warm_steps=100, ref_rows=2000, ref_steps=200,
+             contrast_steps=80, target_rows=200)
+QUICK = Sizes(questions=60, warm_rows=300, warm_steps=30, ref_rows=300, ref_steps=60, contrast_steps=30,
+              target_rows=50, model_eval_rows=32)
 
 
 # ------------------------------------------------------------------------------------------ splits
@@ -174,18 +159,10 @@ def _train_steps(base: str, sizes: Sizes, models: Path, jobs: dict[str, tuple[st
     for name, (keep, steps) in jobs.items():
         tables.append({"step": "select", "policy": "sql", "keep": keep, "name": name})
         train = {
-            "step": "train",
-            "model": base,
-            "selection": name,
-            "max_steps": steps,
+            "step": "train", "model": base, "selection": name, "max_steps": steps,
             "epochs": 1000,  # max_steps decides (a step count, whatever the subset's size)
-            "lr": sizes.lr,
-            "warmup_steps": 10,
-            "tokens_per_batch": sizes.tokens_per_batch,
-            "max_seq_len": 1024,
-            "progress": False,
-            "save_every": 0,
-            **extra,
+            "lr": sizes.lr, "warmup_steps": 10, "tokens_per_batch": sizes.tokens_per_batch,
+            "max_seq_len": 1024, "progress": False, "save_every": 0, **extra,
         }
         # The folder names the trainer's whole resolved configuration (defaults included): another size,
         # schedule or trainer version trains beside it instead of being refused by `winnow train`.
@@ -224,14 +201,14 @@ def _timed(recipe, seconds: Seconds, build: bool = False) -> None:
         seconds.record(f"build:{name}" if build else key, wall, skipped)
 
 
-def build_models(work: Path, data: Path, sizes: Sizes, base: str, seconds: Seconds) -> dict[str, Path]:
+def build_models(
+    work: Path, data: Path, sizes: Sizes, base: str, seconds: Seconds
+) -> dict[str, Path]:
     """warm, reference (GSM8K train) and positive, negative (the contrast half's solutions)."""
     models = work / "models"
     tables = [{"step": "ingest", "inputs": [str(data / "train_parts.jsonl")], "model": base}]
     tables += _train_steps(
-        base,
-        sizes,
-        models,
+        base, sizes, models,
         {
             "warm": ("meta_part = 'warm'", sizes.warm_steps),
             "reference": ("meta_part = 'reference'", sizes.ref_steps),
@@ -242,13 +219,9 @@ def build_models(work: Path, data: Path, sizes: Sizes, base: str, seconds: Secon
     outs = tables
     tables = [{"step": "ingest", "inputs": [str(data / "contrast_half.jsonl")], "model": base}]
     tables += _train_steps(
-        base,
-        sizes,
-        models,
-        {
-            "positive": ("meta_is_correct", sizes.contrast_steps),
-            "negative": ("not meta_is_correct", sizes.contrast_steps),
-        },
+        base, sizes, models,
+        {"positive": ("meta_is_correct", sizes.contrast_steps),
+         "negative": ("not meta_is_correct", sizes.contrast_steps)},
         eval_fraction=0.05,
     )
     _timed(_recipe("gsm8k_contrast_models", work / "contrast_run", tables), seconds, build=True)
@@ -262,11 +235,9 @@ def scored_recipe(run_dir: Path, solutions: Path, targets: Path, base: str, mode
 
     quick = load_recipe(REPO / "recipes" / "quickstart.toml")
     roles = {
-        "builtin:tiny": base,
-        "builtin:tiny-warm": str(models["warm"]),
+        "builtin:tiny": base, "builtin:tiny-warm": str(models["warm"]),
         "builtin:tiny-reference": str(models["reference"]),
-        "builtin:tiny-positive": str(models["positive"]),
-        "builtin:tiny-negative": str(models["negative"]),
+        "builtin:tiny-positive": str(models["positive"]), "builtin:tiny-negative": str(models["negative"]),
     }
     steps = []
     for step, params in with_models(quick, roles).steps:
@@ -363,16 +334,14 @@ def solved_count(model_dir: Path, eval_jsonl: Path, n: int, max_new_tokens: int 
     for i in range(0, len(rows), 16):
         batch = rows[i : i + 16]
         prompts = [
-            tok.apply_chat_template(
-                [{"role": "user", "content": r["question"]}], tokenize=False, add_generation_prompt=True
-            )
+            tok.apply_chat_template([{"role": "user", "content": r["question"]}], tokenize=False,
+                                    add_generation_prompt=True)
             for r in batch
         ]
         enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
-            out = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
-            )
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
         for r, ids in zip(batch, out[:, enc["input_ids"].shape[1] :], strict=True):
             got = final_answer(tok.decode(ids, skip_special_tokens=True))
             solved += got is not None and got == final_answer(r["answer"])
@@ -513,14 +482,9 @@ def main() -> None:
     atomic_write_json(
         REPO / "benchmarks" / "out" / f"curation_gsm8k{'_quick' if args.quick else ''}.json",
         {
-            "auroc": res["auroc"],
-            "auroc_within_length_quintiles": strat,
-            "answer_tokens": tok,
-            "stage_seconds": res["stage_seconds"],
-            "accuracy": res["accuracy"],
-            "wall_s": wall,
-            "samples": n[0],
-            "incorrect": n[1],
+            "auroc": res["auroc"], "auroc_within_length_quintiles": strat, "answer_tokens": tok,
+            "stage_seconds": res["stage_seconds"], "accuracy": res["accuracy"], "wall_s": wall,
+            "samples": n[0], "incorrect": n[1],
         },
     )
 

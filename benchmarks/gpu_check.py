@@ -53,46 +53,11 @@ import bench_kernels  # noqa: E402
 
 PEAK_DATASHEET, PEAK_MEASURED = 989e12, 780e12
 
-FULL = dict(
-    n=16384,
-    d=2048,
-    vocabs=[32768, 131072],
-    head_n=16384,
-    head_v=131072,
-    layers=16,
-    hidden=2048,
-    inter=8192,
-    heads=32,
-    kv=8,
-    vocab=128256,
-    batch=4,
-    seq=4096,
-    reps=3,
-    pass_samples=64,
-    pass_len=1024,
-    pack_samples=64,
-    pack_len=2048,
-)
-SMOKE = dict(
-    n=64,
-    d=32,
-    vocabs=[300],
-    head_n=50,
-    head_v=300,
-    layers=2,
-    hidden=64,
-    inter=128,
-    heads=4,
-    kv=2,
-    vocab=300,
-    batch=2,
-    seq=64,
-    reps=1,
-    pass_samples=6,
-    pass_len=40,
-    pack_samples=8,
-    pack_len=50,
-)
+FULL = dict(n=16384, d=2048, vocabs=[32768, 131072], head_n=16384, head_v=131072, layers=16, hidden=2048,
+            inter=8192, heads=32, kv=8, vocab=128256, batch=4, seq=4096, reps=3, pass_samples=64,
+            pass_len=1024, pack_samples=64, pack_len=2048)
+SMOKE = dict(n=64, d=32, vocabs=[300], head_n=50, head_v=300, layers=2, hidden=64, inter=128, heads=4, kv=2,
+             vocab=300, batch=2, seq=64, reps=1, pass_samples=6, pass_len=40, pack_samples=8, pack_len=50)
 
 
 class Recorder:
@@ -153,12 +118,7 @@ def loss_step(dev: str, c: dict) -> list[dict]:
         from winnow.kernels.triton_linear_cross_entropy import linear_cross_entropy_triton
 
         inputs = bench_kernels.make_inputs(c["n"], c["vocabs"][0], c["d"], dtype, dev)
-        rows.append(
-            {
-                "contender": "triton(interpreted)",
-                "loss": bench_kernels.step(linear_cross_entropy_triton, *inputs),
-            }
-        )
+        rows.append({"contender": "triton(interpreted)", "loss": bench_kernels.step(linear_cross_entropy_triton, *inputs)})
     return rows
 
 
@@ -188,19 +148,10 @@ def head(dev: str, c: dict) -> dict:
 def build_llama(dev: str, c: dict):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=c["vocab"],
-        hidden_size=c["hidden"],
-        intermediate_size=c["inter"],
-        num_hidden_layers=c["layers"],
-        num_attention_heads=c["heads"],
-        num_key_value_heads=c["kv"],
-        tie_word_embeddings=True,
-        max_position_embeddings=max(4096, c["seq"]),
-        rope_theta=500000.0,
-        use_cache=False,
-        attn_implementation="sdpa",
-    )
+    cfg = LlamaConfig(vocab_size=c["vocab"], hidden_size=c["hidden"], intermediate_size=c["inter"],
+                      num_hidden_layers=c["layers"], num_attention_heads=c["heads"], num_key_value_heads=c["kv"],
+                      tie_word_embeddings=True, max_position_embeddings=max(4096, c["seq"]), rope_theta=500000.0,
+                      use_cache=False, attn_implementation="sdpa")
     torch.manual_seed(0)
     with torch.device(dev):
         model = LlamaForCausalLM(cfg)
@@ -219,16 +170,9 @@ def model_pass(dev: str, c: dict, model) -> dict:
     from winnow.stages.passes.model_scoring import score_samples
 
     model.eval()
-    loaded = LoadedModel(
-        model=model,
-        body=model.base_model,
-        head=LMHead(model.lm_head.weight).to_fp32(),
-        path=Path("."),
-        fingerprint="gpu-check",
-        device=torch.device(dev),
-        dtype=next(model.parameters()).dtype,
-        layout="padded",
-    )
+    loaded = LoadedModel(model=model, body=model.base_model, head=LMHead(model.lm_head.weight).to_fp32(),
+                         path=Path("."), fingerprint="gpu-check", device=torch.device(dev),
+                         dtype=next(model.parameters()).dtype, layout="padded")
     rng = np.random.default_rng(0)
     lens = rng.integers(c["pass_len"] // 4, c["pass_len"], c["pass_samples"])
     seqs = [rng.integers(0, c["vocab"], n) for n in lens]
@@ -298,20 +242,15 @@ def train_step(dev: str, c: dict, model) -> dict:
     if trainer_loss is not None:
         paths.append(("trainer_module", trainer_loss))
     for name, loss_fn in paths:
-
         def one(loss_fn=loss_fn):
             opt.zero_grad(set_to_none=True)
             loss_fn().backward()
             opt.step()
 
         sec = timed(one, dev, c["reps"])
-        out[name] = {
-            "step_s": round(sec, 4),
-            "tokens_per_s": round(tokens / sec),
-            "mfu_datasheet": round(flops / sec / PEAK_DATASHEET, 4),
-            "mfu_measured_peak": round(flops / sec / PEAK_MEASURED, 4),
-            "peak_GiB": peak_of(one, dev),
-        }
+        out[name] = {"step_s": round(sec, 4), "tokens_per_s": round(tokens / sec),
+                     "mfu_datasheet": round(flops / sec / PEAK_DATASHEET, 4),
+                     "mfu_measured_peak": round(flops / sec / PEAK_MEASURED, 4), "peak_GiB": peak_of(one, dev)}
         print(name, out[name], flush=True)
     return out
 
@@ -346,11 +285,8 @@ def _train_setup(dev: str, c: dict, lora_r: int, batch) -> dict:
 
     sec = timed(one, dev, c["reps"])
     tokens = batch[0].numel()
-    out = {
-        "trainable_params": sum(p.numel() for p in params),
-        "step_s": round(sec, 4),
-        "tokens_per_s": round(tokens / sec),
-    }
+    out = {"trainable_params": sum(p.numel() for p in params), "step_s": round(sec, 4),
+           "tokens_per_s": round(tokens / sec)}
     if dev == "cuda":
         out["peak_GiB"] = round((torch.cuda.max_memory_allocated() - before) / 2**30, 3)
     return out
@@ -389,10 +325,7 @@ def packer(dev: str, c: dict, step_s: float | None) -> dict:
         def numpy_pack():
             pairs = zip(offsets[:-1], offsets[1:], strict=True)
             kept = [t for t in (tp.trim(ids[a:b], w[a:b]) for a, b in pairs) if t is not None]
-            return [
-                torch.from_numpy(x).to(dev)
-                for x in tp.pack_varlen([k[0] for k in kept], [k[1] for k in kept])
-            ]
+            return [torch.from_numpy(x).to(dev) for x in tp.pack_varlen([k[0] for k in kept], [k[1] for k in kept])]
 
         out["trainer_numpy_ms"] = 1e3 * timed(numpy_pack, dev, 5)
     if dev == "cuda":
@@ -413,12 +346,8 @@ def main() -> None:
     a.outdir.mkdir(parents=True, exist_ok=True)
     dev = "cpu" if a.cpu_smoke else "cuda"
     c = SMOKE if a.cpu_smoke else FULL
-    meta = {
-        "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)",
-        "torch": torch.__version__,
-        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "config": c,
-    }
+    meta = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)", "torch": torch.__version__,
+            "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "config": c}
     rec = Recorder(a.outdir, meta)
     rec.section("loss_step", loss_step, dev, c)
     rec.section("head", head, dev, c)

@@ -89,10 +89,7 @@ def _checkpoint_model(init_dir: Path, ckpt: Path):
 def _score(model, tok, texts: list[str], kinds: list[str]) -> dict[str, float]:
     feats = [sample_features(model, tok, t) for t in texts]
     digits = [
-        d
-        for t, k in zip(texts, kinds, strict=True)
-        if k == "none"
-        for d in result_digit_losses(model, tok, t)
+        d for t, k in zip(texts, kinds, strict=True) if k == "none" for d in result_digit_losses(model, tok, t)
     ]
     by_kind: dict[str, list[tuple[float, float, float]]] = {}
     for f, k in zip(feats, kinds, strict=True):
@@ -171,18 +168,12 @@ def main() -> None:
         train(p)
         seconds = round(time.time() - t0, 1)
         tok = AutoTokenizer.from_pretrained(init)
-        losses = {
-            r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").open()) if "loss" in r
-        }
+        losses = {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").open()) if "loss" in r}
         curve = []
         for ckpt in sorted((out / "checkpoints").glob("step-*")):
             step = int(ckpt.name.split("-")[1])
             window = [losses[s] for s in range(max(1, step - 49), step + 1)]
-            point = {
-                "step": step,
-                "train_seconds_total": seconds,
-                "train_loss": round(float(np.mean(window)), 4),
-            }
+            point = {"step": step, "train_seconds_total": seconds, "train_loss": round(float(np.mean(window)), 4)}
             point |= _score(_checkpoint_model(init, ckpt), tok, texts, kinds)
             curve.append(point)
             print(" ".join(f"{k}={v}" for k, v in point.items()), flush=True)

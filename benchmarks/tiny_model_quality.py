@@ -18,12 +18,7 @@ import json
 from pathlib import Path
 
 HELD_OUT_SEED = 9191
-KINDS = {
-    "clean": ("none",),
-    "junk": ("junk_span",),
-    "off_topic": ("off_topic",),
-    "wrong": ("wrong_final_answer",),
-}
+KINDS = {"clean": ("none",), "junk": ("junk_span",), "off_topic": ("off_topic",), "wrong": ("wrong_final_answer",)}
 ROLES = ("tiny", "tiny-reference", "tiny-warm", "tiny-positive", "tiny-negative")
 
 
@@ -110,15 +105,11 @@ def main() -> None:
 
             dirs[role] = builtin_model_path(role)
     res = measure(dirs)
-    print(
-        f"held-out draw seed {HELD_OUT_SEED}: "
-        + ", ".join(f"{k[2:]} {int(v)}" for k, v in res.items() if k.startswith("n_"))
-    )
+    print(f"held-out draw seed {HELD_OUT_SEED}: " + ", ".join(f"{k[2:]} {int(v)}" for k, v in res.items()
+                                                               if k.startswith("n_")))
     print(f"{'model':16s} {'clean':>7s} {'junk':>7s} {'off-topic':>9s}")
     for role in ROLES[:3]:
-        print(
-            f"{role:16s} {res[role + '/clean']:7.3f} {res[role + '/junk']:7.3f} {res[role + '/off_topic']:9.3f}"
-        )
+        print(f"{role:16s} {res[role + '/clean']:7.3f} {res[role + '/junk']:7.3f} {res[role + '/off_topic']:9.3f}")
     print(
         f"cDPO, negative - positive on '####' digits: clean {res['neg_minus_pos/clean/answer']:+.3f}, "
         f"wrong final answer {res['neg_minus_pos/wrong/answer']:+.3f}"

@@ -55,25 +55,17 @@ def compile_kernel(fn, dt: str, consts: dict, warps: int, stages: int, arch: int
         if sig[name].startswith("*") or (sig[name] == "i32" and name != "n_rows"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
-    return triton.compile(
-        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages}
-    )
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
 
 
 def usage(kernel) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
-        out = subprocess.run(
-            [str(CUOBJDUMP), "--dump-resource-usage", f.name], capture_output=True, text=True
-        ).stdout
+        out = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     reg, stack = re.search(r"REG:(\d+)", out), re.search(r"STACK:(\d+)", out)
-    return {
-        "regs": int(reg.group(1)) if reg else None,
-        "spill_stack_bytes": int(stack.group(1)) if stack else None,
-        "smem_bytes": kernel.metadata.shared,
-        "cp_async": "cp.async" in kernel.asm["ptx"],
-    }
+    return {"regs": int(reg.group(1)) if reg else None, "spill_stack_bytes": int(stack.group(1)) if stack else None,
+            "smem_bytes": kernel.metadata.shared, "cp_async": "cp.async" in kernel.asm["ptx"]}
 
 
 def variants(blk: tk.Blocks | None):
@@ -83,21 +75,9 @@ def variants(blk: tk.Blocks | None):
         b = {"BLOCK_M": blocks.m, "BLOCK_V": blocks.v, "BLOCK_D": blocks.d}
         flags = {"IEEE": dt == "fp32", "UPCAST": False, "HAS_BIAS": post, "HAS_CAP": post}
         fwd = {**flags, "HAS_BIAS2": post, "HAS_CAP2": post, "CONTRAST": contrast, **b}
-        yield (
-            f"fwd {dt}{' contrast' if contrast else ''}{' bias+cap' if post else ''}",
-            tk._lse_fwd_kernel,
-            dt,
-            fwd,
-            blocks,
-        )
+        yield f"fwd {dt}{' contrast' if contrast else ''}{' bias+cap' if post else ''}", tk._lse_fwd_kernel, dt, fwd, blocks
         if not contrast:
-            yield (
-                f"grad {dt}{' bias+cap' if post else ''}",
-                tk._grad_logits_kernel,
-                dt,
-                {**flags, **b},
-                blocks,
-            )
+            yield f"grad {dt}{' bias+cap' if post else ''}", tk._grad_logits_kernel, dt, {**flags, **b}, blocks
 
 
 def check(blk: tk.Blocks | None, arch: int) -> bool:
