@@ -97,6 +97,10 @@ class Loop:
         fn = lambda s: lr_factor(s, p.warmup_steps, self.total_steps, p.min_lr_ratio)  # noqa: E731
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, fn)
         self.amp = self._amp_dtype(p.dtype, env.device)
+        from winnow.trainer.kernel_agreement import agree_on_head_backend
+
+        head_bias = getattr(model.get_output_embeddings(), "bias", None) is not None
+        agree_on_head_backend(env.device, self.amp, head_bias, env.softcap is not None, self.d)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
         self.evals: dict[int, float] = {}
         self.kills_after = int(os.environ.get(FAULT_ENV, "0") or 0)
@@ -238,19 +242,13 @@ class Loop:
         return out
 
     def _mfu(self, tokens: float, rows: float, len_sq: float, dt: float) -> dict[str, float]:
-        """GPU only: (6·N_body·tokens + 6·N_head·weighted rows + attention over real lengths) / peak."""
+        """GPU only: the shared convention of :mod:`winnow.trainer.mfu` over every rank's work."""
         if self.env.device.type != "cuda":
             return {}
-        lm = self.loss_mod.model
-        head = lm.get_output_embeddings().weight
-        n_all = sum(q.numel() for q in lm.parameters())
-        n_emb = lm.get_input_embeddings().weight.numel()
-        n_body = n_all - n_emb - (0 if head is lm.get_input_embeddings().weight else head.numel())
-        cfg = lm.config
-        attn = 6.0 * cfg.num_hidden_layers * cfg.hidden_size * len_sq  # causal: half of 12·L·d·len²
-        flops = 6.0 * n_body * tokens + 6.0 * head.numel() * rows + attn
-        peak = float(os.environ.get("WINNOW_PEAK_TFLOPS", "989")) * 1e12 * self.d.world
-        return {"mfu": round(flops / dt / peak, 4)}
+        from winnow.trainer.mfu import mfu, step_flops
+
+        flops = step_flops(self.loss_mod.model, tokens, rows, len_sq)
+        return {"mfu": round(mfu(flops, dt, self.d.world), 4)}
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
