@@ -57,6 +57,13 @@ def write_sums(folder: Path, step: int) -> None:
 def problem(folder: Path, step: int) -> str | None:
     """Why ``folder`` (checkpoint of ``step``) cannot be resumed from, or None when it is intact."""
     try:
+        return _problem(folder, step)
+    except OSError as e:  # another rank removing it, or a file that cannot be read
+        return f"unreadable ({e.strerror or e})"
+
+
+def _problem(folder: Path, step: int) -> str | None:
+    try:
         sums = json.loads((folder / SUMS).read_text())
         files = sums["files"]
     except FileNotFoundError:

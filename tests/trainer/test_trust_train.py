@@ -54,6 +54,7 @@ def inputs(tmp_path_factory):
     data = export_parquet(root / "data.parquet", n=40)
     run = synthetic_run(root / "run", model)
     (run.root / "manifest.json").write_text('{"steps": {}}')  # what makes a folder a run to the guard
+    (run.root / "plan.json").write_text('{"shards": 2}')  # what `verify` expects beside samples/
     return model, data, run.root
 
 
@@ -289,3 +290,18 @@ def test_domains_checked_by_the_dataclass_too():
         with pytest.raises(ValueError):
             TrainParams(**kw)
     assert np.isfinite(TrainParams().lr)
+
+
+def test_verify_checks_a_trainings_eval_loss_and_a_rerun_repairs_it(inputs):
+    model, _, run = inputs
+    args = ("train", run, "--model", model, "--name", "ver", *SETS, "--set", "max_steps=1")
+    assert run_cli(*args)[0] == 0
+    assert run_cli("verify", run)[0] == 0
+    man = json.loads((run / "manifest.json").read_text())
+    man["steps"]["train:ver"]["eval_loss"] = 0.001  # a better number for the card
+    (run / "manifest.json").write_text(json.dumps(man))
+    code, _, err = run_cli("verify", run)
+    assert code == 1 and "train:ver says eval_loss=0.001" in err, err
+    code, out, err = run_cli(*args)
+    assert code == 0 and "nothing to do" in out, err
+    assert run_cli("verify", run)[0] == 0
