@@ -146,9 +146,11 @@ def run_sql(views: Views, sql: str) -> pa.Table | None:
 def check_out_path(run_dir: str, out: str | None) -> None:
     if out is None:
         return
-    root, target = Path(run_dir).resolve(), Path(out).resolve()
-    if target == root or root in target.parents:
-        raise UserError(f"--out {out} is inside the run {run_dir}: the inspector writes nothing into a run")
+    from winnow.pipeline.write_guard import refuse_run_overlap
+
+    refuse_run_overlap(run_dir, out, "--out")  # the inspector writes nothing into (or over) a run
+    if Path(out).is_dir():
+        raise UserError(f"--out {out} is a folder: give a file name for the result")
 
 
 def _connect(paths: list[Path], settings: dict | None = None):

@@ -45,6 +45,11 @@ def test_export_never_writes_into_or_over_the_run(demo, where):
     assert run_cli("verify", demo)[0] == 0
 
 
+def test_inspect_out_refuses_a_folder_holding_the_run(demo):
+    code, _, err = run_cli("inspect", demo, "--sql", "select 1", "--out", demo.parent)
+    assert code == 2 and "holds the run" in err, err
+
+
 def test_card_out_refuses_the_run_but_keeps_its_own_place(demo, tmp_path):
     before = _hashes(demo)
     for out in (demo, demo / "samples", demo.parent):
