@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from winnow.trainer import checkpoint
+from winnow.trainer import checkpoint, ckpt_integrity
 from winnow.trainer.config import TrainParams
 from winnow.trainer.data import TrainData
 from winnow.trainer.distributed import Dist, all_reduce_sum, no_sync, wrap
@@ -153,7 +153,9 @@ class Loop:
 
             flat = torch.zeros(ids.numel(), dtype=torch.bool)
             flat[torch.from_numpy(b.gather + 1)] = True
-            g = torch.Generator().manual_seed(key)  # a function of (seed, step, rank, micro-batch): resumable
+            # a function of (seed, step, rank, micro-batch): resumable; modulo 2^63, as a seed above ~3e7
+            # overflowed the generator's 64-bit seed
+            g = torch.Generator().manual_seed(key % (1 << 63))
             ids = masked_thought_inputs(ids, flat.view(ids.shape).to(dev), noise, self.mask_id, g)
         ctx = torch.autocast(dev.type, dtype=self.amp) if self.amp is not None else nullcontext()
         extra = {"select": b.select} if getattr(b, "select", None) is not None else {}  # online_reuse
@@ -188,7 +190,7 @@ class Loop:
         for q in self.params:
             if q.grad is not None:
                 q.grad.mul_(self.d.world / wsum)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.p.max_grad_norm or float("inf"))
+        norm = ckpt_integrity.clip_checked(self.params, self.p.max_grad_norm, step, lsum, bool(self.scaler))
         lr = self.opt.param_groups[0]["lr"]
         if self.scaler:
             self.scaler.step(self.opt)
@@ -210,7 +212,7 @@ class Loop:
             "tokens_per_s": tokens / dt,
             "weighted_tokens_per_s": rows / dt,
             "lr": lr,
-            "grad_norm": float(getattr(norm, "full_tensor", lambda: norm)()),
+            "grad_norm": float(norm),
             "step_s": dt,
         }
         if noise > 0.0:
@@ -274,13 +276,15 @@ class Loop:
 
     # ------------------------------------------------------------------------------- driving
     def resume(self, ckpt_root: Path) -> int:
-        steps = checkpoint.list_steps(ckpt_root)
+        steps = ckpt_integrity.good_steps(ckpt_root, self.d.main)  # damaged ones reported and skipped
         if not steps:
             return 0
         state = checkpoint.load(
             checkpoint.step_dir(ckpt_root, steps[-1]), self.loss_mod, self.opt, self.sched
         )
         self.evals = {int(k): v for k, v in state.get("evals", {}).items()}
+        if self.d.main:  # a kill between a save and its prune left one checkpoint too many
+            checkpoint.prune(ckpt_root, self.p.keep_checkpoints, ckpt_integrity.best_step(self.evals))
         if self.online is not None:
             self.online.load(checkpoint.step_dir(ckpt_root, steps[-1]))
         if state.get("world") != self.d.world and self.d.main:
