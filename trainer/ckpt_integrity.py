@@ -4,8 +4,9 @@ A checkpoint folder ``step-NNNNNNNN/`` gets ``checksums.json`` (sha256 and size 
 ``step``) as the last file written before the folder is renamed into place, as a run's shards get their
 commit record last. On resume every checkpoint is checked newest first; one whose files differ (a flipped
 byte in ``state.pt`` resumed and ended at eval_loss 6.15 instead of 1.32), are missing or truncated,
-whose ``trainer_state.json`` is not JSON or names another step, or that has no checksum file, is reported
-by name on stderr and removed, and the newest good one is used. Leftovers of killed saves
+whose ``trainer_state.json`` is not JSON or names another step, is reported by name on stderr and removed,
+and the newest good one is used. A folder without a checksum file can only come from a winnow that wrote
+none (a save renames its folder into place once whole): it is skipped with a warning but not deleted. Leftovers of killed saves
 (``checkpoints/.tmp-step-*``, ``OUT/.final-*``) are removed (the caller holds the ``--out`` lock, so no
 live writer owns them), and ``keep_checkpoints`` is applied again, since a kill between a save and its
 prune leaves one checkpoint too many.
@@ -110,7 +111,12 @@ def good_steps(root: Path, main: bool) -> list[int]:
         if why is None:
             good.append(step)
             continue
-        if main:
+        if main and not (folder / SUMS).exists():  # renamed into place only once whole: an older winnow's
+            print(
+                f"warning: checkpoint {folder} has no {SUMS} and cannot be verified: skipped, kept",
+                file=sys.stderr,
+            )
+        elif main:
             print(
                 f"warning: checkpoint {folder} is damaged ({why}): removed, resuming from an earlier one",
                 file=sys.stderr,
