@@ -457,6 +457,10 @@ def write_card(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run = RunDir(run_dir)
     if not run.table("samples").exists():
         raise UserError(f"{run.root} has no samples: run `winnow ingest` (or a recipe) first")
+    if out:  # RUN/card is the card's own place; anything else in (or around) the run is an input
+        from winnow.pipeline.write_guard import refuse_run_overlap
+
+        refuse_run_overlap(run.root, out, "--out", allow=(run.root / "card",))
     card = _Card(run, Path(out) if out else run.root / "card")
     card.header()
     card.warnings()
