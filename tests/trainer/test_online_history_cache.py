@@ -168,16 +168,15 @@ def test_exchange_gives_every_rank_every_filled_sample(tmp_path):
 
 
 def test_auto_scoring_reuses_for_sstoken_only():
+    from winnow.pipeline.params import build_params
     from winnow.trainer.config import TrainParams
 
-    def mode(**kw):
-        return TrainParams(model="m", **kw).scoring_mode
+    def mode(**kw):  # the pre-group names, through their aliases
+        return build_params(TrainParams, {"model": "m", **kw}, "test").scoring_mode
 
     assert mode(online="sstoken") == "reuse"
     assert mode(online="q_tuning") == "separate" and mode(online="rho1") == "separate"
     assert mode(online="sstoken", online_scoring="separate") == "separate"
     assert mode(online="q_tuning", online_scoring="reuse") == "reuse"
-    from winnow.trainer.online_params import MaskedThoughtParams
-
-    assert mode(online="sstoken", masked_thought=MaskedThoughtParams(p=0.1)) == "separate"
+    assert mode(online="sstoken", **{"masked_thought.p": "0.1"}) == "separate"
     assert mode(online="sstoken", lora_r=4) == "separate"
