@@ -51,8 +51,8 @@ def build(root: Path, a) -> tuple[Path, Path]:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from winnow.pipeline.models import load_tokenizer, tokenizer_fingerprint
-    from winnow.pipeline.store import RunDir
+    from winnow.core.models import load_tokenizer, tokenizer_fingerprint
+    from winnow.core.store import RunDir
 
     mdir = root / "model"
     torch.manual_seed(0)
@@ -165,7 +165,7 @@ def worker_hf(a) -> dict:
 def worker_winnow(a, positions: str) -> dict:
     import shutil
 
-    from winnow.pipeline.store import RunDir
+    from winnow.core.store import RunDir
     from winnow.stages.passes.model_pass import ModelPassParams, run_model_pass
 
     t_start = time.perf_counter()

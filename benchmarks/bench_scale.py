@@ -70,7 +70,7 @@ def make_signals(run_dir: str, seed: int = 0) -> None:
     import numpy as np
     import pyarrow as pa
 
-    from winnow.pipeline.store import RunDir, part_name, stable_hash
+    from winnow.core.store import RunDir, part_name, stable_hash
 
     run = RunDir(run_dir)
     samples = run.table("samples")

@@ -208,9 +208,9 @@ def worker_trl(a, packing: bool) -> dict:
 
 
 def worker_winnow(a, variant: str = "") -> dict:
-    from winnow.pipeline.params import build_params
+    from winnow.core.params import build_params
+    from winnow.pipeline.train import train
     from winnow.trainer.config import TrainParams
-    from winnow.trainer.step import train
 
     extra = dict(VARIANTS.get(variant, {}))
     if extra.get("online") == "rho1":
@@ -338,8 +338,8 @@ def _loop(a, extra: dict):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from winnow.pipeline.params import build_params
-    from winnow.trainer import data as data_mod
+    from winnow.core.params import build_params
+    from winnow.pipeline import train as data_mod
     from winnow.trainer.config import TrainParams
     from winnow.trainer.distributed import Dist
     from winnow.trainer.loop import Env, Loop
@@ -351,7 +351,7 @@ def _loop(a, extra: dict):
     load = lambda: AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)  # noqa: E731
     ref = load().eval().requires_grad_(False) if extra.get("online") == "rho1" else None
     env = Env(torch.device("cpu"), Dist(), Path(a.tmp))
-    return Loop(p, data_mod.load(p, None), load(), env, ref)
+    return Loop(p, data_mod.load_data(p, None), load(), env, ref)
 
 
 def worker_interleaved(a) -> dict:

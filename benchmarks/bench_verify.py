@@ -73,7 +73,7 @@ def cli(*args: str) -> tuple[int, float, str]:
 
 
 def fresh_process_state() -> None:
-    from winnow.pipeline import store
+    from winnow.core import store
 
     store.VERIFY.clear()
 
@@ -91,7 +91,7 @@ def main() -> None:
     # $WINNOW_CACHE as set (the builtin:tiny model is built there once); `verify --full` ignores the
     # on-disk verify cache, so the first verification is cold whatever the cache holds
     os.environ["WINNOW_PROGRESS"] = "0"
-    from winnow.pipeline import store
+    from winnow.core import store
 
     inp, run = work / "input.jsonl", work / "run"
     if not inp.exists():

@@ -73,7 +73,7 @@ def _demo_rows(n: int, seed: int, pool_questions: set[str], templates: tuple[str
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    from winnow.pipeline.store import atomic_write_bytes
+    from winnow.core.store import atomic_write_bytes
 
     atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
     return path
@@ -114,8 +114,8 @@ def prepare_demo(
     ``start="new-task"``: fine-tune the quality base that never saw a quarter of the math templates
     (``quality_models.NEW_TASK_BASE``), test on those templates only, and give DV4LLM clean examples of
     them as its targets (a user teaching a task has some); the scoring models stay the quality set."""
+    from winnow.core.models import resolve_model
     from winnow.pipeline.builtin.demo_data import DEMO_SIZE, generate_demo
-    from winnow.pipeline.models import resolve_model
     from winnow.pipeline.recipe import Recipe, load_recipe, run_loaded, with_models
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -293,7 +293,7 @@ def _sql_budget(kind: str, n_keep: int) -> str:
 # ----------------------------------------------------------------------------------------------- run steps
 def _run_steps(run_dir: Path, steps: list[tuple[str, dict[str, Any]]]) -> None:
     """Run registry steps on ``run_dir`` in this process (the recipe runner: lock, order check, manifest)."""
-    from winnow.pipeline.params import build_params
+    from winnow.core.params import build_params
     from winnow.pipeline.recipe import Recipe, run_loaded
     from winnow.pipeline.steps import get_step
 
@@ -313,7 +313,7 @@ def _manifest_config(run_dir: Path, key: str) -> dict[str, Any]:
 
 
 def _selection_stats(run_dir: Path, name: str) -> dict[str, int]:
-    from winnow.pipeline.store import RunDir
+    from winnow.core.store import RunDir
 
     t = RunDir(run_dir).table(f"selection/{name}").read(columns=["keep", "n_weighted"]).to_pydict()
     kept = [n for k, n in zip(t["keep"], t["n_weighted"], strict=True) if k]
@@ -322,7 +322,7 @@ def _selection_stats(run_dir: Path, name: str) -> dict[str, int]:
 
 def budget_run(src: Path, dst: Path, budget: float, policies: list[Policy]) -> dict[str, dict[str, int]]:
     """Copy the scored run, rerun the knobbed stages at ``budget`` and make every policy's selection."""
-    from winnow.pipeline.store import RunDir
+    from winnow.core.store import RunDir
 
     if not (dst / "manifest.json").exists():
         shutil.rmtree(dst, ignore_errors=True)
@@ -350,7 +350,7 @@ def write_random(run_dir: Path, out: Path, samples: int, tokens: int, seed: int)
     import pyarrow.parquet as pq
     from curation_eval import random_pairing
 
-    from winnow.pipeline.store import RunDir
+    from winnow.core.store import RunDir
 
     t = RunDir(run_dir).table("samples").read(columns=["sample_id", "input_ids", "loss_mask"]).to_pydict()
     masks = [np.asarray(m, dtype=np.float32) for m in t["loss_mask"]]
@@ -389,7 +389,7 @@ _TEST_CACHE: dict[str, Any] = {}
 
 def _test_set(test_run: Path) -> dict[str, Any]:
     if str(test_run) not in _TEST_CACHE:
-        from winnow.pipeline.store import RunDir
+        from winnow.core.store import RunDir
 
         t = RunDir(test_run).table("samples").read(columns=["input_ids", "loss_mask", "messages"]).to_pydict()
         msgs = [json.loads(m) for m in t["messages"]]
@@ -436,9 +436,9 @@ def _run_copy(src: str) -> Path:
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
     """One row x seed: train with ``winnow.trainer`` into job['out'], then evaluate the result."""
-    from winnow.pipeline.params import build_params
+    from winnow.core.params import build_params
+    from winnow.pipeline.train import train
     from winnow.trainer.config import TrainParams
-    from winnow.trainer.step import train
 
     cfg = TrainCfg(**job["cfg"])
     values: dict[str, Any] = {
@@ -759,7 +759,7 @@ def bench_dataset(name: str, args, cfg: TrainCfg, log) -> tuple[list[dict[str, A
     if prep is None:
         return [], {}
     log(f"{name}: prepared in {time.time() - t0:.0f}s; stage seconds {prep['stage_seconds']}")
-    from winnow.pipeline.store import atomic_write_json
+    from winnow.core.store import atomic_write_json
 
     atomic_write_json(workdir / "stage_seconds.json", prep["stage_seconds"])
     test_run = workdir / "test_run"
@@ -901,7 +901,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.report:
         print(f"wall time {time.time() - t0:.0f}s, load average {os.getloadavg()}")
-    from winnow.pipeline.store import atomic_write_bytes, atomic_write_json
+    from winnow.core.store import atomic_write_bytes, atomic_write_json
 
     atomic_write_bytes(args.workdir / "table.md", table.encode())
     atomic_write_json(

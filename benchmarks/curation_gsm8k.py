@@ -126,7 +126,7 @@ def train_parts(train_rows: list[dict[str, Any]], sizes: Sizes) -> dict[str, lis
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
-    from winnow.pipeline.store import atomic_write_bytes
+    from winnow.core.store import atomic_write_bytes
 
     blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
     atomic_write_bytes(path, blob)
@@ -137,7 +137,7 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def _recipe(name: str, run_dir: Path, tables: list[dict[str, Any]]):
-    from winnow.pipeline.params import build_params
+    from winnow.core.params import build_params
     from winnow.pipeline.recipe import Recipe
     from winnow.pipeline.steps import get_step
 
@@ -151,8 +151,8 @@ def _recipe(name: str, run_dir: Path, tables: list[dict[str, Any]]):
 
 def _train_steps(base: str, sizes: Sizes, models: Path, jobs: dict[str, tuple[str, int]], **extra) -> list:
     """select (sql) + train steps: one model per job name -> (keep condition, steps)."""
-    from winnow.pipeline.params import build_params
-    from winnow.pipeline.store import stable_hash
+    from winnow.core.params import build_params
+    from winnow.core.store import stable_hash
     from winnow.trainer.config import TrainParams
 
     tables: list[dict[str, Any]] = []
@@ -280,8 +280,8 @@ def prepare_gsm8k(
     ``model_pass:current``, ``stage:eu_plane``, and ``build:<model>`` -> seconds) and ``auroc`` (score ->
     AUROC, incorrect vs correct solutions).
     """
-    from winnow.pipeline.models import resolve_model
-    from winnow.pipeline.store import UserError, atomic_write_json
+    from winnow.core.models import resolve_model
+    from winnow.core.store import UserError, atomic_write_json
 
     if not (gsm8k / SOLUTIONS).exists():
         raise UserError(f"GSM8K data not found at {gsm8k}: expected {SOLUTIONS}, train.jsonl, test.jsonl")
@@ -477,7 +477,7 @@ def main() -> None:
         print(f"{name:44s} {v:7.3f} {a:7d} {b:7d}")
     print("\nseconds: " + ", ".join(f"{k} {v:.1f}" for k, v in res["stage_seconds"].items()))
     print(f"prepare wall {wall:.1f}s")
-    from winnow.pipeline.store import atomic_write_json
+    from winnow.core.store import atomic_write_json
 
     atomic_write_json(
         REPO / "benchmarks" / "out" / f"curation_gsm8k{'_quick' if args.quick else ''}.json",

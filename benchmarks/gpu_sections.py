@@ -315,8 +315,8 @@ def build_llama(s: Section, attn: str = "sdpa"):
 def model_pass(s: Section) -> None:
     from gpu_check import kernels
 
+    from winnow.core.model_io import LoadedModel
     from winnow.kernels.chunked_head import LMHead
-    from winnow.stages.passes.model_io import LoadedModel
     from winnow.stages.passes.model_scoring import score_samples
 
     c = s.c
@@ -434,7 +434,7 @@ def train_step(s: Section) -> None:
 # ------------------------------------------------------------------------------------- 6. trainer step
 def _packed_batch(s: Section):
     """One packed micro-batch as the trainer lays it out: ragged samples, one row, restarting positions."""
-    from winnow.trainer.packing import layout_batch
+    from winnow.core.layout import layout_batch
 
     c = s.c
     rng = np.random.default_rng(3)
@@ -519,7 +519,7 @@ def trainer_step(s: Section) -> None:
 
 # ------------------------------------------------------------------------------------- 7. packer
 def packer(s: Section) -> None:
-    from winnow.kernels.packing_reference import pack_reference, stage
+    from winnow.core.layout import pack_varlen, stage
 
     c = s.c
     rng = np.random.default_rng(2)
@@ -542,10 +542,11 @@ def packer(s: Section) -> None:
         return out
 
     def torch_pack(dev: str):
-        p = pack_reference(*stage(offsets, ids, w, dev))
+        p = pack_varlen(*stage(offsets, ids, w, dev))
         return p.input_ids, p.position_ids, p.gather, p.targets, p.weights
 
-    def numpy_pack():
+    def numpy_pack():  # the trainer's path: trim on the host, lay out (the one packer on CPU), copy
+        from winnow.core.layout import layout_batch
         from winnow.trainer import packing as tp
 
         kept = [
@@ -553,7 +554,8 @@ def packer(s: Section) -> None:
             for t in (tp.trim(ids[a:b], w[a:b]) for a, b in zip(offsets[:-1], offsets[1:], strict=True))
             if t
         ]
-        x, pos, _, g, tg, wt = tp.pack_varlen([k[0] for k in kept], [k[1] for k in kept])
+        b = layout_batch([k[0] for k in kept], [k[1] for k in kept], "packed")
+        x, pos, g, tg, wt = b.input_ids[0], b.position_ids[0], b.gather, b.targets, b.weights
         return [torch.from_numpy(a).to(s.dev) for a in (x, pos, g, tg, wt)]
 
     if not s.path("torch_cpu", lambda: run("torch_cpu", lambda: torch_pack("cpu"), "cpu"), **fixed)["ok"]:

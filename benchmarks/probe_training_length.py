@@ -115,10 +115,10 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
+    from winnow.core.store import atomic_write_json
     from winnow.pipeline.builtin import tiny_model as tm
     from winnow.pipeline.builtin.demo_data import generate_demo
-    from winnow.pipeline.store import atomic_write_json
-    from winnow.trainer.step import train
+    from winnow.pipeline.train import train
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=128)

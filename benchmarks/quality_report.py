@@ -144,7 +144,7 @@ def main() -> None:
     ).fetchall()
     print("\nrejected at ingest (not scored): " + ", ".join(f"{k} {r} {n}" for k, r, n in rejected))
     out = Path(__file__).parent / "out"
-    from winnow.pipeline.store import atomic_write_json
+    from winnow.core.store import atomic_write_json
 
     atomic_write_json(
         out / f"quality_report_{args.models}.json",

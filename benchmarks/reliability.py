@@ -400,7 +400,7 @@ def _train_trials(work: Path, args) -> dict:
 
 
 def _writes_trial(work: Path) -> dict:
-    from winnow.pipeline.models import resolve_model
+    from winnow.core.models import resolve_model
 
     run = work / "tamper"
     if not (run / "selection").is_dir():

@@ -27,7 +27,7 @@ def per_row_nll(model, tok, rows: list[dict], batch: int = 32) -> list[tuple]:
     forward with right padding and an attention mask."""
     import torch
 
-    from winnow.pipeline.render import render_sample
+    from winnow.core.render import render_sample
 
     items = []
     for r in rows:
@@ -65,8 +65,8 @@ def measure(dirs: dict[str, Path], n_rows: int = 3000, per_kind: int = 120) -> d
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from winnow.core.render import RenderError, render_batch
     from winnow.pipeline.builtin.demo_data import generate_demo
-    from winnow.pipeline.render import RenderError, render_batch
 
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(dirs["tiny"])

@@ -20,7 +20,7 @@ the trainer and a future Triton kernel reuse it as the reference.
 
 Getting q and k out of a Hugging Face model during its normal forward (a pre-hook on the layer's
 attention module, its own projections, norms and rotary code) and checking the result against eager
-attention is :mod:`winnow.stages.passes.attention_capture`.
+attention is :mod:`winnow.core.attention_capture`.
 """
 
 from __future__ import annotations

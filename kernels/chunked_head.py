@@ -26,7 +26,7 @@ to 32 MiB. Smaller chunks are slower here: every chunk streams the whole ``(V, d
 
 The head reproduces the model's own logit post-processing: ``logits * scale`` (Cohere's
 ``logit_scale``; ``1 / logits_scaling`` for Granite) and then ``cap * tanh(logits / cap)`` (Gemma's
-``final_logit_softcapping``). :func:`winnow.stages.passes.model_io.check_head` verifies it against a full
+``final_logit_softcapping``). :func:`winnow.core.model_io.check_head` verifies it against a full
 forward when a model is loaded. The head always runs in fp32 (the weight is upcast once), whatever
 dtype the body ran in.
 """

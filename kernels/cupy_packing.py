@@ -1,8 +1,9 @@
 """The micro-batch packer as two CuPy ``RawKernel`` s on torch's current CUDA stream.
 
-Same inputs, outputs and semantics as :func:`winnow.kernels.packing_reference.pack_reference` (read
-that docstring). Steps, after :func:`~winnow.kernels.packing_reference.stage` has copied offsets, ids
-and weights to the device in one transfer from pinned memory:
+The GPU alternative of :func:`winnow.core.layout.pack_varlen` (the one packer: read its docstring), with
+the same signature and outputs (``trim=True``, the only mode here); tests compare the two. Steps, after
+:func:`~winnow.core.layout.stage` has copied offsets, ids and weights to the device in one transfer from
+pinned memory:
 
 1. ``trim_lengths`` (one thread per sample, scanning back from its end): the trimmed length, 0 for a
    sample without a weighted target.
@@ -28,7 +29,7 @@ import cupy
 import numpy as np
 import torch
 
-from winnow.kernels.packing_reference import Packed, pack_reference
+from winnow.kernels.packed import Packed, empty
 
 _SOURCE = r"""
 extern "C" __global__ void trim_lengths(const long long* offsets, const float* w, const int n_samples,
@@ -82,14 +83,17 @@ def _cp(t: torch.Tensor):
     return cupy.from_dlpack(t)
 
 
-def pack_cupy(offsets: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Packed:
+def pack_cupy(offsets: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, trim: bool = True) -> Packed:
     """Trim, pack and index one micro-batch already on a CUDA device (int64 offsets and ids, float32
-    weights, contiguous; see :func:`~winnow.kernels.packing_reference.stage`)."""
+    weights, contiguous; see :func:`~winnow.core.layout.stage`). ``trim`` must be true: whole samples are
+    the torch packer's job (the trainer's rows are trimmed before they are laid out)."""
+    if not trim:
+        raise ValueError("pack_cupy packs trimmed samples only (trim=True); use winnow.core.layout.pack_varlen")
     trim_k, scatter_k = _kernels()
     dev = ids.device
     n_samples, n_tokens = offsets.numel() - 1, ids.numel()
     if n_tokens == 0:
-        return pack_reference(offsets, ids, weights)
+        return empty(dev)
     trimmed = torch.empty(n_samples, dtype=torch.int64, device=dev)
     stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(dev).cuda_stream)
     with cupy.cuda.Device(dev.index), stream:

@@ -221,6 +221,30 @@ def calibrated_gradient(g: torch.Tensor) -> torch.Tensor:
     return (g64 - (g64.sum() - g64) / (n - 1)).to(g.dtype)
 
 
+def _operands_checked(
+    targets: ArrayLike, candidates: ArrayLike, dtype: torch.dtype, dev
+) -> tuple[torch.Tensor, _Rows]:
+    """Targets as float64 on ``dev`` and the candidates' row reader, shapes checked."""
+    x = targets if isinstance(targets, torch.Tensor) else torch.from_numpy(np.array(targets))
+    x = x.to(device=dev, dtype=torch.float64)
+    rows = _Rows(candidates, dtype, dev)
+    if x.ndim != 2 or x.shape[1] != rows.d:
+        raise ValueError(
+            f"targets must be (n, {rows.d}) to match candidates (N, {rows.d}), got {tuple(x.shape)}"
+        )
+    if x.shape[0] < 1 or rows.n < 2:
+        raise ValueError(f"need at least 1 target and 2 candidates, got {x.shape[0]} and {rows.n}")
+    return x, rows
+
+
+def _warm_start(x: torch.Tensor, rows: _Rows, m: int, seed: int, **solve) -> SinkhornResult:
+    """The solve on ``m`` seeded random candidates whose ``f`` initialises the full solve."""
+    idx = np.sort(np.random.default_rng(seed).choice(rows.n, size=m, replace=False))
+    data = rows.data
+    sub = data[torch.from_numpy(idx).to(data.device)] if isinstance(data, torch.Tensor) else data[idx]
+    return sinkhorn_potentials(x, sub, **solve)
+
+
 def sinkhorn_potentials(
     targets: ArrayLike,
     candidates: ArrayLike,
@@ -250,15 +274,7 @@ def sinkhorn_potentials(
     _check_options(dtype, tol, max_iter, warm_start, omega)
     start_time = time.perf_counter()
     dev = _resolve_device(targets, candidates, device)
-    x = targets if isinstance(targets, torch.Tensor) else torch.from_numpy(np.array(targets))
-    x = x.to(device=dev, dtype=torch.float64)
-    rows = _Rows(candidates, dtype, dev)
-    if x.ndim != 2 or x.shape[1] != rows.d:
-        raise ValueError(
-            f"targets must be (n, {rows.d}) to match candidates (N, {rows.d}), got {tuple(x.shape)}"
-        )
-    if x.shape[0] < 1 or rows.n < 2:
-        raise ValueError(f"need at least 1 target and 2 candidates, got {x.shape[0]} and {rows.n}")
+    x, rows = _operands_checked(targets, candidates, dtype, dev)
     chunk = min(chunk_size or _auto_chunk(x.shape[0], dtype), rows.n)
     with _compute_settings(num_threads, work=float(chunk) * x.shape[0] * rows.d), torch.no_grad():
         mu = x.mean(0)
@@ -275,13 +291,8 @@ def sinkhorn_potentials(
         f0, warm_iters, omega0 = init_f, 0, omega
         if f0 is None and warm_start is not None and warm_start < rows.n:
             # f lives on the targets: solve on a random subsample first, then polish on everything
-            idx = np.sort(np.random.default_rng(seed).choice(rows.n, size=warm_start, replace=False))
-            data = rows.data
-            sub = data[torch.from_numpy(idx).to(data.device)] if isinstance(data, torch.Tensor) else data[idx]
-            pre = sinkhorn_potentials(
-                x, sub, eps=eps_abs, tol=tol, max_iter=max_iter, omega=omega, chunk_size=chunk,
-                dtype=dtype, device=dev, num_threads=num_threads,
-            )  # fmt: skip
+            pre = _warm_start(x, rows, warm_start, seed, eps=eps_abs, tol=tol, max_iter=max_iter, omega=omega,
+                              chunk_size=chunk, dtype=dtype, device=dev, num_threads=num_threads)  # fmt: skip
             f0, warm_iters = pre.f, pre.iterations
             omega0 = pre.omega if omega == "auto" and pre.omega != 1.0 else omega  # same geometry, same rate
         result = _solve(xc, rows, mu.to(dtype), yy, eps_abs, tol, max_iter, omega0, f0, chunk)

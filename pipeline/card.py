@@ -32,31 +32,20 @@ import json
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from winnow.pipeline.inspect_run import open_views
-from winnow.pipeline.store import RunDir, UserError, atomic_write_bytes
+from winnow.core.store import RunDir, UserError, atomic_write_bytes
+from winnow.core.views import open_views
+from winnow.pipeline.card_sections import md_table
 
 MAX_META_VALUES = 20  # a meta_ column with more distinct values is an identifier, not a category
 TOP_TOKENS = 15
 MAX_POINTS = 20_000  # EU-plane scatter: a reservoir sample of at most this many samples
 SHARE_BINS = 20
 DUCKDB_MEMORY = "256MB"  # joins and sorts beyond this spill to a temporary folder
-
-
-def _md_table(header: list[str], rows: list[list[Any]]) -> str:
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def _save_png(fig, path: Path) -> None:
@@ -125,7 +114,7 @@ class _Card:
         rows = [["rows in", c.get("rows_in")], ["samples", c.get("samples")], ["rejects", c.get("rejects")]]
         rows += [[f"rejected: {k}", v] for k, v in sorted(c.get("rejects_by_reason", {}).items())]
         rows += [["truncated", c.get("truncated", 0)]]
-        self.md += [_md_table(["", "rows"], rows), ""]
+        self.md += [md_table(["", "rows"], rows), ""]
         self.md += [
             f"Tokenizer: `{entry.get('model')}` (fingerprint `{entry.get('tokenizer_fingerprint')}`).",
             "",
@@ -145,7 +134,7 @@ class _Card:
             self.md += [
                 "## Model passes",
                 "",
-                _md_table(["step", "model", "tokens", "tokens/s", "device"], rows),
+                md_table(["step", "model", "tokens", "tokens/s", "device"], rows),
                 "",
             ]
 
@@ -204,7 +193,7 @@ class _Card:
                     "",
                 ]
             rows = self.q(f"select reason, count(*), count_if(keep) from {view} group by 1 order by 2 desc")
-            self.md += [_md_table(["reason", "samples", "kept"], [list(r) for r in rows]), ""]
+            self.md += [md_table(["reason", "samples", "kept"], [list(r) for r in rows]), ""]
             for col in metas:
                 rows = self.q(
                     f'select s."{col}", count(*), count_if(t.keep), '
@@ -214,7 +203,7 @@ class _Card:
                 self.md += [
                     f"By `{col}`:",
                     "",
-                    _md_table([col, "samples", "kept", "weighted token share"], [list(r) for r in rows]),
+                    md_table([col, "samples", "kept", "weighted token share"], [list(r) for r in rows]),
                     "",
                 ]
             self._top_zeroed(view, name)
@@ -265,7 +254,7 @@ class _Card:
             self.md += [
                 "Supervised tokens of kept samples given weight 0 most often:",
                 "",
-                _md_table(["token", "times"], [[json.dumps(t), c] for t, c in rows]),
+                md_table(["token", "times"], [[json.dumps(t), c] for t, c in rows]),
                 "",
             ]
 
@@ -350,7 +339,7 @@ class _Card:
         ax.set_ylabel("loss (nats/token)")
         ax.legend(fontsize=7)
         header = ["run", "steps", "eval_loss before", "eval_loss after", "model"]
-        self.md += ["## Training", "", _md_table(header, rows), ""]
+        self.md += ["## Training", "", md_table(header, rows), ""]
         self.md += self._plot(fig, "training.png", "Training and held-out loss per step")
 
     def _plot(self, fig, filename: str, caption: str) -> list[str]:
@@ -458,7 +447,7 @@ def write_card(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not run.table("samples").exists():
         raise UserError(f"{run.root} has no samples: run `winnow ingest` (or a recipe) first")
     if out:  # RUN/card is the card's own place; anything else in (or around) the run is an input
-        from winnow.pipeline.write_guard import refuse_run_overlap
+        from winnow.core.write_guard import refuse_run_overlap
 
         refuse_run_overlap(run.root, out, "--out", allow=(run.root / "card",))
     card = _Card(run, Path(out) if out else run.root / "card")

@@ -10,7 +10,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from winnow.pipeline.card import _md_table
+
+def md_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table (the card and its sections share it; it lives here so card -> sections is one-way)."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def eu_plane(card: Any, spec: Any) -> list[str]:
@@ -21,7 +32,7 @@ def eu_plane(card: Any, spec: Any) -> list[str]:
     return [
         "### EU plane (Q-Tuning)",
         "",
-        _md_table(["quadrant", "samples", "kept", "median PPL", "median entropy"], [list(r) for r in rows]),
+        md_table(["quadrant", "samples", "kept", "median PPL", "median entropy"], [list(r) for r in rows]),
         "",
         *card._eu_kept_by(),
         *card._eu_plot(),  # the image link: the plot was written but not linked before
@@ -36,7 +47,7 @@ def _per_sample(card: Any, stage: str, col: str) -> list[str]:
     return [
         f"### {stage}: `{col}` per sample",
         "",
-        _md_table(["scored", "min", "p10", "median", "p90", "max"], [list(r)]),
+        md_table(["scored", "min", "p10", "median", "p90", "max"], [list(r)]),
         "",
     ]
 
@@ -51,7 +62,7 @@ def critical_tokens(card: Any, spec: Any) -> list[str]:
 
 def dv4llm(card: Any, spec: Any) -> list[str]:
     rows = card.q("select role, count(*), count_if(selected) from scores_dv4llm group by 1 order by 1")
-    return ["### DV4LLM", "", _md_table(["role", "samples", "selected"], [list(r) for r in rows]), ""]
+    return ["### DV4LLM", "", md_table(["role", "samples", "selected"], [list(r) for r in rows]), ""]
 
 
 def generic(card: Any, spec: Any) -> list[str]:
@@ -68,4 +79,4 @@ def generic(card: Any, spec: Any) -> list[str]:
         )[0]
         header += ["scored tokens", "kept tokens"]
         values += [scored, kept]
-    return [f"### {spec.name}", "", spec.help, "", _md_table(header, [values]), ""]
+    return [f"### {spec.name}", "", spec.help, "", md_table(header, [values]), ""]

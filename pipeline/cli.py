@@ -14,9 +14,9 @@ from typing import Annotated
 
 import typer
 
+from winnow.core.params import build_params, parse_sets
+from winnow.core.store import UserError
 from winnow.pipeline import steps as registry
-from winnow.pipeline.params import build_params, parse_sets
-from winnow.pipeline.store import UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -48,8 +48,8 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="step parameter 
 
 
 def _run_step(step_name: str, run_dir: str, values: dict, create: bool = False) -> dict:
-    from winnow.pipeline.lock import run_lock
-    from winnow.pipeline.store import RunDir
+    from winnow.core.lock import run_lock
+    from winnow.core.store import RunDir
 
     step = registry.get_step(step_name)
     params = build_params(step.params, values, where=f"winnow {step_name}")
@@ -189,7 +189,7 @@ def select(
     sets: SetOpt = None,
 ) -> None:
     """Turn scores into a keep flag per sample and a weight per token: selection/<name>/."""
-    from winnow.pipeline.always_keep import split_texts
+    from winnow.core.always_keep import split_texts
 
     values: dict = {"policy": policy, **parse_sets(sets, "select")}
     values |= {k: v for k, v in {"name": name, "tokens": tokens, "keep": keep}.items() if v is not None}
@@ -252,8 +252,8 @@ def show(
     """Show one sample token by token: weight or score as colour, dropped tokens struck through."""
     from rich.console import Console
 
+    from winnow.core.store import RunDir
     from winnow.pipeline.show import check_html_path, load_view, render_terminal, write_html
-    from winnow.pipeline.store import RunDir
 
     check_html_path(run_dir, html_out)
     view = load_view(RunDir(run_dir), sample_id, selection, score)
@@ -325,19 +325,15 @@ def train(
 ) -> None:
     """Train a model on a selection (or an export): token-weighted, packed, resumable, torchrun-ready."""
     from winnow.trainer.config import TrainParams
-    from winnow.trainer.step import train as train_model
 
     flags = {"selection": selection, "data": data, "model": model, "name": name, "out": out}
     values = parse_sets(sets, "train") | {k: v for k, v in flags.items() if v is not None}
-    params = build_params(TrainParams, values, where="winnow train")
-    if run_dir is None:
-        entry = train_model(params, run_dir)
-    else:  # one writer per run, as for every other step
-        from winnow.pipeline.lock import run_lock
-        from winnow.pipeline.store import RunDir
+    if run_dir is None:  # an export: no run to lock or record into
+        from winnow.pipeline.train import train as train_export
 
-        with run_lock(RunDir(run_dir), f"train:{name or selection or 'default'}"):
-            entry = train_model(params, run_dir)
+        entry = train_export(build_params(TrainParams, values, where="winnow train"), None)
+    else:  # the same step runner (and run lock) as every other verb
+        entry = _run_step("train", run_dir, values)
     if os.environ.get("RANK", "0") != "0":  # torchrun: one report, from rank 0
         return
     if entry.get("skipped"):
@@ -353,7 +349,7 @@ def train(
 @app.command()
 def steps() -> None:
     """List the steps a recipe can name, with their parameters and defaults."""
-    from winnow.pipeline.params import flat_defaults
+    from winnow.core.params import flat_defaults
 
     for name in registry.available_steps():
         step = registry.get_step(name)

@@ -33,8 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from winnow.pipeline.store import RunDir, UserError, fsync_dir, fsync_tree
-from winnow.pipeline.write_guard import refuse_run_overlap
+from winnow.core.store import RunDir, UserError, fsync_dir, fsync_tree
+from winnow.core.write_guard import refuse_run_overlap
 
 FORMATS = ("jsonl", "parquet", "hf")
 

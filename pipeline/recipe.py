@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from winnow.pipeline.params import build_params
+from winnow.core.params import build_params
+from winnow.core.store import RunDir, UserError, atomic_write_json
 from winnow.pipeline.steps import Step, check_order, get_step, spec
-from winnow.pipeline.store import RunDir, UserError, atomic_write_json
 
 
 @dataclass
@@ -84,7 +84,7 @@ def with_models(recipe: Recipe, models: dict[str, str]) -> Recipe:
 
 
 def run_loaded(recipe: Recipe, run_dir: str | None = None) -> dict[str, Any]:
-    from winnow.pipeline.lock import run_lock
+    from winnow.core.lock import run_lock
 
     run = RunDir(run_dir or recipe.run_dir, create=True)
     with run_lock(run, f"recipe {recipe.path.name}"):  # one writer for the whole recipe

@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from winnow.pipeline.store import RunDir, UserError, atomic_write_bytes
+from winnow.core.store import RunDir, UserError, atomic_write_bytes
 
 SCORE_COLUMNS = ("token_score", "token_p_ce", "token_criticality", "rel")  # first present is shown
 

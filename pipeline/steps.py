@@ -1,10 +1,8 @@
-"""The registry of steps a recipe or the CLI can run, declared once and read by everything else.
+"""The registry of steps a recipe or the CLI can run: winnow's own steps, registered once here (the roof).
 
-Each step is a light :class:`StepSpec`: its kind (``ingest``, ``model_pass``, ``stage``,
-``selection``, ``training``), the module holding its runnable :class:`Step` (imported only when the
-step is used, so `winnow --help` and `winnow inspect` never import torch), the tables it reads and
-writes as patterns resolved from its parameters (``signals/{history}``), the columns of its output
-that other steps rely on (``keep``, ``reason``, ``token_keep``), and its data-card section.
+The table and its questions live on the ground floor (:mod:`winnow.core.steps`, re-exported here for the
+roof's readers); this module registers the steps and is the one that imports a step's module, only when
+the step is used (:func:`get_step`), so `winnow --help` and `winnow inspect` never import torch.
 
 Derived from the registry rather than listed by hand: the `winnow score` stage list and help
 (:func:`score_stages`, ``SCORE_STAGES``), the selection policies (:func:`selection_policies`) and
@@ -24,136 +22,53 @@ import importlib
 import re
 import string
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from winnow.pipeline.errors import UserError
+from winnow.core.errors import UserError
+from winnow.core.steps import (  # noqa: F401  (re-exported: the roof's readers ask the registry here)
+    KINDS,
+    REGISTRY,
+    Ref,
+    Step,
+    StepSpec,
+    _fields,
+    register,
+    score_stages,
+    selection_policies,
+    spec,
+    token_sources,
+    unregister,
+    writes_column,
+)
 
-KINDS = ("ingest", "model_pass", "stage", "selection", "training")
-
-
-@dataclass(frozen=True)
-class Step:
-    """A unit of a pipeline: validated parameters in, committed tables out.
-
-    ``run(run_dir, params)`` does the work, skipping shards already committed with the same
-    fingerprint, and returns the manifest entry for the step (counts, timings, outputs).
-    """
-
-    name: str
-    params: type
-    run: Callable[[Any, Any], dict[str, Any]]
-    help: str = ""
-
-
-@dataclass(frozen=True)
-class Ref:
-    """A table a step reads or writes: a pattern over its parameters, present only ``when`` true."""
-
-    pattern: str
-    when: Callable[[Any], bool] | None = None
-
-    def resolve(self, params: Any) -> str | None:
-        if self.when is not None and not self.when(params):
-            return None
-        return self.pattern.format_map({k: getattr(params, k) for k in _fields(self.pattern)})
-
-
-TableDecl = str | Ref | Callable[[Any], Iterable[str]]
+# the modules the entries below name (imported only by `get_step`): arrows the import graph sees
+if TYPE_CHECKING:
+    import winnow.core.ingest
+    import winnow.pipeline.card_sections
+    import winnow.pipeline.train
+    import winnow.stages.critical_tokens
+    import winnow.stages.dv4llm
+    import winnow.stages.eu_plane
+    import winnow.stages.excess_loss
+    import winnow.stages.passes.contrast_pass
+    import winnow.stages.passes.model_pass
+    import winnow.stages.select_policy
+    import winnow.stages.sstoken  # noqa: F401
 
 
-def _fields(pattern: str) -> list[str]:
-    return [f for _, f, _, _ in string.Formatter().parse(pattern) if f]
-
-
-def _resolve(decls: tuple[TableDecl, ...], params: Any) -> list[str]:
-    out: list[str] = []
-    for d in decls:
-        if isinstance(d, str):
-            d = Ref(d)
-        if isinstance(d, Ref):
-            name = d.resolve(params)
-            out += [name] if name else []
-        else:
-            out += list(d(params))
-    return list(dict.fromkeys(out))
-
-
-def _online_records(p: Any) -> list[str]:
-    """``record_weights=true``: one ``selection/online-<name>-epoch<E>`` per epoch (trainer.online_record;
-    fewer when ``max_steps`` ends training early)."""
-    online = getattr(p, "online", None)
-    if online is None or not online.record_weights or online.policy == "none":
-        return []
-    name = p.name or p.selection or "all"
-    return [f"selection/online-{name}-epoch{e}" for e in range(1, p.epochs + 1)]
-
-
-@dataclass(frozen=True)
-class StepSpec:
-    """One registry line. ``module`` holds ``STEP``; ``card`` is ``"module:function"`` called as
-    ``function(card, spec) -> list[str]`` (None for a stage: the generic section)."""
-
-    name: str
-    kind: str
-    module: str
-    reads: tuple[TableDecl, ...] = ()
-    writes: tuple[TableDecl, ...] = ()
-    columns: tuple[str, ...] = ()  # columns of the first written table other steps rely on
-    key_pattern: str | Callable[[Any], str] = ""  # manifest key; default "<kind>:<name>" ("stage:eu_plane")
-    card: str | None = None
-    help: str = ""
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"step {self.name!r}: kind={self.kind!r} is not one of {list(KINDS)}")
-
-    def tables_read(self, params: Any) -> list[str]:
-        return _resolve(self.reads, params)
-
-    def tables_written(self, params: Any) -> list[str]:
-        return _resolve(self.writes, params)
-
-    def key(self, params: Any) -> str:
-        """The step's key in ``manifest.json``: ``<kind>`` or ``<kind>:<instance>``."""
-        if callable(self.key_pattern):
-            return self.key_pattern(params)
-        pattern = self.key_pattern or f"{self.kind}:{self.name}"
-        return pattern.format_map({k: getattr(params, k) for k in _fields(pattern)})
-
-    def load(self) -> Step:
-        try:
-            mod = importlib.import_module(self.module)
-        except ModuleNotFoundError as e:
-            if e.name == self.module:
-                raise UserError(f"step {self.name!r} is not available in this version of winnow") from None
-            raise
-        return mod.STEP
-
-
-REGISTRY: dict[str, StepSpec] = {}
-
-
-def register(spec: StepSpec, *, replace: bool = False) -> StepSpec:
-    """Add a step to the registry (the CLI, recipes, selection and the card see it at once)."""
-    if spec.name in REGISTRY and not replace:
-        raise ValueError(f"step {spec.name!r} is already registered")
-    REGISTRY[spec.name] = spec
-    return spec
-
-
-def unregister(name: str) -> None:
-    REGISTRY.pop(name, None)
-
-
-def spec(name: str) -> StepSpec:
-    if name not in REGISTRY:
-        raise UserError(f"unknown step {name!r}; known steps: {sorted(REGISTRY)}")
-    return REGISTRY[name]
+def load(s: StepSpec) -> Step:
+    """The runnable step of ``s``: its module is imported here, when the step is first used."""
+    try:
+        mod = importlib.import_module(s.module)
+    except ModuleNotFoundError as e:
+        if e.name == s.module:
+            raise UserError(f"step {s.name!r} is not available in this version of winnow") from None
+        raise
+    return mod.STEP
 
 
 def get_step(name: str) -> Step:
-    return spec(name).load()
+    return load(spec(name))
 
 
 def available_steps() -> list[str]:
@@ -165,25 +80,6 @@ def available_steps() -> list[str]:
             continue
         out.append(name)
     return out
-
-
-def score_stages() -> list[str]:
-    """The scoring stages, callable as `winnow score DIR STAGE`, in registry order."""
-    return [s.name for s in REGISTRY.values() if s.kind == "stage"]
-
-
-def writes_column(stage: str, column: str) -> bool:
-    s = REGISTRY.get(stage)
-    return s is not None and column in s.columns
-
-
-def token_sources() -> list[str]:
-    """`select --tokens` values: every supervised token, each stage's ``token_keep``, cDPO's p_CE."""
-    return ["loss_mask", *(s for s in score_stages() if writes_column(s, "token_keep")), "p_ce"]
-
-
-def selection_policies() -> list[str]:
-    return [*score_stages(), "all", "sql"]
 
 
 def card_sections() -> list[tuple[StepSpec, Callable[[Any, StepSpec], list[str]] | None]]:
@@ -226,7 +122,7 @@ def _provider(table: str) -> str:
     if not candidates:
         return "no registered step writes it"
     _, s, values = min(candidates, key=lambda c: c[0])  # a literal pattern beats a placeholder
-    defaults = {f.name: f.default for f in dataclasses.fields(s.load().params)}
+    defaults = {f.name: f.default for f in dataclasses.fields(load(s).params)}
     given = [f"{k} = {v}" for k, v in values.items() if defaults.get(k) != v]
     article = "an" if s.name[0] in "aeiou" else "a"
     return f"add {article} {s.name}" + (f" with {', '.join(given)}" if given else " step") + " before it"
@@ -245,6 +141,16 @@ def check_order(steps: list[tuple[str, Any]], existing: Iterable[str], where: st
                     "(no earlier step writes it and the run does not hold it)"
                 )
         have |= set(s.tables_written(params))
+
+
+def _online_records(p: Any) -> list[str]:
+    """``record_weights=true``: one ``selection/online-<name>-epoch<E>`` per epoch (trainer.online_record;
+    fewer when ``max_steps`` ends training early)."""
+    online = getattr(p, "online", None)
+    if online is None or not online.record_weights or online.policy == "none":
+        return []
+    name = p.name or p.selection or "all"
+    return [f"selection/online-{name}-epoch{e}" for e in range(1, p.epochs + 1)]
 
 
 # ---- the registry --------------------------------------------------------------------------------
@@ -273,7 +179,7 @@ for _spec in (
     StepSpec(
         "ingest",
         "ingest",
-        "winnow.pipeline.ingest",
+        "winnow.core.ingest",
         writes=("{table}", Ref("rejects", _is_samples), Ref("vocab", _is_samples)),
         key_pattern=lambda p: "ingest" if p.table == "samples" else f"ingest:{p.table}",
         help="Local files -> samples/ and rejects/ tables, tokenized with the model's chat template.",
@@ -357,7 +263,7 @@ for _spec in (
     StepSpec(
         "train",
         "training",
-        "winnow.trainer.step",
+        "winnow.pipeline.train",
         reads=("samples", Ref("selection/{selection}", lambda p: bool(p.selection))),
         writes=(_online_records,),
         key_pattern=lambda p: f"train:{p.name or p.selection or 'all'}",

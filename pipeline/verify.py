@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from winnow.pipeline.store import MANIFEST, VERIFY, RunDir
+from winnow.core.store import MANIFEST, VERIFY, RunDir
 from winnow.pipeline.verify_counts import manifest_problems
 
 

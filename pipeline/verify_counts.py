@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from winnow.pipeline.store import MANIFEST, RunDir, plan_digest
+from winnow.core.store import MANIFEST, RunDir, plan_digest
 
 
 def _table_of(key: str, entry: dict[str, Any], tables: set[str]) -> str | None:

@@ -44,8 +44,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from winnow.pipeline.steps import Step
-from winnow.pipeline.store import RunDir, UserError
+from winnow.core.steps import Step
+from winnow.core.store import RunDir, UserError
 from winnow.stages import stage_io as io
 from winnow.stages.critical_tokens_math import CriticalResult, critical_token_scores  # noqa: F401
 
@@ -106,11 +106,8 @@ def _reason(correct: bool, labelled: bool) -> str:
     return "unlabelled" if not labelled else ("correct" if correct else "incorrect")
 
 
-def run_critical_tokens(run: RunDir, params: CriticalTokensParams) -> dict:
-    import torch
-
-    started = time.time()
-    parts = io.samples_parts(run)
+def _check_inputs(run: RunDir, params: CriticalTokensParams, parts) -> str:
+    """The label column and the contrast signals exist (exit 2 naming the fix); the signals table."""
     samples_schema = run.table(io.SAMPLES).schema()
     names = samples_schema.names if samples_schema is not None else []
     if params.label not in names:
@@ -125,6 +122,64 @@ def run_critical_tokens(run: RunDir, params: CriticalTokensParams) -> dict:
     schema = table.schema()
     if schema is None or "p_ce" not in schema.names:
         raise UserError(f"{signals} has no p_ce column; produce it with `{hint}`")
+    return signals
+
+
+def _shard_table(shard, params: CriticalTokensParams, key: tuple[str, str]) -> pa.Table:
+    import torch
+
+    correct, labelled = parse_labels(shard.samples.column(params.label), f"samples.{params.label}")
+    mask_np = shard.valid(key)
+    p_ce = shard.signals[key]
+    res = critical_token_scores(
+        torch.from_numpy(p_ce),
+        torch.from_numpy(mask_np),
+        torch.from_numpy(correct),
+        params.threshold,
+        torch.from_numpy(labelled),
+    )
+    n_sup = mask_np.sum(1)
+    has = n_sup > 0
+    p_masked = np.where(mask_np, p_ce, 0.0)
+    critical = res.critical.numpy()
+    incorrect = labelled & ~correct
+    token_keep_valid = mask_np & labelled[:, None]
+    return pa.table(
+        {
+            "sample_id": shard.sample_id,
+            "is_correct": pa.array(correct, type=pa.bool_(), mask=~labelled),
+            "keep": pa.array(res.keep_sample.numpy(), type=pa.bool_(), mask=~labelled),
+            "reason": pa.array([_reason(c, lab) for c, lab in zip(correct, labelled, strict=True)]),
+            "n_supervised": pa.array(n_sup, type=pa.int32()),
+            "n_critical": pa.array(critical.sum(1), type=pa.int32(), mask=~incorrect),
+            "mean_p_ce": pa.array(
+                np.where(has, p_masked.sum(1) / np.maximum(n_sup, 1), np.nan),
+                type=pa.float64(),
+                from_pandas=True,
+            ),
+            "min_p_ce": pa.array(
+                np.where(has, np.where(mask_np, p_ce, np.inf).min(1, initial=np.inf), np.nan),
+                type=pa.float64(),
+                from_pandas=True,
+            ),
+            "token_p_ce": io.to_list_array(res.p_ce.numpy(), mask_np, shard.n_tokens, pa.float32()),
+            "token_criticality": io.to_list_array(
+                res.criticality.numpy(), mask_np & incorrect[:, None], shard.n_tokens, pa.float32()
+            ),
+            "token_critical": io.to_list_array(
+                critical, mask_np & incorrect[:, None], shard.n_tokens, pa.bool_()
+            ),
+            "token_keep": io.to_list_array(
+                res.token_keep.numpy(), token_keep_valid, shard.n_tokens, pa.bool_()
+            ),
+        }
+    )
+
+
+def run_critical_tokens(run: RunDir, params: CriticalTokensParams) -> dict:
+    started = time.time()
+    parts = io.samples_parts(run)
+    signals = _check_inputs(run, params, parts)
     key = (params.contrast, "p_ce")
     st = io.StageOutput(run, NAME, params, CODE_VERSION, started)
     io.drop_orphans(st.out, parts)
@@ -133,52 +188,7 @@ def run_critical_tokens(run: RunDir, params: CriticalTokensParams) -> dict:
         if st.skip_if_fresh(part, inputs):
             continue
         shard = io.read_shard(run, part, {params.contrast: ["p_ce"]}, sample_columns=[params.label])
-        correct, labelled = parse_labels(shard.samples.column(params.label), f"samples.{params.label}")
-        mask_np = shard.valid(key)
-        p_ce = shard.signals[key]
-        res = critical_token_scores(
-            torch.from_numpy(p_ce),
-            torch.from_numpy(mask_np),
-            torch.from_numpy(correct),
-            params.threshold,
-            torch.from_numpy(labelled),
-        )
-        n_sup = mask_np.sum(1)
-        has = n_sup > 0
-        p_masked = np.where(mask_np, p_ce, 0.0)
-        critical = res.critical.numpy()
-        incorrect = labelled & ~correct
-        token_keep_valid = mask_np & labelled[:, None]
-        table = pa.table(
-            {
-                "sample_id": shard.sample_id,
-                "is_correct": pa.array(correct, type=pa.bool_(), mask=~labelled),
-                "keep": pa.array(res.keep_sample.numpy(), type=pa.bool_(), mask=~labelled),
-                "reason": pa.array([_reason(c, lab) for c, lab in zip(correct, labelled, strict=True)]),
-                "n_supervised": pa.array(n_sup, type=pa.int32()),
-                "n_critical": pa.array(critical.sum(1), type=pa.int32(), mask=~incorrect),
-                "mean_p_ce": pa.array(
-                    np.where(has, p_masked.sum(1) / np.maximum(n_sup, 1), np.nan),
-                    type=pa.float64(),
-                    from_pandas=True,
-                ),
-                "min_p_ce": pa.array(
-                    np.where(has, np.where(mask_np, p_ce, np.inf).min(1, initial=np.inf), np.nan),
-                    type=pa.float64(),
-                    from_pandas=True,
-                ),
-                "token_p_ce": io.to_list_array(res.p_ce.numpy(), mask_np, shard.n_tokens, pa.float32()),
-                "token_criticality": io.to_list_array(
-                    res.criticality.numpy(), mask_np & incorrect[:, None], shard.n_tokens, pa.float32()
-                ),
-                "token_critical": io.to_list_array(
-                    critical, mask_np & incorrect[:, None], shard.n_tokens, pa.bool_()
-                ),
-                "token_keep": io.to_list_array(
-                    res.token_keep.numpy(), token_keep_valid, shard.n_tokens, pa.bool_()
-                ),
-            }
-        )
+        table = _shard_table(shard, params, key)
         st.commit(
             part, table, inputs, counts={"supervised_without_signal": shard.supervised_without_signal(key)}
         )

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from winnow.pipeline.steps import Step
-from winnow.pipeline.store import RunDir, UserError
+from winnow.core.steps import Step
+from winnow.core.store import RunDir, UserError
 from winnow.stages import stage_io as io
 from winnow.stages import topk
 
@@ -68,7 +68,7 @@ def condition_rows(run: RunDir, query: str, what: str) -> list[tuple]:
     """
     import duckdb
 
-    from winnow.pipeline.inspect_run import check_read_only, open_views
+    from winnow.core.views import check_read_only, open_views
 
     try:  # the condition is pasted into ``query``: `1=1; COPY ... TO` must not run
         check_read_only(query)
@@ -94,8 +94,8 @@ def _sql_targets(run: RunDir, condition: str) -> set[str]:
 
 
 def _ingest_targets(run: RunDir, path: str) -> list[str]:
-    from winnow.pipeline.ingest import STEP as INGEST
-    from winnow.pipeline.ingest import IngestParams
+    from winnow.core.ingest import STEP as INGEST
+    from winnow.core.ingest import IngestParams
 
     model = run.table("samples").schema().metadata.get(b"winnow.model", b"").decode()
     INGEST.run(run, IngestParams(inputs=[path], model=model, table="targets"))

@@ -66,8 +66,8 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 
-from winnow.pipeline.steps import Step
-from winnow.pipeline.store import RunDir
+from winnow.core.steps import Step
+from winnow.core.store import RunDir
 from winnow.stages import stage_io as io
 from winnow.stages import topk
 from winnow.stages.eu_plane_math import (  # noqa: F401  (re-exported: the stage's public array API)

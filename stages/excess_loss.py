@@ -46,8 +46,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from winnow.pipeline.steps import Step
-from winnow.pipeline.store import RunDir
+from winnow.core.steps import Step
+from winnow.core.store import RunDir
 from winnow.stages import stage_io as io
 from winnow.stages import topk
 from winnow.stages.excess_loss_math import excess_loss, excess_loss_select, refuse_zero_excess  # noqa: F401

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from winnow.pipeline.errors import UserError
+from winnow.core.errors import UserError
 from winnow.stages import topk
 
 if TYPE_CHECKING:

@@ -26,7 +26,7 @@ kept). Its reason is ``<policy>:<reason>`` of the first listed policy that dropp
 
 **Always-keep floor.** ``--always-keep "<|im_end|>,####"`` (``always_keep``) names texts whose tokens the
 token half never drops: at supervised positions whose ``input_id`` is one of their ids (tokenized with the
-samples' tokenizer, :mod:`winnow.pipeline.always_keep`), ``token_weight`` becomes at least the
+samples' tokenizer, :mod:`winnow.core.always_keep`), ``token_weight`` becomes at least the
 ``loss_mask`` value (1.0), in the samples the selection trains on (a dropped sample, or one with no token
 selected, stays dropped). Without it ssToken kept 1.9% of ``<|im_end|>`` and 0.6% of ``####`` and the
 fine-tuned model stopped answering (RESULTS.md, curation from the quality base). The texts and ids are
@@ -52,10 +52,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from winnow.pipeline import steps
-from winnow.pipeline.steps import Step
-from winnow.pipeline.store import RunDir, UserError
-from winnow.pipeline.write_guard import check_name, refuse_view_collision
+from winnow.core import steps
+from winnow.core.steps import Step
+from winnow.core.store import RunDir, UserError
+from winnow.core.write_guard import check_name, refuse_view_collision
 from winnow.stages import stage_io as io
 
 CODE_VERSION = "select/1"
@@ -69,7 +69,7 @@ class SelectParams:
     tokens: str = ""  # "" = the policy's own token half; else one of steps.token_sources()
     keep: str = ""  # policy=sql: a DuckDB boolean expression over the samples view
     keep_targets: bool = True  # policy=dv4llm: keep the target samples too
-    # texts whose tokens the token half never drops (winnow.pipeline.always_keep), e.g. <|im_end|>,####
+    # texts whose tokens the token half never drops (winnow.core.always_keep), e.g. <|im_end|>,####
     always_keep: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -266,7 +266,7 @@ def _always_keep(run: RunDir, p: SelectParams) -> tuple[np.ndarray | None, dict 
     them in every shard of the selection (``winnow.always_keep``: the texts and the ids)."""
     if not p.always_keep:
         return None, None
-    from winnow.pipeline import always_keep as ak
+    from winnow.core import always_keep as ak
 
     where = "select --always-keep (always_keep)"
     ids = ak.always_keep_ids(ak.run_tokenizer(run, where), p.always_keep, where)

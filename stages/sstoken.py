@@ -49,8 +49,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from winnow.pipeline.steps import Step
-from winnow.pipeline.store import RunDir, UserError
+from winnow.core.steps import Step
+from winnow.core.store import RunDir, UserError
 from winnow.stages import stage_io as io
 from winnow.stages.excess_loss_math import refuse_zero_excess
 from winnow.stages.sstoken_math import (  # noqa: F401  (re-exported: the stage's public array API)
@@ -105,17 +105,13 @@ def _check_models(run: RunDir, params: SSTokenParams) -> None:
     )
 
 
-def run_sstoken(run: RunDir, params: SSTokenParams) -> dict:
-    import torch
-
-    started = time.time()
-    parts = io.samples_parts(run)
-    use_rel, use_attn = params.gamma > 0, params.gamma < 1
+def _reads(run: RunDir, params: SSTokenParams, parts) -> dict[str, list[str]]:
+    """The signals ssToken reads per alias (checked present, attention anchored at the query)."""
     read: dict[str, list[str]] = {params.current: []}
-    if use_rel:
+    if params.gamma > 0:
         read[params.current].append("logprob")
         read[params.history] = ["logprob"]
-    if use_attn:
+    if params.gamma < 1:
         read[params.current].append("attn_importance")
     for alias, columns in read.items():
         table = io.require_signals(run, alias, columns, parts)
@@ -124,7 +120,55 @@ def run_sstoken(run: RunDir, params: SSTokenParams) -> dict:
                 f"signals/{alias}.attn_importance is anchored at {io.field_anchor(table, 'attn_importance')!r}; "
                 "ssToken pairs the attention row of query i with the loss of token i and needs anchor 'query'"
             )
+    return read
+
+
+def _shard_table(shard, params: SSTokenParams, keys, part) -> pa.Table:
+    import torch
+
+    use_rel, use_attn = params.gamma > 0, params.gamma < 1
+    mask_np = shard.valid(*keys)
+    mask = torch.from_numpy(mask_np)
+    zeros = torch.zeros(mask.shape, dtype=torch.float64)
+    nll_cur = -torch.from_numpy(shard.signals[(params.current, "logprob")]) if use_rel else zeros
+    nll_his = -torch.from_numpy(shard.signals[(params.history, "logprob")]) if use_rel else zeros
+    attn = torch.from_numpy(shard.signals[(params.current, "attn_importance")]) if use_attn else None
+    res = sstoken_select(nll_his, nll_cur, attn, mask, params.gamma, params.rho, params.attn_minmax)
+    rel = res.rel.numpy()
     if use_rel:
+        refuse_zero_excess(
+            int(mask_np.sum()),
+            int((rel[mask_np] != 0).sum()),
+            f"sstoken (signals/{params.history} vs signals/{params.current}, {io.part_name(part)})",
+            "Score a model that has moved away from the history model as current (or --set gamma=0).",
+        )
+    has = mask_np.any(1)
+    rel_min = np.where(has, np.where(mask_np, rel, np.inf).min(1, initial=np.inf), np.nan)
+    rel_max = np.where(has, np.where(mask_np, rel, -np.inf).max(1, initial=-np.inf), np.nan)
+    rel_valid = mask_np if use_rel else np.zeros_like(mask_np)
+    return pa.table(
+        {
+            "sample_id": shard.sample_id,
+            "n_supervised": pa.array(mask_np.sum(1), type=pa.int32()),
+            "n_token_keep": pa.array(res.keep.numpy().sum(1), type=pa.int32()),
+            "rel_min": pa.array(
+                rel_min if use_rel else np.full(len(has), np.nan), type=pa.float64(), from_pandas=True
+            ),
+            "rel_max": pa.array(
+                rel_max if use_rel else np.full(len(has), np.nan), type=pa.float64(), from_pandas=True
+            ),
+            "rel": io.to_list_array(rel, rel_valid, shard.n_tokens, pa.float32()),
+            "token_score": io.to_list_array(res.score.numpy(), mask_np, shard.n_tokens, pa.float32()),
+            "token_keep": io.to_list_array(res.keep.numpy(), mask_np, shard.n_tokens, pa.bool_()),
+        }
+    )
+
+
+def run_sstoken(run: RunDir, params: SSTokenParams) -> dict:
+    started = time.time()
+    parts = io.samples_parts(run)
+    read = _reads(run, params, parts)
+    if params.gamma > 0:
         _check_models(run, params)
     keys = [(alias, c) for alias, columns in read.items() for c in columns]
     tables = [io.SAMPLES, *(f"signals/{a}" for a in read)]
@@ -135,41 +179,7 @@ def run_sstoken(run: RunDir, params: SSTokenParams) -> dict:
         if st.skip_if_fresh(part, inputs):
             continue
         shard = io.read_shard(run, part, read)
-        mask_np = shard.valid(*keys)
-        mask = torch.from_numpy(mask_np)
-        zeros = torch.zeros(mask.shape, dtype=torch.float64)
-        nll_cur = -torch.from_numpy(shard.signals[(params.current, "logprob")]) if use_rel else zeros
-        nll_his = -torch.from_numpy(shard.signals[(params.history, "logprob")]) if use_rel else zeros
-        attn = torch.from_numpy(shard.signals[(params.current, "attn_importance")]) if use_attn else None
-        res = sstoken_select(nll_his, nll_cur, attn, mask, params.gamma, params.rho, params.attn_minmax)
-        rel = res.rel.numpy()
-        if use_rel:
-            refuse_zero_excess(
-                int(mask_np.sum()),
-                int((rel[mask_np] != 0).sum()),
-                f"sstoken (signals/{params.history} vs signals/{params.current}, {io.part_name(part)})",
-                "Score a model that has moved away from the history model as current (or --set gamma=0).",
-            )
-        has = mask_np.any(1)
-        rel_min = np.where(has, np.where(mask_np, rel, np.inf).min(1, initial=np.inf), np.nan)
-        rel_max = np.where(has, np.where(mask_np, rel, -np.inf).max(1, initial=-np.inf), np.nan)
-        rel_valid = mask_np if use_rel else np.zeros_like(mask_np)
-        table = pa.table(
-            {
-                "sample_id": shard.sample_id,
-                "n_supervised": pa.array(mask_np.sum(1), type=pa.int32()),
-                "n_token_keep": pa.array(res.keep.numpy().sum(1), type=pa.int32()),
-                "rel_min": pa.array(
-                    rel_min if use_rel else np.full(len(has), np.nan), type=pa.float64(), from_pandas=True
-                ),
-                "rel_max": pa.array(
-                    rel_max if use_rel else np.full(len(has), np.nan), type=pa.float64(), from_pandas=True
-                ),
-                "rel": io.to_list_array(rel, rel_valid, shard.n_tokens, pa.float32()),
-                "token_score": io.to_list_array(res.score.numpy(), mask_np, shard.n_tokens, pa.float32()),
-                "token_keep": io.to_list_array(res.keep.numpy(), mask_np, shard.n_tokens, pa.bool_()),
-            }
-        )
+        table = _shard_table(shard, params, keys, part)
         st.commit(
             part, table, inputs, counts={"supervised_without_signal": shard.supervised_without_signal(*keys)}
         )

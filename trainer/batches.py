@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from winnow.trainer.packing import MicroBatch, empty_batch, layout_batch, plan, step_batches
+from winnow.core.layout import MicroBatch, empty_batch, layout_batch
+from winnow.trainer.packing import plan, step_batches
 
 
 @dataclass(kw_only=True)

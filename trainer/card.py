@@ -8,11 +8,12 @@ from typing import Any
 
 def model_card(info: dict[str, Any]) -> str:
     src = info["source"]
-    data_line = (
-        f"export `{src['data']}` (sha256 {src['data_sha256']})"
-        if "data" in src
-        else f"run `{src['run']}`, selection `{src['selection']}` (digest `{src['selection_digest']}`)"
-    )
+    if "data" in src:
+        data_line = f"export `{src['data']}` (sha256 {src['data_sha256']})"
+    elif "run" in src:
+        data_line = f"run `{src['run']}`, selection `{src['selection']}` (digest `{src['selection_digest']}`)"
+    else:  # a caller of the trainer's leaf with rows of its own
+        data_line = f"{src.get('samples', 'some')} samples given to the trainer directly"
     evals = info.get("evals", {})
     first = evals.get(0)
     last = evals.get(max(evals)) if evals else None

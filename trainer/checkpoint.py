@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from winnow.pipeline.store import atomic_write_json, fsync_dir, fsync_tree
+from winnow.core.store import atomic_write_json, fsync_dir, fsync_tree
 from winnow.trainer.ckpt_integrity import refuse_nonfinite, write_sums
 
 PREFIX = "step-"

@@ -61,7 +61,7 @@ _FLAT_ORDER = ("online", "q_tuning", "rho1", "sstoken", "masked_thought", "recor
 
 @dataclass(kw_only=True)
 class TrainParams:
-    ALIASES = ALIASES  # read by winnow.pipeline.params.build_params
+    ALIASES = ALIASES  # read by winnow.core.params.build_params
 
     # what to train on and where (the CLI fills these from its flags)
     model: str = ""  # builtin:<name> or a local Hugging Face model directory

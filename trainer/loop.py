@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from winnow.core.layout import MicroBatch, empty_batch, layout_batch
 from winnow.trainer import checkpoint, ckpt_integrity
 from winnow.trainer.batches import BatchSource, Feed, PlannedBatches
 from winnow.trainer.config import TrainParams
@@ -34,7 +35,7 @@ from winnow.trainer.loss import WeightedLMLoss
 from winnow.trainer.method import TrainingMethod
 from winnow.trainer.metrics import Metrics, memory, mfu, peak_rss_mb  # noqa: F401  (re-exported)
 from winnow.trainer.optim import Optim, lr_factor  # noqa: F401  (re-exported)
-from winnow.trainer.packing import MicroBatch, empty_batch, layout_batch, plan
+from winnow.trainer.packing import plan
 
 FAULT_ENV = "WINNOW_FAULT_KILL_AFTER_STEPS"
 

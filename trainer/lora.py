@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from winnow.pipeline.errors import UserError
-from winnow.pipeline.models import ADAPTER_CONFIG, adapter_base, load_causal_lm  # noqa: F401  (re-exported)
+from winnow.core.errors import UserError
+from winnow.core.models import ADAPTER_CONFIG, adapter_base, load_causal_lm  # noqa: F401  (re-exported)
 from winnow.trainer.method import MethodContext, TrainingMethod
 
 if TYPE_CHECKING:

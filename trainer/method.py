@@ -36,8 +36,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from winnow.trainer.loss import LossTerm
-    from winnow.trainer.packing import MicroBatch
+    from winnow.core.layout import MicroBatch
 
 
 @dataclass(kw_only=True)
@@ -66,7 +65,7 @@ class TrainingMethod:
         """Before optimizer step ``step``: True after changing which parameters train."""
         return False
 
-    def loss_terms(self) -> list[LossTerm]:
+    def loss_terms(self) -> list[torch.nn.Module]:  # winnow.trainer.loss.LossTerm (not imported: loss imports this seam's users)
         return []
 
     def forward_change(self, batch: MicroBatch, model: torch.nn.Module) -> contextlib.AbstractContextManager:

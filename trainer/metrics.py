@@ -42,7 +42,7 @@ class Metrics:
     def truncate_after(self, step: int) -> None:
         if not (self.main and self.path.exists()):
             return
-        from winnow.pipeline.store import atomic_write_bytes
+        from winnow.core.store import atomic_write_bytes
 
         keep = [
             ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step

@@ -15,7 +15,7 @@ source draws the mini-batch (the policy's ``batch_size`` samples per rank, 8 by 
 per-device batch, in its seeded order, before packing), fills the signals the policy needs, applies the
 decision and then trims and packs the kept samples as usual.
 ``always_keep`` (``--set always_keep="<|im_end|>,####"``, any policy) then puts those tokens back where
-the policy dropped them (:func:`always_keep`; why: :mod:`winnow.pipeline.always_keep`).
+the policy dropped them (:func:`always_keep`; why: :mod:`winnow.core.always_keep`).
 
 Masked Thought (ALGORITHMS.md §7.1) is input-side noise, not a selection: :func:`masked_thought_inputs`
 replaces response *input* tokens with probability ``p`` (ramped as the authors' trainer does) in the
@@ -25,17 +25,9 @@ training forward only; the scoring forwards see the unmasked inputs and the labe
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-
-from winnow.trainer.online_params import (  # noqa: F401  (re-exported)
-    POLICY_NAMES,
-    MaskedThoughtParams,
-    OnlineParams,
-    QTuningOnline,
-    Rho1Online,
-    SSTokenOnline,
-)
 
 
 # ---- the mini-batch a policy sees and what it returns ---------------------------------------------------
@@ -72,12 +64,12 @@ def decision(
     return Decision(keep, weight, {**stats, **(extra or {})}, reason)
 
 
-def needs(params: OnlineParams) -> set[str]:
+def needs(params: Any) -> set[str]:  # params: winnow.trainer.online_params.OnlineParams
     """Which signals the trainer must compute for the chosen policy."""
     return params.chosen.needs() if params.selects else set()
 
 
-def apply_policy(s: Scored, params: OnlineParams) -> Decision:
+def apply_policy(s: Scored, params: Any) -> Decision:  # params: online_params.OnlineParams
     """The policy's decision on this mini-batch, then the ``always_keep`` floor (before trimming/packing)."""
     if not params.selects:
         return decision(s.mask, s)
@@ -88,7 +80,7 @@ def apply_policy(s: Scored, params: OnlineParams) -> Decision:
 def always_keep(d: Decision, s: Scored, ids: tuple[int, ...]) -> Decision:
     """Supervised tokens whose id is in ``ids`` train with the selection's weight (as if the policy had kept
     them) in every sample the decision trains on; a dropped sample stays dropped (the offline floor's rule,
-    :mod:`winnow.pipeline.always_keep`)."""
+    :mod:`winnow.core.always_keep`)."""
     if s.ids is None:
         raise ValueError("always_keep needs the mini-batch's input ids (Scored.ids)")
     hit = torch.isin(s.ids, torch.as_tensor(ids, dtype=s.ids.dtype))
@@ -98,7 +90,7 @@ def always_keep(d: Decision, s: Scored, ids: tuple[int, ...]) -> Decision:
 
 
 # ---- Masked Thought ------------------------------------------------------------------------------------
-def masked_thought_rate(p: MaskedThoughtParams, step: int, max_steps: int) -> float:
+def masked_thought_rate(p: Any, step: int, max_steps: int) -> float:  # p: online_params.MaskedThoughtParams
     """The authors' ramp: ``min(p, p * step / (max_steps * warmup + 1))`` (0 -> p over warmup)."""
     if p.p == 0.0:
         return 0.0

@@ -47,10 +47,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from winnow.core.layout import MicroBatch, empty_batch, layout_batch
 from winnow.trainer import online as ol
 from winnow.trainer.batches import BatchSource, Feed
+from winnow.trainer.online_params import OnlineParams
 from winnow.trainer.online_scorer import EMA_FILE, Scorer, score_rows  # noqa: F401  (re-exported)
-from winnow.trainer.packing import MicroBatch, empty_batch, layout_batch, plan, trim
+from winnow.trainer.packing import plan, trim
 
 
 def _max_over_ranks(value: int, device) -> int:
@@ -77,7 +79,7 @@ class OnlineBatches(BatchSource):
     def __init__(
         self,
         feed: Feed,
-        op: ol.OnlineParams,
+        op: OnlineParams,
         model: Any,
         head: tuple[float, float | None],
         *,

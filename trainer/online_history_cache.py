@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from winnow.pipeline.errors import UserError
+from winnow.core.errors import UserError
 
 FILE = "history_cache.safetensors"
 

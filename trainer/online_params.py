@@ -50,7 +50,7 @@ class OnlineParams:
     # texts whose tokens a policy never drops where supervised, e.g. "<|im_end|>,####" (issue 15)
     always_keep: list[str] = field(default_factory=list)
     # always_keep as token ids of the model's tokenizer: filled by the trainer, which holds the tokenizer
-    # (winnow.pipeline.always_keep); never a --set key
+    # (winnow.core.always_keep); never a --set key
     always_keep_ids: tuple[int, ...] = field(default=(), metadata={"internal": True})
 
     def __post_init__(self) -> None:

@@ -3,7 +3,8 @@
 With an online policy the weights a sample trains with are decided at the step that draws it, by the
 model of that step; they exist nowhere else. The recorder keeps them as the policy returns them (after
 trimming, exactly what reaches the loss: index 0 and every dropped token at 0) and, at the end of each
-epoch, writes ``selection/online-<name>-epoch<E>`` into the run (``<name>`` is the training run's name,
+epoch, writes ``selection/online-<name>-epoch<E>`` into the run through the dataset's sink (the roof's
+:func:`winnow.pipeline.train.online_sink`; ``<name>`` is the training run's name,
 ``E`` counts from 1) with the offline selections' contract (docs/CONTRACTS.md, "Selections"): one row per
 sample of ``samples/``, shard by shard, ``sample_id``, ``keep``, ``reason``, ``policy``
 (``online:<policy>``), ``n_supervised``, ``n_weighted``, ``weight_sum``, ``token_weight`` (``n_tokens``
@@ -49,7 +50,6 @@ class WeightRecorder:
     def __init__(self, p: Any, data: Any, policy: str, device: Any = "cpu", main: bool = True):
         self.p, self.data, self.policy, self.device, self.main = p, data, policy, device, main
         self.name = p.name or p.selection or "all"
-        self.run_root = Path(data.source["run"])
         tr = data.train
         self.index = {sid: k for k, sid in enumerate(tr.sample_ids)}
         self.offsets = np.concatenate([[0], np.cumsum(tr.lengths)]).astype(np.int64)
@@ -100,23 +100,15 @@ class WeightRecorder:
 
     # ------------------------------------------------------------------------ the table
     def write(self, epoch: int) -> str:
-        """``selection/online-<name>-epoch<E>`` from the rows so far (rank 0, after :meth:`reduce`)."""
-        from winnow.pipeline.store import RunDir, stable_hash
+        """``selection/online-<name>-epoch<E>`` from the rows so far (rank 0, after :meth:`reduce`), through
+        the dataset's ``sink``: the roof writes it into the run shard by shard, asking :meth:`_part` for each
+        samples shard's rows (the trainer knows no run)."""
+        from winnow.core.store import stable_hash
 
-        run = RunDir(self.run_root)
-        samples = run.table("samples")
         name = table_name(self.name, epoch)
-        inputs = {"samples": samples.digest()}
-        if self.p.selection:
-            sel = f"selection/{self.p.selection}"
-            inputs[sel] = run.table(sel).digest()
         fp = stable_hash([CODE_VERSION, self.p.identity(), epoch])
         held = set(self.data.eval.sample_ids)
-        out = run.table(name)
-        for rec in samples.records():
-            cols = samples.read_part(rec.part, columns=["sample_id", "n_tokens", "loss_mask"]).to_pydict()
-            part = self._part(cols, held, epoch)
-            out.write(rec.part, part, fingerprint=fp, inputs=inputs, extra={"epoch": epoch + 1})
+        self.data.sink(name, fp, epoch + 1, lambda cols: self._part(cols, held, epoch))
         return name
 
     def _part(self, cols: dict[str, list], held: set[str], epoch: int):

@@ -38,11 +38,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from winnow.core.layout import MicroBatch, layout_batch
 from winnow.kernels.chunked_head import LMHead
 from winnow.kernels.switch import linear_cross_entropy, logprob_entropy
 from winnow.trainer import online as ol
 from winnow.trainer.loss import WeightedLMLoss, body_and_head
-from winnow.trainer.packing import MicroBatch, layout_batch
+from winnow.trainer.online_params import OnlineParams
 
 
 @dataclass
@@ -84,7 +85,7 @@ class ReuseSelect:
         self,
         groups: list[Group],
         scored: ol.Scored,
-        op: ol.OnlineParams,
+        op: OnlineParams,
         need: set[str],
         done: Callable[[ol.Decision], Any],
         outer: MicroBatch,
@@ -99,7 +100,7 @@ class ReuseSelect:
         )
 
     def loss(self, mod: WeightedLMLoss) -> torch.Tensor:
-        from winnow.stages.passes.attention_capture import AttentionCapture
+        from winnow.core.attention_capture import AttentionCapture
 
         body, head = body_and_head(mod.model)
         attention = "attention" in self.need
@@ -153,7 +154,7 @@ class ReuseSelect:
 
     def _attention(self, cap, g: Group, dev) -> torch.Tensor:
         """Head-mean attention of each supervised query to the unweighted tokens of its own sample."""
-        from winnow.stages.passes.attention_capture import attention_importance
+        from winnow.core.attention_capture import attention_importance
 
         shape = g.batch.input_ids.shape
         fr = torch.from_numpy(g.frame_rows)

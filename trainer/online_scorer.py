@@ -23,6 +23,7 @@ from winnow.kernels.switch import logprob_entropy
 from winnow.trainer import online as ol
 from winnow.trainer.batches import Feed
 from winnow.trainer.loss import body_and_head, unwrap
+from winnow.trainer.online_params import OnlineParams
 from winnow.trainer.packing import plan
 
 EMA_FILE = "ema_history.safetensors"
@@ -57,7 +58,7 @@ def score_rows(
     targets of right-padded rows, NaN elsewhere. ``attn[i]``: head-mean attention of query ``i`` in the
     last layer to the unweighted tokens of its row (ssToken's response-to-prompt score)."""
     attention = real is not None
-    from winnow.stages.passes.attention_capture import AttentionCapture, attention_importance
+    from winnow.core.attention_capture import AttentionCapture, attention_importance
 
     body, head_mod = body_and_head(model)
     capture = AttentionCapture(body, -1) if attention else nullcontext()
@@ -90,7 +91,7 @@ class Scorer:
     def __init__(
         self,
         feed: Feed,
-        op: ol.OnlineParams,
+        op: OnlineParams,
         model: Any,
         head: tuple[float, float | None],
         reference: Any | None,

@@ -2,7 +2,7 @@
 
 ``lr=inf``, ``max_grad_norm=nan`` or ``weight_decay=inf`` trained to NaN and exited 0 with non-finite
 weights saved; ``seed=-1``, a 20-digit seed, ``threads=100000`` or ``device=meta`` gave tracebacks. Each is
-a ValueError here (exit 2 through :func:`winnow.pipeline.params.build_params`) naming the key, the value
+a ValueError here (exit 2 through :func:`winnow.core.params.build_params`) naming the key, the value
 and the range. The ranges are wide on purpose: they refuse what cannot train, not what is unusual.
 """
 

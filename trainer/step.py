@@ -1,8 +1,13 @@
-"""`winnow train`: the entry point (:func:`train`, one function a run lock can wrap) and the `train` step.
+"""The trainer's entry point (:func:`train`): a model directory and a dataset in, a trained model out.
 
-Order of work, so that bad input leaves nothing behind: parameters, model directory, data (selection
-checks, held-out split), tokenizer and vocabulary checks, ``--out`` writability; only then is ``--out``
-created. ``--out`` holds ``winnow_train.json`` (the run's identity: model fingerprint, data digest,
+A leaf: it knows nothing of runs, recipes, ``builtin:`` specs or the step registry. The roof's `train`
+step (:mod:`winnow.pipeline.train`) resolves the model spec and the reference model, reads a run's
+selection (or an export) into a :class:`~winnow.trainer.data.Dataset`, takes the run lock and records the
+manifest entry through ``on_done``; the tiny-model builder calls :func:`train` directly.
+
+Order of work, so that bad input leaves nothing behind: (the roof: parameters, model directory, data and
+selection checks, tokenizer check) the held-out split, vocabulary check, ``--out`` writability; only then
+is ``--out`` created. ``--out`` holds ``winnow_train.json`` (the run's identity: model fingerprint, data digest,
 parameters, the out path) from the first step on; a rerun with the same identity resumes from the newest
 checkpoint, or does nothing once ``train_result.json`` (written last) exists; another identity in the
 same ``--out`` is refused. The final weights, tokenizer and model card are written into a temporary
@@ -20,12 +25,12 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from winnow.pipeline.steps import Step
-from winnow.pipeline.store import (
-    RunDir,
+from winnow.core.store import (
     UserError,
     atomic_write_bytes,
     atomic_write_json,
@@ -33,26 +38,13 @@ from winnow.pipeline.store import (
     fsync_tree,
     stable_hash,
 )
-from winnow.pipeline.write_guard import check_name, check_train_out, out_lock
+from winnow.core.write_guard import out_lock
 from winnow.trainer.ckpt_integrity import clean_leftovers
 from winnow.trainer.config import TrainParams
+from winnow.trainer.data import Dataset
 
 IDENTITY_FILE = "winnow_train.json"
 RESULT_FILE = "train_result.json"
-
-
-def _out_dir(p: TrainParams, run_dir: str | Path | None) -> tuple[Path, str]:
-    if p.name:
-        try:
-            check_name(p.name, "--name")
-        except ValueError as e:
-            raise UserError(str(e)) from None
-    name = p.name or p.selection or ("all" if not p.data else Path(p.data).stem)
-    if p.out:
-        return Path(p.out).expanduser(), name
-    if run_dir is None:
-        raise UserError("winnow train --data needs --out DIR (the directory the trained model is saved to)")
-    return Path(run_dir) / "train" / name, name
 
 
 def _check_writable(out: Path) -> None:
@@ -63,13 +55,11 @@ def _check_writable(out: Path) -> None:
         raise UserError(f"--out {out}: {probe} is not a writable directory; choose another --out")
 
 
-def _check_model(p: TrainParams, run_dir, model_dir: Path, max_token_id: int) -> dict[str, Any]:
+def _check_model(p: TrainParams, model_dir: Path, max_token_id: int) -> dict[str, Any]:
     from transformers import AutoConfig
 
-    from winnow.pipeline.models import check_tokenizer, weights_fingerprint
+    from winnow.core.models import weights_fingerprint
 
-    if not p.data:
-        check_tokenizer(RunDir(run_dir), model_dir, what="model")
     cfg = AutoConfig.from_pretrained(str(model_dir))
     vocab = int(
         getattr(cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg, "vocab_size", 0) or 0
@@ -86,8 +76,8 @@ def _always_keep_ids(p: TrainParams, model_dir: Path) -> tuple[int, ...]:
     """``always_keep`` as token ids of the model's tokenizer (the samples' one: checked by _check_model)."""
     if not p.online.always_keep:
         return ()
-    from winnow.pipeline.always_keep import always_keep_ids
-    from winnow.pipeline.models import load_tokenizer
+    from winnow.core.always_keep import always_keep_ids
+    from winnow.core.models import load_tokenizer
 
     return tuple(always_keep_ids(load_tokenizer(model_dir), p.online.always_keep, "train always_keep"))
 
@@ -110,39 +100,6 @@ def _claim_out(out: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
     else:
         atomic_write_json(ident_path, identity)
     return None
-
-
-def _load_model(model_dir: Path, device, dtype_name: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    from winnow.kernels.chunked_head import LMHead
-    from winnow.stages.passes.model_io import check_head, flash_attention_available
-
-    hf_logging.disable_progress_bar()  # the trainer reports its own progress; no per-file bars
-    kwargs: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": True}
-    if device.type == "cuda":  # varlen attention for packed rows, never a padded full mask
-        kwargs["attn_implementation"] = (
-            "flash_attention_2" if flash_attention_available(device) else "flex_attention"
-        )
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load {model_dir} as a causal LM: {e}") from None
-    model.winnow_use_cache = getattr(model.config, "use_cache", True)  # restored in the saved config
-    model.config.use_cache = False  # a KV cache would make packed samples attend to each other
-    out_emb = model.get_output_embeddings()
-    with torch.no_grad():
-        head = check_head(
-            model,
-            model.base_model,
-            LMHead(out_emb.weight, getattr(out_emb, "bias", None)),
-            device=torch.device("cpu"),
-            dtype=torch.float32,
-            where=str(model_dir),
-        )
-    return model, head
 
 
 def _drive(loop, metrics, out: Path) -> int:
@@ -186,24 +143,18 @@ def _progress(loop, start: int):
     return bar, bar.add_task("train", total=loop.total_steps, completed=start)
 
 
-def _reference(p: TrainParams, run_dir, device):
-    """Online Rho-1's reference model: ``rho1.reference``, else the model of the run's `reference` signals."""
+def _reference(p: TrainParams, reference: Path | str | None, device):
+    """Online Rho-1's reference model: ``"base"`` (the model being trained, frozen) or a model directory
+    (the roof resolves ``rho1.reference`` or the run's `reference` signals to one)."""
     if p.online.policy != "rho1":
         return None
-    if p.online.rho1.reference == "base":
+    if reference == "base":
         return "base"
-    spec = p.online.rho1.reference
-    if not spec:
-        records = RunDir(run_dir).table("signals/reference").records() if run_dir is not None else []
-        spec = next((r.extra.get("model") for r in records if r.extra.get("model")), "")
-        if not spec:
-            raise UserError(
-                "online=rho1 needs a reference model: --set rho1.reference=MODEL_DIR (or builtin:NAME), or "
-                "score the run with `winnow score RUN --model REF --alias reference` first"
-            )
-    from winnow.pipeline.models import resolve_model
+    if reference is None:
+        raise UserError("online=rho1 needs a reference model: --set rho1.reference=MODEL_DIR")
+    from winnow.core.model_io import load_for_training
 
-    ref, _ = _load_model(resolve_model(spec), device, p.dtype)
+    ref, _ = load_for_training(Path(reference), device)
     return ref.to(device).eval().requires_grad_(False)
 
 
@@ -269,21 +220,27 @@ def _finish(loop, out: Path, tokenizer_dir: Path, info: dict[str, Any]) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def train(p: TrainParams, run_dir: str | Path | None = None) -> dict[str, Any]:
-    """Train ``p.model`` on a run's selection (or an export) into ``--out``; resume or skip as needed."""
-    from winnow.pipeline.models import resolve_model
-    from winnow.trainer import data as data_mod
+def train(
+    p: TrainParams,
+    model_dir: Path,
+    dataset: Dataset,
+    out: Path,
+    name: str,
+    reference: Path | str | None = None,
+    on_done: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train the model in ``model_dir`` on ``dataset`` into ``out``; resume or skip as needed.
+
+    ``reference``: online Rho-1's reference model directory (or ``"base"``); ``on_done(result)`` runs
+    on the main rank once ``train_result.json`` is written, or with the finished result of a run that
+    is already done (the roof records the manifest entry there). ``p.model`` is only a label here (the
+    identity keeps the spec the user gave).
+    """
+    from winnow.trainer.data import prepare_data
 
     t0 = time.time()
-    if not p.model:
-        raise UserError("winnow train needs --model (builtin:<name> or a local model directory)")
-    if not p.data and run_dir is None:
-        raise UserError("winnow train needs a RUN directory with --selection, or --data EXPORT.parquet")
-    out, name = _out_dir(p, run_dir)
-    model_dir = resolve_model(p.model)
-    check_train_out(out, run_dir, model_dir, IDENTITY_FILE)
-    data = data_mod.load(p, run_dir)
-    model_info = _check_model(p, run_dir, model_dir, data.max_token_id)
+    data = prepare_data(p, dataset)
+    model_info = _check_model(p, model_dir, data.max_token_id)
     model_info["always_keep_ids"] = _always_keep_ids(p, model_dir)
     _check_writable(out)
     ident = {
@@ -294,93 +251,103 @@ def train(p: TrainParams, run_dir: str | Path | None = None) -> dict[str, Any]:
         "out": str(out.resolve()),
     }
     ident["hash"] = stable_hash(ident)
+    run = _Run(p, out, name, model_dir, data, model_info, ident, t0, reference, on_done)
     with out_lock(out, f"train:{name}"):  # a second training into this --out is refused, not interleaved
-        return _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0)
+        return _train_claimed(run)
 
 
-def _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0) -> dict[str, Any]:
-    import torch
+@dataclass
+class _Run:
+    """One claimed training run: what :func:`train` checked, handed to the steps after the claim."""
 
-    from winnow.stages.passes.model_io import resolve_device
-    from winnow.trainer.distributed import all_reduce_sum, setup, teardown
-    from winnow.trainer.loop import Env, Loop, Metrics
+    p: TrainParams
+    out: Path
+    name: str
+    model_dir: Path
+    data: Any
+    model_info: dict[str, Any]
+    ident: dict[str, Any]
+    t0: float
+    reference: Path | str | None
+    on_done: Callable[[dict[str, Any]], None] | None
+
+
+def _build(r: _Run, device, d):
+    """The model to train (a training method's trainable choice applied: LoRA, prompt tuning) and the
+    loop's environment."""
+    from winnow.core.model_io import load_for_training
+    from winnow.trainer.loop import Env
     from winnow.trainer.method import MethodContext, apply_trainable
 
-    device = resolve_device(p.device)
-    d = setup(device.type)
-    done = _claim_out(out, ident) if d.main else None
-    if all_reduce_sum([1.0 if done is not None else 0.0], device)[0] > 0:  # every rank learns it is done
-        teardown()
-        return _already_trained(done, p, run_dir, name)
-    torch.set_num_threads(p.threads)
-    torch.manual_seed(p.seed + d.rank)
-    model, head = _load_model(model_dir, device, p.dtype)
-    ctx = MethodContext(device=device, model_dir=model_dir, seed=p.seed, rank=d.rank, world=d.world)
+    p = r.p
+    model, head = load_for_training(r.model_dir, device)
+    ctx = MethodContext(device=device, model_dir=r.model_dir, seed=p.seed, rank=d.rank, world=d.world)
     model = apply_trainable(p.methods(), model, ctx)  # LoRA, prompt tuning: the seeded adapter init
     pad = getattr(model.config, "pad_token_id", None)
-    pad = pad if isinstance(pad, int) and 0 <= pad < model_info["vocab_size"] else 0  # the loss's filler
-    keep = model_info["always_keep_ids"]
-    env = Env(device, d, out, pad_id=pad, scale=head.scale, softcap=head.softcap, always_keep_ids=keep)
-    loop = Loop(p, data, model, env, _reference(p, run_dir, device))
+    pad = pad if isinstance(pad, int) and 0 <= pad < r.model_info["vocab_size"] else 0  # the loss's filler
+    keep = r.model_info["always_keep_ids"]
+    env = Env(device, d, r.out, pad_id=pad, scale=head.scale, softcap=head.softcap, always_keep_ids=keep)
+    return model, env
+
+
+def _train_claimed(r: _Run) -> dict[str, Any]:
+    import torch
+
+    from winnow.core.model_io import resolve_device
+    from winnow.trainer.distributed import all_reduce_sum, setup, teardown
+    from winnow.trainer.loop import Loop, Metrics
+
+    p, out = r.p, r.out
+    device = resolve_device(p.device)
+    d = setup(device.type)
+    done = _claim_out(out, r.ident) if d.main else None
+    if all_reduce_sum([1.0 if done is not None else 0.0], device)[0] > 0:  # every rank learns it is done
+        teardown()
+        if done and r.on_done is not None:  # rank 0: the roof rewrites its record from the finished result
+            r.on_done(done)
+        return (done or {}) | {"skipped": True}
+    torch.set_num_threads(p.threads)
+    torch.manual_seed(p.seed + d.rank)
+    model, env = _build(r, device, d)
+    loop = Loop(p, r.data, model, env, _reference(p, r.reference, device))
     steps = _drive(loop, Metrics(out / "metrics.jsonl", d.main), out)
     info = {
-        "name": name,
+        "name": r.name,
         "base_model": p.model,
-        "base_path": str(model_dir),
-        "base_fingerprint": model_info["fingerprint"],
-        "source": data.source,
+        "base_path": str(r.model_dir),
+        "base_fingerprint": r.model_info["fingerprint"],
+        "source": r.data.source,
         "evals": loop.evals,
         "steps": steps,
         "config": p.identity(),
     }
-    _finish(loop, out, model_dir, info)
-    from winnow.pipeline.shards import shards_block, step_entry
-
-    result = step_entry(
-        "train",
-        config=p.identity(),
-        fingerprint=ident["hash"],
-        outputs=[str(out.resolve())],
-        shards=shards_block(0, 0, 0),  # training has no shards; the block keeps the one entry shape
-        counts={k: data.source[k] for k in ("train_samples", "eval_samples", "weighted_tokens")},
-        started=t0,
-        out=str(out.resolve()),
-        steps=steps,
-        eval_loss_before=loop.evals.get(0),
-        eval_loss=loop.evals.get(steps),
-        layout=loop.layout,
-        world_size=d.world,
-        train_skipped=data.source["train_skipped"],
-    )
+    _finish(loop, out, r.model_dir, info)
+    result = _result(r, loop, steps, d.world)
     if d.main:
         atomic_write_bytes(out / RESULT_FILE, (json.dumps(result, indent=2) + "\n").encode())
-        if run_dir is not None and not p.data:
-            RunDir(run_dir).update_manifest(f"train:{name}", result)
+        if r.on_done is not None:
+            r.on_done(result)
     teardown()
     return result
 
 
-def _already_trained(done: dict[str, Any] | None, p: TrainParams, run_dir, name: str) -> dict[str, Any]:
-    """The finished result; rank 0 rewrites the run's manifest entry from it (so a rerun repairs an
-    edited ``eval_loss`` that `winnow verify` reported)."""
-    if done and run_dir is not None and not p.data:
-        RunDir(run_dir).update_manifest(f"train:{name}", done)
-    return (done or {}) | {"skipped": True}
+def _result(r: _Run, loop, steps: int, world: int) -> dict[str, Any]:
+    from winnow.core.shards import shards_block, step_entry
 
-
-def _run_step(run: RunDir, p: TrainParams) -> dict[str, Any]:
-    res = train(p, run.root)
-    before, after = res.get("eval_loss_before"), res.get("eval_loss")
-    if before is not None and after is not None:
-        print(
-            f"[winnow] train: eval_loss {before:.4f} -> {after:.4f} after {res['steps']} steps ({res['out']})"
-        )
-    return res
-
-
-STEP = Step(
-    name="train",
-    params=TrainParams,
-    run=_run_step,
-    help="train a model on a selection (token-weighted, trimmed, packed; resumable; torchrun)",
-)
+    out, data = str(r.out.resolve()), r.data
+    return step_entry(
+        "train",
+        config=r.p.identity(),
+        fingerprint=r.ident["hash"],
+        outputs=[out],
+        shards=shards_block(0, 0, 0),  # training has no shards; the block keeps the one entry shape
+        counts={k: data.source[k] for k in ("train_samples", "eval_samples", "weighted_tokens")},
+        started=r.t0,
+        out=out,
+        steps=steps,
+        eval_loss_before=loop.evals.get(0),
+        eval_loss=loop.evals.get(steps),
+        layout=loop.layout,
+        world_size=world,
+        train_skipped=data.source["train_skipped"],
+    )

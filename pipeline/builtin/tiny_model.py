@@ -4,7 +4,7 @@ The quickstart and the tests must run with no network, so winnow trains its own 
 generator (:func:`winnow.pipeline.builtin.demo_data.generate_demo`) and saves it with ``save_pretrained``
 (safetensors) exactly as a user's model would be saved; every consumer loads it with
 ``AutoModelForCausalLM``/``AutoTokenizer.from_pretrained(path)``, so the builtin model goes through the
-same code paths as a real one. ``winnow.pipeline.models.resolve_model("builtin:tiny")`` gives its
+same code paths as a real one. ``winnow.core.models.resolve_model("builtin:tiny")`` gives its
 directory.
 
 Design decisions (numbers measured on this 2-core VM while other jobs ran; single runs, noisy):
@@ -45,7 +45,7 @@ Design decisions (numbers measured on this 2-core VM while other jobs ran; singl
   each time on a given machine.
   The base ``tiny`` learns every token of each rendered chat of the full demo mix (corrupted samples
   included, like real pretraining text) plus a closing ``<|endoftext|>``, all at weight 1; fine-tunes
-  weigh the assistant tokens as ingest marks them (:mod:`winnow.pipeline.render`; rows it rejects are
+  weigh the assistant tokens as ingest marks them (:mod:`winnow.core.render`; rows it rejects are
   left out). 400 steps of 1,024 tokens (~12 samples, 388k weighted tokens): training loss 7.21 -> 0.94
   (last 10 steps), **1.17 nats/token** on 300 held-out chats (seed 9090, every token) against 1.37 for
   the previous builder's loop, which cut 256-token windows across documents (the scored samples always
@@ -90,14 +90,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from winnow.pipeline.store import UserError, atomic_write_json, fsync_dir, fsync_tree
+from winnow.core.store import UserError, atomic_write_json, fsync_dir, fsync_tree
 
 if TYPE_CHECKING:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 # Bump when a change here alters the weights a recipe produces: every cached model is rebuilt.
-# 2: fine-tunes take their supervision from winnow.pipeline.render and skip rows it rejects (11 of
+# 2: fine-tunes take their supervision from winnow.core.render and skip rows it rejects (11 of
 #    tiny-warm's 1,200 rows hold chat-template text in the answer); the other recipes train identically.
 # 3: every model is trained by winnow's trainer (winnow.trainer.step.train) on whole samples instead of
 #    the builder's own loop on 256-token windows; recipes give tokens_per_batch instead of batch_size/seq_len.
@@ -470,13 +470,13 @@ def _write_training_data(recipe: TinyModelRecipe, model_dir: Path, path: Path) -
 
     ``loss_on="all"``: each rendered chat followed by ``<|endoftext|>``, every token weighing 1 (a base
     model learns the whole text, corrupted rows included). ``"assistant"``: the supervision ingest marks
-    (:func:`winnow.pipeline.render.render_batch`); rows it rejects (chat-template text typed into an
+    (:func:`winnow.core.render.render_batch`); rows it rejects (chat-template text typed into an
     answer) are left out, as a user's training data would be."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
-    from winnow.pipeline.render import RenderError, render_batch
+    from winnow.core.render import RenderError, render_batch
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = _draw(recipe)
@@ -556,6 +556,7 @@ def train_recipe(recipe: TinyModelRecipe, out: Path, root: Path | None = None) -
     fine-tune's base comes from the cache under ``root``); returns the training statistics."""
     import torch
 
+    from winnow.pipeline.train import dataset
     from winnow.trainer.step import train
 
     t0 = time.perf_counter()
@@ -571,7 +572,8 @@ def train_recipe(recipe: TinyModelRecipe, out: Path, root: Path | None = None) -
         n_rows = _write_training_data(recipe, base_dir, work / "train.parquet")
         t_setup = time.perf_counter() - t0
         with _single_process():
-            result = train(_train_params(recipe, base_dir, work / "train.parquet", out))
+            p = _train_params(recipe, base_dir, work / "train.parquet", out)
+            result = train(p, base_dir, dataset(p, None), out, "train")  # the leaf: a directory and rows in
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(work, ignore_errors=True)

@@ -19,7 +19,6 @@ fingerprints, threads and the manifest are the model pass's (:mod:`.pass_step`).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -27,15 +26,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from winnow.pipeline.errors import UserError
-from winnow.pipeline.steps import Step
-from winnow.pipeline.store import RunDir
+from winnow.core.errors import UserError
+from winnow.core.steps import Step
+from winnow.core.store import RunDir
 from winnow.stages.passes.model_scoring import forward_hidden, gather_targets, list_column, read_samples
 from winnow.stages.passes.pass_step import PassContext, PassJob, PassSettings, run_pass
-from winnow.stages.passes.pass_step import main as pass_main
 
 if TYPE_CHECKING:
-    from winnow.stages.passes.model_io import LoadedModel
+    from winnow.core.model_io import LoadedModel
 
 TABLE = "signals/contrast"
 OUT_COLUMNS = ("p_ce", "logprob_pos", "logprob_neg")
@@ -73,8 +71,8 @@ def contrast_samples(
     """p_ce, logprob_pos, logprob_neg on the flat token axis of ``seqs`` (+ the computed-position mask)."""
     import torch
 
+    from winnow.core.layout import collate, plan_batches
     from winnow.kernels.switch import contrast_scores
-    from winnow.stages.passes.batching import collate, plan_batches
 
     lengths = np.array([len(x) for x in seqs], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -154,12 +152,3 @@ STEP = Step(
     params=ContrastParams,
     run=run_contrast_pass,
 )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m winnow.stages.passes.contrast_pass RUN_DIR key=value ...`` (torchrun-friendly)."""
-    return pass_main(argv, step=STEP)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

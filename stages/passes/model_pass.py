@@ -29,20 +29,19 @@ builtin demo (1,978 samples, 160k tokens, builtin:tiny) all four signals ran at 
 
 Commit fingerprint (:func:`.pass_step.pass_fingerprint`) = hash of the output-affecting parameters
 (signals, positions, attention layer, resolved dtype), the weights fingerprint
-(:func:`winnow.pipeline.models.weights_fingerprint`) and the passes' code version.
+(:func:`winnow.core.models.weights_fingerprint`) and the passes' code version.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from winnow.pipeline.steps import Step
-from winnow.pipeline.store import RunDir
+from winnow.core.steps import Step
+from winnow.core.store import RunDir
 from winnow.stages.passes.model_scoring import read_samples, score_samples, signals_table
 from winnow.stages.passes.pass_step import (
     ALIAS_RE,
@@ -52,12 +51,11 @@ from winnow.stages.passes.pass_step import (
     PassSettings,
     run_pass,
 )
-from winnow.stages.passes.pass_step import main as pass_main
 
 if TYPE_CHECKING:
-    from winnow.stages.passes.model_io import LoadedModel
+    from winnow.core.model_io import LoadedModel
 
-__all__ = ["CODE_VERSION", "SIGNALS", "STEP", "ModelPassParams", "main", "run_model_pass", "score_samples"]
+__all__ = ["CODE_VERSION", "SIGNALS", "STEP", "ModelPassParams", "run_model_pass", "score_samples"]
 
 SIGNALS = ("logprob", "entropy", "attention", "embedding")
 
@@ -92,7 +90,7 @@ def _load(p: ModelPassParams, ctx: PassContext) -> LoadedModel:
     if "attention" in p.signals:
         import torch
 
-        from winnow.stages.passes.attention_capture import check_attention
+        from winnow.core.attention_capture import check_attention
 
         with torch.inference_mode():
             check_attention(loaded.model, loaded.body, p.attention_layer, device=ctx.device, dtype=ctx.dtype)
@@ -141,12 +139,3 @@ STEP = Step(
     params=ModelPassParams,
     run=run_model_pass,
 )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m winnow.stages.passes.model_pass RUN_DIR key=value ...`` (torchrun-friendly)."""
-    return pass_main(argv, step=STEP)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from winnow.pipeline.errors import UserError
+from winnow.core.errors import UserError
 
 if TYPE_CHECKING:
     import torch
 
-    from winnow.stages.passes.batching import Collated
-    from winnow.stages.passes.model_io import LoadedModel
+    from winnow.core.layout import Collated
+    from winnow.core.model_io import LoadedModel
 
 COLUMNS = {
     "logprob": "logprob",
@@ -89,6 +89,40 @@ class ShardSignals:
     computed_tokens: int = 0
 
 
+def _attention(capture, col: Collated, src: np.ndarray, masks, lengths: np.ndarray, n_flat: int, device):
+    """Attention importance of the captured layer: prompt tokens as keys, each target's query itself."""
+    import torch
+
+    from winnow.core.attention_capture import attention_importance
+
+    keys = np.zeros(n_flat, bool)
+    queries = np.zeros(n_flat, bool)
+    queries[src + 1] = True  # the query at target position i itself (query-anchored)
+    for k, s in enumerate(col.samples):
+        keys[col.starts[k] : col.starts[k] + lengths[s]] = np.asarray(masks[s]) == 0
+    shape = col.input_ids.shape
+    return attention_importance(
+        capture.module,
+        capture.hidden,
+        capture.position_embeddings,
+        col.segment,
+        torch.from_numpy(keys).to(device).view(shape),
+        torch.from_numpy(queries).to(device).view(shape),
+    )
+
+
+def _mean_hidden(col: Collated, flat, device) -> np.ndarray:
+    """Each sample's mean last hidden state (its embedding), float32."""
+    import torch
+
+    seg = col.segment.reshape(-1)
+    real = seg >= 0
+    sums = torch.zeros(len(col.samples), flat.shape[1], dtype=torch.float32, device=device)
+    sums.index_add_(0, seg[real], flat[real].float())
+    counts = torch.from_numpy(col.lengths.clip(min=1)).to(device, torch.float32)
+    return (sums / counts[:, None]).cpu().numpy()
+
+
 def score_samples(
     loaded: LoadedModel,
     seqs: Sequence[np.ndarray],
@@ -105,9 +139,9 @@ def score_samples(
     """Every requested signal for a list of samples (token ids + loss masks)."""
     import torch
 
+    from winnow.core.attention_capture import AttentionCapture
+    from winnow.core.layout import collate, plan_batches
     from winnow.kernels.switch import logprob_entropy
-    from winnow.stages.passes.attention_capture import AttentionCapture, attention_importance
-    from winnow.stages.passes.batching import collate, plan_batches
 
     lengths = np.array([len(x) for x in seqs], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -115,8 +149,7 @@ def score_samples(
     per_token = [s for s in ("logprob", "entropy", "attention") if s in signals]
     out = ShardSignals({s: np.zeros(total, np.float32) for s in per_token}, np.zeros(total, bool))
     d = loaded.hidden_size
-    if "embedding" in signals:
-        out.embedding = np.zeros((len(seqs), d), np.float32)
+    out.embedding = np.zeros((len(seqs), d), np.float32) if "embedding" in signals else None
     head_needed = "logprob" in signals or "entropy" in signals
     capture = AttentionCapture(loaded.body, attention_layer) if "attention" in signals else None
     with torch.inference_mode(), capture or contextlib.nullcontext():
@@ -140,30 +173,11 @@ def score_samples(
                 if ent is not None:
                     out.values["entropy"][dest] = ent.cpu().numpy()
             if capture is not None and len(src):
-                n_flat = flat.shape[0]
-                keys = np.zeros(n_flat, bool)
-                queries = np.zeros(n_flat, bool)
-                queries[src + 1] = True  # the query at target position i itself (query-anchored)
-                for k, s in enumerate(col.samples):
-                    keys[col.starts[k] : col.starts[k] + lengths[s]] = np.asarray(masks[s]) == 0
-                shape = col.input_ids.shape
-                imp = attention_importance(
-                    capture.module,
-                    capture.hidden,
-                    capture.position_embeddings,
-                    col.segment,
-                    torch.from_numpy(keys).to(loaded.device).view(shape),
-                    torch.from_numpy(queries).to(loaded.device).view(shape),
-                )
+                imp = _attention(capture, col, src, masks, lengths, flat.shape[0], loaded.device)
                 out.values["attention"][dest] = imp.reshape(-1)[src_t + 1].cpu().numpy()
                 capture.release()
             if out.embedding is not None:
-                seg = col.segment.reshape(-1)
-                real = seg >= 0
-                sums = torch.zeros(len(col.samples), d, dtype=torch.float32, device=loaded.device)
-                sums.index_add_(0, seg[real], flat[real].float())
-                counts = torch.from_numpy(col.lengths.clip(min=1)).to(loaded.device, torch.float32)
-                out.embedding[col.samples] = (sums / counts[:, None]).cpu().numpy()
+                out.embedding[col.samples] = _mean_hidden(col, flat, loaded.device)
             out.computed_tokens += plan.computed_tokens
             del hidden, flat
             if advance is not None:

@@ -33,8 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from winnow.pipeline.shards import ShardLoop, assign_by_tokens, shards_block
-from winnow.pipeline.store import RunDir, UserError, part_name, versions
+from winnow.core.shards import ShardLoop, assign_by_tokens, shards_block
+from winnow.core.store import RunDir, UserError, part_name, versions
 
 
 @dataclass

@@ -25,10 +25,8 @@ not recompute a run.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,12 +34,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from winnow.pipeline.errors import UserError
-from winnow.pipeline.models import check_tokenizer, config_fingerprint, resolve_model, weights_fingerprint
-from winnow.pipeline.params import as_dict, build_params, parse_sets
-from winnow.pipeline.steps import spec
-from winnow.pipeline.store import RunDir, stable_hash
-from winnow.stages.passes.batching import LAYOUTS
+from winnow.core.layout import LAYOUTS
+from winnow.core.models import check_tokenizer, config_fingerprint, resolve_model, weights_fingerprint
+from winnow.core.params import as_dict
+from winnow.core.steps import spec
+from winnow.core.store import RunDir, stable_hash
 from winnow.stages.passes.pass_runner import (
     Dist,
     init_distributed,
@@ -57,8 +54,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
     import torch
 
-    from winnow.pipeline.steps import Step
-    from winnow.stages.passes.model_io import LoadedModel
+    from winnow.core.model_io import LoadedModel
 
 CODE_VERSION = "model_pass/1"  # "<step>/<n>" like every step; the contrast pass shares it
 POSITIONS = ("supervised", "all")
@@ -78,11 +74,11 @@ class PassSettings:
     dtype: str = "auto"  # auto = fp32 on CPU, bf16 body on GPU (head always fp32)
     trust_remote_code: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N (torchrun: cuda:LOCAL_RANK)
-    layout: str = "auto"  # auto | padded | packed (see winnow.stages.passes.batching)
+    layout: str = "auto"  # auto | padded | packed (see winnow.core.layout)
     threads: int = 0  # CPU threads per rank; 0 = cores / local ranks
 
     def check_settings(self, where: str) -> None:
-        from winnow.stages.passes.model_io import DTYPES
+        from winnow.core.model_io import DTYPES
 
         if self.positions not in POSITIONS:
             raise ValueError(f"{where}: positions={self.positions!r} is not one of {list(POSITIONS)}")
@@ -154,7 +150,7 @@ class PassContext:
     info: dict[str, Any] = field(default_factory=dict)  # per-rank facts gathered into the manifest
 
     def load(self, role: str) -> LoadedModel:
-        from winnow.stages.passes.model_io import load_model
+        from winnow.core.model_io import load_model
 
         loaded = load_model(
             self.dirs[role],
@@ -194,7 +190,7 @@ def _resolve(run: RunDir, job: PassJob, trust_remote_code: bool) -> dict[str, Pa
 
 def run_pass(run: RunDir, p: PassSettings, job: PassJob) -> dict[str, Any]:
     """Score every pending samples shard with ``job``; returns the step's manifest entry."""
-    from winnow.stages.passes.model_io import resolve_device, resolve_dtype
+    from winnow.core.model_io import resolve_device, resolve_dtype
 
     t0 = time.time()
     d = init_distributed(p.device)
@@ -248,20 +244,3 @@ def run_pass(run: RunDir, p: PassSettings, job: PassJob) -> dict[str, Any]:
 
 def _str(dirs: dict[str, Path]) -> dict[str, str]:
     return {role: str(path) for role, path in dirs.items()}
-
-
-def main(argv: list[str] | None = None, *, step: Step) -> int:
-    """``python -m winnow.stages.passes.<pass> RUN_DIR key=value ...`` (torchrun-friendly entry point)."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        print(f"usage: python -m {step.run.__module__} RUN_DIR key=value ...", file=sys.stderr)
-        return 2
-    try:
-        params = build_params(step.params, parse_sets(argv[1:], step.name), where=step.name)
-        entry = step.run(RunDir(argv[0]), params)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if os.environ.get("RANK", "0") == "0":
-        print(json.dumps(entry, default=str))
-    return 0

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from winnow.core.model_io import check_head
+from winnow.core.store import UserError
 from winnow.kernels.chunked_head import LMHead, auto_chunk, contrast_scores, logprob_entropy
-from winnow.pipeline.store import UserError
-from winnow.stages.passes.model_io import check_head
 
 from head_reference import logits64, random_head
 from model_pass_fixtures import make_config

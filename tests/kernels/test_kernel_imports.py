@@ -49,6 +49,6 @@ def test_cores_import_without_pyarrow_polars_duckdb():
 
 def test_the_block_catches_a_store_import():
     """The same harness reports a module that needs the run store: the test can fail."""
-    assert _import_blocked("winnow.pipeline.store") == {
-        "winnow.pipeline.store": "blocked for this test: pyarrow"
+    assert _import_blocked("winnow.core.store") == {
+        "winnow.core.store": "blocked for this test: pyarrow"
     }

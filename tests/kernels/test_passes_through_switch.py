@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from winnow.core.model_io import load_model
 from winnow.stages.passes.contrast_pass import contrast_samples
-from winnow.stages.passes.model_io import load_model
 from winnow.stages.passes.model_scoring import score_samples
 
 from model_pass_fixtures import make_model_dir, random_samples

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from winnow import __version__
+from winnow.core.store import UserError
 from winnow.pipeline.cli_exit import run_and_exit
-from winnow.pipeline.store import UserError
 
 from cli_runner import WINNOW
 from trainer_fixtures import export_parquet, model_dir

@@ -6,9 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from winnow.pipeline.formats import RecordError, detect_format, merge_kinds, sample_id, to_messages
-from winnow.pipeline.readers import iter_rows
-from winnow.pipeline.store import UserError
+from winnow.core.formats import RecordError, detect_format, merge_kinds, sample_id, to_messages
+from winnow.core.readers import iter_rows
+from winnow.core.store import UserError
 
 
 @pytest.mark.parametrize(

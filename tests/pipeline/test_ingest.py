@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from winnow.pipeline.store import RunDir
+from winnow.core.store import RunDir
 
 from cli_runner import WINNOW, run_cli, sql_json
 
@@ -303,8 +303,8 @@ def test_gsm8k_train_supervises_exactly_the_answers(tmp_path, gsm8k_dir):
     """7473 rows -> 7473 samples; decoded supervised tokens hold the whole answer and none of the question."""
     from transformers import AutoTokenizer
 
-    from winnow.pipeline.formats import normalize
-    from winnow.pipeline.models import resolve_model
+    from winnow.core.formats import normalize
+    from winnow.core.models import resolve_model
 
     model = resolve_model("builtin:tiny")
     run = tmp_path / "run"

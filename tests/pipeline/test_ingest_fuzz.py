@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from winnow.pipeline.formats import merge_kinds, unique_meta_names
-from winnow.pipeline.ingest import IngestParams, _build_shard, _Ctx, samples_schema, scan_inputs
-from winnow.pipeline.readers import iter_rows
+from winnow.core.formats import merge_kinds, unique_meta_names
+from winnow.core.ingest import IngestParams, _build_shard, _Ctx, samples_schema, scan_inputs
+from winnow.core.readers import iter_rows
 
 from cli_runner import run_cli, sql_json
 

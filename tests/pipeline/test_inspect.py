@@ -5,8 +5,8 @@ import json
 import pyarrow as pa
 import pytest
 
-from winnow.pipeline.inspect_run import view_name
-from winnow.pipeline.store import RunDir
+from winnow.core.store import RunDir
+from winnow.core.views import view_name
 
 from cli_runner import run_cli, sql_json
 

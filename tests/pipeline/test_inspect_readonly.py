@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from winnow.pipeline.store import RunDir
+from winnow.core.store import RunDir
 
 from cli_runner import run_cli, sql_json
 

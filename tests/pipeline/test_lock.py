@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from winnow.pipeline import lock
-from winnow.pipeline.store import RunDir, UserError
+from winnow.core import lock
+from winnow.core.store import RunDir, UserError
 
 from cli_runner import run_cli
 

@@ -2,8 +2,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from winnow.pipeline.params import build_params, parse_sets
-from winnow.pipeline.store import UserError
+from winnow.core.params import build_params, parse_sets
+from winnow.core.store import UserError
 
 
 @dataclass

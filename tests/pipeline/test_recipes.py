@@ -4,14 +4,10 @@ from pathlib import Path
 
 import pytest
 
+from winnow.core.store import UserError
 from winnow.pipeline.recipe import load_recipe
-from winnow.pipeline.store import UserError
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.toml"))
-
-
-def test_there_is_a_quickstart():
-    assert any(p.name == "quickstart.toml" for p in RECIPES)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)

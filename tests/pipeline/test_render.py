@@ -1,4 +1,4 @@
-"""Rendering and supervised-token marking (winnow.pipeline.render).
+"""Rendering and supervised-token marking (winnow.core.render).
 
 The expected mask is built independently of the renderer: a pure-Python mirror of each fixture template
 gives the text and every content's character span, and each token's *byte* span comes from its vocabulary
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from winnow.pipeline.render import Rendered, RenderError, render_batch, render_sample, tokenizer_fingerprint
+from winnow.core.render import Rendered, RenderError, render_batch, render_sample, tokenizer_fingerprint
 
 from tokenizers_fixtures import (
     CHATML_TEMPLATE,

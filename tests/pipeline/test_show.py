@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from winnow.pipeline.store import RunDir
+from winnow.core.store import RunDir
 
 from cli_runner import WINNOW, run_cli
 from stage_fixtures import write_signals

@@ -6,7 +6,7 @@ import os
 import pyarrow as pa
 import pytest
 
-from winnow.pipeline.store import RunDir, UserError, atomic_write_json
+from winnow.core.store import RunDir, UserError, atomic_write_json
 
 
 def _tbl(n, start=0):

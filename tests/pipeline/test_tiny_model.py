@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
+from winnow.core.render import render_sample
+from winnow.core.store import UserError
 from winnow.pipeline.builtin import tiny_model as tm
 from winnow.pipeline.builtin.demo_data import DEMO_SEED, generate_demo
-from winnow.pipeline.render import render_sample
-from winnow.pipeline.store import UserError
 
 HELD_OUT_SEED = 9090  # a draw no builtin recipe trains on
 assert HELD_OUT_SEED != DEMO_SEED
@@ -330,7 +330,7 @@ def test_builtin_recipes_never_train_on_the_demo_draw() -> None:
 
 
 def test_resolve_model(small_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from winnow.pipeline.models import resolve_model
+    from winnow.core.models import resolve_model
 
     assert resolve_model(str(small_dir)) == small_dir
     with pytest.raises(UserError, match="does not exist"):
@@ -396,7 +396,7 @@ _NEEDED = (
 def _likelihood_gaps(n_rows: int, per_kind: dict[str, int], seed: int) -> dict[str, float]:
     """Mean NLL differences (nats/token) between the builtin models on a held-out draw, as Rho-1, ssToken
     and cDPO need them; rows render refuses (chat-template text typed into an answer) are left out."""
-    from winnow.pipeline.render import RenderError, render_batch
+    from winnow.core.render import RenderError, render_batch
 
     rows = generate_demo(n_rows, seed)
     loaded = {n: _load(tm.builtin_model_path(n)) for n in tm.BUILTIN_MODELS}

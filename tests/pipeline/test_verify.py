@@ -14,8 +14,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from winnow.pipeline import store
-from winnow.pipeline.store import RunDir
+from winnow.core import store
+from winnow.core.store import RunDir
 
 from cli_runner import WINNOW, run_cli, sql_json
 

@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from winnow.pipeline.render import tokenizer_fingerprint
-from winnow.pipeline.store import RunDir
+from winnow.core.render import tokenizer_fingerprint
+from winnow.core.store import RunDir
 
 from cli_runner import run_cli, sql_json, write_model_dir
 from stage_fixtures import write_signals
@@ -166,7 +166,7 @@ def test_bad_always_keep_exits_2(tmp_path, tok_dir, args, match):
 def test_texts_map_to_every_id_and_special_tokens_to_one(tok_dir):
     from transformers import AutoTokenizer
 
-    from winnow.pipeline.always_keep import always_keep_ids
+    from winnow.core.always_keep import always_keep_ids
 
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     # pieces read off the tokenizer's vocabulary by hand: 'Half of' -> H, al, fĠ, of; <think> is an added token

@@ -45,7 +45,7 @@ SCRIPT = textwrap.dedent(
     assert [len(b) for b in topk.minibatches(20, 8, 0)] == [8, 8, 4]
     leaked = sorted(m for m in sys.modules if m.split(".")[0] in {BLOCKED!r})
     assert not leaked, leaked
-    assert "winnow.pipeline.store" not in sys.modules
+    assert "winnow.core.store" not in sys.modules
     print("ok", Q2)
     """
 )

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from winnow.pipeline.store import UserError
+from winnow.core.store import UserError
 from winnow.stages import critical_tokens as ct
 
 from cli_runner import run_cli, sql_json

@@ -12,8 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from winnow.pipeline.params import build_params
-from winnow.pipeline.store import RunDir, UserError
+from winnow.core.params import build_params
+from winnow.core.store import RunDir, UserError
 from winnow.stages import excess_loss as ex
 
 from cli_runner import run_cli, sql_json

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from winnow.pipeline.store import RunDir
+from winnow.core.store import RunDir
 from winnow.stages import excess_loss as ex
 from winnow.stages import stage_io as io
 

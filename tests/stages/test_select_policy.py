@@ -173,7 +173,7 @@ def test_bad_compositions_exit_2(tmp_path, policy, match):
 
 
 def test_sql_errors_that_are_not_a_bad_condition_are_not_reported_as_one(tmp_path):
-    from winnow.pipeline.store import UserError
+    from winnow.core.store import UserError
     from winnow.stages import select_policy as sp
 
     from stage_fixtures import write_signals

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from winnow.pipeline.store import RunDir, UserError
+from winnow.core.store import RunDir, UserError
 from winnow.stages import sstoken as ss
 
 from cli_runner import run_cli, sql_json

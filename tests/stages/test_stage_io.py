@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from winnow.pipeline.store import RunDir, UserError
+from winnow.core.store import RunDir, UserError
 from winnow.stages import stage_io as io
 
 from stage_fixtures import decimal_count, write_signals, write_synthetic_samples
@@ -161,7 +161,7 @@ def test_freshness_helpers(tmp_path):
     out = run.table("scores/x")
     inputs = io.part_inputs(run, ["samples", "signals/current"], 0)
     assert set(inputs) == {"samples/part-00000", "signals/current/part-00000"}
-    from winnow.pipeline.shards import ShardLoop
+    from winnow.core.shards import ShardLoop
 
     ShardLoop([out], "fp1", 1).commit(0, pa.table({"sample_id": ids, "reason": ["a", "b"]}), inputs=inputs)
     assert io.is_fresh(out, 0, "fp1", inputs)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from winnow.pipeline.store import UserError
+from winnow.core.store import UserError
 from winnow.stages.text_embeddings import (
     embed_texts,
     mean_pool,

@@ -13,9 +13,9 @@ import torch
 def train_and_read(run_root: str, model: str, grad_accum: int, fsdp: bool, dist_info, name: str) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from winnow.pipeline.params import build_params
-    from winnow.pipeline.store import RunDir
-    from winnow.trainer import data as data_mod
+    from winnow.core.params import build_params
+    from winnow.core.store import RunDir
+    from winnow.pipeline import train as data_mod
     from winnow.trainer.config import TrainParams
     from winnow.trainer.loop import Env, Loop
 
@@ -25,7 +25,7 @@ def train_and_read(run_root: str, model: str, grad_accum: int, fsdp: bool, dist_
         lr=1e-2, layout="padded", progress=False,
     )  # fmt: skip
     p = build_params(TrainParams, values, "test")
-    data = data_mod.load(p, run_root)
+    data = data_mod.load_data(p, run_root)
     lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     lm.config.use_cache = False
     loop = Loop(p, data, lm, Env(torch.device("cpu"), dist_info, Path(run_root) / "out"))

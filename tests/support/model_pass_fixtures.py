@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from winnow.pipeline.store import RunDir
+from winnow.core.store import RunDir
 
 VOCAB = 384
 
@@ -89,7 +89,7 @@ def write_samples(run_dir: Path, seqs, masks, model_dir: Path, shards: int = 1) 
     """A samples table as ingest writes it (the columns a model pass reads), fingerprinting the tokenizer
     that ``AutoTokenizer`` loads from ``model_dir`` as ingest does (transformers picks the tokenizer class
     from the model type, so the same files can tokenize differently under another architecture)."""
-    from winnow.pipeline.models import load_tokenizer, tokenizer_fingerprint
+    from winnow.core.models import load_tokenizer, tokenizer_fingerprint
 
     fp = tokenizer_fingerprint(load_tokenizer(model_dir))
     run = RunDir(run_dir, create=True)

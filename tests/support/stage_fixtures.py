@@ -7,7 +7,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from winnow.pipeline.store import RunDir, UserError, part_name, stable_hash
+from winnow.core.store import RunDir, UserError, part_name, stable_hash
 
 SAMPLES = "samples"
 

@@ -90,8 +90,8 @@ def synthetic_run(root, model_path, n_shards: int = 2, per_shard: int = 20, seed
     import pyarrow as pa
     from transformers import AutoTokenizer
 
-    from winnow.pipeline.render import tokenizer_fingerprint
-    from winnow.pipeline.store import RunDir
+    from winnow.core.render import tokenizer_fingerprint
+    from winnow.core.store import RunDir
 
     fp = tokenizer_fingerprint(AutoTokenizer.from_pretrained(str(model_path)))
     run = RunDir(root, create=True)

@@ -9,8 +9,8 @@ import peft  # noqa: E402,F401  (a dev dependency: a missing peft fails here, ne
 import pytest
 import torch
 
-from winnow.pipeline.errors import UserError
-from winnow.pipeline.params import build_params
+from winnow.core.errors import UserError
+from winnow.core.params import build_params
 from winnow.trainer import lora
 
 

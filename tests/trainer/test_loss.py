@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from winnow.core.layout import layout_batch
 from winnow.trainer.loss import WeightedLMLoss
-from winnow.trainer.packing import layout_batch, plan, prepare
+from winnow.trainer.packing import plan, prepare
 
 from trainer_fixtures import tiny_llama, weighted_samples
 

@@ -20,8 +20,8 @@ def inputs(tmp_path_factory):
 def _loop(inputs, out: Path, **extra):
     from transformers import AutoModelForCausalLM
 
-    from winnow.pipeline.params import build_params
-    from winnow.trainer import data as data_mod
+    from winnow.core.params import build_params
+    from winnow.pipeline import train as data_mod
     from winnow.trainer.config import TrainParams
     from winnow.trainer.distributed import Dist
     from winnow.trainer.loop import Env, Loop
@@ -35,7 +35,7 @@ def _loop(inputs, out: Path, **extra):
     p = build_params(TrainParams, values, "test")
     lm = AutoModelForCausalLM.from_pretrained(str(m), dtype=torch.float32)
     lm.config.use_cache = False
-    return Loop(p, data_mod.load(p, None), lm, Env(torch.device("cpu"), Dist(), out))
+    return Loop(p, data_mod.load_data(p, None), lm, Env(torch.device("cpu"), Dist(), out))
 
 
 def _count_history_forwards(loop) -> list[int]:
@@ -144,7 +144,7 @@ def test_exchange_gives_every_rank_every_filled_sample(tmp_path):
 
 
 def test_auto_scoring_reuses_for_sstoken_only():
-    from winnow.pipeline.params import build_params
+    from winnow.core.params import build_params
     from winnow.trainer.config import TrainParams
 
     def mode(**kw):  # the pre-group names, through their aliases

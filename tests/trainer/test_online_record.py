@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from winnow.pipeline.store import RunDir
+from winnow.core.store import RunDir
 
 from cli_runner import WINNOW, run_cli
 from trainer_fixtures import model_dir, synthetic_run
@@ -47,10 +47,10 @@ def test_recorded_weights_are_the_weights_the_loss_saw(model, tmp_path, monkeypa
     tokens, and must equal the epoch's table row; samples never trained carry zeros and keep=False."""
     import torch
 
-    from winnow.pipeline.params import build_params, parse_sets
+    from winnow.core.params import build_params, parse_sets
+    from winnow.pipeline.train import train
     from winnow.trainer import loop as loop_mod
     from winnow.trainer.config import TrainParams
-    from winnow.trainer.step import train
 
     run = synthetic_run(tmp_path / "run", model)
     seen: list[tuple[int, object]] = []  # (step, micro-batch) as fed to the loss module

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -37,19 +38,70 @@ def _metrics(out):
 
 def _train_rows(inputs, out):
     """The training samples in the trainer's order (eval split and trimming as the trainer does them)."""
+    from winnow.pipeline.train import load_data as load
     from winnow.trainer.config import TrainParams
-    from winnow.trainer.data import load
 
     _, d, _ = inputs
     return load(TrainParams(data=str(d), out=str(out), eval_fraction=0.2, max_seq_len=128), None).train
 
 
+def _eu_plane_by_hand(nll, ent, mask, r_sample, r_token, k_max=10, alpha_max=0.49):
+    """Q-Tuning's Algorithm 1 written out from the paper in plain Python (numpy's quantiles, loops), not
+    with winnow.stages.eu_plane_math: per sample PPL and mean entropy over the supervised tokens, quadrants
+    at the α / 1-α quantiles (a value on a threshold goes to the lower band), α bisected so Q2 ∪ Q4 holds at
+    most round-half-up(r_sample·B) samples, the rest topped up from Q1 ∪ Q3 then the middle by
+    |minmax(PPL) - minmax(entropy)| (ties: the earlier sample); Q2 samples keep max(1, ⌊r_token·n⌋) of
+    their n supervised tokens, the other kept samples all. Returns (kept samples, kept tokens,
+    [|Q1|..|Q4|], top-ups): the counts the trainer logs."""
+    rows = [r for r in range(len(mask)) if any(mask[r])]
+    sup = {r: [i for i in range(len(mask[r])) if mask[r][i]] for r in rows}
+    ppl = {r: math.exp(sum(nll[r][i] for i in sup[r]) / len(sup[r])) for r in rows}
+    unc = {r: sum(ent[r][i] for i in sup[r]) / len(sup[r]) for r in rows}
+    target = math.floor(r_sample * len(rows) + 0.5)
+
+    def quadrants(alpha):
+        p_lo, p_hi = np.quantile([ppl[r] for r in rows], [alpha, 1 - alpha])
+        u_lo, u_hi = np.quantile([unc[r] for r in rows], [alpha, 1 - alpha])
+        out = {}
+        for r in rows:
+            e = "hi" if ppl[r] > p_hi else "lo" if ppl[r] <= p_lo else "mid"
+            u = "hi" if unc[r] > u_hi else "lo" if unc[r] <= u_lo else "mid"
+            out[r] = {("hi", "hi"): 1, ("hi", "lo"): 2, ("lo", "lo"): 3, ("lo", "hi"): 4}.get((e, u), 0)
+        return out
+
+    best, lo, hi = quadrants(0.0), 0.0, alpha_max
+    for _ in range(k_max):
+        alpha = (lo + hi) / 2
+        q = quadrants(alpha)
+        kept = sum(v in (2, 4) for v in q.values())
+        if kept <= target:
+            best = q
+        if kept == target:
+            break
+        lo, hi = (alpha, hi) if kept < target else (lo, alpha)
+    scale = lambda d, r: (d[r] - min(d.values())) / (max(d.values()) - min(d.values()))  # noqa: E731
+    supp = {r: abs(scale(ppl, r) - scale(unc, r)) for r in rows}
+    keep = [r for r in rows if best[r] in (2, 4)]
+    topups = 0
+    for pool in ([r for r in rows if best[r] in (1, 3)], [r for r in rows if best[r] == 0]):
+        for r in sorted(pool, key=lambda r: (-supp[r], r))[: max(target - len(keep), 0)]:
+            keep.append(r)
+            topups += 1
+    tokens = 0
+    for r in keep:
+        if best[r] != 2:
+            tokens += len(sup[r])
+            continue
+        tokens += max(1, math.floor(r_token * len(sup[r]) + 1e-9))  # which ones (Eq. 7) is not counted here
+    return len(keep), tokens, [sum(v == q for v in best.values()) for q in (1, 2, 3, 4)], topups
+
+
 def test_q_tuning_step_matches_an_independent_full_logit_eu_plane(inputs, tmp_path):
-    """Step 1's kept samples/tokens equal eu_plane_select on float64 full-logit NLL and entropy of the
-    same 8 samples: the online scoring forward, the shared mini-batch order and the shared formula."""
+    """Step 1's kept samples/tokens equal Algorithm 1 written out by hand (:func:`_eu_plane_by_hand`) on
+    float64 full-logit NLL and entropy of the same 8 samples: the online scoring forward, the shared
+    mini-batch order and the formula."""
     from transformers import AutoModelForCausalLM
 
-    from winnow.stages.eu_plane_math import eu_plane_select
     from winnow.stages.topk import minibatches
 
     out = tmp_path / "q"
@@ -72,11 +124,11 @@ def test_q_tuning_step_matches_an_independent_full_logit_eu_plane(inputs, tmp_pa
         mask[r, t[m]] = True
         nll[r, t[m]] = -logp[t[m] - 1, ids[0, t[m]]]
         ent[r, t[m]] = -(logp[t[m] - 1].exp() * logp[t[m] - 1]).sum(-1)
-    want = eu_plane_select(nll, ent, mask, 0.5, 0.5)
-    assert rows[0]["online_kept_samples"] == int(want.keep_sample.sum()) == 4
-    assert rows[0]["online_kept_tokens"] == int(want.token_keep.sum()) == rows[0]["weighted_tokens"]
-    assert [rows[0][f"q{q}"] for q in (1, 2, 3, 4)] == [int((want.quadrant == q).sum()) for q in (1, 2, 3, 4)]
-    assert rows[0]["topup"] == int((want.keep_sample & (want.kept_by != 1)).sum())
+    kept, tokens, quads, topups = _eu_plane_by_hand(nll.tolist(), ent.tolist(), mask.tolist(), 0.5, 0.5)
+    assert rows[0]["online_kept_samples"] == kept == 4
+    assert rows[0]["online_kept_tokens"] == tokens == rows[0]["weighted_tokens"]
+    assert [rows[0][f"q{q}"] for q in (1, 2, 3, 4)] == quads
+    assert rows[0]["topup"] == topups
 
 
 def test_rho1_keeps_k_ratio_of_the_mini_batch_tokens(inputs, tmp_path):
@@ -166,7 +218,7 @@ def test_model_pass_scores_with_an_adapter_directory(inputs, tmp_path):
     """`winnow score --model ADAPTER_DIR` loads the base, merges the adapter and scores exactly."""
     from peft import AutoPeftModelForCausalLM
 
-    from winnow.pipeline.store import RunDir
+    from winnow.core.store import RunDir
 
     from trainer_fixtures import synthetic_run
 

@@ -13,7 +13,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from winnow.trainer.packing import best_fit_decreasing, layout_batch, plan, prepare, step_batches, trim
+from winnow.core.layout import best_fit_decreasing, layout_batch
+from winnow.trainer.packing import plan, prepare, step_batches, trim
 
 from trainer_fixtures import weighted_samples
 

@@ -15,9 +15,10 @@ import peft  # noqa: F401  (a dev dependency: a missing peft fails here, never s
 import pytest
 import torch
 
+from winnow.core.layout import layout_batch
 from winnow.trainer import lora
 from winnow.trainer.loss import WeightedLMLoss
-from winnow.trainer.packing import layout_batch, plan, prepare
+from winnow.trainer.packing import plan, prepare
 from winnow.trainer.prompt_tuning import PromptTuningParams, apply_prompt_tuning, shift_gather
 
 from cli_runner import WINNOW
@@ -182,8 +183,8 @@ def _eval_loss_of_saved_adapter(inputs, out) -> float:
     full logits, loss_mask weights (token 0 never counts)."""
     from peft import AutoPeftModelForCausalLM
 
+    from winnow.pipeline.train import load_data as load
     from winnow.trainer.config import TrainParams
-    from winnow.trainer.data import load
 
     ev = load(TrainParams(data=str(inputs[1]), out=str(out), eval_fraction=0.2, max_seq_len=128), None).eval
     model = AutoPeftModelForCausalLM.from_pretrained(str(out), dtype=torch.float64).eval()
@@ -239,8 +240,8 @@ def test_train_saves_a_prompt_that_reloads_resumes_bitwise_and_is_refused_where_
         code, _, err = run_cli(*_cli_args(inputs, tmp_path / "refused", *extra))
         assert code == 2 and named in err and "prompt_tuning.num_virtual_tokens=4" in err, err
     assert not (tmp_path / "refused").exists()
-    from winnow.pipeline.errors import UserError
-    from winnow.pipeline.models import load_causal_lm
+    from winnow.core.errors import UserError
+    from winnow.core.models import load_causal_lm
 
     with pytest.raises(UserError, match="PROMPT_TUNING adapter"):
         load_causal_lm(straight)

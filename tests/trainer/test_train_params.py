@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
-from winnow.pipeline.errors import UserError
-from winnow.pipeline.params import build_params
-from winnow.pipeline.store import stable_hash
+from winnow.core.errors import UserError
+from winnow.core.params import build_params
+from winnow.core.store import stable_hash
 from winnow.trainer.config import ALIASES, TrainParams
 from winnow.trainer.online_params import OnlineParams
 

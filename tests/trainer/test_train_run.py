@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from winnow.pipeline.store import RunDir
+from winnow.core.store import RunDir
 
 from cli_runner import run_cli
 from trainer_fixtures import export_parquet, model_dir, synthetic_run

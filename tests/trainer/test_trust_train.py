@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from winnow.pipeline.store import UserError
+from winnow.core.store import UserError
 from winnow.trainer.config import TrainParams
 
 from cli_runner import WINNOW, run_cli
@@ -220,7 +220,7 @@ def _write(path: Path, cols: dict) -> Path:
 
 
 def test_nonfinite_or_broken_data_rows_exit_2_naming_them(inputs, tmp_path):
-    from winnow.trainer import data as data_mod
+    from winnow.pipeline import train as data_mod
 
     good = {"input_ids": [[5, 6, 7]] * 4, "loss_mask": [[0, 1, 1]] * 4}
     cases = {
@@ -232,14 +232,14 @@ def test_nonfinite_or_broken_data_rows_exit_2_naming_them(inputs, tmp_path):
     for name, cols in cases.items():
         path = _write(tmp_path / f"{name.replace(' ', '_')}.parquet", cols)
         with pytest.raises(UserError, match="row 3|inf|input_ids") as e:
-            data_mod.load(TrainParams(data=str(path), eval_fraction=0.0), None)
+            data_mod.load_data(TrainParams(data=str(path), eval_fraction=0.0), None)
         assert str(path) in str(e.value), (name, e.value)
     code, _, err = _train_data(inputs, tmp_path / "o", "--data", tmp_path / "inf.parquet")
     assert code == 2 and "token weight inf" in err and not (tmp_path / "o").exists()
 
 
 def test_eval_where_on_data_is_read_only_and_reads_exactly_that_file(tmp_path):
-    from winnow.trainer import data as data_mod
+    from winnow.pipeline import train as data_mod
 
     def rows(n):
         return {
@@ -252,12 +252,12 @@ def test_eval_where_on_data_is_read_only_and_reads_exactly_that_file(tmp_path):
     _write(tmp_path / "k1.parquet", rows(50))  # what a glob k[1].parquet would read instead
     quoted = _write(tmp_path / "it's.parquet", rows(5))
     for path, n in ((target, 6), (quoted, 5)):
-        d = data_mod.load(TrainParams(data=str(path), eval_where="sample_id in ('s0', 's1')"), None)
+        d = data_mod.load_data(TrainParams(data=str(path), eval_where="sample_id in ('s0', 's1')"), None)
         assert d.source["samples"] == n and d.source["held_out"] == 2, d.source
     leak = tmp_path / "leak.csv"
     for cond in (f"true; COPY (SELECT 1) TO '{leak}'", f"sample_id in (select * from read_csv('{target}'))"):
         with pytest.raises(UserError, match="eval_where"):
-            data_mod.load(TrainParams(data=str(target), eval_where=cond), None)
+            data_mod.load_data(TrainParams(data=str(target), eval_where=cond), None)
     assert not leak.exists()
 
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from winnow.pipeline.store import UserError
-from winnow.stages.passes.attention_capture import AttentionCapture, attention_importance, check_attention
-from winnow.stages.passes.batching import collate, plan_batches
+from winnow.core.attention_capture import AttentionCapture, attention_importance, check_attention
+from winnow.core.layout import collate, plan_batches
+from winnow.core.store import UserError
 
 from attention_reference import _eager_reference
 from model_pass_fixtures import make_config, random_samples
@@ -94,7 +94,7 @@ def test_query_chunking_and_skipping(monkeypatch):
 
 
 def test_check_attention_accepts_and_refuses(monkeypatch):
-    import winnow.stages.passes.attention_capture as ai
+    import winnow.core.attention_capture as ai
 
     model = _model("qwen3")
     orig = ai._project

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from winnow.core.store import UserError
 from winnow.pipeline.steps import get_step, spec
-from winnow.pipeline.store import UserError
 from winnow.stages.passes.contrast_pass import ContrastParams, run_contrast_pass
 
 from model_pass_fixtures import make_model_dir, random_samples, write_samples

@@ -16,13 +16,14 @@ import torch
 
 import winnow.stages.passes.model_pass as mp
 import winnow.stages.passes.model_scoring as ms
-from winnow.pipeline.models import weights_fingerprint
+from winnow.core.layout import plan_batches
+from winnow.core.model_io import load_model
+from winnow.core.models import weights_fingerprint
+from winnow.core.store import UserError
 from winnow.pipeline.steps import get_step, spec
-from winnow.pipeline.store import UserError
-from winnow.stages.passes.batching import plan_batches
-from winnow.stages.passes.model_io import load_model
 from winnow.stages.passes.model_pass import ModelPassParams, run_model_pass, score_samples
 
+from cli_runner import WINNOW
 from model_pass_fixtures import make_model_dir, random_samples, reference, write_samples
 
 RTOL = ATOL = 1e-5
@@ -189,18 +190,10 @@ def test_attention_signal_is_query_anchored(tmp_path, models):
 
 
 def _cli(run_dir, model_dir, env_extra=None, *sets):
+    """`winnow score RUN --model M` in a subprocess (the roof: registry, run lock), as a user runs it."""
     env = {**os.environ, "WINNOW_PROGRESS": "0", **(env_extra or {})}
-    cmd = [
-        sys.executable,
-        "-P",
-        "-m",
-        "winnow.stages.passes.model_pass",
-        str(run_dir),
-        f"model={model_dir}",
-        "token_budget=256",
-        "threads=1",
-        *sets,
-    ]
+    cmd = [WINNOW, "score", str(run_dir), "--model", str(model_dir), "--set", "token_budget=256"]
+    cmd += ["--set", "threads=1", *(a for s in sets for a in ("--set", s))]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
 
 
@@ -235,7 +228,8 @@ def test_refuses_other_tokenizer_with_exit_2(tmp_path, models):
     run = write_samples(tmp_path / "run", seqs, masks, models["qwen2"])  # qwen2's tokenizer, scored by llama
     with pytest.raises(UserError, match="different tokenizer"):
         run_model_pass(run, P(model=str(models["llama"])))
-    assert mp.main([str(run.root), f"model={models['llama']}"]) == 2
+    proc = _cli(run.root, models["llama"])
+    assert proc.returncode == 2 and "different tokenizer" in proc.stderr
     assert not run.table("signals/current").exists()
 
 
@@ -281,7 +275,7 @@ def _full_hash_by_hand(model_dir) -> str:
 
 
 def test_weights_fingerprint(tmp_path, models, monkeypatch):
-    import winnow.pipeline.models as wm
+    import winnow.core.models as wm
 
     full = weights_fingerprint(models["llama"])
     assert full == _full_hash_by_hand(models["llama"]) and full != weights_fingerprint(models["qwen2"])

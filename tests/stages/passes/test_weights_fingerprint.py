@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import winnow.pipeline.models as mio
+import winnow.core.models as mio
 
 
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from winnow.pipeline.store import RunDir
+from winnow.core.store import RunDir
 
 from stage_fixtures import write_signals, write_synthetic_samples
 

@@ -3,7 +3,7 @@ selection, resume, card, export and inspect."""
 
 from __future__ import annotations
 
-from winnow.pipeline.store import RunDir
+from winnow.core.store import RunDir
 
 from stage_fixtures import write_signals, write_synthetic_samples
 

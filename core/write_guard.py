@@ -20,7 +20,7 @@ import re
 import stat
 from pathlib import Path
 
-from winnow.pipeline.store import MANIFEST, UserError
+from winnow.core.store import MANIFEST, UserError
 
 NAME_MAX = 100  # a selection or training name: far below the 255-byte file name limit with prefixes
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -105,7 +105,7 @@ def refuse_special_file(path: Path) -> None:
 
 
 class _Folder:
-    """What :func:`winnow.pipeline.lock.run_lock` needs of a run: a root, and nothing to tidy."""
+    """What :func:`winnow.core.lock.run_lock` needs of a run: a root, and nothing to tidy."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -117,7 +117,7 @@ class _Folder:
 def out_lock(out: Path, what: str):
     """The run lock's protocol (O_EXCL file, heartbeat, takeover of a dead holder, torchrun jobs) on an
     output folder: a second `winnow train` into the same ``--out`` is refused while the first runs."""
-    from winnow.pipeline.lock import run_lock
+    from winnow.core.lock import run_lock
 
     out.mkdir(parents=True, exist_ok=True)
     return run_lock(_Folder(out), what)  # type: ignore[arg-type]
@@ -126,7 +126,7 @@ def out_lock(out: Path, what: str):
 def refuse_view_collision(run, table: str) -> None:
     """UserError when another table of ``run`` gets the same inspect view name as ``table``: `a.b` and
     `a_b` both became ``selection_a_b`` and broke `inspect` and `card` for the whole run."""
-    from winnow.pipeline.inspect_run import view_name
+    from winnow.core.views import view_name
 
     mine = view_name(table)
     clash = sorted(t for t in run.tables() if t != table and view_name(t) == mine)

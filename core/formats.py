@@ -28,7 +28,7 @@ import json
 import unicodedata
 from typing import Any
 
-from winnow.pipeline.errors import RejectError
+from winnow.core.errors import RejectError
 
 FORMATS = ("chat", "sharegpt", "prompt_response", "alpaca", "gsm8k", "text")
 ROLES = ("system", "user", "assistant", "tool")

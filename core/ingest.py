@@ -25,8 +25,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from winnow.pipeline.errors import RejectError
-from winnow.pipeline.formats import (
+from winnow.core import builtins
+from winnow.core.errors import RejectError
+from winnow.core.formats import (
     FORMATS,
     canonical_messages,
     coerce_meta,
@@ -38,10 +39,10 @@ from winnow.pipeline.formats import (
     unique_meta_names,
     value_kind,
 )
-from winnow.pipeline.readers import Row, file_fingerprint, iter_rows
-from winnow.pipeline.shards import Computed, ShardLoop, step_entry
-from winnow.pipeline.steps import Step
-from winnow.pipeline.store import RunDir, UserError, atomic_write_json, plan_digest, stable_hash
+from winnow.core.readers import Row, file_fingerprint, iter_rows
+from winnow.core.shards import Computed, ShardLoop, step_entry
+from winnow.core.steps import Step
+from winnow.core.store import RunDir, UserError, atomic_write_json, plan_digest, stable_hash
 
 CODE_VERSION = "ingest/2"  # with render.RENDER_VERSION in the fingerprint
 LOSS_ON = ("all_turns", "last_turn")
@@ -90,13 +91,9 @@ def rejects_table(table: str) -> str:
 
 
 def resolve_input(spec: str) -> Path:
-    if spec == "builtin:demo":
-        from winnow.pipeline.builtin.demo_data import demo_path
-
-        return demo_path()
-    if spec.startswith("builtin:"):
-        raise UserError(f"unknown built-in input {spec!r}; the only one is builtin:demo")
-    from winnow.pipeline.write_guard import refuse_special_file
+    if spec.startswith(builtins.PREFIX):  # builtin:demo (its provider: winnow.pipeline.builtin.demo_data)
+        return builtins.resolve("input", spec)
+    from winnow.core.write_guard import refuse_special_file
 
     refuse_special_file(Path(spec))  # a FIFO or device would block the scan forever
     return Path(spec)
@@ -268,7 +265,7 @@ def _convert(ctx: _Ctx, rows: list[Row]) -> list[_Converted]:
 
 def _render_unique(ctx: _Ctx, converted: list[_Converted]) -> dict[str, Any]:
     """Render each distinct conversation once (duplicates reuse it): sample_id -> Rendered or error."""
-    from winnow.pipeline.render import render_batch
+    from winnow.core.render import render_batch
 
     unique: dict[str, list[dict]] = {}
     for _, msgs, _, err in converted:
@@ -388,8 +385,8 @@ class _Prepared:
 
 
 def _prepare(p: IngestParams) -> _Prepared:
-    from winnow.pipeline.models import load_tokenizer, resolve_model, tokenizer_fingerprint
-    from winnow.pipeline.render import RENDER_VERSION
+    from winnow.core.models import load_tokenizer, resolve_model, tokenizer_fingerprint
+    from winnow.core.render import RENDER_VERSION
 
     model_dir = resolve_model(p.model)
     tokenizer = load_tokenizer(model_dir, p.trust_remote_code)

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from winnow.pipeline.store import UserError
-from winnow.pipeline.write_guard import refuse_special_file
+from winnow.core.store import UserError
+from winnow.core.write_guard import refuse_special_file
 
 RAW_LIMIT = 2000  # characters of a bad row kept in rejects.raw
 BOM = b"\xef\xbb\xbf"

@@ -6,10 +6,11 @@ the error messages are the same.
 
 * **Specs.** ``builtin:<name>`` is one of winnow's own tiny models
   (:data:`winnow.pipeline.builtin.tiny_model.BUILTIN_MODELS`), trained once and cached in
-  ``$WINNOW_CACHE/models/<name>-<hash>/``; anything else is a local Hugging Face directory written by
+  ``$WINNOW_CACHE/models/<name>-<hash>/``, looked up through :mod:`winnow.core.builtins` (the roof
+  registers the provider: the ground floor never imports it); anything else is a local Hugging Face directory written by
   ``save_pretrained`` (there is no hub download: the project runs offline).
 * **Tokenizer.** ``AutoTokenizer.from_pretrained`` with ``trust_remote_code`` off unless the user asks;
-  its fingerprint is :func:`winnow.pipeline.render.tokenizer_fingerprint` (one definition), recorded in
+  its fingerprint is :func:`winnow.core.render.tokenizer_fingerprint` (one definition), recorded in
   the samples table's schema metadata under :data:`FINGERPRINT_KEY`. A model pass refuses a model whose
   tokenizer fingerprints differently (:func:`check_tokenizer`): its token ids would mean other strings.
 * **Weights fingerprint** (commit records' ``model_fingerprint``: a pass is redone when the model
@@ -33,10 +34,11 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from winnow.pipeline.errors import UserError
+from winnow.core import builtins
+from winnow.core.errors import UserError
 
 if TYPE_CHECKING:
-    from winnow.pipeline.store import RunDir
+    from winnow.core.store import RunDir
 
 BUILTIN_PREFIX = "builtin:"
 FINGERPRINT_KEY = b"winnow.tokenizer_fingerprint"
@@ -49,20 +51,16 @@ def resolve_model(spec: str | Path) -> Path:
     """``builtin:<name>`` -> the cached builtin model (built on first use); else a local model directory."""
     spec = str(spec)
     if spec.startswith(BUILTIN_PREFIX):
-        from winnow.pipeline.builtin.tiny_model import builtin_model_path
-
-        return builtin_model_path(spec[len(BUILTIN_PREFIX) :])
+        return builtins.resolve("model", spec)
     path = Path(spec).expanduser()
     if adapter_base(path) is not None:  # a peft adapter: scored as its base with the adapter merged in
         return path
     if not (path / "config.json").is_file():
-        from winnow.pipeline.builtin.tiny_model import BUILTIN_MODELS
-
         what = "does not exist" if not path.exists() else "has no config.json"
         raise UserError(
             f"model {spec!r}: {path} {what}. Pass a local Hugging Face model directory (one written by "
             f"save_pretrained, with config.json, weights and tokenizer; there is no hub download), or "
-            f"builtin:<name> with name one of {sorted(BUILTIN_MODELS)}"
+            f"builtin:<name> with name one of {builtins.names('model')}"
         )
     return path
 
@@ -141,8 +139,8 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool = False) -> Any:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """The samples table's tokenizer fingerprint (defined once, in :mod:`winnow.pipeline.render`)."""
-    from winnow.pipeline.render import tokenizer_fingerprint as fp
+    """The samples table's tokenizer fingerprint (defined once, in :mod:`winnow.core.render`)."""
+    from winnow.core.render import tokenizer_fingerprint as fp
 
     return fp(tokenizer)
 

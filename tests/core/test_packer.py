@@ -1,5 +1,5 @@
-"""The micro-batch packer: the torch reference against a brute-force Python packer and by invariants
-(CPU), and the CuPy packer against the reference (``gpu``)."""
+"""The one packer (:func:`winnow.core.layout.pack_varlen`) against a brute-force Python packer and by
+invariants (CPU), and the CuPy packer against it (``gpu``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from winnow.kernels.packing_reference import pack_reference, stage
+from winnow.core.layout import pack_varlen, stage
 
 
 def _ragged(seed, n_samples=12, max_len=40, vocab=1000):
@@ -32,11 +32,11 @@ def _ragged(seed, n_samples=12, max_len=40, vocab=1000):
     return offsets, np.concatenate(ids).astype(np.int64), np.concatenate(ws).astype(np.float32), ids, ws
 
 
-def _brute(ids, ws):
-    """One sample at a time, token by token."""
+def _brute(ids, ws, trim=True):
+    """One sample at a time, token by token (``trim=False``: every sample whole, none dropped)."""
     out_ids, out_pos, cu, gather, targets, weights = [], [], [0], [], [], []
     for x, w in zip(ids, ws, strict=True):
-        last = max((i for i in range(1, len(x)) if w[i] != 0), default=None)
+        last = max((i for i in range(1, len(x)) if w[i] != 0), default=None) if trim else len(x) - 1
         if last is None:
             continue
         start = len(out_ids)
@@ -54,7 +54,7 @@ def _brute(ids, ws):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_reference_matches_brute_force(seed):
     offsets, ids, ws, ids_list, ws_list = _ragged(seed)
-    p = pack_reference(*stage(offsets, ids, ws, "cpu"))
+    p = pack_varlen(*stage(offsets, ids, ws, "cpu"))
     want = _brute(ids_list, ws_list)
     got = (p.input_ids, p.position_ids, p.cu_seqlens, p.gather, p.targets, p.weights)
     for name, a, e in zip(("ids", "pos", "cu", "gather", "targets", "weights"), got, want, strict=True):
@@ -65,7 +65,7 @@ def test_reference_matches_brute_force(seed):
 
 def test_reference_invariants():
     offsets, ids, ws, *_ = _ragged(7, n_samples=40, max_len=200)
-    p = pack_reference(*stage(offsets, ids, ws, "cpu"))
+    p = pack_varlen(*stage(offsets, ids, ws, "cpu"))
     cu = p.cu_seqlens.long()
     assert cu[0] == 0 and cu[-1] == p.input_ids.numel() and torch.all(cu[1:] > cu[:-1])  # no empty sample
     starts = torch.zeros(p.input_ids.numel(), dtype=torch.bool)
@@ -81,20 +81,19 @@ def test_reference_invariants():
 
 
 @pytest.mark.parametrize("seed", [3, 4])
-def test_reference_matches_trainer_cpu_packer(seed):
-    """Same outputs, dtypes included, as the trainer's CPU packer (trim, then pack_varlen)."""
-    packing = pytest.importorskip("winnow.trainer.packing")
+def test_whole_samples_match_brute_force(seed):
+    """``trim=False`` (the trainer's rows): no sample cut or dropped, empty and unweighted ones included."""
     offsets, ids, ws, ids_list, ws_list = _ragged(seed, n_samples=30, max_len=100)
-    kept = [t for t in (packing.trim(x, w) for x, w in zip(ids_list, ws_list, strict=True)) if t is not None]
-    want = packing.pack_varlen([t[0] for t in kept], [t[1] for t in kept])
-    p = pack_reference(*stage(offsets, ids, ws, "cpu"))
+    p = pack_varlen(*stage(offsets, ids, ws, "cpu"), trim=False)
+    want = _brute(ids_list, ws_list, trim=False)
     got = (p.input_ids, p.position_ids, p.cu_seqlens, p.gather, p.targets, p.weights)
-    for a, e in zip(got, want, strict=True):
-        assert a.numpy().dtype == e.dtype and np.array_equal(a.numpy(), e)
+    for name, a, e in zip(("ids", "pos", "cu", "gather", "targets", "weights"), got, want, strict=True):
+        assert a.tolist() == pytest.approx(e), name
+    assert p.cu_seqlens.dtype == torch.int32 and p.weights.dtype == torch.float32
 
 
 def test_empty_batch_and_bad_offsets():
-    p = pack_reference(*stage(np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), "cpu"))
+    p = pack_varlen(*stage(np.zeros(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), "cpu"))
     assert p.input_ids.numel() == 0 and p.cu_seqlens.tolist() == [0] and p.max_seqlen == 0
     with pytest.raises(ValueError, match="offsets"):
         stage(np.array([0, 5]), np.zeros(4, np.int64), np.zeros(4, np.float32), "cpu")
@@ -103,12 +102,12 @@ def test_empty_batch_and_bad_offsets():
 @pytest.mark.gpu
 @pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="cupy is not installed")
 @pytest.mark.parametrize("seed,n_samples,max_len", [(0, 12, 40), (1, 64, 4096), (2, 1, 3)])
-def test_cupy_matches_reference(seed, n_samples, max_len):
+def test_cupy_matches_the_torch_packer(seed, n_samples, max_len):
     from winnow.kernels.cupy_packing import pack_cupy
 
     offsets, ids, ws, *_ = _ragged(seed, n_samples, max_len)
     staged = stage(offsets, ids, ws, "cuda")
-    want = pack_reference(*staged)
+    want = pack_varlen(*staged)
     got = pack_cupy(*staged)
     torch.cuda.synchronize()
     for f in ("input_ids", "position_ids", "cu_seqlens", "gather", "targets", "weights"):

@@ -27,10 +27,10 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from winnow.pipeline.errors import UserError
+from winnow.core.errors import UserError
 
 if TYPE_CHECKING:
-    from winnow.pipeline.store import RunDir
+    from winnow.core.store import RunDir
 
 _SPECIAL_SHAPE = re.compile(r"^<[^<>\s]+>$")
 METADATA_KEY = b"winnow.always_keep"  # selection tables: {"texts": [...], "ids": [...]} (JSON)
@@ -69,7 +69,7 @@ def always_keep_ids(tokenizer: Any, texts: list[str], where: str) -> list[int]:
 def run_tokenizer(run: RunDir, where: str) -> Any:
     """The tokenizer ingest used for ``run``'s samples (the model recorded in the samples schema), checked
     against the samples' tokenizer fingerprint."""
-    from winnow.pipeline.models import (
+    from winnow.core.models import (
         load_tokenizer,
         resolve_model,
         samples_tokenizer_fingerprint,

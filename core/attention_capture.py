@@ -18,8 +18,8 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any
 
+from winnow.core.errors import UserError
 from winnow.kernels.attention_importance import importance_from_qk
-from winnow.pipeline.errors import UserError
 
 if TYPE_CHECKING:
     import torch

@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from winnow.pipeline.store import RunDir, UserError, atomic_write_json, pid_alive, warn
+from winnow.core.store import RunDir, UserError, atomic_write_json, pid_alive, warn
 
 LOCK = ".winnow.lock"
 HEARTBEAT_S = 10.0

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from winnow.stages.passes.batching import (
+from winnow.core.layout import (
     MAX_PAD_FRAC,
     collate,
     padding_fraction,
@@ -52,7 +52,8 @@ def test_padded_plan_is_not_vacuous_on_skewed_lengths():
 @settings(max_examples=100, deadline=None)
 def test_packed_plan_invariants(lengths, budget):
     plans = plan_packed(lengths, budget)
-    assert [s for p in plans for s in p.samples] == list(range(len(lengths)))  # input order, once each
+    assert sorted(s for p in plans for s in p.samples) == list(range(len(lengths)))  # once each
+    assert all(sum(lengths[s] for s in p.samples) == p.real_tokens for p in plans)
     for p in plans:
         assert len(p.rows) == 1 and p.width == p.real_tokens  # no padding at all
         assert p.width <= budget or len(p.samples) == 1

@@ -5,8 +5,8 @@ Kernels and array functions raise it too, so this module depends on nothing.
 
 ``RejectError``: one input row that cannot become a sample. It carries the short reason code of
 its reject row (``bad_role``, ``template_mismatch``, ...) and a human detail. Record parsing
-(:mod:`winnow.pipeline.formats`, as ``RecordError``) and chat-template rendering
-(:mod:`winnow.pipeline.render`, as ``RenderError``) raise the same class, so ingest turns either
+(:mod:`winnow.core.formats`, as ``RecordError``) and chat-template rendering
+(:mod:`winnow.core.render`, as ``RenderError``) raise the same class, so ingest turns either
 into a reject row the same way.
 """
 

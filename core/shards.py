@@ -10,7 +10,7 @@ on its own:
   cover every shard however many were redone (a rerun that skips everything reports the same
   ``counts`` as the run that computed them);
 * **commit**: write every output table of a shard, then call the fault hook
-  (``WINNOW_FAULT_KILL_AFTER_SHARDS``, :func:`winnow.pipeline.store.shard_done`) once per shard;
+  (``WINNOW_FAULT_KILL_AFTER_SHARDS``, :func:`winnow.core.store.shard_done`) once per shard;
 * **rank split**: :func:`assign_by_tokens` gives pending shards to ranks longest first;
 * **counts**: :meth:`ShardLoop.summary` is the ``shards`` block of the manifest entry.
 
@@ -30,7 +30,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from winnow.pipeline.store import Table, shard_done, versions
+from winnow.core.store import Table, shard_done, versions
 
 
 def assign_by_tokens(tokens: dict[int, int], world: int) -> list[list[int]]:

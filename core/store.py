@@ -28,7 +28,7 @@ VM): first verification 2.2 s against a 324 s ingest (0.7%), cached 0.11 s (0.04
 Damaged metadata is never a traceback: an unreadable commit record, plan or manifest is reported
 naming the file and treated as missing, so a rerun rewrites it. Shards beyond the plan's shard count
 are ignored with a warning. Temporary files (``.NAME.tmp-PID``) of dead writers are removed when a
-writer takes the run's lock (pipeline/lock.py).
+writer takes the run's lock (core/lock.py).
 
 Staleness is derived from the records themselves: a shard whose recorded input digests differ from
 the current digests of those inputs is stale, and so is every table computed from a stale one. No
@@ -51,7 +51,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from winnow.pipeline.errors import UserError  # noqa: F401  (re-exported: store.UserError)
+from winnow.core.errors import UserError  # noqa: F401  (re-exported: store.UserError)
 
 MANIFEST = "manifest.json"
 COMMITS = "_commits"
@@ -548,7 +548,7 @@ class RunDir:
             return None
 
     def tidy(self) -> list[Path]:
-        """What a writer removes when it takes the run (pipeline/lock.py): ``.NAME.tmp-PID`` files of
+        """What a writer removes when it takes the run (core/lock.py): ``.NAME.tmp-PID`` files of
         writers that died (pid gone on this host), shard files without a commit record, and shards
         numbered beyond their plan. Readers never see any of these; removing them makes a tampered or
         crashed run whole again."""

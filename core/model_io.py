@@ -1,9 +1,10 @@
-"""Loading a causal LM for a model pass: device, dtype, body and head, and the head check.
+"""Loading a causal LM, for a model pass (:func:`load_model`) and for the trainer (:func:`load_for_training`):
+device, dtype, body and head, and the head check.
 
 * **Security.** Weights load only from safetensors (``use_safetensors=True``: a directory with only
   pickled ``.bin`` weights is refused) and ``trust_remote_code`` stays off unless the user asks.
 * **Identity** (which directory a spec names, tokenizer check, weights fingerprint) lives in
-  :mod:`winnow.pipeline.models`, shared with ingest.
+  :mod:`winnow.core.models`, shared with ingest.
 * **Body and head.** The pass runs ``model.base_model`` (embeddings, layers, final norm) and applies
   the LM head itself (:mod:`winnow.kernels.chunked_head`). A head applied outside ``forward`` must
   reproduce the model's own post-processing; :func:`check_head` compares it with a full forward on a
@@ -18,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from winnow.core.errors import UserError
+from winnow.core.models import load_causal_lm, weights_fingerprint
 from winnow.kernels.chunked_head import LMHead
-from winnow.pipeline.errors import UserError
-from winnow.pipeline.models import load_causal_lm, weights_fingerprint
 
 if TYPE_CHECKING:
     import torch
@@ -75,7 +76,7 @@ class LoadedModel:
     fingerprint: str
     device: torch.device
     dtype: torch.dtype
-    layout: str  # "padded" | "packed" (see winnow.stages.passes.batching)
+    layout: str  # "padded" | "packed" (see winnow.core.layout)
 
     @property
     def attn_implementation(self) -> str:
@@ -179,3 +180,38 @@ def check_head(model, body, head: LMHead, *, device, dtype, where: str, seq: int
         "winnow does not know (known: logit_scale, logits_scaling, final_logit_softcapping), so its "
         "log-probs would be wrong. Please report the architecture."
     )
+
+
+def load_for_training(model_dir: Path, device) -> tuple[Any, LMHead]:
+    """The trainer's model (float32 weights, varlen attention on CUDA, KV cache off) and its checked head.
+
+    On CUDA the model loads with ``flash_attention_2`` when installed, else ``flex_attention``
+    (transformers turns the restarting ``position_ids`` of a packed row into a document mask).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the trainer reports its own progress; no per-file bars
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": True}
+    if device.type == "cuda":  # varlen attention for packed rows, never a padded full mask
+        kwargs["attn_implementation"] = (
+            "flash_attention_2" if flash_attention_available(device) else "flex_attention"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load {model_dir} as a causal LM: {e}") from None
+    model.winnow_use_cache = getattr(model.config, "use_cache", True)  # restored in the saved config
+    model.config.use_cache = False  # a KV cache would make packed samples attend to each other
+    out_emb = model.get_output_embeddings()
+    with torch.no_grad():
+        head = check_head(
+            model,
+            model.base_model,
+            LMHead(out_emb.weight, getattr(out_emb, "bias", None)),
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+            where=str(model_dir),
+        )
+    return model, head

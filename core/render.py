@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
 
-from winnow.pipeline.errors import RejectError
+from winnow.core.errors import RejectError
 
 LOSS_ON = ("all_turns", "last_turn")
 # Bump when rendering or masking rules change (the plain format included): ingest puts it in its fingerprint.

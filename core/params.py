@@ -14,7 +14,7 @@ import types
 import typing
 from typing import Any, TypeVar
 
-from winnow.pipeline.store import UserError
+from winnow.core.store import UserError
 
 T = TypeVar("T")
 

@@ -1,0 +1,1 @@
+"""winnow.core: the ground floor every room may import (store, shards, params, errors, lock, models, layout)."""

@@ -1,0 +1,145 @@
+"""The step registry's table and its questions, on the ground floor: what every room may ask.
+
+A :class:`StepSpec` is one registry line: its kind (``ingest``, ``model_pass``, ``stage``,
+``selection``, ``training``), the module holding its runnable :class:`Step`, the tables it reads and
+writes as patterns resolved from its parameters (``signals/{history}``), the columns of its output
+that other steps rely on (``keep``, ``reason``, ``token_keep``), and its data-card section.
+
+This module holds data and questions only (:func:`score_stages`, :func:`token_sources`,
+:func:`selection_policies`, :func:`writes_column`, :meth:`StepSpec.key`): it imports no step. The roof
+(:mod:`winnow.pipeline.steps`) fills :data:`REGISTRY` with winnow's own steps and is the one place that
+imports a step's module (:func:`winnow.pipeline.steps.get_step`); so a room (the selection policy asks
+which stages write ``keep``) reads the registry without an arrow pointing up. Every program enters
+through the roof (the CLI, a recipe, ``get_step``), which registers the steps on import.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from winnow.core.errors import UserError
+
+KINDS = ("ingest", "model_pass", "stage", "selection", "training")
+
+
+@dataclass(frozen=True)
+class Step:
+    """A unit of a pipeline: validated parameters in, committed tables out.
+
+    ``run(run_dir, params)`` does the work, skipping shards already committed with the same
+    fingerprint, and returns the manifest entry for the step (counts, timings, outputs).
+    """
+
+    name: str
+    params: type
+    run: Callable[[Any, Any], dict[str, Any]]
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A table a step reads or writes: a pattern over its parameters, present only ``when`` true."""
+
+    pattern: str
+    when: Callable[[Any], bool] | None = None
+
+    def resolve(self, params: Any) -> str | None:
+        if self.when is not None and not self.when(params):
+            return None
+        return self.pattern.format_map({k: getattr(params, k) for k in _fields(self.pattern)})
+
+
+TableDecl = str | Ref | Callable[[Any], Iterable[str]]
+
+
+def _fields(pattern: str) -> list[str]:
+    return [f for _, f, _, _ in string.Formatter().parse(pattern) if f]
+
+
+def _resolve(decls: tuple[TableDecl, ...], params: Any) -> list[str]:
+    out: list[str] = []
+    for d in decls:
+        if isinstance(d, str):
+            d = Ref(d)
+        if isinstance(d, Ref):
+            name = d.resolve(params)
+            out += [name] if name else []
+        else:
+            out += list(d(params))
+    return list(dict.fromkeys(out))
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One registry line. ``module`` holds ``STEP``; ``card`` is ``"module:function"`` called as
+    ``function(card, spec) -> list[str]`` (None for a stage: the generic section)."""
+
+    name: str
+    kind: str
+    module: str
+    reads: tuple[TableDecl, ...] = ()
+    writes: tuple[TableDecl, ...] = ()
+    columns: tuple[str, ...] = ()  # columns of the first written table other steps rely on
+    key_pattern: str | Callable[[Any], str] = ""  # manifest key; default "<kind>:<name>" ("stage:eu_plane")
+    card: str | None = None
+    help: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"step {self.name!r}: kind={self.kind!r} is not one of {list(KINDS)}")
+
+    def tables_read(self, params: Any) -> list[str]:
+        return _resolve(self.reads, params)
+
+    def tables_written(self, params: Any) -> list[str]:
+        return _resolve(self.writes, params)
+
+    def key(self, params: Any) -> str:
+        """The step's key in ``manifest.json``: ``<kind>`` or ``<kind>:<instance>``."""
+        if callable(self.key_pattern):
+            return self.key_pattern(params)
+        pattern = self.key_pattern or f"{self.kind}:{self.name}"
+        return pattern.format_map({k: getattr(params, k) for k in _fields(pattern)})
+
+
+REGISTRY: dict[str, StepSpec] = {}
+
+
+def register(spec: StepSpec, *, replace: bool = False) -> StepSpec:
+    """Add a step to the registry (the CLI, recipes, selection and the card see it at once)."""
+    if spec.name in REGISTRY and not replace:
+        raise ValueError(f"step {spec.name!r} is already registered")
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+def unregister(name: str) -> None:
+    REGISTRY.pop(name, None)
+
+
+def spec(name: str) -> StepSpec:
+    if name not in REGISTRY:
+        raise UserError(f"unknown step {name!r}; known steps: {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def score_stages() -> list[str]:
+    """The scoring stages, callable as `winnow score DIR STAGE`, in registry order."""
+    return [s.name for s in REGISTRY.values() if s.kind == "stage"]
+
+
+def writes_column(stage: str, column: str) -> bool:
+    s = REGISTRY.get(stage)
+    return s is not None and column in s.columns
+
+
+def token_sources() -> list[str]:
+    """`select --tokens` values: every supervised token, each stage's ``token_keep``, cDPO's p_CE."""
+    return ["loss_mask", *(s for s in score_stages() if writes_column(s, "token_keep")), "p_ce"]
+
+
+def selection_policies() -> list[str]:
+    return [*score_stages(), "all", "sql"]
