@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 
 from winnow.core.shards import Computed
-from winnow.core.steps import Policy, StepSpec, TableDecl, _resolve
+from winnow.core.steps import Policy, Ref, StepSpec, TableDecl, _resolve
 from winnow.core.store import RunDir, UserError
 from winnow.stages import stage_io as io
 
@@ -97,7 +97,7 @@ class Stage:
         out: dict[str, list[str]] = {}
         for d in self.reads:
             got = _resolve((d,), params)
-            cols = d.columns_for(params) if hasattr(d, "columns_for") else []
+            cols = d.columns_for(params) if isinstance(d, Ref) else []
             for table in got:
                 out[table] = list(dict.fromkeys([*out.get(table, []), *cols]))
         return out
@@ -110,10 +110,8 @@ def _check_tables(stage: Stage, run: RunDir, params: Any, parts: list[int]) -> N
     """Every declared ``signals/`` (and other per-shard) table present for every shard, fresh, with its
     columns; the message names the command that produces it."""
     for d in stage.reads:
-        if isinstance(d, str) or not hasattr(d, "hint"):
-            continue
-        table = d.resolve(params)
-        if table is None or table == io.SAMPLES or not table.startswith("signals/"):
+        table = d.resolve(params) if isinstance(d, Ref) else None
+        if table is None or not table.startswith("signals/"):
             continue
         columns = stage.inputs(params)[table]
         alias = table.split("/", 1)[1]
