@@ -93,6 +93,9 @@ def rejects_table(table: str) -> str:
 def resolve_input(spec: str) -> Path:
     if spec.startswith(builtins.PREFIX):  # builtin:demo (its provider: winnow.pipeline.builtin.demo_data)
         return builtins.resolve("input", spec)
+    from winnow.core.write_guard import refuse_special_file
+
+    refuse_special_file(Path(spec))  # a FIFO or device would block the scan forever
     return Path(spec)
 
 

@@ -7,18 +7,29 @@ the stages that take a user's SQL condition (dv4llm ``targets``) and the roof's 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 
 from winnow.core.errors import UserError
 from winnow.core.views import (  # noqa: F401  (re-exported for the CLI and the card)
     Views,
-    check_out_path,
     check_read_only,
+    eval_condition,
     open_views,
     run_sql,
     view_name,
 )
+
+
+def check_out_path(run_dir: str, out: str | None) -> None:
+    if out is None:
+        return
+    from winnow.core.write_guard import refuse_run_overlap
+
+    refuse_run_overlap(run_dir, out, "--out")  # the inspector writes nothing into (or over) a run
+    if Path(out).is_dir():
+        raise UserError(f"--out {out} is a folder: give a file name for the result")
 
 
 def query(run_dir: str, sql: str) -> tuple[pa.Table, list[str]]:
@@ -53,7 +64,7 @@ def format_result(table: pa.Table, fmt: str, out_path: str | None = None) -> Non
     if fmt == "json":
         import json
 
-        text = json.dumps(table.to_pylist(), ensure_ascii=False, default=_json_value, indent=None)
+        text = json.dumps(_pylist(table), ensure_ascii=False, default=_json_value, indent=None)
         if out_path:
             with open(out_path, "w") as f:
                 f.write(text + "\n")
@@ -66,7 +77,7 @@ def format_result(table: pa.Table, fmt: str, out_path: str | None = None) -> Non
     rt = RichTable(show_lines=False)
     for name in table.column_names:
         rt.add_column(name, overflow="fold")
-    for row in table.slice(0, 200).to_pylist():
+    for row in _pylist(table.slice(0, 200)):
         rt.add_row(*[_cell(v) for v in row.values()])
     console = Console(file=open(out_path, "w") if out_path else sys.stdout, width=200)  # noqa: SIM115
     console.print(rt)
@@ -81,10 +92,19 @@ def _flat_for_csv(table: pa.Table) -> pa.Table:
     for i, f in enumerate(table.schema):
         if pa.types.is_nested(f.type):
             text = [
-                None if v is None else json.dumps(v, default=_json_value) for v in table.column(i).to_pylist()
+                None if v is None else json.dumps(v, default=_json_value)
+                for v in (r[f.name] for r in _pylist(table.select([i])))
             ]
             table = table.set_column(i, f.name, pa.array(text, pa.string()))
     return table
+
+
+def _pylist(table: pa.Table) -> list[dict]:
+    """Rows as Python values; one Python cannot hold (DuckDB's 'infinity'::timestamp, a date beyond
+    year 9999) becomes text "<type>:<stored integer>" instead of a traceback (issue 24)."""
+    from winnow.core.readers import batch_records
+
+    return [r for b in table.to_batches() for r in batch_records(b)]
 
 
 def _json_value(v):

@@ -23,12 +23,18 @@ import numpy as np
 from winnow.core.models import check_tokenizer, resolve_model
 from winnow.core.steps import Step
 from winnow.core.store import RunDir, UserError, sha256_file, stable_hash
-from winnow.core.views import open_views
+from winnow.core.views import eval_condition
+from winnow.core.write_guard import check_name, check_train_out
 from winnow.trainer.config import TrainParams
 from winnow.trainer.data import Dataset, Rows, TrainData, check_weights, prepare_data
 
 
 def _out_dir(p: TrainParams, run_dir: str | Path | None) -> tuple[Path, str]:
+    if p.name:
+        try:
+            check_name(p.name, "--name")
+        except ValueError as e:
+            raise UserError(str(e)) from None
     name = p.name or p.selection or ("all" if not p.data else Path(p.data).stem)
     if p.out:
         return Path(p.out).expanduser(), name
@@ -100,6 +106,7 @@ def read_export(path: Path) -> Rows:
         raise UserError(
             f"--data {path}: needs input_ids and token_weight (or labels) columns; has {sorted(cols)}"
         )
+    _check_ids_column(t, path)
     d = t.to_pydict()
     rows = Rows()
     for i, ids in enumerate(d["input_ids"]):
@@ -122,22 +129,40 @@ def read_export(path: Path) -> Rows:
     return rows
 
 
-def _held_out(p: TrainParams, run: RunDir | None) -> set[str] | None:
-    """``eval_where``'s samples (a DuckDB condition over the run's samples view or the export's columns);
-    ``None`` without it: the trainer takes ``eval_fraction`` by a hash of ``sample_id``."""
+def _check_ids_column(t, path: Path) -> None:
+    """``input_ids`` must be a list of integers in every row: a null or nested row gave a traceback."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    typ = t.schema.field("input_ids").type
+    if not (pa.types.is_list(typ) or pa.types.is_large_list(typ)) or not pa.types.is_integer(typ.value_type):
+        raise UserError(f"--data {path}: input_ids is {typ}, not a list of integer token ids")
+    col = t["input_ids"]
+    if col.null_count or pc.list_flatten(col).null_count:
+        rows = [i for i, ids in enumerate(col.to_pylist()) if ids is None or None in ids]
+        raise UserError(
+            f"--data {path}: input_ids is null (or holds a null) in row {rows[0]}; drop or fix it"
+        )
+
+
+def _held_out(p: TrainParams, rows: Rows, run: RunDir | None) -> set[str] | None:
+    """``eval_where``'s samples (a DuckDB condition over the run's samples view or the export's columns,
+    checked read-only and run in the locked-down connection of `inspect`); ``None`` without it: the
+    trainer takes ``eval_fraction`` by a hash of ``sample_id``."""
     if not p.eval_where:
         return None
-    import duckdb
+    query = f"select sample_id from {'samples' if run is not None else 'data'} where {p.eval_where}"
+    what = f"eval_where={p.eval_where!r}"
+    if run is not None:
+        return {str(r[0]) for r in eval_condition(query, what, run_dir=run.root)}
+    # --data: the rows already read (no path reaches SQL, so no glob and no quoting)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    try:
-        if run is not None:
-            got = open_views(run.root).con.sql(f"select sample_id from samples where {p.eval_where}")
-        else:
-            con = duckdb.connect()
-            got = con.sql(f"select sample_id from read_parquet('{p.data}') where {p.eval_where}")
-        return {str(r[0]) for r in got.fetchall()}
-    except duckdb.Error as e:
-        raise UserError(f"eval_where={p.eval_where!r}: bad SQL condition ({e})") from None
+    table = pq.read_table(p.data)
+    if "sample_id" not in table.column_names:
+        table = table.append_column("sample_id", pa.array(rows.sample_ids))
+    return {str(r[0]) for r in eval_condition(query, what, tables={"data": table})}
 
 
 def dataset(p: TrainParams, run_dir: str | Path | None) -> Dataset:
@@ -146,14 +171,14 @@ def dataset(p: TrainParams, run_dir: str | Path | None) -> Dataset:
         rows = read_export(Path(p.data))
         digest = sha256_file(Path(p.data))[:16]
         source: dict[str, Any] = {"data": str(Path(p.data).resolve()), "data_sha256": digest}
-        return Dataset(rows, digest, source, _held_out(p, None), p.data)
+        return Dataset(rows, digest, source, _held_out(p, rows, None), p.data)
     run = RunDir(run_dir)
     rows = read_run(run, p.selection)
     sel_digest = run.table(f"selection/{p.selection}").digest() if p.selection else "all"
     digest = stable_hash([run.table("samples").digest(), sel_digest])
     source = {"run": str(run.root.resolve()), "selection": p.selection or "all", "selection_digest": sel_digest}
     label = f"selection/{p.selection}" if p.selection else "the samples"
-    return Dataset(rows, digest, source, _held_out(p, run), label, online_sink(run_dir, p.selection))
+    return Dataset(rows, digest, source, _held_out(p, rows, run), label, online_sink(run_dir, p.selection))
 
 
 def online_sink(run_dir: str | Path, selection: str):
@@ -181,11 +206,11 @@ def load_data(p: TrainParams, run_dir: str | Path | None) -> TrainData:
 
 def _reference(p: TrainParams, run_dir: str | Path | None) -> Path | str | None:
     """Online Rho-1's reference: ``"base"``, ``rho1.reference`` resolved, else the run's `reference` model."""
-    if p.online != "rho1":
+    if p.online.policy != "rho1":
         return None
-    if p.rho1.reference == "base":
+    if p.online.rho1.reference == "base":
         return "base"
-    spec = p.rho1.reference
+    spec = p.online.rho1.reference
     if not spec:
         records = RunDir(run_dir).table("signals/reference").records() if run_dir is not None else []
         spec = next((r.extra.get("model") for r in records if r.extra.get("model")), "")
@@ -199,6 +224,7 @@ def _reference(p: TrainParams, run_dir: str | Path | None) -> Path | str | None:
 
 def train(p: TrainParams, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Train ``p.model`` on a run's selection (or an export) into ``--out``; resume or skip as needed."""
+    from winnow.trainer.step import IDENTITY_FILE
     from winnow.trainer.step import train as fit
 
     if not p.model:
@@ -207,10 +233,12 @@ def train(p: TrainParams, run_dir: str | Path | None = None) -> dict[str, Any]:
         raise UserError("winnow train needs a RUN directory with --selection, or --data EXPORT.parquet")
     out, name = _out_dir(p, run_dir)
     model_dir = resolve_model(p.model)
+    check_train_out(out, run_dir, model_dir, IDENTITY_FILE)
     ds = dataset(p, run_dir)
     on_done = None
     if not p.data:
         check_tokenizer(RunDir(run_dir), model_dir, what="model")
+        # also with the finished result of a done run: a rerun repairs an edited eval_loss `verify` reported
         on_done = lambda result: RunDir(run_dir).update_manifest(f"train:{name}", result)  # noqa: E731
     return fit(p, model_dir, ds, out, name, reference=_reference(p, run_dir), on_done=on_done)
 

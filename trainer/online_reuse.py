@@ -43,6 +43,7 @@ from winnow.kernels.chunked_head import LMHead
 from winnow.kernels.switch import linear_cross_entropy, logprob_entropy
 from winnow.trainer import online as ol
 from winnow.trainer.loss import WeightedLMLoss, body_and_head
+from winnow.trainer.online_params import OnlineParams
 
 
 @dataclass
@@ -84,7 +85,7 @@ class ReuseSelect:
         self,
         groups: list[Group],
         scored: ol.Scored,
-        op: ol.OnlineParams,
+        op: OnlineParams,
         need: set[str],
         done: Callable[[ol.Decision], Any],
         outer: MicroBatch,

@@ -38,6 +38,8 @@ from winnow.core.store import (
     fsync_tree,
     stable_hash,
 )
+from winnow.core.write_guard import out_lock
+from winnow.trainer.ckpt_integrity import clean_leftovers
 from winnow.trainer.config import TrainParams
 from winnow.trainer.data import Dataset
 
@@ -72,12 +74,12 @@ def _check_model(p: TrainParams, model_dir: Path, max_token_id: int) -> dict[str
 
 def _always_keep_ids(p: TrainParams, model_dir: Path) -> tuple[int, ...]:
     """``always_keep`` as token ids of the model's tokenizer (the samples' one: checked by _check_model)."""
-    if not p.always_keep:
+    if not p.online.always_keep:
         return ()
     from winnow.core.always_keep import always_keep_ids
     from winnow.core.models import load_tokenizer
 
-    return tuple(always_keep_ids(load_tokenizer(model_dir), p.always_keep, "train always_keep"))
+    return tuple(always_keep_ids(load_tokenizer(model_dir), p.online.always_keep, "train always_keep"))
 
 
 def _claim_out(out: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
@@ -102,6 +104,8 @@ def _claim_out(out: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
 
 def _drive(loop, metrics, out: Path) -> int:
     p, ckpt = loop.p, out / "checkpoints"
+    if loop.d.main:
+        clean_leftovers(out)  # of killed saves; the --out lock says no live writer owns them
     start = loop.resume(ckpt)
     metrics.truncate_after(start if start else -1)  # lines past the checkpoint are redone
     if start == 0:
@@ -142,7 +146,7 @@ def _progress(loop, start: int):
 def _reference(p: TrainParams, reference: Path | str | None, device):
     """Online Rho-1's reference model: ``"base"`` (the model being trained, frozen) or a model directory
     (the roof resolves ``rho1.reference`` or the run's `reference` signals to one)."""
-    if p.online != "rho1":
+    if p.online.policy != "rho1":
         return None
     if reference == "base":
         return "base"
@@ -171,7 +175,7 @@ def _save_model(loop, tmp: Path, model_dir: Path, state: dict) -> None:
     lm = loop.loss_mod.model
     if is_peft(lm):  # the adapter (pointing at the resolved base) and, asked for, the merged model
         save_adapter(lm, tmp, model_dir)
-        if loop.p.merge:
+        if loop.p.lora.merge:
             save_merged(lm, tmp / "merged")
         return
     state = _without_tied_copy(lm, state)
@@ -191,7 +195,8 @@ def _finish(loop, out: Path, tokenizer_dir: Path, info: dict[str, Any]) -> None:
     from winnow.trainer.card import model_card
     from winnow.trainer.checkpoint import full_model_state
 
-    state = {k.removeprefix("model."): v for k, v in full_model_state(loop.loss_mod).items()}
+    # the model's own tensors (a training method's loss terms may hold more, saved by the method)
+    state = {k[6:]: v for k, v in full_model_state(loop.loss_mod).items() if k.startswith("model.")}
     if not loop.d.main:
         return
     tmp = out / f".final-{os.getpid()}"
@@ -227,8 +232,9 @@ def train(
     """Train the model in ``model_dir`` on ``dataset`` into ``out``; resume or skip as needed.
 
     ``reference``: online Rho-1's reference model directory (or ``"base"``); ``on_done(result)`` runs
-    on the main rank once ``train_result.json`` is written (the roof records the manifest entry there).
-    ``p.model`` is only a label here (the identity keeps the spec the user gave).
+    on the main rank once ``train_result.json`` is written, or with the finished result of a run that
+    is already done (the roof records the manifest entry there). ``p.model`` is only a label here (the
+    identity keeps the spec the user gave).
     """
     from winnow.trainer.data import prepare_data
 
@@ -246,7 +252,8 @@ def train(
     }
     ident["hash"] = stable_hash(ident)
     run = _Run(p, out, name, model_dir, data, model_info, ident, t0, reference, on_done)
-    return _train_claimed(run)
+    with out_lock(out, f"train:{name}"):  # a second training into this --out is refused, not interleaved
+        return _train_claimed(run)
 
 
 @dataclass
@@ -265,25 +272,22 @@ class _Run:
     on_done: Callable[[dict[str, Any]], None] | None
 
 
-def _build(r: _Run, device):
-    """The model to train (with LoRA or prompt tuning applied) and the loop's environment."""
+def _build(r: _Run, device, d):
+    """The model to train (a training method's trainable choice applied: LoRA, prompt tuning) and the
+    loop's environment."""
     from winnow.core.model_io import load_for_training
+    from winnow.trainer.loop import Env
+    from winnow.trainer.method import MethodContext, apply_trainable
 
     p = r.p
     model, head = load_for_training(r.model_dir, device)
-    if p.lora_r > 0:
-        from winnow.trainer.lora import apply_lora
-
-        if p.fsdp:
-            raise UserError("LoRA with fsdp=true is not supported yet: use DDP (the default) for adapters")
-        model = apply_lora(model, p.lora_params(), device)
-    if p.virtual_tokens:
-        from winnow.trainer.prompt_tuning import apply_prompt_tuning
-
-        model = apply_prompt_tuning(model, p.prompt_tuning, device, r.model_dir)
+    ctx = MethodContext(device=device, model_dir=r.model_dir, seed=p.seed, rank=d.rank, world=d.world)
+    model = apply_trainable(p.methods(), model, ctx)  # LoRA, prompt tuning: the seeded adapter init
     pad = getattr(model.config, "pad_token_id", None)
-    pad = pad if isinstance(pad, int) and 0 <= pad < r.model_info["vocab_size"] else 0
-    return model, (pad, head.scale, head.softcap, r.model_info["always_keep_ids"])
+    pad = pad if isinstance(pad, int) and 0 <= pad < r.model_info["vocab_size"] else 0  # the loss's filler
+    keep = r.model_info["always_keep_ids"]
+    env = Env(device, d, r.out, pad_id=pad, scale=head.scale, softcap=head.softcap, always_keep_ids=keep)
+    return model, env
 
 
 def _train_claimed(r: _Run) -> dict[str, Any]:
@@ -291,7 +295,7 @@ def _train_claimed(r: _Run) -> dict[str, Any]:
 
     from winnow.core.model_io import resolve_device
     from winnow.trainer.distributed import all_reduce_sum, setup, teardown
-    from winnow.trainer.loop import Env, Loop, Metrics
+    from winnow.trainer.loop import Loop, Metrics
 
     p, out = r.p, r.out
     device = resolve_device(p.device)
@@ -299,11 +303,12 @@ def _train_claimed(r: _Run) -> dict[str, Any]:
     done = _claim_out(out, r.ident) if d.main else None
     if all_reduce_sum([1.0 if done is not None else 0.0], device)[0] > 0:  # every rank learns it is done
         teardown()
+        if done and r.on_done is not None:  # rank 0: the roof rewrites its record from the finished result
+            r.on_done(done)
         return (done or {}) | {"skipped": True}
     torch.set_num_threads(p.threads)
     torch.manual_seed(p.seed + d.rank)
-    model, (pad, scale, softcap, keep_ids) = _build(r, device)
-    env = Env(device, d, out, pad, scale, softcap, keep_ids)
+    model, env = _build(r, device, d)
     loop = Loop(p, r.data, model, env, _reference(p, r.reference, device))
     steps = _drive(loop, Metrics(out / "metrics.jsonl", d.main), out)
     info = {

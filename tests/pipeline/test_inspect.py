@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from winnow.core.store import RunDir
-from winnow.pipeline.inspect_run import view_name
+from winnow.core.views import view_name
 
 from cli_runner import run_cli, sql_json
 
