@@ -152,6 +152,22 @@ def test_recipe_order_is_checked_before_any_step_runs(tmp_path):
         steps.check_order([("sstoken", load_recipe(recipe).steps[0][1])], [])
 
 
+def test_dv4llm_reads_file_targets_through_the_store():
+    """A file of targets is the ingest step's `targets/` table: the check names that step; sql: targets
+    read nothing but samples."""
+    from winnow.core.ingest import IngestParams
+    from winnow.stages.dv4llm import DV4LLMParams
+
+    file_targets = DV4LLMParams(targets="targets.jsonl")
+    with pytest.raises(
+        UserError, match=r"dv4llm reads targets: add an ingest with table = targets before it"
+    ):
+        steps.check_order([("dv4llm", file_targets)], ["samples"])
+    ingest = IngestParams(inputs=["targets.jsonl"], table="targets")
+    steps.check_order([("ingest", ingest), ("dv4llm", file_targets)], ["samples"])
+    assert steps.spec("dv4llm").tables_read(DV4LLMParams(targets="sql:row = 1")) == ["samples"]
+
+
 def test_shipped_quickstart_passes_the_order_check():
     from pathlib import Path
 
