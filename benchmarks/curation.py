@@ -116,7 +116,7 @@ def prepare_demo(
     them as its targets (a user teaching a task has some); the scoring models stay the quality set."""
     from winnow.core.models import resolve_model
     from winnow.pipeline.builtin.demo_data import DEMO_SIZE, generate_demo
-    from winnow.pipeline.recipe import Recipe, load_recipe, run_loaded, with_models
+    from winnow.pipeline.recipe import Recipe, load_recipe, run_loaded, targets_ingest, with_models
 
     workdir.mkdir(parents=True, exist_ok=True)
     pool = {r["messages"][0]["content"] for r in generate_demo(DEMO_SIZE)}
@@ -150,8 +150,9 @@ def prepare_demo(
     for step, params in recipe.steps:
         if step.name == "train":
             continue  # the benchmark trains every row itself
-        if step.name == "dv4llm":
+        if step.name == "dv4llm":  # file targets: ingested into targets/ by a step of their own first
             params = dataclasses.replace(params, targets=str(targets))
+            steps.append(targets_ingest(steps, targets))
         steps.append((step, params))
     run_dir = workdir / "run"
     run_loaded(Recipe(recipe.path, str(run_dir), steps), str(run_dir))

@@ -230,7 +230,7 @@ def build_models(
 
 def scored_recipe(run_dir: Path, solutions: Path, targets: Path, base: str, models: dict[str, Path]):
     """recipes/quickstart.toml's ingest, passes and stages (same names and parameters) on the solutions."""
-    from winnow.pipeline.recipe import Recipe, load_recipe, with_models
+    from winnow.pipeline.recipe import Recipe, load_recipe, targets_ingest, with_models
     from winnow.pipeline.steps import spec
 
     quick = load_recipe(REPO / "recipes" / "quickstart.toml")
@@ -246,8 +246,9 @@ def scored_recipe(run_dir: Path, solutions: Path, targets: Path, base: str, mode
             continue  # the curation benchmark selects and trains
         if step.name == "ingest":
             params = dataclasses.replace(params, inputs=[str(solutions)])
-        elif step.name == "dv4llm":
+        elif step.name == "dv4llm":  # file targets: ingested into targets/ by a step of their own first
             params = dataclasses.replace(params, targets=str(targets))
+            steps.append(targets_ingest(steps, targets))
         steps.append((step, params))
     return Recipe(quick.path, str(run_dir), steps)
 

@@ -135,6 +135,38 @@ class ShardLoop:
                 on_done(part)
         return self
 
+    def run_parts(
+        self,
+        parts: Sequence[int],
+        compute: Callable[[int, Any], Computed],
+        *,
+        inputs: Callable[[int], Mapping[str, str]] | Mapping[str, str],
+        scan: Callable[[], Any] | None = None,
+    ) -> tuple[bool, Any]:
+        """A stage's shards, with a scan phase for global statistics; ``(computed any, scan state)``.
+
+        Per-shard inputs (``inputs`` a function of the part, no ``scan``): each shard is skipped when
+        fresh, else ``compute(part, None)`` is committed. Whole-table inputs (a mapping) with a ``scan``:
+        the statistics span every shard, so either all shards are fresh (nothing is read) or ``scan()``
+        runs once and every shard is recomputed with its result. The scan state is closed at the end
+        when it has a ``close`` (a spill file).
+        """
+        if scan is None:
+            per_part = inputs if callable(inputs) else (lambda part: inputs)
+            self.run(((p, None) for p in parts), compute, inputs=per_part)
+            return bool(self.computed), None
+        assert not callable(inputs), "a scan phase needs whole-table inputs"
+        if all(self.fresh(p, inputs) for p in parts):
+            return False, None
+        state = scan()
+        try:
+            for part in parts:
+                res = compute(part, state)
+                self.commit(part, res.tables, inputs=inputs, counts=res.counts, extra=res.extra)
+        finally:
+            getattr(state, "close", lambda: None)()
+        return True, state
+
     def summary(self, by_rank: list[int] | None = None) -> dict[str, Any]:
         skipped = self.total - len(self.computed)  # shards not rewritten were fresh
         return shards_block(self.total, len(self.computed), skipped, by_rank)

@@ -41,15 +41,26 @@ class Step:
 
 @dataclass(frozen=True)
 class Ref:
-    """A table a step reads or writes: a pattern over its parameters, present only ``when`` true."""
+    """A table a step reads or writes: a pattern over its parameters, present only ``when`` true.
+
+    A stage's reads also name the ``columns`` it needs from the table (a tuple, or a function of the
+    parameters) and the command that produces it (``hint``, formatted with ``root``, the run folder;
+    default for ``signals/<alias>``: the model pass with the signals those columns need), so the stage's
+    input check and its recorded inputs come from this one declaration.
+    """
 
     pattern: str
     when: Callable[[Any], bool] | None = None
+    columns: tuple[str, ...] | Callable[[Any], Iterable[str]] = ()
+    hint: str = ""
 
     def resolve(self, params: Any) -> str | None:
         if self.when is not None and not self.when(params):
             return None
         return self.pattern.format_map({k: getattr(params, k) for k in _fields(self.pattern)})
+
+    def columns_for(self, params: Any) -> list[str]:
+        return list(self.columns(params) if callable(self.columns) else self.columns)
 
 
 TableDecl = str | Ref | Callable[[Any], Iterable[str]]
@@ -74,8 +85,10 @@ def _resolve(decls: tuple[TableDecl, ...], params: Any) -> list[str]:
 
 @dataclass(frozen=True)
 class StepSpec:
-    """One registry line. ``module`` holds ``STEP``; ``card`` is ``"module:function"`` called as
-    ``function(card, spec) -> list[str]`` (None for a stage: the generic section)."""
+    """One registry line. ``module`` holds ``STEP`` (a stage module: ``STAGE``, whose declaration this
+    line is built from); ``card`` is a function ``(card, spec) -> list[str]`` or ``"module:function"``
+    (None for a stage: the generic section); ``policy`` is a stage's sample half for ``winnow select``
+    (:class:`Policy`; None: the stage's ``keep`` and ``reason`` columns when it writes them)."""
 
     name: str
     kind: str
@@ -84,8 +97,9 @@ class StepSpec:
     writes: tuple[TableDecl, ...] = ()
     columns: tuple[str, ...] = ()  # columns of the first written table other steps rely on
     key_pattern: str | Callable[[Any], str] = ""  # manifest key; default "<kind>:<name>" ("stage:eu_plane")
-    card: str | None = None
+    card: str | Callable[[Any, Any], list[str]] | None = None
     help: str = ""
+    policy: Policy | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -103,6 +117,16 @@ class StepSpec:
             return self.key_pattern(params)
         pattern = self.key_pattern or f"{self.kind}:{self.name}"
         return pattern.format_map({k: getattr(params, k) for k in _fields(pattern)})
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A stage's sample half for ``winnow select``: the ``columns`` of ``scores/<stage>`` it reads and
+    ``decide(rows, ids, select_params) -> (keep, reason)`` over one shard, where ``rows`` maps a
+    sample_id to its values of those columns (a sample without a row is unscored)."""
+
+    columns: tuple[str, ...]
+    decide: Callable[[dict[str, dict], list[str], Any], tuple[dict[str, bool], dict[str, str]]]
 
 
 REGISTRY: dict[str, StepSpec] = {}
@@ -134,6 +158,23 @@ def score_stages() -> list[str]:
 def writes_column(stage: str, column: str) -> bool:
     s = REGISTRY.get(stage)
     return s is not None and column in s.columns
+
+
+def sample_policy(stage: str) -> Policy | None:
+    """The sample half a stage declares, else one over its ``keep``/``reason`` columns, else None
+    (a token-level stage: every sample is kept)."""
+    s = REGISTRY.get(stage)
+    if s is None or s.kind != "stage":
+        return None
+    if s.policy is not None:
+        return s.policy
+    return Policy(("keep", "reason"), _keep_column) if "keep" in s.columns else None
+
+
+def _keep_column(rows: dict[str, dict], ids: list[str], p: Any) -> tuple[dict[str, bool], dict[str, str]]:
+    keep = {sid: bool(rows.get(sid, {}).get("keep")) for sid in ids}
+    why = {sid: (rows[sid]["reason"] if sid in rows else "unscored") for sid in ids}
+    return keep, why
 
 
 def token_sources() -> list[str]:

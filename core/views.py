@@ -315,6 +315,28 @@ def _check_lengths_by_key(out: Views, table: str, cols: list[str]) -> None:
             out.warnings.append(f"{table}.{c}: {bad} rows whose list length differs from n_tokens")
 
 
+def condition_rows(run: RunDir, query: str, what: str) -> list[tuple]:
+    """Rows of ``query`` over the run's views, where ``query`` embeds a user's SQL condition ``what``.
+
+    Only DuckDB parser and binder errors mean the condition is wrong; a table the views hide as stale
+    (catalog error) is reported as such, and IO errors (a corrupt Parquet shard) propagate unchanged.
+    """
+    import duckdb
+
+    try:  # the condition is pasted into ``query``: `1=1; COPY ... TO` must not run
+        check_read_only(query)
+    except UserError as e:
+        raise UserError(f"{what}: {e}") from None
+    views = open_views(str(run.root), check_lengths=False)
+    try:
+        return views.con.sql(query).fetchall()
+    except (duckdb.ParserException, duckdb.BinderException) as e:
+        raise UserError(f"{what}: bad SQL condition ({e})") from None
+    except duckdb.CatalogException as e:
+        hidden = "; ".join(views.warnings) or "no table was hidden"
+        raise UserError(f"{what}: {e} ({hidden})") from None
+
+
 def eval_condition(query: str, what: str, run_dir=None, tables: dict | None = None) -> list[tuple]:
     """Rows of ``query`` (a SELECT embedding a user's condition ``what``), checked read-only and run in
     the locked-down connection: the run's views (``run_dir``) or in-memory Arrow ``tables`` with no file

@@ -6,15 +6,17 @@ order: where the rows went at ingest (samples, rejects by reason); the model pas
 fingerprint, throughput); each scoring stage's per-sample summary; and each selection: kept and
 dropped samples by reason, the share of supervised tokens that still carry weight, a breakdown by
 every low-cardinality ``meta_`` column (≤ 20 values: "which kinds of data did the policy drop?"),
-and the supervised tokens it zeroes most often. Plots: the EU plane (PPL x entropy by quadrant),
-per-selection reasons, and the distribution of the weighted-token share per kept sample.
+and the supervised tokens it zeroes most often. Plots: per-selection reasons and the distribution of
+the weighted-token share per kept sample; a stage's own section adds its plots (the EU plane's PPL x
+entropy scatter lives in ``winnow.stages.eu_plane``, drawn through :meth:`_Card.plot` and
+:meth:`_Card.sample`).
 
 Memory stays bounded whatever the run's size (issue 16): nothing per token or per sample is pulled
 into Python. Tables and medians are DuckDB aggregates (holistic ones hold per-sample scalars only,
 8 bytes a sample), under a DuckDB ``memory_limit`` that lets joins spill to a temporary folder;
-the weighted-share histogram is binned inside DuckDB (the same bins as ``numpy.histogram``); the EU
-plane is a scatter of a reservoir sample of at most ``MAX_POINTS`` samples (counts in the legend are
-over all of them); the most-zeroed tokens are counted shard by shard with ``numpy.bincount`` over
+the weighted-share histogram is binned inside DuckDB (the same bins as ``numpy.histogram``); a
+stage's scatter (the EU plane) draws a reservoir sample of at most ``eu_plane.MAX_POINTS`` samples (counts in
+the legend are over all of them); the most-zeroed tokens are counted shard by shard with ``numpy.bincount`` over
 token ids instead of a join over the per-token ``tokens`` view. Measured with
 ``benchmarks/bench_scale.py`` (2-core VM shared with other jobs, unique GSM8K rows): the card that
 pulled rows into Python and joined ``tokens`` peaked at 695 MB at 20k samples and 1,949 MB at 100k
@@ -37,13 +39,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from winnow.core.markdown import md_table
 from winnow.core.store import RunDir, UserError, atomic_write_bytes
 from winnow.core.views import open_views
-from winnow.pipeline.card_sections import md_table
 
 MAX_META_VALUES = 20  # a meta_ column with more distinct values is an identifier, not a category
 TOP_TOKENS = 15
-MAX_POINTS = 20_000  # EU-plane scatter: a reservoir sample of at most this many samples
 SHARE_BINS = 20
 DUCKDB_MEMORY = "256MB"  # joins and sorts beyond this spill to a temporary folder
 
@@ -149,17 +150,6 @@ class _Card:
         if parts:
             self.md += ["## Scores", "", *parts]
 
-    def _eu_kept_by(self) -> list[str]:
-        """Where the kept samples came from: the quadrants or the top-up (manifest counts of eu_plane)."""
-        counts = self.man.get("steps", {}).get("stage:eu_plane", {}).get("counts", {})
-        kept = counts.get("kept_by")
-        if not kept:
-            return []
-        text = ", ".join(f"{k.replace('topup_', 'top-up from ')}: {v}" for k, v in kept.items())
-        return [f"Kept by origin ({counts.get('batches', '?')} mini-batches): {text}.", ""] + [
-            f"**Warning:** {w}" for w in counts.get("warnings", [])
-        ]
-
     def selections(self) -> None:
         names = sorted(v for v in self.views.views if v.startswith("selection_"))
         if not names:
@@ -259,37 +249,6 @@ class _Card:
             ]
 
     # ---- plots ------------------------------------------------------------------------------
-    def _eu_plot(self) -> list[str]:
-        import matplotlib.pyplot as plt
-
-        counts = dict(
-            self.q("select quadrant, count(*) from scores_eu_plane where error is not null group by 1")
-        )
-        if not counts:
-            return []
-        pts = reservoir_sample(
-            self.con,
-            "select error, uncertainty, quadrant from scores_eu_plane where error is not null",
-            MAX_POINTS,
-        )
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        for quad in sorted(counts):
-            sel = [(r[0], r[1]) for r in pts if r[2] == quad]
-            ax.scatter(
-                [p[0] for p in sel], [p[1] for p in sel], s=6, alpha=0.6, label=f"{quad} ({counts[quad]})"
-            )
-        ax.set_xscale("log")
-        ax.set_xlabel("error: PPL over supervised tokens (log)")
-        ax.set_ylabel("uncertainty: mean entropy (nats)")
-        total = sum(counts.values())
-        ax.set_title(
-            "EU plane" + (f" ({len(pts)} of {total} samples drawn at random)" if len(pts) < total else "")
-        )
-        ax.legend(fontsize=7, markerscale=2)
-        return self._plot(
-            fig, "eu_plane.png", "EU plane: each sample by PPL and mean entropy, coloured by quadrant"
-        )
-
     def _selection_plot(self, view: str, name: str) -> None:
         import matplotlib.pyplot as plt
 
@@ -310,7 +269,7 @@ class _Card:
         b.set_ylabel("kept samples")
         b.set_title("token weight per kept sample")
         fig.suptitle(f"selection {name}", y=1.04)
-        self.md += self._plot(
+        self.md += self.plot(
             fig, f"selection_{name}.png", f"Selection `{name}`: reasons and weighted-token share"
         )
 
@@ -340,9 +299,14 @@ class _Card:
         ax.legend(fontsize=7)
         header = ["run", "steps", "eval_loss before", "eval_loss after", "model"]
         self.md += ["## Training", "", md_table(header, rows), ""]
-        self.md += self._plot(fig, "training.png", "Training and held-out loss per step")
+        self.md += self.plot(fig, "training.png", "Training and held-out loss per step")
 
-    def _plot(self, fig, filename: str, caption: str) -> list[str]:
+    def sample(self, sql: str, k: int) -> list[tuple]:
+        """At most ``k`` rows of ``sql``, drawn uniformly at random (repeatably): for a stage's scatter."""
+        return reservoir_sample(self.con, sql, k)
+
+    def plot(self, fig, filename: str, caption: str) -> list[str]:
+        """Write ``fig`` as ``filename`` beside the card; the Markdown lines linking it."""
         _save_png(fig, self.out / filename)
         self.plots.append(filename)
         return [f"![{caption}]({filename})", ""]

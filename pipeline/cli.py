@@ -58,6 +58,21 @@ def _run_step(step_name: str, run_dir: str, values: dict, create: bool = False) 
         return step.run(run, params)
 
 
+def _ingest_targets(run_dir: str, targets: object) -> None:
+    """``--targets FILE`` (dv4llm): ingest the texts into ``targets/`` with the samples' tokenizer first, as
+    a step of its own (``ingest:targets``); the stage reads them through the store. Nothing when the run
+    has no samples yet (the stage then says to ingest them)."""
+    if not isinstance(targets, str) or not targets or targets.startswith("sql:"):
+        return
+    from winnow.core.store import RunDir
+
+    samples = RunDir(run_dir).table("samples")
+    if not samples.exists():
+        return
+    model = (samples.schema().metadata or {}).get(b"winnow.model", b"").decode()
+    _run_step("ingest", run_dir, {"inputs": [targets], "model": model, "table": "targets"})
+
+
 @app.command()
 def run(
     recipe: Annotated[str, typer.Argument(help="recipe TOML, e.g. recipes/quickstart.toml")],
@@ -140,6 +155,7 @@ def score(
             )
         if targets is not None:
             values["targets"] = targets
+        _ingest_targets(run_dir, values.get("targets"))
         name = stage
     else:
         if model is None:

@@ -111,3 +111,11 @@ def _run_steps(recipe: Recipe, run: RunDir) -> dict[str, Any]:
         f"[winnow] recipe {recipe.path.name}: {len(recipe.steps)} steps in {time.time() - t0:.1f}s -> {run.root}"
     )
     return results
+
+
+def targets_ingest(steps: list[tuple[Step, Any]], path: str | Path) -> tuple[Step, Any]:
+    """The recipe step that ingests a DV4LLM target file into ``targets/`` (the stage reads that table),
+    with the tokenizer of the recipe's samples ingest; put it before the ``dv4llm`` step."""
+    ingest = next(p for s, p in steps if s.name == "ingest" and p.table == "samples")
+    step = get_step("ingest")
+    return step, step.params(inputs=[str(path)], model=ingest.model, table="targets")

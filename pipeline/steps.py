@@ -1,8 +1,11 @@
 """The registry of steps a recipe or the CLI can run: winnow's own steps, registered once here (the roof).
 
 The table and its questions live on the ground floor (:mod:`winnow.core.steps`, re-exported here for the
-roof's readers); this module registers the steps and is the one that imports a step's module, only when
-the step is used (:func:`get_step`), so `winnow --help` and `winnow inspect` never import torch.
+roof's readers); this module registers the steps: the built-in scoring stages from their modules' declarations
+(``BUILTIN_STAGES``, each ``STAGE``), then the plugins of the entry-point group ``winnow.stages``
+(:func:`load_plugins`); the other steps' modules are imported only when the step is used
+(:func:`get_step`). Stage modules import torch only when they run, so `winnow --help` and `winnow
+inspect` never import it.
 
 Derived from the registry rather than listed by hand: the `winnow score` stage list and help
 (:func:`score_stages`, ``SCORE_STAGES``), the selection policies (:func:`selection_policies`) and
@@ -11,8 +14,8 @@ per-stage sections (:func:`card_sections`), the manifest key of a run (:meth:`St
 the recipe check (:func:`check_order`: a step whose input no earlier step or existing table
 provides fails before anything runs, with the step to add).
 
-Adding a scoring stage is one module (parameters dataclass, ``run`` returning the manifest entry,
-``STEP = Step(...)``) plus one :func:`register` call; docs/CONTRACTS.md says how.
+Adding a scoring stage is one module declaring ``STAGE = Stage(...)`` (:mod:`winnow.stages.stage`),
+listed in ``BUILTIN_STAGES`` or named by a ``winnow.stages`` entry point; docs/CONTRACTS.md says how.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from winnow.core.steps import (  # noqa: F401  (re-exported: the roof's readers 
     StepSpec,
     _fields,
     register,
+    sample_policy,
     score_stages,
     selection_policies,
     spec,
@@ -41,30 +45,32 @@ from winnow.core.steps import (  # noqa: F401  (re-exported: the roof's readers 
     writes_column,
 )
 
-# the modules the entries below name (imported only by `get_step`): arrows the import graph sees
+# the built-in scoring stages, in registry order: each module declares its stage once (``STAGE``), and
+# the registry line is built from it. Light to import (numpy, pyarrow; torch only when a stage runs).
+from winnow.stages import critical_tokens, dv4llm, eu_plane, excess_loss, sstoken
+
+BUILTIN_STAGES = (eu_plane, excess_loss, sstoken, critical_tokens, dv4llm)
+ENTRY_POINT_GROUP = "winnow.stages"  # plugins: an entry point naming a module with STAGE (or the Stage)
+
+# the modules the other entries below name (imported only by `get_step`): arrows the import graph sees
 if TYPE_CHECKING:
     import winnow.core.ingest
-    import winnow.pipeline.card_sections
     import winnow.pipeline.train
-    import winnow.stages.critical_tokens
-    import winnow.stages.dv4llm
-    import winnow.stages.eu_plane
-    import winnow.stages.excess_loss
     import winnow.stages.passes.contrast_pass
     import winnow.stages.passes.model_pass
-    import winnow.stages.select_policy
-    import winnow.stages.sstoken  # noqa: F401
+    import winnow.stages.select_policy  # noqa: F401
 
 
 def load(s: StepSpec) -> Step:
-    """The runnable step of ``s``: its module is imported here, when the step is first used."""
+    """The runnable step of ``s``: its module is imported here, when the step is first used (a stage
+    module's ``STAGE`` is its step)."""
     try:
         mod = importlib.import_module(s.module)
     except ModuleNotFoundError as e:
         if e.name == s.module:
             raise UserError(f"step {s.name!r} is not available in this version of winnow") from None
         raise
-    return mod.STEP
+    return getattr(mod, "STAGE", None) or mod.STEP
 
 
 def get_step(name: str) -> Step:
@@ -88,9 +94,9 @@ def card_sections() -> list[tuple[StepSpec, Callable[[Any, StepSpec], list[str]]
     for s in REGISTRY.values():
         if s.kind != "stage":
             continue
-        fn = None
-        if s.card:
-            module, attr = s.card.split(":")
+        fn = s.card
+        if isinstance(fn, str):
+            module, attr = fn.split(":")
             fn = getattr(importlib.import_module(module), attr)
         out.append((s, fn))
     return out
@@ -154,14 +160,35 @@ def _online_records(p: Any) -> list[str]:
 
 
 # ---- the registry --------------------------------------------------------------------------------
-def _dv4llm_reads(p: Any) -> list[str]:
-    return [f"signals/{p.embedding.split(':', 1)[1]}"] if p.embedding.startswith("signals:") else []
+def register_stage(stage: Any, module: str, *, replace: bool = False) -> StepSpec:
+    """Register a :class:`winnow.stages.stage.Stage` declared in ``module`` (its registry line is built
+    from the declaration: nothing about the stage is said twice)."""
+    return register(stage.spec(module), replace=replace)
+
+
+def load_plugins(group: str = ENTRY_POINT_GROUP) -> list[str]:
+    """Register the stages named in the entry-point group ``winnow.stages`` of the installed (or
+    ``PYTHONPATH``) distributions: ``name = "module"`` or ``"module:STAGE"``. A plugin that fails to load
+    or clashes with a registered name is skipped with a warning naming it, so one broken plugin does not
+    stop winnow. Returns the names registered."""
+    import sys
+    from importlib.metadata import entry_points
+
+    out = []
+    for ep in entry_points(group=group):
+        try:
+            obj = ep.load()
+            stage = getattr(obj, "STAGE", obj)
+            register_stage(stage, ep.module)
+        except Exception as e:  # a plugin's own error: say which one, keep the built-in steps working
+            print(f"warning: stage plugin {ep.name} = {ep.value!r} not loaded: {e}", file=sys.stderr)
+            continue
+        out.append(stage.name)
+    return out
 
 
 def _select_reads(p: Any) -> list[str]:
-    out = [
-        f"scores/{x}" for x in p.policies if writes_column(x, "keep") or writes_column(x, "selected")
-    ]  # every policy of a composition
+    out = [f"scores/{x}" for x in p.policies if sample_policy(x) is not None]  # every policy of a composition
     source = p.token_source
     if source == "p_ce":
         out.append("scores/critical_tokens")
@@ -174,8 +201,8 @@ def _is_samples(p: Any) -> bool:
     return p.table == "samples"
 
 
-_SAMPLE_HALF = ("keep", "reason", "token_keep")
-for _spec in (
+_BEFORE_STAGES = 3  # ingest, model_pass, contrast_pass; then the stages; then select and train
+_STEPS = (
     StepSpec(
         "ingest",
         "ingest",
@@ -203,55 +230,6 @@ for _spec in (
         help="cDPO contrastive estimate p_CE from a positive and a negative model -> signals/contrast/",
     ),
     StepSpec(
-        "eu_plane",
-        "stage",
-        "winnow.stages.eu_plane",
-        reads=("samples", "signals/{alias}"),
-        writes=("scores/eu_plane",),
-        columns=_SAMPLE_HALF,
-        card="winnow.pipeline.card_sections:eu_plane",
-        help="Q-Tuning EU plane: sample quadrants by PPL x entropy, token pruning in Q2",
-    ),
-    StepSpec(
-        "excess_loss",
-        "stage",
-        "winnow.stages.excess_loss",
-        reads=("samples", "signals/{current}", "signals/{reference}"),
-        writes=("scores/excess_loss",),
-        columns=("token_keep", "mean_excess"),
-        card="winnow.pipeline.card_sections:excess_loss",
-        help="Rho-1 excess loss: current-model loss minus reference-model loss, top-k% across the batch",
-    ),
-    StepSpec(
-        "sstoken",
-        "stage",
-        "winnow.stages.sstoken",
-        reads=("samples", "signals/{current}", Ref("signals/{history}", lambda p: p.gamma > 0)),
-        writes=("scores/sstoken",),
-        columns=("token_keep",),
-        help="ssToken: retrospective excess loss (history - current) mixed with attention, top-rho per sample",
-    ),
-    StepSpec(
-        "critical_tokens",
-        "stage",
-        "winnow.stages.critical_tokens",
-        reads=("samples", "signals/{contrast}"),
-        writes=("scores/critical_tokens",),
-        columns=(*_SAMPLE_HALF, "min_p_ce"),
-        card="winnow.pipeline.card_sections:critical_tokens",
-        help="cDPO critical tokens: p_CE scores; for SFT drop incorrect samples, weight correct tokens by p_CE",
-    ),
-    StepSpec(
-        "dv4llm",
-        "stage",
-        "winnow.stages.dv4llm",
-        reads=("samples", _dv4llm_reads),
-        writes=("scores/dv4llm", Ref("targets", lambda p: not p.targets.startswith("sql:"))),
-        columns=("selected", "role"),
-        card="winnow.pipeline.card_sections:dv4llm",
-        help="GOT-D optimal-transport selection of the candidates closest to a target set.",
-    ),
-    StepSpec(
         "select",
         "selection",
         "winnow.stages.select_policy",
@@ -269,5 +247,11 @@ for _spec in (
         key_pattern=lambda p: f"train:{p.name or p.selection or 'all'}",
         help="train a model on a selection (token-weighted, trimmed, packed; resumable; torchrun) -> RUN/train/<name>/",
     ),
-):
+)
+for _spec in _STEPS[:_BEFORE_STAGES]:
     register(_spec)
+for _module in BUILTIN_STAGES:
+    register_stage(_module.STAGE, _module.__name__)
+for _spec in _STEPS[_BEFORE_STAGES:]:
+    register(_spec)
+load_plugins()

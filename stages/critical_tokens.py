@@ -38,16 +38,18 @@ only when their inputs changed.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from winnow.core.steps import Step
-from winnow.core.store import RunDir, UserError
+from winnow.core.markdown import per_sample_section
+from winnow.core.shards import Computed
+from winnow.core.steps import Ref
+from winnow.core.store import UserError
 from winnow.stages import stage_io as io
 from winnow.stages.critical_tokens_math import CriticalResult, critical_token_scores  # noqa: F401
+from winnow.stages.stage import Ctx, Stage
 
 CODE_VERSION = "critical_tokens/2"
 NAME = "critical_tokens"
@@ -57,7 +59,7 @@ TRUE_WORDS = {"true", "t", "yes", "y", "1", "correct", "right", "pass", "passed"
 FALSE_WORDS = {"false", "f", "no", "n", "0", "incorrect", "wrong", "fail", "failed"}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CriticalTokensParams:
     """Parameters of the critical-token stage (`winnow score DIR critical_tokens --set key=value`)."""
 
@@ -102,13 +104,19 @@ def parse_labels(column: pa.ChunkedArray, name: str) -> tuple[np.ndarray, np.nda
     return out, labelled
 
 
+def card_section(card, spec) -> list[str]:
+    """The card's critical_tokens section: the per-sample minimum p_CE."""
+    return per_sample_section(card, "critical_tokens", "min_p_ce")
+
+
 def _reason(correct: bool, labelled: bool) -> str:
     return "unlabelled" if not labelled else ("correct" if correct else "incorrect")
 
 
-def _check_inputs(run: RunDir, params: CriticalTokensParams, parts) -> str:
-    """The label column and the contrast signals exist (exit 2 naming the fix); the signals table."""
-    samples_schema = run.table(io.SAMPLES).schema()
+def _check_label(ctx: Ctx) -> None:
+    """The label column exists (exit 2 naming the fix)."""
+    params = ctx.params
+    samples_schema = ctx.run.table(io.SAMPLES).schema()
     names = samples_schema.names if samples_schema is not None else []
     if params.label not in names:
         metas = [n for n in names if n.startswith("meta_")]
@@ -116,13 +124,6 @@ def _check_inputs(run: RunDir, params: CriticalTokensParams, parts) -> str:
             f"samples has no column {params.label!r}; available meta_ columns: {metas or 'none'}; "
             "pick one with --set label=meta_<name> (or ingest data that carries a correctness field)"
         )
-    signals = f"signals/{params.contrast}"
-    hint = CONTRAST_COMMAND.format(root=run.root)
-    table = io.require_table(run, signals, parts, hint)
-    schema = table.schema()
-    if schema is None or "p_ce" not in schema.names:
-        raise UserError(f"{signals} has no p_ce column; produce it with `{hint}`")
-    return signals
 
 
 def _shard_table(shard, params: CriticalTokensParams, key: tuple[str, str]) -> pa.Table:
@@ -176,27 +177,23 @@ def _shard_table(shard, params: CriticalTokensParams, key: tuple[str, str]) -> p
     )
 
 
-def run_critical_tokens(run: RunDir, params: CriticalTokensParams) -> dict:
-    started = time.time()
-    parts = io.samples_parts(run)
-    signals = _check_inputs(run, params, parts)
-    key = (params.contrast, "p_ce")
-    st = io.StageOutput(run, NAME, params, CODE_VERSION, started)
-    io.drop_orphans(st.out, parts)
-    for part in parts:
-        inputs = io.part_inputs(run, [io.SAMPLES, signals], part)
-        if st.skip_if_fresh(part, inputs):
-            continue
-        shard = io.read_shard(run, part, {params.contrast: ["p_ce"]}, sample_columns=[params.label])
-        table = _shard_table(shard, params, key)
-        st.commit(
-            part, table, inputs, counts={"supervised_without_signal": shard.supervised_without_signal(key)}
-        )
-    return st.finish(len(parts))
+def _compute(ctx: Ctx, part: int, state: None) -> Computed:
+    """One shard: per-sample maths, so shards are recomputed only when their inputs changed."""
+    key = (ctx.params.contrast, "p_ce")
+    shard = ctx.shard(part, sample_columns=[ctx.params.label])
+    table = _shard_table(shard, ctx.params, key)
+    return Computed([table], counts={"supervised_without_signal": shard.supervised_without_signal(key)})
 
 
-STEP = Step(
+STAGE = Stage(
     name=NAME,
+    help="cDPO critical tokens: p_CE scores; for SFT drop incorrect samples, weight correct tokens by p_CE",
     params=CriticalTokensParams,
-    run=run_critical_tokens,
+    code_version=CODE_VERSION,
+    reads=("samples", Ref("signals/{contrast}", columns=("p_ce",), hint=CONTRAST_COMMAND)),
+    columns=("keep", "reason", "token_keep", "min_p_ce"),
+    check=_check_label,
+    compute=_compute,
+    card=card_section,
 )
+STEP = STAGE  # the runnable step (``STEP.run(run, params)``) is the stage itself

@@ -6,7 +6,8 @@ Selects the candidates whose added mass most lowers the entropic OT distance to 
 ``g_j - mean_{k != j} g_k`` (same order as the raw potential ``g``).
 
 Targets are either a file of target-task texts, ingested into the run's ``targets/`` table with the
-samples' tokenizer, or ``sql:<condition>`` over the samples table, in which case those samples
+samples' tokenizer by the ``ingest`` step (``table = "targets"`` in a recipe; ``winnow score RUN dv4llm
+--targets FILE`` runs that step first) and read here through the store, or ``sql:<condition>`` over the samples table, in which case those samples
 are the targets and are excluded from the candidates. Embeddings: ``tfidf`` (TF-IDF + TruncatedSVD,
 no model; the default), ``minilm`` or a local model directory (mean-pooled, L2-normalised), or
 ``signals:<alias>`` (the mean-pooled hidden states of a model pass; SQL targets only, since a
@@ -21,22 +22,24 @@ recomputed when either changes. The absolute ε and the solver's convergence go 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from winnow.core.steps import Step
+from winnow.core.markdown import md_table
+from winnow.core.steps import Policy, Ref
 from winnow.core.store import RunDir, UserError
+from winnow.core.views import condition_rows
 from winnow.stages import stage_io as io
 from winnow.stages import topk
+from winnow.stages.stage import Ctx, Stage
 
 CODE_VERSION = "dv4llm/1"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DV4LLMParams:
     targets: str = ""  # a file of target texts, or "sql:<condition over samples>"
     embedding: str = "tfidf"  # tfidf | minilm | <local model dir> | signals:<alias>
@@ -60,30 +63,6 @@ def _content_text(messages_json: str) -> str:
     return "\n".join(m["content"] for m in json.loads(messages_json))
 
 
-def condition_rows(run: RunDir, query: str, what: str) -> list[tuple]:
-    """Rows of ``query`` over the run's views, where ``query`` embeds a user's SQL condition ``what``.
-
-    Only DuckDB parser and binder errors mean the condition is wrong; a table the views hide as stale
-    (catalog error) is reported as such, and IO errors (a corrupt Parquet shard) propagate unchanged.
-    """
-    import duckdb
-
-    from winnow.core.views import check_read_only, open_views
-
-    try:  # the condition is pasted into ``query``: `1=1; COPY ... TO` must not run
-        check_read_only(query)
-    except UserError as e:
-        raise UserError(f"{what}: {e}") from None
-    views = open_views(str(run.root), check_lengths=False)
-    try:
-        return views.con.sql(query).fetchall()
-    except (duckdb.ParserException, duckdb.BinderException) as e:
-        raise UserError(f"{what}: bad SQL condition ({e})") from None
-    except duckdb.CatalogException as e:
-        hidden = "; ".join(views.warnings) or "no table was hidden"
-        raise UserError(f"{what}: {e} ({hidden})") from None
-
-
 def _sql_targets(run: RunDir, condition: str) -> set[str]:
     rows = condition_rows(
         run, f"select sample_id from samples where {condition}", f"dv4llm targets {condition!r}"
@@ -93,16 +72,11 @@ def _sql_targets(run: RunDir, condition: str) -> set[str]:
     return {r[0] for r in rows}
 
 
-def _ingest_targets(run: RunDir, path: str) -> list[str]:
-    from winnow.core.ingest import STEP as INGEST
-    from winnow.core.ingest import IngestParams
-
-    model = run.table("samples").schema().metadata.get(b"winnow.model", b"").decode()
-    INGEST.run(run, IngestParams(inputs=[path], model=model, table="targets"))
-    return [
-        _content_text(m)
-        for m in run.table("targets").read(columns=["messages"]).column("messages").to_pylist()
-    ]
+def _target_texts(run: RunDir) -> list[str]:
+    """The texts of the run's ``targets/`` table (written by ``ingest`` with ``table = "targets"``; the
+    CLI's ``--targets FILE`` runs that step first), read through the store."""
+    table = run.table("targets")
+    return [_content_text(m) for m in table.read(columns=["messages"]).column("messages").to_pylist()]
 
 
 def _embed(run: RunDir, p: DV4LLMParams, target_texts, cand_texts, target_ids, cand_ids):
@@ -133,26 +107,23 @@ def _embed(run: RunDir, p: DV4LLMParams, target_texts, cand_texts, target_ids, c
     return embed_texts(target_texts, cand_texts, method=p.embedding, **kw)
 
 
-def run_dv4llm(run: RunDir, p: DV4LLMParams) -> dict[str, Any]:
+@dataclass
+class _Solved:
+    """The scan's result: per candidate (by sample_id) its potential, calibrated gradient, rank and
+    whether it is selected; the step's counts."""
+
+    by_id: dict[str, tuple[float, float, int, bool]]
+    counts: dict[str, Any]
+
+
+def _scan(ctx: Ctx) -> _Solved:
+    """The global solve: embed targets and candidates, one Sinkhorn solve, rank by calibrated gradient."""
     from winnow.kernels.sinkhorn import calibrated_gradient, sinkhorn_potentials
 
-    t0 = time.time()
-    samples = run.table("samples")
-    if not samples.exists():
-        raise UserError(f"{run.root} has no samples: run `winnow ingest` first")
+    run, p = ctx.run, ctx.params
     sql = p.targets.startswith("sql:")
-    target_texts = None if sql else _ingest_targets(run, p.targets)
-    inputs = {"samples": samples.digest()}
-    if not sql:
-        inputs["targets"] = run.table("targets").digest()
-    st = io.StageOutput(run, "dv4llm", p, CODE_VERSION, t0)
-    recs = samples.records()
-    parts = [r.part for r in recs]
-    io.drop_orphans(st.out, parts)
-    if io.all_fresh(st.out, parts, st.fp, inputs):
-        return st.finish(len(parts))  # the ranking spans every shard: all fresh or all redone
-
-    cols = samples.read(columns=["sample_id", "messages"]).to_pydict()
+    target_texts = None if sql else _target_texts(run)
+    cols = run.table(io.SAMPLES).read(columns=["sample_id", "messages"]).to_pydict()
     ids, texts = cols["sample_id"], [_content_text(m) for m in cols["messages"]]
     is_target = _sql_targets(run, p.targets[4:]) if sql else set()
     cand_idx = [i for i, s in enumerate(ids) if s not in is_target]
@@ -173,27 +144,78 @@ def run_dv4llm(run: RunDir, p: DV4LLMParams) -> dict[str, Any]:
         ids[i]: (float(g[j]), float(grad[j]), int(rank[j]), bool(rank[j] < n_sel))
         for j, i in enumerate(cand_idx)
     }
-
-    for rec in recs:
-        part_ids = samples.read_part(rec.part, columns=["sample_id"]).column("sample_id").to_pylist()
-        vals = [by_id.get(s) for s in part_ids]
-        tbl = pa.table(
-            {
-                "sample_id": pa.array(part_ids, pa.string()),
-                "role": pa.array(["candidate" if v else "target" for v in vals], pa.string()),
-                "potential": pa.array([v[0] if v else None for v in vals], pa.float32()),
-                "calibrated_gradient": pa.array([v[1] if v else None for v in vals], pa.float32()),
-                "rank": pa.array([v[2] if v else None for v in vals], pa.int64()),
-                "selected": pa.array([v[3] if v else False for v in vals], pa.bool_()),
-            }
-        )
-        st.commit(rec.part, tbl, inputs)
     counts = {"targets": len(x), "candidates": len(cand_idx), "selected": n_sel, "solver": res.summary()}
-    return st.finish(len(parts), counts)
+    return _Solved(by_id, counts)
 
 
-STEP = Step(
+def _compute(ctx: Ctx, part: int, solved: _Solved) -> pa.Table:
+    samples = ctx.run.table(io.SAMPLES)
+    part_ids = samples.read_part(part, columns=["sample_id"]).column("sample_id").to_pylist()
+    vals = [solved.by_id.get(s) for s in part_ids]
+    return pa.table(
+        {
+            "sample_id": pa.array(part_ids, pa.string()),
+            "role": pa.array(["candidate" if v else "target" for v in vals], pa.string()),
+            "potential": pa.array([v[0] if v else None for v in vals], pa.float32()),
+            "calibrated_gradient": pa.array([v[1] if v else None for v in vals], pa.float32()),
+            "rank": pa.array([v[2] if v else None for v in vals], pa.int64()),
+            "selected": pa.array([v[3] if v else False for v in vals], pa.bool_()),
+        }
+    )
+
+
+def _policy(rows: dict[str, dict], ids: list[str], p: Any) -> tuple[dict[str, bool], dict[str, str]]:
+    """GOT-D's sample half: the selected candidates, plus the targets unless ``keep_targets=false``."""
+    keep, why = {}, {}
+    for sid in ids:
+        r = rows.get(sid)
+        if r is None:
+            keep[sid], why[sid] = False, "unscored"
+        elif r["role"] == "target":
+            keep[sid], why[sid] = p.keep_targets, "target" if p.keep_targets else "target_excluded"
+        else:
+            keep[sid], why[sid] = bool(r["selected"]), "selected" if r["selected"] else "not_selected"
+    return keep, why
+
+
+def card_section(card: Any, spec: Any) -> list[str]:
+    rows = card.q("select role, count(*), count_if(selected) from scores_dv4llm group by 1 order by 1")
+    return ["### DV4LLM", "", md_table(["role", "samples", "selected"], [list(r) for r in rows]), ""]
+
+
+def _check(ctx: Ctx) -> None:
+    """The tables the scan reads exist (exit 2 naming the step that writes them)."""
+    p, run = ctx.params, ctx.run
+    if not p.targets.startswith("sql:") and not run.table("targets").exists():
+        raise UserError(
+            f"dv4llm: {run.root} has no targets/ table; ingest the target texts first: "
+            f"`winnow score {run.root} dv4llm --targets {p.targets}` does, or a recipe step "
+            f'`step = "ingest"` with `table = "targets"`'
+        )
+    for table in _signals_read(p):
+        if not run.table(table).exists():
+            alias = table.split("/", 1)[1]
+            raise UserError(
+                f"dv4llm: no {table}; run `winnow score RUN --model M --alias {alias} --signals embedding` first"
+            )
+
+
+def _signals_read(p: DV4LLMParams) -> list[str]:
+    return [f"signals/{p.embedding.split(':', 1)[1]}"] if p.embedding.startswith("signals:") else []
+
+
+STAGE = Stage(
     name="dv4llm",
+    help="GOT-D optimal-transport selection of the candidates closest to a target set.",
     params=DV4LLMParams,
-    run=run_dv4llm,
+    code_version=CODE_VERSION,
+    reads=("samples", Ref("targets", lambda p: not p.targets.startswith("sql:")), _signals_read),
+    columns=("selected", "role"),
+    check=_check,
+    scan=_scan,
+    compute=_compute,
+    counts=lambda solved: solved.counts,
+    card=card_section,
+    policy=Policy(("role", "selected"), _policy),
 )
+STEP = STAGE  # the runnable step (``STEP.run(run, params)``) is the stage itself

@@ -59,15 +59,14 @@ every scored sample, so other policies can use it) and ``token_keep`` (null at u
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 
-from winnow.core.steps import Step
-from winnow.core.store import RunDir
+from winnow.core.markdown import md_table
+from winnow.core.steps import Ref
 from winnow.stages import stage_io as io
 from winnow.stages import topk
 from winnow.stages.eu_plane_math import (  # noqa: F401  (re-exported: the stage's public array API)
@@ -92,12 +91,13 @@ from winnow.stages.eu_plane_math import (  # noqa: F401  (re-exported: the stage
     eu_token_scores,
     sorted_quantile,
 )
+from winnow.stages.stage import Ctx, Stage
 
 CODE_VERSION = "eu_plane/1"
 NAME = "eu_plane"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EUPlaneParams:
     """Parameters of the EU-plane stage (`winnow score DIR eu_plane --set key=value`)."""
 
@@ -144,13 +144,13 @@ def _reason(quadrant: int, kept_by: int) -> str:
     return f"dropped_{name}"
 
 
-def _sample_stats(run: RunDir, parts: list[int], params: EUPlaneParams, keys) -> tuple:
+def _sample_stats(ctx: Ctx, keys) -> tuple:
     """Pass 1: per-sample error and uncertainty over the whole dataset, with shard sizes."""
     import torch
 
     errs, uncs, sizes, missing = [], [], [], 0
-    for part in parts:
-        shard = io.read_shard(run, part, {params.alias: ["logprob", "entropy"]})
+    for part in ctx.parts:
+        shard = ctx.shard(part)
         mask = torch.from_numpy(shard.valid(*keys))
         nll = -torch.from_numpy(shard.signals[keys[0]])
         err, unc, _ = eu_sample_stats(nll, torch.from_numpy(shard.signals[keys[1]]), mask)
@@ -205,42 +205,53 @@ def _topup_warning(kept: dict[str, int]) -> str | None:
     return None
 
 
-def run_eu_plane(run: RunDir, params: EUPlaneParams) -> dict:
-    started = time.time()
-    parts = io.samples_parts(run)
-    signals = f"signals/{params.alias}"
-    io.require_signals(run, params.alias, ["logprob", "entropy"], parts)
-    st = io.StageOutput(run, NAME, params, CODE_VERSION, started)
-    inputs = io.table_inputs(run, [io.SAMPLES, signals])  # global statistics: whole-table inputs
-    keys = [(params.alias, "logprob"), (params.alias, "entropy")]
-    counts: dict = {}
-    if not io.all_fresh(st.out, parts, st.fp, inputs):
-        io.drop_orphans(st.out, parts)
-        error, uncertainty, sizes, missing = _sample_stats(run, parts, params, keys)
-        got = _batch_quadrants(error, uncertainty, params)
-        # pass 2: token scores and token keep, one shard at a time
-        start = 0
-        for part, size in zip(parts, sizes, strict=True):
-            rows = slice(start, start + size)
-            start += size
-            shard = io.read_shard(run, part, {params.alias: ["logprob", "entropy"]})
-            per_row = {k: v[rows] for k, v in got.items()}
-            st.commit(
-                part, _shard_table(shard, keys, params, error[rows], uncertainty[rows], **per_row), inputs
-            )
-        kept = kept_by_counts(got["quadrant"].numpy(), got["kept_by"].numpy())
-        counts = {
-            "samples": int(error.numel()),
-            "scored": int((~error.isnan()).sum()),
-            "batches": int(got["batch"].max()) + 1,
-            "kept_by": kept,
-            "supervised_without_signal": missing,
-        }
-        warning = _topup_warning(kept)
-        if warning:
-            print(f"warning: {warning}", file=sys.stderr)
-            counts["warnings"] = [warning]
-    return st.finish(len(parts), counts)
+@dataclass
+class _Plane:
+    """The scan's result: per-sample statistics and quadrants over the whole dataset (N,), the row where
+    each shard starts, and the supervised tokens without a signal."""
+
+    error: Any
+    uncertainty: Any
+    got: dict
+    starts: dict[int, int]
+    missing: int
+
+
+def _keys(params: EUPlaneParams) -> list[tuple[str, str]]:
+    return [(params.alias, "logprob"), (params.alias, "entropy")]
+
+
+def _scan(ctx: Ctx) -> _Plane:
+    """Global statistics first: every sample's PPL and entropy, then the quadrants of each mini-batch."""
+    error, uncertainty, sizes, missing = _sample_stats(ctx, _keys(ctx.params))
+    got = _batch_quadrants(error, uncertainty, ctx.params)
+    starts = dict(zip(ctx.parts, [0, *np.cumsum(sizes)[:-1].tolist()], strict=True))
+    return _Plane(error, uncertainty, got, starts, missing)
+
+
+def _compute(ctx: Ctx, part: int, plane: _Plane) -> pa.Table:
+    """Pass 2: one shard's token scores and token keep, from its rows of the plane."""
+    shard = ctx.shard(part)
+    rows = slice(plane.starts[part], plane.starts[part] + len(shard.n_tokens))
+    per_row = {k: v[rows] for k, v in plane.got.items()}
+    keys = _keys(ctx.params)
+    return _shard_table(shard, keys, ctx.params, plane.error[rows], plane.uncertainty[rows], **per_row)
+
+
+def _counts(plane: _Plane) -> dict[str, Any]:
+    kept = kept_by_counts(plane.got["quadrant"].numpy(), plane.got["kept_by"].numpy())
+    counts: dict[str, Any] = {
+        "samples": int(plane.error.numel()),
+        "scored": int((~plane.error.isnan()).sum()),
+        "batches": int(plane.got["batch"].max()) + 1,
+        "kept_by": kept,
+        "supervised_without_signal": plane.missing,
+    }
+    warning = _topup_warning(kept)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+        counts["warnings"] = [warning]
+    return counts
 
 
 def _shard_table(
@@ -281,8 +292,75 @@ def _shard_table(
     )
 
 
-STEP = Step(
+# ---- card section ----------------------------------------------------------------------------------
+MAX_POINTS = 20_000  # the scatter draws a reservoir sample of at most this many samples (bounded memory)
+
+
+def card_section(card: Any, spec: Any) -> list[str]:
+    """The card's EU-plane section: samples and kept per quadrant, where the kept came from, the plot."""
+    rows = card.q(
+        "select quadrant, count(*), count_if(keep), median(error), median(uncertainty) "
+        "from scores_eu_plane group by 1 order by 1"
+    )
+    return [
+        "### EU plane (Q-Tuning)",
+        "",
+        md_table(["quadrant", "samples", "kept", "median PPL", "median entropy"], [list(r) for r in rows]),
+        "",
+        *_kept_by_lines(card),
+        *_plot(card),
+    ]
+
+
+def _kept_by_lines(card: Any) -> list[str]:
+    """Where the kept samples came from: the quadrants or the top-up (the step's manifest counts)."""
+    counts = card.man.get("steps", {}).get(f"stage:{NAME}", {}).get("counts", {})
+    kept = counts.get("kept_by")
+    if not kept:
+        return []
+    text = ", ".join(f"{k.replace('topup_', 'top-up from ')}: {v}" for k, v in kept.items())
+    return [f"Kept by origin ({counts.get('batches', '?')} mini-batches): {text}.", ""] + [
+        f"**Warning:** {w}" for w in counts.get("warnings", [])
+    ]
+
+
+def _plot(card: Any) -> list[str]:
+    """Each sample by PPL (log) and mean entropy, coloured by quadrant (counts in the legend: all samples)."""
+    import matplotlib.pyplot as plt
+
+    counts = dict(card.q("select quadrant, count(*) from scores_eu_plane where error is not null group by 1"))
+    if not counts:
+        return []
+    pts = card.sample(
+        "select error, uncertainty, quadrant from scores_eu_plane where error is not null", MAX_POINTS
+    )
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for quad in sorted(counts):
+        sel = [(r[0], r[1]) for r in pts if r[2] == quad]
+        ax.scatter([p[0] for p in sel], [p[1] for p in sel], s=6, alpha=0.6, label=f"{quad} ({counts[quad]})")
+    ax.set_xscale("log")
+    ax.set_xlabel("error: PPL over supervised tokens (log)")
+    ax.set_ylabel("uncertainty: mean entropy (nats)")
+    total = sum(counts.values())
+    ax.set_title(
+        "EU plane" + (f" ({len(pts)} of {total} samples drawn at random)" if len(pts) < total else "")
+    )
+    ax.legend(fontsize=7, markerscale=2)
+    return card.plot(
+        fig, "eu_plane.png", "EU plane: each sample by PPL and mean entropy, coloured by quadrant"
+    )
+
+
+STAGE = Stage(
     name=NAME,
+    help="Q-Tuning EU plane: sample quadrants by PPL x entropy, token pruning in Q2",
     params=EUPlaneParams,
-    run=run_eu_plane,
+    code_version=CODE_VERSION,
+    reads=("samples", Ref("signals/{alias}", columns=("logprob", "entropy"))),
+    columns=("keep", "reason", "token_keep"),
+    scan=_scan,
+    compute=_compute,
+    counts=_counts,
+    card=card_section,
 )
+STEP = STAGE  # the runnable step (``STEP.run(run, params)``) is the stage itself

@@ -40,23 +40,24 @@ is not scored.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from winnow.core.steps import Step
-from winnow.core.store import RunDir
+from winnow.core.markdown import per_sample_section
+from winnow.core.steps import Ref
 from winnow.stages import stage_io as io
 from winnow.stages import topk
 from winnow.stages.excess_loss_math import excess_loss, excess_loss_select, refuse_zero_excess  # noqa: F401
+from winnow.stages.stage import Ctx, Stage
 
 CODE_VERSION = "excess_loss/1"
 NAME = "excess_loss"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExcessLossParams:
     """Parameters of the excess-loss stage (`winnow score DIR excess_loss --set key=value`)."""
 
@@ -83,14 +84,15 @@ class ExcessLossParams:
 
 
 # ---- stage adapter ---------------------------------------------------------------------------------
-def _check_models(run: RunDir, params: ExcessLossParams) -> None:
+def _check_models(ctx: Ctx) -> None:
+    params = ctx.params
     io.refuse_same_weights(
-        run,
+        ctx.run,
         params.reference,
         params.current,
         "the excess loss would be 0 for every token and the top-k would keep tokens in input order. "
         f"Score a model trained on high-quality data as {params.reference!r}: "
-        f"`{io.signals_command(run, params.reference, ['logprob'])}`",
+        f"`{io.signals_command(ctx.run, params.reference, ['logprob'])}`",
     )
 
 
@@ -147,12 +149,13 @@ def _kth_largest_key(spill, sizes: list[int], hist: np.ndarray, k: int) -> tuple
             hist += np.bincount(digits, minlength=65536)
 
 
-def _shard_scores(run: RunDir, part: int, params: ExcessLossParams) -> tuple:
+def _shard_scores(ctx: Ctx, part: int) -> tuple:
     """One shard's (shard, scored mask, excess loss at the scored positions in row-major order)."""
     import torch
 
+    params = ctx.params
     keys = [(params.current, "logprob"), (params.reference, "logprob")]
-    shard = io.read_shard(run, part, {params.current: ["logprob"], params.reference: ["logprob"]})
+    shard = ctx.shard(part)
     mask = shard.valid(*keys)
     score = excess_loss(
         -torch.from_numpy(shard.signals[keys[0]]),
@@ -162,54 +165,74 @@ def _shard_scores(run: RunDir, part: int, params: ExcessLossParams) -> tuple:
     return shard, mask, score.numpy()[mask], shard.supervised_without_signal(*keys)
 
 
-def _whole_dataset(
-    run: RunDir, st: io.StageOutput, parts: list[int], params: ExcessLossParams, inputs
-) -> dict:
+def _refuse_zero(params: ExcessLossParams, n: int, nonzero: int) -> None:
+    refuse_zero_excess(
+        n,
+        nonzero,
+        f"excess_loss (signals/{params.current} vs signals/{params.reference})",
+        f"--set reference=ALIAS of a model trained on high-quality data, not a copy of {params.current!r}.",
+    )
+
+
+@dataclass
+class _Whole:
+    """The whole-dataset top-k: the spill of order keys (read back shard by shard), the k-th largest key
+    ``t`` and how many of the keys equal to it are still to keep; counts."""
+
+    spill: Any
+    spilled: Any
+    t: int | None
+    ties_left: int
+    counts: dict[str, int]
+
+    def close(self) -> None:
+        self.spill.close()
+
+
+def _scan_whole(ctx: Ctx) -> _Whole:
     """The global top ``⌊k_ratio·N⌋`` with memory independent of N (issue 16).
 
     Pass 1 writes each scored token's order key to a temporary file and histograms its top 16 bits; a
-    radix select finds the k-th largest key in three more reads of that file; pass 2 keeps the keys
-    above it and, of the keys equal to it, the earliest in (shard, row, position) order: the very
-    tokens ``top_fraction`` over the concatenated scores keeps.
+    radix select finds the k-th largest key in three more reads of that file; pass 2
+    (:func:`_compute_whole`) keeps the keys above it and, of the keys equal to it, the earliest in
+    (shard, row, position) order: the very tokens ``top_fraction`` over the concatenated scores keeps.
     """
     import tempfile
 
     hist, sizes, missing, nonzero = np.zeros(65536, np.int64), [], 0, 0
-    with tempfile.TemporaryFile(prefix="winnow-excess-") as spill:
-        for part in parts:
-            _, _, flat, miss = _shard_scores(run, part, params)
-            order = order_keys(flat)
-            order.tofile(spill)
-            hist += np.bincount((order >> np.uint64(48)).astype(np.int64), minlength=65536)
-            sizes.append(len(order))
-            missing, nonzero = missing + miss, nonzero + int((flat != 0).sum())
-        n = sum(sizes)
-        refuse_zero_excess(
-            n,
-            nonzero,
-            f"excess_loss (signals/{params.current} vs signals/{params.reference})",
-            f"--set reference=ALIAS of a model trained on high-quality data, not a copy of {params.current!r}.",
-        )
-        k = io.floor_count(params.k_ratio, n)
-        t, above = _kth_largest_key(spill, sizes, hist, k) if k else (None, 0)
-        ties_left, n_samples = k - above, 0
-        for part, got in zip(parts, _spilled(spill, sizes), strict=True):
-            shard, mask, flat, _ = _shard_scores(run, part, params)
-            keep = np.zeros(len(got), bool)
-            if t is not None:
-                tie = got == np.uint64(t)
-                keep = (got > np.uint64(t)) | (tie & (np.cumsum(tie) <= ties_left))
-                ties_left -= int((tie & keep).sum())
-            batch = np.where(mask.any(1), 0, -1)
-            st.commit(part, _shard_table(shard.sample_id, batch, mask, shard.n_tokens, flat, keep), inputs)
-            n_samples += len(shard.n_tokens)
-    return {
-        "samples": n_samples,
+    spill = tempfile.TemporaryFile(prefix="winnow-excess-")
+    for part in ctx.parts:
+        _, _, flat, miss = _shard_scores(ctx, part)
+        order = order_keys(flat)
+        order.tofile(spill)
+        hist += np.bincount((order >> np.uint64(48)).astype(np.int64), minlength=65536)
+        sizes.append(len(order))
+        missing, nonzero = missing + miss, nonzero + int((flat != 0).sum())
+    n = sum(sizes)
+    _refuse_zero(ctx.params, n, nonzero)
+    k = io.floor_count(ctx.params.k_ratio, n)
+    t, above = _kth_largest_key(spill, sizes, hist, k) if k else (None, 0)
+    counts = {
+        "samples": 0,
         "scored_tokens": n,
         "kept_tokens": k,
         "batches": 1,
         "supervised_without_signal": missing,
     }
+    return _Whole(spill, _spilled(spill, sizes), t, k - above, counts)
+
+
+def _compute_whole(ctx: Ctx, part: int, state: _Whole) -> pa.Table:
+    shard, mask, flat, _ = _shard_scores(ctx, part)
+    got = next(state.spilled)
+    keep = np.zeros(len(got), bool)
+    if state.t is not None:
+        tie = got == np.uint64(state.t)
+        keep = (got > np.uint64(state.t)) | (tie & (np.cumsum(tie) <= state.ties_left))
+        state.ties_left -= int((tie & keep).sum())
+    batch = np.where(mask.any(1), 0, -1)
+    state.counts["samples"] += len(shard.n_tokens)
+    return _shard_table(shard.sample_id, batch, mask, shard.n_tokens, flat, keep)
 
 
 def _batch_cutoffs(spill, starts: np.ndarray, rows: np.ndarray, k_ratio: float) -> tuple[float, np.ndarray]:
@@ -245,34 +268,42 @@ def _keep_from_cutoffs(
     return (flat > t) | (tie & (rank <= ties[row]))
 
 
-def _minibatches(
-    run: RunDir, st: io.StageOutput, parts: list[int], params: ExcessLossParams, inputs
-) -> dict | None:
+@dataclass
+class _Batches:
+    """Simulated mini-batches' top-k as per-sample scalars: each sample's batch, cutoff score and number
+    of kept ties, its scored tokens, and where each shard's rows start; counts."""
+
+    per: np.ndarray
+    batch: np.ndarray
+    cut: np.ndarray
+    ties: np.ndarray
+    row0: dict[int, int]
+    counts: dict[str, int]
+
+
+def _scan_batches(ctx: Ctx) -> _Batches | None:
     """The top-k of each simulated mini-batch with only per-sample scalars in memory (issue 16).
 
     Pass 1 spills every scored token's float64 excess loss to a temporary file in (shard, row,
     position) order. Each mini-batch reads its rows back (``pread``), and keeps of its top-k only the
-    cutoff score and each row's number of kept ties (:func:`_batch_cutoffs`); pass 2 recomputes each
-    shard's scores and applies the cutoffs. ``None`` when there is a single batch (the whole dataset).
+    cutoff score and each row's number of kept ties (:func:`_batch_cutoffs`); pass 2
+    (:func:`_compute_batches`) recomputes each shard's scores and applies the cutoffs. ``None`` when
+    there is a single batch (the whole dataset).
     """
     import tempfile
 
+    params = ctx.params
     with tempfile.TemporaryFile(prefix="winnow-excess-") as spill:
         per_sample, missing, nonzero = [], 0, 0
-        for part in parts:
-            _, mask, flat, miss = _shard_scores(run, part, params)
+        for part in ctx.parts:
+            _, mask, flat, miss = _shard_scores(ctx, part)
             np.asarray(flat, np.float64).tofile(spill)
             per_sample.append(mask.sum(1).astype(np.int64))
             missing, nonzero = missing + miss, nonzero + int((flat != 0).sum())
         spill.flush()
         per = np.concatenate(per_sample) if per_sample else np.zeros(0, np.int64)
         starts = np.concatenate([[0], np.cumsum(per)])
-        refuse_zero_excess(
-            int(starts[-1]),
-            nonzero,
-            f"excess_loss (signals/{params.current} vs signals/{params.reference})",
-            f"--set reference=ALIAS of a model trained on high-quality data, not a copy of {params.current!r}.",
-        )
+        _refuse_zero(params, int(starts[-1]), nonzero)
         scored = np.flatnonzero(per > 0)
         batches = topk.minibatches(len(scored), params.batch_size, params.seed)
         if len(batches) == 1:
@@ -283,47 +314,59 @@ def _minibatches(
             rows = scored[sel]
             cut[rows], ties[rows] = _batch_cutoffs(spill, starts, rows, params.k_ratio)
             batch[rows] = b
-    row0, kept = 0, 0
-    for part in parts:
-        shard, mask, flat, _ = _shard_scores(run, part, params)
-        rows = slice(row0, row0 + mask.shape[0])
-        keep = _keep_from_cutoffs(flat, per[rows], cut[rows], ties[rows])
-        st.commit(part, _shard_table(shard.sample_id, batch[rows], mask, shard.n_tokens, flat, keep), inputs)
-        row0, kept = row0 + mask.shape[0], kept + int(keep.sum())
-    return {
+    row0 = dict(zip(ctx.parts, np.cumsum([0, *(len(x) for x in per_sample)])[:-1].tolist(), strict=True))
+    counts = {
         "samples": int(len(per)),
         "scored_tokens": int(starts[-1]),
-        "kept_tokens": kept,
+        "kept_tokens": 0,
         "batches": len(batches),
         "supervised_without_signal": missing,
     }
+    return _Batches(per, batch, cut, ties, row0, counts)
 
 
-def run_excess_loss(run: RunDir, params: ExcessLossParams) -> dict:
-    started = time.time()
-    parts = io.samples_parts(run)
-    for alias in (params.current, params.reference):
-        io.require_signals(run, alias, ["logprob"], parts)
-    _check_models(run, params)
-    st = io.StageOutput(run, NAME, params, CODE_VERSION, started)
-    tables = [io.SAMPLES, f"signals/{params.current}", f"signals/{params.reference}"]
-    inputs = io.table_inputs(run, tables)  # top-k across batches that span shards: whole-table inputs
-    counts: dict = {}
-    n_samples = sum(r.rows for r in run.table(io.SAMPLES).records())
-    whole = params.batch_size <= 0 or params.batch_size >= n_samples  # one batch: the whole dataset
-    if whole and not io.all_fresh(st.out, parts, st.fp, inputs):
-        io.drop_orphans(st.out, parts)
-        counts = _whole_dataset(run, st, parts, params, inputs)
-    elif not io.all_fresh(st.out, parts, st.fp, inputs):
-        io.drop_orphans(st.out, parts)
-        counts = _minibatches(run, st, parts, params, inputs) or _whole_dataset(
-            run, st, parts, params, inputs
-        )
-    return st.finish(len(parts), counts)
+def _compute_batches(ctx: Ctx, part: int, state: _Batches) -> pa.Table:
+    shard, mask, flat, _ = _shard_scores(ctx, part)
+    rows = slice(state.row0[part], state.row0[part] + mask.shape[0])
+    keep = _keep_from_cutoffs(flat, state.per[rows], state.cut[rows], state.ties[rows])
+    state.counts["kept_tokens"] += int(keep.sum())
+    return _shard_table(shard.sample_id, state.batch[rows], mask, shard.n_tokens, flat, keep)
 
 
-STEP = Step(
+def _scan(ctx: Ctx) -> _Whole | _Batches:
+    """Simulated mini-batches when there are several, else one batch: the whole dataset."""
+    n_samples = sum(r.rows for r in ctx.run.table(io.SAMPLES).records())
+    batch_size = ctx.params.batch_size
+    whole = batch_size <= 0 or batch_size >= n_samples  # one batch: the whole dataset
+    return (None if whole else _scan_batches(ctx)) or _scan_whole(ctx)
+
+
+def _compute(ctx: Ctx, part: int, state: _Whole | _Batches) -> pa.Table:
+    if isinstance(state, _Whole):
+        return _compute_whole(ctx, part, state)
+    return _compute_batches(ctx, part, state)
+
+
+def card_section(card: Any, spec: Any) -> list[str]:
+    """The card's excess_loss section: the per-sample mean excess loss."""
+    return per_sample_section(card, NAME, "mean_excess")
+
+
+STAGE = Stage(
     name=NAME,
+    help="Rho-1 excess loss: current-model loss minus reference-model loss, top-k% across the batch",
     params=ExcessLossParams,
-    run=run_excess_loss,
+    code_version=CODE_VERSION,
+    reads=(
+        "samples",
+        Ref("signals/{current}", columns=("logprob",)),
+        Ref("signals/{reference}", columns=("logprob",)),
+    ),
+    columns=("token_keep", "mean_excess"),
+    check=_check_models,
+    scan=_scan,
+    compute=_compute,
+    counts=lambda state: state.counts,
+    card=card_section,
 )
+STEP = STAGE  # the runnable step (``STEP.run(run, params)``) is the stage itself

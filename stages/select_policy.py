@@ -3,10 +3,11 @@ token out, into ``selection/<name>/`` — the table a trainer consumes.
 
 A policy has two halves, chosen separately so that methods combine:
 
-* **which samples** (``POLICY``): ``eu_plane`` (Q-Tuning's quadrants: the stage's ``keep``),
+* **which samples** (``POLICY``): each stage's own, as its module declares it (``Stage.policy``,
+  else its ``keep`` column): ``eu_plane`` (Q-Tuning's quadrants: the stage's ``keep``),
   ``critical_tokens`` (cDPO for SFT: keep the samples labelled correct), ``dv4llm`` (GOT-D: the
   ``selected`` candidates, plus the target samples unless ``keep_targets=false``), ``excess_loss`` and
-  ``sstoken`` (token-level methods: every sample), ``all``, or ``sql`` (``--set keep="<DuckDB boolean
+  ``sstoken`` (token-level methods: every sample); or the selection's own ``all``, or ``sql`` (``--set keep="<DuckDB boolean
   expression over the samples view>"``; subqueries reach every other view, e.g. ``sample_id in
   (select sample_id from scores_eu_plane where keep)``). The reason recorded for each sample is the
   scoring stage's own (``kept_q2``, ``dropped_q1``, ``incorrect``, ...) or the policy's
@@ -140,36 +141,26 @@ def _one_policy(
     run: RunDir, policy: str, p: SelectParams, ids: list[str], part: int, sql_keep: dict[str, bool] | None
 ) -> tuple[dict[str, bool], dict[str, str]]:
     """Keep and reason of one policy for the samples ``ids`` of samples shard ``part`` (issue 16: one
-    shard of scores in memory at a time; a sql policy's values come precomputed in ``sql_keep``)."""
-    if policy == "all" or not (steps.writes_column(policy, "keep") or policy in ("sql", "dv4llm")):
-        reason = "all" if policy == "all" else "token_level"
-        return dict.fromkeys(ids, True), dict.fromkeys(ids, reason)
+    shard of scores in memory at a time; a sql policy's values come precomputed in ``sql_keep``).
+
+    ``all`` and ``sql`` are the selection's own policies; a stage's is the one it declares
+    (``steps.sample_policy``: its ``Policy``, or its ``keep``/``reason`` columns); a token-level stage
+    keeps every sample."""
     if policy == "sql":
         assert sql_keep is not None
         keep = {sid: bool(sql_keep.get(sid, False)) for sid in ids}
         return keep, {sid: "sql_keep" if k else "sql_drop" for sid, k in keep.items()}
-    if policy == "dv4llm":
-        rows = _score_table(run, "dv4llm", ["role", "selected"], part)
-        keep, why = {}, {}
-        for sid in ids:
-            r = rows.get(sid)
-            if r is None:
-                keep[sid], why[sid] = False, "unscored"
-            elif r["role"] == "target":
-                keep[sid], why[sid] = p.keep_targets, "target" if p.keep_targets else "target_excluded"
-            else:
-                keep[sid], why[sid] = bool(r["selected"]), "selected" if r["selected"] else "not_selected"
-        return keep, why
-    rows = _score_table(run, policy, ["keep", "reason"], part)  # stages with a sample half: eu_plane, ...
-    keep = {sid: bool(rows.get(sid, {}).get("keep")) for sid in ids}
-    why = {sid: (rows[sid]["reason"] if sid in rows else "unscored") for sid in ids}
-    return keep, why
+    declared = steps.sample_policy(policy)
+    if declared is None:
+        reason = "all" if policy == "all" else "token_level"
+        return dict.fromkeys(ids, True), dict.fromkeys(ids, reason)
+    return declared.decide(_score_table(run, policy, list(declared.columns), part), ids, p)
 
 
 def _sql_keep(run: RunDir, expr: str) -> dict[str, bool]:
     """sample_id -> the expression's value over the whole samples view (it may aggregate or use
     windows, so it is not evaluated shard by shard): a bool per sample, the one global state."""
-    from winnow.stages.dv4llm import condition_rows
+    from winnow.core.views import condition_rows
 
     query = f"SELECT sample_id, coalesce(({expr}), false) FROM samples"
     return dict(condition_rows(run, query, f"keep={expr!r} over samples"))

@@ -43,14 +43,14 @@ so shards are independent: each records its own input shards and is skipped when
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from winnow.core.steps import Step
-from winnow.core.store import RunDir, UserError
+from winnow.core.shards import Computed
+from winnow.core.steps import Ref
+from winnow.core.store import UserError
 from winnow.stages import stage_io as io
 from winnow.stages.excess_loss_math import refuse_zero_excess
 from winnow.stages.sstoken_math import (  # noqa: F401  (re-exported: the stage's public array API)
@@ -61,12 +61,13 @@ from winnow.stages.sstoken_math import (  # noqa: F401  (re-exported: the stage'
     sstoken_scores,
     sstoken_select,
 )
+from winnow.stages.stage import Ctx, Stage
 
 CODE_VERSION = "sstoken/1"
 NAME = "sstoken"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SSTokenParams:
     """Parameters of the ssToken stage (`winnow score DIR sstoken --set key=value`)."""
 
@@ -93,34 +94,30 @@ class SSTokenParams:
 
 
 # ---- stage adapter ---------------------------------------------------------------------------------
-def _check_models(run: RunDir, params: SSTokenParams) -> None:
-    io.refuse_same_weights(
-        run,
-        params.history,
-        params.current,
-        "the retrospective excess loss would be 0 for every token and ssToken would silently rank by "
-        f"attention alone. Score a model that has moved away from the history model as {params.current!r}, "
-        f"e.g. a warmed-up copy: `{io.signals_command(run, params.current, ['logprob', 'attn_importance'])}` "
-        "(or --set gamma=0 to ask for attention-only scores)",
-    )
+def _current_columns(p: SSTokenParams) -> list[str]:
+    return (["logprob"] if p.gamma > 0 else []) + (["attn_importance"] if p.gamma < 1 else [])
 
 
-def _reads(run: RunDir, params: SSTokenParams, parts) -> dict[str, list[str]]:
-    """The signals ssToken reads per alias (checked present, attention anchored at the query)."""
-    read: dict[str, list[str]] = {params.current: []}
+def _check(ctx: Ctx) -> None:
+    """Attention anchored at the query; with REL, a history model whose weights differ from current's."""
+    params = ctx.params
+    table = ctx.run.table(f"signals/{params.current}")
+    anchor = io.field_anchor(table, "attn_importance")
+    if params.gamma < 1 and anchor not in (None, "query"):
+        raise UserError(
+            f"signals/{params.current}.attn_importance is anchored at {anchor!r}; "
+            "ssToken pairs the attention row of query i with the loss of token i and needs anchor 'query'"
+        )
     if params.gamma > 0:
-        read[params.current].append("logprob")
-        read[params.history] = ["logprob"]
-    if params.gamma < 1:
-        read[params.current].append("attn_importance")
-    for alias, columns in read.items():
-        table = io.require_signals(run, alias, columns, parts)
-        if "attn_importance" in columns and io.field_anchor(table, "attn_importance") not in (None, "query"):
-            raise UserError(
-                f"signals/{alias}.attn_importance is anchored at {io.field_anchor(table, 'attn_importance')!r}; "
-                "ssToken pairs the attention row of query i with the loss of token i and needs anchor 'query'"
-            )
-    return read
+        io.refuse_same_weights(
+            ctx.run,
+            params.history,
+            params.current,
+            "the retrospective excess loss would be 0 for every token and ssToken would silently rank by "
+            f"attention alone. Score a model that has moved away from the history model as {params.current!r}, "
+            f"e.g. a warmed-up copy: `{io.signals_command(ctx.run, params.current, ['logprob', 'attn_importance'])}` "
+            "(or --set gamma=0 to ask for attention-only scores)",
+        )
 
 
 def _shard_table(shard, params: SSTokenParams, keys, part) -> pa.Table:
@@ -164,30 +161,26 @@ def _shard_table(shard, params: SSTokenParams, keys, part) -> pa.Table:
     )
 
 
-def run_sstoken(run: RunDir, params: SSTokenParams) -> dict:
-    started = time.time()
-    parts = io.samples_parts(run)
-    read = _reads(run, params, parts)
-    if params.gamma > 0:
-        _check_models(run, params)
-    keys = [(alias, c) for alias, columns in read.items() for c in columns]
-    tables = [io.SAMPLES, *(f"signals/{a}" for a in read)]
-    st = io.StageOutput(run, NAME, params, CODE_VERSION, started)
-    io.drop_orphans(st.out, parts)
-    for part in parts:
-        inputs = io.part_inputs(run, tables, part)  # per-sample maths: per-shard inputs
-        if st.skip_if_fresh(part, inputs):
-            continue
-        shard = io.read_shard(run, part, read)
-        table = _shard_table(shard, params, keys, part)
-        st.commit(
-            part, table, inputs, counts={"supervised_without_signal": shard.supervised_without_signal(*keys)}
-        )
-    return st.finish(len(parts))
+def _compute(ctx: Ctx, part: int, state: None) -> Computed:
+    """One shard: per-sample maths, so shards are independent (per-shard inputs)."""
+    shard = ctx.shard(part)
+    keys = ctx.keys()
+    table = _shard_table(shard, ctx.params, keys, part)
+    return Computed([table], counts={"supervised_without_signal": shard.supervised_without_signal(*keys)})
 
 
-STEP = Step(
+STAGE = Stage(
     name=NAME,
+    help="ssToken: retrospective excess loss (history - current) mixed with attention, top-rho per sample",
     params=SSTokenParams,
-    run=run_sstoken,
+    code_version=CODE_VERSION,
+    reads=(
+        "samples",
+        Ref("signals/{current}", columns=_current_columns),
+        Ref("signals/{history}", lambda p: p.gamma > 0, columns=("logprob",)),
+    ),
+    columns=("token_keep",),
+    check=_check,
+    compute=_compute,
 )
+STEP = STAGE  # the runnable step (``STEP.run(run, params)``) is the stage itself

@@ -4,64 +4,23 @@ call, the shared shard loop and one reject-error class."""
 from __future__ import annotations
 
 import importlib
+import os
 import re
-import time
-from dataclasses import dataclass
+import subprocess
+from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pytest
 
 from winnow.core.store import RunDir, UserError
 from winnow.pipeline import steps
 from winnow.pipeline.recipe import load_recipe, run_loaded
-from winnow.stages import stage_io as io
 
-from cli_runner import run_cli, sql_json
+import toy_stage
+from cli_runner import WINNOW, run_cli, sql_json
 from stage_fixtures import write_synthetic_samples
 
-# ---- a toy scoring stage: what a new stage module holds ------------------------------------------
-
-
-@dataclass
-class ToyParams:
-    every: int = 2  # keep supervised tokens at positions divisible by this
-
-
-def run_toy(run: RunDir, p: ToyParams) -> dict:
-    parts = io.samples_parts(run)
-    st = io.StageOutput(run, "toy", p, "toy/1", time.time())
-    for part in parts:
-        inputs = io.part_inputs(run, [io.SAMPLES], part)
-        if st.skip_if_fresh(part, inputs):
-            continue
-        shard = io.read_shard(run, part, {})
-        pos = np.arange(shard.loss_mask.shape[1])[None, :]
-        keep_tok = shard.loss_mask & (pos % p.every == 0)
-        keep = shard.n_tokens % 2 == 1  # odd-length samples are kept
-        table = pa.table(
-            {
-                "sample_id": shard.sample_id,
-                "keep": pa.array(keep),
-                "reason": pa.array(["odd" if k else "even" for k in keep]),
-                "token_keep": io.to_list_array(keep_tok, shard.loss_mask, shard.n_tokens, pa.bool_()),
-            }
-        )
-        st.commit(part, table, inputs, counts={"kept_tokens": int(keep_tok.sum())})
-    return st.finish(len(parts))
-
-
-STEP = steps.Step(name="toy", params=ToyParams, run=run_toy)
-TOY = steps.StepSpec(
-    "toy",
-    "stage",
-    __name__,
-    reads=("samples",),
-    writes=("scores/toy",),
-    columns=("keep", "reason", "token_keep"),
-    help="toy stage: every other supervised token",
-)
-
+# ---- a toy scoring stage (tests/support/toy_stage.py: what a new stage module holds) ---------------
 ROWS = [
     {"input_ids": [1, 2, 3], "loss_mask": [0, 1, 1]},  # odd: kept
     {"input_ids": [4, 5, 6, 7], "loss_mask": [0, 1, 1, 1]},  # even: dropped
@@ -71,8 +30,8 @@ ROWS_1 = [{"input_ids": [8, 9, 10, 11, 12], "loss_mask": [0, 0, 1, 1, 1]}]  # od
 
 @pytest.fixture
 def toy():
-    steps.register(TOY)
-    yield TOY
+    spec = steps.register_stage(toy_stage.STAGE, "toy_stage")
+    yield spec
     steps.unregister("toy")
 
 
@@ -120,6 +79,48 @@ def test_a_registered_stage_reaches_cli_select_recipe_check_and_card(tmp_path, t
     assert set(results) == {"stage:toy", "select:all"}
 
 
+def test_stage_entry_point(tmp_path):
+    """A plugin: a stage module plus ``toy-0.0.dist-info/entry_points.txt`` (group ``winnow.stages``) on a
+    subprocess's PYTHONPATH, no install: the stage is in `score --help`, `select --tokens`, the recipe
+    check and the card."""
+    site = tmp_path / "site"
+    (site / "toy-0.0.dist-info").mkdir(parents=True)
+    (site / "winnow_toy_plugin.py").write_text(Path(toy_stage.__file__).read_text())
+    (site / "toy-0.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: toy\nVersion: 0.0\n")
+    (site / "toy-0.0.dist-info" / "entry_points.txt").write_text("[winnow.stages]\ntoy = winnow_toy_plugin\n")
+    env = {**os.environ, "PYTHONPATH": str(site), "COLUMNS": "250"}  # the stage list on one line
+
+    def winnow(*args: object) -> subprocess.CompletedProcess:
+        return subprocess.run([WINNOW, *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
+
+    got = winnow("score", "--help")
+    assert got.returncode == 0 and "critical_tokens|dv4llm|toy" in "".join(got.stdout.split()), got.stdout
+    run = _run(tmp_path / "run")
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[[steps]]\nstep = "select"\npolicy = "all"\ntokens = "toy"\n')
+    got = winnow("run", recipe, "--run-dir", run.root)  # the recipe check: nothing wrote scores/toy yet
+    assert got.returncode == 2 and "select reads scores/toy: add a toy step before it" in got.stderr, (
+        got.stderr
+    )
+    got = winnow("score", run.root, "toy", "--set", "every=1")
+    assert got.returncode == 0, got.stderr
+    got = winnow("select", run.root, "toy", "--tokens", "toy")
+    assert got.returncode == 0, got.stderr
+    rows = sql_json(run.root, "select keep, token_weight from selection_toy order by sample_id")
+    # by hand, every=1: odd-length samples kept with weight 1 on every supervised token
+    assert [(r["keep"], r["token_weight"]) for r in rows] == [
+        (True, [0, 1, 1]),
+        (False, [0, 0, 0, 0]),
+        (True, [0, 0, 1, 1, 1]),
+    ]
+    assert "toy" not in steps.REGISTRY  # the plugin lives in the subprocesses only
+    got = winnow("card", run.root)
+    assert got.returncode == 0, got.stderr
+    card = (run.root / "card" / "README.md").read_text()
+    assert "### toy\n\ntoy stage: every other supervised token" in card
+    assert "| 3 | 2 | 8 | 8 |" in card  # samples, kept, scored tokens, kept tokens (every=1: all 8)
+
+
 def _fresh_samples(path) -> RunDir:
     run = RunDir(path, create=True)
     write_synthetic_samples(run, 0, ROWS)
@@ -149,6 +150,22 @@ def test_recipe_order_is_checked_before_any_step_runs(tmp_path):
         run_loaded(load_recipe(recipe), str(run.root))
     with pytest.raises(UserError, match=r"reads samples: add an ingest step before it"):
         steps.check_order([("sstoken", load_recipe(recipe).steps[0][1])], [])
+
+
+def test_dv4llm_reads_file_targets_through_the_store():
+    """A file of targets is the ingest step's `targets/` table: the check names that step; sql: targets
+    read nothing but samples."""
+    from winnow.core.ingest import IngestParams
+    from winnow.stages.dv4llm import DV4LLMParams
+
+    file_targets = DV4LLMParams(targets="targets.jsonl")
+    with pytest.raises(
+        UserError, match=r"dv4llm reads targets: add an ingest with table = targets before it"
+    ):
+        steps.check_order([("dv4llm", file_targets)], ["samples"])
+    ingest = IngestParams(inputs=["targets.jsonl"], table="targets")
+    steps.check_order([("ingest", ingest), ("dv4llm", file_targets)], ["samples"])
+    assert steps.spec("dv4llm").tables_read(DV4LLMParams(targets="sql:row = 1")) == ["samples"]
 
 
 def test_shipped_quickstart_passes_the_order_check():
