@@ -78,26 +78,27 @@ class LossTerm(torch.nn.Module):
         raise NotImplementedError
 
 
-def _chunk_term(h, weight, bias, softcap, targets, w, fn) -> torch.Tensor:
+def _chunk_term(h, weight, bias, softcap, targets, w, fn, *extra) -> torch.Tensor:
     logits = torch.nn.functional.linear(h.float(), weight.float(), None if bias is None else bias.float())
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    return (w * fn(logits, targets)).sum()
+    return (w * fn(logits, targets, *extra)).sum()
 
 
 def per_token_in_head(
-    x: TermInput, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], chunk: int = 1024
+    x: TermInput, fn: Callable[..., torch.Tensor], chunk: int = 1024, *extra: torch.Tensor
 ) -> torch.Tensor:
     """``Σ_i w_i · fn(logits_i, target_i)`` over the gathered positions; ``fn`` maps fp32 logits ``(n, V)``
     (scale and soft-cap applied, as the head computes them) and targets ``(n,)`` to ``(n,)``. Chunks of
-    ``chunk`` positions, each recomputed in the backward: peak ``chunk × V`` floats, not ``M × V``."""
+    ``chunk`` positions, each recomputed in the backward: peak ``chunk × V`` floats, not ``M × V``.
+    ``extra``: per-position tensors ``(M, ...)`` (OTR's uniforms), passed to ``fn`` chunk by chunk."""
     from torch.utils.checkpoint import checkpoint
 
     total = x.h.new_zeros((), dtype=torch.float32)
     for lo in range(0, x.h.shape[0], chunk):
         hi = lo + chunk
         args = (x.h[lo:hi], x.head_weight, x.bias, x.softcap, x.targets[lo:hi], x.weights[lo:hi], fn)
-        total = total + checkpoint(_chunk_term, *args, use_reentrant=False)
+        total = total + checkpoint(_chunk_term, *args, *(e[lo:hi] for e in extra), use_reentrant=False)
     return total
 
 

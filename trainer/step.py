@@ -105,6 +105,17 @@ def _claim_out(out: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def _record_methods(out: Path, methods: list, main: bool) -> None:
+    """The training methods' choices (HFT's trained tensors) into ``winnow_train.json`` (its hash unchanged)."""
+    extra: dict[str, Any] = {}
+    for m in methods:
+        extra |= m.record()
+    if not (main and extra):
+        return
+    path = out / IDENTITY_FILE
+    atomic_write_json(path, json.loads(path.read_text()) | extra)
+
+
 def _load_model(model_dir: Path, device, dtype_name: str):
     import torch
     from transformers import AutoModelForCausalLM
@@ -284,6 +295,7 @@ def train(p: TrainParams, run_dir: str | Path | None = None) -> dict[str, Any]:
         "out": str(out.resolve()),
     }
     ident["hash"] = stable_hash(ident)
+    ident["base_model_dir"] = str(model_dir)  # recorded, not part of the identity (machines differ)
     return _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0)
 
 
@@ -305,12 +317,14 @@ def _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0
     torch.manual_seed(p.seed + d.rank)
     model, head = _load_model(model_dir, device, p.dtype)
     ctx = MethodContext(device=device, model_dir=model_dir, seed=p.seed, rank=d.rank, world=d.world)
-    model = apply_trainable(p.methods(), model, ctx)  # LoRA, prompt tuning: the seeded adapter init
+    methods = p.methods()
+    model = apply_trainable(methods, model, ctx)  # LoRA, prompt tuning: the seeded adapter init
+    _record_methods(out, methods, d.main)
     pad = getattr(model.config, "pad_token_id", None)
     pad = pad if isinstance(pad, int) and 0 <= pad < model_info["vocab_size"] else 0  # the loss's filler
     keep = model_info["always_keep_ids"]
     env = Env(device, d, out, pad_id=pad, scale=head.scale, softcap=head.softcap, always_keep_ids=keep)
-    loop = Loop(p, data, model, env, _reference(p, run_dir, device))
+    loop = Loop(p, data, model, env, _reference(p, run_dir, device), methods=methods)
     steps = _drive(loop, Metrics(out / "metrics.jsonl", d.main), out)
     info = {
         "name": name,
