@@ -114,6 +114,13 @@ class GreenTrainerParams(TrainingMethod):
         udw, udy, limit, rho_bp = budget(dw[order], dy[order], self.rho)
         _, mask = select_dp(udy, udw, imp[order], limit, self.code_dp)
         chosen = {order[i] for i in np.flatnonzero(mask)}
+        if not chosen:
+            from winnow.pipeline.errors import UserError
+
+            raise UserError(
+                f"greentrainer.rho={self.rho}: the backward budget ({limit} of {int(udw.sum() + udy.sum())} units) "
+                f"fits no tensor (the output-most one, {named[order[0]][0]}, costs {int(udw[0] + udy[0])}); raise rho"
+            )
         for i, (_, q) in enumerate(named):
             q.requires_grad_(i in chosen)
         self.selected = [named[i][0] for i in sorted(chosen)]
@@ -203,7 +210,8 @@ def tensor_flops(model: Any, named: list, tokens: float, len_sq: float) -> tuple
         if name.endswith("v_proj.weight"):
             dy[i] += 4.0 * len_sq * d_attn
     head = model.get_output_embeddings().weight
-    dy[len(named) - 1] += tokens * head.numel()  # the LM head's input gradient, on the output-most tensor
+    if head is named[0][1] or all(q is not head for _, q in named):  # tied (OPT's case): not its own tensor
+        dy[len(named) - 1] += tokens * head.numel()  # the LM head's input gradient, on the output-most tensor
     return dw, dy
 
 
