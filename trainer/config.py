@@ -191,6 +191,11 @@ class TrainParams:
             raise ValueError("hft=true with greentrainer.rho > 0: both choose which tensors train; use one")
         if freezers and self.fsdp:
             raise ValueError(f"{freezers[0]} with fsdp=true is not supported yet: use DDP (the default)")
+        if self.greentrainer.enabled and self.online.policy != "none":
+            raise ValueError(
+                f"greentrainer.rho with online={self.online.policy} is not supported: its importance update re-reads "
+                "the epoch's first batch, which an online policy draws once; use online=none"
+            )
         if self.loss != "ce" and self.online.selects and self.scoring_mode == "reuse":
             raise ValueError(
                 f"loss={self.loss} with online.scoring=reuse: the reused forward computes the cross-entropy only; "

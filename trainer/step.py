@@ -105,15 +105,20 @@ def _claim_out(out: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _record_methods(out: Path, methods: list, main: bool) -> None:
-    """The training methods' choices (HFT's trained tensors) into ``winnow_train.json`` (its hash unchanged)."""
+def _apply_methods(p: TrainParams, model, ctx, out: Path):
+    """The training methods' trainable choice (LoRA, prompt tuning: the seeded adapter init) and what they
+    chose (HFT's trained tensors) into ``winnow_train.json`` (its hash unchanged)."""
+    from winnow.trainer.method import apply_trainable
+
+    methods = p.methods()
+    model = apply_trainable(methods, model, ctx)
     extra: dict[str, Any] = {}
     for m in methods:
         extra |= m.record()
-    if not (main and extra):
-        return
-    path = out / IDENTITY_FILE
-    atomic_write_json(path, json.loads(path.read_text()) | extra)
+    if ctx.rank == 0 and extra:
+        path = out / IDENTITY_FILE
+        atomic_write_json(path, json.loads(path.read_text()) | extra)
+    return model, methods
 
 
 def _load_model(model_dir: Path, device, dtype_name: str):
@@ -305,7 +310,7 @@ def _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0
     from winnow.stages.passes.model_io import resolve_device
     from winnow.trainer.distributed import all_reduce_sum, setup, teardown
     from winnow.trainer.loop import Env, Loop, Metrics
-    from winnow.trainer.method import MethodContext, apply_trainable
+    from winnow.trainer.method import MethodContext
 
     device = resolve_device(p.device)
     d = setup(device.type)
@@ -316,10 +321,8 @@ def _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0
     torch.set_num_threads(p.threads)
     torch.manual_seed(p.seed + d.rank)
     model, head = _load_model(model_dir, device, p.dtype)
-    ctx = MethodContext(device=device, model_dir=model_dir, seed=p.seed, rank=d.rank, world=d.world)
-    methods = p.methods()
-    model = apply_trainable(methods, model, ctx)  # LoRA, prompt tuning: the seeded adapter init
-    _record_methods(out, methods, d.main)
+    model, methods = _apply_methods(p, model, MethodContext(device=device, model_dir=model_dir, seed=p.seed,
+                                                            rank=d.rank, world=d.world), out)  # fmt: skip
     pad = getattr(model.config, "pad_token_id", None)
     pad = pad if isinstance(pad, int) and 0 <= pad < model_info["vocab_size"] else 0  # the loss's filler
     keep = model_info["always_keep_ids"]

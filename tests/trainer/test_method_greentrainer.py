@@ -125,3 +125,31 @@ def test_selection_leaves_no_trace_and_trains_only_the_selection():
     for a, b in zip(model.parameters(), plain_model.parameters(), strict=True):
         assert torch.equal(a, b)
     assert [r["loss"] for r in recs] == [r["loss"] for r in plain_recs]
+
+
+def test_parameters_refusals_and_steps_listing():
+    from conftest import run_cli
+
+    from winnow.pipeline.errors import UserError
+    from winnow.pipeline.params import build_params
+    from winnow.trainer.config import TrainParams
+
+    p = build_params(TrainParams, {"greentrainer.rho": "0.5", "loss": "otr", "otr.k": "8"}, "--set")
+    assert [type(m).__name__ for m in p.methods()] == ["GreenTrainerParams", "OtrMethod"]
+    assert p.identity()["greentrainer"]["rho"] == 0.5 and p.identity()["otr"]["k"] == 8
+    refused = (
+        ({"greentrainer.rho": "0.5", "online": "rho1", "lora_r": "4"}, "greentrainer.rho with lora.r"),
+        ({"greentrainer.rho": "0.5", "online": "q_tuning"}, "online=q_tuning is not supported"),
+        ({"greentrainer.rho": "1.5"}, r"must be in \[0, 1\]"),
+        ({"loss": "dft", "online": "sstoken"}, "online.scoring=reuse"),
+        ({"otr.beta": "1"}, "must be < 1"),
+    )
+    for values, match in refused:
+        with pytest.raises((ValueError, UserError), match=match):
+            build_params(TrainParams, values, "--set")
+    code, out, _ = run_cli("steps")
+    assert code == 0
+    for line in ("    loss = 'ce'", "    otr = OtrParams(k=256, tau=1.0, beta=-0.1, exact=False)",
+                 "    hft = HftParams(enabled=False, seed=-1)",
+                 "    greentrainer = GreenTrainerParams(rho=0.0, interval=2, code_dp=False)"):  # fmt: skip
+        assert line in out.splitlines(), line
