@@ -140,7 +140,7 @@ def cpu_peak_extra(name: str, n: int, v: int, d: int) -> int:
         f"inp = b.make_inputs({n}, {v}, {d}, torch.float32, 'cpu')\n"
         f"print(b.rss_peak_of(lambda: b.step(fn, *inp)) - {grads})\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    res = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True)
     return int(res.stdout.strip().splitlines()[-1])
 
 

@@ -137,7 +137,7 @@ def has_verify() -> bool:
 
 
 def steps(run: str, inp: str, out: str) -> list[tuple[str, list[str]]]:
-    w = [sys.executable, "-m", "winnow.pipeline.cli"]
+    w = [str(Path(sys.executable).parent / "winnow")]  # the console script: never the checkout root on sys.path
     py = [sys.executable, __file__]
     out_steps = [
         ("ingest", [*w, "ingest", inp, "--run", run, "--model", "builtin:tiny", "--format", "gsm8k"]),

@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "WINNOW_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
-CMD = [sys.executable, "-m", "winnow.pipeline.cli"]
+CMD = [str(Path(sys.executable).parent / "winnow")]  # the console script: never the checkout root on sys.path
 
 
 def winnow(*args, check: bool = False, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -296,18 +296,16 @@ def train(
 @app.command()
 def steps() -> None:
     """List the steps a recipe can name, with their parameters and defaults."""
-    import dataclasses
+    from winnow.pipeline.params import flat_defaults
 
     for name in registry.available_steps():
         step = registry.get_step(name)
         typer.echo(f"{name} ({registry.spec(name).kind}): {registry.spec(name).help}")
-        for f in dataclasses.fields(step.params):
-            default = (
-                f.default
-                if f.default is not dataclasses.MISSING
-                else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
-            )
-            typer.echo(f"    {f.name} = {default!r}")
+        for key, default in flat_defaults(step.params):
+            typer.echo(f"    {key} = {default!r}")
+        aliases = getattr(step.params, "ALIASES", {})
+        if aliases:  # names from before a parameter moved into a group, still accepted
+            typer.echo("    aliases: " + ", ".join(f"{old} -> {new}" for old, new in aliases.items()))
 
 
 def _fixed_mmap_threshold() -> None:

@@ -140,6 +140,26 @@ def build_params(cls: type[T], values: dict[str, Any], where: str) -> T:
         raise UserError(f"{where}: {e}") from None
 
 
+def flat_defaults(cls: type, prefix: str = "") -> list[tuple[str, Any]]:
+    """``[("online.q_tuning.r_sample", 0.25), ...]``: every settable key of ``cls`` and its default, groups
+    flattened to the dotted keys ``--set`` takes (what ``winnow steps`` lists)."""
+    out: list[tuple[str, Any]] = []
+    for f in dataclasses.fields(cls):
+        if not f.init or f.metadata.get("internal"):
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        if dataclasses.is_dataclass(default) and not isinstance(default, type):
+            out += flat_defaults(type(default), f"{prefix}{f.name}.")
+        else:
+            out.append((prefix + f.name, default))
+    return out
+
+
 def parse_sets(sets: list[str] | None, where: str) -> dict[str, str]:
     """``["a=1", "b=x,y"]`` -> ``{"a": "1", "b": "x,y"}``."""
     out: dict[str, str] = {}

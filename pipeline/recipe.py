@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from winnow.pipeline.params import build_params
 from winnow.pipeline.steps import Step, check_order, get_step, spec

@@ -1,24 +1,15 @@
-"""Shared test helpers: run the CLI in-process, small model directories, data locations."""
+"""Session-wide test setup: options, markers, the Triton interpreter switch and shared fixtures. Helpers that
+tests import by name live in tests/support/ (on pytest's pythonpath, see pyproject.toml)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
-
-# Some tests build their inputs with another test module's writers (test_eu_plane's synthetic signals,
-# ...): keep every test folder importable by module name.
-for _sub in sorted(p for p in Path(__file__).parent.rglob("*") if p.is_dir() and not p.name.startswith(("_", "."))):
-    if str(_sub) not in sys.path:
-        sys.path.append(str(_sub))
+from cli_runner import GSM8K, write_model_dir
 
 
 def pytest_addoption(parser):
@@ -29,8 +20,7 @@ def pytest_addoption(parser):
 # TRITON_INTERPRET when a kernel is defined (``@triton.jit``, i.e. when
 # winnow.kernels.triton_linear_cross_entropy is imported), and nothing imports that module before a
 # kernel test asks for it; tests/kernels/test_linear_cross_entropy.py::test_interpreter_is_active
-# fails if that ever stops holding. This lives here, not in tests/kernels/conftest.py, because a
-# second conftest module would shadow this one for `from conftest import run_cli`.
+# fails if that ever stops holding.
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -44,49 +34,8 @@ def pytest_collection_modifyitems(config, items):
         skips.append(("gpu", pytest.mark.skip(reason="gpu: needs a CUDA device")))
     for item in items:
         for marker, skip in skips:
-            if marker in item.keywords:
+            if item.get_closest_marker(marker) is not None:  # not keywords: a folder named "gpu" matched
                 item.add_marker(skip)
-
-
-def run_cli(*args) -> tuple[int, str, str]:
-    """Run `winnow ARGS...` in this process; returns (exit code, stdout, stderr)."""
-    from winnow.pipeline.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    saved = sys.argv
-    sys.argv = ["winnow", *map(str, args)]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = saved
-    return code, out.getvalue(), err.getvalue()
-
-
-def ingest_demo(run_dir) -> Path:
-    """`winnow ingest builtin:demo` with the builtin tiny tokenizer into ``run_dir``."""
-    code, _, err = run_cli("ingest", "builtin:demo", "--run", run_dir, "--model", "builtin:tiny")
-    assert code == 0, err
-    return Path(run_dir)
-
-
-def sql_json(run_dir, sql: str):
-    """Query a run through `winnow inspect --sql ... --format json` and parse the rows."""
-    code, out, err = run_cli("inspect", run_dir, "--sql", sql, "--format", "json")
-    assert code == 0, err
-    return json.loads(out)
-
-
-def write_model_dir(path: Path, tokenizer, max_positions: int = 512) -> Path:
-    """A directory `resolve_model`/`AutoTokenizer.from_pretrained` accept: tokenizer files + config.json."""
-    tokenizer.save_pretrained(str(path))
-    (path / "config.json").write_text(
-        json.dumps({"model_type": "llama", "max_position_embeddings": max_positions})
-    )
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -70,7 +70,8 @@ class BatchSource:
         """Called after optimizer step ``step`` (0-based) and before any checkpoint of it."""
 
     def save(self, folder: Path) -> None:
-        """Add this source's state to a checkpoint folder (every rank calls it; rank 0's folder is kept)."""
+        """Add this source's state to a checkpoint folder (rank 0 writes checkpoints: gather what the ranks
+        hold in :meth:`after_step`, which runs before every checkpoint)."""
 
     def load(self, folder: Path) -> None:
         """Restore the state :meth:`save` wrote."""

@@ -96,6 +96,10 @@ class Loop:
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.total_steps = self.feed.total_steps(self.steps_per_epoch)
         self.amp = _amp_dtype(p.dtype, env.device)
+        from winnow.trainer.kernel_agreement import agree_on_head_backend
+
+        head_bias = getattr(model.get_output_embeddings(), "bias", None) is not None
+        agree_on_head_backend(env.device, self.amp, head_bias, env.softcap is not None, self.d)
         self._optimizer(0)
         self.evals: dict[int, float] = {}
         self.kills_after = int(os.environ.get(FAULT_ENV, "0") or 0)

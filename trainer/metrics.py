@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 from pathlib import Path
 from typing import Any
@@ -25,18 +24,13 @@ def memory(device: torch.device) -> dict[str, float]:
 def mfu(
     lm: Any, device: torch.device, world: int, tokens: float, rows: float, len_sq: float, dt: float
 ) -> dict:
-    """GPU only: (6·N_body·tokens + 6·N_head·weighted rows + attention over real lengths) / peak."""
+    """GPU only: the shared convention of :mod:`winnow.trainer.mfu` over every rank's work."""
     if device.type != "cuda":
         return {}
-    head = lm.get_output_embeddings().weight
-    n_all = sum(q.numel() for q in lm.parameters())
-    n_emb = lm.get_input_embeddings().weight.numel()
-    n_body = n_all - n_emb - (0 if head is lm.get_input_embeddings().weight else head.numel())
-    cfg = lm.config
-    attn = 6.0 * cfg.num_hidden_layers * cfg.hidden_size * len_sq  # causal: half of 12·L·d·len²
-    flops = 6.0 * n_body * tokens + 6.0 * head.numel() * rows + attn
-    peak = float(os.environ.get("WINNOW_PEAK_TFLOPS", "989")) * 1e12 * world
-    return {"mfu": round(flops / dt / peak, 4)}
+    from winnow.trainer.mfu import mfu as ratio
+    from winnow.trainer.mfu import step_flops
+
+    return {"mfu": round(ratio(step_flops(lm, tokens, rows, len_sq), dt, world), 4)}
 
 
 class Metrics:

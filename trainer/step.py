@@ -10,7 +10,7 @@ folder and renamed into ``--out`` file by file before ``train_result.json``.
 
 On CUDA the model loads with ``flash_attention_2`` when installed, else ``flex_attention`` (transformers
 turns the restarting ``position_ids`` of a packed row into a document mask). That GPU path, bf16
-autocast and the MFU estimate have not run on a GPU yet (no device was lent to this session).
+autocast and the MFU estimate are measured by ``benchmarks/gpu_check.sh``; they have not run on a GPU yet.
 """
 
 from __future__ import annotations

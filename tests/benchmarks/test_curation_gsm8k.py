@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli, sql_json
+from cli_runner import run_cli, sql_json
 
 ROOT = Path(__file__).resolve().parents[2]
 

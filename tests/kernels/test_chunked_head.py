@@ -1,7 +1,5 @@
 """Chunked LM head: log-prob, entropy and cDPO contrast against float64 full-logit references."""
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,26 +9,8 @@ from winnow.kernels.chunked_head import LMHead, auto_chunk, contrast_scores, log
 from winnow.pipeline.store import UserError
 from winnow.stages.passes.model_io import check_head
 
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from model_pass_fixtures import make_config  # noqa: E402
-
-
-def _head(V, d, seed, scale=1.0, softcap=None, bias=False, spread=3.0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(V, d, generator=g) * spread / d**0.5
-    b = torch.randn(V, generator=g) if bias else None
-    return LMHead(w, b, scale, softcap)
-
-
-def _ref_logits(head, h):
-    z = h.double() @ head.weight.double().T
-    if head.bias is not None:
-        z = z + head.bias.double()
-    z = z * head.scale
-    if head.softcap is not None:
-        z = torch.tanh(z / head.softcap) * head.softcap
-    return z
-
+from head_reference import logits64, random_head
+from model_pass_fixtures import make_config
 
 # (N, V, d, chunk): awkward sizes, chunk 1, chunk larger than N, auto
 SHAPES = [(37, 1000, 16, 8), (5, 123, 123, 1), (64, 4099, 32, 0), (3, 50, 8, 100), (129, 3000, 24, 64)]
@@ -40,12 +20,12 @@ SHAPES = [(37, 1000, 16, 8), (5, 123, 123, 1), (64, 4099, 32, 0), (3, 50, 8, 100
 @pytest.mark.parametrize("post", [(1.0, None, False), (0.25, None, True), (1.0, 5.0, False)])
 def test_logprob_entropy_match_float64(N, V, d, chunk, post):
     scale, softcap, bias = post
-    head = _head(V, d, seed=N + V, scale=scale, softcap=softcap, bias=bias)
+    head = random_head(V, d, seed=N + V, scale=scale, softcap=softcap, bias=bias)
     g = torch.Generator().manual_seed(1)
     h = torch.randn(N, d, generator=g) * 2
     t = torch.randint(0, V, (N,), generator=g)
     lp, ent = logprob_entropy(head, h, t, chunk=chunk)
-    logp = _ref_logits(head, h).log_softmax(-1)
+    logp = logits64(head, h).log_softmax(-1)
     ref_lp = logp.gather(-1, t[:, None]).squeeze(-1)
     ref_ent = -(logp.exp() * logp).sum(-1)
     assert lp.dtype == torch.float32 and ent.dtype == torch.float32
@@ -58,7 +38,7 @@ def test_logprob_entropy_match_float64(N, V, d, chunk, post):
 
 
 def test_entropy_has_no_nan_when_softmax_underflows():
-    head = _head(500, 16, seed=3, spread=400.0)  # logit gaps of thousands: most probabilities are exactly 0
+    head = random_head(500, 16, seed=3, spread=400.0)  # logit gaps of thousands: most probabilities are exactly 0
     g = torch.Generator().manual_seed(4)
     h = torch.randn(20, 16, generator=g)
     t = torch.randint(0, 500, (20,), generator=g)
@@ -73,7 +53,7 @@ def test_entropy_has_no_nan_when_softmax_underflows():
 
 
 def test_head_memory_is_bounded_by_chunk(monkeypatch):
-    head = _head(300, 8, seed=0)
+    head = random_head(300, 8, seed=0)
     sizes = []
     orig = LMHead.logits
 
@@ -91,10 +71,10 @@ def test_head_memory_is_bounded_by_chunk(monkeypatch):
 @pytest.mark.parametrize("beta", [1.0, 0.5])
 def test_contrast_scores_match_full_logits(beta):
     V, d, N = 700, 12, 45
-    hp, hn = _head(V, d, seed=1), _head(V, d, seed=2, softcap=4.0)
+    hp, hn = random_head(V, d, seed=1), random_head(V, d, seed=2, softcap=4.0)
     g = torch.Generator().manual_seed(5)
     xp, xn = torch.randn(N, d, generator=g), torch.randn(N, d, generator=g)
-    zp, zn = _ref_logits(hp, xp), _ref_logits(hn, xn)
+    zp, zn = logits64(hp, xp), logits64(hn, xn)
     t = torch.randint(0, V, (N,), generator=g)
     t[::2] = zp.argmax(-1)[::2]  # likely tokens too, so p_CE spans a wide range
     p_ce, lpp, lpn = contrast_scores(hp, xp, hn, xn, t, beta=beta, chunk=8)
@@ -147,8 +127,8 @@ def test_check_head_refuses_unknown_post_processing(monkeypatch):
 
 
 def test_head_logits_post_processing_order():
-    head = _head(10, 4, seed=0, scale=0.5, softcap=2.0, bias=True)
+    head = random_head(10, 4, seed=0, scale=0.5, softcap=2.0, bias=True)
     h = torch.randn(3, 4)
     np.testing.assert_allclose(
-        head.logits(h).double().numpy(), _ref_logits(head, h).numpy(), rtol=1e-5, atol=1e-6
+        head.logits(h).double().numpy(), logits64(head, h).numpy(), rtol=1e-5, atol=1e-6
     )

@@ -38,7 +38,7 @@ print(json.dumps(result))
 def _import_blocked(*modules: str) -> dict:
     """Import ``modules`` in order in one fresh interpreter (one torch start-up for all of them)."""
     code = SCRIPT.format(blocked=BLOCKED, modules=modules)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 

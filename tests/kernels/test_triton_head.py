@@ -1,5 +1,5 @@
 """No-grad Triton head kernels (interpreted on CPU): per-token log-prob and entropy, and the cDPO
-contrast score, against float64 full logits (test_chunked_head's helper) and against the chunked reference
+contrast score, against float64 full logits (tests/support/head_reference.py) and against the chunked reference
 (:mod:`winnow.kernels.chunked_head`). Same tolerances as the reference promises: rtol = atol = 1e-5
 on log-probs and entropies (fp32 logits of size up to ~15), atol 1e-7 on p_CE."""
 
@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_chunked_head import _head  # tests/ folders are on sys.path (tests/conftest.py)
-from test_chunked_head import _ref_logits as _logits64
 
 from winnow.kernels import chunked_head, switch
 from winnow.kernels.chunked_head import LMHead
+
+from head_reference import logits64 as _logits64
+from head_reference import random_head as _head
 
 
 def _tk():

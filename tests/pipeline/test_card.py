@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import test_critical_tokens
-import test_eu_plane
-
-from conftest import run_cli
+import synthetic_runs.critical_tokens as test_critical_tokens
+import synthetic_runs.eu_plane as test_eu_plane
+from cli_runner import run_cli
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -14,14 +14,14 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from stage_fixtures import write_signals
 
 from winnow.pipeline.builtin.demo_data import write_demo_jsonl
 from winnow.pipeline.card import reservoir_sample, sql_histogram, top_zeroed_tokens
 from winnow.pipeline.inspect_run import open_views
 from winnow.pipeline.store import RunDir
 
-from conftest import run_cli
+from cli_runner import run_cli
+from stage_fixtures import write_signals
 
 
 @pytest.fixture(scope="module")

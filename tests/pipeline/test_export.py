@@ -7,9 +7,9 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-import test_critical_tokens
 
-from conftest import ingest_demo, run_cli, sql_json
+import synthetic_runs.critical_tokens as test_critical_tokens
+from cli_runner import ingest_demo, run_cli, sql_json
 
 KEEP = "meta_corruption = 'none' and meta_domain = 'math'"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,7 +12,7 @@ import pyarrow.parquet as pq
 
 from winnow.pipeline.store import RunDir
 
-from conftest import run_cli, sql_json
+from cli_runner import WINNOW, run_cli, sql_json
 
 GOOD = [
     {
@@ -223,9 +222,7 @@ def test_truncate_option_and_unreadable_input(tmp_path, chatml_model_dir):
 def _ingest_subprocess(inp: Path, run: Path, model: Path, env_extra: dict) -> int:
     env = {**os.environ, **env_extra}
     cmd = [
-        sys.executable,
-        "-m",
-        "winnow.pipeline.cli",
+        WINNOW,
         "ingest",
         str(inp),
         "--run",

@@ -18,7 +18,7 @@ from winnow.pipeline.formats import merge_kinds, unique_meta_names
 from winnow.pipeline.ingest import IngestParams, _build_shard, _Ctx, samples_schema, scan_inputs
 from winnow.pipeline.readers import iter_rows
 
-from conftest import run_cli, sql_json
+from cli_runner import run_cli, sql_json
 
 SEEN = {"records": 0}
 BATCHES, MIN_BATCH = 400, 5

@@ -8,7 +8,7 @@ import pytest
 from winnow.pipeline.inspect_run import view_name
 from winnow.pipeline.store import RunDir
 
-from conftest import run_cli, sql_json
+from cli_runner import run_cli, sql_json
 
 
 def _run(tmp_path):
@@ -144,13 +144,13 @@ def test_cli_imports_no_torch():
     import sys
 
     code = "import sys, winnow.pipeline.cli, winnow.pipeline.inspect_run; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
 
 def test_json_numbers_stay_numbers(tmp_path):
     """DuckDB's sum()/count_if() return HUGEINT (a Decimal in Python): JSON must carry numbers, not strings."""
-    import test_critical_tokens
+    import synthetic_runs.critical_tokens as test_critical_tokens
 
     run = test_critical_tokens.make_run(tmp_path / "run")
     rows = sql_json(

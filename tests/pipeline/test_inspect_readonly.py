@@ -11,7 +11,7 @@ import pytest
 
 from winnow.pipeline.store import RunDir
 
-from conftest import run_cli, sql_json
+from cli_runner import run_cli, sql_json
 
 
 def _make(root: Path, n: int) -> RunDir:

@@ -15,7 +15,7 @@ import pytest
 from winnow.pipeline import lock
 from winnow.pipeline.store import RunDir, UserError
 
-from conftest import run_cli
+from cli_runner import run_cli
 
 
 def _holder(run, **over) -> dict:
@@ -34,7 +34,7 @@ def _holder(run, **over) -> dict:
 
 def _dead_pid() -> int:
     proc = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+        [sys.executable, "-P", "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
     return int(proc.stdout)
 

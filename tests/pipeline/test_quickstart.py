@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, sql_json
+from cli_runner import run_cli, sql_json
 
 # The fixture builds the five tiny models on an empty cache (CI) and runs the whole recipe: measured 5-6 min
 # at load 4 on 2 cores, over the suite's 300 s default (the timeout covers fixture setup).

@@ -17,7 +17,7 @@ import pytest
 from winnow.pipeline import store
 from winnow.pipeline.store import RunDir
 
-from conftest import run_cli, sql_json
+from cli_runner import WINNOW, run_cli, sql_json
 
 ROWS = [{"question": f"What is {i} plus 7?", "answer": f"{i} plus 7 is {i + 7}."} for i in range(12)]
 
@@ -168,9 +168,7 @@ def test_reingest_of_other_inputs_marks_old_shards_and_downstream_stale(built, t
     other = tmp_path / "other.jsonl"
     other.write_text("\n".join(json.dumps(r | {"answer": r["answer"] + "!"}) for r in ROWS) + "\n")
     cmd = [
-        sys.executable,
-        "-m",
-        "winnow.pipeline.cli",
+        WINNOW,
         "ingest",
         str(other),
         "--run",
@@ -194,7 +192,7 @@ def test_reingest_of_other_inputs_marks_old_shards_and_downstream_stale(built, t
 def test_leftover_temporaries_are_removed_on_resume(built):
     run, before, model = built
     dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+        [sys.executable, "-P", "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
     pid = int(dead.stdout)
     leftovers = [run / "samples" / f".part-00001.parquet.tmp-{pid}", run / f".manifest.json.tmp-{pid}"]

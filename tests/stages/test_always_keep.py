@@ -15,12 +15,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from stage_fixtures import write_signals
 
 from winnow.pipeline.render import tokenizer_fingerprint
 from winnow.pipeline.store import RunDir
 
-from conftest import run_cli, sql_json, write_model_dir
+from cli_runner import run_cli, sql_json, write_model_dir
+from stage_fixtures import write_signals
 from tokenizers_fixtures import make_tokenizer
 
 CHATS = {  # (prompt, answer): the answer is supervised, the prompt (with its own <|im_end|> and ####) is not

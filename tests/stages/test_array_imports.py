@@ -52,6 +52,6 @@ SCRIPT = textwrap.dedent(
 
 
 def test_array_functions_import_without_pyarrow_or_the_store():
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-P", "-c", SCRIPT], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "ok 2"

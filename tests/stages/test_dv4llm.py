@@ -3,9 +3,9 @@
 import json
 
 import pytest
-from stage_fixtures import decimal_count
 
-from conftest import ingest_demo, run_cli, sql_json
+from cli_runner import ingest_demo, run_cli, sql_json
+from stage_fixtures import decimal_count
 
 TARGET_SQL = "sql:meta_corruption = 'none' and meta_domain = 'math' and row % 5 = 0"
 

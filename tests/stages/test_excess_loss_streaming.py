@@ -7,11 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from stage_fixtures import write_signals, write_synthetic_samples
 
 from winnow.pipeline.store import RunDir
 from winnow.stages import excess_loss as ex
 from winnow.stages import stage_io as io
+
+from stage_fixtures import write_signals, write_synthetic_samples
 
 
 def _run(root, rng, grid: float) -> tuple[RunDir, list]:

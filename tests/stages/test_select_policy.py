@@ -7,10 +7,10 @@ import json
 import re
 
 import pytest
-import test_critical_tokens
-import test_eu_plane
 
-from conftest import run_cli, sql_json
+import synthetic_runs.critical_tokens as test_critical_tokens
+import synthetic_runs.eu_plane as test_eu_plane
+from cli_runner import run_cli, sql_json
 
 
 def _select(run, *args):
@@ -173,10 +173,10 @@ def test_bad_compositions_exit_2(tmp_path, policy, match):
 
 
 def test_sql_errors_that_are_not_a_bad_condition_are_not_reported_as_one(tmp_path):
-    from stage_fixtures import write_signals
-
     from winnow.pipeline.store import UserError
     from winnow.stages import select_policy as sp
+
+    from stage_fixtures import write_signals
 
     run = test_critical_tokens.make_run(tmp_path / "run")
     assert run_cli("score", run.root, "critical_tokens")[0] == 0

@@ -10,10 +10,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from stage_fixtures import decimal_count, write_signals, write_synthetic_samples
 
 from winnow.pipeline.store import RunDir, UserError
 from winnow.stages import stage_io as io
+
+from stage_fixtures import decimal_count, write_signals, write_synthetic_samples
 
 FAST = settings(max_examples=40, deadline=None)
 

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
-import test_critical_tokens
-import test_eu_plane
-import test_excess_loss
-import test_sstoken
 
-from conftest import run_cli
+import synthetic_runs.critical_tokens as test_critical_tokens
+import synthetic_runs.eu_plane as test_eu_plane
+import synthetic_runs.excess_loss as test_excess_loss
+import synthetic_runs.sstoken as test_sstoken
+from cli_runner import WINNOW, run_cli
 
 # stage -> (run builder, shards the rerun writes out of 2)
 STAGES = {
@@ -31,7 +30,7 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(tmp_path, stage):
     run = make_run(tmp_path / "killed")
     env = {**os.environ, "WINNOW_FAULT_KILL_AFTER_SHARDS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "winnow.pipeline.cli", "score", str(run.root), stage],
+        [WINNOW, "score", str(run.root), stage],
         env=env,
         capture_output=True,
         text=True,

@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from trainer_fixtures import model_dir, synthetic_run
 
 from winnow.pipeline.store import RunDir
 from winnow.trainer import online as ol
+
+from trainer_fixtures import model_dir, synthetic_run
 
 NAN = float("nan")
 F = 42  # the floored token id in the hand-built batches

@@ -12,9 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.multiprocessing as mp
-from dist_worker import capture_step_grads, make_loop, worker
 
 from winnow.trainer.distributed import Dist
+
+from dist_worker import capture_step_grads, make_loop, worker
 
 G = 2
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from trainer_fixtures import tiny_llama, weighted_samples
 
 from winnow.trainer.loss import WeightedLMLoss
 from winnow.trainer.packing import layout_batch, plan, prepare
+
+from trainer_fixtures import tiny_llama, weighted_samples
 
 
 def _reference(model, ids, ws):

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from trainer_fixtures import export_parquet, model_dir
 
 

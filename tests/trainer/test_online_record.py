@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
-from trainer_fixtures import model_dir, synthetic_run
 
 from winnow.pipeline.store import RunDir
 
-from conftest import run_cli
+from cli_runner import WINNOW, run_cli
+from trainer_fixtures import model_dir, synthetic_run
 
 SETS = ["--set", "tokens_per_batch=256", "--set", "max_seq_len=128", "--set", "eval_fraction=0.2"]
 SETS += ["--set", "lr=1e-2", "--set", "save_every=2", "--set", "keep_checkpoints=1", "--set", "epochs=2"]
@@ -143,7 +142,7 @@ def test_resumed_run_records_the_same_tables(model, tmp_path):
         args = ["train", run, "--model", model, *SETS, "--set", "save_every=1"]
         if kind == "killed":
             env = dict(os.environ, WINNOW_FAULT_KILL_AFTER_STEPS="2")
-            cmd = [sys.executable, "-m", "winnow.pipeline.cli", *map(str, args)]
+            cmd = [WINNOW, *map(str, args)]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             assert proc.returncode == -9, proc.stderr
             assert not [t for t in RunDir(run).tables() if t.startswith("selection/online-")]  # mid-epoch
@@ -212,9 +211,10 @@ def test_two_ranks_record_the_tables_of_one_process(model, tmp_path):
     gathered onto rank 0 and the tables equal a single process running both ranks' mini-batches per step
     (grad_accum 2); the select= argument passes through DDP."""
     import torch.multiprocessing as mp
-    from dist_online_worker import train_and_read, worker
 
     from winnow.trainer.distributed import Dist
+
+    from dist_online_worker import train_and_read, worker
 
     run = synthetic_run(tmp_path / "run", model).root
     want = {

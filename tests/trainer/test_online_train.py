@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_fixtures import export_parquet, model_dir
 
-from conftest import run_cli
+from cli_runner import WINNOW, run_cli
+from trainer_fixtures import export_parquet, model_dir
 
 SETS = ["--set", "tokens_per_batch=256", "--set", "max_seq_len=128", "--set", "eval_fraction=0.2"]
 SETS += ["--set", "lr=1e-2", "--set", "save_every=2", "--set", "keep_checkpoints=1"]
@@ -106,7 +105,7 @@ def _killed_and_resumed(inputs, tmp_path, extra: list[str], kill_after: int, ckp
     code, _, err = _train(inputs, straight, *extra)
     assert code == 0, err
     m, d, _ = inputs
-    args = [sys.executable, "-m", "winnow.pipeline.cli", "train", "--data", d, "--model", m, "--out", killed]
+    args = [WINNOW, "train", "--data", d, "--model", m, "--out", killed]
     env = dict(os.environ, WINNOW_FAULT_KILL_AFTER_STEPS=str(kill_after))
     proc = subprocess.run([str(a) for a in [*args, *SETS, *extra]], env=env, capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
@@ -170,9 +169,10 @@ def test_lora_trains_only_adapters_saves_loadable_adapter_and_merged_model(input
 def test_model_pass_scores_with_an_adapter_directory(inputs, tmp_path):
     """`winnow score --model ADAPTER_DIR` loads the base, merges the adapter and scores exactly."""
     from peft import AutoPeftModelForCausalLM
-    from trainer_fixtures import synthetic_run
 
     from winnow.pipeline.store import RunDir
+
+    from trainer_fixtures import synthetic_run
 
     out = tmp_path / "lora"
     code, _, err = _train(inputs, out, "--set", "lora_r=4", "--set", "lr=5e-2", "--set", "max_steps=2")
@@ -207,7 +207,7 @@ def test_lora_with_rho1_against_the_base_resumes_bitwise(inputs, tmp_path):
     # step 1: adapters start at zero effect, so excess loss is 0 everywhere and top-k still keeps k_ratio
     assert rows[0]["online_kept_tokens"] > 0 and len(rows) >= 4
     m, d, _ = inputs
-    args = [sys.executable, "-m", "winnow.pipeline.cli", "train", "--data", d, "--model", m, "--out", killed]
+    args = [WINNOW, "train", "--data", d, "--model", m, "--out", killed]
     env = dict(os.environ, WINNOW_FAULT_KILL_AFTER_STEPS="3")
     proc = subprocess.run([str(a) for a in [*args, *SETS, *extra]], env=env, capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr

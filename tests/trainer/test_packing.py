@@ -12,9 +12,10 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from trainer_fixtures import weighted_samples
 
 from winnow.trainer.packing import best_fit_decreasing, layout_batch, plan, prepare, step_batches, trim
+
+from trainer_fixtures import weighted_samples
 
 
 def _truth(ids, ws):

@@ -14,12 +14,14 @@ import numpy as np
 import peft  # noqa: F401  (a dev dependency: a missing peft fails here, never skips)
 import pytest
 import torch
-from trainer_fixtures import tiny_llama, weighted_samples
 
 from winnow.trainer import lora
 from winnow.trainer.loss import WeightedLMLoss
 from winnow.trainer.packing import layout_batch, plan, prepare
 from winnow.trainer.prompt_tuning import PromptTuningParams, apply_prompt_tuning, shift_gather
+
+from cli_runner import WINNOW
+from trainer_fixtures import tiny_llama, weighted_samples
 
 CPU = torch.device("cpu")
 TOL = 1e-5
@@ -27,7 +29,7 @@ TOL = 1e-5
 
 def _prompted(n_virtual: int, tied: bool, init: str = "random"):
     """A tiny Llama under a prompt of random fractional entries (not peft's init: a generic point)."""
-    model = apply_prompt_tuning(tiny_llama(tied=tied), PromptTuningParams(n_virtual, init), CPU, "unused")
+    model = apply_prompt_tuning(tiny_llama(tied=tied), PromptTuningParams(num_virtual_tokens=n_virtual, init=init), CPU, "unused")
     emb = model.prompt_encoder["default"].embedding.weight
     with torch.no_grad():
         emb.copy_(torch.randn(emb.shape, generator=torch.Generator().manual_seed(7)) * 0.3)
@@ -125,7 +127,7 @@ def test_only_the_prompt_trains_and_the_saved_adapter_reloads(tmp_path):
     base = tiny_llama(tied=True)
     base.save_pretrained(str(base_dir), safe_serialization=True)
     frozen = {k: v.clone() for k, v in base.state_dict().items()}
-    model = apply_prompt_tuning(base, PromptTuningParams(6), CPU, base_dir)
+    model = apply_prompt_tuning(base, PromptTuningParams(num_virtual_tokens=6), CPU, base_dir)
     emb = model.prompt_encoder["default"].embedding.weight
     vocab = lora.base_causal_lm(model).get_input_embeddings().weight
     # sample_vocab: every virtual token starts as a row of the model's own embedding matrix
@@ -199,12 +201,11 @@ def test_train_saves_a_prompt_that_reloads_resumes_bitwise_and_is_refused_where_
     import json
     import os
     import subprocess
-    import sys
     from pathlib import Path
 
     from safetensors.torch import load_file
 
-    from conftest import run_cli
+    from cli_runner import run_cli
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     code, _, err = run_cli(*_cli_args(inputs, straight))
@@ -224,7 +225,7 @@ def test_train_saves_a_prompt_that_reloads_resumes_bitwise_and_is_refused_where_
     assert abs(_eval_loss_of_saved_adapter(inputs, straight) - evals[-1]) < 1e-5
     # killed after step 3 and rerun: the same prompt as the uninterrupted run, bit for bit
     env = dict(os.environ, WINNOW_FAULT_KILL_AFTER_STEPS="3")
-    args = [sys.executable, "-m", "winnow.pipeline.cli", *map(str, _cli_args(inputs, killed))]
+    args = [WINNOW, *map(str, _cli_args(inputs, killed))]
     proc = subprocess.run(args, env=env, capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
     assert run_cli(*_cli_args(inputs, killed))[0] == 0

@@ -6,15 +6,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_fixtures import export_parquet, model_dir
 
-from conftest import run_cli
+from cli_runner import WINNOW, run_cli
+from trainer_fixtures import export_parquet, model_dir
 
 SETS = [
     "--set",
@@ -97,9 +96,7 @@ def test_killed_run_resumes_bitwise(inputs, tmp_path):
     m, d = inputs
     env = dict(os.environ, WINNOW_FAULT_KILL_AFTER_STEPS="3")
     args = [
-        sys.executable,
-        "-m",
-        "winnow.pipeline.cli",
+        WINNOW,
         "train",
         "--data",
         d,

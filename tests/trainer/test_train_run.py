@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from trainer_fixtures import export_parquet, model_dir, synthetic_run
 
 from winnow.pipeline.store import RunDir
 
-from conftest import run_cli
+from cli_runner import run_cli
+from trainer_fixtures import export_parquet, model_dir, synthetic_run
 
 SETS = [
     "--set",

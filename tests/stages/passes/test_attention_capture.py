@@ -1,7 +1,5 @@
 """Recomputed attention importance vs the model's own eager attention, per sample, in both layouts."""
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +9,8 @@ from winnow.pipeline.store import UserError
 from winnow.stages.passes.attention_capture import AttentionCapture, attention_importance, check_attention
 from winnow.stages.passes.batching import collate, plan_batches
 
-sys.path.insert(0, str(Path(__file__).parents[2]))
-from model_pass_fixtures import make_config, random_samples  # noqa: E402
+from attention_reference import _eager_reference
+from model_pass_fixtures import make_config, random_samples
 
 
 def _model(arch):
@@ -22,23 +20,6 @@ def _model(arch):
     cfg = make_config(arch)
     cfg._attn_implementation = "sdpa"
     return AutoModelForCausalLM.from_config(cfg).eval()
-
-
-def _eager_reference(model, ids, key_mask, layer=-1):
-    """Sum over non-supervised keys of the head-mean eager attention of each query, one sample alone."""
-    impl = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = model(
-                input_ids=torch.as_tensor(ids, dtype=torch.long)[None],
-                output_attentions=True,
-                use_cache=False,
-            )
-    finally:
-        model.set_attn_implementation(impl)
-    att = out.attentions[layer][0].double().mean(0)  # (L, L)
-    return (att * torch.as_tensor(key_mask == 0, dtype=torch.float64)[None, :]).sum(-1).numpy()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])

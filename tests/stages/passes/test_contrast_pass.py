@@ -1,7 +1,5 @@
 """Contrast pass (cDPO p_CE) against a direct full-logit computation on each sample alone."""
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +9,7 @@ from winnow.pipeline.steps import get_step, spec
 from winnow.pipeline.store import UserError
 from winnow.stages.passes.contrast_pass import ContrastParams, run_contrast_pass
 
-sys.path.insert(0, str(Path(__file__).parents[2]))
-from model_pass_fixtures import make_model_dir, random_samples, write_samples  # noqa: E402
+from model_pass_fixtures import make_model_dir, random_samples, write_samples
 
 
 def _direct(pos, neg, ids, beta):

@@ -9,7 +9,6 @@ misses by whole nats and fails the same check (tested).
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,8 +23,7 @@ from winnow.stages.passes.batching import plan_batches
 from winnow.stages.passes.model_io import load_model
 from winnow.stages.passes.model_pass import ModelPassParams, run_model_pass, score_samples
 
-sys.path.insert(0, str(Path(__file__).parents[2]))
-from model_pass_fixtures import make_model_dir, random_samples, reference, write_samples  # noqa: E402
+from model_pass_fixtures import make_model_dir, random_samples, reference, write_samples
 
 RTOL = ATOL = 1e-5
 
@@ -173,7 +171,7 @@ def test_positions_all_attention_and_schema(tmp_path, models):
 
 
 def test_attention_signal_is_query_anchored(tmp_path, models):
-    from test_attention_capture import _eager_reference
+    from attention_reference import _eager_reference
 
     seqs, masks = random_samples(6, seed=6)
     run = write_samples(tmp_path / "run", seqs, masks, models["llama"])
@@ -194,6 +192,7 @@ def _cli(run_dir, model_dir, env_extra=None, *sets):
     env = {**os.environ, "WINNOW_PROGRESS": "0", **(env_extra or {})}
     cmd = [
         sys.executable,
+        "-P",
         "-m",
         "winnow.stages.passes.model_pass",
         str(run_dir),

@@ -10,8 +10,9 @@ import numpy as np
 
 from winnow.stages.passes.model_pass import ModelPassParams, run_model_pass
 
-sys.path.insert(0, str(Path(__file__).parents[2]))
-from model_pass_fixtures import make_model_dir, random_samples, write_samples  # noqa: E402
+from model_pass_fixtures import make_model_dir, random_samples, write_samples
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _values(tbl, col):
@@ -26,30 +27,31 @@ def test_two_ranks_match_one_process(tmp_path):
     multi = write_samples(tmp_path / "multi", seqs, masks, model, shards=4)
     single = write_samples(tmp_path / "single", seqs, masks, model, shards=4)
     env = {**os.environ, "WINNOW_PROGRESS": "0"}
+    # the README's form, started from the checkout root: `--` ends torchrun's options (it would take
+    # `--signals` as an abbreviation of its own --signals-to-handle) and --no-python runs the console script
+    bin_dir = Path(sys.executable).parent
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
+        str(bin_dir / "torchrun"),
         "--standalone",
         "--nproc_per_node",
         "2",
-        "-m",
-        "winnow.pipeline.cli",
+        "--no-python",
+        "--",
+        str(bin_dir / "winnow"),
         "score",
         str(multi.root),
         "--model",
         str(model),
         "--alias",
         "current",
-        # `--signals` would be taken by torchrun itself (an abbreviation of its --signals-to-handle)
-        "--set",
-        "signals=logprob,entropy,embedding",
+        "--signals",
+        "logprob,entropy,embedding",
         "--set",
         "threads=1",
         "--set",
         "token_budget=256",
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
     out = multi.table("signals/current")

@@ -28,12 +28,12 @@ def capture_step_grads(loop, steps):
 
 
 def make_loop(grad_accum: int, fsdp: bool, dist_info):
-    from trainer_fixtures import tiny_llama, weighted_samples
-
     from winnow.trainer.config import TrainParams
     from winnow.trainer.data import TrainData
     from winnow.trainer.loop import Env, Loop
     from winnow.trainer.packing import prepare
+
+    from trainer_fixtures import tiny_llama, weighted_samples
 
     ids, ws = weighted_samples(30, seed=5)
     train = prepare(ids, ws, [str(i) for i in range(len(ids))], max_seq_len=64)

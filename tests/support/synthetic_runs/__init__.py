@@ -1,0 +1,1 @@
+"""Synthetic runs with hand-computable signals, one module per scoring stage."""
