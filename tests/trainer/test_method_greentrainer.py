@@ -8,9 +8,10 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from trainer_fixtures import tiny_llama
 
 from winnow.trainer.greentrainer import GreenTrainerParams, budget, select_dp, tensor_flops
+
+from trainer_fixtures import tiny_llama
 
 
 def _brute(t_dy, t_dw, imp, limit, selectable):
@@ -96,9 +97,9 @@ def test_flops_are_analytic():
 def test_selection_leaves_no_trace_and_trains_only_the_selection():
     """A GreenTrainer run's steps equal a plain run with the same selection fixed from the start (weights,
     optimizer, schedule and batches bitwise): the importance update was undone exactly."""
-    from test_method_seams import NormsThenHead, _loop
+    from method_loop import _loop
 
-    from winnow.trainer.method import MethodContext, apply_trainable
+    from winnow.trainer.method import MethodContext, TrainingMethod, apply_trainable
 
     method = GreenTrainerParams(rho=0.8, interval=2)
     model = apply_trainable([method], tiny_llama(seed=9), MethodContext(device=torch.device("cpu")))
@@ -111,15 +112,13 @@ def test_selection_leaves_no_trace_and_trains_only_the_selection():
     assert recs[0]["greentrainer_trained"] == method.selected and "greentrainer_trained" not in recs[1]
     assert 0 < recs[0]["greentrainer_bp_ratio"] <= 1.0
 
-    class Fixed(NormsThenHead):  # the same selection, fixed before step 0
+    class Fixed(TrainingMethod):  # the same selection, fixed before step 0
         def trainable(self, model, ctx):
             for name, q in model.named_parameters():
                 q.requires_grad_(name in trained)
             return model
 
-    plain_model = apply_trainable(
-        [Fixed(switch=-1)], tiny_llama(seed=9), MethodContext(device=torch.device("cpu"))
-    )
+    plain_model = apply_trainable([Fixed()], tiny_llama(seed=9), MethodContext(device=torch.device("cpu")))
     plain = _loop([], plain_model, epochs=2)
     plain_recs = [plain.train_step(s) for s in range(2)]
     for a, b in zip(model.parameters(), plain_model.parameters(), strict=True):
@@ -128,11 +127,11 @@ def test_selection_leaves_no_trace_and_trains_only_the_selection():
 
 
 def test_parameters_refusals_and_steps_listing():
-    from conftest import run_cli
-
     from winnow.pipeline.errors import UserError
     from winnow.pipeline.params import build_params
     from winnow.trainer.config import TrainParams
+
+    from cli_runner import run_cli
 
     p = build_params(TrainParams, {"greentrainer.rho": "0.5", "loss": "otr", "otr.k": "8"}, "--set")
     assert [type(m).__name__ for m in p.methods()] == ["GreenTrainerParams", "OtrMethod"]
@@ -149,7 +148,8 @@ def test_parameters_refusals_and_steps_listing():
             build_params(TrainParams, values, "--set")
     code, out, _ = run_cli("steps")
     assert code == 0
-    for line in ("    loss = 'ce'", "    otr = OtrParams(k=256, tau=1.0, beta=-0.1, exact=False)",
-                 "    hft = HftParams(enabled=False, seed=-1)",
-                 "    greentrainer = GreenTrainerParams(rho=0.0, interval=2, code_dp=False)"):  # fmt: skip
-        assert line in out.splitlines(), line
+    keys = ["loss = 'ce'", "otr.k = 256", "otr.tau = 1.0", "otr.beta = -0.1", "otr.exact = False"]
+    keys += ["hft.enabled = False", "hft.seed = -1", "greentrainer.rho = 0.0", "greentrainer.interval = 2"]
+    for line in [*keys, "greentrainer.code_dp = False"]:
+        assert "    " + line in out.splitlines(), line
+    assert "hft -> hft.enabled" in out

@@ -7,10 +7,11 @@ import re
 
 import pytest
 import torch
-from trainer_fixtures import tiny_llama
 
 from winnow.trainer.hft import HftParams
 from winnow.trainer.method import MethodContext, apply_trainable
+
+from trainer_fixtures import tiny_llama
 
 
 def _model(layers: int = 4):
@@ -58,7 +59,7 @@ def test_draw_shape_and_seed(layers):
 
 
 def test_frozen_tensors_unchanged_and_without_optimizer_state():
-    from test_method_seams import _loop
+    from method_loop import _loop
 
     method = HftParams(enabled=True, seed=1)
     model = apply_trainable([method], tiny_llama(seed=8), MethodContext(device=torch.device("cpu")))

@@ -9,10 +9,11 @@ import copy
 import numpy as np
 import pytest
 import torch
-from trainer_fixtures import tiny_llama, weighted_samples
 
 from winnow.trainer.otr import OtrParams, dft_loss, otr_loss, position_keys, uniforms
 from winnow.trainer.packing import layout_batch, prepare
+
+from trainer_fixtures import tiny_llama, weighted_samples
 
 
 @pytest.mark.parametrize(
@@ -124,7 +125,7 @@ def _reference(model, train, kind, p: OtrParams, seed: int, step: int):
     [("dft", OtrParams()), ("otr", OtrParams(exact=True, tau=1.5)), ("otr", OtrParams(k=64, tau=1.3))],
 )
 def test_in_loop_matches_direct_float64(kind, p):
-    from test_method_seams import _close, _loop, _step_grads, _train_set
+    from method_loop import _close, _loop, _step_grads, _train_set
 
     from winnow.trainer.otr import OtrMethod
 

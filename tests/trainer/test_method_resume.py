@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
 from trainer_fixtures import export_parquet, model_dir
 
 SETS = ["tokens_per_batch=256", "max_seq_len=128", "eval_fraction=0.2", "lr=1e-2", "epochs=2", "save_every=2"]
