@@ -95,6 +95,8 @@ def per_token_in_head(
     from torch.utils.checkpoint import checkpoint
 
     total = x.h.new_zeros((), dtype=torch.float32)
+    if x.h.shape[0] == 0:  # an empty micro-batch (a rank past the epoch's end): a zero still on the graph,
+        return (x.h.float().sum() + x.head_weight.float().sum()) * 0.0  # so backward and DDP's hooks run
     for lo in range(0, x.h.shape[0], chunk):
         hi = lo + chunk
         args = (x.h[lo:hi], x.head_weight, x.bias, x.softcap, x.targets[lo:hi], x.weights[lo:hi], fn)
