@@ -26,6 +26,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from winnow.trainer.caft import CaftParams
 from winnow.trainer.greentrainer import GreenTrainerParams
 from winnow.trainer.hft import HftParams
 from winnow.trainer.lora import LoraParams
@@ -56,7 +57,7 @@ ALIASES = {
 # in the identity's flat form: parameters added after it, left out while at their default
 _NEW_IN_IDENTITY = ("online.all", "online.rho1.batch_size", "online.sstoken.batch_size")
 # training methods added after the identity's flat form: left out of it while at their defaults
-_NEW_GROUPS = ("loss", "otr", "hft", "greentrainer")
+_NEW_GROUPS = ("caft", "loss", "otr", "hft", "greentrainer")
 # the position of the grouped keys in the flat identity (the order of the fields before the groups)
 _FLAT_ORDER = ("online", "q_tuning", "rho1", "sstoken", "masked_thought", "record_weights", "online_scoring",
                "always_keep", "lora_r", "lora_alpha", "lora_dropout", "lora_target", "merge", "prompt_tuning")  # fmt: skip
@@ -105,6 +106,8 @@ class TrainParams:
     # features, one group each
     online: OnlineParams = field(default_factory=OnlineParams)  # per-mini-batch selection (trainer.online)
     masked_thought: MaskedThoughtParams = field(default_factory=MaskedThoughtParams)  # input noise
+    # CAFT's auxiliary heads: caft.heads > 0 turns it on (trainer.caft); before lora: the heads copy a plain layer
+    caft: CaftParams = field(default_factory=CaftParams)
     lora: LoraParams = field(default_factory=LoraParams)  # LoRA through peft: lora.r > 0 turns it on
     # prompt tuning through peft: prompt_tuning.num_virtual_tokens > 0 turns it on
     prompt_tuning: PromptTuningParams = field(default_factory=PromptTuningParams)
@@ -196,10 +199,25 @@ class TrainParams:
                 f"greentrainer.rho with online={self.online.policy} is not supported: its importance update re-reads "
                 "the epoch's first batch, which an online policy draws once; use online=none"
             )
+        self._check_caft()
         if self.loss != "ce" and self.online.selects and self.scoring_mode == "reuse":
             raise ValueError(
                 f"loss={self.loss} with online.scoring=reuse: the reused forward computes the cross-entropy only; "
                 "set online.scoring=separate"
+            )
+
+    def _check_caft(self) -> None:
+        c = self.caft
+        if not c.enabled:
+            return
+        if self.virtual_tokens or (self.online.selects and self.scoring_mode == "reuse"):
+            raise ValueError(
+                "caft.heads with prompt tuning or online.scoring=reuse is not supported (the heads need the "
+                "body's plain hidden states); use online.scoring=separate, no prompt tuning"
+            )
+        if c.phase == "heads" and (self.lora.enabled or self.hft.enabled or self.greentrainer.enabled):
+            raise ValueError(
+                "caft.phase=heads trains the heads alone: no lora.r, hft or greentrainer (use them in caft.phase=finetune)"
             )
 
     def _check_prompt_tuning(self) -> None:

@@ -65,6 +65,7 @@ class TermInput:
     softcap: float | None
     targets: torch.Tensor  # (M,)
     weights: torch.Tensor  # (M,) float32: the selection's token weights
+    scale: float = 1.0  # the model's logit scale (already in h and bias; a term's own states need it)
 
 
 class LossTerm(torch.nn.Module):
@@ -164,7 +165,7 @@ class WeightedLMLoss(torch.nn.Module):
         x = TermInput(
             input_ids=input_ids, position_ids=position_ids, hidden=full[:, n_virtual:], gather=gather, h=h,
             head_weight=head.weight, bias=bias, softcap=self.softcap, targets=targets,
-            weights=weights.to(torch.float32),
+            weights=weights.to(torch.float32), scale=self.scale,
         )  # fmt: skip
         total = sum((t(x) for t in terms), start=torch.zeros((), dtype=torch.float32, device=h.device))
         if any(t.replaces_ce for t in terms):
