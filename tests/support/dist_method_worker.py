@@ -13,10 +13,14 @@ METHODS = {
     "dft": {"loss": "dft"},
     "hft": {"hft": "true", "hft.seed": "2"},
     "greentrainer": {"greentrainer.rho": "0.8", "greentrainer.interval": "1"},
+    "caft": {"caft.heads": "2", "caft.beta": "0.3", "caft.train_heads": "true"},
 }
 
 
-def method_loop(method: str, grad_accum: int, dist_info):
+FSDP2_METHODS = ("otr", "dft", "caft")  # HFT and GreenTrainer refuse fsdp=true (mixed requires_grad untested)
+
+
+def method_loop(method: str, grad_accum: int, dist_info, fsdp: bool = False):
     """The loop over 30 weighted samples, packed, with ``method`` applied (trainable choice first)."""
     from winnow.pipeline.params import build_params
     from winnow.trainer.config import TrainParams
@@ -31,7 +35,7 @@ def method_loop(method: str, grad_accum: int, dist_info):
     train = prepare(ids, ws, [str(i) for i in range(len(ids))], max_seq_len=64)
     data = TrainData(train, prepare([], [], [], 96), "d", {}, 299)
     base = {"grad_accum": grad_accum, "tokens_per_batch": 64, "max_seq_len": 64, "max_grad_norm": 0.0}
-    base |= {"lr": 1e-3, "layout": "packed", "seed": 3, "epochs": 2}
+    base |= {"lr": 1e-3, "layout": "packed", "seed": 3, "epochs": 2, "fsdp": fsdp}
     p = build_params(TrainParams, {k: str(v) for k, v in base.items()} | METHODS[method], "test")
     methods = p.methods()
     ctx = MethodContext(device=torch.device("cpu"), seed=p.seed, rank=dist_info.rank, world=dist_info.world)
@@ -47,13 +51,9 @@ def step_grads(loop, steps: list[int]) -> list[dict[str, torch.Tensor]]:
     original = torch.nn.utils.clip_grad_norm_
 
     def clip(params, *a, **k):
-        seen.append(
-            {
-                n: q.grad.detach().clone()
-                for n, q in loop.loss_mod.model.named_parameters()
-                if q.grad is not None
-            }
-        )
+        full = lambda g: g.full_tensor() if hasattr(g, "full_tensor") else g  # noqa: E731  (FSDP2 shards)
+        named = loop.loss_mod.named_parameters()
+        seen.append({n: full(q.grad).detach().clone() for n, q in named if q.grad is not None})
         return original(params, *a, **k)
 
     torch.nn.utils.clip_grad_norm_ = clip
@@ -74,7 +74,11 @@ def worker(rank: int, world: int, init_file: str, grad_accum: int, out: str, ste
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        got = {m: step_grads(method_loop(m, grad_accum, Dist(rank, world, rank)), steps) for m in METHODS}
+        info = Dist(rank, world, rank)
+        got = {m: step_grads(method_loop(m, grad_accum, info), steps) for m in METHODS}
+        got |= {
+            f"{m}-fsdp2": step_grads(method_loop(m, grad_accum, info, True), steps) for m in FSDP2_METHODS
+        }
         if rank == 0:
             torch.save(got, out)
     finally:

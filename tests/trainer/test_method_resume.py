@@ -21,6 +21,7 @@ METHODS = {
     "dft": ["loss=dft"],
     "hft": ["hft=true", "hft.seed=3"],
     "greentrainer": ["greentrainer.rho=0.7", "greentrainer.interval=1"],
+    "caft": ["caft.heads=2", "caft.beta=0.3", "caft.train_heads=true"],
 }
 
 
@@ -67,6 +68,25 @@ def test_method_resumes_bitwise(inputs, tmp_path, method):
         start = load_file(inputs[0] / "model.safetensors")
         frozen = [k for k in start if k not in ident["hft"]["trained"]]
         assert frozen and all(torch.equal(a[k], start[k]) for k in frozen)
+    if method == "caft":  # --out stays a plain model; the heads are beside it, resumed bitwise too
+        assert a.keys() == load_file(inputs[0] / "model.safetensors").keys()
+        ha, hb = load_file(straight / "caft_heads.safetensors"), load_file(killed / "caft_heads.safetensors")
+        assert len(ha) > 0 and ha.keys() == hb.keys() and all(torch.equal(ha[k], hb[k]) for k in ha)
     if method == "greentrainer":
         picks = [r for r in _metrics(straight) if "greentrainer_trained" in r]
         assert len(picks) == 2 and all(0 < r["greentrainer_bp_ratio"] <= 1 for r in picks)
+
+
+def test_caft_heads_phase_then_finetune_from_its_heads(inputs, tmp_path):
+    heads, fine = tmp_path / "heads", tmp_path / "fine"
+    proc = _train(inputs, heads, ["caft.heads=2", "caft.phase=heads", "max_steps=3"])
+    assert proc.returncode == 0, proc.stderr
+    start, after = load_file(inputs[0] / "model.safetensors"), load_file(heads / "model.safetensors")
+    assert all(torch.equal(start[k], after[k]) for k in start)  # the trunk and LM head stayed frozen
+    trained = load_file(heads / "caft_heads.safetensors")
+    proc = _train(inputs, fine, ["caft.heads=2", f"caft.heads_from={heads}", "max_steps=2"])
+    assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
+    kept = load_file(fine / "caft_heads.safetensors")  # frozen in the finetune phase: the loaded heads
+    assert kept.keys() == trained.keys() and all(torch.equal(kept[k], trained[k]) for k in kept)
+    proc = _train(inputs, tmp_path / "bad", ["caft.heads=3", f"caft.heads_from={heads}"])
+    assert proc.returncode == 2 and "caft_heads.safetensors" in proc.stderr, proc.stderr
