@@ -9,6 +9,7 @@ model is loaded. Validation specific to a step lives in its dataclass's ``__post
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, TypeVar
@@ -17,6 +18,8 @@ from winnow.pipeline.store import UserError
 
 T = TypeVar("T")
 
+INT_LIMIT = 2**63
+KEY_RANGES = {"seed": (0, 2**32 - 1), "threads": (0, 1024)}  # every step's seeders and thread pools
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -55,8 +58,15 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
         if tp is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)
+            if not -INT_LIMIT < int(value) < INT_LIMIT:  # a 20-digit seed overflowed torch's int64
+                raise UserError(f"{where}: {key}={value} is out of range (|value| < 2^63)")
+            lo, hi = KEY_RANGES.get(key.rsplit(".", 1)[-1], (-INT_LIMIT, INT_LIMIT))
+            if not lo <= int(value) <= hi:  # seed=-1 and threads=100000 gave tracebacks in every step
+                raise UserError(f"{where}: {key}={value} is outside [{lo}, {hi}]")
             return int(value)
         if tp is float:
+            if not math.isfinite(float(value)):  # lr=inf trained to NaN and saved it (issue 24)
+                raise UserError(f"{where}: {key}={value} is not a finite number")
             return float(value)
         if tp is str:
             return str(value)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from winnow.pipeline.store import atomic_write_json, fsync_dir, fsync_tree
+from winnow.trainer.ckpt_integrity import refuse_nonfinite, write_sums
 
 PREFIX = "step-"
 
@@ -72,6 +73,7 @@ def save(
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     weights = full_model_state(module)
+    refuse_nonfinite(weights, step)  # a diverged model is never saved as a checkpoint (nor as final)
     optim = get_optimizer_state_dict(module, optimizer, options=_options())
     if rank != 0:
         return None
@@ -87,6 +89,7 @@ def save(
     atomic_write_json(tmp / "trainer_state.json", {"step": step, **meta})
     if extra is not None:
         extra(tmp)
+    write_sums(tmp, step)  # last: a folder whose checksums match is a whole checkpoint
     fsync_tree(tmp)
     if final.exists():  # an earlier attempt got this far before dying: same step, same content
         shutil.rmtree(final)

@@ -119,6 +119,9 @@ class TrainParams:
     greentrainer: GreenTrainerParams = field(default_factory=GreenTrainerParams)
 
     def __post_init__(self) -> None:
+        from winnow.trainer.param_domains import check_domains
+
+        check_domains(self)  # finite floats, lr/seed/threads/device ranges (issue 24)
         positive = ("epochs", "tokens_per_batch", "max_seq_len", "grad_accum", "threads", "log_every")
         for key in positive:
             if getattr(self, key) < 1:

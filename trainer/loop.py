@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from winnow.trainer import checkpoint
+from winnow.trainer import checkpoint, ckpt_integrity
 from winnow.trainer.batches import BatchSource, Feed, PlannedBatches
 from winnow.trainer.config import TrainParams
 from winnow.trainer.data import TrainData
@@ -165,7 +165,9 @@ class Loop:
 
             flat = torch.zeros(ids.numel(), dtype=torch.bool)
             flat[torch.from_numpy(b.gather + 1)] = True
-            g = torch.Generator().manual_seed(key)  # a function of (seed, step, rank, micro-batch): resumable
+            # a function of (seed, step, rank, micro-batch): resumable; modulo 2^63, as a seed above ~3e7
+            # overflowed the generator's 64-bit seed
+            g = torch.Generator().manual_seed(key % (1 << 63))
             ids = masked_thought_inputs(ids, flat.view(ids.shape).to(dev), noise, self.mask_id, g)
         ctx = torch.autocast(dev.type, dtype=self.amp) if self.amp is not None else nullcontext()
         extra = {"select": b.select} if getattr(b, "select", None) is not None else {}  # online_reuse
@@ -197,7 +199,7 @@ class Loop:
             float(sum(b.len_sq for b in mbs)),
         ]
         wsum, lsum, tokens, rows, len_sq = all_reduce_sum(local, self.env.device)
-        lr, norm = self.update.step(self.d.world, wsum)
+        lr, norm = self.update.step(self.d.world, wsum, step, lsum)
         self.batches.after_step(step)
         self._fault_hook()
         dt = time.perf_counter() - t0
@@ -210,7 +212,7 @@ class Loop:
             "tokens_per_s": tokens / dt,
             "weighted_tokens_per_s": rows / dt,
             "lr": lr,
-            "grad_norm": float(getattr(norm, "full_tensor", lambda: norm)()),
+            "grad_norm": float(norm),
             "step_s": dt,
         }
         if noise > 0.0:
@@ -281,7 +283,7 @@ class Loop:
 
     # ------------------------------------------------------------------------------- driving
     def resume(self, ckpt_root: Path) -> int:
-        steps = checkpoint.list_steps(ckpt_root)
+        steps = ckpt_integrity.good_steps(ckpt_root, self.d.main)  # damaged ones reported and skipped
         if not steps:
             return 0
         folder = checkpoint.step_dir(ckpt_root, steps[-1])
@@ -290,6 +292,8 @@ class Loop:
         self._reselect(steps[-1])
         state = checkpoint.load(folder, self.loss_mod, self.opt, self.sched)
         self.evals = {int(k): v for k, v in state.get("evals", {}).items()}
+        if self.d.main:  # a kill between a save and its prune left one checkpoint too many
+            checkpoint.prune(ckpt_root, self.p.keep_checkpoints, ckpt_integrity.best_step(self.evals))
         self.batches.load(folder)
         if state.get("world") != self.d.world and self.d.main:
             print(

@@ -41,14 +41,19 @@ class Optim:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self, world: int, wsum: float) -> tuple[float, torch.Tensor]:
-        """Normalise, clip, step, schedule and zero; returns the step's ``lr`` and the gradient norm."""
+    def step(self, world: int, wsum: float, step: int = 0, loss_sum: float = 0.0) -> tuple[float, float]:
+        """Normalise, clip, step, schedule and zero; returns the step's ``lr`` and the gradient norm. A
+        non-finite loss or norm stops training before the update (:func:`ckpt_integrity.clip_checked`)."""
+        from winnow.trainer import ckpt_integrity
+
         if self.scaler:
             self.scaler.unscale_(self.opt)
         for q in self.params:
             if q.grad is not None:
                 q.grad.mul_(world / wsum)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.p.max_grad_norm or float("inf"))
+        norm = ckpt_integrity.clip_checked(
+            self.params, self.p.max_grad_norm, step, loss_sum, bool(self.scaler)
+        )
         lr = self.opt.param_groups[0]["lr"]
         if self.scaler:
             self.scaler.step(self.opt)

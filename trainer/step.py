@@ -33,6 +33,8 @@ from winnow.pipeline.store import (
     fsync_tree,
     stable_hash,
 )
+from winnow.pipeline.write_guard import check_name, check_train_out, out_lock
+from winnow.trainer.ckpt_integrity import clean_leftovers
 from winnow.trainer.config import TrainParams
 
 IDENTITY_FILE = "winnow_train.json"
@@ -40,6 +42,11 @@ RESULT_FILE = "train_result.json"
 
 
 def _out_dir(p: TrainParams, run_dir: str | Path | None) -> tuple[Path, str]:
+    if p.name:
+        try:
+            check_name(p.name, "--name")
+        except ValueError as e:
+            raise UserError(str(e)) from None
     name = p.name or p.selection or ("all" if not p.data else Path(p.data).stem)
     if p.out:
         return Path(p.out).expanduser(), name
@@ -156,6 +163,8 @@ def _load_model(model_dir: Path, device, dtype_name: str):
 
 def _drive(loop, metrics, out: Path) -> int:
     p, ckpt = loop.p, out / "checkpoints"
+    if loop.d.main:
+        clean_leftovers(out)  # of killed saves; the --out lock says no live writer owns them
     start = loop.resume(ckpt)
     metrics.truncate_after(start if start else -1)  # lines past the checkpoint are redone
     if start == 0:
@@ -288,6 +297,7 @@ def train(p: TrainParams, run_dir: str | Path | None = None) -> dict[str, Any]:
         raise UserError("winnow train needs a RUN directory with --selection, or --data EXPORT.parquet")
     out, name = _out_dir(p, run_dir)
     model_dir = resolve_model(p.model)
+    check_train_out(out, run_dir, model_dir, IDENTITY_FILE)
     data = data_mod.load(p, run_dir)
     model_info = _check_model(p, run_dir, model_dir, data.max_token_id)
     model_info["always_keep_ids"] = _always_keep_ids(p, model_dir)
@@ -301,7 +311,8 @@ def train(p: TrainParams, run_dir: str | Path | None = None) -> dict[str, Any]:
     }
     ident["hash"] = stable_hash(ident)
     ident["base_model_dir"] = str(model_dir)  # recorded, not part of the identity (machines differ)
-    return _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0)
+    with out_lock(out, f"train:{name}"):  # a second training into this --out is refused, not interleaved
+        return _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0)
 
 
 def _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0) -> dict[str, Any]:
@@ -317,7 +328,7 @@ def _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0
     done = _claim_out(out, ident) if d.main else None
     if all_reduce_sum([1.0 if done is not None else 0.0], device)[0] > 0:  # every rank learns it is done
         teardown()
-        return (done or {}) | {"skipped": True}
+        return _already_trained(done, p, run_dir, name)
     torch.set_num_threads(p.threads)
     torch.manual_seed(p.seed + d.rank)
     model, head = _load_model(model_dir, device, p.dtype)
@@ -364,6 +375,14 @@ def _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0
             RunDir(run_dir).update_manifest(f"train:{name}", result)
     teardown()
     return result
+
+
+def _already_trained(done: dict[str, Any] | None, p: TrainParams, run_dir, name: str) -> dict[str, Any]:
+    """The finished result; rank 0 rewrites the run's manifest entry from it (so a rerun repairs an
+    edited ``eval_loss`` that `winnow verify` reported)."""
+    if done and run_dir is not None and not p.data:
+        RunDir(run_dir).update_manifest(f"train:{name}", done)
+    return (done or {}) | {"skipped": True}
 
 
 def _run_step(run: RunDir, p: TrainParams) -> dict[str, Any]:
