@@ -53,6 +53,12 @@ VARIANTS = {
     "q_tuning_reuse": {"online": "q_tuning", "online_scoring": "reuse"},
     "rho1_reuse": {"online": "rho1", "online_scoring": "reuse"},
     "sstoken_reuse": {"online": "sstoken", "online_scoring": "reuse"},
+    # training methods of issue 26 (defaults: OTR K = 256, CAFT 4 heads, GreenTrainer rho 0.5 every 2 epochs)
+    "otr": {"loss": "otr"},
+    "dft": {"loss": "dft"},
+    "caft": {"caft.heads": 4},
+    "hft": {"hft": "true"},
+    "greentrainer": {"greentrainer.rho": 0.5},
 }
 
 
