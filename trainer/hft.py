@@ -39,15 +39,16 @@ class HftParams(TrainingMethod):
 
     def __post_init__(self) -> None:
         self.trained: list[str] = []
+        self.drawn_seed = self.seed
 
     def trainable(self, model: Any, ctx: MethodContext) -> Any:
-        seed = ctx.seed if self.seed < 0 else self.seed
-        self.trained = hft_freeze(model, seed)
+        self.drawn_seed = ctx.seed if self.seed < 0 else self.seed
+        self.trained = hft_freeze(model, self.drawn_seed)
         return model
 
     def record(self) -> dict[str, Any]:
         """What ``winnow_train.json`` keeps of the draw."""
-        return {"hft": {"seed": self.seed, "trained": self.trained}}
+        return {"hft": {"seed": self.drawn_seed, "trained": self.trained}}
 
 
 def hft_draw(n_layers: int, seed: int) -> list[set[str]]:
