@@ -16,8 +16,10 @@ policy read ``q_tuning.batch_size``); all default to 8, so default runs are unch
 
 **Identity.** A training run is identified by (model fingerprint, data digest, these parameters minus the
 purely cosmetic :data:`NOT_IN_IDENTITY`, ``--out``). :meth:`TrainParams.identity` keeps the flat, pre-group
-form (old names; parameters added since then appear only when they differ from their default), so an
-``--out`` trained before the groups still resumes, and the recorded ``config`` reads as before.
+form (old names; parameters added since then appear only where they change what is computed: a policy's own
+``batch_size`` as ``online_batch_size`` when it differs from ``q_tuning.batch_size``, which every policy
+used before), so an ``--out`` trained before the groups still resumes exactly when the run computes the
+same, and the recorded ``config`` reads as before.
 """
 
 from __future__ import annotations
@@ -54,8 +56,9 @@ ALIASES = {
     "merge": "lora.merge",
     "hft": "hft.enabled",  # hft=true (a group's own name given a plain value)
 }
-# in the identity's flat form: parameters added after it, left out while at their default
-_NEW_IN_IDENTITY = ("online.all", "online.rho1.batch_size", "online.sstoken.batch_size")
+# the per-policy mini-batch sizes: before the groups every policy read q_tuning.batch_size, so the flat
+# identity keeps that one and adds `online_batch_size` only where the chosen policy's own one differs
+_OWN_BATCH_SIZES = ("online.rho1.batch_size", "online.sstoken.batch_size", "online.all")
 # training methods added after the identity's flat form: left out of it while at their defaults
 _NEW_GROUPS = ("caft", "loss", "otr", "hft", "greentrainer")
 # the position of the grouped keys in the flat identity (the order of the fields before the groups)
@@ -279,13 +282,11 @@ class TrainParams:
         """The flat, pre-group form of these parameters (module docstring), minus :data:`NOT_IN_IDENTITY`."""
         nested = dataclasses.asdict(self)
         nested["online"].pop("always_keep_ids")
-        for path in _NEW_IN_IDENTITY:
-            *parents, leaf = path.split(".")
-            box, default = nested, dataclasses.asdict(TrainParams())
-            for k in parents:
-                box, default = box[k], default[k]
-            if box[leaf] == default[leaf]:
-                del box[leaf]
+        for path in _OWN_BATCH_SIZES:
+            _pop_path(nested, path)
+        chosen, q = self.online.chosen, self.online.q_tuning
+        if chosen is not None and chosen.batch_size != q.batch_size:  # not what the same settings meant
+            nested["online_batch_size"] = chosen.batch_size
         plain = dataclasses.asdict(TrainParams())
         for k in _NEW_GROUPS:
             if nested[k] == plain[k]:

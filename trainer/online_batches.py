@@ -9,8 +9,9 @@ default, the Q-Tuning paper's per-device batch; ``online.<policy>.batch_size``) 
    padding never reaches a real position) gives log-prob and full-vocabulary entropy at every weighted
    target through :func:`winnow.kernels.switch.logprob_entropy` (no ``[N, V]`` logits); ``rho1`` adds
    a reference forward, ``sstoken`` a history forward and the last layer's attention to the prompt
-   (the model pass's recomputation, :mod:`winnow.kernels.attention_importance`);
-2. the policy (:mod:`winnow.trainer.online`) returns sample drops and token weights;
+   (the model pass's recomputation, :mod:`winnow.kernels.attention_importance`): all of it in
+   :class:`winnow.trainer.online_scorer.Scorer`, which computes what the policy ``needs``;
+2. the policy object (:mod:`winnow.trainer.online_policy`) returns sample drops and token weights;
 3. the kept samples are trimmed again and packed into micro-batches as usual; ranks pad to the same
    number of micro-batches (a collective per forward under FSDP2).
 
@@ -39,38 +40,17 @@ side by side (``bench_train.py --interleaved --epochs 2``, loaded VM, benchmarks
 
 from __future__ import annotations
 
-import copy
 import math
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from winnow.kernels.chunked_head import LMHead
-from winnow.kernels.switch import logprob_entropy
 from winnow.trainer import online as ol
 from winnow.trainer.batches import BatchSource, Feed
-from winnow.trainer.loss import body_and_head, unwrap
+from winnow.trainer.online_scorer import EMA_FILE, Scorer, score_rows  # noqa: F401  (re-exported)
 from winnow.trainer.packing import MicroBatch, empty_batch, layout_batch, plan, trim
-
-EMA_FILE = "ema_history.safetensors"
-
-
-def _padded(
-    seqs: list[np.ndarray], weights: list[np.ndarray], pad_id: int, device
-) -> tuple[torch.Tensor, ...]:
-    """Right-padded ``ids`` (B, W) on ``device``, ``weights`` (B, W) float64 and ``real`` (B, W) bool."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    w = torch.zeros((len(seqs), width), dtype=torch.float64)
-    for r, (s, x) in enumerate(zip(seqs, weights, strict=True)):
-        ids[r, : len(s)] = torch.from_numpy(np.asarray(s, dtype=np.int64))
-        w[r, : len(x)] = torch.from_numpy(np.asarray(x, dtype=np.float64))
-    w[:, 0] = 0.0  # index 0 has no predecessor
-    real = torch.arange(width)[None] < torch.tensor([len(s) for s in seqs])[:, None]
-    return ids.to(device), w, real
 
 
 def _max_over_ranks(value: int, device) -> int:
@@ -81,46 +61,6 @@ def _max_over_ranks(value: int, device) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
-
-
-@torch.no_grad()
-def score_rows(
-    model: Any,
-    scale: float,
-    softcap: float | None,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    entropy: bool,
-    real: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """Per-token ``nll`` (and ``entropy``; ``attn`` when ``real`` marks the rows' tokens) at the masked
-    targets of right-padded rows, NaN elsewhere. ``attn[i]``: head-mean attention of query ``i`` in the
-    last layer to the unweighted tokens of its row (ssToken's response-to-prompt score)."""
-    attention = real is not None
-    from winnow.stages.passes.attention_capture import AttentionCapture, attention_importance
-
-    body, head_mod = body_and_head(model)
-    capture = AttentionCapture(body, -1) if attention else nullcontext()
-    with capture as cap:
-        hidden = body(input_ids=ids, use_cache=False).last_hidden_state  # (B, W, D)
-    rows, cols = torch.nonzero(mask.to(ids.device), as_tuple=True)
-    h = hidden[rows, cols - 1]  # the state before target i predicts it
-    head = LMHead(head_mod.weight, getattr(head_mod, "bias", None), scale, softcap).to_fp32()
-    lp, ent = logprob_entropy(head, h, ids[rows, cols], entropy=entropy)
-    out = {"nll": torch.full(mask.shape, math.nan, dtype=torch.float64)}
-    out["nll"][rows.cpu(), cols.cpu()] = -lp.double().cpu()
-    if entropy:
-        out["entropy"] = torch.full(mask.shape, math.nan, dtype=torch.float64)
-        out["entropy"][rows.cpu(), cols.cpu()] = ent.double().cpu()
-    if attention:
-        dev = ids.device
-        segment = torch.where(real.to(dev), torch.arange(ids.shape[0], device=dev)[:, None], -1)
-        keys = (real & ~mask).to(dev)
-        imp = attention_importance(
-            cap.module, cap.hidden, cap.position_embeddings, segment, keys, mask.to(dev)
-        )
-        out["attn"] = torch.where(mask, imp.double().cpu(), math.nan)
-    return out
 
 
 class OnlineBatches(BatchSource):
@@ -145,7 +85,7 @@ class OnlineBatches(BatchSource):
         reuse: bool = False,
         recorder: Any | None = None,
     ):
-        self.feed, self.op, self.model, self.head = feed, op, model, head
+        self.feed, self.op = feed, op
         self.policy = op.chosen
         self.need = ol.needs(op)
         self.n = len(feed.train.ids)
@@ -153,103 +93,16 @@ class OnlineBatches(BatchSource):
         self.n_minibatches = math.ceil(self.n / self.batch_size)
         self.steps_per_epoch = max(1, math.ceil(self.n_minibatches / feed.per_step))
         self.total_steps = feed.total_steps(self.steps_per_epoch)
-        self.reference, self.reuse, self.recorder = reference, reuse and op.selects, recorder
-        self.history_spec = self.policy.history_model() if "history" in self.need else None
-        self.history = None
-        if self.history_spec is not None:
-            self.history = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
-        self.cache = self._history_cache()
+        self.reuse, self.recorder = reuse and op.selects, recorder
+        span = (self.steps_per_epoch, self.total_steps)
+        self.scorer = Scorer(feed, op, model, head, reference, span)
         self.stats: dict[str, int] = {}
-
-    @property
-    def ema(self) -> bool:
-        return self.history_spec is not None and self.history_spec[0] == "ema"
-
-    def _history_cache(self):
-        """A frozen history (``start``) scores a sample the same in every epoch: keep its losses when a
-        later epoch will read them back (:mod:`winnow.trainer.online_history_cache`)."""
-        if self.history_spec is None or self.history_spec[0] != "start" or not self.history_spec[2]:
-            return None
-        if self.total_steps <= self.steps_per_epoch:
-            return None
-        from winnow.trainer.online_history_cache import HistoryCache, supervised_counts
-
-        return HistoryCache(supervised_counts(self.feed.train.weights))
 
     # ---------------------------------------------------------------------------------- selection
     def _order(self, epoch: int) -> list[np.ndarray]:
         from winnow.stages.topk import minibatches
 
         return minibatches(self.n, self.batch_size, seed=self.feed.seed * 1_000_003 + epoch)
-
-    def _score(self, model, ids, mask, real, entropy: bool = False, attention: bool = False) -> dict:
-        """:func:`score_rows` over length-bucketed groups of the mini-batch (as the training rows are laid
-        out on CPU), so that one long sample does not pad all eight; results in the (B, W) frame."""
-        scale, softcap = self.head
-        lengths = real.sum(1).tolist()
-        out: dict[str, torch.Tensor] = {}
-        for group in plan(lengths, self.feed.tokens_per_batch, "padded"):
-            g = torch.as_tensor(group, dtype=torch.long)
-            width = max(lengths[k] for k in group)
-            sub_real = real[g, :width] if attention else None
-            part = score_rows(
-                model,
-                scale,
-                softcap,
-                ids[g.to(ids.device), :width],
-                mask[g, :width],
-                entropy,
-                sub_real,
-            )
-            for key, value in part.items():
-                full = out.setdefault(key, torch.full(mask.shape, math.nan, dtype=torch.float64))
-                full[g, :width] = value
-        return out
-
-    def _scored(
-        self, idx: np.ndarray, seqs: list[np.ndarray], weights: list[np.ndarray], current: bool = True
-    ) -> ol.Scored:
-        """The mini-batch (training samples ``idx``) with the scores its policy needs; ``current=False``
-        leaves the current model's to the training forward (``online_scoring=reuse``)."""
-        lm = self.model
-        ids, w, real = _padded(seqs, weights, self.feed.pad_id, self.feed.device)
-        mask = w > 0
-        s = ol.Scored(mask=mask, weight=w, nll=torch.full(mask.shape, math.nan, dtype=torch.float64))
-        s.ids = ids.cpu() if self.op.always_keep_ids else None
-        was_training = lm.training
-        lm.eval()
-        try:
-            if current:
-                cur = self._score(lm, ids, mask, real, "entropy" in self.need, "attention" in self.need)
-                s.nll, s.entropy, s.attn = cur["nll"], cur.get("entropy"), cur.get("attn")
-            if "reference" in self.need:
-                s.nll_ref = self._reference_nll(ids, mask, real)
-            if self.history is not None:
-                s.nll_his = self._history_nll(idx, ids, mask, real)
-        finally:
-            lm.train(was_training)
-        return s
-
-    def _history_nll(self, idx: np.ndarray, ids: torch.Tensor, mask: torch.Tensor, real: torch.Tensor):
-        if self.cache is None:
-            return self._score(self.history, ids, mask, real)["nll"]
-        out, missing = self.cache.read(idx, mask)
-        if missing:
-            rows = torch.as_tensor(missing, dtype=torch.long)
-            width = int(real[rows].sum(1).max())
-            sub_mask = mask[rows, :width]
-            fresh = self._score(self.history, ids[rows.to(ids.device), :width], sub_mask, real[rows, :width])
-            self.cache.write(idx[rows.numpy()], list(range(len(missing))), sub_mask, fresh["nll"])
-            # epoch 1 reads the stored (float32-rounded) values too: the same number in every epoch
-            got, _ = self.cache.read(idx[rows.numpy()], sub_mask)
-            out[rows, :width] = got
-        return out
-
-    def _reference_nll(self, ids: torch.Tensor, mask: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        if self.reference == "base":  # LoRA: the same weights with the adapters switched off
-            with self.model.disable_adapter():
-                return self._score(self.model, ids, mask, real)["nll"]
-        return self._score(self.reference, ids, mask, real)["nll"]
 
     def _select(self, idx: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         tr = self.feed.train
@@ -263,7 +116,7 @@ class OnlineBatches(BatchSource):
             for k, (_, w) in zip(idx, out, strict=True):
                 self._note(int(k), w, "all")
             return out
-        decision = ol.apply_policy(self._scored(idx, seqs, weights), self.op)
+        decision = ol.apply_policy(self.scorer.scored(idx, seqs, weights), self.op)
         return [t for t in self._account(idx, seqs, decision) if t is not None]
 
     def _account(self, idx: np.ndarray, seqs: list[np.ndarray], decision: ol.Decision) -> list:
@@ -288,7 +141,7 @@ class OnlineBatches(BatchSource):
         f, tr = self.feed, self.feed.train
         seqs, weights = [tr.ids[k] for k in idx], [tr.weights[k] for k in idx]
         self.stats["seen_samples"] = self.stats.get("seen_samples", 0) + len(idx)
-        scored = self._scored(idx, seqs, weights, current=False)
+        scored = self.scorer.scored(idx, seqs, weights, current=False)
         lengths = [len(x) for x in seqs]
         groups = [
             reuse.group(seqs, weights, members, f.layout, f.pad_id)
@@ -332,16 +185,12 @@ class OnlineBatches(BatchSource):
 
     # ---------------------------------------------------------------------------------- state
     def after_step(self, step: int) -> None:
-        if self.ema:
-            ol.ema_update(self.history, unwrap(self.model), self.history_spec[1])
         done = step + 1
         epoch_end = done % self.steps_per_epoch == 0 or done == self.total_steps
         # the loop saves a checkpoint after this hook: gather what the ranks hold before it
-        if not (epoch_end or self.feed.checkpoint_after(done)):
-            return
-        if self.cache is not None:
-            self.cache.exchange(self.feed.rank, self.feed.world, self.feed.device)
-        if self.recorder is not None:
+        gather = epoch_end or self.feed.checkpoint_after(done)
+        self.scorer.after_step(gather)
+        if gather and self.recorder is not None:
             self._record_after(done, epoch_end)
 
     def _record_after(self, done: int, epoch_end: bool) -> None:
@@ -356,19 +205,19 @@ class OnlineBatches(BatchSource):
     def save(self, path: Path) -> None:
         if self.recorder is not None:
             self.recorder.save(path)
-        if self.cache is not None:
-            self.cache.save(path)
-        if self.ema:
-            from safetensors.torch import save_model  # handles tied embeddings (shared tensors)
-
-            save_model(self.history, str(path / EMA_FILE))
+        self.scorer.save(path)
 
     def load(self, path: Path) -> None:
         if self.recorder is not None:
             self.recorder.load(path)
-        if self.cache is not None:
-            self.cache.load(path)
-        if self.ema:
-            from safetensors.torch import load_model
+        self.scorer.load(path)
 
-            load_model(self.history, str(path / EMA_FILE), device=str(self.feed.device))
+    @property
+    def history(self) -> Any | None:
+        """The history model (ssToken), or None."""
+        return self.scorer.history
+
+    @property
+    def cache(self) -> Any | None:
+        """The frozen history's per-sample losses (online_history_cache), or None."""
+        return self.scorer.cache

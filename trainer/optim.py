@@ -41,7 +41,7 @@ class Optim:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self, world: int, wsum: float, step: int = 0, loss_sum: float = 0.0) -> tuple[float, float]:
+    def step(self, world: int, wsum: float, step: int, loss_sum: float) -> tuple[float, float]:
         """Normalise, clip, step, schedule and zero; returns the step's ``lr`` and the gradient norm. A
         non-finite loss or norm stops training before the update (:func:`ckpt_integrity.clip_checked`)."""
         from winnow.trainer import ckpt_integrity

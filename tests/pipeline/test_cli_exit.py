@@ -86,8 +86,31 @@ def _default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_during_training_prints_aborted_and_exits_130(tmp_path):
-    m, d = model_dir(tmp_path / "model"), export_parquet(tmp_path / "data.parquet", n=40)
+@pytest.fixture(scope="module")
+def train_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ctrl_c")
+    return model_dir(root / "model"), export_parquet(root / "data.parquet", n=40)
+
+
+def test_ctrl_c_while_a_checkpoint_is_written_removes_it(train_inputs, tmp_path):
+    m, d = train_inputs
+    out = tmp_path / "out"
+    sets = ["--set", "tokens_per_batch=128", "--set", "max_seq_len=128", "--set", "save_every=2"]
+    proc = subprocess.run(
+        [WINNOW, "train", "--data", str(d), "--model", str(m), "--out", str(out), *sets],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        preexec_fn=_default_sigint,
+        env={**os.environ, "WINNOW_PROGRESS": "0", "WINNOW_FAULT_INTERRUPT_IN_SAVE": "1"},
+    )
+    assert proc.returncode == 130 and proc.stderr.strip().splitlines()[-1] == "Aborted", proc.stderr[-2000:]
+    assert (out / "checkpoints").is_dir()  # the save had started: its folder existed
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == []  # and is gone, not half written
+
+
+def test_ctrl_c_during_training_prints_aborted_and_exits_130(train_inputs, tmp_path):
+    m, d = train_inputs
     out = tmp_path / "out"
     sets = [
         "--set",

@@ -130,10 +130,15 @@ def test_identity_keeps_the_pre_group_form():
             assert stable_hash(ident) == want, values
     ident = build_params(TrainParams, cases[2][1] | {"always_keep": "<|im_end|>,####"}, "test").identity()
     assert stable_hash(ident) == "bda22f16237826b5"
-    # a parameter added since appears only when set, so it cannot collide with an old run
-    assert "rho1" in ident and "batch_size" not in ident["rho1"]
-    other = build_params(TrainParams, {"online": "rho1", "rho1.batch_size": "4"}, "test").identity()
-    assert other["rho1"]["batch_size"] == 4
+    # before the groups every policy used q_tuning.batch_size: a policy's own size enters the identity
+    # only where it differs from that one, i.e. where an old run with the same settings computed otherwise
+    assert "rho1" in ident and "batch_size" not in ident["rho1"] and "online_batch_size" not in ident
+    other = build_params(TrainParams, {"online": "rho1", "q_tuning.batch_size": "4"}, "test").identity()
+    assert other["online_batch_size"] == 8  # an old run with these settings drew mini-batches of 4
+    same = {"online": "rho1", "q_tuning.batch_size": "4", "rho1.batch_size": "4"}
+    assert "online_batch_size" not in build_params(TrainParams, same, "test").identity()
+    unused = build_params(TrainParams, {"rho1.batch_size": "4"}, "test").identity()  # online=none
+    assert stable_hash(unused) == "ab48065c5c75ef5b"
 
 
 def test_groups_are_keyword_only():
