@@ -46,13 +46,24 @@ VARIANTS = {
     "minibatch": {"online": "all"},  # the policies' control: the same 8-sample mini-batches, no scoring
     "q_tuning": {"online": "q_tuning"},  # r_sample 0.25: a no-grad scoring forward + a quarter trained
     "rho1": {"online": "rho1"},  # + a reference forward (rho1.reference = a second copy of the model)
-    "sstoken": {"online": "sstoken", "online_scoring": "separate"},  # history = start (a frozen copy), gamma 0.5: attention recomputed
+    "sstoken": {
+        "online": "sstoken",
+        "online_scoring": "separate",
+    },  # history = start (a frozen copy), gamma 0.5: attention recomputed
     "lora": {"lora_r": 16},
     "prompt_tuning": {"prompt_tuning.num_virtual_tokens": 20},  # padded rows, 20 more positions each
     # the current model's scores from the training forward instead of a separate no-grad one (online_reuse)
     "q_tuning_reuse": {"online": "q_tuning", "online_scoring": "reuse"},
     "rho1_reuse": {"online": "rho1", "online_scoring": "reuse"},
     "sstoken_reuse": {"online": "sstoken", "online_scoring": "reuse"},
+    # training methods of issue 26 (defaults: OTR K = 256, CAFT 4 heads; GreenTrainer re-selects every 2 epochs)
+    "otr": {"loss": "otr"},
+    "dft": {"loss": "dft"},
+    "caft": {"caft.heads": 4},
+    "hft": {"hft": "true"},
+    "greentrainer": {
+        "greentrainer.rho": 0.7
+    },  # 0.5 fits no tensor here: the tied head (V 32000, D 256) costs 25%
 }
 
 

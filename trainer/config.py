@@ -28,9 +28,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from winnow.trainer.caft import CaftParams
+from winnow.trainer.greentrainer import GreenTrainerParams
+from winnow.trainer.hft import HftParams
 from winnow.trainer.lora import LoraParams
 from winnow.trainer.method import TrainingMethod
 from winnow.trainer.online_params import MaskedThoughtParams, OnlineParams
+from winnow.trainer.otr import OtrParams
 from winnow.trainer.prompt_tuning import PromptTuningParams
 
 # changing these on a rerun continues the same run (they do not change what is computed)
@@ -50,10 +54,13 @@ ALIASES = {
     "lora_dropout": "lora.dropout",
     "lora_target": "lora.target",
     "merge": "lora.merge",
+    "hft": "hft.enabled",  # hft=true (a group's own name given a plain value)
 }
 # the per-policy mini-batch sizes: before the groups every policy read q_tuning.batch_size, so the flat
 # identity keeps that one and adds `online_batch_size` only where the chosen policy's own one differs
 _OWN_BATCH_SIZES = ("online.rho1.batch_size", "online.sstoken.batch_size", "online.all")
+# training methods added after the identity's flat form: left out of it while at their defaults
+_NEW_GROUPS = ("caft", "loss", "otr", "hft", "greentrainer")
 # the position of the grouped keys in the flat identity (the order of the fields before the groups)
 _FLAT_ORDER = ("online", "q_tuning", "rho1", "sstoken", "masked_thought", "record_weights", "online_scoring",
                "always_keep", "lora_r", "lora_alpha", "lora_dropout", "lora_target", "merge", "prompt_tuning")  # fmt: skip
@@ -102,9 +109,17 @@ class TrainParams:
     # features, one group each
     online: OnlineParams = field(default_factory=OnlineParams)  # per-mini-batch selection (trainer.online)
     masked_thought: MaskedThoughtParams = field(default_factory=MaskedThoughtParams)  # input noise
+    # CAFT's auxiliary heads: caft.heads > 0 turns it on (trainer.caft); before lora: the heads copy a plain layer
+    caft: CaftParams = field(default_factory=CaftParams)
     lora: LoraParams = field(default_factory=LoraParams)  # LoRA through peft: lora.r > 0 turns it on
     # prompt tuning through peft: prompt_tuning.num_virtual_tokens > 0 turns it on
     prompt_tuning: PromptTuningParams = field(default_factory=PromptTuningParams)
+    # the per-token loss: ce (cross-entropy), otr (one-token rollout, otr.*) or dft (trainer.otr)
+    loss: Literal["ce", "otr", "dft"] = "ce"
+    otr: OtrParams = field(default_factory=OtrParams)
+    hft: HftParams = field(default_factory=HftParams)  # half fine-tuning: hft=true (trainer.hft)
+    # GreenTrainer: greentrainer.rho > 0 turns it on (trainer.greentrainer)
+    greentrainer: GreenTrainerParams = field(default_factory=GreenTrainerParams)
 
     def __post_init__(self) -> None:
         from winnow.trainer.param_domains import check_domains
@@ -134,6 +149,7 @@ class TrainParams:
             raise ValueError("LoRA with fsdp=true is not supported yet: use DDP (the default) for adapters")
         self._check_online()
         self._check_prompt_tuning()
+        self._check_methods()
         if self.data and self.selection:
             raise ValueError("give --data (an export) or --selection (of a run), not both")
 
@@ -164,6 +180,50 @@ class TrainParams:
             raise ValueError(
                 "record_weights=true writes selection/online-<name>-epoch<E> tables into a run: train on a RUN "
                 "(--selection or all samples) instead of --data"
+            )
+
+    def _check_methods(self) -> None:
+        freezers = [
+            k
+            for k, on in (("hft=true", self.hft.enabled), ("greentrainer.rho", self.greentrainer.enabled))
+            if on
+        ]
+        adapters = [
+            k for k, on in (("lora.r", self.lora.enabled), ("prompt_tuning", self.virtual_tokens > 0)) if on
+        ]
+        if freezers and adapters:
+            raise ValueError(
+                f"{freezers[0]} with {adapters[0]}: both choose which weights train (the adapters freeze the whole "
+                "base); use one of them"
+            )
+        if len(freezers) > 1:
+            raise ValueError("hft=true with greentrainer.rho > 0: both choose which tensors train; use one")
+        if freezers and self.fsdp:
+            raise ValueError(f"{freezers[0]} with fsdp=true is not supported yet: use DDP (the default)")
+        if self.greentrainer.enabled and self.online.policy != "none":
+            raise ValueError(
+                f"greentrainer.rho with online={self.online.policy} is not supported: its importance update re-reads "
+                "the epoch's first batch, which an online policy draws once; use online=none"
+            )
+        self._check_caft()
+        if self.loss != "ce" and self.online.selects and self.scoring_mode == "reuse":
+            raise ValueError(
+                f"loss={self.loss} with online.scoring=reuse: the reused forward computes the cross-entropy only; "
+                "set online.scoring=separate"
+            )
+
+    def _check_caft(self) -> None:
+        c = self.caft
+        if not c.enabled:
+            return
+        if self.virtual_tokens or (self.online.selects and self.scoring_mode == "reuse"):
+            raise ValueError(
+                "caft.heads with prompt tuning or online.scoring=reuse is not supported (the heads need the "
+                "body's plain hidden states); use online.scoring=separate, no prompt tuning"
+            )
+        if c.phase == "heads" and (self.lora.enabled or self.hft.enabled or self.greentrainer.enabled):
+            raise ValueError(
+                "caft.phase=heads trains the heads alone: no lora.r, hft or greentrainer (use them in caft.phase=finetune)"
             )
 
     def _check_prompt_tuning(self) -> None:
@@ -207,7 +267,12 @@ class TrainParams:
     def methods(self) -> list[TrainingMethod]:
         """The enabled training methods (winnow.trainer.method), in field order."""
         found = (getattr(self, f.name) for f in dataclasses.fields(self))
-        return [m for m in found if isinstance(m, TrainingMethod) and m.enabled]
+        out = [m for m in found if isinstance(m, TrainingMethod) and m.enabled]
+        if self.loss != "ce":
+            from winnow.trainer.otr import OtrMethod
+
+            out.append(OtrMethod(self.loss, self.otr, self.seed))
+        return out
 
     def online_params(self, always_keep_ids: tuple[int, ...] = ()) -> OnlineParams:
         """The online group with ``always_keep`` tokenized by the caller (the trainer holds the tokenizer)."""
@@ -222,7 +287,11 @@ class TrainParams:
         chosen, q = self.online.chosen, self.online.q_tuning
         if chosen is not None and chosen.batch_size != q.batch_size:  # not what the same settings meant
             nested["online_batch_size"] = chosen.batch_size
-        grouped = {old: _pop_path(nested, new) for old, new in ALIASES.items()}
+        plain = dataclasses.asdict(TrainParams())
+        for k in _NEW_GROUPS:
+            if nested[k] == plain[k]:
+                del nested[k]
+        grouped = {old: _pop_path(nested, new) for old, new in ALIASES.items() if old not in _NEW_GROUPS}
         grouped["masked_thought"] = nested.pop("masked_thought")
         grouped["prompt_tuning"] = nested.pop("prompt_tuning")
         for k in ("online", "lora"):  # groups added since (their keys are in `grouped` by now)

@@ -106,6 +106,8 @@ class Loop:
         self.kills_after = int(os.environ.get(FAULT_ENV, "0") or 0)
         self.steps_here = 0
         self.mask_id = env.pad_id
+        for m in self.methods:
+            m.attach(self)
 
     def _source(self, reference: Any | None) -> BatchSource:
         p, env = self.p, self.env
@@ -216,6 +218,8 @@ class Loop:
         }
         if noise > 0.0:
             rec["masked_thought_p"] = noise
+        for m in self.methods:
+            rec |= m.metrics()
         if self.online is not None:
             rec |= {
                 f"online_{k}" if k in ("kept_samples", "kept_tokens", "seen_samples") else k: v

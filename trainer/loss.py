@@ -65,6 +65,7 @@ class TermInput:
     softcap: float | None
     targets: torch.Tensor  # (M,)
     weights: torch.Tensor  # (M,) float32: the selection's token weights
+    scale: float = 1.0  # the model's logit scale (already in h and bias; a term's own states need it)
 
 
 class LossTerm(torch.nn.Module):
@@ -78,26 +79,29 @@ class LossTerm(torch.nn.Module):
         raise NotImplementedError
 
 
-def _chunk_term(h, weight, bias, softcap, targets, w, fn) -> torch.Tensor:
+def _chunk_term(h, weight, bias, softcap, targets, w, fn, *extra) -> torch.Tensor:
     logits = torch.nn.functional.linear(h.float(), weight.float(), None if bias is None else bias.float())
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
-    return (w * fn(logits, targets)).sum()
+    return (w * fn(logits, targets, *extra)).sum()
 
 
 def per_token_in_head(
-    x: TermInput, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], chunk: int = 1024
+    x: TermInput, fn: Callable[..., torch.Tensor], chunk: int = 1024, *extra: torch.Tensor
 ) -> torch.Tensor:
     """``Σ_i w_i · fn(logits_i, target_i)`` over the gathered positions; ``fn`` maps fp32 logits ``(n, V)``
     (scale and soft-cap applied, as the head computes them) and targets ``(n,)`` to ``(n,)``. Chunks of
-    ``chunk`` positions, each recomputed in the backward: peak ``chunk × V`` floats, not ``M × V``."""
+    ``chunk`` positions, each recomputed in the backward: peak ``chunk × V`` floats, not ``M × V``.
+    ``extra``: per-position tensors ``(M, ...)`` (OTR's uniforms), passed to ``fn`` chunk by chunk."""
     from torch.utils.checkpoint import checkpoint
 
     total = x.h.new_zeros((), dtype=torch.float32)
+    if x.h.shape[0] == 0:  # an empty micro-batch (a rank past the epoch's end): a zero still on the graph,
+        return (x.h.float().sum() + x.head_weight.float().sum()) * 0.0  # so backward and DDP's hooks run
     for lo in range(0, x.h.shape[0], chunk):
         hi = lo + chunk
         args = (x.h[lo:hi], x.head_weight, x.bias, x.softcap, x.targets[lo:hi], x.weights[lo:hi], fn)
-        total = total + checkpoint(_chunk_term, *args, use_reentrant=False)
+        total = total + checkpoint(_chunk_term, *args, *(e[lo:hi] for e in extra), use_reentrant=False)
     return total
 
 
@@ -161,7 +165,7 @@ class WeightedLMLoss(torch.nn.Module):
         x = TermInput(
             input_ids=input_ids, position_ids=position_ids, hidden=full[:, n_virtual:], gather=gather, h=h,
             head_weight=head.weight, bias=bias, softcap=self.softcap, targets=targets,
-            weights=weights.to(torch.float32),
+            weights=weights.to(torch.float32), scale=self.scale,
         )  # fmt: skip
         total = sum((t(x) for t in terms), start=torch.zeros((), dtype=torch.float32, device=h.device))
         if any(t.replaces_ce for t in terms):

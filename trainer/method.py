@@ -72,6 +72,18 @@ class TrainingMethod:
         """Entered around the forward and backward of one training micro-batch."""
         return contextlib.nullcontext()
 
+    def attach(self, loop: Any) -> None:
+        """Called once the loop is built: a method that needs its batches and forward (GreenTrainer's
+        importance update) keeps it."""
+
+    def metrics(self) -> dict[str, Any]:
+        """Entries for this step's ``metrics.jsonl`` record (asked after every optimizer step)."""
+        return {}
+
+    def record(self) -> dict[str, Any]:
+        """Entries for ``winnow_train.json`` once the trainable choice is made (HFT's draw)."""
+        return {}
+
     def save(self, folder: Path) -> None:
         pass
 

@@ -102,6 +102,22 @@ def _claim_out(out: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def _apply_methods(p: TrainParams, model, ctx, out: Path):
+    """The training methods' trainable choice (LoRA, prompt tuning: the seeded adapter init) and what they
+    chose (HFT's trained tensors) into ``winnow_train.json`` (its hash unchanged)."""
+    from winnow.trainer.method import apply_trainable
+
+    methods = p.methods()
+    model = apply_trainable(methods, model, ctx)
+    extra: dict[str, Any] = {}
+    for m in methods:
+        extra |= m.record()
+    if ctx.rank == 0 and extra:
+        path = out / IDENTITY_FILE
+        atomic_write_json(path, json.loads(path.read_text()) | extra)
+    return model, methods
+
+
 def _drive(loop, metrics, out: Path) -> int:
     p, ckpt = loop.p, out / "checkpoints"
     if loop.d.main:
@@ -251,6 +267,7 @@ def train(
         "out": str(out.resolve()),
     }
     ident["hash"] = stable_hash(ident)
+    ident["base_model_dir"] = str(model_dir)  # recorded, not part of the identity (machines differ)
     run = _Run(p, out, name, model_dir, data, model_info, ident, t0, reference, on_done)
     with out_lock(out, f"train:{name}"):  # a second training into this --out is refused, not interleaved
         return _train_claimed(run)
@@ -277,17 +294,17 @@ def _build(r: _Run, device, d):
     loop's environment."""
     from winnow.core.model_io import load_for_training
     from winnow.trainer.loop import Env
-    from winnow.trainer.method import MethodContext, apply_trainable
+    from winnow.trainer.method import MethodContext
 
     p = r.p
     model, head = load_for_training(r.model_dir, device)
     ctx = MethodContext(device=device, model_dir=r.model_dir, seed=p.seed, rank=d.rank, world=d.world)
-    model = apply_trainable(p.methods(), model, ctx)  # LoRA, prompt tuning: the seeded adapter init
+    model, methods = _apply_methods(p, model, ctx, r.out)
     pad = getattr(model.config, "pad_token_id", None)
     pad = pad if isinstance(pad, int) and 0 <= pad < r.model_info["vocab_size"] else 0  # the loss's filler
     keep = r.model_info["always_keep_ids"]
     env = Env(device, d, r.out, pad_id=pad, scale=head.scale, softcap=head.softcap, always_keep_ids=keep)
-    return model, env
+    return model, env, methods
 
 
 def _train_claimed(r: _Run) -> dict[str, Any]:
@@ -308,8 +325,8 @@ def _train_claimed(r: _Run) -> dict[str, Any]:
         return (done or {}) | {"skipped": True}
     torch.set_num_threads(p.threads)
     torch.manual_seed(p.seed + d.rank)
-    model, env = _build(r, device, d)
-    loop = Loop(p, r.data, model, env, _reference(p, r.reference, device))
+    model, env, methods = _build(r, device, d)
+    loop = Loop(p, r.data, model, env, _reference(p, r.reference, device), methods=methods)
     steps = _drive(loop, Metrics(out / "metrics.jsonl", d.main), out)
     info = {
         "name": r.name,

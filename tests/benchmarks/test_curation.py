@@ -217,9 +217,17 @@ def test_excess_samples_keeps_the_top_mean_excess_and_new_task_rows_hold_only_th
     scores[5] = np.nan  # a sample with no supervised token: never kept first
     con = duckdb.connect()
     con.execute("create table scores_excess_loss (sample_id bigint, mean_excess double)")
-    con.executemany("insert into scores_excess_loss values (?, ?)", [(i, None if np.isnan(v) else float(v)) for i, v in zip(ids, scores, strict=True)])
+    con.executemany(
+        "insert into scores_excess_loss values (?, ?)",
+        [(i, None if np.isnan(v) else float(v)) for i, v in zip(ids, scores, strict=True)],
+    )
     con.execute("create table samples as select sample_id from scores_excess_loss")
-    kept = {r[0] for r in con.execute(f"select sample_id from samples where {cu._sql_budget('excess_samples', 10)}").fetchall()}
+    kept = {
+        r[0]
+        for r in con.execute(
+            f"select sample_id from samples where {cu._sql_budget('excess_samples', 10)}"
+        ).fetchall()
+    }
     by_hand = {ids[k] for k in sorted(range(40), key=lambda k: -np.nan_to_num(scores[k], nan=-np.inf))[:10]}
     assert kept == by_hand and 5 not in kept
 

@@ -1,6 +1,5 @@
 """Chunked LM head: log-prob, entropy and cDPO contrast against float64 full-logit references."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -38,7 +37,9 @@ def test_logprob_entropy_match_float64(N, V, d, chunk, post):
 
 
 def test_entropy_has_no_nan_when_softmax_underflows():
-    head = random_head(500, 16, seed=3, spread=400.0)  # logit gaps of thousands: most probabilities are exactly 0
+    head = random_head(
+        500, 16, seed=3, spread=400.0
+    )  # logit gaps of thousands: most probabilities are exactly 0
     g = torch.Generator().manual_seed(4)
     h = torch.randn(20, 16, generator=g)
     t = torch.randint(0, 500, (20,), generator=g)

@@ -21,7 +21,11 @@ from winnow.kernels.linear_cross_entropy import linear_cross_entropy_reference
 
 # the kernel tests run natively where there is a GPU (the GPU check runs this file), interpreted elsewhere
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (1e-4, 2e-2), torch.float16: (1e-4, 4e-3)}  # (loss, grads)
+TOL = {
+    torch.float32: (2e-5, 2e-5),
+    torch.bfloat16: (1e-4, 2e-2),
+    torch.float16: (1e-4, 4e-3),
+}  # (loss, grads)
 
 
 def _triton():
@@ -61,7 +65,9 @@ def _run(fn, h, w, b, y, wt, softcap):
     b = None if b is None else leaf(b)
     loss = fn(h, w, y.to(DEV), wt.to(DEV), bias=b, softcap=softcap)
     loss.backward()
-    return tuple(None if t is None else t.detach().cpu() for t in (loss, h.grad, w.grad, None if b is None else b.grad))
+    return tuple(
+        None if t is None else t.detach().cpu() for t in (loss, h.grad, w.grad, None if b is None else b.grad)
+    )
 
 
 def _rel(got, want):
@@ -89,7 +95,11 @@ POSTS = [(False, None), (True, None), (False, 4.0), (True, 2.5)]  # (bias, softc
 @pytest.mark.parametrize("n,v,d", SHAPES)
 def test_triton_matches_float64(n, v, d, dtype):
     h, w, b, y, wt = _inputs(n, v, d, dtype, seed=n + v)
-    _check(_run(_triton().linear_cross_entropy_triton, h, w, b, y, wt, None), _full_float64(h, w, b, y, wt, None), dtype)
+    _check(
+        _run(_triton().linear_cross_entropy_triton, h, w, b, y, wt, None),
+        _full_float64(h, w, b, y, wt, None),
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -112,9 +122,7 @@ def test_triton_fp16_matches_float64():
 )
 def test_reference_matches_float64(bias, softcap, chunk, dtype):
     h, w, b, y, wt = _inputs(123, 1007, 96, dtype, seed=11, bias=bias)
-    got = _run(
-        lambda *a, **k: linear_cross_entropy_reference(*a, **k, chunk=chunk), h, w, b, y, wt, softcap
-    )
+    got = _run(lambda *a, **k: linear_cross_entropy_reference(*a, **k, chunk=chunk), h, w, b, y, wt, softcap)
     want = _full_float64(h, w, b, y, wt, softcap)
     tol = 2e-5 if dtype == torch.float32 else 1e-12
     assert _rel(got[0], want[0]) < tol
@@ -198,7 +206,8 @@ def _spy(monkeypatch, module, name):
 
 
 @pytest.mark.parametrize(
-    "mode,expect", [("triton", "triton"), ("reference", "reference"), ("auto", "reference")]  # auto: fp32 -> reference
+    "mode,expect",
+    [("triton", "triton"), ("reference", "reference"), ("auto", "reference")],  # auto: fp32 -> reference
 )
 def test_switch_routes(monkeypatch, mode, expect):
     import winnow.kernels.switch as sw
@@ -233,6 +242,8 @@ def test_interpreter_is_active():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_triton_large_vocab_on_gpu(v, dtype):
     """The float64 expectation is computed on the GPU too (fp64 on CPU would take minutes here)."""
-    h, w, b, y, wt = (None if t is None else t.cuda() for t in _inputs(1024, v, 512, dtype, seed=v, bias=True))
+    h, w, b, y, wt = (
+        None if t is None else t.cuda() for t in _inputs(1024, v, 512, dtype, seed=v, bias=True)
+    )
     want = _full_float64(h, w, b, y, wt, 30.0)
     _check(_run(_triton().linear_cross_entropy_triton, h, w, b, y, wt, 30.0), want, dtype)

@@ -17,7 +17,9 @@ from model_pass_fixtures import make_model_dir, random_samples
 def loaded(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return [load_model(make_model_dir(root, "llama", seed=s), device=dev, dtype=torch.float32) for s in (0, 1)]
+    return [
+        load_model(make_model_dir(root, "llama", seed=s), device=dev, dtype=torch.float32) for s in (0, 1)
+    ]
 
 
 def _both(monkeypatch, fn, kernel: str):
@@ -39,7 +41,9 @@ def _both(monkeypatch, fn, kernel: str):
 def test_model_pass_same_through_triton(loaded, monkeypatch):
     seqs, masks = random_samples(5, seed=3)
     ref, tri = _both(
-        monkeypatch, lambda: score_samples(loaded[0], seqs, masks, signals=["logprob", "entropy"]), "logprob_entropy_triton"
+        monkeypatch,
+        lambda: score_samples(loaded[0], seqs, masks, signals=["logprob", "entropy"]),
+        "logprob_entropy_triton",
     )
     assert ref.valid.sum() > 50 and np.array_equal(ref.valid, tri.valid)
     for s in ("logprob", "entropy"):

@@ -35,7 +35,9 @@ def _lpe(head, h, t, **kw):
 
 
 def _contrast(hp, xp, hn, xn, t, beta):
-    out = _tk().contrast_scores_triton(_on(DEV, hp), xp.to(DEV), _on(DEV, hn), xn.to(DEV), t.to(DEV), beta=beta)
+    out = _tk().contrast_scores_triton(
+        _on(DEV, hp), xp.to(DEV), _on(DEV, hn), xn.to(DEV), t.to(DEV), beta=beta
+    )
     return tuple(x.cpu() for x in out)
 
 
@@ -99,7 +101,9 @@ def test_contrast_matches_float64_and_reference(beta):
     _close(p_ce, ref, atol=1e-7)
     _close(lpp, _pick(zp.log_softmax(-1), t))
     _close(lpn, _pick(zn.log_softmax(-1), t))
-    for a, b in zip((p_ce, lpp, lpn), chunked_head.contrast_scores(hp, xp, hn, xn, t, beta=beta), strict=True):
+    for a, b in zip(
+        (p_ce, lpp, lpn), chunked_head.contrast_scores(hp, xp, hn, xn, t, beta=beta), strict=True
+    ):
         _close(a, b, atol=1e-7 if a is p_ce else 1e-5)
 
 
@@ -121,8 +125,12 @@ def test_switch_routes_head_functions(monkeypatch, mode):
     tk = _tk()
     monkeypatch.setenv("WINNOW_KERNELS", mode)
     calls = []
-    for mod, name in [(tk, "logprob_entropy_triton"), (tk, "contrast_scores_triton"),
-                      (chunked_head, "logprob_entropy"), (chunked_head, "contrast_scores")]:
+    for mod, name in [
+        (tk, "logprob_entropy_triton"),
+        (tk, "contrast_scores_triton"),
+        (chunked_head, "logprob_entropy"),
+        (chunked_head, "contrast_scores"),
+    ]:
         real = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name, **k: (calls.append(_n), _r(*a, **k))[1])
     head = _on(DEV, _head(64, 16, seed=1))

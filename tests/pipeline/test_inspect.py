@@ -144,7 +144,9 @@ def test_cli_imports_no_torch():
     import sys
 
     code = "import sys, winnow.pipeline.cli, winnow.pipeline.inspect_run; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "False"
 
 

@@ -174,7 +174,10 @@ def test_training_data_weighs_every_token_for_a_base_and_assistant_tokens_for_a_
     assert n == len(rows) == len(draw)
     for row, r in zip(rows[:20], draw[:20], strict=True):
         text = tm.render_chat(r["messages"]) + tm.EOS
-        assert row["input_ids"] == tok(text, add_special_tokens=False)["input_ids"] and row["input_ids"][-1] == eos
+        assert (
+            row["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+            and row["input_ids"][-1] == eos
+        )
         assert row["token_weight"] == [1.0] * len(row["input_ids"]) == row["loss_mask"]
     tune = dataclasses.replace(
         tm.BUILTIN_MODELS["tiny-warm"], base=SMALL, data_samples=30, name="tiny-test-tune"

@@ -160,6 +160,7 @@ def test_not_a_model_dir_or_pickled_weights_is_refused(tmp_path: Path, tiny_bert
 
 # ------------------------------------------------------------------------------------- real text, end to end
 
+
 def test_tfidf_ot_prefers_questions_for_question_targets(gsm8k_dir) -> None:
     import json
 

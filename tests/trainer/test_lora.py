@@ -19,8 +19,14 @@ def _tiny(tmp_path):
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, use_cache=False,
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        use_cache=False,
     )
     model = LlamaForCausalLM(cfg).eval()
     base = tmp_path / "base"
@@ -74,7 +80,9 @@ def test_adapter_save_load_and_merge_reproduce_the_trained_model(tmp_path):
     want = _logits(wrapped, ids)
     out = tmp_path / "out"
     lora.save_adapter(wrapped, out, base)
-    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base.resolve())
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        base.resolve()
+    )
     assert (out / "adapter_model.safetensors").is_file()
     loaded = AutoPeftModelForCausalLM.from_pretrained(str(out)).eval()
     assert torch.allclose(_logits(loaded, ids), want, atol=1e-6, rtol=0)

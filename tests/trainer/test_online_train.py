@@ -24,7 +24,11 @@ SETS += ["--set", "lr=1e-2", "--set", "save_every=2", "--set", "keep_checkpoints
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("online_inputs")
-    return model_dir(root / "model"), export_parquet(root / "data.parquet", n=40), model_dir(root / "ref", seed=1)
+    return (
+        model_dir(root / "model"),
+        export_parquet(root / "data.parquet", n=40),
+        model_dir(root / "ref", seed=1),
+    )
 
 
 def _train(inputs, out, *extra):

@@ -30,7 +30,9 @@ TOL = 1e-5
 
 def _prompted(n_virtual: int, tied: bool, init: str = "random"):
     """A tiny Llama under a prompt of random fractional entries (not peft's init: a generic point)."""
-    model = apply_prompt_tuning(tiny_llama(tied=tied), PromptTuningParams(num_virtual_tokens=n_virtual, init=init), CPU, "unused")
+    model = apply_prompt_tuning(
+        tiny_llama(tied=tied), PromptTuningParams(num_virtual_tokens=n_virtual, init=init), CPU, "unused"
+    )
     emb = model.prompt_encoder["default"].embedding.weight
     with torch.no_grad():
         emb.copy_(torch.randn(emb.shape, generator=torch.Generator().manual_seed(7)) * 0.3)

@@ -1,6 +1,5 @@
 """Recomputed attention importance vs the model's own eager attention, per sample, in both layouts."""
 
-
 import numpy as np
 import pytest
 import torch

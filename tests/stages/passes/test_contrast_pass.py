@@ -1,6 +1,5 @@
 """Contrast pass (cDPO p_CE) against a direct full-logit computation on each sample alone."""
 
-
 import numpy as np
 import pytest
 import torch
