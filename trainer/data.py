@@ -149,17 +149,22 @@ def _eval_ids(p: TrainParams, rows: Rows, run: RunDir | None) -> set[str]:
     if p.eval_where:
         import duckdb
 
-        try:
-            if run is not None:
-                from winnow.pipeline.inspect_run import open_views
+        # The connection is held in a name until the rows are fetched: a relation on a connection that
+        # nothing references any more fails under DuckDB 1.2-1.4 ("Connection has already been closed").
+        if run is not None:
+            from winnow.pipeline.inspect_run import open_views
 
-                got = open_views(run.root).con.sql(f"select sample_id from samples where {p.eval_where}")
-            else:
-                con = duckdb.connect()
-                got = con.sql(f"select sample_id from read_parquet('{p.data}') where {p.eval_where}")
-            return {str(r[0]) for r in got.fetchall()}
+            views = open_views(run.root)
+            con, sql = views.con, f"select sample_id from samples where {p.eval_where}"
+        else:
+            views, con = None, duckdb.connect()
+            sql = f"select sample_id from read_parquet('{p.data}') where {p.eval_where}"
+        try:
+            return {str(r[0]) for r in con.sql(sql).fetchall()}
         except duckdb.Error as e:
             raise UserError(f"eval_where={p.eval_where!r}: bad SQL condition ({e})") from None
+        finally:
+            (views or con).close()
     return {sid for sid in rows.sample_ids if _hash_unit(sid) < p.eval_fraction}
 
 
