@@ -20,6 +20,9 @@ Four trials on small runs (``builtin:tiny`` tokenizer and model, GSM8K-shaped ro
    equals the untampered run's).
 4. **Hostile SQL.** Statements that would write, delete, attach, install or read outside the run;
    each must be refused (exit 2) with every file of the run unchanged (sha256).
+5. **Training, export and SQL (issue 24)**, in ``benchmarks/reliability_writes.py``: training SIGKILLs
+   and checkpoint tamperings (resume bitwise to the clean run), hostile ``--out``/``--name`` and
+   out-of-domain values for train, export and card, EXPLAIN-wrapped writes and smuggled statements.
 
 Run: ``python benchmarks/reliability.py [--kills-per-chain 5] [--chains 7]``. Prints a table and
 writes ``benchmarks/out/reliability.json``.
@@ -43,6 +46,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if str(Path(__file__).parent) not in sys.path:  # `python -P` leaves out the script's folder (not the root)
+    sys.path.insert(0, str(Path(__file__).parent))
+import reliability_writes as rw  # noqa: E402  issue 24's trials
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "WINNOW_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
@@ -352,7 +359,7 @@ def tamper_trial(work: Path, inp: Path, rounds: int, seed: int) -> dict:
 
 def hostile_sql(run: Path, other: Path) -> list[str]:
     """The statements the test suite refuses (one list: tests/pipeline/test_inspect_readonly.py)."""
-    sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "pipeline")]
+    sys.path[:0] = [str(ROOT / "tests" / "support"), str(ROOT / "tests" / "pipeline")]
     from test_inspect_readonly import _hostile
 
     return _hostile(run, other)
@@ -386,6 +393,21 @@ def make_input(path: Path, n: int) -> None:
             )
 
 
+def _train_trials(work: Path, args) -> dict:
+    run = work / "tamper"
+    res = rw.train_kill_trial(winnow, CMD, ENV, work, run, args.seed, args.train_chains, args.train_kills)
+    return res | rw.ckpt_tamper_trial(winnow, CMD, ENV, work, run)
+
+
+def _writes_trial(work: Path) -> dict:
+    from winnow.pipeline.models import resolve_model
+
+    run = work / "tamper"
+    if not (run / "selection").is_dir():
+        winnow("select", run, "eu_plane", check=True)
+    return rw.hostile_write_trial(winnow, work, run, resolve_model("builtin:tiny"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--samples", type=int, default=100, help="rows of the kill/tamper runs")
@@ -396,18 +418,30 @@ def main() -> None:
     ap.add_argument("--tamper-rounds", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "reliability.json"))
-    ap.add_argument("--only", nargs="*", default=["fuzz", "kills", "tamper", "sql"], help="trials to run")
+    ap.add_argument("--work", default="", help="reuse this work folder (e.g. tamper's run for train)")
+    ap.add_argument("--train-chains", type=int, default=2, help="training kill chains (issue 24)")
+    ap.add_argument("--train-kills", type=int, default=3, help="SIGKILLs per training chain")
+    ap.add_argument(
+        "--only",
+        nargs="*",
+        default=["fuzz", "kills", "tamper", "sql", "train", "writes", "sql24"],
+        help="trials to run (train, writes and sql24 need tamper's run)",
+    )
     args = ap.parse_args()
     t0 = time.time()
-    work = Path(tempfile.mkdtemp(prefix="winnow-reliability-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="winnow-reliability-"))
     inp = work / "input.jsonl"
-    make_input(inp, args.samples)
+    if not inp.exists():
+        make_input(inp, args.samples)
     res: dict = {}
     for name, trial in (
         ("fuzz", lambda: fuzz_trial(work, args.fuzz_files, args.fuzz_rows, args.seed)),
         ("kills", lambda: kill_trial(work, inp, args.chains, args.kills_per_chain, args.seed)),
         ("tamper", lambda: tamper_trial(work, inp, args.tamper_rounds, args.seed)),
         ("sql", lambda: sql_trial(work)),
+        ("train", lambda: _train_trials(work, args)),
+        ("writes", lambda: _writes_trial(work)),
+        ("sql24", lambda: rw.sql24_trial(winnow, work / "tamper")),
     ):
         if name not in args.only:
             continue

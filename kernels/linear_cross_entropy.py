@@ -67,6 +67,12 @@ def _chunk_loss_and_grad(
 class _ChunkedLinearCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, token_weight, softcap, chunk, need_grad):
+        with torch.autocast(hidden.device.type, enabled=False):  # the fp32 math stays fp32 under autocast
+            args = (hidden, weight, bias, targets, token_weight, softcap, chunk, need_grad)
+            return _ChunkedLinearCE._forward(ctx, *args)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, bias, targets, token_weight, softcap, chunk, need_grad):
         cdt = torch.promote_types(hidden.dtype, torch.float32)  # fp32 math (fp64 stays fp64 for checks)
         w32 = weight.to(cdt)
         b32 = None if bias is None else bias.to(cdt)

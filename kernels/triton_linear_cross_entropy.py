@@ -41,6 +41,9 @@ import triton.language as tl
 
 # elements of the backward's per-chunk dL/dz buffer (C rows * V): 128 MiB in bf16, 256 MiB in fp32
 GRAD_CHUNK_ELEMENTS = 64 * 1024 * 1024
+# vocabulary slices per row block when set (the self-check, kernels/self_check.py, runs 1 and 3 as well as
+# the launcher's own choice: the merge of split states is where a wrong state would show)
+FORCE_SPLITS: int | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,8 @@ def _dot_flags(w: torch.Tensor) -> dict:
 def _splits(rows: int, vocab: int, blk: Blocks, device: torch.device) -> int:
     """Vocabulary slices per row block: enough programs for the GPU, one under the interpreter."""
     tiles = triton.cdiv(vocab, blk.v)
+    if FORCE_SPLITS:
+        return max(1, min(tiles, FORCE_SPLITS))
     if _interpreting() or rows == 0 or device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count

@@ -219,6 +219,27 @@ class _Card:
                 ]
             self._top_zeroed(view, name)
             self._selection_plot(view, name)
+            self._examples(view, name)
+
+    def _examples(self, view: str, name: str, k: int = 2) -> None:
+        """Token-by-token pages (`winnow show`) of the kept samples with the largest and smallest share of
+        weighted supervised tokens: what the selection keeps at its most and least selective."""
+        from winnow.pipeline.show import load_view, write_html
+
+        share = "n_weighted::double / n_supervised"
+        pick = f"select sample_id, {share} from {view} where keep and n_supervised > 0 order by 2 {{}}, 1 limit {k}"
+        rows = self.q(pick.format("desc")) + self.q(pick.format("asc"))
+        links, seen = [], set()
+        for i, (sid, frac) in enumerate(rows):
+            if sid in seen:
+                continue
+            seen.add(sid)
+            rel = f"examples/{name}/{i}.html"
+            folder = self.views.views[view].removeprefix("selection/")  # the view name may differ from it
+            write_html(load_view(self.run, sid, selection=folder), self.out / rel)
+            links.append(f"[`{sid}`]({rel}) ({frac:.0%} weighted)")
+        if links:
+            self.md += ["Token by token (most and least kept): " + ", ".join(links) + ".", ""]
 
     def _meta_columns(self) -> list[str]:
         cols = [
@@ -436,6 +457,10 @@ def write_card(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run = RunDir(run_dir)
     if not run.table("samples").exists():
         raise UserError(f"{run.root} has no samples: run `winnow ingest` (or a recipe) first")
+    if out:  # RUN/card is the card's own place; anything else in (or around) the run is an input
+        from winnow.pipeline.write_guard import refuse_run_overlap
+
+        refuse_run_overlap(run.root, out, "--out", allow=(run.root / "card",))
     card = _Card(run, Path(out) if out else run.root / "card")
     card.header()
     card.warnings()

@@ -2,7 +2,8 @@
 
 torch and transformers are imported only by the steps that need them, so `winnow --help` and
 table-only verbs (`inspect`) start in well under a second. Exit status: 0 success, 2 user error
-(bad flag, file or config: the message names it and the fix), 1 anything else.
+(bad flag, file or config: the message names it and the fix), 1 anything else, 130 on Ctrl-C
+(:mod:`winnow.pipeline.cli_exit`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,28 @@ from winnow.pipeline.store import UserError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="winnow: score, inspect and select fine-tuning data sample by sample and token by token.",
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from winnow import __version__
+
+        typer.echo(f"winnow {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="show the traceback of a runtime error")] = False,
+) -> None:
+    """winnow: score, inspect and select fine-tuning data sample by sample and token by token."""
+
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="step parameter key=value (repeatable)")]
 
@@ -215,6 +236,34 @@ def inspect(
 
 
 @app.command()
+def show(
+    run_dir: Annotated[str, typer.Argument(help="run directory")],
+    sample_id: Annotated[str, typer.Argument(help="the sample's sample_id")],
+    selection: Annotated[
+        str | None, typer.Option("--selection", help="colour by this selection's token weights")
+    ] = None,
+    score: Annotated[
+        str | None, typer.Option("--score", help="colour by a stage's token score (STAGE or STAGE:COLUMN)")
+    ] = None,
+    html_out: Annotated[
+        str | None, typer.Option("--html", help="also write a self-contained HTML page")
+    ] = None,
+) -> None:
+    """Show one sample token by token: weight or score as colour, dropped tokens struck through."""
+    from rich.console import Console
+
+    from winnow.pipeline.show import check_html_path, load_view, render_terminal, write_html
+    from winnow.pipeline.store import RunDir
+
+    check_html_path(run_dir, html_out)
+    view = load_view(RunDir(run_dir), sample_id, selection, score)
+    render_terminal(view, Console(soft_wrap=True))
+    if html_out:
+        write_html(view, html_out)
+        typer.echo(f"wrote {html_out}")
+
+
+@app.command()
 def verify(
     run_dir: Annotated[str, typer.Argument(help="run directory")],
     full: Annotated[bool, typer.Option("--full", help="hash every file again, ignoring the cache")] = False,
@@ -261,10 +310,16 @@ def export(
 @app.command()
 def train(
     run_dir: Annotated[str | None, typer.Argument(help="run directory (omit with --data)")] = None,
-    selection: Annotated[str | None, typer.Option("--selection", help="selection/<name>/ to train on")] = None,
+    selection: Annotated[
+        str | None, typer.Option("--selection", help="selection/<name>/ to train on")
+    ] = None,
     data: Annotated[str | None, typer.Option("--data", help="an export parquet instead of a run")] = None,
-    model: Annotated[str | None, typer.Option("--model", help="builtin:<name> or a local HF model dir")] = None,
-    name: Annotated[str | None, typer.Option("--name", help="RUN/train/<name>/ (default: the selection)")] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="builtin:<name> or a local HF model dir")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="RUN/train/<name>/ (default: the selection)")
+    ] = None,
     out: Annotated[str | None, typer.Option("--out", help="save_pretrained directory of the result")] = None,
     sets: SetOpt = None,
 ) -> None:
@@ -286,7 +341,9 @@ def train(
     if os.environ.get("RANK", "0") != "0":  # torchrun: one report, from rank 0
         return
     if entry.get("skipped"):
-        typer.echo(f"{entry.get('out', out)}: already trained (eval_loss {entry.get('eval_loss')}); nothing to do")
+        typer.echo(
+            f"{entry.get('out', out)}: already trained (eval_loss {entry.get('eval_loss')}); nothing to do"
+        )
         return
     typer.echo(
         f"{entry['out']}: {entry['steps']} steps, eval_loss {entry['eval_loss_before']} -> {entry['eval_loss']}"
@@ -296,18 +353,16 @@ def train(
 @app.command()
 def steps() -> None:
     """List the steps a recipe can name, with their parameters and defaults."""
-    import dataclasses
+    from winnow.pipeline.params import flat_defaults
 
     for name in registry.available_steps():
         step = registry.get_step(name)
         typer.echo(f"{name} ({registry.spec(name).kind}): {registry.spec(name).help}")
-        for f in dataclasses.fields(step.params):
-            default = (
-                f.default
-                if f.default is not dataclasses.MISSING
-                else (f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
-            )
-            typer.echo(f"    {f.name} = {default!r}")
+        for key, default in flat_defaults(step.params):
+            typer.echo(f"    {key} = {default!r}")
+        aliases = getattr(step.params, "ALIASES", {})
+        if aliases:  # names from before a parameter moved into a group, still accepted
+            typer.echo("    aliases: " + ", ".join(f"{old} -> {new}" for old, new in aliases.items()))
 
 
 def _fixed_mmap_threshold() -> None:
@@ -325,23 +380,11 @@ def _fixed_mmap_threshold() -> None:
 
 
 def main() -> None:
-    _fixed_mmap_threshold()
-    try:
-        app(standalone_mode=False)
-    except UserError as e:
-        typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        sys.exit(1)
-    except Exception as e:
-        import click
+    """The console script: exit statuses and one-line errors as :mod:`winnow.pipeline.cli_exit` lists."""
+    from winnow.pipeline.cli_exit import run_and_exit
 
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(2)
-        raise
+    _fixed_mmap_threshold()
+    run_and_exit(app, sys.argv[1:], UserError)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from winnow.pipeline.store import RunDir, UserError, fsync_dir, fsync_tree
+from winnow.pipeline.write_guard import refuse_run_overlap
 
 FORMATS = ("jsonl", "parquet", "hf")
 
@@ -234,6 +235,7 @@ def export_selection(
     if not pc.sum(pc.fill_null(kept, False).cast(pa.int64())).as_py():
         raise UserError(f"selection/{name} keeps no samples: nothing to export")
     out = Path(out)
+    refuse_run_overlap(run.root, out, "--out")
     if out.exists() and not force:
         raise UserError(f"{out} exists: pass --force to replace it, or choose another --out")
     meta_kinds = run.manifest().get("steps", {}).get("ingest", {}).get("meta_columns", {})

@@ -96,6 +96,9 @@ def resolve_input(spec: str) -> Path:
         return demo_path()
     if spec.startswith("builtin:"):
         raise UserError(f"unknown built-in input {spec!r}; the only one is builtin:demo")
+    from winnow.pipeline.write_guard import refuse_special_file
+
+    refuse_special_file(Path(spec))  # a FIFO or device would block the scan forever
     return Path(spec)
 
 

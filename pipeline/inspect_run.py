@@ -79,26 +79,58 @@ class Views:
             self.farm = None
 
 
-READ_TYPES = ("SELECT", "EXPLAIN")
-
-
 def check_read_only(sql: str) -> None:
-    """Refuse (UserError) unless every statement in ``sql`` only reads."""
+    """Refuse (UserError) unless ``sql`` is one statement that only reads, as DuckDB's own parser sees it:
+    a SELECT (WITH, FROM, VALUES, DESCRIBE, SHOW, SUMMARIZE parse as one), or EXPLAIN [ANALYZE] of one.
+    EXPLAIN ANALYZE runs what it wraps, so `EXPLAIN ANALYZE COPY ... TO` overwrote a shard while the
+    check accepted any EXPLAIN (issue 24): what EXPLAIN wraps is parsed and checked the same way."""
     import duckdb
 
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as e:
         raise UserError(f"SQL error: {e}") from None
-    if not statements:
-        raise UserError("SQL error: no statement given")
-    for st in statements:
-        kind = str(st.type).rsplit(".", 1)[-1]
-        if kind not in READ_TYPES:
-            raise UserError(
-                f"refused: {kind} statement `{st.query.strip()[:80]}` - winnow inspect only reads "
-                "(SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN); use --out FILE to save a result"
-            )
+    if len(statements) != 1:
+        raise UserError(
+            f"refused: {len(statements) or 'no'} statements given - winnow runs exactly one read-only statement"
+        )
+    st = statements[0]
+    kind = str(st.type).rsplit(".", 1)[-1]
+    inner = _explained(st.query) if kind == "EXPLAIN" else None
+    if inner is not None:
+        check_read_only(inner)
+        return
+    if kind != "SELECT":
+        raise UserError(
+            f"refused: {kind} statement `{st.query.strip()[:80]}` - winnow only reads "
+            "(SELECT, WITH, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN of those); use --out FILE to save a result"
+        )
+
+
+def _explained(query: str) -> str | None:
+    """The statement an EXPLAIN wraps (after ANALYZE and an options list), by DuckDB's tokenizer."""
+    import duckdb
+
+    toks = [(pos, kind) for pos, kind in duckdb.tokenize(query) if kind != duckdb.token_type.comment]
+    ends = [pos for pos, _ in toks[1:]] + [len(query)]
+    # a parenthesis inside a string constant is text, not nesting: only operator tokens count
+    words = [
+        query[pos:end].strip() if kind != duckdb.token_type.string_const else "'"
+        for (pos, kind), end in zip(toks, ends, strict=True)
+    ]
+    i = 1 if words and words[0].upper() == "EXPLAIN" else None
+    if i is None:
+        return None
+    if i < len(words) and words[i].upper() == "ANALYZE":
+        i += 1
+    if i < len(words) and words[i] == "(":  # EXPLAIN (FORMAT json) ...: skip to the matching ")"
+        depth = 0
+        while i < len(words):
+            depth += words[i].count("(") - words[i].count(")")
+            i += 1
+            if depth <= 0:
+                break
+    return query[toks[i][0] :] if i < len(toks) else ""
 
 
 def run_sql(views: Views, sql: str) -> pa.Table | None:
@@ -114,9 +146,11 @@ def run_sql(views: Views, sql: str) -> pa.Table | None:
 def check_out_path(run_dir: str, out: str | None) -> None:
     if out is None:
         return
-    root, target = Path(run_dir).resolve(), Path(out).resolve()
-    if target == root or root in target.parents:
-        raise UserError(f"--out {out} is inside the run {run_dir}: the inspector writes nothing into a run")
+    from winnow.pipeline.write_guard import refuse_run_overlap
+
+    refuse_run_overlap(run_dir, out, "--out")  # the inspector writes nothing into (or over) a run
+    if Path(out).is_dir():
+        raise UserError(f"--out {out} is a folder: give a file name for the result")
 
 
 def _connect(paths: list[Path], settings: dict | None = None):
@@ -324,7 +358,7 @@ def format_result(table: pa.Table, fmt: str, out_path: str | None = None) -> Non
     if fmt == "json":
         import json
 
-        text = json.dumps(table.to_pylist(), ensure_ascii=False, default=_json_value, indent=None)
+        text = json.dumps(_pylist(table), ensure_ascii=False, default=_json_value, indent=None)
         if out_path:
             with open(out_path, "w") as f:
                 f.write(text + "\n")
@@ -337,7 +371,7 @@ def format_result(table: pa.Table, fmt: str, out_path: str | None = None) -> Non
     rt = RichTable(show_lines=False)
     for name in table.column_names:
         rt.add_column(name, overflow="fold")
-    for row in table.slice(0, 200).to_pylist():
+    for row in _pylist(table.slice(0, 200)):
         rt.add_row(*[_cell(v) for v in row.values()])
     console = Console(file=open(out_path, "w") if out_path else sys.stdout, width=200)  # noqa: SIM115
     console.print(rt)
@@ -352,10 +386,19 @@ def _flat_for_csv(table: pa.Table) -> pa.Table:
     for i, f in enumerate(table.schema):
         if pa.types.is_nested(f.type):
             text = [
-                None if v is None else json.dumps(v, default=_json_value) for v in table.column(i).to_pylist()
+                None if v is None else json.dumps(v, default=_json_value)
+                for v in (r[f.name] for r in _pylist(table.select([i])))
             ]
             table = table.set_column(i, f.name, pa.array(text, pa.string()))
     return table
+
+
+def _pylist(table: pa.Table) -> list[dict]:
+    """Rows as Python values; one Python cannot hold (DuckDB's 'infinity'::timestamp, a date beyond
+    year 9999) becomes text "<type>:<stored integer>" instead of a traceback (issue 24)."""
+    from winnow.pipeline.readers import batch_records
+
+    return [r for b in table.to_batches() for r in batch_records(b)]
 
 
 def _json_value(v):
@@ -404,3 +447,28 @@ def repl(run_dir: str, verify: bool = True) -> None:
         except UserError as e:  # a refused statement or bad SQL: say why and keep the prompt alive
             print(f"error: {e}", file=sys.stderr)
         buf = ""
+
+
+def eval_condition(query: str, what: str, run_dir=None, tables: dict | None = None) -> list[tuple]:
+    """Rows of ``query`` (a SELECT embedding a user's condition ``what``), checked read-only and run in
+    the locked-down connection: the run's views (``run_dir``) or in-memory Arrow ``tables`` with no file
+    access at all. Bad SQL or a refused statement is a UserError naming ``what``."""
+    import duckdb
+
+    try:
+        check_read_only(query)
+    except UserError as e:
+        raise UserError(f"{what}: {e}") from None
+    if run_dir is not None:
+        views = open_views(str(run_dir), check_lengths=False)
+    else:
+        views = Views(_connect([]))
+        for name, t in (tables or {}).items():
+            views.con.register(name, t)
+        views.con.execute("SET lock_configuration = true")
+    try:
+        return views.con.sql(query).fetchall()
+    except duckdb.Error as e:
+        raise UserError(f"{what}: bad SQL condition ({e})") from None
+    finally:
+        views.close()

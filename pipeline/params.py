@@ -9,6 +9,7 @@ model is loaded. Validation specific to a step lives in its dataclass's ``__post
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, TypeVar
@@ -17,6 +18,8 @@ from winnow.pipeline.store import UserError
 
 T = TypeVar("T")
 
+INT_LIMIT = 2**63
+KEY_RANGES = {"seed": (0, 2**32 - 1), "threads": (0, 1024)}  # every step's seeders and thread pools
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -55,8 +58,15 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
         if tp is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)
+            if not -INT_LIMIT < int(value) < INT_LIMIT:  # a 20-digit seed overflowed torch's int64
+                raise UserError(f"{where}: {key}={value} is out of range (|value| < 2^63)")
+            lo, hi = KEY_RANGES.get(key.rsplit(".", 1)[-1], (-INT_LIMIT, INT_LIMIT))
+            if not lo <= int(value) <= hi:  # seed=-1 and threads=100000 gave tracebacks in every step
+                raise UserError(f"{where}: {key}={value} is outside [{lo}, {hi}]")
             return int(value)
         if tp is float:
+            if not math.isfinite(float(value)):  # lr=inf trained to NaN and saved it (issue 24)
+                raise UserError(f"{where}: {key}={value} is not a finite number")
             return float(value)
         if tp is str:
             return str(value)
@@ -66,8 +76,35 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
 
 
 def field_types(cls: type) -> dict[str, Any]:
+    """The settable fields (``metadata={"internal": True}`` marks one the program fills, never a user)."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+    return {
+        f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init and not f.metadata.get("internal")
+    }
+
+
+def _resolve_aliases(values: dict[str, Any], cls: type, types_: dict[str, Any], where: str) -> dict[str, Any]:
+    """Old names -> current ones by ``cls.ALIASES`` (``{"lora_r": "lora.r", "q_tuning": "online.q_tuning"}``):
+    a key, or the first part of a dotted key, that is no field of ``cls`` is renamed; so is a group's own
+    name given a plain value (``online=q_tuning`` -> ``online.policy=q_tuning``)."""
+    aliases: dict[str, str] = getattr(cls, "ALIASES", {})
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        head, dot, rest = key.partition(".")
+        new = key
+        if head in aliases and head not in types_:
+            new = aliases[head] + dot + rest
+        elif (
+            not dot
+            and key in aliases
+            and dataclasses.is_dataclass(types_.get(key))
+            and not isinstance(value, dict)
+        ):
+            new = aliases[key]
+        if new in out:
+            raise UserError(f"{where}: {key} and {new} name the same parameter; give one")
+        out[new] = value
+    return out
 
 
 def _group_namespaces(values: dict[str, Any], types_: dict[str, Any]) -> dict[str, Any]:
@@ -89,10 +126,11 @@ def build_params(cls: type[T], values: dict[str, Any], where: str) -> T:
     """Instantiate ``cls`` from a mapping, converting and validating every value.
 
     A field whose type is itself a parameter dataclass is a namespace: ``--set ns.key=value`` (or a
-    recipe sub-table ``[ns]``) fills it, e.g. ``q_tuning.r_sample=0.25``.
+    recipe sub-table ``[ns]``) fills it, e.g. ``online.q_tuning.r_sample=0.25``; ``cls.ALIASES`` maps
+    names a parameter had before to its current key (:func:`_resolve_aliases`).
     """
     types_ = field_types(cls)
-    values = _group_namespaces(values, types_)
+    values = _group_namespaces(_resolve_aliases(values, cls, types_, where), types_)
     unknown = sorted(set(values) - set(types_))
     if unknown:
         raise UserError(f"{where}: unknown parameter(s) {unknown}; valid: {sorted(types_)}")
@@ -110,6 +148,26 @@ def build_params(cls: type[T], values: dict[str, Any], where: str) -> T:
         raise UserError(f"{where}: {e}") from None
     except ValueError as e:
         raise UserError(f"{where}: {e}") from None
+
+
+def flat_defaults(cls: type, prefix: str = "") -> list[tuple[str, Any]]:
+    """``[("online.q_tuning.r_sample", 0.25), ...]``: every settable key of ``cls`` and its default, groups
+    flattened to the dotted keys ``--set`` takes (what ``winnow steps`` lists)."""
+    out: list[tuple[str, Any]] = []
+    for f in dataclasses.fields(cls):
+        if not f.init or f.metadata.get("internal"):
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        if dataclasses.is_dataclass(default) and not isinstance(default, type):
+            out += flat_defaults(type(default), f"{prefix}{f.name}.")
+        else:
+            out.append((prefix + f.name, default))
+    return out
 
 
 def parse_sets(sets: list[str] | None, where: str) -> dict[str, str]:

@@ -20,6 +20,7 @@ user error (a value would be silently dropped otherwise).
 
 from __future__ import annotations
 
+import collections
 import csv
 import io
 import json
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from winnow.pipeline.store import UserError
+from winnow.pipeline.write_guard import refuse_special_file
 
 RAW_LIMIT = 2000  # characters of a bad row kept in rejects.raw
 BOM = b"\xef\xbb\xbf"
@@ -76,6 +78,7 @@ def iter_rows(path: Path, source: str | None = None) -> Iterator[Row]:
     source = source or str(path)
     if not path.exists():
         raise UserError(f"{path}: input does not exist")
+    refuse_special_file(path)
     kind = detect_kind(path)
     try:
         yield from _READERS[kind](path, source)
@@ -99,7 +102,9 @@ def _parse_json_bytes(line: bytes, source: str, i: int) -> Row:
             source, i, reason="malformed_json", detail=f"{e.msg} at column {e.colno}", raw=_raw_text(text)
         )
     except RecursionError:
-        return Row(source, i, reason="too_deep", detail="JSON nested too deeply to parse", raw=_raw_text(text))
+        return Row(
+            source, i, reason="too_deep", detail="JSON nested too deeply to parse", raw=_raw_text(text)
+        )
     if not isinstance(obj, dict):
         return Row(
             source,
@@ -175,48 +180,140 @@ def _read_json(path: Path, source: str) -> Iterator[Row]:
 def _read_parquet(path: Path, source: str) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:  # to_pylist keeps one of them silently
+        raise UserError(f"{path}: the Parquet file names column(s) {dup} more than once; rename them")
     i = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-        for rec in batch.to_pylist():
+    for batch in pf.iter_batches(batch_size=4096):
+        for rec in batch_records(batch):
             yield Row(source, i, record=rec)
             i += 1
+
+
+def batch_records(batch) -> list[dict[str, Any]]:
+    """``batch.to_pylist()``, except that a column with a value Python cannot hold (``timestamp[s]``
+    10^13, ``date32`` 2^31-1, ``duration`` 2^62: an OverflowError/ValueError that failed the whole file)
+    gives those values as text, ``"<type>:<stored integer>"``."""
+    cols = {}
+    for name, col in zip(batch.schema.names, batch.columns, strict=True):
+        try:
+            cols[name] = col.to_pylist()
+        except (OverflowError, ValueError, OSError):
+            cols[name] = [_safe_value(col[j]) for j in range(len(col))]
+    return [{k: v[j] for k, v in cols.items()} for j in range(batch.num_rows)]
+
+
+def _safe_value(scalar) -> Any:
+    """``scalar.as_py()``, with values out of Python's range as text (lists and structs element-wise)."""
+    import pyarrow as pa
+
+    try:
+        return scalar.as_py()
+    except (OverflowError, ValueError, OSError):
+        pass
+    if isinstance(scalar, pa.StructScalar):
+        return {k: _safe_value(v) for k, v in scalar.items()}
+    values = getattr(scalar, "values", None)  # list-like scalars
+    if isinstance(values, pa.Array):
+        return [_safe_value(v) for v in values]
+    try:
+        width = pa.int32() if scalar.type.bit_width == 32 else pa.int64()
+        return f"{scalar.type}:{scalar.cast(width).as_py()}"
+    except (pa.ArrowException, ValueError):
+        return f"{scalar.type}:unrepresentable"
+
+
+class _PushbackLines:
+    """Lines for ``csv.reader`` that remember what the current record consumed and take lines back."""
+
+    def __init__(self, f):
+        self.f, self.pending, self.taken = f, collections.deque(), []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        line = self.pending.popleft() if self.pending else next(self.f)
+        self.taken.append(line)
+        return line
+
+
+def _strict_ok(text: str) -> bool:
+    try:
+        list(csv.reader(io.StringIO(text, newline=""), strict=True))
+    except csv.Error:
+        return False
+    return True
+
+
+def _csv_records(f) -> Iterator[tuple[list[str] | None, str]]:
+    """(fields, raw text) per record; (None, first line) for a line whose quote never closes properly.
+
+    An unbalanced quote made the lenient reader swallow every following line into one field (100 rows
+    became one response, 0 rejects: issue 24). A record spanning several lines is re-read strictly; when
+    that fails (the quote reaches the end of the file, or closes mid-field), only its first line is
+    rejected and the lines after it are read again as records of their own, so every line is counted."""
+    lines = _PushbackLines(f)
+    reader = csv.reader(lines)
+    while True:
+        lines.taken = []
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        if len(lines.taken) > 1 and not _strict_ok("".join(lines.taken)):
+            lines.pending.extendleft(reversed(lines.taken[1:]))
+            yield None, lines.taken[0]
+            continue
+        yield values, "".join(lines.taken)
 
 
 def _read_csv(path: Path, source: str) -> Iterator[Row]:
     # surrogateescape keeps undecodable bytes visible so that one bad row is rejected, not the file
     csv.field_size_limit(sys.maxsize)  # the 131,072-character default would fail the whole file
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-        reader = csv.reader(f)
-        try:
-            header = next(reader)
-        except StopIteration:
+        records = _csv_records(f)
+        first = next(records, None)
+        if first is None:
             return
+        header = first[0]
+        if header is None:
+            raise UserError(f"{path}: the CSV header has an unbalanced quote; fix its first line")
         dup = sorted({h for h in header if header.count(h) > 1})
         if dup:
             raise UserError(f"{path}: the CSV header names column(s) {dup} more than once; rename them")
-        for i, values in enumerate(reader):
-            line = ",".join(values)
-            if any("\udc80" <= ch <= "\udcff" for ch in line):
-                yield Row(
-                    source,
-                    i,
-                    reason="not_utf8",
-                    detail="invalid UTF-8 in row",
-                    raw=line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")[:RAW_LIMIT],
-                )
-                continue
-            if len(values) != len(header):
-                buf = io.StringIO()
-                csv.writer(buf).writerow(values)
-                yield Row(
-                    source,
-                    i,
-                    reason="malformed_csv",
-                    detail=f"{len(values)} fields, header has {len(header)}",
-                    raw=buf.getvalue()[:RAW_LIMIT],
-                )
-                continue
-            yield Row(source, i, record=dict(zip(header, values, strict=True)))
+        for i, (values, raw) in enumerate(records):
+            yield _csv_row(source, i, header, values, raw)
+
+
+def _csv_row(source: str, i: int, header: list[str], values: list[str] | None, raw: str) -> Row:
+    if values is None:
+        text = raw.encode("utf-8", "surrogateescape").decode("utf-8", "replace")[:RAW_LIMIT]
+        return Row(
+            source, i, reason="malformed_csv", detail="unbalanced quote: the field never closes", raw=text
+        )
+    line = ",".join(values)
+    if any("\udc80" <= ch <= "\udcff" for ch in line):
+        return Row(
+            source,
+            i,
+            reason="not_utf8",
+            detail="invalid UTF-8 in row",
+            raw=line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")[:RAW_LIMIT],
+        )
+    if len(values) != len(header):
+        buf = io.StringIO()
+        csv.writer(buf).writerow(values)
+        return Row(
+            source,
+            i,
+            reason="malformed_csv",
+            detail=f"{len(values)} fields, header has {len(header)}",
+            raw=buf.getvalue()[:RAW_LIMIT],
+        )
+    return Row(source, i, record=dict(zip(header, values, strict=True)))
 
 
 def _read_hf_disk(path: Path, source: str) -> Iterator[Row]:

@@ -82,7 +82,8 @@ def _resolve(decls: tuple[TableDecl, ...], params: Any) -> list[str]:
 def _online_records(p: Any) -> list[str]:
     """``record_weights=true``: one ``selection/online-<name>-epoch<E>`` per epoch (trainer.online_record;
     fewer when ``max_steps`` ends training early)."""
-    if not getattr(p, "record_weights", False) or p.online == "none":
+    online = getattr(p, "online", None)
+    if online is None or not online.record_weights or online.policy == "none":
         return []
     name = p.name or p.selection or "all"
     return [f"selection/online-{name}-epoch{e}" for e in range(1, p.epochs + 1)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 from winnow.pipeline.store import MANIFEST, VERIFY, RunDir
+from winnow.pipeline.verify_counts import manifest_problems
 
 
 def verify_run(run_dir: str, full: bool = False) -> tuple[list[str], str]:
@@ -47,6 +48,7 @@ def _verify(run: RunDir) -> tuple[list[str], str]:
                 f"{run.root / MANIFEST}: says {name} has {listed.get('rows')} rows, its commit records "
                 f"{sum(r.rows for r in recs)}; rerun any step to rewrite the manifest"
             )
+    problems += manifest_problems(run)  # the manifest's numbers, listed tables and the plan (issue 24)
     problems = list(run.problems.values()) + problems
     stale = run.stale_tables()
     summary = (

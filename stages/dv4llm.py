@@ -68,8 +68,12 @@ def condition_rows(run: RunDir, query: str, what: str) -> list[tuple]:
     """
     import duckdb
 
-    from winnow.pipeline.inspect_run import open_views
+    from winnow.pipeline.inspect_run import check_read_only, open_views
 
+    try:  # the condition is pasted into ``query``: `1=1; COPY ... TO` must not run
+        check_read_only(query)
+    except UserError as e:
+        raise UserError(f"{what}: {e}") from None
     views = open_views(str(run.root), check_lengths=False)
     try:
         return views.con.sql(query).fetchall()

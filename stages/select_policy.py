@@ -45,7 +45,6 @@ the whole run), so a changed score reselects everything; an unchanged rerun writ
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -56,11 +55,11 @@ import pyarrow.compute as pc
 from winnow.pipeline import steps
 from winnow.pipeline.steps import Step
 from winnow.pipeline.store import RunDir, UserError
+from winnow.pipeline.write_guard import check_name, refuse_view_collision
 from winnow.stages import stage_io as io
 
 CODE_VERSION = "select/1"
 # policies and token sources come from the step registry (steps.selection_policies, steps.token_sources)
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 @dataclass
@@ -95,9 +94,7 @@ class SelectParams:
                 f"always_keep={','.join(self.always_keep)} floors a token-level selection, but this one keeps "
                 f"every supervised token already: add --tokens {'|'.join(steps.token_sources()[1:])}"
             )
-        self.name = self.name or "_and_".join(self.policies)
-        if not _NAME_RE.match(self.name):
-            raise ValueError(f"name={self.name!r}: use letters, digits, '_', '-' or '.'")
+        self.name = check_name(self.name or "_and_".join(self.policies))  # one folder, <= 100 characters
 
     @property
     def policies(self) -> list[str]:
@@ -282,6 +279,7 @@ def run_select(run: RunDir, p: SelectParams) -> dict:
     samples = run.table(io.SAMPLES)
     if not samples.exists():
         raise UserError(f"{run.root} has no samples: run `winnow ingest` first")
+    refuse_view_collision(run, f"selection/{p.name}")
     parts = [r.part for r in samples.records()]
     source = p.token_source
     floor_ids, meta = _always_keep(run, p)  # a bad text fails before anything is read or written

@@ -34,7 +34,7 @@ def pytest_collection_modifyitems(config, items):
         skips.append(("gpu", pytest.mark.skip(reason="gpu: needs a CUDA device")))
     for item in items:
         for marker, skip in skips:
-            if marker in item.keywords:
+            if item.get_closest_marker(marker) is not None:  # not keywords: a folder named "gpu" matched
                 item.add_marker(skip)
 
 

@@ -18,12 +18,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from winnow.pipeline.store import atomic_write_json, fsync_dir, fsync_tree
+from winnow.trainer.ckpt_integrity import refuse_nonfinite, write_sums
 
 PREFIX = "step-"
 
@@ -68,10 +70,10 @@ def save(
 ) -> Path | None:
     """Weights, optimizer, scheduler and RNG of ``step`` into ``root/step-N`` atomically (rank 0 writes);
     ``extra(folder)`` adds more state (e.g. ssToken's EMA history) before the folder is renamed in."""
-    from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     weights = full_model_state(module)
+    refuse_nonfinite(weights, step)  # a diverged model is never saved as a checkpoint (nor as final)
     optim = get_optimizer_state_dict(module, optimizer, options=_options())
     if rank != 0:
         return None
@@ -79,7 +81,24 @@ def save(
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _write_folder(tmp, step, weights, optim, scheduler, meta, extra)
+    except BaseException:  # Ctrl-C (KeyboardInterrupt) or an error mid-save: only whole checkpoints remain
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():  # an earlier attempt got this far before dying: same step, same content
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    fsync_dir(root)
+    return final
+
+
+def _write_folder(tmp: Path, step: int, weights, optim, scheduler, meta: dict[str, Any], extra: Any) -> None:
+    from safetensors.torch import save_file
+
     save_file(weights, str(tmp / "model.safetensors"))
+    if os.environ.get("WINNOW_FAULT_INTERRUPT_IN_SAVE"):  # tests: Ctrl-C while a checkpoint is half written
+        os.kill(os.getpid(), signal.SIGINT)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -87,12 +106,8 @@ def save(
     atomic_write_json(tmp / "trainer_state.json", {"step": step, **meta})
     if extra is not None:
         extra(tmp)
+    write_sums(tmp, step)  # last: a folder whose checksums match is a whole checkpoint
     fsync_tree(tmp)
-    if final.exists():  # an earlier attempt got this far before dying: same step, same content
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    fsync_dir(root)
-    return final
 
 
 def load(

@@ -1,9 +1,25 @@
-"""`winnow train` parameters: one validated dataclass, every key settable with ``--set key=value``.
+"""`winnow train` parameters: one validated ``kw_only`` dataclass, every key settable with ``--set key=value``.
 
 Defaults are sized for the builtin tiny model on this 2-core CPU (a few hundred steps a minute); a real
-model on a GPU wants a larger ``tokens_per_batch`` and a smaller ``lr``. The identity of a training run
-is (model fingerprint, data digest, these parameters minus the purely cosmetic ones, ``--out``):
-:data:`NOT_IN_IDENTITY` lists the keys a rerun may change without starting over.
+model on a GPU wants a larger ``tokens_per_batch`` and a smaller ``lr``. The run's own settings (data,
+schedule, batches, held-out split, checkpoints, numerics) are flat keys; each feature is a group of its
+own (``online.*``, ``masked_thought.*``, ``lora.*``, ``prompt_tuning.*``), filled with
+``--set group.key=value`` or a recipe sub-table, and a training method added later is one more group.
+
+**Aliases.** The names from before the groups keep working (:data:`ALIASES`): ``online=q_tuning`` is
+``online.policy=q_tuning``, ``q_tuning.r_sample`` is ``online.q_tuning.r_sample`` (likewise ``rho1.*``,
+``sstoken.*``), ``record_weights`` / ``online_scoring`` / ``always_keep`` are ``online.record_weights`` /
+``online.scoring`` / ``online.always_keep``, and ``lora_r`` / ``lora_alpha`` / ``lora_dropout`` /
+``lora_target`` / ``merge`` are ``lora.r`` / ``lora.alpha`` / ``lora.dropout`` / ``lora.target`` /
+``lora.merge``. One change of meaning: each online policy has its own ``batch_size`` (before, every
+policy read ``q_tuning.batch_size``); all default to 8, so default runs are unchanged.
+
+**Identity.** A training run is identified by (model fingerprint, data digest, these parameters minus the
+purely cosmetic :data:`NOT_IN_IDENTITY`, ``--out``). :meth:`TrainParams.identity` keeps the flat, pre-group
+form (old names; parameters added since then appear only where they change what is computed: a policy's own
+``batch_size`` as ``online_batch_size`` when it differs from ``q_tuning.batch_size``, which every policy
+used before), so an ``--out`` trained before the groups still resumes exactly when the run computes the
+same, and the recorded ``config`` reads as before.
 """
 
 from __future__ import annotations
@@ -12,22 +28,41 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from winnow.trainer.online_params import (
-    POLICY_NAMES,
-    MaskedThoughtParams,
-    OnlineParams,
-    QTuningOnline,
-    Rho1Online,
-    SSTokenOnline,
-)
+from winnow.trainer.lora import LoraParams
+from winnow.trainer.method import TrainingMethod
+from winnow.trainer.online_params import MaskedThoughtParams, OnlineParams
 from winnow.trainer.prompt_tuning import PromptTuningParams
 
 # changing these on a rerun continues the same run (they do not change what is computed)
 NOT_IN_IDENTITY = ("log_every", "progress", "keep_checkpoints", "save_every", "eval_every")
 
+# pre-group name -> its key now; a prefix alias carries its sub-keys (q_tuning.r_sample)
+ALIASES = {
+    "online": "online.policy",
+    "q_tuning": "online.q_tuning",
+    "rho1": "online.rho1",
+    "sstoken": "online.sstoken",
+    "record_weights": "online.record_weights",
+    "online_scoring": "online.scoring",
+    "always_keep": "online.always_keep",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "lora_target": "lora.target",
+    "merge": "lora.merge",
+}
+# the per-policy mini-batch sizes: before the groups every policy read q_tuning.batch_size, so the flat
+# identity keeps that one and adds `online_batch_size` only where the chosen policy's own one differs
+_OWN_BATCH_SIZES = ("online.rho1.batch_size", "online.sstoken.batch_size", "online.all")
+# the position of the grouped keys in the flat identity (the order of the fields before the groups)
+_FLAT_ORDER = ("online", "q_tuning", "rho1", "sstoken", "masked_thought", "record_weights", "online_scoring",
+               "always_keep", "lora_r", "lora_alpha", "lora_dropout", "lora_target", "merge", "prompt_tuning")  # fmt: skip
 
-@dataclass
+
+@dataclass(kw_only=True)
 class TrainParams:
+    ALIASES = ALIASES  # read by winnow.pipeline.params.build_params
+
     # what to train on and where (the CLI fills these from its flags)
     model: str = ""  # builtin:<name> or a local Hugging Face model directory
     selection: str = ""  # selection/<name>/ of the run; empty: every supervised token at weight 1
@@ -64,29 +99,17 @@ class TrainParams:
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP under torchrun
     log_every: int = 1
     progress: bool = True
-    # online selection on every mini-batch with the current model (winnow.trainer.online), Masked Thought
-    online: str = "none"  # none | all (mini-batches, no selection) | q_tuning | rho1 | sstoken
-    q_tuning: QTuningOnline = field(default_factory=QTuningOnline)
-    rho1: Rho1Online = field(default_factory=Rho1Online)
-    sstoken: SSTokenOnline = field(default_factory=SSTokenOnline)
-    masked_thought: MaskedThoughtParams = field(default_factory=MaskedThoughtParams)
-    # with an online policy: the weights each epoch trained with, as selection/online-<name>-epoch<E> of the run
-    record_weights: bool = False
-    # the current model's scores from a separate no-grad forward, or from the training forward (online_reuse);
-    # auto: reuse for sstoken (faster in every near-idle measurement), separate for the others (RESULTS.md)
-    online_scoring: Literal["auto", "separate", "reuse"] = "auto"
-    # texts whose tokens an online policy never drops where supervised, e.g. "<|im_end|>,####" (issue 15)
-    always_keep: list[str] = field(default_factory=list)
-    # LoRA through peft (winnow.trainer.lora): lora_r > 0 turns it on
-    lora_r: int = 0
-    lora_alpha: int = 0  # 0 = 2 * lora_r
-    lora_dropout: float = 0.0
-    lora_target: str = "all-linear"  # or a comma list of module names, e.g. q_proj,v_proj
-    merge: bool = False  # with LoRA: also save the merged full model under OUT/merged
-    # prompt tuning through peft (winnow.trainer.prompt_tuning): num_virtual_tokens > 0 turns it on
+    # features, one group each
+    online: OnlineParams = field(default_factory=OnlineParams)  # per-mini-batch selection (trainer.online)
+    masked_thought: MaskedThoughtParams = field(default_factory=MaskedThoughtParams)  # input noise
+    lora: LoraParams = field(default_factory=LoraParams)  # LoRA through peft: lora.r > 0 turns it on
+    # prompt tuning through peft: prompt_tuning.num_virtual_tokens > 0 turns it on
     prompt_tuning: PromptTuningParams = field(default_factory=PromptTuningParams)
 
     def __post_init__(self) -> None:
+        from winnow.trainer.param_domains import check_domains
+
+        check_domains(self)  # finite floats, lr/seed/threads/device ranges (issue 24)
         positive = ("epochs", "tokens_per_batch", "max_seq_len", "grad_accum", "threads", "log_every")
         for key in positive:
             if getattr(self, key) < 1:
@@ -107,46 +130,49 @@ class TrainParams:
                 f"max_seq_len={self.max_seq_len} > tokens_per_batch={self.tokens_per_batch}: a sample must fit "
                 "a micro-batch; raise tokens_per_batch or lower max_seq_len"
             )
-        if self.online not in POLICY_NAMES:
-            raise ValueError(f"online={self.online!r}: use one of {', '.join(POLICY_NAMES)}")
-        if self.online == "rho1" and self.rho1.reference == "base" and self.lora_r == 0:
-            raise ValueError("rho1.reference=base means the base model under LoRA adapters: set lora_r > 0")
-        if self.fsdp and self.online == "sstoken":
+        if self.lora.enabled and self.fsdp:
+            raise ValueError("LoRA with fsdp=true is not supported yet: use DDP (the default) for adapters")
+        self._check_online()
+        self._check_prompt_tuning()
+        if self.data and self.selection:
+            raise ValueError("give --data (an export) or --selection (of a run), not both")
+
+    def _check_online(self) -> None:
+        o, policy = self.online, self.online.policy
+        if policy == "rho1" and o.rho1.reference == "base" and not self.lora.enabled:
+            raise ValueError("rho1.reference=base means the base model under LoRA adapters: set lora.r > 0")
+        if self.fsdp and policy == "sstoken":
             raise ValueError(
                 "online=sstoken with fsdp=true is not supported yet (its history copy and attention recomputation "
                 "need the unsharded model): use DDP (fsdp=false)"
             )
-        if self.online_scoring == "reuse" and self.masked_thought.p > 0:
+        if o.scoring == "reuse" and self.masked_thought.p > 0:
             raise ValueError(
-                "online_scoring=reuse scores from the training forward, whose inputs Masked Thought masks: "
-                "use online_scoring=separate with masked_thought.p > 0"
+                "online.scoring=reuse scores from the training forward, whose inputs Masked Thought masks: "
+                "use online.scoring=separate with masked_thought.p > 0"
             )
-        if self.always_keep and self.online in ("none", "all"):
+        if o.always_keep and not o.selects:
             raise ValueError(
-                f"always_keep={','.join(self.always_keep)} floors an online token selection: set "
+                f"always_keep={','.join(o.always_keep)} floors an online token selection: set "
                 "online=q_tuning|rho1|sstoken (an offline selection takes `winnow select ... --always-keep`)"
             )
-        if self.record_weights and self.online == "none":
+        if o.record_weights and policy == "none":
             raise ValueError(
                 "record_weights=true records what an online policy kept: set online=q_tuning|rho1|sstoken (or all)"
             )
-        if self.record_weights and self.data:
+        if o.record_weights and self.data:
             raise ValueError(
                 "record_weights=true writes selection/online-<name>-epoch<E> tables into a run: train on a RUN "
                 "(--selection or all samples) instead of --data"
             )
-        self.lora_params()  # validates the LoRA keys with their own messages
-        self._check_prompt_tuning()
-        if self.data and self.selection:
-            raise ValueError("give --data (an export) or --selection (of a run), not both")
 
     def _check_prompt_tuning(self) -> None:
         n = self.prompt_tuning.num_virtual_tokens
         if n == 0:
             return
         key = f"prompt_tuning.num_virtual_tokens={n}"
-        if self.lora_r > 0:
-            raise ValueError(f"{key} with lora_r={self.lora_r}: choose one method (prompt tuning or LoRA)")
+        if self.lora.enabled:
+            raise ValueError(f"{key} with lora.r={self.lora.r}: choose one method (prompt tuning or LoRA)")
         if self.layout == "packed":
             raise ValueError(
                 f"layout=packed with {key}: peft prepends the virtual tokens to every row and drops "
@@ -155,9 +181,9 @@ class TrainParams:
             )
         if self.fsdp:
             raise ValueError(f"fsdp=true with {key} is not supported: use DDP (the default)")
-        if self.online != "none":
+        if self.online.policy != "none":
             raise ValueError(
-                f"online={self.online} with {key} is not supported: the online scoring forward runs "
+                f"online={self.online.policy} with {key} is not supported: the online scoring forward runs "
                 "without the virtual tokens; use online=none"
             )
         if self.max_seq_len + n > self.tokens_per_batch:
@@ -168,30 +194,47 @@ class TrainParams:
 
     @property
     def scoring_mode(self) -> str:
-        """``online_scoring`` resolved: what the loop and the online batches run."""
-        if self.online_scoring != "auto":
-            return self.online_scoring
-        plain = self.masked_thought.p == 0 and self.lora_r == 0
-        return "reuse" if self.online == "sstoken" and plain else "separate"
+        """``online.scoring`` resolved: what the loop and the online batches run."""
+        if self.online.scoring != "auto":
+            return self.online.scoring
+        plain = self.masked_thought.p == 0 and not self.lora.enabled
+        return "reuse" if self.online.policy == "sstoken" and plain else "separate"
 
     @property
     def virtual_tokens(self) -> int:
         return self.prompt_tuning.num_virtual_tokens
 
+    def methods(self) -> list[TrainingMethod]:
+        """The enabled training methods (winnow.trainer.method), in field order."""
+        found = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return [m for m in found if isinstance(m, TrainingMethod) and m.enabled]
+
     def online_params(self, always_keep_ids: tuple[int, ...] = ()) -> OnlineParams:
-        """The online group; ``always_keep_ids``: :attr:`always_keep` tokenized by the caller (the trainer
-        holds the model's tokenizer)."""
-        return OnlineParams(
-            self.online, self.q_tuning, self.rho1, self.sstoken, self.masked_thought, tuple(always_keep_ids)
-        )
-
-    def lora_params(self):
-        from winnow.trainer.lora import LoraParams
-
-        return LoraParams(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_target, self.merge)
+        """The online group with ``always_keep`` tokenized by the caller (the trainer holds the tokenizer)."""
+        return dataclasses.replace(self.online, always_keep_ids=tuple(always_keep_ids))
 
     def identity(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        for k in NOT_IN_IDENTITY:
-            d.pop(k)
-        return d
+        """The flat, pre-group form of these parameters (module docstring), minus :data:`NOT_IN_IDENTITY`."""
+        nested = dataclasses.asdict(self)
+        nested["online"].pop("always_keep_ids")
+        for path in _OWN_BATCH_SIZES:
+            _pop_path(nested, path)
+        chosen, q = self.online.chosen, self.online.q_tuning
+        if chosen is not None and chosen.batch_size != q.batch_size:  # not what the same settings meant
+            nested["online_batch_size"] = chosen.batch_size
+        grouped = {old: _pop_path(nested, new) for old, new in ALIASES.items()}
+        grouped["masked_thought"] = nested.pop("masked_thought")
+        grouped["prompt_tuning"] = nested.pop("prompt_tuning")
+        for k in ("online", "lora"):  # groups added since (their keys are in `grouped` by now)
+            if nested[k]:
+                grouped[k + "_new"] = nested[k]
+            del nested[k]
+        flat = {k: v for k, v in nested.items() if k not in NOT_IN_IDENTITY}
+        return flat | {k: grouped.pop(k) for k in _FLAT_ORDER} | grouped
+
+
+def _pop_path(d: dict[str, Any], path: str) -> Any:
+    *parents, leaf = path.split(".")
+    for k in parents:
+        d = d[k]
+    return d.pop(leaf)

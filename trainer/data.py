@@ -54,7 +54,12 @@ def _check_weights(w: np.ndarray, n: int, where: str) -> np.ndarray:
         raise UserError(
             f"{where}: {len(w)} token weights for {n} tokens (misaligned); rerun `winnow select` on these samples"
         )
-    w = np.nan_to_num(np.asarray(w, dtype=np.float32), nan=0.0)
+    w = np.asarray(w, dtype=np.float64)  # float64 first: a float32 cast would turn 1e39 into inf silently
+    # null (NaN) weighs 0; nan_to_num's default also clamped inf to 3.4e38, which trained to NaN (issue 24)
+    if np.isinf(w).any() or (np.abs(np.nan_to_num(w)) > np.finfo(np.float32).max).any():
+        bad = w[np.isinf(w) | (np.abs(np.nan_to_num(w)) > np.finfo(np.float32).max)][0]
+        raise UserError(f"{where}: token weight {bad} is not a finite float32; fix or drop this row")
+    w = np.nan_to_num(w, nan=0.0).astype(np.float32)
     if (w < 0).any():
         raise UserError(f"{where}: negative token weights are not supported (min {float(w.min()):.3g})")
     return w
@@ -123,6 +128,7 @@ def read_export(path: Path) -> Rows:
         raise UserError(
             f"--data {path}: needs input_ids and token_weight (or labels) columns; has {sorted(cols)}"
         )
+    _check_ids_column(t, path)
     d = t.to_pydict()
     rows = Rows()
     for i, ids in enumerate(d["input_ids"]):
@@ -145,26 +151,39 @@ def read_export(path: Path) -> Rows:
     return rows
 
 
+def _check_ids_column(t, path: Path) -> None:
+    """``input_ids`` must be a list of integers in every row: a null or nested row gave a traceback."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    typ = t.schema.field("input_ids").type
+    if not (pa.types.is_list(typ) or pa.types.is_large_list(typ)) or not pa.types.is_integer(typ.value_type):
+        raise UserError(f"--data {path}: input_ids is {typ}, not a list of integer token ids")
+    col = t["input_ids"]
+    if col.null_count or pc.list_flatten(col).null_count:
+        rows = [i for i, ids in enumerate(col.to_pylist()) if ids is None or None in ids]
+        raise UserError(
+            f"--data {path}: input_ids is null (or holds a null) in row {rows[0]}; drop or fix it"
+        )
+
+
 def _eval_ids(p: TrainParams, rows: Rows, run: RunDir | None) -> set[str]:
     if p.eval_where:
-        import duckdb
+        from winnow.pipeline.inspect_run import eval_condition
 
-        # The connection is held in a name until the rows are fetched: a relation on a connection that
-        # nothing references any more fails under DuckDB 1.2-1.4 ("Connection has already been closed").
+        query = f"select sample_id from {'samples' if run is not None else 'data'} where {p.eval_where}"
+        what = f"eval_where={p.eval_where!r}"
         if run is not None:
-            from winnow.pipeline.inspect_run import open_views
+            return {str(r[0]) for r in eval_condition(query, what, run_dir=run.root)}
+        # --data: the rows already read (no path reaches SQL, so no glob and no quoting), in the same
+        # locked-down connection as `inspect`
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-            views = open_views(run.root)
-            con, sql = views.con, f"select sample_id from samples where {p.eval_where}"
-        else:
-            views, con = None, duckdb.connect()
-            sql = f"select sample_id from read_parquet('{p.data}') where {p.eval_where}"
-        try:
-            return {str(r[0]) for r in con.sql(sql).fetchall()}
-        except duckdb.Error as e:
-            raise UserError(f"eval_where={p.eval_where!r}: bad SQL condition ({e})") from None
-        finally:
-            (views or con).close()
+        table = pq.read_table(p.data)
+        if "sample_id" not in table.column_names:
+            table = table.append_column("sample_id", pa.array(rows.sample_ids))
+        return {str(r[0]) for r in eval_condition(query, what, tables={"data": table})}
     return {sid for sid in rows.sample_ids if _hash_unit(sid) < p.eval_fraction}
 
 

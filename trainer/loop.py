@@ -1,141 +1,155 @@
 """The training loop: one optimizer step = ``grad_accum`` micro-batches on each of ``world`` ranks.
 
-* **Which micro-batches.** The plan (:mod:`winnow.trainer.packing`) is global; in epoch ``e`` its
-  micro-batches run in the order ``epoch_order(seed, e)``, and step ``s`` of the epoch gives rank ``r``
-  positions ``s·world·g + r·g + m`` (m < g). So ``g`` on 2 ranks and ``2g`` in one process see the same
-  micro-batches per step, and a rank without one at the end of an epoch runs an empty micro-batch
-  (weight 0) so the all-reduce still happens.
-* **Normalisation.** Each micro-batch backpropagates its unnormalised ``Σ w·ℓ``; at the end of the step
-  ``Σ w`` is all-reduced (it would be known from the plan, but an online policy may change weights) and
-  the gradients, already averaged over ranks by DDP/FSDP2, are scaled by ``world / Σ w`` before
-  clipping: the update is that of ``Σ w·ℓ / Σ w`` over the whole step.
-* **Numerics.** AdamW (fused on CUDA), warmup then cosine to ``lr·min_lr_ratio``; fp32 on CPU (bf16 is
-  ~27x slower on this CPU), bf16 autocast on GPUs that have it, fp16 autocast with a gradient scaler
-  otherwise. ``WINNOW_FAULT_KILL_AFTER_STEPS=k`` SIGKILLs the process right after its k-th optimizer
-  step (the resume test uses it).
-* **Online selection** (issue 13) plugs in at :meth:`Loop.micro_batches`: a policy will see each
-  mini-batch of samples before it is laid out, with the current model, and return new weights.
+The loop drives; the parts live elsewhere, each testable without it: where micro-batches come from
+(:mod:`winnow.trainer.batches`: the planned epoch, or an online policy's mini-batches), the update
+(:mod:`winnow.trainer.optim`: AdamW, schedule, normalisation by the step's ``Σ w``, clipping), what is
+logged (:mod:`winnow.trainer.metrics`) and how the model learns (:mod:`winnow.trainer.method`: trainable
+parameters, loss terms, forward changes). fp32 on CPU (bf16 is ~27x slower on this CPU), bf16 autocast
+on GPUs that have it, fp16 autocast with a gradient scaler otherwise. ``WINNOW_FAULT_KILL_AFTER_STEPS=k``
+SIGKILLs the process right after its k-th optimizer step (the resume test uses it).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
-import resource
 import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from winnow.trainer import checkpoint
+from winnow.trainer import checkpoint, ckpt_integrity
+from winnow.trainer.batches import BatchSource, Feed, PlannedBatches
 from winnow.trainer.config import TrainParams
 from winnow.trainer.data import TrainData
 from winnow.trainer.distributed import Dist, all_reduce_sum, no_sync, wrap
 from winnow.trainer.loss import WeightedLMLoss
-from winnow.trainer.packing import MicroBatch, empty_batch, layout_batch, plan, step_batches
+from winnow.trainer.method import TrainingMethod
+from winnow.trainer.metrics import Metrics, memory, mfu, peak_rss_mb  # noqa: F401  (re-exported)
+from winnow.trainer.optim import Optim, lr_factor  # noqa: F401  (re-exported)
+from winnow.trainer.packing import MicroBatch, empty_batch, layout_batch, plan
 
 FAULT_ENV = "WINNOW_FAULT_KILL_AFTER_STEPS"
-
-
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Multiplier of ``lr`` for optimizer step ``step`` (0-based): linear warmup, then cosine."""
-    if step < warmup:
-        return (step + 1) / warmup
-    span = max(total - warmup, 1)
-    progress = min((step - warmup) / span, 1.0)
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 @dataclass
 class Env:
     device: torch.device
     dist: Dist
-    out: Path
+    out: Path | None
+    _: KW_ONLY
     pad_id: int = 0
     scale: float = 1.0
     softcap: float | None = None
-    always_keep_ids: tuple[int, ...] = ()  # TrainParams.always_keep as token ids of the model's tokenizer
+    always_keep_ids: tuple[int, ...] = ()  # online.always_keep as token ids of the model's tokenizer
+
+
+def _amp_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or dtype == "float32":
+        return None
+    if dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
 class Loop:
+    """``methods``: the training methods (default ``p.methods()``; their trainable-parameter choice is
+    already applied to ``model``: :func:`winnow.trainer.method.apply_trainable`)."""
+
     def __init__(
-        self, p: TrainParams, data: TrainData, model: torch.nn.Module, env: Env, reference: Any | None = None
+        self,
+        p: TrainParams,
+        data: TrainData,
+        model: torch.nn.Module,
+        env: Env,
+        reference: Any | None = None,
+        methods: list[TrainingMethod] | None = None,
     ):
         self.p, self.data, self.env, self.d = p, data, env, env.dist
+        self.methods = p.methods() if methods is None else methods
         cuda = env.device.type == "cuda"
         # prompt tuning: padded rows only, each costing num_virtual_tokens more positions (prompt_tuning.py)
         packed_ok = cuda and not p.virtual_tokens
         self.layout = p.layout if p.layout != "auto" else ("packed" if packed_ok else "padded")
-        self.plan = plan(data.train.lengths + p.virtual_tokens, p.tokens_per_batch, self.layout)
         self.eval_plan = (
-            plan(data.eval.lengths + p.virtual_tokens, p.tokens_per_batch, self.layout) if data.eval.ids else []
+            plan(data.eval.lengths + p.virtual_tokens, p.tokens_per_batch, self.layout)
+            if data.eval.ids
+            else []
         )
-        self.per_step = self.d.world * p.grad_accum
-        self.steps_per_epoch = math.ceil(len(self.plan) / self.per_step)
-        total = p.epochs * self.steps_per_epoch
-        self.total_steps = min(total, p.max_steps) if p.max_steps else total
         if p.activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         loss_cls = WeightedLMLoss
-        if p.online not in ("none", "all") and p.scoring_mode == "reuse":  # scores from the training forward
+        if p.online.selects and p.scoring_mode == "reuse":  # scores from the training forward
             from winnow.trainer.online_reuse import ReuseLMLoss as loss_cls
-        self.loss_mod = loss_cls(model.to(env.device), env.scale, env.softcap)
-        self.wrapped = wrap(self.loss_mod, self.d, p.fsdp, env.device)
-        self.params = [q for q in self.loss_mod.parameters() if q.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=p.lr, weight_decay=p.weight_decay, fused=cuda or None)
-        fn = lambda s: lr_factor(s, p.warmup_steps, self.total_steps, p.min_lr_ratio)  # noqa: E731
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, fn)
-        self.amp = self._amp_dtype(p.dtype, env.device)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
+        terms = [t for m in self.methods for t in m.loss_terms()]
+        self.loss_mod = loss_cls(model.to(env.device), env.scale, env.softcap, terms)
+        self._wrap()  # before the batch source: DDP's broadcast reaches an online policy's history copy
+        self.batches = self._source(reference)
+        self.online = self.batches if p.online.policy != "none" else None  # its history, cache (tests)
+        self.steps_per_epoch = self.batches.steps_per_epoch
+        self.total_steps = self.feed.total_steps(self.steps_per_epoch)
+        self.amp = _amp_dtype(p.dtype, env.device)
+        from winnow.trainer.kernel_agreement import agree_on_head_backend
+
+        head_bias = getattr(model.get_output_embeddings(), "bias", None) is not None
+        agree_on_head_backend(env.device, self.amp, head_bias, env.softcap is not None, self.d)
+        self._optimizer(0)
         self.evals: dict[int, float] = {}
         self.kills_after = int(os.environ.get(FAULT_ENV, "0") or 0)
         self.steps_here = 0
-        self.online = None
-        if p.online != "none":
-            from winnow.trainer.online_batches import OnlineBatches
-
-            self.online = OnlineBatches(self, p.online_params(env.always_keep_ids), reference)
-            self.steps_per_epoch = self.online.steps_per_epoch
-            total = p.epochs * self.steps_per_epoch
-            # the scheduler's lambda reads self.total_steps when called: no second scheduler needed
-            self.total_steps = min(total, p.max_steps) if p.max_steps else total
         self.mask_id = env.pad_id
 
-    @staticmethod
-    def _amp_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-        if device.type != "cuda" or dtype == "float32":
-            return None
-        if dtype == "auto":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    def _source(self, reference: Any | None) -> BatchSource:
+        p, env = self.p, self.env
+        self.feed = Feed(
+            train=self.data.train, layout=self.layout, tokens_per_batch=p.tokens_per_batch,
+            virtual_tokens=p.virtual_tokens, seed=p.seed, grad_accum=p.grad_accum, world=self.d.world,
+            rank=self.d.rank, pad_id=env.pad_id, device=env.device, epochs=p.epochs, max_steps=p.max_steps,
+            save_every=p.save_every,
+        )  # fmt: skip
+        if p.online.policy == "none":
+            return PlannedBatches(self.feed)
+        from winnow.trainer.online_batches import OnlineBatches
+
+        recorder = None
+        if p.online.record_weights:
+            from winnow.trainer.online_record import WeightRecorder
+
+            recorder = WeightRecorder(p, self.data, p.online.policy, env.device, self.d.main)
+        op, model = p.online_params(env.always_keep_ids), self.loss_mod.model
+        reuse = p.scoring_mode == "reuse"
+        head = (env.scale, env.softcap)
+        return OnlineBatches(self.feed, op, model, head, reference=reference, reuse=reuse, recorder=recorder)
+
+    def _wrap(self) -> None:
+        """The DDP/FSDP2 wrapper, and the parameters that train (FSDP2 makes them DTensors)."""
+        self.wrapped = wrap(self.loss_mod, self.d, self.p.fsdp, self.env.device)
+        self.params = [q for q in self.loss_mod.parameters() if q.requires_grad]
+
+    def _optimizer(self, step: int) -> None:
+        """AdamW and its schedule over :attr:`params`, from ``step`` on."""
+        cuda = self.env.device.type == "cuda"
+        self.update = Optim(
+            self.p, self.params, lambda: self.total_steps, cuda, self.amp == torch.float16, step
+        )
+        self.opt, self.sched, self.scaler = self.update.opt, self.update.sched, self.update.scaler
+
+    @property
+    def plan(self) -> list:
+        """The planned epoch's micro-batches (empty under an online policy)."""
+        return getattr(self.batches, "plan", [])
 
     # ------------------------------------------------------------------------------- batches
     def micro_batches(self, step: int) -> list[MicroBatch]:
         """This rank's ``grad_accum`` micro-batches of optimizer step ``step``."""
-        if self.online is not None:
-            return self.online.micro_batches(step)
-        tr, pad = self.data.train, self.env.pad_id
-        out = []
-        for b in step_batches(
-            step, len(self.plan), self.p.seed, self.d.world, self.d.rank, self.p.grad_accum
-        ):
-            if b is None:
-                out.append(empty_batch(pad))
-                continue
-            idx = self.plan[b]
-            out.append(layout_batch([tr.ids[k] for k in idx], [tr.weights[k] for k in idx], self.layout, pad))
-        return out
+        return self.batches.micro_batches(step)
 
     def _forward(
         self, module: torch.nn.Module, b: MicroBatch, noise: float = 0.0, key: int = 0
@@ -149,28 +163,32 @@ class Loop:
 
             flat = torch.zeros(ids.numel(), dtype=torch.bool)
             flat[torch.from_numpy(b.gather + 1)] = True
-            g = torch.Generator().manual_seed(key)  # a function of (seed, step, rank, micro-batch): resumable
+            # a function of (seed, step, rank, micro-batch): resumable; modulo 2^63, as a seed above ~3e7
+            # overflowed the generator's 64-bit seed
+            g = torch.Generator().manual_seed(key % (1 << 63))
             ids = masked_thought_inputs(ids, flat.view(ids.shape).to(dev), noise, self.mask_id, g)
         ctx = torch.autocast(dev.type, dtype=self.amp) if self.amp is not None else nullcontext()
         extra = {"select": b.select} if getattr(b, "select", None) is not None else {}  # online_reuse
         with ctx:
             return module(ids, t(b.gather), t(b.targets), t(b.weights), pos, **extra)
 
+    def _changed(self, b: MicroBatch) -> contextlib.ExitStack:
+        """Every method's forward change, around one training micro-batch's forward and backward."""
+        stack = contextlib.ExitStack()
+        for m in self.methods:
+            stack.enter_context(m.forward_change(b, self.loss_mod.model))
+        return stack
+
     # ------------------------------------------------------------------------------- steps
     def train_step(self, step: int) -> dict[str, Any]:
         t0 = time.perf_counter()
+        self._reselect(step)
         self.wrapped.train()
         mbs = self.micro_batches(step)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
         from winnow.trainer.online import masked_thought_rate
 
         noise = masked_thought_rate(self.p.masked_thought, step, self.total_steps)
-        for m, b in enumerate(mbs):
-            with no_sync(self.wrapped, last=m == len(mbs) - 1):
-                key = ((self.p.seed * 1_000_003 + step) * 4099 + self.d.rank) * 131 + m
-                part = self._forward(self.wrapped, b, noise, key)
-                (self.scaler.scale(part) if self.scaler else part).backward()
-            loss_sum += part.detach().double()
+        loss_sum = self._accumulate(step, mbs, noise)
         local = [
             sum(b.weight_sum for b in mbs),
             float(loss_sum),
@@ -179,22 +197,8 @@ class Loop:
             float(sum(b.len_sq for b in mbs)),
         ]
         wsum, lsum, tokens, rows, len_sq = all_reduce_sum(local, self.env.device)
-        if self.scaler:
-            self.scaler.unscale_(self.opt)
-        for q in self.params:
-            if q.grad is not None:
-                q.grad.mul_(self.d.world / wsum)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.p.max_grad_norm or float("inf"))
-        lr = self.opt.param_groups[0]["lr"]
-        if self.scaler:
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
-        if self.online is not None:
-            self.online.after_step()
+        lr, norm = self.update.step(self.d.world, wsum, step, lsum)
+        self.batches.after_step(step)
         self._fault_hook()
         dt = time.perf_counter() - t0
         rec = {
@@ -206,7 +210,7 @@ class Loop:
             "tokens_per_s": tokens / dt,
             "weighted_tokens_per_s": rows / dt,
             "lr": lr,
-            "grad_norm": float(getattr(norm, "full_tensor", lambda: norm)()),
+            "grad_norm": float(norm),
             "step_s": dt,
         }
         if noise > 0.0:
@@ -216,7 +220,27 @@ class Loop:
                 f"online_{k}" if k in ("kept_samples", "kept_tokens", "seen_samples") else k: v
                 for k, v in self._online_stats().items()
             }
-        return rec | self._memory() | self._mfu(tokens, rows, len_sq, dt)
+        lm = self.loss_mod.model
+        return (
+            rec | memory(self.env.device) | mfu(lm, self.env.device, self.d.world, tokens, rows, len_sq, dt)
+        )
+
+    def _accumulate(self, step: int, mbs: list[MicroBatch], noise: float) -> torch.Tensor:
+        """Forward and backward of each micro-batch (gradients summed); the sum of their losses."""
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        for m, b in enumerate(mbs):
+            with no_sync(self.wrapped, last=m == len(mbs) - 1), self._changed(b):
+                key = ((self.p.seed * 1_000_003 + step) * 4099 + self.d.rank) * 131 + m
+                part = self._forward(self.wrapped, b, noise, key)
+                self.update.backward(part)
+            loss_sum += part.detach().double()
+        return loss_sum
+
+    def _reselect(self, step: int) -> None:
+        """A training method changed which parameters train: new wrapper and optimizer (fresh state)."""
+        if any([m.reselect(step, self.loss_mod.model) for m in self.methods]):
+            self._wrap()
+            self._optimizer(step)
 
     def _online_stats(self) -> dict[str, int]:
         keys = sorted(self.online.stats)
@@ -228,27 +252,6 @@ class Loop:
         if self.kills_after and self.steps_here >= self.kills_after:
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)
-
-    def _memory(self) -> dict[str, float]:
-        out = {"peak_rss_mb": round(peak_rss_mb(), 1)}
-        if self.env.device.type == "cuda":
-            out["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(self.env.device) / 2**20, 1)
-        return out
-
-    def _mfu(self, tokens: float, rows: float, len_sq: float, dt: float) -> dict[str, float]:
-        """GPU only: (6·N_body·tokens + 6·N_head·weighted rows + attention over real lengths) / peak."""
-        if self.env.device.type != "cuda":
-            return {}
-        lm = self.loss_mod.model
-        head = lm.get_output_embeddings().weight
-        n_all = sum(q.numel() for q in lm.parameters())
-        n_emb = lm.get_input_embeddings().weight.numel()
-        n_body = n_all - n_emb - (0 if head is lm.get_input_embeddings().weight else head.numel())
-        cfg = lm.config
-        attn = 6.0 * cfg.num_hidden_layers * cfg.hidden_size * len_sq  # causal: half of 12·L·d·len²
-        flops = 6.0 * n_body * tokens + 6.0 * head.numel() * rows + attn
-        peak = float(os.environ.get("WINNOW_PEAK_TFLOPS", "989")) * 1e12 * self.d.world
-        return {"mfu": round(flops / dt / peak, 4)}
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -276,15 +279,18 @@ class Loop:
 
     # ------------------------------------------------------------------------------- driving
     def resume(self, ckpt_root: Path) -> int:
-        steps = checkpoint.list_steps(ckpt_root)
+        steps = ckpt_integrity.good_steps(ckpt_root, self.d.main)  # damaged ones reported and skipped
         if not steps:
             return 0
-        state = checkpoint.load(
-            checkpoint.step_dir(ckpt_root, steps[-1]), self.loss_mod, self.opt, self.sched
-        )
+        folder = checkpoint.step_dir(ckpt_root, steps[-1])
+        for m in self.methods:  # first: the optimizer state below belongs to the resumed selection
+            m.load(folder)
+        self._reselect(steps[-1])
+        state = checkpoint.load(folder, self.loss_mod, self.opt, self.sched)
         self.evals = {int(k): v for k, v in state.get("evals", {}).items()}
-        if self.online is not None:
-            self.online.load(checkpoint.step_dir(ckpt_root, steps[-1]))
+        if self.d.main:  # a kill between a save and its prune left one checkpoint too many
+            checkpoint.prune(ckpt_root, self.p.keep_checkpoints, ckpt_integrity.best_step(self.evals))
+        self.batches.load(folder)
         if state.get("world") != self.d.world and self.d.main:
             print(
                 f"resuming step {state['step']} on {self.d.world} rank(s), checkpoint written by "
@@ -296,31 +302,16 @@ class Loop:
 
     def save(self, ckpt_root: Path, step: int) -> None:
         meta = {"world": self.d.world, "evals": self.evals, "total_steps": self.total_steps}
-        extra = self.online.save if self.online is not None else None
-        checkpoint.save(ckpt_root, step, self.loss_mod, self.opt, self.sched, meta, self.d.rank, extra)
+        checkpoint.save(
+            ckpt_root, step, self.loss_mod, self.opt, self.sched, meta, self.d.rank, self._save_extra
+        )
         if self.d.main:
             scored = {k: v for k, v in self.evals.items() if v is not None}
             best = min(scored, key=scored.get) if scored else None
             checkpoint.prune(ckpt_root, self.p.keep_checkpoints, best)
 
-
-class Metrics:
-    """``metrics.jsonl``: appended by rank 0; on resume, lines after the checkpoint's step are dropped."""
-
-    def __init__(self, path: Path, main: bool):
-        self.path, self.main = path, main
-
-    def truncate_after(self, step: int) -> None:
-        if not (self.main and self.path.exists()):
-            return
-        from winnow.pipeline.store import atomic_write_bytes
-
-        keep = [
-            ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step
-        ]
-        atomic_write_bytes(self.path, "".join(ln + "\n" for ln in keep).encode())
-
-    def write(self, rec: dict[str, Any]) -> None:
-        if self.main:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+    def _save_extra(self, folder: Path) -> None:
+        """The batch source's and the training methods' state, into the checkpoint folder being written."""
+        self.batches.save(folder)
+        for m in self.methods:
+            m.save(folder)

@@ -1,11 +1,11 @@
 """Parameter-efficient training through ``peft``: LoRA adapters on the model ``winnow train`` fine-tunes.
 
 Q-Tuning, ssToken and cDPO report their results with LoRA, and a 7B model fits one GPU only that way,
-so ``--set lora_r=16`` turns it on. The library does the work (``peft.LoraConfig`` /
+so ``--set lora.r=16`` (or the alias ``lora_r=16``) turns it on. The library does the work (``peft.LoraConfig`` /
 ``get_peft_model``; never a hand-written LoRA); this module chooses the defaults and keeps what winnow
 promises around it:
 
-* ``lora_alpha`` defaults to ``2 * r``; ``lora_target`` defaults to every linear layer of the body
+* ``lora.alpha`` defaults to ``2 * lora.r``; ``lora.target`` defaults to every linear layer of the body
   (peft's ``all-linear``, which leaves the LM head alone), or a comma list such as ``q_proj,v_proj``.
 * On GPU the frozen base is cast to bf16 and the adapters kept in fp32 (updates of size lr·grad vanish
   in bf16); on CPU everything stays fp32 (bf16 is ~27x slower on this CPU, ENVIRONMENT_NOTES).
@@ -17,7 +17,7 @@ promises around it:
 * A model pass given an adapter directory loads its base, applies the adapter and merges it
   (:func:`load_causal_lm`), so users score data with the model they are fine-tuning.
 
-``peft`` is the optional extra ``winnow[peft]`` (in ``dev``); without it ``lora_r > 0`` is a user error.
+``peft`` is the optional extra ``winnow[peft]`` (in ``dev``); without it ``lora.r > 0`` is a user error.
 """
 
 from __future__ import annotations
@@ -28,38 +28,44 @@ from typing import TYPE_CHECKING, Any
 
 from winnow.pipeline.errors import UserError
 from winnow.pipeline.models import ADAPTER_CONFIG, adapter_base, load_causal_lm  # noqa: F401  (re-exported)
+from winnow.trainer.method import MethodContext, TrainingMethod
 
 if TYPE_CHECKING:
     import torch
 
 
+@dataclass(kw_only=True)
+class LoraParams(TrainingMethod):
+    """``lora.*`` (pre-group names ``lora_r``, ``lora_alpha``, ``lora_dropout``, ``lora_target``, ``merge``)."""
 
-@dataclass
-class LoraParams:
-    lora_r: int = 0  # adapter rank; 0 = full fine-tuning
-    lora_alpha: int = 0  # scaling numerator; 0 = 2 * lora_r
-    lora_dropout: float = 0.0
-    lora_target: str = "all-linear"  # peft's every-linear-layer default, or a comma list of module names
+    r: int = 0  # adapter rank; 0 = full fine-tuning
+    alpha: int = 0  # scaling numerator; 0 = 2 * r
+    dropout: float = 0.0
+    target: str = "all-linear"  # peft's every-linear-layer default, or a comma list of module names
     merge: bool = False  # also save the merged full model under OUT/merged
 
     def __post_init__(self) -> None:
-        if self.lora_r < 0:
-            raise ValueError(f"lora_r={self.lora_r} must be >= 0 (0 turns LoRA off)")
-        if self.lora_alpha < 0:
-            raise ValueError(f"lora_alpha={self.lora_alpha} must be >= 0 (0 = 2 * lora_r)")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
-        if self.merge and self.lora_r == 0:
-            raise ValueError("merge=true only applies with LoRA: set lora_r > 0")
+        if self.r < 0:
+            raise ValueError(f"lora.r={self.r} must be >= 0 (0 turns LoRA off)")
+        if self.alpha < 0:
+            raise ValueError(f"lora.alpha={self.alpha} must be >= 0 (0 = 2 * lora.r)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout={self.dropout} must be in [0, 1)")
+        if self.merge and self.r == 0:
+            raise ValueError("lora.merge=true only applies with LoRA: set lora.r > 0")
 
     @property
     def enabled(self) -> bool:
-        return self.lora_r > 0
+        return self.r > 0
 
     @property
     def targets(self) -> str | list[str]:
-        names = [t.strip() for t in self.lora_target.split(",") if t.strip()]
+        names = [t.strip() for t in self.target.split(",") if t.strip()]
         return "all-linear" if names in ([], ["all-linear"]) else names
+
+    def trainable(self, model: torch.nn.Module, ctx: MethodContext) -> torch.nn.Module:
+        """The trainable-parameter seam (winnow.trainer.method): only the adapters train."""
+        return apply_lora(model, self, ctx.device)
 
 
 def require_peft():
@@ -78,16 +84,16 @@ def apply_lora(model: torch.nn.Module, p: LoraParams, device: torch.device) -> t
     if device.type == "cuda":
         model.to(torch.bfloat16)
     config = peft.LoraConfig(
-        r=p.lora_r,
-        lora_alpha=p.lora_alpha or 2 * p.lora_r,
-        lora_dropout=p.lora_dropout,
+        r=p.r,
+        lora_alpha=p.alpha or 2 * p.r,
+        lora_dropout=p.dropout,
         target_modules=p.targets,
         task_type="CAUSAL_LM",
     )
     try:
         wrapped = peft.get_peft_model(model, config)
     except ValueError as e:  # peft names the modules it could not find
-        raise UserError(f"lora_target={p.lora_target!r}: {e}") from None
+        raise UserError(f"lora.target={p.target!r}: {e}") from None
     return trainable_in_fp32(wrapped)
 
 

@@ -7,12 +7,13 @@ models; here the trainer calls the *same array functions* as the offline stages
 (:func:`winnow.stages.eu_plane_math.eu_plane_select`, :func:`winnow.stages.excess_loss_math.excess_loss_select`,
 :func:`winnow.stages.sstoken_math.sstoken_select`) on one mini-batch, so each formula exists once.
 
-The interface is one function per policy, ``policy(scored, params) -> Decision``: a :class:`Scored`
-mini-batch (padded ``(B, T)`` arrays at the table convention: index ``i`` is token ``i`` as a target)
-in, which samples to train on and each token's weight out. The trainer draws the mini-batch (by
-default 8 samples per rank, the paper's per-device batch, in its seeded order, before packing),
-fills the signals the policy ``needs`` (:data:`NEEDS`), applies the decision and then trims and packs
-the kept samples as usual. A new method is one function and one line in :data:`POLICIES`.
+Each policy is one ``kw_only`` object in its own module (:mod:`winnow.trainer.online_policy`: its
+parameters, its mini-batch size, the signals it ``needs``, its ``decide(scored) -> Decision`` and its
+stats): a :class:`Scored` mini-batch (padded ``(B, T)`` arrays at the table convention: index ``i`` is
+token ``i`` as a target) in, which samples to train on and each token's weight out. The online batch
+source draws the mini-batch (the policy's ``batch_size`` samples per rank, 8 by default, the paper's
+per-device batch, in its seeded order, before packing), fills the signals the policy needs, applies the
+decision and then trims and packs the kept samples as usual.
 ``always_keep`` (``--set always_keep="<|im_end|>,####"``, any policy) then puts those tokens back where
 the policy dropped them (:func:`always_keep`; why: :mod:`winnow.pipeline.always_keep`).
 
@@ -23,7 +24,6 @@ training forward only; the scoring forwards see the unmasked inputs and the labe
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,86 +61,28 @@ class Decision:
     reason: list[str] | None = None  # per sample, recorded by record_weights; None: kept / no_token_kept
 
 
-def _decision(
+def decision(
     keep_tokens: torch.Tensor, s: Scored, extra: dict[str, int] | None = None, reason: list[str] | None = None
 ) -> Decision:
+    """A policy's :class:`Decision` from the tokens it keeps: the selection's weights there, 0 elsewhere;
+    a sample trains when any of its tokens does."""
     weight = torch.where(keep_tokens, s.weight, torch.zeros_like(s.weight))
     keep = weight.ne(0).any(1)
     stats = {"kept_samples": int(keep.sum()), "kept_tokens": int(weight.ne(0).sum())}
     return Decision(keep, weight, {**stats, **(extra or {})}, reason)
 
 
-def _eu_reason(quadrant: int, kept_by: int) -> str:
-    """The offline eu_plane stage's reason vocabulary (kept_q2, topup_middle, dropped_q1, ...)."""
-    from winnow.stages.eu_plane_math import BY_QUADRANT, DROPPED, QUADRANT_NAMES, UNSCORED
-
-    if quadrant == UNSCORED:
-        return "no_supervised_tokens"
-    head = "kept" if kept_by == BY_QUADRANT else ("dropped" if kept_by == DROPPED else "topup")
-    return f"{head}_{QUADRANT_NAMES[quadrant].lower()}"
-
-
-def q_tuning(s: Scored, p: QTuningOnline) -> Decision:
-    """Algorithm 1 of Q-Tuning on this mini-batch: EU-plane quadrants, then Q2 token pruning."""
-    from winnow.stages.eu_plane_math import BY_QUADRANT, Q1, Q2, Q3, Q4, eu_plane_select
-
-    if s.entropy is None:
-        raise ValueError("q_tuning needs the current model's entropy")
-    r = eu_plane_select(s.nll, s.entropy, s.mask, p.r_sample, p.r_token, p.lam)
-    quads = {
-        name: int((r.quadrant == q).sum()) for name, q in (("q1", Q1), ("q2", Q2), ("q3", Q3), ("q4", Q4))
-    }
-    topup = int((r.keep_sample & (r.kept_by != BY_QUADRANT)).sum())
-    why = [_eu_reason(int(q), int(b)) for q, b in zip(r.quadrant.tolist(), r.kept_by.tolist(), strict=True)]
-    return _decision(r.token_keep, s, {**quads, "topup": topup}, why)
-
-
-def rho1(s: Scored, p: Rho1Online) -> Decision:
-    """Rho-1's selective LM on this mini-batch: the top ``k_ratio`` excess losses across it."""
-    from winnow.stages.excess_loss_math import excess_loss_select
-
-    if s.nll_ref is None:
-        raise ValueError("rho1 needs the reference model's losses")
-    _, keep = excess_loss_select(s.nll, s.nll_ref, s.mask, p.k_ratio)
-    return _decision(keep, s)
-
-
-def sstoken(s: Scored, p: SSTokenOnline) -> Decision:
-    """ssToken on this mini-batch: REL against the history model plus attention, top ``rho`` per sample."""
-    from winnow.stages.sstoken_math import sstoken_select
-
-    nll_his = s.nll_his if s.nll_his is not None else s.nll  # gamma == 0: REL unused
-    if p.gamma > 0 and s.nll_his is None:
-        raise ValueError("sstoken with gamma > 0 needs the history model's losses")
-    r = sstoken_select(nll_his, s.nll, s.attn, s.mask, p.gamma, p.rho)
-    return _decision(r.keep, s)
-
-
-POLICIES: dict[str, Callable[[Scored, object], Decision]] = {
-    "q_tuning": q_tuning,
-    "rho1": rho1,
-    "sstoken": sstoken,
-}
-
-
 def needs(params: OnlineParams) -> set[str]:
     """Which signals the trainer must compute for the chosen policy."""
-    if params.online == "q_tuning":
-        return {"nll", "entropy"}
-    if params.online == "rho1":
-        return {"nll", "reference"}
-    if params.online == "sstoken":
-        g = params.sstoken.gamma
-        return {"nll"} | ({"history"} if g > 0 else set()) | ({"attention"} if g < 1 else set())
-    return set()
+    return params.chosen.needs() if params.selects else set()
 
 
 def apply_policy(s: Scored, params: OnlineParams) -> Decision:
     """The policy's decision on this mini-batch, then the ``always_keep`` floor (before trimming/packing)."""
-    if params.online in ("none", "all"):
-        return _decision(s.mask, s)
-    decision = POLICIES[params.online](s, getattr(params, params.online))
-    return always_keep(decision, s, params.always_keep_ids) if params.always_keep_ids else decision
+    if not params.selects:
+        return decision(s.mask, s)
+    d = params.chosen.decide(s)
+    return always_keep(d, s, params.always_keep_ids) if params.always_keep_ids else d
 
 
 def always_keep(d: Decision, s: Scored, ids: tuple[int, ...]) -> Decision:

@@ -1,16 +1,17 @@
 """The trainer's online mode: per-step mini-batches scored by the current model, selected, then packed.
 
 Without an online policy the loop plans its packs once (:mod:`winnow.trainer.packing`). With one,
-every optimizer step takes ``grad_accum`` mini-batches of ``q_tuning.batch_size`` samples (8 by
-default, the paper's per-device batch) per rank, in the seeded order of
+every optimizer step takes ``grad_accum`` mini-batches of the policy's ``batch_size`` samples (8 by
+default, the Q-Tuning paper's per-device batch; ``online.<policy>.batch_size``) per rank, in the seeded order of
 :func:`winnow.stages.topk.minibatches` (the offline stages' definition), and for each:
 
 1. one no-grad forward of the current model over the trimmed samples (right-padded rows; causal, so
    padding never reaches a real position) gives log-prob and full-vocabulary entropy at every weighted
    target through :func:`winnow.kernels.switch.logprob_entropy` (no ``[N, V]`` logits); ``rho1`` adds
    a reference forward, ``sstoken`` a history forward and the last layer's attention to the prompt
-   (the model pass's recomputation, :mod:`winnow.kernels.attention_importance`);
-2. the policy (:mod:`winnow.trainer.online`) returns sample drops and token weights;
+   (the model pass's recomputation, :mod:`winnow.kernels.attention_importance`): all of it in
+   :class:`winnow.trainer.online_scorer.Scorer`, which computes what the policy ``needs``;
+2. the policy object (:mod:`winnow.trainer.online_policy`) returns sample drops and token weights;
 3. the kept samples are trimmed again and packed into micro-batches as usual; ranks pad to the same
    number of micro-batches (a collective per forward under FSDP2).
 
@@ -39,37 +40,17 @@ side by side (``bench_train.py --interleaved --epochs 2``, loaded VM, benchmarks
 
 from __future__ import annotations
 
-import copy
 import math
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from winnow.kernels.chunked_head import LMHead
-from winnow.kernels.switch import logprob_entropy
 from winnow.trainer import online as ol
-from winnow.trainer.loss import body_and_head, unwrap
+from winnow.trainer.batches import BatchSource, Feed
+from winnow.trainer.online_scorer import EMA_FILE, Scorer, score_rows  # noqa: F401  (re-exported)
 from winnow.trainer.packing import MicroBatch, empty_batch, layout_batch, plan, trim
-
-EMA_FILE = "ema_history.safetensors"
-
-
-def _padded(
-    seqs: list[np.ndarray], weights: list[np.ndarray], pad_id: int, device
-) -> tuple[torch.Tensor, ...]:
-    """Right-padded ``ids`` (B, W) on ``device``, ``weights`` (B, W) float64 and ``real`` (B, W) bool."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    w = torch.zeros((len(seqs), width), dtype=torch.float64)
-    for r, (s, x) in enumerate(zip(seqs, weights, strict=True)):
-        ids[r, : len(s)] = torch.from_numpy(np.asarray(s, dtype=np.int64))
-        w[r, : len(x)] = torch.from_numpy(np.asarray(x, dtype=np.float64))
-    w[:, 0] = 0.0  # index 0 has no predecessor
-    real = torch.arange(width)[None] < torch.tensor([len(s) for s in seqs])[:, None]
-    return ids.to(device), w, real
 
 
 def _max_over_ranks(value: int, device) -> int:
@@ -82,163 +63,52 @@ def _max_over_ranks(value: int, device) -> int:
     return int(t.item())
 
 
-@torch.no_grad()
-def score_rows(
-    model: Any,
-    scale: float,
-    softcap: float | None,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    entropy: bool,
-    real: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """Per-token ``nll`` (and ``entropy``; ``attn`` when ``real`` marks the rows' tokens) at the masked
-    targets of right-padded rows, NaN elsewhere. ``attn[i]``: head-mean attention of query ``i`` in the
-    last layer to the unweighted tokens of its row (ssToken's response-to-prompt score)."""
-    attention = real is not None
-    from winnow.stages.passes.attention_capture import AttentionCapture, attention_importance
+class OnlineBatches(BatchSource):
+    """The micro-batches of an online policy: ``feed.grad_accum`` mini-batches of the policy's
+    ``batch_size`` samples per rank and step, scored, selected, trimmed and packed.
 
-    body, head_mod = body_and_head(model)
-    capture = AttentionCapture(body, -1) if attention else nullcontext()
-    with capture as cap:
-        hidden = body(input_ids=ids, use_cache=False).last_hidden_state  # (B, W, D)
-    rows, cols = torch.nonzero(mask.to(ids.device), as_tuple=True)
-    h = hidden[rows, cols - 1]  # the state before target i predicts it
-    head = LMHead(head_mod.weight, getattr(head_mod, "bias", None), scale, softcap).to_fp32()
-    lp, ent = logprob_entropy(head, h, ids[rows, cols], entropy=entropy)
-    out = {"nll": torch.full(mask.shape, math.nan, dtype=torch.float64)}
-    out["nll"][rows.cpu(), cols.cpu()] = -lp.double().cpu()
-    if entropy:
-        out["entropy"] = torch.full(mask.shape, math.nan, dtype=torch.float64)
-        out["entropy"][rows.cpu(), cols.cpu()] = ent.double().cpu()
-    if attention:
-        dev = ids.device
-        segment = torch.where(real.to(dev), torch.arange(ids.shape[0], device=dev)[:, None], -1)
-        keys = (real & ~mask).to(dev)
-        imp = attention_importance(
-            cap.module, cap.hidden, cap.position_embeddings, segment, keys, mask.to(dev)
-        )
-        out["attn"] = torch.where(mask, imp.double().cpu(), math.nan)
-    return out
+    ``model``: the model being trained (its no-grad forward scores a mini-batch; under LoRA its adapters
+    are switched off for ``rho1.reference=base``); ``head``: its logit ``(scale, softcap)``;
+    ``reference``: Rho-1's reference model (or ``"base"``); ``reuse``: the current model's scores come
+    from the training forward (:mod:`winnow.trainer.online_reuse`); ``recorder``: a
+    :class:`winnow.trainer.online_record.WeightRecorder` (``record_weights=true``).
+    """
 
-
-class OnlineBatches:
-    """Replaces the loop's planned micro-batches when ``online`` names a policy."""
-
-    def __init__(self, loop: Any, op: ol.OnlineParams, reference: Any | None):
-        self.loop, self.op = loop, op
+    def __init__(
+        self,
+        feed: Feed,
+        op: ol.OnlineParams,
+        model: Any,
+        head: tuple[float, float | None],
+        *,
+        reference: Any | None = None,
+        reuse: bool = False,
+        recorder: Any | None = None,
+    ):
+        self.feed, self.op = feed, op
+        self.policy = op.chosen
         self.need = ol.needs(op)
-        self.n = len(loop.data.train.ids)
-        self.batch_size = op.q_tuning.batch_size
+        self.n = len(feed.train.ids)
+        self.batch_size = self.policy.batch_size
         self.n_minibatches = math.ceil(self.n / self.batch_size)
-        self.steps_per_epoch = max(1, math.ceil(self.n_minibatches / (loop.d.world * loop.p.grad_accum)))
-        self.reference = reference
-        self.history = None
-        if "history" in self.need:
-            self.history = copy.deepcopy(unwrap(loop.loss_mod.model)).eval().requires_grad_(False)
-        self.cache = self._history_cache()
+        self.steps_per_epoch = max(1, math.ceil(self.n_minibatches / feed.per_step))
+        self.total_steps = feed.total_steps(self.steps_per_epoch)
+        self.reuse, self.recorder = reuse and op.selects, recorder
+        span = (self.steps_per_epoch, self.total_steps)
+        self.scorer = Scorer(feed, op, model, head, reference, span)
         self.stats: dict[str, int] = {}
-        self.recorder = None
-        if loop.p.record_weights:
-            from winnow.trainer.online_record import WeightRecorder
-
-            self.recorder = WeightRecorder(loop, op.online)
-        self._step = 0
-
-    def _history_cache(self):
-        """A frozen history (``start``) scores a sample the same in every epoch: keep its losses when a
-        later epoch will read them back (:mod:`winnow.trainer.online_history_cache`)."""
-        sst, p = self.op.sstoken, self.loop.p
-        steps = p.epochs * self.steps_per_epoch
-        steps = min(steps, p.max_steps) if p.max_steps else steps
-        if self.history is None or sst.history != "start" or not sst.cache_history:
-            return None
-        if steps <= self.steps_per_epoch:
-            return None
-        from winnow.trainer.online_history_cache import HistoryCache, supervised_counts
-
-        return HistoryCache(supervised_counts(self.loop.data.train.weights))
 
     # ---------------------------------------------------------------------------------- selection
     def _order(self, epoch: int) -> list[np.ndarray]:
         from winnow.stages.topk import minibatches
 
-        return minibatches(self.n, self.batch_size, seed=self.loop.p.seed * 1_000_003 + epoch)
-
-    def _score(self, model, ids, mask, real, entropy: bool = False, attention: bool = False) -> dict:
-        """:func:`score_rows` over length-bucketed groups of the mini-batch (as the training rows are laid
-        out on CPU), so that one long sample does not pad all eight; results in the (B, W) frame."""
-        env = self.loop.env
-        lengths = real.sum(1).tolist()
-        out: dict[str, torch.Tensor] = {}
-        for group in plan(lengths, self.loop.p.tokens_per_batch, "padded"):
-            g = torch.as_tensor(group, dtype=torch.long)
-            width = max(lengths[k] for k in group)
-            sub_real = real[g, :width] if attention else None
-            part = score_rows(
-                model,
-                env.scale,
-                env.softcap,
-                ids[g.to(ids.device), :width],
-                mask[g, :width],
-                entropy,
-                sub_real,
-            )
-            for key, value in part.items():
-                full = out.setdefault(key, torch.full(mask.shape, math.nan, dtype=torch.float64))
-                full[g, :width] = value
-        return out
-
-    def _scored(
-        self, idx: np.ndarray, seqs: list[np.ndarray], weights: list[np.ndarray], current: bool = True
-    ) -> ol.Scored:
-        """The mini-batch (training samples ``idx``) with the scores its policy needs; ``current=False``
-        leaves the current model's to the training forward (``online_scoring=reuse``)."""
-        env, lm = self.loop.env, self.loop.loss_mod.model
-        ids, w, real = _padded(seqs, weights, env.pad_id, env.device)
-        mask = w > 0
-        s = ol.Scored(mask=mask, weight=w, nll=torch.full(mask.shape, math.nan, dtype=torch.float64))
-        s.ids = ids.cpu() if self.op.always_keep_ids else None
-        was_training = lm.training
-        lm.eval()
-        try:
-            if current:
-                cur = self._score(lm, ids, mask, real, "entropy" in self.need, "attention" in self.need)
-                s.nll, s.entropy, s.attn = cur["nll"], cur.get("entropy"), cur.get("attn")
-            if "reference" in self.need:
-                s.nll_ref = self._reference_nll(ids, mask, real)
-            if self.history is not None:
-                s.nll_his = self._history_nll(idx, ids, mask, real)
-        finally:
-            lm.train(was_training)
-        return s
-
-    def _history_nll(self, idx: np.ndarray, ids: torch.Tensor, mask: torch.Tensor, real: torch.Tensor):
-        if self.cache is None:
-            return self._score(self.history, ids, mask, real)["nll"]
-        out, missing = self.cache.read(idx, mask)
-        if missing:
-            rows = torch.as_tensor(missing, dtype=torch.long)
-            width = int(real[rows].sum(1).max())
-            sub_mask = mask[rows, :width]
-            fresh = self._score(self.history, ids[rows.to(ids.device), :width], sub_mask, real[rows, :width])
-            self.cache.write(idx[rows.numpy()], list(range(len(missing))), sub_mask, fresh["nll"])
-            # epoch 1 reads the stored (float32-rounded) values too: the same number in every epoch
-            got, _ = self.cache.read(idx[rows.numpy()], sub_mask)
-            out[rows, :width] = got
-        return out
-
-    def _reference_nll(self, ids: torch.Tensor, mask: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        if self.reference == "base":  # LoRA: the same weights with the adapters switched off
-            with self.loop.loss_mod.model.disable_adapter():
-                return self._score(self.loop.loss_mod.model, ids, mask, real)["nll"]
-        return self._score(self.reference, ids, mask, real)["nll"]
+        return minibatches(self.n, self.batch_size, seed=self.feed.seed * 1_000_003 + epoch)
 
     def _select(self, idx: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        tr = self.loop.data.train
+        tr = self.feed.train
         seqs, weights = [tr.ids[k] for k in idx], [tr.weights[k] for k in idx]
         self.stats["seen_samples"] = self.stats.get("seen_samples", 0) + len(idx)
-        if self.op.online == "all":  # the same mini-batches, nothing scored: the control of the policies
+        if not self.op.selects:  # the same mini-batches, nothing scored: the control of the policies
             out = [
                 (np.asarray(x, dtype=np.int64), np.asarray(w, dtype=np.float32))
                 for x, w in zip(seqs, weights, strict=True)
@@ -246,7 +116,7 @@ class OnlineBatches:
             for k, (_, w) in zip(idx, out, strict=True):
                 self._note(int(k), w, "all")
             return out
-        decision = ol.apply_policy(self._scored(idx, seqs, weights), self.op)
+        decision = ol.apply_policy(self.scorer.scored(idx, seqs, weights), self.op)
         return [t for t in self._account(idx, seqs, decision) if t is not None]
 
     def _account(self, idx: np.ndarray, seqs: list[np.ndarray], decision: ol.Decision) -> list:
@@ -268,16 +138,16 @@ class OnlineBatches:
         """One micro-batch holding the whole mini-batch; the policy runs inside its training forward."""
         from winnow.trainer import online_reuse as reuse
 
-        loop, tr = self.loop, self.loop.data.train
+        f, tr = self.feed, self.feed.train
         seqs, weights = [tr.ids[k] for k in idx], [tr.weights[k] for k in idx]
         self.stats["seen_samples"] = self.stats.get("seen_samples", 0) + len(idx)
-        scored = self._scored(idx, seqs, weights, current=False)
+        scored = self.scorer.scored(idx, seqs, weights, current=False)
         lengths = [len(x) for x in seqs]
         groups = [
-            reuse.group(seqs, weights, members, loop.layout, loop.env.pad_id)
-            for members in plan(lengths, loop.p.tokens_per_batch, loop.layout)
+            reuse.group(seqs, weights, members, f.layout, f.pad_id)
+            for members in plan(lengths, f.tokens_per_batch, f.layout)
         ]
-        outer = empty_batch(loop.env.pad_id)
+        outer = empty_batch(f.pad_id)
         outer.n_samples, outer.real_tokens = len(seqs), sum(lengths)
         outer.len_sq = sum(n * n for n in lengths)
         done = lambda d: self._account(idx, seqs, d)  # noqa: E731
@@ -290,48 +160,37 @@ class OnlineBatches:
 
     def micro_batches(self, step: int) -> list[MicroBatch]:
         """This rank's micro-batches of optimizer step ``step`` (padded to the ranks' common count)."""
-        loop = self.loop
+        f = self.feed
         epoch, within = divmod(step, self.steps_per_epoch)
         order = self._order(epoch)
         # the same keys on every rank (the loop all-reduces them by sorted key), drawn mini-batch or not
-        keys = ["seen_samples"] + ([] if self.op.online == "all" else ["kept_samples", "kept_tokens"])
-        keys += ["q1", "q2", "q3", "q4", "topup"] if self.op.online == "q_tuning" else []
-        self.stats = dict.fromkeys(keys, 0)
-        self._step = step
+        self.stats = dict.fromkeys(["seen_samples", *self.policy.STATS], 0)
         kept: list[tuple[np.ndarray, np.ndarray]] = []
-        g, world, rank = loop.p.grad_accum, loop.d.world, loop.d.rank
-        reuse = loop.p.scoring_mode == "reuse" and self.op.online != "all"
+        g, world, rank = f.grad_accum, f.world, f.rank
         out = []
         for m in range(g):
             i = within * world * g + rank * g + m
-            if i < len(order) and reuse:
+            if i < len(order) and self.reuse:
                 out.append(self._reuse_batch(order[i]))
             elif i < len(order):
                 kept += self._select(order[i])
         if kept:
             lengths = [len(s) for s, _ in kept]
-            for group in plan(lengths, loop.p.tokens_per_batch, loop.layout):
+            for group in plan(lengths, f.tokens_per_batch, f.layout):
                 out.append(
-                    layout_batch(
-                        [kept[k][0] for k in group], [kept[k][1] for k in group], loop.layout, loop.env.pad_id
-                    )
+                    layout_batch([kept[k][0] for k in group], [kept[k][1] for k in group], f.layout, f.pad_id)
                 )
-        want = _max_over_ranks(max(len(out), 1), loop.env.device)
-        return out + [empty_batch(loop.env.pad_id) for _ in range(want - len(out))]
+        want = _max_over_ranks(max(len(out), 1), f.device)
+        return out + [empty_batch(f.pad_id) for _ in range(want - len(out))]
 
     # ---------------------------------------------------------------------------------- state
-    def after_step(self) -> None:
-        if self.history is not None and self.op.sstoken.history == "ema":
-            ol.ema_update(self.history, unwrap(self.loop.loss_mod.model), self.op.sstoken.ema_decay)
-        done = self._step + 1
-        p, last = self.loop.p, self.loop.total_steps
-        epoch_end = done % self.steps_per_epoch == 0 or done == last
+    def after_step(self, step: int) -> None:
+        done = step + 1
+        epoch_end = done % self.steps_per_epoch == 0 or done == self.total_steps
         # the loop saves a checkpoint after this hook: gather what the ranks hold before it
-        if not (epoch_end or (p.save_every and done % p.save_every == 0)):
-            return
-        if self.cache is not None:
-            self.cache.exchange(self.loop.d.rank, self.loop.d.world, self.loop.env.device)
-        if self.recorder is not None:
+        gather = epoch_end or self.feed.checkpoint_after(done)
+        self.scorer.after_step(gather)
+        if gather and self.recorder is not None:
             self._record_after(done, epoch_end)
 
     def _record_after(self, done: int, epoch_end: bool) -> None:
@@ -339,26 +198,26 @@ class OnlineBatches:
         rank 0 writes the epoch's table."""
         self.recorder.reduce()
         if epoch_end:
-            if self.loop.d.main:
+            if self.feed.rank == 0:
                 self.recorder.write((done - 1) // self.steps_per_epoch)
             self.recorder.reset()
 
     def save(self, path: Path) -> None:
         if self.recorder is not None:
             self.recorder.save(path)
-        if self.cache is not None:
-            self.cache.save(path)
-        if self.history is not None and self.op.sstoken.history == "ema":
-            from safetensors.torch import save_model  # handles tied embeddings (shared tensors)
-
-            save_model(self.history, str(path / EMA_FILE))
+        self.scorer.save(path)
 
     def load(self, path: Path) -> None:
         if self.recorder is not None:
             self.recorder.load(path)
-        if self.cache is not None:
-            self.cache.load(path)
-        if self.history is not None and self.op.sstoken.history == "ema":
-            from safetensors.torch import load_model
+        self.scorer.load(path)
 
-            load_model(self.history, str(path / EMA_FILE), device=str(self.loop.env.device))
+    @property
+    def history(self) -> Any | None:
+        """The history model (ssToken), or None."""
+        return self.scorer.history
+
+    @property
+    def cache(self) -> Any | None:
+        """The frozen history's per-sample losses (online_history_cache), or None."""
+        return self.scorer.cache

@@ -1,63 +1,27 @@
-"""Parameters of online selection and Masked Thought, namespaced under ``winnow train``.
+"""The ``online.*`` group of ``winnow train`` (online selection) and Masked Thought's ``masked_thought.*``.
 
-``--set online=q_tuning --set q_tuning.r_sample=0.25`` (or a recipe sub-table ``[q_tuning]``) fills
-these; defaults follow the offline stages and the papers (ALGORITHMS.md). Kept free of torch so that
-``winnow steps`` and the CLI's help import nothing heavy.
+``--set online.policy=q_tuning --set online.q_tuning.r_sample=0.25`` (or a recipe sub-table
+``[online.q_tuning]``) fills these; the pre-nesting names ``online=q_tuning``, ``q_tuning.r_sample``,
+``record_weights``, ``online_scoring``, ``always_keep`` stay as aliases (:data:`winnow.trainer.config.ALIASES`).
+Each policy is one object in its own module (:mod:`winnow.trainer.online_policy`); a field of an
+:class:`OnlinePolicy` type here names it. Every dataclass is ``kw_only``: ``OnlineParams`` was built
+positionally once, and a field added before ``always_keep_ids`` silently turned the always-keep floor off.
+Kept free of torch so that ``winnow steps`` and the CLI's help import nothing heavy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-POLICY_NAMES = ("none", "all", "q_tuning", "rho1", "sstoken")  # all: mini-batch mode, no selection
+from winnow.trainer.online_policy import AllOnline, OnlinePolicy
+from winnow.trainer.online_q_tuning import QTuningOnline
+from winnow.trainer.online_rho1 import Rho1Online
+from winnow.trainer.online_sstoken import SSTokenOnline
 
 
-@dataclass
-class QTuningOnline:
-    r_sample: float = 0.25  # fraction of each mini-batch's samples kept (paper grid 0.125/0.25/0.5)
-    r_token: float = 0.5  # fraction of a Q2 sample's supervised tokens kept (paper grid 0.5/0.7)
-    lam: float = 0.5  # λ of Eq. 7 (paper Table 7)
-    batch_size: int = 8  # samples per mini-batch per rank: the paper's per-device batch
-
-    def __post_init__(self) -> None:
-        for key in ("r_sample", "r_token"):
-            if not 0.0 < getattr(self, key) <= 1.0:
-                raise ValueError(f"q_tuning.{key}={getattr(self, key)} must be in (0, 1]")
-        if self.batch_size < 2:
-            raise ValueError(f"q_tuning.batch_size={self.batch_size}: the EU plane needs >= 2 samples")
-
-
-@dataclass
-class Rho1Online:
-    k_ratio: float = 0.6  # fraction of the mini-batch's supervised tokens kept (UNCONFIRMED in the paper)
-    reference: str = ""  # model dir or builtin:NAME; "" = the model of the run's `reference` signals
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.k_ratio <= 1.0:
-            raise ValueError(f"rho1.k_ratio={self.k_ratio} must be in (0, 1]")
-
-
-@dataclass
-class SSTokenOnline:
-    gamma: float = 0.5  # weight of the normalised REL; 1 - gamma weighs attention (paper default)
-    rho: float = 0.6  # fraction of each sample's supervised tokens kept (paper: 0.6 at 3B/8B)
-    history: Literal["start", "ema"] = "start"  # the released code's fixed base model, or Eq. 4's EMA
-    ema_decay: float = 0.99  # α of Eq. 4 (UNCONFIRMED: the paper gives no value)
-    # history=start: each sample's history losses computed once, read back in later epochs
-    # (winnow.trainer.online_history_cache; 4 bytes per supervised token, saved with checkpoints)
-    cache_history: bool = True
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ValueError(f"sstoken.gamma={self.gamma} must be in [0, 1]")
-        if not 0.0 < self.rho <= 1.0:
-            raise ValueError(f"sstoken.rho={self.rho} must be in (0, 1]")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"sstoken.ema_decay={self.ema_decay} must be in [0, 1)")
-
-
-@dataclass
+@dataclass(kw_only=True)
 class MaskedThoughtParams:
     p: float = 0.0  # top masking rate (the authors' GSM8K script: 0.4); 0 = off
     warmup: float = 0.66  # p ramps from 0 over this fraction of max_steps (the authors' mask_rate_warmup)
@@ -69,19 +33,52 @@ class MaskedThoughtParams:
             raise ValueError(f"masked_thought.warmup={self.warmup} must be in [0, 1]")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class OnlineParams:
-    """The ``online`` group of ``winnow train``: the policy and every policy's namespace."""
+    """Online selection: the policy, each policy's own object, and what applies to any of them."""
 
-    online: str = "none"
+    policy: str = "none"  # none | all (mini-batches, no selection) | q_tuning | rho1 | sstoken
+    all: AllOnline = field(default_factory=AllOnline)
     q_tuning: QTuningOnline = field(default_factory=QTuningOnline)
     rho1: Rho1Online = field(default_factory=Rho1Online)
     sstoken: SSTokenOnline = field(default_factory=SSTokenOnline)
-    masked_thought: MaskedThoughtParams = field(default_factory=MaskedThoughtParams)
-    # token ids every policy's decision keeps where supervised (TrainParams.always_keep, tokenized by the
-    # trainer with the model's tokenizer: winnow.pipeline.always_keep)
-    always_keep_ids: tuple[int, ...] = ()
+    # the weights each epoch trained with, as selection/online-<name>-epoch<E> of the run
+    record_weights: bool = False
+    # the current model's scores from a separate no-grad forward, or from the training forward (online_reuse);
+    # auto: reuse for sstoken (faster in every near-idle measurement), separate for the others (RESULTS.md)
+    scoring: Literal["auto", "separate", "reuse"] = "auto"
+    # texts whose tokens a policy never drops where supervised, e.g. "<|im_end|>,####" (issue 15)
+    always_keep: list[str] = field(default_factory=list)
+    # always_keep as token ids of the model's tokenizer: filled by the trainer, which holds the tokenizer
+    # (winnow.pipeline.always_keep); never a --set key
+    always_keep_ids: tuple[int, ...] = field(default=(), metadata={"internal": True})
 
     def __post_init__(self) -> None:
-        if self.online not in POLICY_NAMES:
-            raise ValueError(f"online={self.online!r}: use one of {', '.join(POLICY_NAMES)}")
+        if self.policy not in POLICY_NAMES:
+            raise ValueError(f"online={self.policy!r}: use one of {', '.join(POLICY_NAMES)}")
+
+    @property
+    def chosen(self) -> OnlinePolicy | None:
+        """The policy object ``policy`` names (None for ``none``)."""
+        return None if self.policy == "none" else getattr(self, self.policy)
+
+    @property
+    def selects(self) -> bool:
+        """A policy that scores and selects (not ``none``, not the ``all`` control)."""
+        return self.policy not in ("none", "all")
+
+
+POLICY_NAMES = ("none",) + tuple(
+    f.name
+    for f in dataclasses.fields(OnlineParams)
+    if isinstance(f.default_factory, type) and issubclass(f.default_factory, OnlinePolicy)
+)
+
+__all__ = [
+    "MaskedThoughtParams",
+    "OnlineParams",
+    "POLICY_NAMES",
+    "QTuningOnline",
+    "Rho1Online",
+    "SSTokenOnline",
+]

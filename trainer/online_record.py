@@ -43,12 +43,14 @@ def table_name(name: str, epoch: int) -> str:
 
 
 class WeightRecorder:
-    def __init__(self, loop: Any, policy: str):
-        self.loop, self.policy = loop, policy
-        p = loop.p
+    """``p``: the training parameters; ``data``: the loaded :class:`winnow.trainer.data.TrainData`;
+    ``device``/``main``: this rank's device and whether it is rank 0."""
+
+    def __init__(self, p: Any, data: Any, policy: str, device: Any = "cpu", main: bool = True):
+        self.p, self.data, self.policy, self.device, self.main = p, data, policy, device, main
         self.name = p.name or p.selection or "all"
-        self.run_root = Path(loop.data.source["run"])
-        tr = loop.data.train
+        self.run_root = Path(data.source["run"])
+        tr = data.train
         self.index = {sid: k for k, sid in enumerate(tr.sample_ids)}
         self.offsets = np.concatenate([[0], np.cumsum(tr.lengths)]).astype(np.int64)
         self.weights = np.zeros(int(self.offsets[-1]), np.float32)
@@ -70,11 +72,10 @@ class WeightRecorder:
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
-        dev = self.loop.env.device
         for arr in (self.weights, self.code):
-            t = torch.from_numpy(arr).to(dev)
+            t = torch.from_numpy(arr).to(self.device)
             dist.all_reduce(t)
-            arr[:] = t.cpu().numpy() if self.loop.d.main else 0
+            arr[:] = t.cpu().numpy() if self.main else 0
 
     def reset(self) -> None:
         self.weights[:] = 0.0
@@ -91,7 +92,7 @@ class WeightRecorder:
     def load(self, folder: Path) -> None:
         from safetensors.torch import load_file
 
-        if not self.loop.d.main or not (folder / FILE).is_file():
+        if not self.main or not (folder / FILE).is_file():
             return
         got = load_file(str(folder / FILE))
         self.weights[:] = got["weights"].numpy()
@@ -106,11 +107,11 @@ class WeightRecorder:
         samples = run.table("samples")
         name = table_name(self.name, epoch)
         inputs = {"samples": samples.digest()}
-        if self.loop.p.selection:
-            sel = f"selection/{self.loop.p.selection}"
+        if self.p.selection:
+            sel = f"selection/{self.p.selection}"
             inputs[sel] = run.table(sel).digest()
-        fp = stable_hash([CODE_VERSION, self.loop.p.identity(), epoch])
-        held = set(self.loop.data.eval.sample_ids)
+        fp = stable_hash([CODE_VERSION, self.p.identity(), epoch])
+        held = set(self.data.eval.sample_ids)
         out = run.table(name)
         for rec in samples.records():
             cols = samples.read_part(rec.part, columns=["sample_id", "n_tokens", "loss_mask"]).to_pydict()

@@ -34,21 +34,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from winnow.trainer.method import MethodContext, TrainingMethod
+
 if TYPE_CHECKING:
     import torch
 
 INITS = ("sample_vocab", "random", "text")
 
 
-@dataclass
-class PromptTuningParams:
+@dataclass(kw_only=True)
+class PromptTuningParams(TrainingMethod):
     num_virtual_tokens: int = 0  # learned tokens prepended to every row; 0 = off
     init: Literal["sample_vocab", "random", "text"] = "sample_vocab"
     init_text: str = ""  # with init=text: the text whose tokens start the prompt
 
     def __post_init__(self) -> None:
         if self.num_virtual_tokens < 0:
-            raise ValueError(f"prompt_tuning.num_virtual_tokens={self.num_virtual_tokens} must be >= 0 (0 = off)")
+            raise ValueError(
+                f"prompt_tuning.num_virtual_tokens={self.num_virtual_tokens} must be >= 0 (0 = off)"
+            )
         if self.init not in INITS:
             raise ValueError(f"prompt_tuning.init={self.init!r}: use one of {', '.join(INITS)}")
         if (self.init == "text") != bool(self.init_text):
@@ -59,6 +63,10 @@ class PromptTuningParams:
     @property
     def enabled(self) -> bool:
         return self.num_virtual_tokens > 0
+
+    def trainable(self, model: torch.nn.Module, ctx: MethodContext) -> torch.nn.Module:
+        """The trainable-parameter seam (winnow.trainer.method): only the virtual tokens train."""
+        return apply_prompt_tuning(model, self, ctx.device, ctx.model_dir)
 
 
 def apply_prompt_tuning(

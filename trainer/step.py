@@ -33,6 +33,8 @@ from winnow.pipeline.store import (
     fsync_tree,
     stable_hash,
 )
+from winnow.pipeline.write_guard import check_name, check_train_out, out_lock
+from winnow.trainer.ckpt_integrity import clean_leftovers
 from winnow.trainer.config import TrainParams
 
 IDENTITY_FILE = "winnow_train.json"
@@ -40,6 +42,11 @@ RESULT_FILE = "train_result.json"
 
 
 def _out_dir(p: TrainParams, run_dir: str | Path | None) -> tuple[Path, str]:
+    if p.name:
+        try:
+            check_name(p.name, "--name")
+        except ValueError as e:
+            raise UserError(str(e)) from None
     name = p.name or p.selection or ("all" if not p.data else Path(p.data).stem)
     if p.out:
         return Path(p.out).expanduser(), name
@@ -77,12 +84,12 @@ def _check_model(p: TrainParams, run_dir, model_dir: Path, max_token_id: int) ->
 
 def _always_keep_ids(p: TrainParams, model_dir: Path) -> tuple[int, ...]:
     """``always_keep`` as token ids of the model's tokenizer (the samples' one: checked by _check_model)."""
-    if not p.always_keep:
+    if not p.online.always_keep:
         return ()
     from winnow.pipeline.always_keep import always_keep_ids
     from winnow.pipeline.models import load_tokenizer
 
-    return tuple(always_keep_ids(load_tokenizer(model_dir), p.always_keep, "train always_keep"))
+    return tuple(always_keep_ids(load_tokenizer(model_dir), p.online.always_keep, "train always_keep"))
 
 
 def _claim_out(out: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
@@ -140,6 +147,8 @@ def _load_model(model_dir: Path, device, dtype_name: str):
 
 def _drive(loop, metrics, out: Path) -> int:
     p, ckpt = loop.p, out / "checkpoints"
+    if loop.d.main:
+        clean_leftovers(out)  # of killed saves; the --out lock says no live writer owns them
     start = loop.resume(ckpt)
     metrics.truncate_after(start if start else -1)  # lines past the checkpoint are redone
     if start == 0:
@@ -179,11 +188,11 @@ def _progress(loop, start: int):
 
 def _reference(p: TrainParams, run_dir, device):
     """Online Rho-1's reference model: ``rho1.reference``, else the model of the run's `reference` signals."""
-    if p.online != "rho1":
+    if p.online.policy != "rho1":
         return None
-    if p.rho1.reference == "base":
+    if p.online.rho1.reference == "base":
         return "base"
-    spec = p.rho1.reference
+    spec = p.online.rho1.reference
     if not spec:
         records = RunDir(run_dir).table("signals/reference").records() if run_dir is not None else []
         spec = next((r.extra.get("model") for r in records if r.extra.get("model")), "")
@@ -215,7 +224,7 @@ def _save_model(loop, tmp: Path, model_dir: Path, state: dict) -> None:
     lm = loop.loss_mod.model
     if is_peft(lm):  # the adapter (pointing at the resolved base) and, asked for, the merged model
         save_adapter(lm, tmp, model_dir)
-        if loop.p.merge:
+        if loop.p.lora.merge:
             save_merged(lm, tmp / "merged")
         return
     state = _without_tied_copy(lm, state)
@@ -235,7 +244,8 @@ def _finish(loop, out: Path, tokenizer_dir: Path, info: dict[str, Any]) -> None:
     from winnow.trainer.card import model_card
     from winnow.trainer.checkpoint import full_model_state
 
-    state = {k.removeprefix("model."): v for k, v in full_model_state(loop.loss_mod).items()}
+    # the model's own tensors (a training method's loss terms may hold more, saved by the method)
+    state = {k[6:]: v for k, v in full_model_state(loop.loss_mod).items() if k.startswith("model.")}
     if not loop.d.main:
         return
     tmp = out / f".final-{os.getpid()}"
@@ -271,6 +281,7 @@ def train(p: TrainParams, run_dir: str | Path | None = None) -> dict[str, Any]:
         raise UserError("winnow train needs a RUN directory with --selection, or --data EXPORT.parquet")
     out, name = _out_dir(p, run_dir)
     model_dir = resolve_model(p.model)
+    check_train_out(out, run_dir, model_dir, IDENTITY_FILE)
     data = data_mod.load(p, run_dir)
     model_info = _check_model(p, run_dir, model_dir, data.max_token_id)
     model_info["always_keep_ids"] = _always_keep_ids(p, model_dir)
@@ -283,7 +294,8 @@ def train(p: TrainParams, run_dir: str | Path | None = None) -> dict[str, Any]:
         "out": str(out.resolve()),
     }
     ident["hash"] = stable_hash(ident)
-    return _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0)
+    with out_lock(out, f"train:{name}"):  # a second training into this --out is refused, not interleaved
+        return _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0)
 
 
 def _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0) -> dict[str, Any]:
@@ -292,36 +304,23 @@ def _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0
     from winnow.stages.passes.model_io import resolve_device
     from winnow.trainer.distributed import all_reduce_sum, setup, teardown
     from winnow.trainer.loop import Env, Loop, Metrics
+    from winnow.trainer.method import MethodContext, apply_trainable
 
     device = resolve_device(p.device)
     d = setup(device.type)
     done = _claim_out(out, ident) if d.main else None
     if all_reduce_sum([1.0 if done is not None else 0.0], device)[0] > 0:  # every rank learns it is done
         teardown()
-        return (done or {}) | {"skipped": True}
+        return _already_trained(done, p, run_dir, name)
     torch.set_num_threads(p.threads)
     torch.manual_seed(p.seed + d.rank)
     model, head = _load_model(model_dir, device, p.dtype)
-    if p.lora_r > 0:
-        from winnow.trainer.lora import apply_lora
-
-        if p.fsdp:
-            raise UserError("LoRA with fsdp=true is not supported yet: use DDP (the default) for adapters")
-        model = apply_lora(model, p.lora_params(), device)
-    if p.virtual_tokens:
-        from winnow.trainer.prompt_tuning import apply_prompt_tuning
-
-        model = apply_prompt_tuning(model, p.prompt_tuning, device, model_dir)
+    ctx = MethodContext(device=device, model_dir=model_dir, seed=p.seed, rank=d.rank, world=d.world)
+    model = apply_trainable(p.methods(), model, ctx)  # LoRA, prompt tuning: the seeded adapter init
     pad = getattr(model.config, "pad_token_id", None)
-    env = Env(
-        device,
-        d,
-        out,
-        pad if isinstance(pad, int) and 0 <= pad < model_info["vocab_size"] else 0,
-        head.scale,
-        head.softcap,
-        model_info["always_keep_ids"],
-    )
+    pad = pad if isinstance(pad, int) and 0 <= pad < model_info["vocab_size"] else 0  # the loss's filler
+    keep = model_info["always_keep_ids"]
+    env = Env(device, d, out, pad_id=pad, scale=head.scale, softcap=head.softcap, always_keep_ids=keep)
     loop = Loop(p, data, model, env, _reference(p, run_dir, device))
     steps = _drive(loop, Metrics(out / "metrics.jsonl", d.main), out)
     info = {
@@ -359,6 +358,14 @@ def _train_claimed(p, run_dir, out, name, model_dir, data, model_info, ident, t0
             RunDir(run_dir).update_manifest(f"train:{name}", result)
     teardown()
     return result
+
+
+def _already_trained(done: dict[str, Any] | None, p: TrainParams, run_dir, name: str) -> dict[str, Any]:
+    """The finished result; rank 0 rewrites the run's manifest entry from it (so a rerun repairs an
+    edited ``eval_loss`` that `winnow verify` reported)."""
+    if done and run_dir is not None and not p.data:
+        RunDir(run_dir).update_manifest(f"train:{name}", done)
+    return (done or {}) | {"skipped": True}
 
 
 def _run_step(run: RunDir, p: TrainParams) -> dict[str, Any]:

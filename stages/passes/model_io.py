@@ -40,6 +40,8 @@ def resolve_device(device: str = "auto") -> torch.device:
         dev = torch.device(device)
     except RuntimeError:
         raise UserError(f"device={device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda", "mps"):  # meta and friends hold no data: loading then crashes
+        raise UserError(f"device={device!r} cannot run a model; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={device!r} but no CUDA device is available; use device=cpu")
     return dev

@@ -10,9 +10,15 @@ Tolerances are relative to the mean cost (the scale of the potentials):
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
-import ot  # POT, a dev dependency: missing means a broken environment, not a reason to skip
 import pytest
+
+if os.environ.get("CI", "").lower() == "true":
+    import ot  # POT is a dev dependency CI installs: missing there means a broken environment, not a skip
+else:  # the GPU machine (benchmarks/gpu_check.sh collects tests/kernels there) has no POT
+    ot = pytest.importorskip("ot", reason="POT is not installed (pip install POT): the GPU machine lacks it")
 import torch
 from scipy.stats import spearmanr
 

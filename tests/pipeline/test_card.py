@@ -28,7 +28,7 @@ def test_card_reports_selections_reasons_and_meta_breakdown(tmp_path):
     assert (run.root / "card" / "selection_cdpo.png").read_bytes()[:8] == PNG
     # rerunning replaces the card in place and leaves no temporary files behind
     assert run_cli("card", run.root)[0] == 0
-    assert sorted(p.name for p in (run.root / "card").iterdir()) == ["README.md", "selection_cdpo.png"]
+    assert sorted(p.name for p in (run.root / "card").iterdir()) == ["README.md", "examples", "selection_cdpo.png"]
 
 
 def test_card_without_selections_says_how_to_make_one(tmp_path):

@@ -107,5 +107,6 @@ def test_card_of_the_streamed_run_matches_sql(run):
     assert sorted(p.name for p in (run.root / "card").iterdir()) == [
         "README.md",
         "eu_plane.png",
+        "examples",
         "selection_eu.png",
     ]

@@ -222,8 +222,11 @@ def test_train_declares_the_online_tables_it_records():
     from winnow.trainer.config import TrainParams
 
     spec = step_spec("train")
-    on = TrainParams(model="m", selection="keep", online="q_tuning", record_weights=True, epochs=2)
+    from winnow.trainer.online_params import OnlineParams
+
+    recorded = OnlineParams(policy="q_tuning", record_weights=True)
+    on = TrainParams(model="m", selection="keep", online=recorded, epochs=2)
     assert spec.tables_written(on) == ["selection/online-keep-epoch1", "selection/online-keep-epoch2"]
-    named = TrainParams(model="m", name="run1", online="all", record_weights=True)
+    named = TrainParams(model="m", name="run1", online=OnlineParams(policy="all", record_weights=True))
     assert spec.tables_written(named) == ["selection/online-run1-epoch1"]
-    assert spec.tables_written(TrainParams(model="m", online="q_tuning")) == []
+    assert spec.tables_written(TrainParams(model="m", online=OnlineParams(policy="q_tuning"))) == []

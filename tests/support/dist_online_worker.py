@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -57,5 +58,32 @@ def worker(rank: int, world: int, init_file: str, run_root: str, model: str, out
             got[mode] = train_and_read(run_root, model, 1, mode == "fsdp2", Dist(rank, world, rank), mode)
         if rank == 0:
             Path(out).write_text(json.dumps(got))
+    finally:
+        dist.destroy_process_group()
+
+
+def exchange_history_cache(rank: int, world: int, init_file: str, out: str) -> None:
+    """test_online_history_cache's 2-rank exchange (spawned ranks import it by module name)."""
+    import json
+
+    import torch.distributed as dist
+
+    from winnow.trainer.online_history_cache import HistoryCache
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        cache = HistoryCache(np.array([3, 0, 2, 4, 1]))
+        mine = {0: [0, 3], 1: [2, 3]}[rank]  # sample 3 filled by both: rank 0's values must win
+        for k in mine:
+            cache.put(k, np.arange(cache.counts[k], dtype=np.float32) + 10.0 * k + 0.25 + rank)
+        cache.exchange(rank, world, torch.device("cpu"))
+        first = {k: cache.get(k).tolist() for k in range(5) if cache.get(k) is not None}
+        if rank == 1:
+            cache.values[:] = -1.0  # values exchanged before are not sent again
+        cache.put(4, np.array([7.5 + rank], np.float32))  # both fill sample 4: every rank takes rank 0's
+        cache.exchange(rank, world, torch.device("cpu"))
+        second = {k: cache.get(k).tolist() for k in range(5) if cache.get(k) is not None}
+        Path(out.format(rank)).write_text(json.dumps({"first": first, "second": second}))
     finally:
         dist.destroy_process_group()

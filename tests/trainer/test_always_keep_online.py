@@ -34,11 +34,15 @@ def test_sstoken_floor_gives_the_selection_weight_to_dropped_floor_tokens():
     mask = [[0, 1, 1, 1], [0, 1, 1, 0]]
     weight = [[0, 0.5, 0.25, 2.0], [0, 0.75, 1.5, 0]]
     s = _scored(ids, nll, mask, weight, nll_his=his)
-    op = ol.OnlineParams("sstoken", sstoken=ol.SSTokenOnline(gamma=1.0, rho=0.5), always_keep_ids=(F, 7))
+    op = ol.OnlineParams(
+        policy="sstoken", sstoken=ol.SSTokenOnline(gamma=1.0, rho=0.5), always_keep_ids=(F, 7)
+    )
     d = ol.apply_policy(s, op)
     assert d.weight.tolist() == [[0, 0.5, 0.25, 2.0], [0, 0.75, 1.5, 0]]
     assert d.keep.tolist() == [True, True] and d.stats == {"kept_samples": 2, "kept_tokens": 5}
-    plain = ol.apply_policy(s, ol.OnlineParams("sstoken", sstoken=ol.SSTokenOnline(gamma=1.0, rho=0.5)))
+    plain = ol.apply_policy(
+        s, ol.OnlineParams(policy="sstoken", sstoken=ol.SSTokenOnline(gamma=1.0, rho=0.5))
+    )
     assert plain.weight.tolist() == [[0, 0.5, 0, 2.0], [0, 0, 1.5, 0]]  # what the floor starts from
 
 
@@ -52,7 +56,9 @@ def test_rho1_floor_leaves_a_sample_with_nothing_kept_dropped():
     mask = [[0, 1, 1, 1], [0, 1, 1, 1], [0, 1, 1, 0]]
     weight = [[0, 1, 0.5, 1], [0, 1, 1, 1], [0, 1, 1, 0]]
     s = _scored(ids, nll, mask, weight, nll_ref=ref)
-    d = ol.apply_policy(s, ol.OnlineParams("rho1", rho1=ol.Rho1Online(k_ratio=0.5), always_keep_ids=(F,)))
+    d = ol.apply_policy(
+        s, ol.OnlineParams(policy="rho1", rho1=ol.Rho1Online(k_ratio=0.5), always_keep_ids=(F,))
+    )
     assert d.weight.tolist() == [[0, 1, 0.5, 1], [0, 1, 1, 0], [0, 0, 0, 0]]
     assert d.keep.tolist() == [True, True, False]
 
@@ -71,8 +77,8 @@ def test_q_tuning_floor_only_in_kept_samples():
     weight = torch.where(mask, torch.rand(b, t, generator=g, dtype=torch.float64) + 0.5, 0.0)
     s = ol.Scored(mask=mask, weight=weight, nll=torch.where(mask, nll, NAN), entropy=ent, ids=ids)
     q = ol.QTuningOnline(r_sample=0.5, r_token=0.3)
-    plain = ol.apply_policy(s, ol.OnlineParams("q_tuning", q_tuning=q))
-    d = ol.apply_policy(s, ol.OnlineParams("q_tuning", q_tuning=q, always_keep_ids=(F,)))
+    plain = ol.apply_policy(s, ol.OnlineParams(policy="q_tuning", q_tuning=q))
+    d = ol.apply_policy(s, ol.OnlineParams(policy="q_tuning", q_tuning=q, always_keep_ids=(F,)))
     kept = plain.keep.numpy()
     want = plain.weight.numpy().copy()
     want[kept, 4] = weight.numpy()[kept, 4]  # kept rows: the floor column at its selection weight

@@ -48,7 +48,7 @@ def test_adapters_start_at_zero_effect_and_only_they_train(tmp_path):
     ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(2))
     before = _logits(model, ids)
     frozen = {k: v.clone() for k, v in model.state_dict().items()}
-    wrapped = lora.apply_lora(model, lora.LoraParams(lora_r=4), torch.device("cpu"))
+    wrapped = lora.apply_lora(model, lora.LoraParams(r=4), torch.device("cpu"))
     assert torch.equal(_logits(wrapped, ids), before)  # B = 0 at init: exactly the full model
     trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
@@ -68,7 +68,7 @@ def test_adapter_save_load_and_merge_reproduce_the_trained_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model, base = _tiny(tmp_path)
-    wrapped = lora.apply_lora(model, lora.LoraParams(lora_r=4, lora_target="q_proj,v_proj"), torch.device("cpu"))
+    wrapped = lora.apply_lora(model, lora.LoraParams(r=4, target="q_proj,v_proj"), torch.device("cpu"))
     _perturb(wrapped)
     ids = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(3))
     want = _logits(wrapped, ids)
@@ -86,9 +86,9 @@ def test_adapter_save_load_and_merge_reproduce_the_trained_model(tmp_path):
 
 
 def test_parameters_and_errors(tmp_path, monkeypatch):
-    p = build_params(lora.LoraParams, {"lora_r": "16"}, "winnow train")
+    p = build_params(lora.LoraParams, {"r": "16"}, "winnow train")
     assert (p.enabled, p.targets) == (True, "all-linear")
-    assert build_params(lora.LoraParams, {"lora_r": "8", "lora_target": "q_proj, v_proj"}, "t").targets == [
+    assert build_params(lora.LoraParams, {"r": "8", "target": "q_proj, v_proj"}, "t").targets == [
         "q_proj",
         "v_proj",
     ]
@@ -102,7 +102,7 @@ def test_parameters_and_errors(tmp_path, monkeypatch):
     assert lora.adapter_base(tmp_path) is None
     model, _ = _tiny(tmp_path)
     with pytest.raises(UserError, match="nope_proj"):
-        lora.apply_lora(model, lora.LoraParams(lora_r=2, lora_target="nope_proj"), torch.device("cpu"))
+        lora.apply_lora(model, lora.LoraParams(r=2, target="nope_proj"), torch.device("cpu"))
     monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed
     with pytest.raises(UserError, match=r"pip install 'winnow\[peft\]'"):
         lora.require_peft()

@@ -127,32 +127,6 @@ def test_checkpoint_carries_the_cache_and_a_resumed_loop_reads_it(inputs, tmp_pa
     assert all(torch.equal(x, y) for (_, x), (_, y) in pairs)
 
 
-def _exchange_worker(rank: int, world: int, init_file: str, out: str) -> None:
-    import json
-
-    import torch.distributed as dist
-
-    from winnow.trainer.online_history_cache import HistoryCache
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        cache = HistoryCache(np.array([3, 0, 2, 4, 1]))
-        mine = {0: [0, 3], 1: [2, 3]}[rank]  # sample 3 filled by both: rank 0's values must win
-        for k in mine:
-            cache.put(k, np.arange(cache.counts[k], dtype=np.float32) + 10.0 * k + 0.25 + rank)
-        cache.exchange(rank, world, torch.device("cpu"))
-        first = {k: cache.get(k).tolist() for k in range(5) if cache.get(k) is not None}
-        if rank == 1:
-            cache.values[:] = -1.0  # values exchanged before are not sent again
-        cache.put(4, np.array([7.5 + rank], np.float32))  # both fill sample 4: every rank takes rank 0's
-        cache.exchange(rank, world, torch.device("cpu"))
-        second = {k: cache.get(k).tolist() for k in range(5) if cache.get(k) is not None}
-        Path(out.format(rank)).write_text(json.dumps({"first": first, "second": second}))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_exchange_gives_every_rank_every_filled_sample(tmp_path):
     import json
@@ -160,7 +134,9 @@ def test_exchange_gives_every_rank_every_filled_sample(tmp_path):
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "rank{}.json")
-    mp.spawn(_exchange_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    from dist_online_worker import exchange_history_cache
+
+    mp.spawn(exchange_history_cache, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
     want = {"0": [0.25, 1.25, 2.25], "2": [21.25, 22.25], "3": [30.25, 31.25, 32.25, 33.25]}
     got = [json.loads(Path(out.format(rank)).read_text()) for rank in (0, 1)]
     assert got[0]["first"] == got[1]["first"] == want
@@ -168,16 +144,15 @@ def test_exchange_gives_every_rank_every_filled_sample(tmp_path):
 
 
 def test_auto_scoring_reuses_for_sstoken_only():
+    from winnow.pipeline.params import build_params
     from winnow.trainer.config import TrainParams
 
-    def mode(**kw):
-        return TrainParams(model="m", **kw).scoring_mode
+    def mode(**kw):  # the pre-group names, through their aliases
+        return build_params(TrainParams, {"model": "m", **kw}, "test").scoring_mode
 
     assert mode(online="sstoken") == "reuse"
     assert mode(online="q_tuning") == "separate" and mode(online="rho1") == "separate"
     assert mode(online="sstoken", online_scoring="separate") == "separate"
     assert mode(online="q_tuning", online_scoring="reuse") == "reuse"
-    from winnow.trainer.online_params import MaskedThoughtParams
-
-    assert mode(online="sstoken", masked_thought=MaskedThoughtParams(p=0.1)) == "separate"
+    assert mode(online="sstoken", **{"masked_thought.p": "0.1"}) == "separate"
     assert mode(online="sstoken", lora_r=4) == "separate"

@@ -29,7 +29,7 @@ def test_rho1_keeps_the_largest_excess_losses_across_the_batch():
     mask = [[0, 1, 1, 1], [0, 1, 1, 1]]
     # excess: row0 = 1.0, 0.1, 2.5; row1 = 0.1, 3.0, -0.1 -> keep row0 pos1, pos3, row1 pos2
     s = _scored(nll, mask, nll_ref=ref, weight=[[0, 0.5, 1, 2], [0, 1, 0.25, 0.5]])
-    d = ol.rho1(s, ol.Rho1Online(k_ratio=0.5))
+    d = ol.Rho1Online(k_ratio=0.5).decide(s)
     assert d.weight.tolist() == [[0, 0.5, 0, 2], [0, 0, 0.25, 0]]
     assert d.keep.tolist() == [True, True]
     assert d.stats == {"kept_samples": 2, "kept_tokens": 3}
@@ -41,12 +41,12 @@ def test_sstoken_keeps_ceil_rho_per_row_by_rel_and_attention():
     his = torch.tensor([[0, 3.0, 1.5, 2.0], [0, 2.1, 2.5, 0]], dtype=torch.float64)
     mask = [[0, 1, 1, 1], [0, 1, 1, 0]]
     s = _scored(nll, mask, nll_his=his)
-    d = ol.sstoken(s, ol.SSTokenOnline(gamma=1.0, rho=0.5))
+    d = ol.SSTokenOnline(gamma=1.0, rho=0.5).decide(s)
     # row0 REL = 2.0, 0.5, 1.0 -> keep pos1, pos3; row1 REL = 0.1, 0.5, ceil(2*0.5)=1 -> pos2
     assert d.weight.tolist() == [[0, 1, 0, 1], [0, 0, 1, 0]]
     # gamma=0: attention alone decides
     attn = torch.tensor([[0, 0.1, 0.9, 0.5], [0, 0.7, 0.2, 0]], dtype=torch.float64)
-    d0 = ol.sstoken(_scored(nll, mask, attn=attn), ol.SSTokenOnline(gamma=0.0, rho=0.5))
+    d0 = ol.SSTokenOnline(gamma=0.0, rho=0.5).decide(_scored(nll, mask, attn=attn))
     assert d0.weight.tolist() == [[0, 0, 1, 1], [0, 1, 0, 0]]
 
 
@@ -59,7 +59,7 @@ def test_q_tuning_keeps_the_target_count_and_prunes_only_q2_tokens():
     ent = torch.rand(b, t, generator=g, dtype=torch.float64) * 3 + 0.05
     s = ol.Scored(mask=mask, weight=mask.double(), nll=torch.where(mask, nll, NAN), entropy=ent)
     p = ol.QTuningOnline(r_sample=0.5, r_token=0.5)
-    d = ol.q_tuning(s, p)
+    d = p.decide(s)
     assert int(d.keep.sum()) == 4  # round(r_sample * 8): Algorithm 1's per-batch target
     assert d.stats["kept_samples"] == 4
     assert sum(d.stats[f"q{q}"] for q in (1, 2, 3, 4)) <= b
@@ -98,16 +98,25 @@ def test_ema_update_matches_the_formula():
 def test_namespaced_parameters_fill_each_policy_group():
     p = build_params(
         ol.OnlineParams,
-        {"online": "q_tuning", "q_tuning.r_sample": "0.125", "sstoken.history": "ema", "masked_thought.p": "0.4"},
+        {
+            "policy": "q_tuning",
+            "q_tuning.r_sample": "0.125",
+            "sstoken.history": "ema",
+            "rho1.batch_size": "4",
+        },
         "winnow train",
     )
-    assert (p.q_tuning.r_sample, p.q_tuning.r_token, p.sstoken.history, p.masked_thought.p) == (
-        0.125, 0.5, "ema", 0.4,
-    )
+    assert (p.q_tuning.r_sample, p.q_tuning.r_token, p.sstoken.history) == (0.125, 0.5, "ema")
+    # each policy has its own mini-batch size (before: every policy read q_tuning.batch_size)
+    assert (p.q_tuning.batch_size, p.rho1.batch_size, p.sstoken.batch_size) == (8, 4, 8)
     assert ol.needs(p) == {"nll", "entropy"}
     with pytest.raises(UserError, match="q_tuning.r_sample"):
         build_params(ol.OnlineParams, {"q_tuning.r_sample": "1.5"}, "winnow train")
+    with pytest.raises(UserError, match="q_tuning.batch_size"):
+        build_params(ol.OnlineParams, {"q_tuning.batch_size": "1"}, "winnow train")
     with pytest.raises(UserError, match="unknown"):
         build_params(ol.OnlineParams, {"q_tuning.nope": "1"}, "winnow train")
+    with pytest.raises(UserError, match="unknown"):  # filled by the trainer, never by --set
+        build_params(ol.OnlineParams, {"always_keep_ids": "5"}, "winnow train")
     with pytest.raises(UserError, match="online"):
-        build_params(ol.OnlineParams, {"online": "magic"}, "winnow train")
+        build_params(ol.OnlineParams, {"policy": "magic"}, "winnow train")

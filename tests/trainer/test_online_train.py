@@ -211,4 +211,4 @@ def test_lora_with_rho1_against_the_base_resumes_bitwise(inputs, tmp_path):
     a, b = load_file(straight / "adapter_model.safetensors"), load_file(killed / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     code, _, err = _train(inputs, tmp_path / "nolora", "--set", "online=rho1", "--set", "rho1.reference=base")
-    assert code == 2 and "lora_r" in err
+    assert code == 2 and "lora.r" in err

@@ -29,7 +29,7 @@ TOL = 1e-5
 
 def _prompted(n_virtual: int, tied: bool, init: str = "random"):
     """A tiny Llama under a prompt of random fractional entries (not peft's init: a generic point)."""
-    model = apply_prompt_tuning(tiny_llama(tied=tied), PromptTuningParams(n_virtual, init), CPU, "unused")
+    model = apply_prompt_tuning(tiny_llama(tied=tied), PromptTuningParams(num_virtual_tokens=n_virtual, init=init), CPU, "unused")
     emb = model.prompt_encoder["default"].embedding.weight
     with torch.no_grad():
         emb.copy_(torch.randn(emb.shape, generator=torch.Generator().manual_seed(7)) * 0.3)
@@ -127,7 +127,7 @@ def test_only_the_prompt_trains_and_the_saved_adapter_reloads(tmp_path):
     base = tiny_llama(tied=True)
     base.save_pretrained(str(base_dir), safe_serialization=True)
     frozen = {k: v.clone() for k, v in base.state_dict().items()}
-    model = apply_prompt_tuning(base, PromptTuningParams(6), CPU, base_dir)
+    model = apply_prompt_tuning(base, PromptTuningParams(num_virtual_tokens=6), CPU, base_dir)
     emb = model.prompt_encoder["default"].embedding.weight
     vocab = lora.base_causal_lm(model).get_input_embeddings().weight
     # sample_vocab: every virtual token starts as a row of the model's own embedding matrix
@@ -234,7 +234,7 @@ def test_train_saves_a_prompt_that_reloads_resumes_bitwise_and_is_refused_where_
     for extra, named in [
         (["--set", "layout=packed"], "layout=packed"),
         (["--set", "online=rho1"], "online=rho1"),
-        (["--set", "lora_r=4"], "lora_r=4"),
+        (["--set", "lora_r=4"], "lora.r=4"),  # the alias; the message names the key now
     ]:
         code, _, err = run_cli(*_cli_args(inputs, tmp_path / "refused", *extra))
         assert code == 2 and named in err and "prompt_tuning.num_virtual_tokens=4" in err, err
