@@ -18,11 +18,11 @@ from winnow.core.store import RunDir
 VOCAB = 384
 
 
-def make_tokenizer(vocab: int = VOCAB):
+def make_tokenizer(vocab: int = VOCAB, word: str = "w"):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = {f"w{i}": i for i in range(vocab - 2)}
+    words = {f"{word}{i}": i for i in range(vocab - 2)}
     words["<pad>"], words["<eos>"] = vocab - 2, vocab - 1
     tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -56,14 +56,16 @@ def make_config(arch: str = "llama", vocab: int = VOCAB, **over):
     return cls(**base)
 
 
-def make_model_dir(root: Path, arch: str = "llama", seed: int = 0, vocab: int = VOCAB, **over) -> Path:
+def make_model_dir(
+    root: Path, arch: str = "llama", seed: int = 0, vocab: int = VOCAB, word: str = "w", **over
+) -> Path:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(make_config(arch, vocab, **over))
     out = Path(root) / f"{arch}-{seed}"
     model.save_pretrained(out, safe_serialization=True)
-    make_tokenizer(vocab).save_pretrained(out)
+    make_tokenizer(vocab, word).save_pretrained(out)
     return out
 
 

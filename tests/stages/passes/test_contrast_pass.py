@@ -68,8 +68,9 @@ def test_contrast_matches_direct_full_logits(tmp_path, beta, positions):
 
 def test_contrast_refuses_other_tokenizer(tmp_path):
     pos_dir = make_model_dir(tmp_path, "llama", seed=1)
-    # same tokenizer files, but transformers loads them as Qwen2's tokenizer: another fingerprint
-    neg_dir = make_model_dir(tmp_path, "qwen2", seed=2)
+    # another vocabulary (same size, other words): a different tokenizer under every transformers 5.x (the
+    # same files loaded as Qwen2's tokenizer fingerprint differently only from 5.8)
+    neg_dir = make_model_dir(tmp_path, "qwen2", seed=2, word="v")
     seqs, masks = random_samples(3, seed=1)
     run = write_samples(tmp_path / "run", seqs, masks, pos_dir)
     with pytest.raises(UserError, match="negative model .* different tokenizer"):

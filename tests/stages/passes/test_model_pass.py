@@ -225,7 +225,10 @@ def test_resume_after_kill_computes_only_missing_shards(tmp_path, models):
 
 def test_refuses_other_tokenizer_with_exit_2(tmp_path, models):
     seqs, masks = random_samples(4, seed=8)
-    run = write_samples(tmp_path / "run", seqs, masks, models["qwen2"])  # qwen2's tokenizer, scored by llama
+    # samples from another vocabulary (same size, other words), scored by llama: a different tokenizer under
+    # every transformers 5.x (models["qwen2"]'s same files fingerprint differently only from 5.8)
+    other = make_model_dir(tmp_path, "qwen2", word="v")
+    run = write_samples(tmp_path / "run", seqs, masks, other)
     with pytest.raises(UserError, match="different tokenizer"):
         run_model_pass(run, P(model=str(models["llama"])))
     proc = _cli(run.root, models["llama"])
