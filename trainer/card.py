@@ -1,33 +1,64 @@
-"""The model card ``README.md`` written beside the weights in ``--out``."""
+"""The model card ``README.md`` written beside the weights in ``--out`` (issue 28 item 3).
+
+Built with ``huggingface_hub``'s ``ModelCard``/``ModelCardData``, so the Hub reads its metadata:
+``base_model`` (the model spec the user gave), ``library_name`` (``peft`` for a LoRA or prompt-tuning
+adapter, ``transformers`` for full weights), ``datasets`` (the export's file name, or the run and
+selection). The card is published with the weights, so no absolute path of the training machine appears
+in it: a path becomes its last component, in the text and in the configuration block.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 
-def model_card(info: dict[str, Any]) -> str:
-    src = info["source"]
+def public(value: Any) -> Any:
+    """``value`` with every absolute path (string) replaced by its last component, recursively."""
+    if isinstance(value, dict):
+        return {k: public(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [public(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        return Path(value).name or value
+    return value
+
+
+def _data(src: dict[str, Any]) -> tuple[str, list[str]]:
+    """The card's data line and its ``datasets`` metadata."""
     if "data" in src:
-        data_line = f"export `{src['data']}` (sha256 {src['data_sha256']})"
-    elif "run" in src:
-        data_line = f"run `{src['run']}`, selection `{src['selection']}` (digest `{src['selection_digest']}`)"
-    else:  # a caller of the trainer's leaf with rows of its own
-        data_line = f"{src.get('samples', 'some')} samples given to the trainer directly"
+        name = public(str(src["data"]))
+        return f"export `{name}` (sha256 {src['data_sha256']})", [name]
+    if "run" in src:
+        run = public(str(src["run"]))
+        line = f"run `{run}`, selection `{src['selection']}` (digest `{src['selection_digest']}`)"
+        return line, [f"{run}/selection_{src['selection']}"]
+    # a caller of the trainer's leaf with rows of its own
+    return f"{src.get('samples', 'some')} samples given to the trainer directly", []
+
+
+def model_card(info: dict[str, Any]) -> str:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    src = info["source"]
+    data_line, datasets = _data(src)
+    base = public(str(info["base_model"]))
+    meta = ModelCardData(
+        base_model=base,
+        library_name="peft" if info.get("adapter") else "transformers",
+        datasets=datasets or None,
+        tags=["winnow", "token-weighted-sft"],
+    )
     evals = info.get("evals", {})
     first = evals.get(0)
     last = evals.get(max(evals)) if evals else None
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [winnow, token-weighted-sft]",
-        "---",
-        "",
+    body = [
         f"# {info['name']}",
         "",
-        f"Fine-tuned by `winnow train` from `{info['base_model']}` ({info['base_path']}, weights "
-        f"fingerprint `{info['base_fingerprint']}`).",
+        f"Fine-tuned by `winnow train` from `{base}` (weights fingerprint `{info['base_fingerprint']}`).",
         "",
         "## Data",
         "",
@@ -45,8 +76,8 @@ def model_card(info: dict[str, Any]) -> str:
         "## Configuration",
         "",
         "```json",
-        json.dumps(info["config"], indent=2, sort_keys=True),
+        json.dumps(public(info["config"]), indent=2, sort_keys=True),
         "```",
         "",
     ]
-    return "\n".join(lines)
+    return str(ModelCard("---\n" + meta.to_yaml() + "\n---\n\n" + "\n".join(body)))

@@ -1,6 +1,7 @@
 """Checkpoints under ``OUT/checkpoints/step-NNNNNNNN/``: written whole or not at all.
 
-A checkpoint is built in a hidden temporary folder (weights as ``model.safetensors``; optimizer,
+A checkpoint is built in a hidden temporary folder (weights as a loadable model directory, see
+:mod:`winnow.trainer.hub_ckpt`; optimizer,
 scheduler and RNG states in ``state.pt``; ``trainer_state.json`` with the step, the world size and the
 evaluations so far), fsynced and renamed into place, so a run killed mid-write leaves either the
 previous checkpoint or the new one. ``state.pt`` is loaded with ``torch.load(weights_only=True)``: it
@@ -67,9 +68,11 @@ def save(
     meta: dict[str, Any],
     rank: int,
     extra: Any = None,
+    hub: Any = None,
 ) -> Path | None:
     """Weights, optimizer, scheduler and RNG of ``step`` into ``root/step-N`` atomically (rank 0 writes);
-    ``extra(folder)`` adds more state (e.g. ssToken's EMA history) before the folder is renamed in."""
+    ``extra(folder)`` adds more state (e.g. ssToken's EMA history) before the folder is renamed in; ``hub`` (a :class:`~winnow.trainer.hub_ckpt.HubLayout`) makes the
+    folder a model directory ``from_pretrained`` opens."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     weights = full_model_state(module)
@@ -82,7 +85,7 @@ def save(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        _write_folder(tmp, step, weights, optim, scheduler, meta, extra)
+        _write_folder(tmp, step, weights, optim, scheduler, meta, extra, hub)
     except BaseException:  # Ctrl-C (KeyboardInterrupt) or an error mid-save: only whole checkpoints remain
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -93,10 +96,18 @@ def save(
     return final
 
 
-def _write_folder(tmp: Path, step: int, weights, optim, scheduler, meta: dict[str, Any], extra: Any) -> None:
+def _write_folder(
+    tmp: Path, step: int, weights, optim, scheduler, meta: dict[str, Any], extra: Any, hub: Any
+) -> None:
     from safetensors.torch import save_file
 
-    save_file(weights, str(tmp / "model.safetensors"))
+    from winnow.trainer.hub_ckpt import RESUME_FILE
+
+    rest = hub.write(tmp, weights) if hub is not None else None
+    if rest is None:  # no model to lay out (direct callers): the loss module's state as one file
+        save_file(weights, str(tmp / "model.safetensors"))
+    elif rest:
+        save_file(rest, str(tmp / RESUME_FILE))
     if os.environ.get("WINNOW_FAULT_INTERRUPT_IN_SAVE"):  # tests: Ctrl-C while a checkpoint is half written
         os.kill(os.getpid(), signal.SIGINT)
     rng = {"torch": torch.get_rng_state()}
@@ -113,10 +124,11 @@ def _write_folder(tmp: Path, step: int, weights, optim, scheduler, meta: dict[st
 def load(
     path: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> dict[str, Any]:
-    from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    weights = load_file(str(path / "model.safetensors"))
+    from winnow.trainer.hub_ckpt import read_weights
+
+    weights = read_weights(path)
     set_model_state_dict(module, weights, options=_options(cpu_offload=False))
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     set_optimizer_state_dict(module, optimizer, state["optimizer"], options=_options(cpu_offload=False))

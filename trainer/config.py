@@ -38,7 +38,7 @@ from winnow.trainer.otr import OtrParams
 from winnow.trainer.prompt_tuning import PromptTuningParams
 
 # changing these on a rerun continues the same run (they do not change what is computed)
-NOT_IN_IDENTITY = ("log_every", "progress", "keep_checkpoints", "save_every", "eval_every")
+NOT_IN_IDENTITY = ("log_every", "progress", "keep_checkpoints", "save_every", "eval_every", "report_to")
 
 # pre-group name -> its key now; a prefix alias carries its sub-keys (q_tuning.r_sample)
 ALIASES = {
@@ -104,8 +104,10 @@ class TrainParams:
     threads: int = 1  # CPU intra-op threads (fixed so weights do not depend on OMP_NUM_THREADS)
     activation_checkpointing: bool = False
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP under torchrun
-    log_every: int = 1
+    log_every: int = 1  # metrics.jsonl (and the plain line of a piped stdout) every N steps
     progress: bool = True
+    # a copy of metrics.jsonl to an experiment tracker (optional extra, rank 0; trainer.trackers)
+    report_to: Literal["none", "tensorboard", "wandb", "trackio"] = "none"
     # features, one group each
     online: OnlineParams = field(default_factory=OnlineParams)  # per-mini-batch selection (trainer.online)
     masked_thought: MaskedThoughtParams = field(default_factory=MaskedThoughtParams)  # input noise

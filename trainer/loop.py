@@ -50,6 +50,7 @@ class Env:
     scale: float = 1.0
     softcap: float | None = None
     always_keep_ids: tuple[int, ...] = ()  # online.always_keep as token ids of the model's tokenizer
+    model_dir: Path | None = None  # the base: its tokenizer files go into each checkpoint
 
 
 def _amp_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
@@ -303,12 +304,17 @@ class Loop:
                 "for the new world size (some micro-batches of the current epoch may repeat or be skipped)",
                 file=sys.stderr,
             )
+        elif self.d.main:  # same world size: the run continues as if never stopped (the resume tests)
+            print(f"resumed from step {state['step']} (bitwise-identical on CPU)", flush=True)
         return int(state["step"])
 
     def save(self, ckpt_root: Path, step: int) -> None:
         meta = {"world": self.d.world, "evals": self.evals, "total_steps": self.total_steps}
+        from winnow.trainer.hub_ckpt import HubLayout
+
+        hub = HubLayout(self.loss_mod.model, self.env.model_dir)
         checkpoint.save(
-            ckpt_root, step, self.loss_mod, self.opt, self.sched, meta, self.d.rank, self._save_extra
+            ckpt_root, step, self.loss_mod, self.opt, self.sched, meta, self.d.rank, self._save_extra, hub
         )
         if self.d.main:
             scored = {k: v for k, v in self.evals.items() if v is not None}

@@ -116,11 +116,13 @@ def base_causal_lm(model: Any) -> Any:
     return model.get_base_model() if is_peft(model) else model
 
 
-def save_adapter(model: Any, out: Path, base_dir: Path) -> None:
-    """``save_pretrained`` of the adapter into ``out``, pointing at the resolved base directory."""
+def save_adapter(model: Any, out: Path, base_dir: Path, state_dict: dict | None = None) -> None:
+    """``save_pretrained`` of the adapter into ``out``, pointing at the resolved base directory;
+    ``state_dict``: the gathered tensors (a checkpoint's), else the live model's."""
     for config in model.peft_config.values():
         config.base_model_name_or_path = str(Path(base_dir).resolve())
-    model.save_pretrained(str(out), safe_serialization=True)
+    extra = {} if state_dict is None else {"state_dict": state_dict}
+    model.save_pretrained(str(out), safe_serialization=True, **extra)
 
 
 def save_merged(model: Any, out: Path) -> None:

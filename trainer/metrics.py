@@ -36,8 +36,8 @@ def mfu(
 class Metrics:
     """``metrics.jsonl``: appended by rank 0; on resume, lines after the checkpoint's step are dropped."""
 
-    def __init__(self, path: Path, main: bool):
-        self.path, self.main = path, main
+    def __init__(self, path: Path, main: bool, tracker: Any = None):
+        self.path, self.main, self.tracker = path, main, tracker  # tracker: trainer.trackers (rank 0)
 
     def truncate_after(self, step: int) -> None:
         if not (self.main and self.path.exists()):
@@ -53,3 +53,11 @@ class Metrics:
         if self.main:
             with open(self.path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            if self.tracker is not None:  # a copy: the JSONL line above is the source of truth
+                from winnow.trainer.trackers import scalars
+
+                self.tracker.log(rec["step"], scalars(rec))
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()

@@ -128,11 +128,16 @@ def _drive(loop, metrics, out: Path) -> int:
         loop.evals[0] = loop.evaluate()
         metrics.write({"step": 0, "eval_loss": loop.evals[0]})
     bar = _progress(loop, start)
+    from winnow.trainer.trackers import PlainLog
+
+    plain = PlainLog(start, loop.total_steps) if loop.d.main and not sys.stdout.isatty() else None
     for step in range(start, loop.total_steps):
         rec = loop.train_step(step)
         done = step + 1
         if done % p.log_every == 0 or done == loop.total_steps:
             metrics.write(rec)
+            if plain is not None:  # a piped run: the rich bar (stderr, a terminal only) never shows
+                print(plain.line(rec), flush=True)
         if bar:
             bar[0].update(bar[1], completed=done, description=f"loss {rec['loss']:.4f}")
         if p.eval_every and done % p.eval_every == 0 and done < loop.total_steps:
@@ -259,6 +264,9 @@ def train(
     model_info = _check_model(p, model_dir, data.max_token_id)
     model_info["always_keep_ids"] = _always_keep_ids(p, model_dir)
     _check_writable(out)
+    from winnow.trainer.trackers import check_available
+
+    check_available(p.report_to)  # before --out is created
     ident = {
         "model": p.model,
         "model_fingerprint": model_info["fingerprint"],
@@ -303,7 +311,10 @@ def _build(r: _Run, device, d):
     pad = getattr(model.config, "pad_token_id", None)
     pad = pad if isinstance(pad, int) and 0 <= pad < r.model_info["vocab_size"] else 0  # the loss's filler
     keep = r.model_info["always_keep_ids"]
-    env = Env(device, d, r.out, pad_id=pad, scale=head.scale, softcap=head.softcap, always_keep_ids=keep)
+    env = Env(
+        device, d, r.out, pad_id=pad, scale=head.scale, softcap=head.softcap, always_keep_ids=keep,
+        model_dir=r.model_dir,
+    )  # fmt: skip
     return model, env, methods
 
 
@@ -327,11 +338,18 @@ def _train_claimed(r: _Run) -> dict[str, Any]:
     torch.manual_seed(p.seed + d.rank)
     model, env, methods = _build(r, device, d)
     loop = Loop(p, r.data, model, env, _reference(p, r.reference, device), methods=methods)
-    steps = _drive(loop, Metrics(out / "metrics.jsonl", d.main), out)
+    from winnow.trainer.trackers import open_tracker
+
+    tracker = open_tracker(p.report_to, out, r.name, p.identity()) if d.main else None
+    metrics = Metrics(out / "metrics.jsonl", d.main, tracker)
+    try:
+        steps = _drive(loop, metrics, out)
+    finally:
+        metrics.close()
     info = {
         "name": r.name,
         "base_model": p.model,
-        "base_path": str(r.model_dir),
+        "adapter": hasattr(loop.loss_mod.model, "peft_config"),  # LoRA, prompt tuning: library_name peft
         "base_fingerprint": r.model_info["fingerprint"],
         "source": r.data.source,
         "evals": loop.evals,

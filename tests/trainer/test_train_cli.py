@@ -63,10 +63,14 @@ def test_trains_saves_loadable_model_and_rerun_does_nothing(inputs, tmp_path):
     for key in ("loss", "weight_sum", "tokens", "tokens_per_s", "lr", "grad_norm", "peak_rss_mb"):
         assert key in rows[1]
     model = AutoModelForCausalLM.from_pretrained(out)  # --out is a save_pretrained directory
-    ckpt = load_file(out / "checkpoints" / f"step-{steps[-1]:08d}" / "model.safetensors")
-    for name, p in model.named_parameters():
-        assert torch.equal(p, ckpt["model." + name]), name
+    folder = out / "checkpoints" / f"step-{steps[-1]:08d}"
+    mid = AutoModelForCausalLM.from_pretrained(folder)  # a checkpoint is a model directory too (issue 28)
+    ckpt = load_file(folder / "model.safetensors")
+    for (name, p), (name2, q) in zip(model.named_parameters(), mid.named_parameters(), strict=True):
+        assert name == name2 and torch.equal(p, ckpt[name]) and torch.equal(p, q), name
+    assert (folder / "tokenizer.json").read_bytes() == (Path(inputs[0]) / "tokenizer.json").read_bytes()
     assert (out / "README.md").read_text().count("eval_loss") == 1 and (out / "tokenizer.json").exists()
+    _check_card(out, inputs, tmp_path, "transformers")
     assert json.loads((out / "config.json").read_text())["use_cache"] is False  # as the base's config
     before = (out / "metrics.jsonl").read_text()
     code, stdout, _ = _train(inputs, out)
@@ -109,7 +113,8 @@ def test_killed_run_resumes_bitwise(inputs, tmp_path):
     proc = subprocess.run(list(map(str, args)), env=env, capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr  # SIGKILL right after optimizer step 3, before its log line
     assert [r["step"] for r in _metrics(killed)][-1] == 2 and not (killed / "model.safetensors").exists()
-    assert _train(inputs, killed)[0] == 0  # resumes from the step-2 checkpoint
+    code, stdout, _ = _train(inputs, killed)  # resumes from the step-2 checkpoint
+    assert code == 0 and "resumed from step 2 (bitwise-identical on CPU)" in stdout
     a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     drop = ("tokens_per_s", "weighted_tokens_per_s", "step_s", "peak_rss_mb")
@@ -159,3 +164,35 @@ def test_eval_loss_is_mean_over_every_supervised_held_out_token(inputs, tmp_path
         assert mask.any() and not np.array_equal(mask, np.asarray(row["token_weight"][1:]) > 0)
         total, n = total + float(nll[mask].sum()), n + int(mask.sum())
     assert abs(got - total / n) < 1e-5, (got, total / n)
+
+
+def test_lora_checkpoint_opens_with_peft_like_the_final_adapter(inputs, tmp_path):
+    """A LoRA run's last checkpoint is peft's adapter layout: ``AutoPeftModelForCausalLM`` loads it, and its
+    adapter tensors are the final adapter's (the last checkpoint is the final step)."""
+    from peft import AutoPeftModelForCausalLM
+
+    out = tmp_path / "lora"
+    code, _, err = _train(inputs, out, "--set", "lora_r=4", "--set", "max_steps=2")
+    assert code == 0, err
+    folder = out / "checkpoints" / "step-00000002"
+    assert not (folder / "config.json").exists()  # not a full model: AutoModel would misread it
+    final, mid = load_file(out / "adapter_model.safetensors"), load_file(folder / "adapter_model.safetensors")
+    assert final.keys() == mid.keys() and all(torch.equal(final[k], mid[k]) for k in final)
+    _check_card(out, inputs, tmp_path, "peft")
+    model = AutoPeftModelForCausalLM.from_pretrained(str(folder))
+    got = {k: v for k, v in model.state_dict().items() if "lora_B" in k}
+    assert got and any(v.abs().sum() > 0 for v in got.values())  # trained: B starts at zero
+    for k, v in got.items():  # peft's loaded names carry the adapter name; the file's do not
+        assert torch.equal(v, final[k.replace(".default", "")]), k
+
+
+def _check_card(out: Path, inputs, tmp_path: Path, library: str) -> None:
+    """The model card's Hub metadata, read back by huggingface_hub; no path of this machine in it."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")
+    m, d = map(Path, inputs)
+    assert (card.data.base_model, card.data.library_name) == (m.name, library)
+    assert card.data.datasets == [d.name] and "winnow" in card.data.tags
+    text = (out / "README.md").read_text()
+    assert str(m.parent) not in text and str(tmp_path) not in text, text
