@@ -597,7 +597,7 @@ def lora(s: Section) -> None:
         before = torch.cuda.memory_allocated() if s.dev == "cuda" else 0
         model = build_llama(s).float()
         if rank:
-            model = apply_lora(model, LoraParams(lora_r=rank), torch.device(s.dev))
+            model = apply_lora(model, LoraParams(r=rank), torch.device(s.dev))
         module = WeightedLMLoss(model).train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-6, fused=s.dev == "cuda")

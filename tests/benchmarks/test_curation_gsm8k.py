@@ -74,8 +74,8 @@ def test_solutions_belong_to_even_questions_by_text(raw):
         assert s["test_index"] % 2 == 0
 
 
-def test_eval_file_holds_exactly_the_odd_reference_answers(cg, raw, tmp_path):
-    files = cg._write_inputs(tmp_path, cg.GSM8K_DIR, cg.FULL)
+def test_eval_file_holds_exactly_the_odd_reference_answers(cg, raw, tmp_path, gsm8k_dir):
+    files = cg._write_inputs(tmp_path, gsm8k_dir, cg.FULL)
     rows = _lines(files["eval"])
     even_questions = {r["question"] for i, r in enumerate(raw["test"]) if i % 2 == 0}
     expect = [(r["question"], r["answer"]) for i, r in enumerate(raw["test"]) if i % 2 == 1]
@@ -83,12 +83,12 @@ def test_eval_file_holds_exactly_the_odd_reference_answers(cg, raw, tmp_path):
     assert len(rows) == 659
     assert not {r["question"] for r in rows} & even_questions
     assert not {r["question"] for r in rows} & {s["prompt"] for s in raw["solutions"]}
-    quick = _lines(cg._write_inputs(tmp_path / "q", cg.GSM8K_DIR, cg.QUICK)["eval"])
+    quick = _lines(cg._write_inputs(tmp_path / "q", gsm8k_dir, cg.QUICK)["eval"])
     assert [(r["question"], r["answer"]) for r in quick] == expect[: len(quick)]
 
 
-def test_model_training_data_never_holds_scored_or_test_questions(cg, raw, tmp_path):
-    files = cg._write_inputs(tmp_path, cg.GSM8K_DIR, cg.FULL)
+def test_model_training_data_never_holds_scored_or_test_questions(cg, raw, tmp_path, gsm8k_dir):
+    files = cg._write_inputs(tmp_path, gsm8k_dir, cg.FULL)
     parts = _lines(files["train_parts"])
     targets = _lines(files["targets"])
     train_questions = [r["question"] for r in raw["train"]]
@@ -108,8 +108,8 @@ def test_model_training_data_never_holds_scored_or_test_questions(cg, raw, tmp_p
     assert not test_questions & {r["question"] for r in parts + targets}
 
 
-def test_ingest_of_the_scored_half_keeps_every_row(cg, tmp_path):
-    files = cg._write_inputs(tmp_path / "data", cg.GSM8K_DIR, cg.FULL)
+def test_ingest_of_the_scored_half_keeps_every_row(cg, tmp_path, gsm8k_dir):
+    files = cg._write_inputs(tmp_path / "data", gsm8k_dir, cg.FULL)
     n_in = sum(1 for line in files["scored"].read_text(encoding="utf-8").splitlines() if line.strip())
     run = tmp_path / "run"
     code, _, err = run_cli("ingest", files["scored"], "--run", run, "--model", "builtin:tiny")
