@@ -59,17 +59,17 @@ _ARROW_META = {
 class IngestParams:
     """Parameters of `winnow ingest` (also a recipe's ``step = "ingest"`` table)."""
 
-    inputs: list[str] = field(default_factory=list)
-    model: str = "builtin:tiny"
+    inputs: list[str] = field(default_factory=list)  # files, save_to_disk folders or builtin:demo
+    model: str = "builtin:tiny"  # whose tokenizer and chat template render the samples
     format: str = "auto"  # auto or one of formats.FORMATS, for every input
     loss_on: str = "all_turns"  # all_turns | last_turn
     max_tokens: int = 0  # 0: the model's limit (tokenizer.model_max_length or max_position_embeddings)
     truncate: bool = (
         False  # over-long samples: False rejects them (too_long), True keeps the first max_tokens
     )
-    shard_rows: int = 2000
+    shard_rows: int = 2000  # samples per shard of the tables (the unit of resume)
     table: str = "samples"  # "targets" ingests a DV4LLM target set beside the samples
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run the model repo's own Python code (only if you trust it)
 
     def __post_init__(self) -> None:
         if not self.inputs:

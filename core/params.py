@@ -122,7 +122,7 @@ def _group_namespaces(values: dict[str, Any], types_: dict[str, Any]) -> dict[st
     return out
 
 
-def build_params(cls: type[T], values: dict[str, Any], where: str) -> T:
+def build_params(cls: type[T], values: dict[str, Any], where: str, *, _prefix: str = "") -> T:
     """Instantiate ``cls`` from a mapping, converting and validating every value.
 
     A field whose type is itself a parameter dataclass is a namespace: ``--set ns.key=value`` (or a
@@ -133,13 +133,16 @@ def build_params(cls: type[T], values: dict[str, Any], where: str) -> T:
     values = _group_namespaces(_resolve_aliases(values, cls, types_, where), types_)
     unknown = sorted(set(values) - set(types_))
     if unknown:
-        raise UserError(f"{where}: unknown parameter(s) {unknown}; valid: {sorted(types_)}")
+        raise UserError(
+            f"{where}: unknown parameter(s) {unknown}; valid: {sorted(types_)}"
+            + suggest([_prefix + k for k in unknown], _suggestion_keys(cls, _prefix))
+        )
     converted = {}
     for k, v in values.items():
         if dataclasses.is_dataclass(types_[k]):
             if not isinstance(v, dict):
                 raise UserError(f"{where}: {k} is a group of parameters: use {k}.KEY=VALUE")
-            converted[k] = build_params(types_[k], v, f"{where} {k}")
+            converted[k] = build_params(types_[k], v, f"{where} {k}", _prefix=f"{_prefix}{k}.")
         else:
             converted[k] = _convert(v, types_[k], k, where)
     try:
@@ -167,6 +170,86 @@ def flat_defaults(cls: type, prefix: str = "") -> list[tuple[str, Any]]:
             out += flat_defaults(type(default), f"{prefix}{f.name}.")
         else:
             out.append((prefix + f.name, default))
+    return out
+
+
+def _suggestion_keys(cls: type, prefix: str) -> dict[str, str]:
+    """What an unknown key may have meant: every dotted key of ``cls`` (and, at the top, its aliases),
+    each mapped to the key it names now."""
+    keys = {prefix + k: prefix + k for k, _ in flat_defaults(cls)}
+    if not prefix:
+        for old, new in getattr(cls, "ALIASES", {}).items():
+            keys.setdefault(old, new)
+    return keys
+
+
+def suggest(unknown: list[str], keys: dict[str, str]) -> str:
+    """``"; did you mean `lora.r`?"`` for the keys closest to an unknown one (difflib, at most 3), or "".
+
+    ``keys`` maps each candidate spelling (a current key or an alias) to the current key, so
+    ``lora_rank`` is matched against ``lora_r`` too but suggested as ``lora.r``."""
+    import difflib
+
+    found: list[str] = []
+    for key in unknown:
+        for near in difflib.get_close_matches(key, list(keys), n=3, cutoff=0.6):
+            if keys[near] not in found:
+                found.append(keys[near])
+    return "; did you mean " + " or ".join(f"`{k}`" for k in found[:3]) + "?" if found else ""
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """One line per field of the dataclass ``cls``: ``metadata={"help": ...}``, else the field's trailing
+    ``# comment`` (the convention of every parameter dataclass), else the comment lines right above it.
+    Inherited fields keep their own class's text; ``{}`` where the source is not available."""
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    docs: dict[str, str] = {}
+    for klass in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        try:
+            src = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        lines = src.splitlines()
+        comments = {
+            t.start[0]: t.string.lstrip("#").strip()
+            for t in tokenize.generate_tokens(io.StringIO(src).readline)
+            if t.type == tokenize.COMMENT
+        }
+        body = ast.parse(src).body[0]
+        for node in getattr(body, "body", []):
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            own = [
+                comments[n] for n in range(node.lineno, (node.end_lineno or node.lineno) + 1) if n in comments
+            ]
+            above, n = [], node.lineno - 1
+            while n >= 1 and lines[n - 1].strip().startswith("#"):
+                above.insert(0, comments.get(n, ""))
+                n -= 1
+            docs[node.target.id] = " ".join(own or above)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("help"):
+            docs[f.name] = f.metadata["help"]
+    return docs
+
+
+def flat_docs(cls: type, prefix: str = "") -> dict[str, str]:
+    """:func:`field_docs` under the dotted keys of :func:`flat_defaults` (a group's fields from its class)."""
+    docs = field_docs(cls)
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(cls):
+        if not f.init or f.metadata.get("internal"):
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default) and not isinstance(default, type):
+            out.update(flat_docs(type(default), f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = docs.get(f.name, "")
     return out
 
 

@@ -337,11 +337,14 @@ _READERS = {
 
 
 def file_fingerprint(path: Path) -> str:
-    """Content hash of an input (a folder hashes its files in name order)."""
+    """Content hash of an input (a folder hashes its files in name order, except its top-level README.md:
+    the dataset card of a `winnow export --format hf` folder describes the data and is not part of it)."""
     import hashlib
 
     h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p != path / "README.md")
     for p in files:
         h.update(p.relative_to(path).as_posix().encode() if path.is_dir() else b"")
         with open(p, "rb") as f:

@@ -363,16 +363,24 @@ def train(
 
 
 @app.command()
-def steps() -> None:
-    """List the steps a recipe can name, with their parameters and defaults."""
-    from winnow.core.params import flat_defaults
+def steps(
+    step: Annotated[str | None, typer.Argument(help="one step (e.g. train): its parameters only")] = None,
+) -> None:
+    """List the steps a recipe can name, with their parameters, defaults and what each one does."""
+    from winnow.core.params import flat_defaults, flat_docs, suggest
 
-    for name in registry.available_steps():
-        step = registry.get_step(name)
+    names = registry.available_steps()
+    if step is not None and step not in names:
+        hint = suggest([step], {n: n for n in names})
+        raise UserError(f"winnow steps: no step {step!r} (steps: {', '.join(names)}){hint}")
+    for name in [step] if step else names:
+        params = registry.get_step(name).params
         typer.echo(f"{name} ({registry.spec(name).kind}): {registry.spec(name).help}")
-        for key, default in flat_defaults(step.params):
-            typer.echo(f"    {key} = {default!r}")
-        aliases = getattr(step.params, "ALIASES", {})
+        docs = flat_docs(params)
+        for key, default in flat_defaults(params):
+            line = f"    {key} = {default!r}"
+            typer.echo(f"{line:<44}  # {docs[key]}" if docs.get(key) else line)
+        aliases = getattr(params, "ALIASES", {})
         if aliases:  # names from before a parameter moved into a group, still accepted
             typer.echo("    aliases: " + ", ".join(f"{old} -> {new}" for old, new in aliases.items()))
 

@@ -9,8 +9,14 @@ other tools train on.
   where ``token_weight[i] > 0``, else -100 — the Transformers convention, so token pruning needs no
   custom loss) and ``token_weight`` (for fractional weights such as cDPO's p_CE, which -100 cannot
   express), ``loss_mask`` (every supervised token, whatever the selection's weights: the held-out
-  yardstick of `winnow train --data`), plus ``sample_id``, ``messages`` and the ``meta_*`` columns. Position ``i`` is
-  ``input_ids[i]`` as a target in both winnow and Transformers, so no shift is involved.
+  yardstick of `winnow train --data`), ``completion_mask`` (1 where ``labels`` is not -100: the column
+  TRL's SFTTrainer reads), plus ``sample_id``, ``messages`` (a list of ``{role, content}`` structs, so
+  `winnow ingest` reads either export back to the same ``sample_id``s) and the ``meta_*`` columns.
+  Position ``i`` is ``input_ids[i]`` as a target in both winnow and Transformers, so no shift is involved.
+  Both carry a dataset card (run fingerprint = the samples digest, ingest fingerprint, selection digest,
+  policy and its configuration, rows and weighted tokens): the ``winnow`` key of the Parquet schema
+  metadata (JSON), and ``README.md`` in the hf folder (`winnow ingest` and ``load_from_disk`` ignore it).
+  `winnow train --data` reads the parquet file or the hf folder.
 
 The selection must be fresh (not stale against the scores it came from). Output is written to a
 temporary name and renamed into place; an existing ``--out`` is replaced only with ``--force``. The
@@ -82,19 +88,29 @@ def _labels(input_ids: pa.ChunkedArray, weight: pa.ChunkedArray) -> pa.Array:
     return pa.ListArray.from_arrays(ids.offsets, pa.array(labels, pa.int64()))
 
 
-def _train_table(s: pa.Table, weight: pa.ChunkedArray) -> pa.Table:
-    cols: dict[str, Any] = {"sample_id": s["sample_id"], "messages": s["messages"]}
+# the chat as a list of structs, as chat datasets on the Hub hold it: a JSON string column made
+# `winnow ingest` of the hf export reject every row (issue 28)
+MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+
+def _train_table(s: pa.Table, weight: pa.ChunkedArray, card_meta: dict[bytes, bytes]) -> pa.Table:
+    messages = pa.array([json.loads(m) for m in s["messages"].to_pylist()], MESSAGES_TYPE)
+    cols: dict[str, Any] = {"sample_id": s["sample_id"], "messages": messages}
     ids = s["input_ids"].combine_chunks()
     cols["input_ids"] = ids
     ones = pa.array(np.ones(len(pc.list_flatten(ids)), np.int8))
     cols["attention_mask"] = pa.ListArray.from_arrays(ids.offsets, ones)
-    cols["labels"] = _labels(s["input_ids"], weight)
+    labels = _labels(s["input_ids"], weight)
+    cols["labels"] = labels
+    # what TRL's SFTTrainer reads (1 on the tokens trained on): labels != -100
+    trained = pc.not_equal(pc.list_flatten(labels), -100).cast(pa.int8())
+    cols["completion_mask"] = pa.ListArray.from_arrays(labels.offsets, trained)
     cols["token_weight"] = weight.combine_chunks()
     cols["loss_mask"] = s["loss_mask"]  # every supervised token: `winnow train --data` scores eval_loss on it
     for c in s.column_names:
         if c.startswith("meta_"):
             cols[c] = s[c]
-    return pa.table(cols)
+    return pa.table(cols).replace_schema_metadata(card_meta)
 
 
 def _jsonl_lines(s: pa.Table, meta_kinds: dict[str, str]) -> list[str]:
@@ -113,7 +129,9 @@ def _n_weighted(weight: pa.ChunkedArray | pa.Array) -> int:
     return int(pc.sum(pc.greater(pc.list_flatten(weight), 0)).as_py() or 0)
 
 
-def _write(run: RunDir, name: str, fmt: str, tmp: Path, meta_kinds: dict[str, str]) -> tuple[int, int]:
+def _write(
+    run: RunDir, name: str, fmt: str, tmp: Path, meta_kinds: dict[str, str], card: dict[str, Any]
+) -> tuple[int, int]:
     """Write the kept samples to ``tmp`` (a file, or a folder for hf); returns (rows, weighted tokens)."""
     rows = weighted = 0
     if fmt == "jsonl":
@@ -122,9 +140,12 @@ def _write(run: RunDir, name: str, fmt: str, tmp: Path, meta_kinds: dict[str, st
                 f.writelines(line + "\n" for line in _jsonl_lines(s, meta_kinds))
                 rows, weighted = rows + s.num_rows, weighted + _n_weighted(w)
         return rows, weighted
-    tables = (_train_table(s, w) for s, w in _kept_parts(run, name))
+    card_meta = {CARD_KEY: json.dumps(card, sort_keys=True).encode()}
+    tables = (_train_table(s, w, card_meta) for s, w in _kept_parts(run, name))
     if fmt == "hf":
-        return _write_hf(tables, tmp)
+        counts = _write_hf(tables, tmp)
+        (tmp / "README.md").write_text(card_markdown(card), encoding="utf-8")
+        return counts
     writer = None
     try:
         for t in tables:
@@ -136,6 +157,53 @@ def _write(run: RunDir, name: str, fmt: str, tmp: Path, meta_kinds: dict[str, st
             writer.close()
     assert writer is not None, "export_selection checked that some sample is kept"
     return rows, weighted
+
+
+CARD_KEY = b"winnow"  # the Parquet/Arrow schema metadata key of the dataset card
+
+
+def _card(run: RunDir, name: str) -> dict[str, Any]:
+    """The export's provenance: the run's samples digest and ingest fingerprint, the selection's digest,
+    policy and configuration, and the counts (rows and weighted tokens, counted from the selection
+    before anything is written, so the Parquet schema metadata can carry them)."""
+    steps = run.manifest().get("steps", {})
+    select = steps.get(f"select:{name}", {})
+    sel = run.table(f"selection/{name}")
+    rows = weighted = 0
+    for rec in sel.records():
+        t = sel.read_part(rec.part, columns=["keep", "token_weight"])
+        t = t.filter(pc.fill_null(t["keep"], False))
+        rows, weighted = rows + t.num_rows, weighted + _n_weighted(t["token_weight"])
+    return {
+        "run_fingerprint": run.table("samples").digest(),
+        "ingest_fingerprint": steps.get("ingest", {}).get("fingerprint"),
+        "selection": name,
+        "selection_digest": sel.digest(),
+        "selection_fingerprint": select.get("fingerprint"),
+        "policy": select.get("config", {}).get("policy"),
+        "policy_config": select.get("config", {}),
+        "counts": {
+            "rows": rows,
+            "weighted_tokens": weighted,
+            "run_samples": run.manifest().get("tables", {}).get("samples", {}).get("rows"),
+        },
+    }
+
+
+def card_markdown(card: dict[str, Any]) -> str:
+    """The hf export's README.md: a dataset card whose YAML front matter and table carry ``card``."""
+    lines = ["---", "tags:", "- winnow", "winnow:"]
+    lines += [f"  {k}: {json.dumps(v, sort_keys=True)}" for k, v in card.items()]
+    lines += ["---", "", f"# winnow export of selection `{card['selection']}`", "", "| field | value |"]
+    lines += ["|---|---|"] + [f"| {k} | `{json.dumps(v, sort_keys=True)}` |" for k, v in card.items()]
+    lines += [
+        "",
+        "Rows: `input_ids`, `attention_mask`, `labels` (-100 where the selection gives no weight), "
+        "`completion_mask` (1 on the tokens trained on, as TRL's SFTTrainer reads it), `token_weight`, "
+        "`loss_mask`, `sample_id`, `messages` and the `meta_*` columns. Load with "
+        "`datasets.load_from_disk`; `winnow train --data` and `winnow ingest` read this folder too.",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 # datasets' own default ``max_shard_size`` for save_to_disk (an uncompressed Arrow size)
@@ -242,7 +310,7 @@ def export_selection(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
-        rows, weighted = _write(run, name, fmt, tmp, meta_kinds)
+        rows, weighted = _write(run, name, fmt, tmp, meta_kinds, _card(run, name))
         fsync_tree(tmp)
         _swap_into_place(tmp, out)
     except BaseException:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from winnow.core.models import check_tokenizer, resolve_model
+from winnow.core.readers import file_fingerprint
 from winnow.core.steps import Step
 from winnow.core.store import RunDir, UserError, sha256_file, stable_hash
 from winnow.core.views import eval_condition
@@ -92,15 +93,36 @@ def read_run(run: RunDir, selection: str) -> Rows:
     return rows
 
 
-def read_export(path: Path) -> Rows:
+def export_table(path: Path):
+    """The rows of ``--data``: the parquet of `winnow export --format parquet`, or the ``save_to_disk``
+    folder of ``--format hf`` (its ``state.json`` names the Arrow stream files, read with pyarrow alone:
+    ``datasets`` stays off the trainer's path)."""
+    import json
+
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if path.is_dir():
+        try:
+            files = [
+                path / f["filename"] for f in json.loads((path / "state.json").read_text())["_data_files"]
+            ]
+            parts = [pa.ipc.open_stream(pa.memory_map(str(f))).read_all() for f in files]
+            return pa.concat_tables(parts)
+        except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as e:
+            raise UserError(
+                f"--data {path}: not a `winnow export --format hf` folder (state.json and its data files: {e})"
+            ) from None
     if not path.is_file():
-        raise UserError(f"--data {path}: no such file (give the parquet of `winnow export --format parquet`)")
+        raise UserError(f"--data {path}: no such file (give the parquet or hf folder of `winnow export`)")
     try:
-        t = pq.read_table(path)
+        return pq.read_table(path)
     except Exception as e:  # pyarrow raises several classes for a non-parquet file
         raise UserError(f"--data {path}: not a readable parquet file ({e})") from None
+
+
+def read_export(path: Path) -> Rows:
+    t = export_table(path)
     cols = set(t.column_names)
     if "input_ids" not in cols or not ({"token_weight", "labels"} & cols):
         raise UserError(
@@ -157,9 +179,8 @@ def _held_out(p: TrainParams, rows: Rows, run: RunDir | None) -> set[str] | None
         return {str(r[0]) for r in eval_condition(query, what, run_dir=run.root)}
     # --data: the rows already read (no path reaches SQL, so no glob and no quoting)
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    table = pq.read_table(p.data)
+    table = export_table(Path(p.data))
     if "sample_id" not in table.column_names:
         table = table.append_column("sample_id", pa.array(rows.sample_ids))
     return {str(r[0]) for r in eval_condition(query, what, tables={"data": table})}
@@ -169,14 +190,19 @@ def dataset(p: TrainParams, run_dir: str | Path | None) -> Dataset:
     """The trainer's dataset of ``p.data`` (an export parquet) or of the run's ``p.selection``."""
     if p.data:
         rows = read_export(Path(p.data))
-        digest = sha256_file(Path(p.data))[:16]
+        data = Path(p.data)
+        digest = sha256_file(data)[:16] if data.is_file() else file_fingerprint(data)
         source: dict[str, Any] = {"data": str(Path(p.data).resolve()), "data_sha256": digest}
         return Dataset(rows, digest, source, _held_out(p, rows, None), p.data)
     run = RunDir(run_dir)
     rows = read_run(run, p.selection)
     sel_digest = run.table(f"selection/{p.selection}").digest() if p.selection else "all"
     digest = stable_hash([run.table("samples").digest(), sel_digest])
-    source = {"run": str(run.root.resolve()), "selection": p.selection or "all", "selection_digest": sel_digest}
+    source = {
+        "run": str(run.root.resolve()),
+        "selection": p.selection or "all",
+        "selection_digest": sel_digest,
+    }
     label = f"selection/{p.selection}" if p.selection else "the samples"
     return Dataset(rows, digest, source, _held_out(p, rows, run), label, online_sink(run_dir, p.selection))
 
@@ -230,7 +256,9 @@ def train(p: TrainParams, run_dir: str | Path | None = None) -> dict[str, Any]:
     if not p.model:
         raise UserError("winnow train needs --model (builtin:<name> or a local model directory)")
     if not p.data and run_dir is None:
-        raise UserError("winnow train needs a RUN directory with --selection, or --data EXPORT.parquet")
+        raise UserError(
+            "winnow train needs a RUN directory with --selection, or --data EXPORT (parquet or hf folder)"
+        )
     out, name = _out_dir(p, run_dir)
     model_dir = resolve_model(p.model)
     check_train_out(out, run_dir, model_dir, IDENTITY_FILE)

@@ -47,8 +47,8 @@ class DV4LLMParams:
     budget: float = 0.5  # <= 1: fraction of candidates selected; > 1: a count
     eps_rel: float = 0.05  # entropic regularisation relative to the mean cost
     tol: float = 1e-3  # stop when the L1 marginal error is below this
-    max_iter: int = 1000
-    seed: int = 0
+    max_iter: int = 1000  # Sinkhorn iterations at most
+    seed: int = 0  # the TF-IDF SVD's and the Sinkhorn solver's draws
 
     def __post_init__(self) -> None:
         if not self.targets:

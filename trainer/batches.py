@@ -49,8 +49,10 @@ class Feed:
         return self.world * self.grad_accum
 
     def total_steps(self, steps_per_epoch: int) -> int:
-        total = self.epochs * steps_per_epoch
-        return min(total, self.max_steps) if self.max_steps else total
+        """``max_steps`` when set, whatever ``epochs`` says (as transformers' ``max_steps`` overrides
+        ``num_train_epochs``: the epochs repeat, each in its own order); else ``epochs`` full epochs.
+        Before issue 28 ``max_steps`` only capped ``epochs``: 40 asked with 12 steps in one epoch ran 12."""
+        return self.max_steps if self.max_steps else self.epochs * steps_per_epoch
 
     def checkpoint_after(self, done: int) -> bool:
         """Whether the loop saves a checkpoint after ``done`` optimizer steps in mid-run."""

@@ -58,9 +58,9 @@ class CaftParams(TrainingMethod):
     heads: int = 0  # K auxiliary heads (the authors' 4)
     beta: float = 0.01  # weight of the auxiliary losses (finetune phase)
     gamma: float = 0.8  # decay per head: head k weighs beta * gamma**k
-    schedule: Literal["constant", "linear", "sine", "rsine"] = "rsine"
-    head_input: Literal["final", "pre_last"] = "final"
-    phase: Literal["heads", "finetune"] = "finetune"
+    schedule: Literal["constant", "linear", "sine", "rsine"] = "rsine"  # s(t) on the auxiliary losses
+    head_input: Literal["final", "pre_last"] = "final"  # normed last hidden state, or the last layer input
+    phase: Literal["heads", "finetune"] = "finetune"  # heads: train the heads alone first
     heads_from: str = ""  # a heads-phase --out holding caft_heads.safetensors
     train_heads: bool = False  # finetune phase: train the heads with the trunk
 

@@ -73,39 +73,39 @@ class TrainParams:
     # what to train on and where (the CLI fills these from its flags)
     model: str = ""  # builtin:<name> or a local Hugging Face model directory
     selection: str = ""  # selection/<name>/ of the run; empty: every supervised token at weight 1
-    data: str = ""  # an export parquet (input_ids, token_weight, loss_mask) instead of a run
+    data: str = ""  # a `winnow export` parquet or hf folder instead of a run
     name: str = ""  # RUN/train/<name>/ (default: the selection's name, or "all")
     out: str = ""  # the save_pretrained directory (default RUN/train/<name>/)
     # schedule
-    max_steps: int = 0  # 0: as many as `epochs` take
-    epochs: int = 1
-    lr: float = 1e-4
+    max_steps: int = 0  # > 0: exactly this many steps, epochs repeating as needed; 0: `epochs` decides
+    epochs: int = 1  # passes over the training samples (max_steps > 0 overrides it)
+    lr: float = 1e-4  # peak learning rate (AdamW), after warmup
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
+    warmup_steps: int = 0  # linear warmup from 0 to lr over this many optimizer steps
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
     max_grad_norm: float = 1.0  # 0: no clipping
     # batches
     tokens_per_batch: int = 4096  # per micro-batch and rank (computed tokens, padding included)
     max_seq_len: int = 2048  # longer samples (after trimming) are skipped and counted
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step
     layout: Literal["auto", "padded", "packed"] = "auto"  # auto: packed on GPU, padded rows on CPU
     # held-out split: eval_loss is over every supervised token (loss_mask) of these samples
-    eval_fraction: float = 0.05
+    eval_fraction: float = 0.05  # share of samples held out (by a hash of sample_id)
     eval_where: str = ""  # a DuckDB condition over the samples view instead of eval_fraction
     eval_every: int = 0  # 0: only at step 0 and at the end
-    eval_max_samples: int = 512
+    eval_max_samples: int = 512  # at most this many held-out samples are scored
     # checkpoints
-    save_every: int = 50
-    keep_checkpoints: int = 2
+    save_every: int = 50  # a resumable checkpoint every this many steps (0: only at the end)
+    keep_checkpoints: int = 2  # the newest this many checkpoints are kept
     # numerics and devices
-    seed: int = 0
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    seed: int = 0  # shuffling, dropout and every other draw of the run
+    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:N or mps
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # GPU autocast dtype; CPU: float32
     threads: int = 1  # CPU intra-op threads (fixed so weights do not depend on OMP_NUM_THREADS)
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # recompute activations in backward: less memory
     fsdp: bool = False  # FSDP2 (fully_shard) instead of DDP under torchrun
     log_every: int = 1  # metrics.jsonl (and the plain line of a piped stdout) every N steps
-    progress: bool = True
+    progress: bool = True  # a progress bar when stderr is a terminal
     # a copy of metrics.jsonl to an experiment tracker (optional extra, rank 0; trainer.trackers)
     report_to: Literal["none", "tensorboard", "wandb", "trackio"] = "none"
     # features, one group each

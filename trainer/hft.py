@@ -34,7 +34,7 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 class HftParams(TrainingMethod):
     """``hft.*`` (``hft=true`` is ``hft.enabled=true``)."""
 
-    enabled: bool = False
+    enabled: bool = False  # train a random half of each decoder layer, freeze the rest
     seed: int = -1  # the draw's seed; -1: the run's seed
 
     def __post_init__(self) -> None:

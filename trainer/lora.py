@@ -40,7 +40,7 @@ class LoraParams(TrainingMethod):
 
     r: int = 0  # adapter rank; 0 = full fine-tuning
     alpha: int = 0  # scaling numerator; 0 = 2 * r
-    dropout: float = 0.0
+    dropout: float = 0.0  # dropout on the adapter input
     target: str = "all-linear"  # peft's every-linear-layer default, or a comma list of module names
     merge: bool = False  # also save the merged full model under OUT/merged
 

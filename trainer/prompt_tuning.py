@@ -45,7 +45,7 @@ INITS = ("sample_vocab", "random", "text")
 @dataclass(kw_only=True)
 class PromptTuningParams(TrainingMethod):
     num_virtual_tokens: int = 0  # learned tokens prepended to every row; 0 = off
-    init: Literal["sample_vocab", "random", "text"] = "sample_vocab"
+    init: Literal["sample_vocab", "random", "text"] = "sample_vocab"  # how the virtual tokens start
     init_text: str = ""  # with init=text: the text whose tokens start the prompt
 
     def __post_init__(self) -> None:

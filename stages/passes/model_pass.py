@@ -66,7 +66,7 @@ class ModelPassParams(PassSettings):
 
     model: str  # local Hugging Face directory or builtin:<name>
     alias: str = "current"  # output table signals/<alias>/
-    signals: list[str] = field(default_factory=lambda: ["logprob", "entropy"])
+    signals: list[str] = field(default_factory=lambda: ["logprob", "entropy"])  # any of SIGNALS
     attention_layer: int = -1  # layer for attention importance (-1 = last, as ssToken)
 
     def __post_init__(self) -> None:

@@ -72,7 +72,7 @@ class PassSettings:
     token_budget: int = 0  # tokens per forward (rows x padded width); 0 = 4096 on CPU, 16384 on GPU
     head_chunk: int = 0  # positions per LM-head chunk; 0 = about 32 MiB of fp32 logits
     dtype: str = "auto"  # auto = fp32 on CPU, bf16 body on GPU (head always fp32)
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run the model repo's own Python code (only if you trust it)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (torchrun: cuda:LOCAL_RANK)
     layout: str = "auto"  # auto | padded | packed (see winnow.core.layout)
     threads: int = 0  # CPU threads per rank; 0 = cores / local ranks
