@@ -196,6 +196,7 @@ class _Card:
                     md_table([col, "samples", "kept", "weighted token share"], [list(r) for r in rows]),
                     "",
                 ]
+            self._structural_alarm(view, name)
             self._top_zeroed(view, name)
             self._selection_plot(view, name)
             self._examples(view, name)
@@ -235,6 +236,18 @@ class _Card:
             if 1 < k <= MAX_META_VALUES:
                 out.append(c)
         return out
+
+    def _structural_alarm(self, view: str, name: str) -> None:
+        if "vocab" not in self.views.views:
+            return
+        for text, n, weighted in structural_shares(self.run, self.views.views[view]):
+            if weighted < STRUCTURAL_FLOOR * n:
+                self.md += [
+                    f"**Warning:** selection `{name}` weights {weighted} of the {n} supervised `{text}` tokens of "
+                    f"the samples it keeps ({weighted / n:.1%}); a model fine-tuned on it learns to stop writing "
+                    f"them. `winnow select ... --always-keep {json.dumps(text)}` keeps them.",
+                    "",
+                ]
 
     def _top_zeroed(self, view: str, name: str) -> None:
         if "vocab" not in self.views.views:
@@ -350,20 +363,16 @@ def reservoir_sample(con, sql: str, k: int, seed: int = 0) -> list[tuple]:
     ).fetchall()
 
 
-def top_zeroed_tokens(run: RunDir, selection: str, k: int) -> list[tuple[str | None, int]]:
-    """The ``k`` token texts most often at weight 0 on a supervised position of a kept sample.
-
-    One shard of ``samples`` and of the ``selection`` table in memory at a time: counts per token id
-    (``numpy.bincount``), then merged by text (two ids may decode to the same text) and ordered by
-    count, then text, like ``group by token order by count desc, token`` over the ``tokens`` view.
-    Rows whose ``token_weight`` list does not have one entry per token are skipped (in SQL their
-    positions beyond the list read as null, never 0; ``select`` never writes such rows).
-    """
+def kept_token_counts(run: RunDir, selection: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per token id: how often it sits on a supervised position of a kept sample, and how often there at
+    weight 0. One shard of ``samples`` and of the ``selection`` table in memory at a time
+    (``numpy.bincount``). Rows whose ``token_weight`` list does not have one entry per token are skipped
+    (in SQL their positions beyond the list read as null, never 0; ``select`` never writes such rows)."""
     samples, sel = run.table("samples"), run.table(selection)
+    supervised, zeroed = np.zeros(1, np.int64), np.zeros(1, np.int64)
     schema = sel.schema()
     if schema is None or "token_weight" not in schema.names:
-        return []
-    counts = np.zeros(1, np.int64)
+        return supervised, zeroed
     for rec in sel.records():
         t = sel.read_part(rec.part, columns=["sample_id", "keep", "token_weight"])
         s = samples.read_part(rec.part, columns=["sample_id", "input_ids", "loss_mask"])
@@ -372,37 +381,71 @@ def top_zeroed_tokens(run: RunDir, selection: str, k: int) -> list[tuple[str | N
             where = pc.index_in(s_ids, value_set=t_ids)
             s = s.filter(pc.is_valid(where))
             t = t.take(pc.drop_null(where))
-        ids = s["input_ids"].combine_chunks()
-        weight = t["token_weight"].combine_chunks()
+        ids, weight = s["input_ids"].combine_chunks(), t["token_weight"].combine_chunks()
         lengths = np.asarray(ids.value_lengths().fill_null(0), np.int64)
         ok = (lengths == np.asarray(weight.value_lengths().fill_null(-1), np.int64)) & np.asarray(
             pc.fill_null(t["keep"].combine_chunks(), False), bool
         )
         if not ok.any():
             continue
+        keep = pa.array(ok)
         ids, weight, mask = (
-            ids.filter(pa.array(ok)),
-            weight.filter(pa.array(ok)),
-            s["loss_mask"].combine_chunks(),
+            ids.filter(keep),
+            weight.filter(keep),
+            s["loss_mask"].combine_chunks().filter(keep),
         )
-        mask = mask.filter(pa.array(ok))
-        zero = pc.fill_null(pc.equal(pc.list_flatten(weight), 0), False)
-        hit = np.asarray(zero, bool) & (np.asarray(pc.list_flatten(mask).to_numpy(zero_copy_only=False)) == 1)
-        tok = np.asarray(pc.list_flatten(ids).to_numpy(zero_copy_only=False), np.int64)[hit]
-        part_counts = np.bincount(tok, minlength=len(counts))
-        part_counts[: len(counts)] += counts
-        counts = part_counts
+        sup = np.asarray(pc.list_flatten(mask).to_numpy(zero_copy_only=False)) == 1
+        zero = np.asarray(pc.fill_null(pc.equal(pc.list_flatten(weight), 0), False), bool) & sup
+        tok = np.asarray(pc.list_flatten(ids).to_numpy(zero_copy_only=False), np.int64)
+        n = max(len(supervised), int(tok.max()) + 1 if len(tok) else 0)
+        supervised = np.bincount(tok[sup], minlength=n) + np.pad(supervised, (0, n - len(supervised)))
+        zeroed = np.bincount(tok[zero], minlength=n) + np.pad(zeroed, (0, n - len(zeroed)))
+    return supervised, zeroed
+
+
+def _token_texts(run: RunDir) -> dict[int, str | None]:
+    vocab = run.table("vocab").read(columns=["token_id", "token"])
+    return dict(zip(vocab["token_id"].to_pylist(), vocab["token"].to_pylist(), strict=True))
+
+
+def top_zeroed_tokens(run: RunDir, selection: str, k: int) -> list[tuple[str | None, int]]:
+    """The ``k`` token texts most often at weight 0 on a supervised position of a kept sample, merged by
+    text (two ids may decode to the same text) and ordered by count, then text, like ``group by token
+    order by count desc, token`` over the ``tokens`` view."""
+    counts = kept_token_counts(run, selection)[1]
     nz = np.flatnonzero(counts)
     if not len(nz):
         return []
-    vocab = run.table("vocab").read(columns=["token_id", "token"])
-    text = dict(zip(vocab["token_id"].to_pylist(), vocab["token"].to_pylist(), strict=True))
+    text = _token_texts(run)
     by_text: dict[str | None, int] = {}
     for i in nz:
         key = text.get(int(i))
         by_text[key] = by_text.get(key, 0) + int(counts[i])
     order = sorted(by_text.items(), key=lambda kv: (-kv[1], kv[0] is None, kv[0] or ""))
     return order[:k]
+
+
+# The tokens that close a turn in the common chat templates, and GSM8K-style answer markers: a selection
+# that drops most of them teaches a model to stop writing them (the curation benchmark's ssToken rows kept
+# 1.9% of <|im_end|> and 0.6% of ####, and exact match fell from 25% to 3%).
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>", "<|endoftext|>", "<eos>")
+ANSWER_MARKERS = ("####",)
+STRUCTURAL_FLOOR = 0.5
+
+
+def structural_shares(run: RunDir, selection: str) -> list[tuple[str, int, int]]:
+    """(token text, supervised occurrences in kept samples, of them weighted) for every end-of-turn or
+    answer-marker token the kept samples supervise, merged by text."""
+    supervised, zeroed = kept_token_counts(run, selection)
+    text = _token_texts(run)
+    found: dict[str, list[int]] = {}
+    for i in np.flatnonzero(supervised):
+        t = (text.get(int(i)) or "").strip()
+        if t in END_OF_TURN or any(m in t for m in ANSWER_MARKERS):
+            tot = found.setdefault(t, [0, 0])
+            tot[0] += int(supervised[i])
+            tot[1] += int(supervised[i] - zeroed[i])
+    return [(t, n, w) for t, (n, w) in sorted(found.items())]
 
 
 def write_card(run_dir: str | Path, out: str | Path | None = None) -> Path:
