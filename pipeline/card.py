@@ -196,8 +196,7 @@ class _Card:
                     md_table([col, "samples", "kept", "weighted token share"], [list(r) for r in rows]),
                     "",
                 ]
-            self._structural_alarm(view, name)
-            self._top_zeroed(view, name)
+            self._token_sections(view, name)
             self._selection_plot(view, name)
             self._examples(view, name)
 
@@ -237,10 +236,12 @@ class _Card:
                 out.append(c)
         return out
 
-    def _structural_alarm(self, view: str, name: str) -> None:
+    def _token_sections(self, view: str, name: str) -> None:
+        """The structural-token alarm and the most often zeroed tokens, from one pass over the shards."""
         if "vocab" not in self.views.views:
             return
-        for text, n, weighted in structural_shares(self.run, self.views.views[view]):
+        counts = kept_token_counts(self.run, self.views.views[view])
+        for text, n, weighted in structural_shares(self.run, counts):
             if weighted < STRUCTURAL_FLOOR * n:
                 self.md += [
                     f"**Warning:** selection `{name}` weights {weighted} of the {n} supervised `{text}` tokens of "
@@ -248,11 +249,7 @@ class _Card:
                     f"them. `winnow select ... --always-keep {json.dumps(text)}` keeps them.",
                     "",
                 ]
-
-    def _top_zeroed(self, view: str, name: str) -> None:
-        if "vocab" not in self.views.views:
-            return
-        rows = top_zeroed_tokens(self.run, self.views.views[view], TOP_TOKENS)
+        rows = top_zeroed_tokens(self.run, self.views.views[view], TOP_TOKENS, counts)
         if rows:
             self.md += [
                 "Supervised tokens of kept samples given weight 0 most often:",
@@ -408,11 +405,14 @@ def _token_texts(run: RunDir) -> dict[int, str | None]:
     return dict(zip(vocab["token_id"].to_pylist(), vocab["token"].to_pylist(), strict=True))
 
 
-def top_zeroed_tokens(run: RunDir, selection: str, k: int) -> list[tuple[str | None, int]]:
+def top_zeroed_tokens(
+    run: RunDir, selection: str, k: int, counts: tuple[np.ndarray, np.ndarray] | None = None
+) -> list[tuple[str | None, int]]:
     """The ``k`` token texts most often at weight 0 on a supervised position of a kept sample, merged by
     text (two ids may decode to the same text) and ordered by count, then text, like ``group by token
-    order by count desc, token`` over the ``tokens`` view."""
-    counts = kept_token_counts(run, selection)[1]
+    order by count desc, token`` over the ``tokens`` view. ``counts``: :func:`kept_token_counts`, when the
+    caller has them already."""
+    counts = (counts or kept_token_counts(run, selection))[1]
     nz = np.flatnonzero(counts)
     if not len(nz):
         return []
@@ -433,10 +433,10 @@ ANSWER_MARKERS = ("####",)
 STRUCTURAL_FLOOR = 0.5
 
 
-def structural_shares(run: RunDir, selection: str) -> list[tuple[str, int, int]]:
+def structural_shares(run: RunDir, counts: tuple[np.ndarray, np.ndarray]) -> list[tuple[str, int, int]]:
     """(token text, supervised occurrences in kept samples, of them weighted) for every end-of-turn or
-    answer-marker token the kept samples supervise, merged by text."""
-    supervised, zeroed = kept_token_counts(run, selection)
+    answer-marker token the kept samples supervise, merged by text; ``counts`` from :func:`kept_token_counts`."""
+    supervised, zeroed = counts
     text = _token_texts(run)
     found: dict[str, list[int]] = {}
     for i in np.flatnonzero(supervised):

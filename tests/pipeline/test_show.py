@@ -141,11 +141,7 @@ def test_score_alone_strikes_what_the_stage_does_not_keep(run):
     ],
 )
 def test_user_errors_are_one_line_exit_2(run, args, message):
-    sid = _row(
-        run,
-        "selection/excess_loss",
-        pq.read_table(next((run.root / "samples").glob("part-*.parquet")))["sample_id"][0].as_py(),
-    )["sample_id"]
+    sid = pq.read_table(sorted((run.root / "samples").glob("part-*.parquet"))[0])["sample_id"][0].as_py()
     code, _, err = run_cli("show", run.root, *[a.format(sid=sid, run=run.root) for a in args])
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
