@@ -15,17 +15,20 @@ checks ``rows_in == samples + rejects``.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from winnow.core import builtins
+from winnow.core import builtins, dedup
+from winnow.core.dist import Dist, init_distributed, split_even
 from winnow.core.errors import RejectError
 from winnow.core.formats import (
     FORMATS,
@@ -39,8 +42,8 @@ from winnow.core.formats import (
     unique_meta_names,
     value_kind,
 )
-from winnow.core.readers import Row, file_fingerprint, iter_rows
-from winnow.core.shards import Computed, ShardLoop, step_entry
+from winnow.core.readers import Row, count_rows, detect_kind, file_fingerprint, iter_rows
+from winnow.core.shards import Computed, ShardLoop, shards_block, step_entry
 from winnow.core.steps import Step
 from winnow.core.store import RunDir, UserError, atomic_write_json, plan_digest, stable_hash
 
@@ -123,28 +126,57 @@ class Scan:
     meta_kinds: dict[str, set[str]] = field(default_factory=dict)
     per_source_rows: dict[str, int] = field(default_factory=dict)
 
+    def merge(self, other: Scan) -> None:
+        """Add a later row range's scan (ranks merge in rank order, so sources keep their input order)."""
+        self.rows += other.rows
+        for src, n in other.per_source_rows.items():
+            self.per_source_rows[src] = self.per_source_rows.get(src, 0) + n
+        for k, kinds in other.meta_kinds.items():
+            self.meta_kinds.setdefault(k, set()).update(kinds)
+
 
 def _iter_all(paths: list[Path], specs: list[str]) -> Iterator[Row]:
     for path, spec in zip(paths, specs, strict=True):
         yield from iter_rows(path, source=spec)
 
 
-def scan_inputs(paths: list[Path], specs: list[str], forced: str) -> Scan:
-    scan = Scan()
-    for row in _iter_all(paths, specs):
+def first_formats(path: Path, spec: str, forced: str) -> dict[str, tuple[str, int]]:
+    """Each source's record format and the row it was found on: the first row with a record whose format
+    is detected (or, with a forced format, the first row with a record). A file is one source except a
+    save_to_disk folder (one per split), which is read to its end."""
+    found: dict[str, tuple[str, int]] = {}
+    one_source = detect_kind(path) != "hf_disk"
+    for row in iter_rows(path, source=spec):
+        if row.record is None or row.source in found:
+            continue
+        fmt = forced if forced != "auto" else detect_format(row.record)
+        if fmt is not None:
+            found[row.source] = (fmt, row.row)
+            if one_source:
+                break
+    return found
+
+
+def scan_rows(rows: Iterator[tuple[int, Row]], found: dict[str, tuple[str, int]], spill=None) -> Scan:
+    """Row counts and meta kinds of ``(position, row)``s; every convertible row's sample id to ``spill``.
+
+    The meta kinds are those the one-pass scan saw: from the row its source's format was found on
+    onwards (a row before it had no format yet); the sample ids are those ingest will check for
+    duplicates: every row that converts with its source's format."""
+    scan = Scan(formats={src: fmt for src, (fmt, _) in found.items()})
+    for pos, row in rows:
         scan.rows += 1
         scan.per_source_rows[row.source] = scan.per_source_rows.get(row.source, 0) + 1
-        if row.record is None:
+        if row.record is None or row.source not in found:
             continue
-        fmt = scan.formats.get(row.source)
-        if fmt is None:
-            fmt = forced if forced != "auto" else detect_format(row.record)
-            if fmt is None:
-                continue  # this row will be rejected as unknown_format; try the next one
-            scan.formats[row.source] = fmt
+        fmt, first = found[row.source]
         try:
-            _, meta = to_messages(row.record, fmt)
+            msgs, meta = to_messages(row.record, fmt)
         except RejectError:
+            continue
+        if spill is not None:
+            spill.add(sample_id(msgs), pos)
+        if row.row < first:
             continue
         for k, v in meta.items():
             kinds = scan.meta_kinds.setdefault(k, set())
@@ -152,6 +184,30 @@ def scan_inputs(paths: list[Path], specs: list[str], forced: str) -> Scan:
             if kind:
                 kinds.add(kind)
     return scan
+
+
+def scan_inputs(paths: list[Path], specs: list[str], forced: str) -> Scan:
+    """The whole input's scan in this process (no deduplication spill)."""
+    found: dict[str, tuple[str, int]] = {}
+    for path, spec in zip(paths, specs, strict=True):
+        found.update(first_formats(path, spec, forced))
+    return scan_rows(enumerate(_iter_all(paths, specs)), found)
+
+
+def iter_range(
+    paths: list[Path], specs: list[str], rows: list[int], lo: int, hi: int
+) -> Iterator[tuple[int, Row]]:
+    """``(position, row)`` for the rows at positions ``[lo, hi)`` over all inputs in argument order."""
+    pos0 = 0
+    for path, spec, n in zip(paths, specs, rows, strict=True):
+        if pos0 < hi and pos0 + n > lo:
+            pos = max(lo, pos0)
+            for row in iter_rows(path, source=spec, start=pos - pos0):
+                if pos >= hi:
+                    break
+                yield pos, row
+                pos += 1
+        pos0 += n
 
 
 # ---- pass 2: shards ----------------------------------------------------------------------------
@@ -217,18 +273,6 @@ def samples_schema(
     return pa.schema(fields, metadata={"winnow.tokenizer_fingerprint": tok_fp, "winnow.model": model})
 
 
-def _shards(paths: list[Path], specs: list[str], shard_rows: int) -> Iterator[list[Row]]:
-    buf: list[Row] = []
-    first = True
-    for row in _iter_all(paths, specs):
-        buf.append(row)
-        if len(buf) == shard_rows:
-            yield buf
-            buf, first = [], False
-    if buf or first:
-        yield buf  # an input with zero rows still gets one (empty) shard: tables with the right schema
-
-
 @dataclass
 class _Ctx:
     params: IngestParams
@@ -238,6 +282,7 @@ class _Ctx:
     max_tokens: int
     schema: pa.Schema
     meta_names: dict[str, str] = field(default_factory=dict)
+    locate: Callable[[int], str] = str  # a row position -> "SOURCE:ROW" (a duplicate's detail)
 
 
 # a row with its messages and meta_ fields, or the error that rejects it (record None: unreadable)
@@ -308,14 +353,20 @@ def _sample_row(ctx: _Ctx, row: Row, sid: str, msgs: list[dict], meta: dict, r: 
     return rec
 
 
-def _build_shard(ctx: _Ctx, rows: list[Row], seen: dict[str, str]) -> tuple[pa.Table, pa.Table, Counter]:
-    """One shard of input rows -> (samples, rejects, counts); ``seen`` carries dedup across shards."""
+def _build_shard(
+    ctx: _Ctx, rows: list[Row], dups: dict[int, int], pos0: int = 0
+) -> tuple[pa.Table, pa.Table, Counter]:
+    """One shard of input rows (at positions ``pos0``, ``pos0 + 1``, ...) -> (samples, rejects, counts).
+
+    ``dups``: position -> the position of the first row with the same sample id, for the rows that
+    have one (:mod:`winnow.core.dedup`). Such a row is a ``duplicate`` when it would be kept, i.e. when
+    the first was kept; otherwise it is rejected for the first one's reason."""
     converted = _convert(ctx, rows)
     rendered = _render_unique(ctx, converted)
     samples: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
     counts: Counter = Counter()
-    for row, msgs, meta, err in converted:
+    for pos, (row, msgs, meta, err) in enumerate(converted, start=pos0):
         if row.record is None:
             rejects.append(_reject(row, row.reason or "unreadable", row.detail, raw=row.raw))
             continue
@@ -323,20 +374,20 @@ def _build_shard(ctx: _Ctx, rows: list[Row], seen: dict[str, str]) -> tuple[pa.T
             rejects.append(_reject(row, err.reason, err.detail))
             continue
         sid = sample_id(msgs)
-        if sid in seen:
-            rejects.append(_reject(row, "duplicate", f"same messages as {seen[sid]}", dup=sid, sid=sid))
-            continue
         r = rendered[sid]
+        fit = r if isinstance(r, RejectError) else _fit(ctx, r)
+        if pos in dups and not isinstance(fit, (RejectError, str)):
+            detail = f"same messages as {ctx.locate(dups[pos])}"
+            rejects.append(_reject(row, "duplicate", detail, dup=sid, sid=sid))
+            continue
         if isinstance(r, RejectError):
             rejects.append(_reject(row, r.reason, str(r), sid=sid))
             continue
-        fit = _fit(ctx, r)
         if isinstance(fit, str):
             rejects.append(_reject(row, "too_long", fit, sid=sid))
             continue
         if len(fit[0]) < len(r.input_ids):
             counts["truncated"] += 1
-        seen[sid] = f"{row.source}:{row.row}"
         samples.append(_sample_row(ctx, row, sid, msgs, meta, r, fit))
     for rj in rejects:
         counts[f"rejected_{rj['reason']}"] += 1
@@ -370,21 +421,62 @@ def _write_vocab(run: RunDir, tokenizer, tok_fp: str) -> None:
 
 @dataclass
 class _Prepared:
-    """What ingest fixes before the first shard: tokenizer, inputs, scan, limits, fingerprint."""
+    """What ingest fixes before the first shard: tokenizer, inputs, scan, limits, fingerprint, and this
+    rank's shards (``parts``) with the deduplication files they look up."""
 
     model_dir: Path
     tokenizer: Any
     tok_fp: str
     paths: list[Path]
     specs: list[str]
+    rows: list[int]  # rows per input
     scan: Scan
     meta_types: dict[str, str]
     max_tokens: int
     plan: dict[str, Any]
     fingerprint: str
+    parts: range
+    dedup_dir: Path
+    dedup_parts: int
 
 
-def _prepare(p: IngestParams) -> _Prepared:
+def _gathered(d: Dist, mine: dict) -> dict:
+    out: dict = {}
+    for got in d.gather(mine):
+        out.update(got)
+    return out
+
+
+def _scan_split(run: RunDir, p: IngestParams, paths: list[Path], specs: list[str], d: Dist) -> tuple:
+    """Pass 1 over this rank's rows (its shards' range), merged across ranks; the dedup files resolved.
+
+    Counting rows (to cut ranges) and finding each source's format are split by file across ranks."""
+    mine = range(d.rank, len(paths), d.world)
+    counts = _gathered(d, {i: count_rows(paths[i]) for i in mine})
+    rows = [counts[i] for i in range(len(paths))]
+    found = _gathered(d, {k: v for i in mine for k, v in first_formats(paths[i], specs[i], p.format).items()})
+    n_shards = max(1, math.ceil(sum(rows) / p.shard_rows))
+    parts = split_even(n_shards, d.world, d.rank)
+    folder = run.root / f".ingest-dedup-{p.table}"
+    n_parts = dedup.n_partitions(sum(rows), d.world)
+    if d.main:
+        dedup.clear(folder)  # a killed ingest's files
+    d.barrier()
+    spill = dedup.Spill(folder, d.rank, n_parts)
+    lo, hi = parts.start * p.shard_rows, min(parts.stop * p.shard_rows, sum(rows))
+    local = scan_rows(iter_range(paths, specs, rows, lo, hi), found, spill)
+    spill.flush()
+    scan = Scan(formats=local.formats)
+    for got in d.gather(local):  # also the barrier after every rank's spill
+        scan.merge(got)
+    if scan.rows != sum(rows):
+        raise UserError(f"{', '.join(specs)}: {scan.rows} rows read but {sum(rows)} counted; did an input change?")
+    dedup.resolve(folder, d.world, d.rank, n_parts)
+    d.barrier()
+    return rows, scan, parts, folder, n_parts
+
+
+def _prepare(run: RunDir, p: IngestParams, d: Dist) -> _Prepared:
     from winnow.core.models import load_tokenizer, resolve_model, tokenizer_fingerprint
     from winnow.core.render import RENDER_VERSION
 
@@ -394,7 +486,7 @@ def _prepare(p: IngestParams) -> _Prepared:
     paths = [resolve_input(s) for s in p.inputs]
     specs = [str(x) if s.startswith("builtin:") else s for s, x in zip(p.inputs, paths, strict=True)]
     _check_distinct(paths)
-    scan = scan_inputs(paths, specs, p.format)
+    rows, scan, parts, folder, n_parts = _scan_split(run, p, paths, specs, d)
     meta_types = {k: merge_kinds(v) for k, v in scan.meta_kinds.items()}
     max_tokens = p.max_tokens or model_max_tokens(tokenizer, model_dir)
     inputs_fp = {spec: file_fingerprint(path) for spec, path in zip(specs, paths, strict=True)}
@@ -425,7 +517,20 @@ def _prepare(p: IngestParams) -> _Prepared:
         ],
     }
     return _Prepared(
-        model_dir, tokenizer, tok_fp, paths, specs, scan, meta_types, max_tokens, plan, fingerprint
+        model_dir,
+        tokenizer,
+        tok_fp,
+        paths,
+        specs,
+        rows,
+        scan,
+        meta_types,
+        max_tokens,
+        plan,
+        fingerprint,
+        parts,
+        folder,
+        n_parts,
     )
 
 
@@ -445,51 +550,85 @@ def _row_accounting(totals: Counter, rows_scanned: int) -> dict[str, Any]:
     return counts
 
 
-def _ingest_shards(run: RunDir, p: IngestParams, prep: _Prepared) -> ShardLoop:
-    """Stream the rows shard by shard: fresh shards only seed deduplication, the rest are built."""
+def _locator(scan: Scan) -> Callable[[int], str]:
+    """A row position over all inputs -> ``SOURCE:ROW`` (sources are contiguous, in input order)."""
+    starts, names, pos = [], [], 0
+    for src, n in scan.per_source_rows.items():
+        starts.append(pos)
+        names.append(src)
+        pos += n
+
+    def locate(at: int) -> str:
+        i = bisect.bisect_right(starts, at) - 1
+        return f"{names[i]}:{at - starts[i]}"
+
+    return locate
+
+
+def _ingest_shards(run: RunDir, p: IngestParams, prep: _Prepared, d: Dist) -> ShardLoop:
+    """Pass 2 over this rank's shards: fresh ones are skipped, the rest built and committed."""
     from rich.progress import Progress
 
     n_shards = prep.plan["shards"]
     names = unique_meta_names(list(prep.meta_types))
     schema = samples_schema(prep.meta_types, prep.tok_fp, str(prep.model_dir), names)
-    ctx = _Ctx(p, prep.tokenizer, prep.scan.formats, prep.meta_types, prep.max_tokens, schema, names)
+    ctx = _Ctx(
+        p,
+        prep.tokenizer,
+        prep.scan.formats,
+        prep.meta_types,
+        prep.max_tokens,
+        schema,
+        names,
+        _locator(prep.scan),
+    )
     samples_t, rejects_t = run.table(p.table), run.table(rejects_table(p.table))
-    samples_t.drop_parts_from(n_shards)
-    rejects_t.drop_parts_from(n_shards)
     loop = ShardLoop([samples_t, rejects_t], prep.fingerprint, n_shards)
-    seen: dict[str, str] = {}
+    lookup = dedup.Lookup(prep.dedup_dir, prep.dedup_parts)
+    lo, hi = prep.parts.start * p.shard_rows, min(prep.parts.stop * p.shard_rows, prep.scan.rows)
+    rows = iter_range(prep.paths, prep.specs, prep.rows, lo, hi)
+    work = ((part, [r for _, r in itertools.islice(rows, p.shard_rows)]) for part in prep.parts)
 
-    def reseed(part: int) -> None:  # a fresh shard's samples still count as seen for dedup
-        done = samples_t.read_part(part, columns=["sample_id", "source", "row"]).to_pylist()
-        seen.update({d["sample_id"]: f"{d['source']}:{d['row']}" for d in done})
-
-    def compute(part: int, rows: list[Row]) -> Computed:
-        s_tbl, r_tbl, counts = _build_shard(ctx, rows, seen)
+    def compute(part: int, shard: list[Row]) -> Computed:
+        pos0 = part * p.shard_rows
+        s_tbl, r_tbl, counts = _build_shard(ctx, shard, lookup.range(pos0, pos0 + len(shard)), pos0)
         return Computed((s_tbl, r_tbl), counts=counts)
 
-    with Progress(transient=True) as bar:
-        task = bar.add_task(f"ingest -> {p.table}", total=n_shards)
-        work = enumerate(_shards(prep.paths, prep.specs, p.shard_rows))
+    with Progress(transient=True, disable=not d.main) as bar:
+        task = bar.add_task(f"ingest -> {p.table}", total=len(prep.parts))
         planned = {f"plan:{plan_file(p)}": plan_digest(prep.plan)}  # a re-ingest of other inputs: stale
-        loop.run(work, compute, inputs=lambda _: planned, on_skip=reseed, on_done=lambda _: bar.advance(task))
+        loop.run(work, compute, inputs=lambda _: planned, on_done=lambda _: bar.advance(task))
     return loop
 
 
 def run_ingest(run: RunDir, p: IngestParams) -> dict[str, Any]:
+    """Ingest under any world size: each rank scans and builds the shards of its row range (contiguous
+    blocks of the plan), rank 0 writes the plan, vocab and manifest; the tables are the same bytes."""
     t0 = time.time()
-    prep = _prepare(p)
+    d = init_distributed("cpu", keep=True)
     run.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run.root / plan_file(p), prep.plan)
-    if p.table == "samples":
-        _write_vocab(run, prep.tokenizer, prep.tok_fp)
-    loop = _ingest_shards(run, p, prep)
+    prep = _prepare(run, p, d)
+    n_shards = prep.plan["shards"]
+    if d.main:
+        atomic_write_json(run.root / plan_file(p), prep.plan)
+        if p.table == "samples":
+            _write_vocab(run, prep.tokenizer, prep.tok_fp)
+        run.table(p.table).drop_parts_from(n_shards)
+        run.table(rejects_table(p.table)).drop_parts_from(n_shards)
+    d.barrier()
+    loop = _ingest_shards(run, p, prep, d)
+    totals: Counter = Counter()
+    by_rank = []
+    for computed, counts in d.gather((len(loop.computed), dict(loop.counts))):
+        by_rank.append(computed)
+        totals.update(counts)
     entry = step_entry(
         "ingest",
         config=asdict(p),
         fingerprint=prep.fingerprint,
         outputs=[t.name for t in loop.outputs],
-        shards=loop.summary(),
-        counts=_row_accounting(loop.counts, prep.scan.rows),
+        shards=shards_block(n_shards, sum(by_rank), n_shards - sum(by_rank), by_rank),
+        counts=_row_accounting(totals, prep.scan.rows),
         started=t0,
         model=str(prep.model_dir),
         tokenizer_fingerprint=prep.tok_fp,
@@ -497,8 +636,12 @@ def run_ingest(run: RunDir, p: IngestParams) -> dict[str, Any]:
         meta_columns=prep.meta_types,
         meta_column_names={k: f"meta_{v}" for k, v in unique_meta_names(list(prep.meta_types)).items()},
         inputs=prep.plan["sources"],
+        world_size=d.world,
     )
-    run.update_manifest(manifest_key(p), entry)
+    if d.main:
+        run.update_manifest(manifest_key(p), entry)
+        dedup.clear(prep.dedup_dir)
+    d.barrier()  # the next step (a recipe's) reads the manifest
     return entry
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import csv
 import io
+import itertools
 import json
 import sys
 from collections.abc import Iterator
@@ -74,16 +75,38 @@ def detect_kind(path: Path) -> str:
     return kinds[suffix]
 
 
-def iter_rows(path: Path, source: str | None = None) -> Iterator[Row]:
+def iter_rows(path: Path, source: str | None = None, start: int = 0) -> Iterator[Row]:
+    """Every row of ``path`` from its ``start``-th on (0-based over the whole file, every split of a
+    save_to_disk folder in turn). JSONL and Parquet skip the rows before ``start`` without parsing them
+    (how an ingest rank reaches its row range, core/ingest.py); the other kinds parse and drop them."""
     source = source or str(path)
     if not path.exists():
         raise UserError(f"{path}: input does not exist")
     refuse_special_file(path)
     kind = detect_kind(path)
     try:
-        yield from _READERS[kind](path, source)
+        if start and kind in _SKIPPERS:
+            yield from _SKIPPERS[kind](path, source, start)
+        else:
+            yield from itertools.islice(_READERS[kind](path, source), start, None)
     except UserError:
         raise
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot be read as {kind}: {e}") from None
+
+
+def count_rows(path: Path) -> int:
+    """How many rows :func:`iter_rows` yields for ``path``: JSONL counts lines and Parquet reads its
+    footer (neither parses a record); the other kinds are read through."""
+    kind = detect_kind(path)
+    try:
+        if kind == "jsonl":
+            return sum(1 for _ in _lines(path))
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows
+        return sum(1 for _ in iter_rows(path))
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot be read as {kind}: {e}") from None
 
@@ -130,8 +153,10 @@ def _lines(path: Path) -> Iterator[bytes]:
         yield from f
 
 
-def _read_jsonl(path: Path, source: str) -> Iterator[Row]:
+def _read_jsonl(path: Path, source: str, start: int = 0) -> Iterator[Row]:
     for i, line in enumerate(_lines(path)):
+        if i < start:
+            continue  # a later rank's range: skipped unparsed
         stripped = (line.removeprefix(BOM) if i == 0 else line).strip()
         if not stripped:
             yield Row(source, i, reason="blank_line", detail="empty line", raw="")
@@ -177,7 +202,7 @@ def _read_json(path: Path, source: str) -> Iterator[Row]:
             )
 
 
-def _read_parquet(path: Path, source: str) -> Iterator[Row]:
+def _read_parquet(path: Path, source: str, start: int = 0) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
@@ -187,9 +212,13 @@ def _read_parquet(path: Path, source: str) -> Iterator[Row]:
         raise UserError(f"{path}: the Parquet file names column(s) {dup} more than once; rename them")
     i = 0
     for batch in pf.iter_batches(batch_size=4096):
-        for rec in batch_records(batch):
-            yield Row(source, i, record=rec)
-            i += 1
+        if i + batch.num_rows <= start:  # wholly before this rank's range: never turned into records
+            i += batch.num_rows
+            continue
+        skip = max(0, start - i)
+        for j, rec in enumerate(batch_records(batch.slice(skip))):
+            yield Row(source, i + skip + j, record=rec)
+        i += batch.num_rows
 
 
 def batch_records(batch) -> list[dict[str, Any]]:
@@ -327,6 +356,7 @@ def _read_hf_disk(path: Path, source: str) -> Iterator[Row]:
             yield Row(src, i, record=dict(rec))
 
 
+_SKIPPERS = {"jsonl": _read_jsonl, "parquet": _read_parquet}  # readers that skip to a row unparsed
 _READERS = {
     "jsonl": _read_jsonl,
     "json": _read_json,

@@ -33,72 +33,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from winnow.core.dist import Dist, init_distributed  # noqa: F401  (re-exported for the passes)
 from winnow.core.shards import ShardLoop, assign_by_tokens, shards_block
 from winnow.core.store import RunDir, UserError, part_name, versions
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    local_world: int = 1
-    created: bool = False
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def broadcast(self, obj: Any) -> Any:
-        if self.world == 1:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, obj: Any) -> list[Any]:
-        if self.world == 1:
-            return [obj]
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def close(self) -> None:
-        if self.created:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-            self.created = False
-
-
-def init_distributed(device_pref: str = "auto") -> Dist:
-    """Join (or create) the torchrun process group; a single process gets a trivial :class:`Dist`."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch
-    import torch.distributed as dist
-
-    created = False
-    if not dist.is_initialized():
-        use_nccl = device_pref != "cpu" and torch.cuda.is_available()
-        if use_nccl:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if use_nccl else "gloo")
-        created = True
-    return Dist(
-        rank=dist.get_rank(),
-        world=dist.get_world_size(),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        local_world=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
-        created=created,
-    )
 
 
 def return_large_blocks_to_os(threshold: int = 1 << 20) -> bool:
