@@ -470,7 +470,9 @@ def _scan_split(run: RunDir, p: IngestParams, paths: list[Path], specs: list[str
     for got in d.gather(local):  # also the barrier after every rank's spill
         scan.merge(got)
     if scan.rows != sum(rows):
-        raise UserError(f"{', '.join(specs)}: {scan.rows} rows read but {sum(rows)} counted; did an input change?")
+        raise UserError(
+            f"{', '.join(specs)}: {scan.rows} rows read but {sum(rows)} counted; did an input change?"
+        )
     dedup.resolve(folder, d.world, d.rank, n_parts)
     d.barrier()
     return rows, scan, parts, folder, n_parts

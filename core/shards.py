@@ -44,6 +44,16 @@ def assign_by_tokens(tokens: dict[int, int], world: int) -> list[list[int]]:
     return [sorted(x) for x in out]
 
 
+def rank_parts(run: Any, parts: Sequence[int], d: Any) -> list[int]:
+    """This rank's share of ``parts`` (samples shards), by :func:`assign_by_tokens` on their row counts
+    from the samples commit records: every rank computes the same split without talking to the others,
+    over every shard, fresh or not (a fresh one is then skipped by its rank)."""
+    if d.world == 1:
+        return list(parts)
+    rows = {r.part: r.rows for r in run.table("samples").records()}
+    return assign_by_tokens({p: rows.get(p, 0) for p in parts}, d.world)[d.rank]
+
+
 def shards_block(total: int, computed: int, skipped: int, by_rank: list[int] | None = None) -> dict[str, Any]:
     """The manifest's ``shards`` block: shards this step covers, computed now, skipped as fresh."""
     return {"total": total, "computed": computed, "skipped": skipped, "by_rank": by_rank or [computed]}
@@ -142,21 +152,23 @@ class ShardLoop:
         *,
         inputs: Callable[[int], Mapping[str, str]] | Mapping[str, str],
         scan: Callable[[], Any] | None = None,
+        force: bool = False,
     ) -> tuple[bool, Any]:
         """A stage's shards, with a scan phase for global statistics; ``(computed any, scan state)``.
 
         Per-shard inputs (``inputs`` a function of the part, no ``scan``): each shard is skipped when
         fresh, else ``compute(part, None)`` is committed. Whole-table inputs (a mapping) with a ``scan``:
         the statistics span every shard, so either all shards are fresh (nothing is read) or ``scan()``
-        runs once and every shard is recomputed with its result. The scan state is closed at the end
-        when it has a ``close`` (a spill file).
+        runs once and every shard is recomputed with its result (``force``: the caller decided that
+        some shard, maybe another rank's, is stale). The scan state is closed at the end when it has a
+        ``close`` (a spill file).
         """
         if scan is None:
             per_part = inputs if callable(inputs) else (lambda part: inputs)
             self.run(((p, None) for p in parts), compute, inputs=per_part)
             return bool(self.computed), None
         assert not callable(inputs), "a scan phase needs whole-table inputs"
-        if all(self.fresh(p, inputs) for p in parts):
+        if not force and all(self.fresh(p, inputs) for p in parts):
             return False, None
         state = scan()
         try:

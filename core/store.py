@@ -56,6 +56,7 @@ from winnow.core.errors import UserError  # noqa: F401  (re-exported: store.User
 MANIFEST = "manifest.json"
 COMMITS = "_commits"
 FAULT_ENV = "WINNOW_FAULT_KILL_AFTER_SHARDS"
+FAULT_RANK_ENV = "WINNOW_FAULT_RANK"
 VERIFY_ENV = "WINNOW_VERIFY"  # "0": trust commit records without hashing (inspect --no-verify)
 _TMP_RE = re.compile(r"^\..+\.tmp-(\d+)$")
 # tables whose shards follow a plan file (one shard per planned part)
@@ -259,9 +260,13 @@ class CommitRecord:
 
 
 def _fault_hook() -> None:
-    """SIGKILL this process after the k-th shard commit when WINNOW_FAULT_KILL_AFTER_SHARDS=k."""
+    """SIGKILL this process after the k-th shard commit when WINNOW_FAULT_KILL_AFTER_SHARDS=k (under
+    torchrun, with WINNOW_FAULT_RANK=r, only rank r)."""
     limit = os.environ.get(FAULT_ENV)
     if not limit:
+        return
+    rank = os.environ.get(FAULT_RANK_ENV)  # torchrun: kill this one rank only (the others are torn down)
+    if rank is not None and rank != os.environ.get("RANK", "0"):
         return
     _fault_hook.count = getattr(_fault_hook, "count", 0) + 1  # type: ignore[attr-defined]
     if _fault_hook.count >= int(limit):  # type: ignore[attr-defined]

@@ -44,6 +44,12 @@ def _options(
     """winnow: score, inspect and select fine-tuning data sample by sample and token by token."""
 
 
+def _other_rank() -> bool:
+    """Under torchrun, True on every rank but 0: a verb that runs on rank 0 only (inspect, show, verify,
+    card, export, steps) returns at once there, and the distributed verbs print their summary once."""
+    return os.environ.get("RANK", "0") != "0"
+
+
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="step parameter key=value (repeatable)")]
 
 
@@ -108,6 +114,8 @@ def ingest(
         **parse_sets(sets, "ingest"),
     }
     entry = _run_step("ingest", run_dir, values, create=True)
+    if _other_rank():
+        return
     c = entry["counts"]
     typer.echo(
         f"{c['rows_in']} rows -> {c['samples']} samples, {c['rejects']} rejects {c['rejects_by_reason']}"
@@ -167,7 +175,8 @@ def score(
             values["signals"] = signals
         name = "model_pass"
     entry = _run_step(name, run_dir, values)
-    typer.echo(_summary(entry))
+    if not _other_rank():
+        typer.echo(_summary(entry))
 
 
 def _summary(entry: dict) -> str:
@@ -212,6 +221,8 @@ def select(
     if always_keep is not None:  # a list, so an empty item reaches the check that names it
         values["always_keep"] = split_texts(always_keep)
     entry = _run_step("select", run_dir, values)
+    if _other_rank():
+        return
     c = entry["counts"]
     typer.echo(
         f"{entry['outputs'][0]}: kept {c.get('kept', '?')} of {c.get('samples', '?')} samples, "
@@ -232,6 +243,8 @@ def inspect(
     ] = False,
 ) -> None:
     """Query the run's tables with DuckDB, read-only (views: samples, rejects, tokens, signals_*, ...)."""
+    if _other_rank():  # rank 0 only
+        return
     from winnow.pipeline.inspect_run import check_out_path, format_result, open_views, repl, run_sql
 
     if fmt not in ("table", "csv", "json", "parquet"):
@@ -266,6 +279,8 @@ def show(
     ] = None,
 ) -> None:
     """Show one sample token by token: weight or score as colour, dropped tokens struck through."""
+    if _other_rank():  # rank 0 only
+        return
     from rich.console import Console
 
     from winnow.core.store import RunDir
@@ -285,6 +300,8 @@ def verify(
     full: Annotated[bool, typer.Option("--full", help="hash every file again, ignoring the cache")] = False,
 ) -> None:
     """Check every shard against its commit record, and the plan and manifest (exit 1 on a problem)."""
+    if _other_rank():  # rank 0 only
+        return
     from winnow.pipeline.verify import verify_run
 
     problems, summary = verify_run(run_dir, full)
@@ -301,6 +318,8 @@ def card(
     out: Annotated[str | None, typer.Option("--out", help="output folder (default RUN/card)")] = None,
 ) -> None:
     """Write a data card (Markdown + plots) of what the run kept and why."""
+    if _other_rank():  # rank 0 only
+        return
     from winnow.pipeline.card import write_card
 
     typer.echo(str(write_card(run_dir, out)))
@@ -315,6 +334,8 @@ def export(
     force: Annotated[bool, typer.Option("--force", help="replace an existing --out")] = False,
 ) -> None:
     """Write the kept samples of a selection as chat JSONL or tokenized rows with -100 labels."""
+    if _other_rank():  # rank 0 only
+        return
     from winnow.pipeline.export import export_selection
 
     e = export_selection(run_dir, fmt, out, selection, force)
@@ -350,7 +371,7 @@ def train(
         entry = train_export(build_params(TrainParams, values, where="winnow train"), None)
     else:  # the same step runner (and run lock) as every other verb
         entry = _run_step("train", run_dir, values)
-    if os.environ.get("RANK", "0") != "0":  # torchrun: one report, from rank 0
+    if _other_rank():  # torchrun: one report, from rank 0
         return
     if entry.get("skipped"):
         typer.echo(
@@ -367,6 +388,8 @@ def steps(
     step: Annotated[str | None, typer.Argument(help="one step (e.g. train): its parameters only")] = None,
 ) -> None:
     """List the steps a recipe can name, with their parameters, defaults and what each one does."""
+    if _other_rank():  # rank 0 only
+        return
     from winnow.core.params import flat_defaults, flat_docs, suggest
 
     names = registry.available_steps()

@@ -66,6 +66,7 @@ import numpy as np
 import pyarrow as pa
 
 from winnow.core.markdown import md_table
+from winnow.core.shards import rank_parts
 from winnow.core.steps import Ref
 from winnow.stages import stage_io as io
 from winnow.stages import topk
@@ -145,20 +146,25 @@ def _reason(quadrant: int, kept_by: int) -> str:
 
 
 def _sample_stats(ctx: Ctx, keys) -> tuple:
-    """Pass 1: per-sample error and uncertainty over the whole dataset, with shard sizes."""
+    """Pass 1: per-sample error and uncertainty over the whole dataset, with shard sizes.
+
+    Under torchrun each rank reads its own shards (``rank_parts``) and the per-sample values are
+    gathered and put back in shard order: the same float64 bits as one process, since each sample's
+    statistics depend on that sample alone; the plane itself is then drawn on every rank alike."""
     import torch
 
-    errs, uncs, sizes, missing = [], [], [], 0
-    for part in ctx.parts:
+    got = {}
+    for part in rank_parts(ctx.run, ctx.parts, ctx.d):
         shard = ctx.shard(part)
         mask = torch.from_numpy(shard.valid(*keys))
         nll = -torch.from_numpy(shard.signals[keys[0]])
         err, unc, _ = eu_sample_stats(nll, torch.from_numpy(shard.signals[keys[1]]), mask)
-        errs.append(err)
-        uncs.append(unc)
-        sizes.append(len(err))
-        missing += shard.supervised_without_signal(*keys)
-    return torch.cat(errs), torch.cat(uncs), sizes, missing
+        got[part] = (err.numpy(), unc.numpy(), shard.supervised_without_signal(*keys))
+    for other in ctx.d.gather(got) if ctx.d.world > 1 else []:
+        got.update(other)
+    errs = [torch.from_numpy(got[p][0]) for p in ctx.parts]
+    uncs = [torch.from_numpy(got[p][1]) for p in ctx.parts]
+    return torch.cat(errs), torch.cat(uncs), [len(e) for e in errs], sum(got[p][2] for p in ctx.parts)
 
 
 def _batch_quadrants(error, uncertainty, params: EUPlaneParams) -> dict:
@@ -362,5 +368,6 @@ STAGE = Stage(
     compute=_compute,
     counts=_counts,
     card=card_section,
+    shard_split=True,  # the scan's reads are split and gathered; each shard's compute needs only the plane
 )
 STEP = STAGE  # the runnable step (``STEP.run(run, params)``) is the stage itself

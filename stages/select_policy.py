@@ -54,6 +54,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from winnow.core import steps
+from winnow.core.dist import Dist, init_distributed
+from winnow.core.shards import rank_parts
 from winnow.core.steps import Step
 from winnow.core.store import RunDir, UserError
 from winnow.core.write_guard import check_name, refuse_view_collision
@@ -286,13 +288,16 @@ def run_select(run: RunDir, p: SelectParams) -> dict:
         run, "select", p, CODE_VERSION, started, table=f"selection/{p.name}", key=f"select:{p.name}"
     )
     inputs = io.table_inputs(run, sorted({io.SAMPLES, *tables}))
-    io.drop_orphans(st.out, parts)
+    d = init_distributed("cpu", keep=True)
+    if d.main:
+        io.drop_orphans(st.out, parts)
     counts: dict = {}
-    if not io.all_fresh(st.out, parts, st.fp, inputs):
+    # torchrun: decided together before any rank commits; each rank then writes its rank_parts
+    if not all(d.gather(io.all_fresh(st.out, parts, st.fp, inputs))):
         sql_keep = _sql_keep(run, p.keep) if "sql" in p.policies else None
         kept = weighted = n_samples = 0
         columns = ["sample_id", "n_tokens", "loss_mask"] + (["input_ids"] if p.always_keep else [])
-        for part in parts:  # one shard in memory at a time
+        for part in rank_parts(run, parts, d):  # one shard in memory at a time
             cols = samples.read_part(part, columns=columns)
             n_tokens = cols["n_tokens"].to_numpy()
             keep, why = _sample_half(run, p, cols["sample_id"].to_pylist(), part, sql_keep)
@@ -303,13 +308,19 @@ def run_select(run: RunDir, p: SelectParams) -> dict:
             kept += int(pc.sum(table["keep"].cast(pa.int64())).as_py() or 0)
             weighted += int(pc.sum(table["n_weighted"]).as_py() or 0)
             st.commit(part, table, inputs)
-        counts = {
-            "samples": n_samples,
-            "kept": kept,
-            "dropped": n_samples - kept,
-            "weighted_tokens": weighted,
-        }
-    return st.finish(len(parts), counts)
+        counts = _summed(d, {"samples": n_samples, "kept": kept, "weighted_tokens": weighted})
+    return st.finish(len(parts), counts, d=d)
+
+
+def _summed(d: Dist, mine: dict[str, int]) -> dict[str, int]:
+    """The selection's counts over every rank's shards (integers: exact whatever the world size)."""
+    total = {k: sum(g[k] for g in d.gather(mine)) for k in mine}
+    return {
+        "samples": total["samples"],
+        "kept": total["kept"],
+        "dropped": total["samples"] - total["kept"],
+        "weighted_tokens": total["weighted_tokens"],
+    }
 
 
 STEP = Step(

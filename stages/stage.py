@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
-from winnow.core.shards import Computed
+from winnow.core.dist import Dist, init_distributed
+from winnow.core.shards import Computed, rank_parts
 from winnow.core.steps import Policy, Ref, StepSpec, TableDecl, _resolve
 from winnow.core.store import RunDir, UserError
 from winnow.stages import stage_io as io
@@ -43,6 +44,7 @@ class Ctx:
     params: Any
     parts: list[int]
     tables: dict[str, list[str]]
+    d: Dist = field(default_factory=Dist)  # torchrun: this rank (a scan may split its reads by it)
 
     @property
     def signals(self) -> dict[str, list[str]]:
@@ -73,6 +75,10 @@ class Stage:
     check: Callable[[Ctx], None] | None = None
     card: Callable[[Any, Any], list[str]] | None = None
     policy: Policy | None = None
+    # torchrun: a stage with a scan computes its shards split across ranks (the scan then runs on every
+    # rank and must give each the same state, and compute(ctx, part, state) must not depend on the
+    # order of parts); False: rank 0 scans and computes every shard while the others wait.
+    shard_split: bool = False
 
     @property
     def writes(self) -> tuple[str, ...]:
@@ -124,25 +130,36 @@ def _check_tables(stage: Stage, run: RunDir, params: Any, parts: list[int]) -> N
 
 
 def run_stage(stage: Stage, run: RunDir, params: Any) -> dict[str, Any]:
-    """Check the declared inputs, run the shard loop (scan first for global statistics), record the step."""
+    """Check the declared inputs, run the shard loop (scan first for global statistics), record the step.
+
+    Under torchrun each rank computes the shards :func:`~winnow.core.shards.rank_parts` gives it (a stage
+    with a scan: only when it declares ``shard_split``, else rank 0 does all); rank 0 records the step."""
     started = time.time()
+    d = init_distributed("cpu", keep=True)
     parts = io.samples_parts(run)
     _check_tables(stage, run, params, parts)
-    ctx = Ctx(run, params, parts, stage.inputs(params))
+    ctx = Ctx(run, params, parts, stage.inputs(params), d)
     if stage.check is not None:
         stage.check(ctx)
     st = io.StageOutput(run, stage.name, params, stage.code_version, started)
-    io.drop_orphans(st.out, parts)
+    if d.main:
+        io.drop_orphans(st.out, parts)
     tables = list(ctx.tables)
+    split = stage.scan is None or stage.shard_split
+    mine = rank_parts(run, parts, d) if split else (parts if d.main else [])
 
     def compute(part: int, state: Any) -> Computed:
         got = stage.compute(ctx, part, state)
         return got if isinstance(got, Computed) else Computed([got])
 
     if stage.scan is None:
-        st.loop.run_parts(parts, compute, inputs=lambda part: io.part_inputs(run, tables, part))
-        return st.finish(len(parts))
+        st.loop.run_parts(mine, compute, inputs=lambda part: io.part_inputs(run, tables, part))
+        return st.finish(len(parts), d=d)
     inputs = io.table_inputs(run, tables)
-    done, state = st.loop.run_parts(parts, compute, inputs=inputs, scan=lambda: stage.scan(ctx))
-    counts = stage.counts(state) if done and stage.counts is not None else {}
-    return st.finish(len(parts), counts)
+    # decided together before any rank commits, so every rank sees the same "all fresh"
+    stale = not all(d.gather(all(st.loop.fresh(p, inputs) for p in parts)))
+    counts = {}
+    if stale and (split or d.main):
+        _, state = st.loop.run_parts(mine, compute, inputs=inputs, scan=lambda: stage.scan(ctx), force=True)
+        counts = stage.counts(state) if stage.counts is not None else {}
+    return st.finish(len(parts), counts, d=d)

@@ -41,6 +41,7 @@ quarter of it; the rest is float64 ``(B, T)`` array work.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -48,8 +49,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from winnow.core.dist import Dist
 from winnow.core.params import as_dict
-from winnow.core.shards import ShardLoop, step_entry
+from winnow.core.shards import ShardLoop, shards_block, step_entry
 from winnow.core.store import RunDir, Table, UserError, part_name, stable_hash
 from winnow.stages import topk
 
@@ -363,14 +365,23 @@ class StageOutput:
     ) -> None:
         self.loop.commit(part, table, inputs=inputs, counts=counts)
 
-    def finish(self, parts: int, counts: dict[str, Any] | None = None) -> dict[str, Any]:
+    def finish(
+        self, parts: int, counts: dict[str, Any] | None = None, d: Dist | None = None
+    ) -> dict[str, Any]:
         """Record the step in the run manifest (shards not written this time were fresh). ``counts``
-        are the step's global counts; per-shard counts are summed over every shard, fresh ones from
-        their commit records. When nothing was written and the stage keeps only global counts, the
-        output is the one the last run described, so its counts carry over."""
-        self.loop.total = parts
-        counts = {**self.loop.counts, **(counts or {})}
-        if not self.written and not counts:
+        are the step's global counts (rank 0's under torchrun: every rank that has them has the same);
+        per-shard counts are summed over every shard of every rank, fresh ones from their commit
+        records. When nothing was written and the stage keeps only global counts, the output is the one
+        the last run described, so its counts carry over. Under torchrun every rank calls this after its
+        last commit; rank 0 writes the manifest (``shards.by_rank``: shards each rank computed)."""
+        d = d or Dist()
+        gathered = d.gather((len(self.loop.computed), dict(self.loop.counts), counts))
+        by_rank = [g[0] for g in gathered]
+        summed: Counter = Counter()
+        for g in gathered:
+            summed.update(g[1])
+        counts = {**summed, **(gathered[0][2] or {})}
+        if not sum(by_rank) and not counts:
             last = self.run.manifest().get("steps", {}).get(self.key, {})
             counts = last.get("counts") if last.get("fingerprint") == self.fp else None
         entry = step_entry(
@@ -378,12 +389,15 @@ class StageOutput:
             config=as_dict(self.params),
             fingerprint=self.fp,
             outputs=[self.out.name],
-            shards=self.loop.summary(),
+            shards=shards_block(parts, sum(by_rank), parts - sum(by_rank), by_rank),
             counts=counts or {},
             started=self.started,
             code_version=self.code_version,
             rows=sum(r.rows for r in self.out.records()),
             reasons=reason_counts(self.out),
+            world_size=d.world,
         )
-        self.run.update_manifest(self.key, entry)
+        if d.main:
+            self.run.update_manifest(self.key, entry)
+        d.barrier()  # the next step reads the manifest
         return entry
