@@ -23,6 +23,10 @@ wall-time growth relative to linear (1.0 = linear). Results are also appended as
 
 Run: ``python benchmarks/bench_scale.py --size 20000`` (quick), or
 ``python benchmarks/bench_scale.py --size 100000 --size 1000000 --work /tmp/scale``.
+
+``--ranks N`` (repeatable, issue 29) runs every step under ``torchrun --nproc_per_node N`` (gloo, CPU) in a
+run folder of its own, beside the 1-rank run (``--ranks 1 --ranks 2``); the second table gives each step's
+wall time, per-rank peak RSS (the largest rank's) and speedup over one rank.
 """
 
 from __future__ import annotations
@@ -136,8 +140,25 @@ def has_verify() -> bool:
     return any((c.name or c.callback.__name__) == "verify" for c in cli.app.registered_commands)
 
 
-def steps(run: str, inp: str, out: str) -> list[tuple[str, list[str]]]:
-    w = [str(Path(sys.executable).parent / "winnow")]  # the console script: never the checkout root on sys.path
+def winnow_cmd(ranks: int) -> list[str]:
+    """The console script (never the checkout root on sys.path); under torchrun when ``ranks`` > 1."""
+    bin_dir = Path(sys.executable).parent
+    w = [str(bin_dir / "winnow")]
+    if ranks > 1:
+        w = [
+            str(bin_dir / "torchrun"),
+            "--standalone",
+            "--nproc_per_node",
+            str(ranks),
+            "--no-python",
+            "--",
+            *w,
+        ]
+    return w
+
+
+def steps(run: str, inp: str, out: str, ranks: int = 1) -> list[tuple[str, list[str]]]:
+    w = winnow_cmd(ranks)
     py = [sys.executable, __file__]
     out_steps = [
         ("ingest", [*w, "ingest", inp, "--run", run, "--model", "builtin:tiny", "--format", "gsm8k"]),
@@ -180,22 +201,30 @@ def steps(run: str, inp: str, out: str) -> list[tuple[str, list[str]]]:
     return out_steps
 
 
-def run_size(n: int, work: Path, results: Path, only: set[str] | None) -> None:
-    root = work / f"n{n}"
+def run_size(n: int, work: Path, results: Path, only: set[str] | None, ranks: int = 1) -> None:
+    """Every step at ``n`` samples on ``ranks`` torchrun ranks (1: a plain process), in its own run folder
+    (``WORK/n<N>-r<ranks>``; the input is shared by the ranks counts of one size)."""
+    root = work / (f"n{n}" if ranks == 1 else f"n{n}-r{ranks}")
     if only is None and root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
-    inp, run, out = root / "input.jsonl", root / "run", root / "out"
+    inp, run, out = work / f"input-n{n}.jsonl", root / "run", root / "out"
     out.mkdir(exist_ok=True)
     if not inp.exists():
         write_input(inp, n)
-    for name, cmd in steps(str(run), str(inp), str(out)):
+    for name, cmd in steps(str(run), str(inp), str(out), ranks):
         if only is not None and name not in only:
             continue
         for table in OUTPUTS.get(name, ()):  # a rerun must redo the work, not find it fresh and skip
             shutil.rmtree(run / table, ignore_errors=True)
         r = measure(cmd, root / "log.txt")
-        row = {"n": n, "step": name, **r, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        row = {
+            "n": n,
+            "ranks": ranks,
+            "step": name,
+            **r,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         print(json.dumps(row), flush=True)
         with open(results, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -207,7 +236,9 @@ def table(results: Path) -> str:
     rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
     last: dict[tuple[str, int], dict] = {}
     order: list[str] = []
-    for r in rows:  # the latest measurement of each (step, n) wins
+    for r in rows:  # the latest measurement of each (step, n) wins; one rank only (see scaling_table)
+        if r.get("ranks", 1) != 1:
+            continue
         last[(r["step"], r["n"])] = r
         if r["step"] not in order:
             order.append(r["step"])
@@ -236,12 +267,50 @@ def table(results: Path) -> str:
     return "\n".join(lines)
 
 
+def scaling_table(results: Path) -> str:
+    """Per step and size: wall and per-rank peak RSS on 1 rank and on each larger world, and the speedup.
+
+    Peak RSS under torchrun is ``ru_maxrss`` of the torchrun process from ``wait4``: the largest of it
+    and its workers, i.e. the peak of the largest rank."""
+    rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
+    last = {(r["step"], r["n"], r.get("ranks", 1)): r for r in rows}
+    worlds = sorted({k[2] for k in last})
+    if worlds == [1]:
+        return ""
+    head = ["step", "n", *[f"{w} rank{'s' * (w > 1)} s / MB" for w in worlds]]
+    head += [f"speedup x{w}" for w in worlds[1:]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    steps_seen = list(dict.fromkeys(k[0] for k in last))
+    for n in sorted({k[1] for k in last}):
+        for step in steps_seen:
+            got = [last.get((step, n, w)) for w in worlds]
+            if not any(got):
+                continue
+            cells = [
+                "—"
+                if r is None
+                else f"{r['wall_s']:.1f} / {r['rss_mb']:.0f}" + ("" if r["rc"] == 0 else " (failed)")
+                for r in got
+            ]
+            for r in got[1:]:
+                ok = r and got[0] and r["wall_s"] and r["rc"] == 0 == got[0]["rc"]
+                cells.append(f"{got[0]['wall_s'] / r['wall_s']:.2f}x" if ok else "—")
+            lines.append("| " + " | ".join([step, f"{n // 1000}k", *cells]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, action="append", help="samples (repeatable; default 100k, 300k, 1M)")
     ap.add_argument("--work", default="/tmp/winnow_bench_scale", help="folder for inputs and runs")
     ap.add_argument("--results", default=None, help="JSON lines of measurements (default WORK/results.jsonl)")
     ap.add_argument("--only", action="append", help="rerun just these steps on an existing run (repeatable)")
+    ap.add_argument(
+        "--ranks",
+        type=int,
+        action="append",
+        help="torchrun ranks per step (repeatable; default 1: no torchrun)",
+    )
     ap.add_argument("--table-only", action="store_true", help="print the table of --results and exit")
     ap.add_argument("--make-signals", metavar="RUN", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -254,8 +323,10 @@ def main() -> None:
     if not a.table_only:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         for n in a.size or [100_000, 300_000, 1_000_000]:
-            run_size(n, work, results, set(a.only) if a.only else None)
+            for ranks in a.ranks or [1]:
+                run_size(n, work, results, set(a.only) if a.only else None, ranks)
     print(table(results))
+    print(scaling_table(results))
 
 
 if __name__ == "__main__":
