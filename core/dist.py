@@ -1,11 +1,11 @@
 """torch.distributed for every step: the torchrun process group and the few collectives steps share.
 
 Every verb runs under ``torchrun --nproc_per_node N --no-python -- winnow <verb> ...`` (README,
-"Scaling out"). A step that distributes calls :func:`init_distributed` (a single process, or
+"Scaling out"). A step that distributes runs in :func:`distributed` (a single process, or
 ``WORLD_SIZE`` 1, gets a trivial :class:`Dist` and never imports torch); under torchrun it joins the
-process group (gloo on CPU, nccl on CUDA for a model pass), or reuses the one an earlier step of the
-same process created (a recipe runs many steps in one process). A group created here for a CPU step is
-kept until the process exits (``atexit``), so the next step of a recipe does not rendezvous again.
+process group (gloo on CPU, nccl on CUDA for a model pass), or reuses one its caller created. A CPU step
+(ingest, stages, select) holds it for the step (:func:`distributed`); :func:`gather_partials` keeps
+the group it creates until the process exits.
 
 Global statistics are reduced by gathering per-rank partials and combining them the same way on every
 rank (:meth:`Dist.gather`, :func:`gather_partials`): integers are summed exactly and float arrays are
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,10 +65,13 @@ class Dist:
         return out
 
     def close(self) -> None:
+        """Destroy the group if this Dist created it, once every rank got here (a rank that tore its
+        connections down first made another's gloo abort, SIGABRT, about one run in three with 3 ranks)."""
         if self.created:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                dist.barrier()
                 dist.destroy_process_group()
             self.created = False
 
@@ -84,8 +89,8 @@ def init_distributed(device_pref: str = "auto", keep: bool = False) -> Dist:
     """Join (or create) the torchrun process group; a single process gets a trivial :class:`Dist`.
 
     ``keep``: a group created here stays for the life of the process (destroyed at exit), and the
-    returned Dist's ``close`` leaves it alone: the CPU steps (ingest, stages, select) use this so the
-    steps of one recipe share one rendezvous.
+    returned Dist's ``close`` leaves it alone (:func:`gather_partials`, for code outside a step's
+    :func:`distributed` block).
     """
     world = world_size()
     if world <= 1:
@@ -115,10 +120,20 @@ def _destroy() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
-        # every rank reaches this before any tears its connections down: without the barrier a rank
-        # that exits first made another's gloo abort (SIGABRT) about one run in three with 3 ranks
-        dist.barrier()
+        dist.barrier()  # as Dist.close
         dist.destroy_process_group()
+
+
+@contextmanager
+def distributed(device_pref: str = "cpu") -> Iterator[Dist]:
+    """The process group for one step: joined (or created) on entry; destroyed on a normal exit if
+    created here, so the next step of a recipe (a model pass or training on GPUs) creates its own with
+    the backend it needs (gloo here: ingest, stages and selections exchange Python objects only; a
+    rendezvous again costs ~0.1 s). On an error the group is left to the process's exit: a barrier
+    then could pair with another rank's pending collective."""
+    d = init_distributed(device_pref)
+    yield d
+    d.close()
 
 
 def gather_partials(obj: Any, d: Dist | None = None) -> list[Any]:

@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow as pa
 
 from winnow.core import builtins, dedup
-from winnow.core.dist import Dist, init_distributed, split_even
+from winnow.core.dist import Dist, distributed, split_even
 from winnow.core.errors import RejectError
 from winnow.core.formats import (
     FORMATS,
@@ -606,8 +606,12 @@ def _ingest_shards(run: RunDir, p: IngestParams, prep: _Prepared, d: Dist) -> Sh
 def run_ingest(run: RunDir, p: IngestParams) -> dict[str, Any]:
     """Ingest under any world size: each rank scans and builds the shards of its row range (contiguous
     blocks of the plan), rank 0 writes the plan, vocab and manifest; the tables are the same bytes."""
+    with distributed("cpu") as d:
+        return _run_ingest(run, p, d)
+
+
+def _run_ingest(run: RunDir, p: IngestParams, d: Dist) -> dict[str, Any]:
     t0 = time.time()
-    d = init_distributed("cpu", keep=True)
     run.root.mkdir(parents=True, exist_ok=True)
     prep = _prepare(run, p, d)
     n_shards = prep.plan["shards"]

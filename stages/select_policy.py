@@ -54,7 +54,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from winnow.core import steps
-from winnow.core.dist import Dist, init_distributed
+from winnow.core.dist import Dist, distributed
 from winnow.core.shards import rank_parts
 from winnow.core.steps import Step
 from winnow.core.store import RunDir, UserError
@@ -268,6 +268,12 @@ def _always_keep(run: RunDir, p: SelectParams) -> tuple[np.ndarray | None, dict 
 
 
 def run_select(run: RunDir, p: SelectParams) -> dict:
+    """Under torchrun each rank writes its :func:`~winnow.core.shards.rank_parts`; counts are summed."""
+    with distributed("cpu") as d:
+        return _run_select(run, p, d)
+
+
+def _run_select(run: RunDir, p: SelectParams, d: Dist) -> dict:
     started = time.time()
     samples = run.table(io.SAMPLES)
     if not samples.exists():
@@ -288,7 +294,6 @@ def run_select(run: RunDir, p: SelectParams) -> dict:
         run, "select", p, CODE_VERSION, started, table=f"selection/{p.name}", key=f"select:{p.name}"
     )
     inputs = io.table_inputs(run, sorted({io.SAMPLES, *tables}))
-    d = init_distributed("cpu", keep=True)
     if d.main:
         io.drop_orphans(st.out, parts)
     counts: dict = {}

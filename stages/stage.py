@@ -28,7 +28,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from winnow.core.dist import Dist, init_distributed
+from winnow.core.dist import Dist, distributed
 from winnow.core.shards import Computed, rank_parts
 from winnow.core.steps import Policy, Ref, StepSpec, TableDecl, _resolve
 from winnow.core.store import RunDir, UserError
@@ -134,8 +134,12 @@ def run_stage(stage: Stage, run: RunDir, params: Any) -> dict[str, Any]:
 
     Under torchrun each rank computes the shards :func:`~winnow.core.shards.rank_parts` gives it (a stage
     with a scan: only when it declares ``shard_split``, else rank 0 does all); rank 0 records the step."""
+    with distributed("cpu") as d:
+        return _run_stage(stage, run, params, d)
+
+
+def _run_stage(stage: Stage, run: RunDir, params: Any, d: Dist) -> dict[str, Any]:
     started = time.time()
-    d = init_distributed("cpu", keep=True)
     parts = io.samples_parts(run)
     _check_tables(stage, run, params, parts)
     ctx = Ctx(run, params, parts, stage.inputs(params), d)
