@@ -47,6 +47,7 @@ import numpy as np
 import pyarrow as pa
 
 from winnow.core.markdown import per_sample_section
+from winnow.core.shards import Computed, rank_parts
 from winnow.core.steps import Ref
 from winnow.stages import stage_io as io
 from winnow.stages import topk
@@ -129,9 +130,17 @@ def _spilled(spill, sizes: list[int]):
         yield np.fromfile(spill, dtype=np.uint64, count=n)
 
 
-def _kth_largest_key(spill, sizes: list[int], hist: np.ndarray, k: int) -> tuple[int, int]:
+def _summed(ctx: Ctx, hist: np.ndarray) -> np.ndarray:
+    """A histogram over every rank's keys (integer counts: exact in any order)."""
+    return hist if ctx.d.world == 1 else np.sum(ctx.d.gather(hist), axis=0)
+
+
+def _kth_largest_key(
+    spill, sizes: list[int], hist: np.ndarray, k: int, reduce=lambda h: h
+) -> tuple[int, int]:
     """(t, above): the k-th largest key t and how many keys are > t, by radix select over 16-bit
-    digits (the first histogram comes from pass 1; each further digit is one read of the spill)."""
+    digits (the first histogram comes from pass 1; each further digit is one read of the spill, each
+    rank reading its own and ``reduce`` summing the ranks' histograms)."""
     prefix, above, shift = 0, 0, 48
     while True:
         from_top = np.cumsum(hist[::-1])
@@ -147,6 +156,7 @@ def _kth_largest_key(spill, sizes: list[int], hist: np.ndarray, k: int) -> tuple
             inside = keys[(keys >> np.uint64(shift + 16)) == np.uint64(high)]
             digits = ((inside >> np.uint64(shift)) & np.uint64(0xFFFF)).astype(np.int64)
             hist += np.bincount(digits, minlength=65536)
+        hist = reduce(hist)
 
 
 def _shard_scores(ctx: Ctx, part: int) -> tuple:
@@ -176,13 +186,13 @@ def _refuse_zero(params: ExcessLossParams, n: int, nonzero: int) -> None:
 
 @dataclass
 class _Whole:
-    """The whole-dataset top-k: the spill of order keys (read back shard by shard), the k-th largest key
-    ``t`` and how many of the keys equal to it are still to keep; counts."""
+    """The whole-dataset top-k: the k-th largest key ``t``, and for each of this rank's shards where its
+    keys start in this rank's spill, how many they are and how many of its keys equal to ``t`` to keep."""
 
     spill: Any
-    spilled: Any
+    where: dict[int, tuple[int, int]]
     t: int | None
-    ties_left: int
+    ties: dict[int, int]
     counts: dict[str, int]
 
     def close(self) -> None:
@@ -190,61 +200,77 @@ class _Whole:
 
 
 def _scan_whole(ctx: Ctx) -> _Whole:
-    """The global top ``⌊k_ratio·N⌋`` with memory independent of N (issue 16).
+    """The global top ``⌊k_ratio·N⌋`` with memory independent of N (issue 16), on any number of ranks.
 
     Pass 1 writes each scored token's order key to a temporary file and histograms its top 16 bits; a
     radix select finds the k-th largest key in three more reads of that file; pass 2
     (:func:`_compute_whole`) keeps the keys above it and, of the keys equal to it, the earliest in
     (shard, row, position) order: the very tokens ``top_fraction`` over the concatenated scores keeps.
-    """
+    Under torchrun each rank spills its own shards (``rank_parts``) and the histograms, totals and
+    per-shard tie counts are summed across ranks (integers), so every rank finds the same ``t`` and
+    each shard keeps the ties one process would (issue 29)."""
     import tempfile
 
-    hist, sizes, missing, nonzero = np.zeros(65536, np.int64), [], 0, 0
+    hist, sizes, where, local = np.zeros(65536, np.int64), [], {}, np.zeros(4, np.int64)
     spill = tempfile.TemporaryFile(prefix="winnow-excess-")
-    for part in ctx.parts:
-        _, _, flat, miss = _shard_scores(ctx, part)
+    for part in rank_parts(ctx.run, ctx.parts, ctx.d):
+        shard, _, flat, miss = _shard_scores(ctx, part)
         order = order_keys(flat)
         order.tofile(spill)
         hist += np.bincount((order >> np.uint64(48)).astype(np.int64), minlength=65536)
+        where[part] = (8 * sum(sizes), len(order))
         sizes.append(len(order))
-        missing, nonzero = missing + miss, nonzero + int((flat != 0).sum())
-    n = sum(sizes)
+        local += [len(order), miss, int((flat != 0).sum()), len(shard.n_tokens)]
+    spill.flush()  # read back with pread
+    n, missing, nonzero, samples = (int(x) for x in _summed(ctx, local))
     _refuse_zero(ctx.params, n, nonzero)
     k = io.floor_count(ctx.params.k_ratio, n)
-    t, above = _kth_largest_key(spill, sizes, hist, k) if k else (None, 0)
-    counts = {
-        "samples": 0,
-        "scored_tokens": n,
-        "kept_tokens": k,
-        "batches": 1,
-        "supervised_without_signal": missing,
-    }
-    return _Whole(spill, _spilled(spill, sizes), t, k - above, counts)
+    reduce = lambda h: _summed(ctx, h)  # noqa: E731
+    t, above = _kth_largest_key(spill, sizes, _summed(ctx, hist), k, reduce) if k else (None, 0)
+    counts = {"samples": samples, "scored_tokens": n, "kept_tokens": k, "batches": 1}
+    counts["supervised_without_signal"] = missing
+    return _Whole(spill, where, t, _ties_per_part(ctx, spill, where, t, k - above), counts)
+
+
+def _ties_per_part(ctx: Ctx, spill, where: dict, t: int | None, ties_left: int) -> dict[int, int]:
+    """How many keys equal to ``t`` each shard keeps: the first ``ties_left`` in shard order."""
+    if t is None:
+        return {}
+    mine = {part: int((_read_keys(spill, *where[part]) == np.uint64(t)).sum()) for part in where}
+    every = {}
+    for got in ctx.d.gather(mine) if ctx.d.world > 1 else [mine]:
+        every.update(got)
+    out = {}
+    for part in ctx.parts:
+        out[part] = min(every.get(part, 0), ties_left)
+        ties_left -= out[part]
+    return out
+
+
+def _read_keys(spill, offset: int, count: int) -> np.ndarray:
+    return np.frombuffer(os.pread(spill.fileno(), 8 * count, offset), np.uint64)
 
 
 def _compute_whole(ctx: Ctx, part: int, state: _Whole) -> pa.Table:
     shard, mask, flat, _ = _shard_scores(ctx, part)
-    got = next(state.spilled)
+    got = _read_keys(state.spill, *state.where[part])
     keep = np.zeros(len(got), bool)
     if state.t is not None:
         tie = got == np.uint64(state.t)
-        keep = (got > np.uint64(state.t)) | (tie & (np.cumsum(tie) <= state.ties_left))
-        state.ties_left -= int((tie & keep).sum())
+        keep = (got > np.uint64(state.t)) | (tie & (np.cumsum(tie) <= state.ties[part]))
     batch = np.where(mask.any(1), 0, -1)
-    state.counts["samples"] += len(shard.n_tokens)
     return _shard_table(shard.sample_id, batch, mask, shard.n_tokens, flat, keep)
 
 
-def _batch_cutoffs(spill, starts: np.ndarray, rows: np.ndarray, k_ratio: float) -> tuple[float, np.ndarray]:
+def _batch_cutoffs(read, starts: np.ndarray, rows: np.ndarray, k_ratio: float) -> tuple[float, np.ndarray]:
     """One mini-batch's top-k as per-sample scalars: the smallest kept score ``t`` and, for each row, how
     many of its tokens scoring exactly ``t`` are kept (ties go to the earlier token in batch order, so
-    within a row to the earlier position). Each row's scores are read back from the spill file."""
+    within a row to the earlier position). Each row's scores are read back from the spill
+    (``read(row, count)``: the bytes of its ``count`` float64 scores)."""
     import torch
 
     counts = (starts[rows + 1] - starts[rows]).astype(np.int64)
-    chunks = [
-        os.pread(spill.fileno(), int(8 * c), int(8 * starts[r])) for r, c in zip(rows, counts, strict=True)
-    ]
+    chunks = [read(int(r), int(c)) for r, c in zip(rows, counts, strict=True)]
     bmask = np.arange(int(counts.max()))[None, :] < counts[:, None]
     vals = np.zeros(bmask.shape, np.float64)
     vals[bmask] = np.frombuffer(b"".join(chunks), np.float64)  # row-major fill keeps each row in order
@@ -281,56 +307,100 @@ class _Batches:
     counts: dict[str, int]
 
 
+SPILL_DIR = ".excess-loss-spill"  # in the run: every rank reads the rows of a batch from any rank's file
+
+
+def _spill_shards(ctx: Ctx, folder) -> dict[int, tuple]:
+    """Pass 1 over this rank's shards: their float64 scores appended to ``r<rank>.f64``; per shard its
+    scored tokens per sample, the byte offset of its scores, and its missing and nonzero counts."""
+    out = {}
+    with open(folder / f"r{ctx.d.rank}.f64", "wb") as f:
+        for part in rank_parts(ctx.run, ctx.parts, ctx.d):
+            _, mask, flat, miss = _shard_scores(ctx, part)
+            out[part] = (mask.sum(1).astype(np.int64), f.tell(), miss, int((flat != 0).sum()), ctx.d.rank)
+            np.asarray(flat, np.float64).tofile(f)
+    return out
+
+
 def _scan_batches(ctx: Ctx) -> _Batches | None:
     """The top-k of each simulated mini-batch with only per-sample scalars in memory (issue 16).
 
-    Pass 1 spills every scored token's float64 excess loss to a temporary file in (shard, row,
-    position) order. Each mini-batch reads its rows back (``pread``), and keeps of its top-k only the
-    cutoff score and each row's number of kept ties (:func:`_batch_cutoffs`); pass 2
-    (:func:`_compute_batches`) recomputes each shard's scores and applies the cutoffs. ``None`` when
-    there is a single batch (the whole dataset).
+    Pass 1 spills every scored token's float64 excess loss, each rank its own shards, into a hidden
+    folder of the run (:func:`_spill_shards`); the per-sample token counts are gathered. Each mini-batch
+    (batch ``b`` on rank ``b % world``) reads its rows back (``pread``), and keeps of its top-k only the
+    cutoff score and each row's number of kept ties (:func:`_batch_cutoffs`), gathered on every rank;
+    pass 2 (:func:`_compute_batches`) recomputes each shard's scores and applies the cutoffs. ``None``
+    when there is a single batch (the whole dataset).
     """
-    import tempfile
+    import shutil
 
-    params = ctx.params
-    with tempfile.TemporaryFile(prefix="winnow-excess-") as spill:
-        per_sample, missing, nonzero = [], 0, 0
-        for part in ctx.parts:
-            _, mask, flat, miss = _shard_scores(ctx, part)
-            np.asarray(flat, np.float64).tofile(spill)
-            per_sample.append(mask.sum(1).astype(np.int64))
-            missing, nonzero = missing + miss, nonzero + int((flat != 0).sum())
-        spill.flush()
-        per = np.concatenate(per_sample) if per_sample else np.zeros(0, np.int64)
-        starts = np.concatenate([[0], np.cumsum(per)])
-        _refuse_zero(params, int(starts[-1]), nonzero)
-        scored = np.flatnonzero(per > 0)
-        batches = topk.minibatches(len(scored), params.batch_size, params.seed)
-        if len(batches) == 1:
-            return None
-        batch = np.full(len(per), -1, np.int32)
-        cut, ties = np.full(len(per), np.inf), np.zeros(len(per), np.int32)
-        for b, sel in enumerate(batches):
-            rows = scored[sel]
-            cut[rows], ties[rows] = _batch_cutoffs(spill, starts, rows, params.k_ratio)
-            batch[rows] = b
-    row0 = dict(zip(ctx.parts, np.cumsum([0, *(len(x) for x in per_sample)])[:-1].tolist(), strict=True))
+    params, d, folder = ctx.params, ctx.d, ctx.run.root / SPILL_DIR
+    if d.main:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+    d.barrier()
+    shards = {}
+    for got in d.gather(_spill_shards(ctx, folder)) if d.world > 1 else [_spill_shards(ctx, folder)]:
+        shards.update(got)
+    per = np.concatenate([shards[p][0] for p in ctx.parts]) if ctx.parts else np.zeros(0, np.int64)
+    starts = np.concatenate([[0], np.cumsum(per)])
+    _refuse_zero(params, int(starts[-1]), sum(shards[p][3] for p in ctx.parts))
+    row0 = dict(
+        zip(ctx.parts, np.cumsum([0, *(len(shards[p][0]) for p in ctx.parts)])[:-1].tolist(), strict=True)
+    )
+    scored = np.flatnonzero(per > 0)
+    batches = topk.minibatches(len(scored), params.batch_size, params.seed)
+    if len(batches) > 1:
+        batch, cut, ties = _cutoffs(ctx, folder, shards, row0, starts, scored, batches)
+    d.barrier()  # every rank is done reading the spill
+    if d.main:
+        shutil.rmtree(folder, ignore_errors=True)
+    if len(batches) == 1:
+        return None
     counts = {
         "samples": int(len(per)),
         "scored_tokens": int(starts[-1]),
-        "kept_tokens": 0,
         "batches": len(batches),
-        "supervised_without_signal": missing,
-    }
+        "supervised_without_signal": sum(shards[p][2] for p in ctx.parts),
+    }  # kept_tokens: summed from each shard's counts (_compute_batches)
     return _Batches(per, batch, cut, ties, row0, counts)
 
 
-def _compute_batches(ctx: Ctx, part: int, state: _Batches) -> pa.Table:
+def _cutoffs(ctx: Ctx, folder, shards: dict, row0: dict, starts, scored, batches) -> tuple:
+    """Each batch's cutoffs, batch ``b`` on rank ``b % world``, gathered on every rank."""
+    parts = list(row0)
+    firsts = np.array([row0[p] for p in parts], np.int64)
+    files = {r: os.open(folder / f"r{r}.f64", os.O_RDONLY) for r in {shards[p][4] for p in parts}}
+
+    def read(row: int, count: int) -> bytes:
+        part = parts[int(np.searchsorted(firsts, row, side="right")) - 1]
+        _, offset, _, _, rank = shards[part]
+        return os.pread(files[rank], 8 * count, offset + 8 * int(starts[row] - starts[row0[part]]))
+
+    n = len(starts) - 1
+    batch, cut, ties = np.full(n, -1, np.int32), np.full(n, np.inf), np.zeros(n, np.int32)
+    mine = []
+    try:
+        for b, sel in enumerate(batches):
+            rows = scored[sel]
+            batch[rows] = b
+            if b % ctx.d.world == ctx.d.rank:
+                mine.append((rows, *_batch_cutoffs(read, starts, rows, ctx.params.k_ratio)))
+    finally:
+        for fd in files.values():
+            os.close(fd)
+    for got in ctx.d.gather(mine) if ctx.d.world > 1 else [mine]:
+        for rows, t, k in got:
+            cut[rows], ties[rows] = t, k
+    return batch, cut, ties
+
+
+def _compute_batches(ctx: Ctx, part: int, state: _Batches) -> Computed:
     shard, mask, flat, _ = _shard_scores(ctx, part)
     rows = slice(state.row0[part], state.row0[part] + mask.shape[0])
     keep = _keep_from_cutoffs(flat, state.per[rows], state.cut[rows], state.ties[rows])
-    state.counts["kept_tokens"] += int(keep.sum())
-    return _shard_table(shard.sample_id, state.batch[rows], mask, shard.n_tokens, flat, keep)
+    table = _shard_table(shard.sample_id, state.batch[rows], mask, shard.n_tokens, flat, keep)
+    return Computed([table], counts={"kept_tokens": int(keep.sum())})
 
 
 def _scan(ctx: Ctx) -> _Whole | _Batches:
@@ -341,7 +411,7 @@ def _scan(ctx: Ctx) -> _Whole | _Batches:
     return (None if whole else _scan_batches(ctx)) or _scan_whole(ctx)
 
 
-def _compute(ctx: Ctx, part: int, state: _Whole | _Batches) -> pa.Table:
+def _compute(ctx: Ctx, part: int, state: _Whole | _Batches) -> pa.Table | Computed:
     if isinstance(state, _Whole):
         return _compute_whole(ctx, part, state)
     return _compute_batches(ctx, part, state)
@@ -368,5 +438,6 @@ STAGE = Stage(
     compute=_compute,
     counts=lambda state: state.counts,
     card=card_section,
+    shard_split=True,  # spills, histograms and cutoffs are split and gathered; compute needs (part, state)
 )
 STEP = STAGE  # the runnable step (``STEP.run(run, params)``) is the stage itself
