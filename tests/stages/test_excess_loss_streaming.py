@@ -102,3 +102,33 @@ def test_streamed_minibatches_equal_in_memory_batches(tmp_path, seed, grid, k_ra
         np.testing.assert_array_equal(
             np.array([got_k[i] for i, v in enumerate(exc) if v is not None], bool), keep
         )
+
+
+def test_two_ranks_keep_the_tokens_one_process_keeps(tmp_path):
+    """Under torchrun (2 gloo ranks) the radix select's histograms and each shard's ties are summed
+    across ranks and the simulated batches read the other rank's spill (issue 29): the same tables, with
+    the ties of a coarse grid split across both ranks' shards."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "WINNOW_PROGRESS": "0"}
+    for batch_size in (0, 4):
+        one, _ = _run(tmp_path / f"one{batch_size}", np.random.default_rng(5), 0.25)
+        two, _ = _run(tmp_path / f"two{batch_size}", np.random.default_rng(5), 0.25)
+        ex.STEP.run(one, ex.ExcessLossParams(k_ratio=0.4, batch_size=batch_size))
+        cmd = [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python", "--"]
+        cmd += [str(bin_dir / "winnow"), "score", str(two.root), "excess_loss"]
+        cmd += ["--set", "k_ratio=0.4", "--set", f"batch_size={batch_size}"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        for part in range(4):
+            a = pq.read_table(one.table("scores/excess_loss").part_path(part))
+            b = pq.read_table(two.table("scores/excess_loss").part_path(part))
+            assert a.equals(b), (batch_size, part)
+        entry = two.manifest()["steps"]["stage:excess_loss"]
+        assert entry["shards"]["by_rank"] == [2, 2]
+        assert entry["counts"] == one.manifest()["steps"]["stage:excess_loss"]["counts"]
+        assert not (two.root / ex.SPILL_DIR).exists()
