@@ -51,6 +51,7 @@ OUTPUTS = {  # tables a step writes, removed before it runs
     "select eu_plane": ["selection/eu"],
     "select critical_tokens": ["selection/cdpo"],
 }
+RANK0_STEPS = {"score dv4llm"}  # runs on rank 0 under torchrun (its distributed solver: issue 29 item 3)
 TOKENS_SQL = "select count(*), count(current__logprob), avg(current__logprob), sum(loss_mask) from tokens"
 
 
@@ -315,7 +316,8 @@ def projection(results: Path, samples: float = 100e6, nodes=(8, 64), ranks_per_n
     (``e2`` about 0.5) does not shrink. It assumes the shared storage keeps up with R ranks."""
     rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
     last = {(r["step"], r["n"], r.get("ranks", 1)): r for r in rows if r["rc"] == 0}
-    pairs = sorted({(k[0], k[1]) for k in last if k[2] == 2 and (k[0], k[1], 1) in last}, key=lambda x: -x[1])
+    seen = list(dict.fromkeys((k[0], k[1]) for k in last if k[2] == 2 and (k[0], k[1], 1) in last))
+    pairs = sorted(seen, key=lambda x: -x[1])  # the largest size first, steps in the order they ran
     head = [
         "step",
         "n",
@@ -335,6 +337,8 @@ def projection(results: Path, samples: float = 100e6, nodes=(8, 64), ranks_per_n
         w1, w2 = max(t1 - f1, 1e-3), max(t2 - f2, 1e-3)
         e2 = min(1.0, w1 / w2 / 2)
         cells = [_minutes(f2 + w1 * samples / n / (m * ranks_per_node * e2)) for m in nodes]
+        if step in RANK0_STEPS:  # one rank does it all, however many there are
+            cells = [_minutes(t1 * samples / n) + " (rank 0)" for _ in nodes]
         lines.append(
             "| "
             + " | ".join([step, f"{n // 1000}k", f"{t1:.0f}", f"{t1 / t2:.2f}x", f"{e2:.2f}", *cells])
