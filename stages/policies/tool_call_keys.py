@@ -115,15 +115,15 @@ def _target(messages: list[dict], k: int) -> tuple[bool, bool]:
     return not error, error
 
 
-def reply_weights(
+def reply_parts(
     content: str, offered: list[str], text: str, starts: list[int], reply: list[int], at: int
-) -> dict[int, float]:
-    """Token -> weight for the reply tokens ``reply`` (indices, in order) of a reply whose content starts
-    at character ``at`` of ``text`` (``starts``: each token's first character)."""
+) -> tuple[set[int], list[int], float]:
+    """(P, A, w) of the reply tokens ``reply`` (indices, in order) of a reply whose content starts at
+    character ``at`` of ``text`` (``starts``: each token's first character); no key tokens: w = 1."""
     ends = [*starts[1:], len(text)]
     keys = {bisect_right(starts, at + c) - 1 for c in key_chars(content, offered)} & set(reply)
     if not keys:
-        return dict.fromkeys(reply, 1.0)
+        return keys, [], 1.0
     closing = [
         i
         for i in reply
@@ -135,12 +135,15 @@ def reply_weights(
     if not closing and len(reply) >= 2 and reply[-2] not in keys:
         closing = [reply[-2]]
     others = len(reply) - len(keys) - len(closing)
-    w = min(others / len(keys), MAX_WEIGHT) if len(keys) < others else 1.0
-    return {i: (w if i in keys else 1.0) for i in reply}
+    return keys, closing, min(others / len(keys), MAX_WEIGHT) if len(keys) < others else 1.0
 
 
-def sample_weights(text: str, offsets, loss_mask, messages: list[dict]) -> tuple[np.ndarray, str]:
-    """One sample's token weights and reason (the module docstring's rule)."""
+def sample_weights(
+    text: str, offsets, loss_mask, messages: list[dict], replies: list[dict] | None = None
+) -> tuple[np.ndarray, str]:
+    """One sample's token weights and reason (the module docstring's rule). ``replies``, when given, gets
+    one record per assistant turn: ``error`` (followed by a tool error), ``target``, ``R``, ``P``, ``A``, ``w``
+    (what benchmarks/tool_call_keys.py reports)."""
     starts, mask = [int(x) for x in offsets], np.asarray(loss_mask) > 0
     weights = np.zeros(len(starts), np.float32)
     msg_at = _spans(text, messages)
@@ -152,13 +155,17 @@ def sample_weights(text: str, offsets, loss_mask, messages: list[dict]) -> tuple
             continue
         target, error = _target(messages, k)
         n_errors += error
-        if not target:
-            continue
         limit = next((a for a in msg_at[k + 1 :] if a >= 0), len(text))
         reply = [i for i in np.flatnonzero(mask).tolist() if ends[i] > msg_at[k] and starts[i] < limit]
-        got = reply_weights(m["content"], offered, text, starts, reply, msg_at[k]) if reply else {}
-        for i, w in got.items():
-            weights[i] = w
+        keys, closing, w = reply_parts(m["content"], offered, text, starts, reply, msg_at[k])
+        if replies is not None:
+            replies.append(
+                {"error": error, "target": target, "R": len(reply), "P": len(keys), "A": len(closing), "w": w}
+            )
+        if not target:
+            continue
+        for i in reply:
+            weights[i] = w if i in keys else 1.0
         n_targets += bool(reply)
         n_calls += bool(reply) and bool(key_chars(m["content"], offered))
     if n_calls:

@@ -179,3 +179,19 @@ def test_demo_weights_match_a_brute_force_reimplementation(tool_run):
         kinds.add(row["meta_kind"])
         up += any(x > 1 for x in want)
     assert kinds == {"one_call", "two_calls", "error_retry"} and up == len(samples)
+
+
+def test_the_demo_is_deterministic_and_its_errors_are_the_filters():
+    from winnow.pipeline.builtin.tool_demo import generate_tool_demo
+
+    rows = generate_tool_demo()
+    assert rows == generate_tool_demo() and rows != generate_tool_demo(seed=1)
+    assert len(rows) == 120 and {r["kind"] for r in rows} == {"one_call", "two_calls", "error_retry"}
+    for r in rows:
+        msgs = r["messages"]
+        replies = [k for k, m in enumerate(msgs) if m["role"] == "assistant"]
+        # the generator's ground truth agrees with TL-Training's error list on every tool output
+        flagged = [k + 1 < len(msgs) and tk.is_tool_error(msgs[k + 1]["content"]) for k in replies]
+        assert flagged == r["errors"]
+        assert tk.offered_tools(msgs[0]["content"]) == r["tools"]
+        assert all(c in r["tools"] for c, e in zip(r["calls"], r["errors"], strict=True) if c and not e)

@@ -190,3 +190,17 @@ def test_each_bad_spec_or_declaration_names_it(
     got, _, err = run_cli("select", shared_run, spec, "--name", "spec_check")
     assert got == code, err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_card_names_the_function_and_spreads_its_weights(tmp_path, monkeypatch):
+    from winnow.pipeline.card import write_card
+
+    run = eu_run.make_run(tmp_path / "run").root
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.py").write_text(POLICY)
+    assert run_cli("select", run, "python:p.py:nll")[0] == 0
+    text = write_card(run, tmp_path / "card").read_text()
+    assert "A user policy: `python:p.py:nll` (source sha256 `" in text
+    # kept s1, s3, s4 (EXPECTED): weight 1 once (s3), above 1: 2, 1.5, 3 and 3 x ln 8; below 1: 2 x ln 2, 0.5
+    mass = (2 + 1.5 + 3 + 3 * L8) / (2 * L2 + 1 + 2 + 0.5 + 1.5 + 3 + 3 * L8)
+    assert f"| 1 | 6 | 3 | {mass:.1%} | 1.5 / 2.08 / 3 |" in text
