@@ -25,6 +25,11 @@ kept). Its reason is ``<policy>:<reason>`` of the first listed policy that dropp
 (``dv4llm:not_selected``), or the kept reasons joined by ``+`` (``selected+correct``); the token half is
 ``tokens`` or else the first listed policy's own. One policy alone keeps its plain reasons.
 
+**User policies.** ``python:pkg.module:function`` or ``python:path/to/file.py:function`` names a Python
+function that decides both halves of each shard (:mod:`winnow.stages.user_policy`: the contract, the
+checks, its source digest in the fingerprint); ``tokens`` then multiplies its weights. It does not compose
+with ``,``; the selection's default name is ``<module or file stem>.<function>``.
+
 **Always-keep floor.** ``--always-keep "<|im_end|>,####"`` (``always_keep``) names texts whose tokens the
 token half never drops: at supervised positions whose ``input_id`` is one of their ids (tokenized with the
 samples' tokenizer, :mod:`winnow.core.always_keep`), ``token_weight`` becomes at least the
@@ -69,7 +74,7 @@ class SelectParams:
     # one policy, several joined by "," (kept when every one keeps it), or python:pkg.module:function or
     # python:path/file.py:function (a user policy: winnow.stages.user_policy)
     policy: str
-    name: str = ""  # selection/<name>/; default: the policy's name (the names joined by "_and_")
+    name: str = ""  # selection/<name>/; default: the policy's name (the names joined by "_and_"; python: file.function)
     tokens: str = ""  # "" = the policy's own token half; else one of steps.token_sources()
     keep: str = ""  # policy=sql: a DuckDB boolean expression over the samples view
     keep_targets: bool = True  # policy=dv4llm: keep the target samples too

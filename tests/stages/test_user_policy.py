@@ -204,3 +204,8 @@ def test_the_card_names_the_function_and_spreads_its_weights(tmp_path, monkeypat
     # kept s1, s3, s4 (EXPECTED): weight 1 once (s3), above 1: 2, 1.5, 3 and 3 x ln 8; below 1: 2 x ln 2, 0.5
     mass = (2 + 1.5 + 3 + 3 * L8) / (2 * L2 + 1 + 2 + 0.5 + 1.5 + 3 + 3 * L8)
     assert f"| 1 | 6 | 3 | {mass:.1%} | 1.5 / 2.08 / 3 |" in text
+
+
+def test_winnow_steps_shows_the_python_form():
+    code, out, _ = run_cli("steps", "select")
+    assert code == 0 and "python:pkg.module:function" in out and "python:path/file.py:function" in out
