@@ -155,19 +155,28 @@ def split_spec(spec: str) -> tuple[str, str]:
 
 def _module(spec: str, target: str) -> Any:
     """The module ``target`` names: a file loaded by its path, or an importable module's name."""
-    if not _is_path(target):
-        try:
-            return importlib.import_module(target)
-        except ModuleNotFoundError as e:
-            if e.name and target.startswith(e.name):
-                raise ValueError(
-                    f"policy={spec!r}: no module {target!r} on sys.path (the working directory is not on it: "
-                    "name the file instead, python:path/to/file.py:function)"
-                ) from None
-            raise
-    path = Path(target)
-    if not path.is_file():
+    if _is_path(target) and not Path(target).is_file():
         raise ValueError(f"policy={spec!r}: no file {target} (relative to {Path.cwd()})")
+    try:
+        if not _is_path(target):
+            return importlib.import_module(target)
+        return _load_file(spec, target)
+    except ModuleNotFoundError as e:
+        if e.name and target.startswith(e.name):
+            raise ValueError(
+                f"policy={spec!r}: no module {target!r} on sys.path (the working directory is not on it: "
+                "name the file instead, python:path/to/file.py:function)"
+            ) from None
+        raise RuntimeError(f"policy={spec!r}: importing {target} failed: {e}") from e
+    except SyntaxError as e:  # the user's file: name the line (exit 2)
+        raise ValueError(f"policy={spec!r}: {e.filename}:{e.lineno}: {e.msg}") from None
+    except Exception as e:  # the module's own code failed while loading: a runtime error naming it
+        raise RuntimeError(f"policy={spec!r}: importing {target} failed: {type(e).__name__}: {e}") from e
+
+
+def _load_file(spec: str, target: str) -> Any:
+    """``target``, a Python file, executed as a module of its own."""
+    path = Path(target)
     # a module of its own under a name no import can clash with; its folder stays off sys.path
     name = "winnow_user_policy_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
     mod_spec = importlib.util.spec_from_file_location(name, path)

@@ -29,7 +29,7 @@ from winnow.pipeline.builtin.demo_data import cache_dir
 
 TOOL_DEMO_SIZE = 120
 TOOL_DEMO_SEED = 20261208
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: a two-call request asks for both calls
 
 CITIES = ["Paris", "Lagos", "Osaka", "Lima", "Oslo", "Quito", "Hanoi", "Porto", "Cairo", "Perth"]
 ZONES = ["UTC", "CET", "JST", "PST", "EST"]
@@ -114,21 +114,23 @@ def _sample(i: int, seed: int) -> dict:
     offered = _offered(gold, r)
     stubs = [f'def {t}({TOOLS[t][0]}):\n    """{TOOLS[t][1]}"""' for t in offered]
     msgs = [{"role": "system", "content": "You can call these functions:\n\n" + "\n\n".join(stubs)}]
-    args, output, answer = _turns(gold[0], r)
-    words = ", ".join(f"{k} {v}" for k, v in args.items())
-    msgs.append({"role": "user", "content": r.choice(REQUESTS).format(name_words=gold[0].replace("_", " "),
-                                                                       args_words=words)})  # fmt: skip
+    drawn = [_turns(name, r) for name in gold]  # (arguments, output, answer) per call
+    asks = [
+        r.choice(REQUESTS).format(
+            name_words=name.replace("_", " "), args_words=", ".join(f"{k} {v}" for k, v in args.items())
+        )
+        for name, (args, _, _) in zip(gold, drawn, strict=True)
+    ]
+    msgs.append({"role": "user", "content": " Then: ".join(asks)})
     calls, errors = [], []
     if kind == "error_retry":
-        bad_call, message = _error(gold[0], args, r)
+        bad_call, message = _error(gold[0], drawn[0][0], r)
         msgs += [{"role": "assistant", "content": bad_call}, {"role": "tool", "content": message}]
         calls.append(bad_call.split("(")[0]), errors.append(True)
-    answers = []
-    for k, name in enumerate(gold):
-        if k:
-            args, output, answer = _turns(name, r)
+    for name, (args, output, _) in zip(gold, drawn, strict=True):
         msgs += [{"role": "assistant", "content": _call(name, args)}, {"role": "tool", "content": output}]
-        calls.append(name), errors.append(False), answers.append(answer)
+        calls.append(name), errors.append(False)
+    answers = [answer for _, _, answer in drawn]
     msgs.append({"role": "assistant", "content": " ".join(answers)})
     calls.append(""), errors.append(False)
     return {"messages": msgs, "tools": offered, "calls": calls, "errors": errors, "kind": kind}
