@@ -210,9 +210,7 @@ class TinyModelRecipe:
         unknown = sorted(set(self.corruptions or ()) - set(CORRUPTION_KINDS))
         templates = sorted(set(self.exclude_templates or ()) - set(MATH_TEMPLATES))
         if templates:
-            raise ValueError(
-                f"{where}: exclude_templates {templates} are not demo templates {MATH_TEMPLATES}"
-            )
+            raise ValueError(f"{where}: exclude_templates {templates} are not demo templates {MATH_TEMPLATES}")
         if unknown:
             raise ValueError(f"{where}: corruptions {unknown} are not demo kinds {list(CORRUPTION_KINDS)}")
         if self.loss_on not in ("all", "assistant"):
@@ -542,7 +540,7 @@ def _single_process() -> Iterator[None]:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         raise UserError(
             "a builtin tiny model is missing from the cache and cannot be built inside a running process "
-            'group; build it once in a single process first (python -c "from winnow.pipeline.builtin.'
+            "group; build it once in a single process first (python -c \"from winnow.pipeline.builtin."
             "tiny_model import builtin_model_path as b; b('tiny')\" for each builtin model you use)"
         )
     keys = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
