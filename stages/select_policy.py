@@ -82,10 +82,7 @@ class SelectParams:
     always_keep: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._user = None
-        if self.policy.startswith(user_policy.PREFIX):  # one user function: it decides both halves
-            self._user = user_policy.load(self.policy)
-        for policy in [] if self._user else self.policies:
+        for policy in [] if self.user else self.policies:  # a user function decides both halves itself
             if policy not in steps.selection_policies():
                 raise ValueError(
                     f"unknown policy {policy!r}; policies: {steps.selection_policies()}, or several joined "
@@ -101,18 +98,19 @@ class SelectParams:
             raise ValueError(
                 'policy sql needs --set keep="<boolean SQL over samples>"; other policies take no keep='
             )
-        if self.always_keep and self.token_source == "loss_mask" and not self._user:
+        if self.always_keep and self.token_source == "loss_mask" and not self.user:
             raise ValueError(
                 f"always_keep={','.join(self.always_keep)} floors a token-level selection, but this one keeps "
                 f"every supervised token already: add --tokens {'|'.join(steps.token_sources()[1:])}"
             )
-        default = self._user.default_name if self._user else "_and_".join(self.policies)
+        default = self.user.default_name if self.user else "_and_".join(self.policies)
         self.name = check_name(self.name or default)  # one folder, <= 100 characters
 
     @property
     def user(self) -> user_policy.UserPolicy | None:
-        """The user policy ``python:...`` names (loaded and checked once), else None."""
-        return self._user
+        """The user policy ``python:...`` names (loaded and checked; cached while its file is unchanged),
+        else None. Not an attribute: parameters hold only their fields (recipe.resolved.json is ``vars``)."""
+        return user_policy.load(self.policy) if self.policy.startswith(user_policy.PREFIX) else None
 
     @property
     def policies(self) -> list[str]:

@@ -187,9 +187,24 @@ def _load_file(spec: str, target: str) -> Any:
     return module
 
 
+_LOADED: dict[tuple, UserPolicy] = {}
+
+
 def load(spec: str) -> UserPolicy:
     """The user policy ``spec`` names, checked: a callable with a tuple of table names in ``reads``
-    (ValueError otherwise: a parameter error, exit 2)."""
+    (ValueError otherwise: a parameter error, exit 2). Loaded once per process while a policy file's
+    size and mtime stay the same (the parameters ask for it several times per run)."""
+    target, _ = split_spec(spec)
+    key: tuple = (spec,)
+    if _is_path(target) and Path(target).is_file():
+        st = Path(target).stat()
+        key = (spec, str(Path(target).resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _LOADED:
+        _LOADED[key] = _load(spec)
+    return _LOADED[key]
+
+
+def _load(spec: str) -> UserPolicy:
     target, func = split_spec(spec)
     fn = getattr(_module(spec, target), func, None)
     if not callable(fn):
