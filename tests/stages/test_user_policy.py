@@ -211,3 +211,23 @@ def test_the_card_names_the_function_and_spreads_its_weights(tmp_path, monkeypat
 def test_winnow_steps_shows_the_python_form():
     code, out, _ = run_cli("steps", "select")
     assert code == 0 and "python:pkg.module:function" in out and "python:path/file.py:function" in out
+
+
+def test_a_recipe_step_names_a_user_policy(tmp_path, monkeypatch):
+    run = eu_run.make_run(tmp_path / "run").root
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.py").write_text(POLICY)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'run_dir = "{run}"\n\n[[steps]]\nstep = "select"\npolicy = "python:p.py:nll"\n')
+    code, _, err = run_cli("run", recipe)
+    assert code == 0, err
+    _check(sql_json(run, "select * from selection_p_nll"))
+    # the resolved recipe holds the parameters' fields only (JSON), the spec among them
+    resolved = json.loads((run / "recipe.resolved.json").read_text())
+    import dataclasses
+
+    from winnow.stages.select_policy import SelectParams
+
+    (step,) = resolved["steps"]
+    assert step["policy"] == "python:p.py:nll" and step["name"] == "p.nll"
+    assert set(step) == {"step", *(f.name for f in dataclasses.fields(SelectParams))}
