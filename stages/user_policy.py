@@ -15,6 +15,9 @@ so a file that imports a sibling module needs that folder on ``PYTHONPATH``.
         ...
     my_policy.reads = ("scores/excess_loss",)   # optional: tables it reads besides samples
 
+(or ``@winnow.stages.user_policy.reads("scores/excess_loss")`` above the ``def``, which sets the same
+attribute; a policy file needs no winnow import).
+
 ``shard`` is a :class:`Shard`: ``shard.samples`` (one samples shard as a ``pyarrow.Table``, every column:
 ``sample_id``, ``messages``, ``text``, ``input_ids``, ``offsets``, ``loss_mask``, ``n_tokens``, the
 ``meta_`` columns), ``shard.tables`` (``{table: pyarrow.Table}``, the same shard of each table named in
@@ -136,6 +139,16 @@ class UserPolicy:
                 f"{self.spec} failed on samples/part-{part:05d}: {type(e).__name__}: {e}"
             ) from e
         return check_result(got, ids.to_pylist(), samples["n_tokens"].to_numpy(), self.spec, part)
+
+
+def reads(*tables: str) -> Callable[[Callable], Callable]:
+    """Decorator: ``@reads("scores/excess_loss", "signals/current")`` sets ``function.reads``."""
+
+    def mark(fn: Callable) -> Callable:
+        fn.reads = tables  # type: ignore[attr-defined]
+        return fn
+
+    return mark
 
 
 def _is_path(target: str) -> bool:

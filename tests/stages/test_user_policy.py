@@ -58,7 +58,8 @@ def test_module_and_file_forms_through_the_console_script(tmp_path):
     (tmp_path / "upol_pkg" / "__init__.py").write_text("")
     (tmp_path / "upol_pkg" / "weights.py").write_text(POLICY)
     (tmp_path / "pols").mkdir()
-    (tmp_path / "pols" / "mine.py").write_text(POLICY)
+    decorated = POLICY.replace("def nll", '@reads("signals/current")\ndef nll').replace("nll.reads = (", "(")
+    (tmp_path / "pols" / "mine.py").write_text("from winnow.stages.user_policy import reads\n" + decorated)
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}  # the module form: an importable module
     for spec, name in (
         ("python:upol_pkg.weights:nll", "weights.nll"),
