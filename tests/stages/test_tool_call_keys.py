@@ -195,3 +195,48 @@ def test_the_demo_is_deterministic_and_its_errors_are_the_filters():
         assert flagged == r["errors"]
         assert tk.offered_tools(msgs[0]["content"]) == r["tools"]
         assert all(c in r["tools"] for c, e in zip(r["calls"], r["errors"], strict=True) if c and not e)
+
+
+def test_one_sample_per_step_trains_on_the_papers_loss(tmp_path):
+    """The module's claim: at one sample per step with one target reply, the step's Σ w·ℓ / Σ w (what
+    `winnow train` logs as `loss`) is TL-Training's (w Σ_P ℓ + Σ_A ℓ + Σ_O ℓ) / (w|P| + |A| + |O|), here
+    recomputed in float64 from the tiny model's own forward (A and O both weigh 1: one sum over R minus P)."""
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from winnow.pipeline.builtin.tiny_model import builtin_model_path
+
+    chat = [
+        {
+            "role": "system",
+            "content": 'def get_weather(city: str):\n    """Weather."""\n\ndef get_time(zone: str):',
+        },
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "get_weather(city='Paris')"},
+    ]
+    (tmp_path / "one.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
+    run, out = tmp_path / "run", tmp_path / "out"
+    assert run_cli("ingest", tmp_path / "one.jsonl", "--run", run, "--model", "builtin:tiny")[0] == 0
+    assert (
+        run_cli("select", run, "python:winnow.stages.policies.tool_call_keys:policy", "--name", "k")[0] == 0
+    )
+    args = ("--selection", "k", "--model", "builtin:tiny", "--out", out, "--set", "max_steps=1")
+    code, _, err = run_cli("train", run, *args, "--set", "eval_fraction=0")
+    assert code == 0, err
+    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    loss = next(r["loss"] for r in logged if "loss" in r)
+    row = pq.read_table(run / "samples").to_pylist()[0]
+    w = np.asarray(pq.read_table(run / "selection" / "k").to_pylist()[0]["token_weight"], np.float64)
+    mask = np.asarray(row["loss_mask"]) == 1
+    keys = w > 1
+    assert keys.sum() == 2 and w[keys][0] == 7  # "get" and "weather" (parts from get_time); 14 others / 2
+    model = AutoModelForCausalLM.from_pretrained(str(builtin_model_path("tiny")), dtype=torch.float64)
+    ids = torch.tensor([row["input_ids"]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+    nll = np.concatenate([[np.nan], -logp.gather(1, ids[0, 1:, None])[:, 0].numpy()])  # ℓ[i]: target i
+    big_w, p, rest = w[keys][0], nll[keys], nll[mask & ~keys]
+    paper = (big_w * p.sum() + rest.sum()) / (big_w * len(p) + len(rest))
+    assert loss == pytest.approx(paper, rel=1e-5)
+    assert abs(nll[mask].mean() - paper) > 1e-3  # the weights matter here: plain SFT's mean is elsewhere
