@@ -82,6 +82,8 @@ class Shard:
 
     def tokens(self, table: str, column: str) -> list[np.ndarray]:
         """``column`` of ``table`` (``"samples"`` or a table in ``reads``) as float64 arrays, one per sample."""
+        if table != "samples" and table not in self.tables:
+            raise KeyError(f"{table} is not among the tables the function reads {tuple(self.tables)}: add it")
         t = self.samples if table == "samples" else self.tables[table]
         col = t[column].combine_chunks()
         flat = pc.fill_null(pc.list_flatten(col).cast(pa.float64()), float("nan"))

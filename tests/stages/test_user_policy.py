@@ -175,6 +175,7 @@ BAD_SPECS = [  # (the file's text, the spec, exit code, what the one-line error 
     ("def f(shard): pass\nf.reads = ('selection/x',)\n", "python:p.py:f", 2, "f.reads names selection/x"),
     ("def f(shard): pass\nf.reads = ('scores/none',)\n", "python:p.py:f", 2, "reads scores/none, which"),
     ("def f(shard):\n    raise KeyError('oops')\n", "python:p.py:f", 1, "python:p.py:f failed on samples/part-00000: KeyError"),
+    ("def f(shard):\n    shard.tokens('signals/current', 'logprob')\n", "python:p.py:f", 1, "signals/current is not among"),
     ("def f(shard) pass\n", "python:p.py:f", 2, "p.py:1: "),  # the parser's words vary by Python version
     ("raise ValueError('at import')\n", "python:p.py:f", 1, "importing p.py failed: ValueError: at import"),
 ]  # fmt: skip
@@ -183,7 +184,18 @@ BAD_SPECS = [  # (the file's text, the spec, exit code, what the one-line error 
 @pytest.mark.parametrize(
     "source,spec,code,message",
     BAD_SPECS,
-    ids=["form", "file", "function", "reads", "selection", "table", "raises", "syntax", "import"],
+    ids=[
+        "form",
+        "file",
+        "function",
+        "reads",
+        "selection",
+        "table",
+        "raises",
+        "undeclared",
+        "syntax",
+        "import",
+    ],
 )
 def test_each_bad_spec_or_declaration_names_it(
     shared_run, tmp_path, monkeypatch, source, spec, code, message
