@@ -34,7 +34,9 @@ an error counts), or when it is the last turn. The authors split each target tur
 own with its history; here the sample stays whole and a non-target reply gets weight 0, which is the same
 set of targets with the same contexts. Following their code (``mae.py``), a reply followed by a user turn
 is not a target either. Reasons: ``key_tokens`` (a call reply is weighted), ``no_call`` (targets, none a
-call), dropped ``tool_error`` (every reply is followed by an error) or ``no_target``.
+call), dropped ``tool_error`` (every reply is followed by an error) or ``no_target``. The filter alone,
+weight 1 on every target token (the paper's MAE without key tokens), is
+``python:winnow.stages.policies.tool_call_keys:error_filter``.
 """
 
 from __future__ import annotations
@@ -175,13 +177,25 @@ def sample_weights(
     return weights, "tool_error" if n_errors else "no_target"
 
 
-def policy(shard) -> dict:
-    """The user-policy entry point (:mod:`winnow.stages.user_policy`): every sample of one shard."""
+def _decide(shard, key_weights: bool) -> dict:
     cols = shard.samples.select(["text", "offsets", "loss_mask", "messages"]).to_pydict()
     weights, reasons = [], []
     for text, offsets, mask, msgs in zip(*cols.values(), strict=True):
         w, why = sample_weights(text, offsets, mask, json.loads(msgs))
-        weights.append(w)
-        reasons.append(why)
-    keep = [r in ("key_tokens", "no_call") for r in reasons]
+        weights.append(w if key_weights else (w > 0).astype(np.float32))
+        reasons.append(why if key_weights or why not in ("key_tokens", "no_call") else "target")
+    keep = [r in ("key_tokens", "no_call", "target") for r in reasons]
     return {"keep": keep, "reason": reasons, "token_weight": weights}
+
+
+def policy(shard) -> dict:
+    """The user-policy entry point (:mod:`winnow.stages.user_policy`): key-token weights and the error
+    filter, every sample of one shard."""
+    return _decide(shard, key_weights=True)
+
+
+def error_filter(shard) -> dict:
+    """The error filter alone (the paper's MAE without PKT): weight 1 on every target reply's tokens, 0 on
+    the failed turns; reasons ``target``, ``tool_error``, ``no_target``
+    (``python:winnow.stages.policies.tool_call_keys:error_filter``)."""
+    return _decide(shard, key_weights=False)

@@ -240,3 +240,16 @@ def test_one_sample_per_step_trains_on_the_papers_loss(tmp_path):
     paper = (big_w * p.sum() + rest.sum()) / (big_w * len(p) + len(rest))
     assert loss == pytest.approx(paper, rel=1e-5)
     assert abs(nll[mask].mean() - paper) > 1e-3  # the weights matter here: plain SFT's mean is elsewhere
+
+
+def test_the_error_filter_alone_weighs_every_target_token_1(tool_run):
+    import pyarrow.parquet as pq
+
+    root, _ = tool_run
+    code, out, err = run_cli("select", root, "python:winnow.stages.policies.tool_call_keys:error_filter")
+    assert code == 0, err
+    keys = {r["sample_id"]: r for r in pq.read_table(root / "selection/tool_call_keys.policy").to_pylist()}
+    for r in pq.read_table(root / "selection/tool_call_keys.error_filter").to_pylist():
+        # the same tokens as the key-token policy, each at weight 1; every demo sample has a target
+        assert r["token_weight"] == [float(x > 0) for x in keys[r["sample_id"]]["token_weight"]]
+        assert (r["keep"], r["reason"]) == (True, "target")
