@@ -96,6 +96,12 @@ class SelectParams:
                 f"every supervised token already: add --tokens {'|'.join(steps.token_sources()[1:])}"
             )
         self.name = check_name(self.name or "_and_".join(self.policies))  # one folder, <= 100 characters
+        if self.name == "all" and self.policies != ["all"]:
+            # `winnow train --selection all` trains on every sample: only policy all may carry the name
+            raise ValueError(
+                f"name='all' is reserved for policy all (`winnow train --selection all` trains on every "
+                f"sample), not {self.policy}: choose another --name"
+            )
 
     @property
     def policies(self) -> list[str]:
