@@ -244,7 +244,7 @@ _STEPS = (
         "train",
         "training",
         "winnow.pipeline.train",
-        reads=("samples", Ref("selection/{selection}", lambda p: bool(p.selection))),
+        reads=("samples", Ref("selection/{selection}", lambda p: p.selection not in ("", "all"))),
         writes=(_online_records,),
         key_pattern=lambda p: f"train:{p.name or p.selection or 'all'}",
         help="train a model on a selection (token-weighted, trimmed, packed; resumable; torchrun) -> RUN/train/<name>/",

@@ -105,6 +105,12 @@ class SelectParams:
             )
         default = self.user.default_name if self.user else "_and_".join(self.policies)
         self.name = check_name(self.name or default)  # one folder, <= 100 characters
+        if self.name == "all" and self.policies != ["all"]:
+            # `winnow train --selection all` trains on every sample: only policy all may carry the name
+            raise ValueError(
+                f"name='all' is reserved for policy all (`winnow train --selection all` trains on every "
+                f"sample), not {self.policy}: choose another --name"
+            )
 
     @property
     def user(self) -> user_policy.UserPolicy | None:
