@@ -3,9 +3,8 @@
 Every verb runs under ``torchrun --nproc_per_node N --no-python -- winnow <verb> ...`` (README,
 "Scaling out"). A step that distributes runs in :func:`distributed` (a single process, or
 ``WORLD_SIZE`` 1, gets a trivial :class:`Dist` and never imports torch); under torchrun it joins the
-process group (gloo on CPU, nccl on CUDA for a model pass), or reuses one its caller created. A CPU step
-(ingest, stages, select) holds it for the step (:func:`distributed`); :func:`gather_partials` keeps
-the group it creates until the process exits.
+process group (gloo on CPU, nccl on CUDA for a model pass), or reuses the one an earlier step of the same
+process created (a recipe runs many steps in one process); it lasts until the process exits.
 
 Global statistics are reduced by gathering per-rank partials and combining them the same way on every
 rank (:meth:`Dist.gather`, :func:`gather_partials`): integers are summed exactly and float arrays are
@@ -32,7 +31,6 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     local_world: int = 1
-    created: bool = False
 
     @property
     def main(self) -> bool:
@@ -65,15 +63,7 @@ class Dist:
         return out
 
     def close(self) -> None:
-        """Destroy the group if this Dist created it, once every rank got here (a rank that tore its
-        connections down first made another's gloo abort, SIGABRT, about one run in three with 3 ranks)."""
-        if self.created:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.barrier()
-                dist.destroy_process_group()
-            self.created = False
+        """Nothing: the group outlives the step (:func:`init_distributed`); kept for the passes' callers."""
 
 
 def world_size() -> int:
@@ -85,12 +75,19 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def init_distributed(device_pref: str = "auto", keep: bool = False) -> Dist:
+_EXIT = {"clean": True}  # False once a step raised: the exit handler then skips its barrier
+
+
+def init_distributed(device_pref: str = "auto") -> Dist:
     """Join (or create) the torchrun process group; a single process gets a trivial :class:`Dist`.
 
-    ``keep``: a group created here stays for the life of the process (destroyed at exit), and the
-    returned Dist's ``close`` leaves it alone (:func:`gather_partials`, for code outside a step's
-    :func:`distributed` block).
+    A group created here serves every later step of the process and is destroyed at its exit, after a
+    barrier (:func:`_destroy`): destroying it after each step and creating another for the next one
+    (a recipe) failed about one time in three here, the new group's gloo mesh connecting to the old
+    one's closed ports ("Gloo connectFullMesh failed ... Connection refused"). Backend: nccl for a model
+    pass on CUDA (``device_pref`` not ``cpu``), as before; ``cpu:gloo,cuda:nccl`` for a CPU step on a
+    machine with CUDA (its objects go through gloo; a later training step's DDP gets nccl; not run on a
+    GPU yet), gloo otherwise.
     """
     world = world_size()
     if world <= 1:
@@ -98,42 +95,48 @@ def init_distributed(device_pref: str = "auto", keep: bool = False) -> Dist:
     import torch
     import torch.distributed as dist
 
-    created = False
     if not dist.is_initialized():
-        use_nccl = device_pref != "cpu" and torch.cuda.is_available()
-        if use_nccl:
+        cuda = torch.cuda.is_available()
+        if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if use_nccl else "gloo")
-        created = True
-        if keep:
-            atexit.register(_destroy)
+        backend = "gloo" if not cuda else ("cpu:gloo,cuda:nccl" if device_pref == "cpu" else "nccl")
+        dist.init_process_group(backend=backend)
+        atexit.register(_destroy)
     return Dist(
         rank=dist.get_rank(),
         world=dist.get_world_size(),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         local_world=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
-        created=created and not keep,
     )
 
 
 def _destroy() -> None:
+    """At exit: every rank reaches the barrier before any tears its connections down (without it a rank
+    exiting first made another's gloo abort, SIGABRT, about one run in three with 3 ranks). After an
+    error it does nothing: a barrier then could pair with another rank's pending collective."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.barrier()  # as Dist.close
+    if dist.is_initialized() and _EXIT["clean"]:
+        dist.barrier()
         dist.destroy_process_group()
 
 
 @contextmanager
+def failing_marks_exit() -> Iterator[None]:
+    """Around a step (the CLI's and the recipe's step runners): an error marks the exit unclean, so the
+    exit handler skips its barrier and the other ranks are not left waiting in it."""
+    try:
+        yield
+    except BaseException:
+        _EXIT["clean"] = False
+        raise
+
+
+@contextmanager
 def distributed(device_pref: str = "cpu") -> Iterator[Dist]:
-    """The process group for one step: joined (or created) on entry; destroyed on a normal exit if
-    created here, so the next step of a recipe (a model pass or training on GPUs) creates its own with
-    the backend it needs (gloo here: ingest, stages and selections exchange Python objects only; a
-    rendezvous again costs ~0.1 s). On an error the group is left to the process's exit: a barrier
-    then could pair with another rank's pending collective."""
-    d = init_distributed(device_pref)
-    yield d
-    d.close()
+    """The process group for one step (see :func:`init_distributed`); an error marks the exit unclean."""
+    with failing_marks_exit():
+        yield init_distributed(device_pref)
 
 
 def gather_partials(obj: Any, d: Dist | None = None) -> list[Any]:
@@ -141,7 +144,7 @@ def gather_partials(obj: Any, d: Dist | None = None) -> list[Any]:
 
     ``d`` defaults to the torchrun group of this process (joined with gloo if no step joined it yet).
     """
-    return (d or init_distributed("cpu", keep=True)).gather(obj)
+    return (d or init_distributed("cpu")).gather(obj)
 
 
 def split_even(n: int, world: int, rank: int) -> range:

@@ -54,13 +54,14 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="step parameter 
 
 
 def _run_step(step_name: str, run_dir: str, values: dict, create: bool = False) -> dict:
+    from winnow.core.dist import failing_marks_exit
     from winnow.core.lock import run_lock
     from winnow.core.store import RunDir
 
     step = registry.get_step(step_name)
     params = build_params(step.params, values, where=f"winnow {step_name}")
     run = RunDir(run_dir, create=create)
-    with run_lock(run, registry.spec(step_name).key(params)):  # one writer per run, before any input is read
+    with run_lock(run, registry.spec(step_name).key(params)), failing_marks_exit():  # one writer per run
         return step.run(run, params)
 
 

@@ -90,10 +90,11 @@ def with_models(recipe: Recipe, models: dict[str, str]) -> Recipe:
 
 
 def run_loaded(recipe: Recipe, run_dir: str | None = None) -> dict[str, Any]:
+    from winnow.core.dist import failing_marks_exit
     from winnow.core.lock import run_lock
 
     run = RunDir(run_dir or recipe.run_dir, create=True)
-    with run_lock(run, f"recipe {recipe.path.name}"):  # one writer for the whole recipe
+    with run_lock(run, f"recipe {recipe.path.name}"), failing_marks_exit():  # one writer for the recipe
         return _run_steps(recipe, run)
 
 
