@@ -47,7 +47,8 @@ def _options(
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="step parameter key=value (repeatable)")]
 
 
-def _run_step(step_name: str, run_dir: str, values: dict, create: bool = False) -> dict:
+def _run_step(step_name: str, run_dir: str, values: dict, create: bool = False, check=None) -> dict:
+    """Run one step under the run lock; ``check(run, params)`` first, inside the lock (a refusal)."""
     from winnow.core.lock import run_lock
     from winnow.core.store import RunDir
 
@@ -55,6 +56,8 @@ def _run_step(step_name: str, run_dir: str, values: dict, create: bool = False) 
     params = build_params(step.params, values, where=f"winnow {step_name}")
     run = RunDir(run_dir, create=create)
     with run_lock(run, registry.spec(step_name).key(params)):  # one writer per run, before any input is read
+        if check is not None:
+            check(run, params)
         return step.run(run, params)
 
 
@@ -202,16 +205,20 @@ def select(
             help='TEXT[,TEXT...]: tokens the token half never drops where supervised (e.g. "<|im_end|>,####")',
         ),
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="replace selection/<name>/ made with other parameters")
+    ] = False,
     sets: SetOpt = None,
 ) -> None:
     """Turn scores into a keep flag per sample and a weight per token: selection/<name>/."""
     from winnow.core.always_keep import split_texts
+    from winnow.stages.select_policy import refuse_other_configuration
 
     values: dict = {"policy": policy, **parse_sets(sets, "select")}
     values |= {k: v for k, v in {"name": name, "tokens": tokens, "keep": keep}.items() if v is not None}
     if always_keep is not None:  # a list, so an empty item reaches the check that names it
         values["always_keep"] = split_texts(always_keep)
-    entry = _run_step("select", run_dir, values)
+    entry = _run_step("select", run_dir, values, check=None if force else refuse_other_configuration)
     c = entry["counts"]
     typer.echo(
         f"{entry['outputs'][0]}: kept {c.get('kept', '?')} of {c.get('samples', '?')} samples, "

@@ -109,6 +109,25 @@ def test_rerun_skips_and_rescored_input_reselects(tmp_path):
     assert "kept 4 of 6" in out
 
 
+def test_another_configuration_under_a_name_is_refused_without_force(tmp_path):
+    """select --name X again: the same parameters are a no-op (0 shards computed); other ones exit 2 in one
+    line naming the differing parameter and --force, leaving selection/X as it was; --force replaces it."""
+    run = test_eu_plane.make_run(tmp_path / "run")
+    _select(run.root, "sql", "--keep", "true", "--name", "x")
+    shards = sorted((run.root / "selection" / "x").glob("part-*.parquet"))
+    before = {f: f.read_bytes() for f in shards}
+    out = _select(run.root, "sql", "--keep", "true", "--name", "x")
+    assert "kept 5 of 6" in out  # the sixth has no supervised token: dropped as no_token_weight
+    assert (
+        json.loads((run.root / "manifest.json").read_text())["steps"]["select:x"]["shards"]["computed"] == 0
+    )
+    code, _, err = run_cli("select", run.root, "sql", "--keep", "false", "--name", "x")
+    assert code == 2 and err.count("\n") == 1 and "differs in keep" in err and "--force" in err, err
+    assert {f: f.read_bytes() for f in shards} == before
+    out = _select(run.root, "sql", "--keep", "false", "--name", "x", "--force")
+    assert "kept 0 of 6" in out
+
+
 @pytest.mark.parametrize(
     "args, match",
     [
