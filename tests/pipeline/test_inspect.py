@@ -219,3 +219,22 @@ def test_tokens_view_by_position_or_by_key_gives_each_samples_values(tmp_path):
         for pos in range(len(vals))
     }
     assert len(rows) == len(expect) and got == expect
+
+
+def test_token_column_names_qualify_both_sides_of_a_clash_only():
+    from winnow.core.views import token_column_names
+
+    names, warnings = token_column_names(
+        {
+            "scores/x": ["token_weight", "token_score"],
+            "selection/x": ["token_weight"],
+            "signals/a-b": ["logprob"],
+        }
+    )
+    assert names == {
+        ("scores/x", "token_weight"): "scores_x__token_weight",
+        ("selection/x", "token_weight"): "selection_x__token_weight",
+        ("scores/x", "token_score"): "x__token_score",
+        ("signals/a-b", "logprob"): "a_b__logprob",
+    }
+    assert len(warnings) == 1 and "scores/x and selection/x" in warnings[0]

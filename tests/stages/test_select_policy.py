@@ -51,6 +51,33 @@ def test_eu_plane_policy_keeps_the_quadrants_and_their_tokens(tmp_path):
     assert (sel["s3"]["n_supervised"], sel["s3"]["n_weighted"]) == (5, 2)
 
 
+def test_tokens_view_names_follow_one_rule(tmp_path):
+    """`<name>__<column>` for every table: selection/eu_plane beside scores/eu_plane is eu_plane__token_weight
+    beside eu_plane__token_score (it was selection_eu_plane__token_weight), and a hyphen becomes '_' in both
+    the view (selection_my_sel) and the column (my_sel__token_weight). Values by hand from the Parquet."""
+    import pyarrow.parquet as pq
+
+    run = test_eu_plane.make_run(tmp_path / "run")
+    assert run_cli("score", run.root, "eu_plane", "--set", "r_sample=0.4")[0] == 0
+    _select(run.root, "eu_plane")
+    _select(run.root, "sql", "--keep", "sample_id <> 's0'", "--name", "my-sel")
+    want = {}
+    for name in ("eu_plane", "my-sel"):
+        for f in sorted((run.root / "selection" / name).glob("part-*.parquet")):
+            for r in pq.read_table(f).to_pylist():
+                want.update({(name, r["sample_id"], i): w for i, w in enumerate(r["token_weight"])})
+    rows = sql_json(
+        run.root,
+        "select sample_id, pos, eu_plane__token_weight a, my_sel__token_weight b, eu_plane__token_score c "
+        "from tokens",
+    )
+    assert len(rows) == len(want) // 2  # eu_plane__token_score (c) is there too: the query names it
+    assert {(r["sample_id"], r["pos"]): (r["a"], r["b"]) for r in rows} == {
+        (sid, i): (w, want[("my-sel", sid, i)]) for (n, sid, i), w in want.items() if n == "eu_plane"
+    }
+    assert sql_json(run.root, "select count(*) n from selection_my_sel")[0]["n"] == 6
+
+
 def test_critical_tokens_policy_with_p_ce_weights_and_sql(tmp_path):
     run = test_critical_tokens.make_run(tmp_path / "run")
     assert run_cli("score", run.root, "critical_tokens")[0] == 0
