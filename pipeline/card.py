@@ -293,7 +293,7 @@ class _Card:
         fig, ax = plt.subplots(figsize=(6.5, 3.2))
         rows = []
         for key, e in runs:
-            path = Path(e.get("out", "")) / "metrics.jsonl"
+            path = self.run.root / str(e.get("out", "")) / "metrics.jsonl"  # relative since issue 28
             lines = (
                 [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
             )

@@ -207,3 +207,59 @@ def test_selection_all_reads_the_runs_selection_all_when_it_has_one(run_and_mode
     assert code == 0, err
     digest = RunDir(run.root).table("selection/all").digest()
     assert f"selection `all` (digest `{digest}`)" in (run.root / "train" / "sa" / "README.md").read_text()
+
+
+def test_a_copied_run_resumes_its_training(run_and_model, tmp_path):
+    """A training killed after step 2 (checkpoints every step), its run directory copied elsewhere: training
+    the copy resumes from the checkpoint (it was refused: `differs in ['out']`) and ends with the weights of
+    an uninterrupted run; winnow_train.json and the manifest name the folder relative to the run, so the
+    copy's card and verify find it. An identity file in the pre-issue-28 form (absolute `out` in the hash)
+    still counts as the same training."""
+    import os
+    import shutil
+    import subprocess
+
+    import torch
+    from safetensors.torch import load_file
+
+    from winnow.core.store import stable_hash
+
+    from cli_runner import WINNOW
+
+    run, model = run_and_model
+    args = ["--selection", "clean", "--model", model, "--name", "cp", *SETS, "--set", "max_steps=4"]
+    args += ["--set", "save_every=1"]
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    for where in (killed, straight):
+        shutil.copytree(run.root, where, ignore=shutil.ignore_patterns("train", "card"))
+    env = dict(os.environ, WINNOW_FAULT_KILL_AFTER_STEPS="2")
+    proc = subprocess.run(
+        [WINNOW, "train", str(killed), *map(str, args)], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == -9, proc.stderr
+    copy = tmp_path / "moved" / "copy"
+    shutil.copytree(killed, copy)
+    shutil.rmtree(killed)  # nothing of the original is left to read
+    code, out, err = run_cli("train", copy, *args)
+    assert code == 0, err
+    assert "resumed from step" in out  # the newest complete checkpoint
+    assert run_cli("train", straight, *args)[0] == 0
+    a, b = (
+        load_file(copy / "train" / "cp" / "model.safetensors"),
+        load_file(straight / "train" / "cp" / "model.safetensors"),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ident = json.loads((copy / "train" / "cp" / "winnow_train.json").read_text())
+    assert ident["out"] == "train/cp"
+    assert RunDir(copy).manifest()["steps"]["train:cp"]["out"] == "train/cp"
+    _, _, err = run_cli("verify", copy)  # the synthetic run has no plan.json: only the training is checked
+    assert "train_result.json" not in err and "train:cp" not in err, err
+    assert run_cli("card", copy)[0] == 0
+    assert "| train:cp | 4 |" in (copy / "card" / "README.md").read_text()
+    # the pre-issue-28 identity: `out` (absolute, of wherever it was trained) inside the hash
+    old = {k: ident[k] for k in ("model", "model_fingerprint", "data", "config")} | {
+        "out": "/elsewhere/train/cp"
+    }
+    (copy / "train" / "cp" / "winnow_train.json").write_text(json.dumps(old | {"hash": stable_hash(old)}))
+    code, out, err = run_cli("train", copy, *args)
+    assert code == 0 and "already trained" in out, err
