@@ -113,7 +113,8 @@ def ingest(
     entry = _run_step("ingest", run_dir, values, create=True)
     c = entry["counts"]
     typer.echo(
-        f"{c['rows_in']} rows -> {c['samples']} samples, {c['rejects']} rejects {c['rejects_by_reason']}"
+        f"{c['rows_in']} rows -> {c['samples']} samples, {c['rejects']} rejects"
+        + (f" ({plain(c['rejects_by_reason'])})" if c.get("rejects_by_reason") else "")
     )
 
 
@@ -173,9 +174,31 @@ def score(
     typer.echo(_summary(entry))
 
 
+def plain(value: object, key: str = "") -> str:
+    """A console value without Python reprs: ``key=value`` pairs (nested keys dotted), floats to 4
+    significant digits, lists joined by ``,`` (issue 28: lines printed ``{'kept': 2}`` and 16-digit floats)."""
+    if isinstance(value, dict):
+        pairs = [plain(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()]
+        return " ".join(pairs) if pairs or not key else f"{key}=none"
+    if isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, float):
+        text = f"{value:.4g}"
+    elif isinstance(value, list | tuple):
+        text = ",".join(plain(v) for v in value)
+    else:
+        text = str(value)
+    return f"{key}={text}" if key else text
+
+
+def _loss(value: object) -> str:
+    """A loss as the training log prints it (4 decimals: 1.0619), or ``none``."""
+    return f"{value:.4f}" if isinstance(value, float) else plain(value if value is not None else "none")
+
+
 def _summary(entry: dict) -> str:
     keys = ("step", "alias", "shards", "counts", "wall_s")
-    return " ".join(f"{k}={entry[k]}" for k in keys if k in entry) or "done"
+    return plain({k: entry[k] for k in keys if k in entry}) or "done"
 
 
 @app.command()
@@ -222,7 +245,7 @@ def select(
     c = entry["counts"]
     typer.echo(
         f"{entry['outputs'][0]}: kept {c.get('kept', '?')} of {c.get('samples', '?')} samples, "
-        f"{c.get('weighted_tokens', '?')} weighted tokens; reasons {entry['reasons']}"
+        f"{c.get('weighted_tokens', '?')} weighted tokens; reasons {plain(entry['reasons'])}"
     )
 
 
@@ -366,11 +389,12 @@ def train(
         return
     if entry.get("skipped"):
         typer.echo(
-            f"{entry.get('out', out)}: already trained (eval_loss {entry.get('eval_loss')}); nothing to do"
+            f"{entry.get('out', out)}: already trained (eval_loss {_loss(entry.get('eval_loss'))}); nothing to do"
         )
         return
     typer.echo(
-        f"{entry['out']}: {entry['steps']} steps, eval_loss {entry['eval_loss_before']} -> {entry['eval_loss']}"
+        f"{entry['out']}: {entry['steps']} steps, eval_loss {_loss(entry['eval_loss_before'])} -> "
+        f"{_loss(entry['eval_loss'])}"
     )
 
 

@@ -78,6 +78,26 @@ def test_tokens_view_names_follow_one_rule(tmp_path):
     assert sql_json(run.root, "select count(*) n from selection_my_sel")[0]["n"] == 6
 
 
+def test_console_lines_are_key_value_pairs_without_python_reprs(tmp_path):
+    """`score` and `select` print key=value (nested keys dotted), floats to 4 significant digits: no dict
+    repr, no 16-digit float. The reasons by hand: one sample each (the quadrants of the test above)."""
+    run = test_eu_plane.make_run(tmp_path / "run")
+    code, out, err = run_cli("score", run.root, "eu_plane", "--set", "r_sample=0.4")
+    assert code == 0, err
+    assert out.startswith("step=eu_plane shards.total=2 shards.computed=2 shards.skipped=0 "), out
+    assert not re.search(r"[{}'\[]|\d\.\d{5,}", out), out
+    assert all(re.fullmatch(r"[\w.]+=[\w.,:-]+", pair) for pair in out.split()), out
+    out = _select(run.root, "eu_plane")
+    pairs = dict(p.split("=") for p in out.strip().split("; reasons ")[1].split())
+    assert pairs == dict.fromkeys(
+        ["kept_q4", "dropped_q3", "dropped_middle", "kept_q2", "dropped_q1", "no_supervised_tokens"], "1"
+    ), out
+    from winnow.pipeline.cli import plain  # dv4llm's solver counts hold floats: 4 significant digits
+
+    got = plain({"eps": 0.09331234567, "solver": {"by_rank": [1, 2], "converged": True}, "empty": {}})
+    assert got == "eps=0.09331 solver.by_rank=1,2 solver.converged=true empty=none"
+
+
 def test_critical_tokens_policy_with_p_ce_weights_and_sql(tmp_path):
     run = test_critical_tokens.make_run(tmp_path / "run")
     assert run_cli("score", run.root, "critical_tokens")[0] == 0

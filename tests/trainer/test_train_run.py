@@ -4,6 +4,7 @@ other tokenizer), and the `train` step in the registry and a recipe."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -38,6 +39,7 @@ def test_trains_on_selection_into_run_and_records_manifest(run_and_model):
     run, model = run_and_model
     code, out, err = run_cli("train", run.root, "--selection", "clean", "--model", model, *SETS)
     assert code == 0, err
+    assert re.search(r"2 steps, eval_loss \d+\.\d{4} -> \d+\.\d{4}$", out.strip()), out  # not 16 digits
     res = json.loads((run.root / "train" / "clean" / "train_result.json").read_text())
     assert res["steps"] == 2 and res["eval_loss"] is not None
     assert RunDir(run.root).manifest()["steps"]["train:clean"]["steps"] == 2
