@@ -232,8 +232,9 @@ def test_a_copied_run_resumes_its_training(run_and_model, tmp_path):
     args = ["--selection", "clean", "--model", model, "--name", "cp", *SETS, "--set", "max_steps=4"]
     args += ["--set", "save_every=1"]
     killed, straight = tmp_path / "killed", tmp_path / "straight"
-    for where in (killed, straight):
-        shutil.copytree(run.root, where, ignore=shutil.ignore_patterns("train", "card"))
+    for where in (killed, straight):  # fresh runs: the module's run holds the other tests' trainings
+        synthetic_run(where, model)
+        assert run_cli("select", where, "sql", "--keep", "meta_clean", "--name", "clean")[0] == 0
     env = dict(os.environ, WINNOW_FAULT_KILL_AFTER_STEPS="2")
     proc = subprocess.run(
         [WINNOW, "train", str(killed), *map(str, args)], env=env, capture_output=True, text=True
@@ -265,3 +266,59 @@ def test_a_copied_run_resumes_its_training(run_and_model, tmp_path):
     (copy / "train" / "cp" / "winnow_train.json").write_text(json.dumps(old | {"hash": stable_hash(old)}))
     code, out, err = run_cli("train", copy, *args)
     assert code == 0 and "already trained" in out, err
+
+
+def test_card_compares_trainings_on_one_named_held_out_split(run_and_model, tmp_path, monkeypatch):
+    """Each training row names its held-out split; training.png has one panel per training; the return-on-
+    curation chart holds the trainings of the split most share (two here), at the share of supervised
+    tokens their selection weights (counted here from the Parquet lists), and names the one left off."""
+
+    import matplotlib.figure
+    import pyarrow.parquet as pq
+
+    run, model = run_and_model
+    root = tmp_path / "run"  # a fresh run: the module's run holds the other tests' trainings
+    synthetic_run(root, model)
+    assert run_cli("select", root, "sql", "--keep", "meta_clean", "--name", "clean")[0] == 0
+    assert run_cli("select", root, "sql", "--keep", "true", "--name", "every")[0] == 0
+    split = "eval_where=row % 4 = 0"
+    for selection, extra in (("clean", ["--set", split]), ("every", ["--set", split]), ("clean", [])):
+        name = selection + ("_w" if extra else "_f")
+        code, _, err = run_cli(
+            "train", root, "--selection", selection, "--model", model, "--name", name, *SETS, *extra
+        )
+        assert code == 0, err
+    axes = {}
+    real = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(
+        matplotlib.figure.Figure,
+        "savefig",
+        lambda fig, buf, **kw: (axes.setdefault(len(axes), len(fig.axes)), real(fig, buf, **kw)),
+    )
+    code, out, err = run_cli("card", root)
+    assert code == 0, err
+    md = (root / "card" / "README.md").read_text()
+    assert "| train:clean_f | 2 |" in md and "| eval_fraction: 0.2 | clean |" in md
+    assert "| eval_where: row % 4 = 0 | every |" in md
+    assert (
+        "Held-out split: `eval_where: row % 4 = 0`." in md
+        and "Not on the chart" in md
+        and "train:clean_f." in md
+    )
+    assert (root / "card" / "return_on_curation.png").stat().st_size > 1000
+    mask = {
+        r["sample_id"]: r["loss_mask"]
+        for f in (root / "samples").glob("part-*.parquet")
+        for r in pq.read_table(f).to_pylist()
+    }
+    supervised = sum(sum(m) for m in mask.values())
+    for selection in ("clean", "every"):
+        weights = [
+            w
+            for f in (root / "selection" / selection).glob("part-*.parquet")
+            for r in pq.read_table(f).to_pylist()
+            for w in r["token_weight"]
+        ]
+        share = sum(w > 0 for w in weights) / supervised
+        assert f"| train:{selection}_w | {selection} | {share:.4g} |" in md, (share, md)
+    assert 3 in axes.values()  # training.png: one panel per training
