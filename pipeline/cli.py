@@ -208,7 +208,8 @@ def select(
         str,
         typer.Argument(
             help="|".join(registry.selection_policies())
-            + ", or several joined by ',' (kept when every one keeps it)"
+            + ", or several joined by ',' (kept when every one keeps it), or a user policy "
+            "python:pkg.module:function | python:path/file.py:function"
         ),
     ],
     name: Annotated[
