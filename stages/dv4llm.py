@@ -17,6 +17,18 @@ Output ``scores/dv4llm/`` per samples shard: ``role`` (target/candidate), ``pote
 ``calibrated_gradient``, ``rank`` (0 = most negative) and ``selected``. The solve is global, so
 every shard records the whole samples (and targets) table as its input and all shards are
 recomputed when either changes. The absolute ε and the solver's convergence go in the manifest.
+
+Under torchrun (``torchrun --nproc_per_node N --no-python -- winnow score RUN dv4llm ...``) the solve is
+split over the ranks, one process being the same code with world size 1 (issue 29 item 3): the
+embeddings go once to ``scores/dv4llm/.embeddings/embeddings.npy`` (:mod:`.dv4llm_embeddings`: how,
+and why they are the same bytes at any world size), each rank reads only its contiguous share of the
+candidates from it, the Sinkhorn passes exchange only per-target log-sums
+(:func:`winnow.kernels.sinkhorn.sinkhorn_potentials` with ``group``), and ``g`` is all-gathered (4 bytes
+a candidate) so that every rank ranks all candidates as one process does. Per-rank state is its share
+of the embeddings in chunks, a few of its vectors, and 1 + 4 + 4 + 8 bytes a candidate (mask, g,
+gradient, rank); before, one process held every text and embedding and a dict entry per candidate
+(4.1 GB at 1M samples). The potentials agree with one process to the order of float sums (float32:
+~1e-5); a candidate at the selection cut can flip (tests/stages/test_dv4llm_dist*.py count them).
 """
 
 from __future__ import annotations
