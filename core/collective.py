@@ -21,6 +21,9 @@ from typing import Any
 import numpy as np
 
 _DTYPES = [np.float32, np.float64, np.int64, np.int32, np.uint8, np.bool_]
+# a gloo group over every rank, made by joined() when the default group is not gloo (NCCL on GPUs):
+# these collectives move CPU tensors
+_GLOO: dict[str, Any] = {"group": None}
 
 
 def _dist() -> Any:
@@ -41,7 +44,7 @@ def rank_world() -> tuple[int, int]:
 def group() -> Any:
     """The joined group (``dist.group.WORLD``) for APIs that take one; None in one process."""
     dist = _dist()
-    return dist.group.WORLD if dist else None
+    return (_GLOO["group"] or dist.group.WORLD) if dist else None
 
 
 @contextmanager
@@ -49,7 +52,7 @@ def joined() -> Iterator[tuple[int, int]]:
     """Join the torchrun group (gloo) for the block when ``WORLD_SIZE`` > 1; yields ``(rank, world)``.
 
     The group is left (after a barrier, so no rank leaves while another still waits on it) only if this
-    block created it.
+    block created it; inside a non-gloo group (NCCL) a gloo group over the same ranks serves the block.
     """
     created = False
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -58,14 +61,20 @@ def joined() -> Iterator[tuple[int, int]]:
         if not dist.is_initialized():
             dist.init_process_group("gloo")
             created = True
+        elif dist.get_backend() != "gloo":
+            _GLOO["group"] = dist.new_group(backend="gloo")
     try:
         yield rank_world()
     finally:
-        if created:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             import torch.distributed as dist
 
-            dist.barrier()
-            dist.destroy_process_group()
+            dist.barrier(group=_GLOO["group"])
+            if _GLOO["group"] is not None:
+                dist.destroy_process_group(_GLOO["group"])
+                _GLOO["group"] = None
+            if created:
+                dist.destroy_process_group()
 
 
 def split(n: int, world: int, rank: int) -> tuple[int, int]:
@@ -76,14 +85,14 @@ def split(n: int, world: int, rank: int) -> tuple[int, int]:
 def barrier() -> None:
     dist = _dist()
     if dist:
-        dist.barrier()
+        dist.barrier(group=_GLOO["group"])
 
 
 def all_reduce(t: Any, op: str = "sum") -> Any:
     """``t`` (a CPU tensor) reduced in place over the ranks (``"sum"`` or ``"max"``); ``t`` itself."""
     dist = _dist()
     if dist:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=_GLOO["group"])
     return t
 
 
@@ -96,12 +105,12 @@ def all_gather_rows(t: Any) -> Any:
 
     sizes = torch.zeros(dist.get_world_size(), dtype=torch.int64)
     sizes[dist.get_rank()] = t.shape[0]
-    dist.all_reduce(sizes)
+    dist.all_reduce(sizes, group=_GLOO["group"])
     top = int(sizes.max())
     padded = torch.zeros((top, *t.shape[1:]), dtype=t.dtype)  # gloo gathers equal shapes only
     padded[: t.shape[0]] = t
     got = [torch.empty_like(padded) for _ in range(len(sizes))]
-    dist.all_gather(got, padded)
+    dist.all_gather(got, padded, group=_GLOO["group"])
     return torch.cat([g[: int(n)] for g, n in zip(got, sizes, strict=True)])
 
 
@@ -119,12 +128,12 @@ def broadcast_array(a: np.ndarray | None, src: int = 0) -> np.ndarray:
         a = np.array(a, order="C")  # a writable copy: torch.from_numpy refuses read-only buffers
         head[0], head[1] = _DTYPES.index(a.dtype.type), a.ndim
         head[2 : 2 + a.ndim] = torch.tensor(a.shape)
-    dist.broadcast(head, src)
+    dist.broadcast(head, src, group=_GLOO["group"])
     dtype, shape = _DTYPES[int(head[0])], [int(s) for s in head[2 : 2 + int(head[1])]]
     flat = torch.from_numpy(a.reshape(-1).view(np.uint8)) if dist.get_rank() == src else None
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     buf = flat if flat is not None else torch.empty(nbytes, dtype=torch.uint8)
-    dist.broadcast(buf, src)
+    dist.broadcast(buf, src, group=_GLOO["group"])
     return buf.numpy().view(dtype).reshape(shape)
 
 
