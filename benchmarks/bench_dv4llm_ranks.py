@@ -69,8 +69,6 @@ def child(a: argparse.Namespace) -> None:
     import ctypes
     import gc
 
-    import torch
-
     from winnow.core import collective
     from winnow.kernels.sinkhorn import calibrated_gradient, sinkhorn_potentials
     from winnow.stages.dv4llm_embeddings import NpyRows
@@ -89,7 +87,9 @@ def child(a: argparse.Namespace) -> None:
             fh.write("5")  # VmHWM := VmRSS
         collective.barrier()
         t = time.perf_counter()
-        res = sinkhorn_potentials(x, rows, max_iter=a.max_iter, group=collective.group())
+        res = sinkhorn_potentials(
+            x, rows, max_iter=a.max_iter, num_threads=a.threads, group=collective.group()
+        )
         solve_s = time.perf_counter() - t
         g = collective.all_gather_rows(res.g.cpu())
         grad = calibrated_gradient(g.double()).numpy()
@@ -97,7 +97,7 @@ def child(a: argparse.Namespace) -> None:
         wall = time.perf_counter() - t
         out = {"rank": rank, "world": world, "candidates": n_cand, "lo": lo, "hi": hi, "wall_s": wall,
                "solve_s": solve_s, "iterations": res.iterations, "marginal_error": res.marginal_error,
-               "threads": torch.get_num_threads(), "peak_rss_mb": _kb("VmHWM") / 1024,
+               "threads": a.threads or max(1, len(os.sched_getaffinity(0)) // world), "peak_rss_mb": _kb("VmHWM") / 1024,
                "base_rss_mb": base / 1024, "top": int(order[0]), "reader": a.reader}  # fmt: skip
         out["peak_extra_mb"] = out["peak_rss_mb"] - out["base_rss_mb"]
         Path(f"{a.file}.rank{rank}.json").write_text(json.dumps(out))  # stdout lines of ranks interleave
@@ -111,6 +111,9 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--max-iter", type=int, default=1000)
     p.add_argument("--reader", choices=["pread", "mmap"], default="pread")
+    p.add_argument(
+        "--threads", type=int, default=None, help="solver threads per rank (default: cores / ranks)"
+    )
     p.add_argument("--work", type=Path, required=True, help="folder for the synthetic .npy files")
     p.add_argument(
         "--results", type=Path, default=Path(__file__).resolve().parent / "out" / "dv4llm_ranks.jsonl"
@@ -131,7 +134,8 @@ def main() -> None:
         for w in a.ranks:
             cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", str(w), "--no-python",
                    sys.executable, "-P", __file__, "--_file", str(path), "--targets", str(a.targets),
-                   "--max-iter", str(a.max_iter), "--reader", a.reader, "--work", str(a.work)]  # fmt: skip
+                   "--max-iter", str(a.max_iter), "--reader", a.reader, "--work", str(a.work),
+                   *(["--threads", str(a.threads)] if a.threads else [])]  # fmt: skip
             load = os.getloadavg()[0]
             for old in path.parent.glob(f"{path.name}.rank*.json"):
                 old.unlink()
@@ -139,14 +143,14 @@ def main() -> None:
             ranks = [json.loads(f.read_text()) for f in sorted(path.parent.glob(f"{path.name}.rank*.json"))]
             if proc.returncode or len(ranks) != w:
                 sys.exit(f"rank run failed ({proc.returncode}): {proc.stderr[-3000:]}")
-            row = {"candidates": n, "ranks": w, "targets": a.targets, "dim": a.dim, "max_iter": a.max_iter,
+            row = {"candidates": n, "ranks": w, "threads": ranks[0]["threads"], "reader": a.reader, "targets": a.targets, "dim": a.dim, "max_iter": a.max_iter,
                    "load_before": load, "load_after": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                    "wall_s": max(r["wall_s"] for r in ranks), "per_rank": sorted(ranks, key=lambda r: r["rank"])}  # fmt: skip
             with a.results.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
             peaks = "/".join(f"{r['peak_rss_mb']:.0f}" for r in row["per_rank"])
             extra = "/".join(f"{r['peak_extra_mb']:.0f}" for r in row["per_rank"])
-            print(f"{n:>11,} ranks {w}: {row['wall_s']:.1f} s, {ranks[0]['iterations']} passes, peak RSS MB {peaks} "
+            print(f"{n:>11,} ranks {w} x {row['threads']} threads: {row['wall_s']:.1f} s, {ranks[0]['iterations']} passes, peak RSS MB {peaks} "
                   f"(beyond start {extra}), load {load:.1f}", flush=True)  # fmt: skip
 
 
