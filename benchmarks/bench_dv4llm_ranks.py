@@ -70,8 +70,20 @@ def child(a: argparse.Namespace) -> None:
     import gc
 
     from winnow.core import collective
+    from winnow.kernels import sinkhorn as sk
     from winnow.kernels.sinkhorn import calibrated_gradient, sinkhorn_potentials
     from winnow.stages.dv4llm_embeddings import NpyRows
+
+    pass_s: list[float] = []
+    sweep = sk._sweep
+
+    def timed_sweep(*args, **kw):  # instrumentation: the time of each pass, for extrapolating capped runs
+        t0 = time.perf_counter()
+        out = sweep(*args, **kw)
+        pass_s.append(time.perf_counter() - t0)
+        return out
+
+    sk._sweep = timed_sweep
 
     with collective.joined() as (rank, world):
         n_cand = NpyRows(a.file).shape[0] - a.targets
@@ -96,7 +108,7 @@ def child(a: argparse.Namespace) -> None:
         order = np.argsort(grad, kind="stable")
         wall = time.perf_counter() - t
         out = {"rank": rank, "world": world, "candidates": n_cand, "lo": lo, "hi": hi, "wall_s": wall,
-               "solve_s": solve_s, "iterations": res.iterations, "marginal_error": res.marginal_error,
+               "solve_s": solve_s, "pass_s": pass_s, "iterations": res.iterations, "marginal_error": res.marginal_error,
                "threads": a.threads or max(1, len(os.sched_getaffinity(0)) // world), "peak_rss_mb": _kb("VmHWM") / 1024,
                "base_rss_mb": base / 1024, "top": int(order[0]), "reader": a.reader}  # fmt: skip
         out["peak_extra_mb"] = out["peak_rss_mb"] - out["base_rss_mb"]
