@@ -55,8 +55,12 @@ class Layout:
     starts: list[int]
     n: int
 
+    def __post_init__(self) -> None:
+        self._index = {part: i for i, part in enumerate(self.parts)}
+
     def where(self, part: int) -> tuple[np.ndarray, int]:
-        i = self.parts.index(part)
+        """Shard ``part``'s candidate mask and the index of its first candidate."""
+        i = self._index[part]
         return self.masks[i], self.starts[i]
 
     def slices(self, lo: int, hi: int) -> Iterator[tuple[int, int, np.ndarray]]:
