@@ -128,8 +128,9 @@ class NpyRows:
         os.close(self.fd)
 
 
-def write_rows(path: Path, start: int, rows: np.ndarray) -> None:
-    """Write float32 ``rows`` at row ``start`` of the .npy at ``path`` (``pwrite``; the file exists)."""
+def write_rows(path: Path, start: int, rows: np.ndarray, sync: bool = True) -> None:
+    """Write float32 ``rows`` at row ``start`` of the .npy at ``path`` (``pwrite``; the file exists);
+    ``sync=False`` leaves the fsync to the caller (:func:`sync_file`, once for many pieces)."""
     head = NpyRows(path, 0, 0)
     head.close()
     data = np.ascontiguousarray(rows, dtype=head.dtype)
@@ -138,6 +139,15 @@ def write_rows(path: Path, start: int, rows: np.ndarray) -> None:
     fd = os.open(path, os.O_WRONLY)
     try:
         os.pwrite(fd, data.tobytes(), head.header + start * head.row_bytes)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -182,12 +192,14 @@ def ensure(run: RunDir, key_obj: Any, n_rows: int, first: Any, own_rows: Any) ->
         created = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_rows, dim))
         del created  # only the header and the (sparse) size: rows go in with pwrite
         for start, rows in pieces:
-            write_rows(tmp, start, rows)
+            write_rows(tmp, start, rows, sync=False)
+        sync_file(tmp)
         del pieces
     collective.barrier()
     if not covered:
         for start, rows in own_rows(state if rank == 0 else None, rank, world):
-            write_rows(tmp, start, rows)
+            write_rows(tmp, start, rows, sync=False)
+        sync_file(tmp)  # this rank's rows on disk before rank 0 renames the file
         collective.barrier()
     if rank == 0:
         os.replace(tmp, path)
