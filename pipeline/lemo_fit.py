@@ -41,11 +41,19 @@ class LemoFitParams:
     max_samples: int = 256  # at most this many samples (stored order)
     max_len: int = 16384  # samples are cut to this many tokens (then to whole blocks)
     device: str = "auto"  # auto (cuda when available), cpu, cuda
+    threads: int = 1  # CPU intra-op threads (as train's: two threads ran 10-15x slower on a shared 2-core VM)
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.block < 1 or self.steps < 1 or self.h1 < 1 or self.h2 < 0 or self.max_samples < 2:
-            raise ValueError("block, steps, h1 must be >= 1, h2 >= 0 and max_samples >= 2")
+        if (
+            self.block < 1
+            or self.steps < 1
+            or self.threads < 1
+            or self.h1 < 1
+            or self.h2 < 0
+            or self.max_samples < 2
+        ):
+            raise ValueError("block, steps, threads, h1 must be >= 1, h2 >= 0 and max_samples >= 2")
         if not 0.0 < self.keep <= 1.0 or not 0.0 < self.held_out < 1.0 or not self.lr > 0:
             raise ValueError(
                 f"keep={self.keep} must be in (0, 1], held_out={self.held_out} in (0, 1), lr > 0"
@@ -132,7 +140,12 @@ def lemo_fit(run: RunDir, p: LemoFitParams) -> dict[str, Any]:
     if cfg.hidden_size % cfg.num_attention_heads:
         raise UserError(f"{model_dir}: hidden size {cfg.hidden_size} is not a multiple of the head count")
     layers = parse_layers(p.layers, n, "--set layers") if p.layers else default_layers(n)
-    preds, meta = fit(model, [s.to(device) for s in train], [s.to(device) for s in held], layers, p)
+    before = torch.get_num_threads()
+    torch.set_num_threads(p.threads)
+    try:
+        preds, meta = fit(model, [s.to(device) for s in train], [s.to(device) for s in held], layers, p)
+    finally:
+        torch.set_num_threads(before)
     meta |= {
         "model": str(model_dir),
         "model_fingerprint": weights_fingerprint(model_dir),
