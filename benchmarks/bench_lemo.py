@@ -113,7 +113,7 @@ def saved_bytes(fn) -> int:
     return sum(seen.values()), out
 
 
-def build(model_dir: Path, predictors: Path | None):
+def build(model_dir: Path, predictors: Path | None, keep: float = 0.4, mlp_keep: float = 0.2):
     from transformers import AutoModelForCausalLM
 
     from winnow.trainer.lemo import LemoParams
@@ -129,7 +129,7 @@ def build(model_dir: Path, predictors: Path | None):
     )
     method = None
     if predictors is not None:
-        method = LemoParams(predictors=str(predictors), keep=0.4, mlp_keep=0.2)
+        method = LemoParams(predictors=str(predictors), keep=keep, mlp_keep=mlp_keep)
         method.trainable(model, MethodContext(device=torch.device("cpu")))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return WeightedLMLoss(model).train(), method, opt
@@ -177,6 +177,16 @@ def measure(model_dir: Path, predictors: Path, ids_long: list[int], lens: list[i
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def parts(model_dir: Path, predictors: Path, ids_long: list[int], n: int) -> dict:
+    """Activation MiB at ``n`` tokens with only the attention sparsity, only the MLP's, both (one step each)."""
+    ids = torch.tensor(ids_long[:n])[None]
+    out = {}
+    for name, keep, mlp in (("attention only", 0.4, 1.0), ("MLP only", 1.0, 0.2), ("both", 0.4, 0.2)):
+        out[name] = step_fn(*build(model_dir, predictors, keep, mlp), ids)()[0] / 2**20
+    print(json.dumps(out), flush=True)
+    return out
 
 
 def quality(run: Path, work: Path, predictors: Path, steps: int) -> dict:
@@ -256,7 +266,7 @@ def main() -> None:
         cli("select", run, "all", "--name", "every")
     fits = [fit(run, work / f"pred_{lr:g}", lr, a.fit_steps) for lr in (1e-3, 2e-5)]
     print(json.dumps(fits), flush=True)
-    pred = work / "pred_0.001"
+    pred = work / "pred_2e-05"  # the default rate (the RESULTS run of 2026-12-08 used pred_0.001)
     mem = measure(model_dir, pred, ids_long, [int(x) for x in a.lens.split(",")], a.reps)
     q = quality(run, work, pred, a.train_steps)
     (work / "bench_lemo.json").write_text(

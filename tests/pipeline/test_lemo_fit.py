@@ -10,7 +10,18 @@ import pytest
 
 from cli_runner import ingest_demo, run_cli
 
-FIT = ["--set", "block=16", "--set", "steps=40", "--set", "max_samples=40", "--set", "h2=64"]
+FIT = [
+    "--set",
+    "block=16",
+    "--set",
+    "steps=40",
+    "--set",
+    "lr=1e-3",
+    "--set",
+    "max_samples=40",
+    "--set",
+    "h2=64",
+]
 
 
 @pytest.fixture(scope="module")
