@@ -32,6 +32,7 @@ and a SiLU gate/up/down MLP): Llama, Mistral, Qwen2/3.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +199,16 @@ def check_layer(layer: Any, i: int, meta: dict[str, Any], mlp_keep: float) -> No
         )
 
 
+def _checkpointed(layer: Any, fn: Any, *args: Any) -> Any:
+    """``fn(*args)``, under the layer's activation checkpointing when the model enabled it: transformers
+    wraps the layer class's ``forward``, which the instance's patched ``forward`` would otherwise skip."""
+    import torch
+
+    if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+        return layer._gradient_checkpointing_func(fn, *args)
+    return fn(*args)
+
+
 class LemoState:
     """The chosen layers and their predictors; patches their ``forward`` for one micro-batch."""
 
@@ -213,8 +224,8 @@ class LemoState:
         docs = documents(batch.position_ids)
         self.cache = {}
         for i, (layer, pred) in self.layers.items():
-            layer.forward = lambda *a, _i=i, _l=layer, _p=pred, **k: lemo_forward(
-                self, _i, _l, _p, docs, *a, **k
+            layer.forward = lambda *a, _i=i, _l=layer, _p=pred, **k: _checkpointed(
+                _l, functools.partial(lemo_forward, self, _i, _l, _p, docs, **k), *a
             )
         try:
             yield

@@ -181,3 +181,25 @@ def test_composes_with_lora_and_refuses_a_trained_mlp(predictors):
         LemoParams(predictors=str(predictors), block=BLOCK).trainable(full, ctx)
     with pytest.raises(UserError, match="lemo-fit"):
         LemoParams(predictors=str(predictors.parent / "nothing")).trainable(_llama(), ctx)
+
+
+def test_activation_checkpointing_recomputes_the_same_selection(predictors):
+    from winnow.trainer.lora import LoraParams
+
+    ctx = MethodContext(device=torch.device("cpu"))
+    b = _batch("padded", seed=3)
+    out = []
+    for ckpt in (False, True):
+        model = LoraParams(r=4, target="q_proj,k_proj,v_proj,o_proj").trainable(_llama(seed=2), ctx)
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        method = LemoParams(predictors=str(predictors), block=BLOCK, keep=0.4, mlp_keep=0.2)
+        method.trainable(model, ctx)
+        model.train()
+        out.append(_loss_and_grads(model, b, method))
+        assert method.state.seen == b.input_ids.size * 2  # 2 layers, each selected once (not again when recomputed)
+    (l0, g0), (l1, g1) = out
+    torch.testing.assert_close(l1, l0, rtol=1e-12, atol=1e-12)
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-10, atol=1e-12, msg=n)
