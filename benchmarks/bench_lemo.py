@@ -179,6 +179,45 @@ def measure(model_dir: Path, predictors: Path, ids_long: list[int], lens: list[i
     return rows
 
 
+def _rss_bytes() -> int:
+    import os
+
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_child(work: Path, mode: str, n: int) -> None:
+    """In a fresh process: peak RSS of one training step beyond the RSS before it (model, adapters loaded)."""
+    import resource
+
+    from winnow.core.models import resolve_model
+    from winnow.pipeline import steps  # noqa: F401  (registers builtin:tiny)
+
+    torch.set_num_threads(1)
+    ids = torch.tensor(json.loads((work / "ids_long.json").read_text())[:n])[None]
+    pred = None if mode == "dense" else work / "pred_2e-05"
+    one = step_fn(*build(resolve_model("builtin:tiny"), pred), ids)
+    before, peak_before = _rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    one()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    valid = peak > peak_before  # the step set the process's high-water mark
+    print(
+        json.dumps({"mode": mode, "tokens": n, "step_peak_MiB": (peak - before) / 2**20 if valid else None})
+    )
+
+
+def rss(work: Path, lens: list[int]) -> list[dict]:
+    out = []
+    for n in lens:
+        row = {"tokens": n}
+        for mode in ("dense", "lemo"):
+            args = [sys.executable, "-P", __file__, "--out", str(work), "--rss-child", f"{mode}:{n}"]
+            r = subprocess.run(args, capture_output=True, text=True, check=True)
+            row[f"{mode}_rss_MiB"] = json.loads(r.stdout.strip().splitlines()[-1])["step_peak_MiB"]
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
 def parts(model_dir: Path, predictors: Path, ids_long: list[int], n: int) -> dict:
     """Activation MiB at ``n`` tokens with only the attention sparsity, only the MLP's, both (one step each)."""
     ids = torch.tensor(ids_long[:n])[None]
@@ -246,9 +285,13 @@ def main() -> None:
     ap.add_argument("--fit-steps", type=int, default=400)
     ap.add_argument("--train-steps", type=int, default=30)
     ap.add_argument("--source", choices=["demo", "gsm8k"], default="demo")
+    ap.add_argument("--rss-child", default="", help=argparse.SUPPRESS)  # mode:tokens, in a fresh process
     a = ap.parse_args()
     work = a.out or Path(tempfile.mkdtemp(prefix="bench_lemo_"))
     work.mkdir(parents=True, exist_ok=True)
+    if a.rss_child:
+        mode, n = a.rss_child.split(":")
+        return rss_child(work, mode, int(n))
     from winnow.core.models import load_tokenizer, resolve_model
     from winnow.pipeline import steps  # noqa: F401  (registers builtin:tiny)
 
@@ -258,6 +301,7 @@ def main() -> None:
     at = write_docs(work / "docs.jsonl", tok, probs, a.docs, 2047)
     long_msgs, _ = chain(tok, probs, at, max(int(x) for x in a.lens.split(",")) + 64)
     ids_long = tok.apply_chat_template(long_msgs, tokenize=True, return_dict=True)["input_ids"]
+    (work / "ids_long.json").write_text(json.dumps(list(ids_long)))
     run = work / "run"
     if not (run / "samples").exists():
         cli(
