@@ -182,6 +182,7 @@ class _Card:
                     "reason is `policy:reason` of the first policy that dropped it.",
                     "",
                 ]
+            self.md += self._user_policy(view, policy)
             rows = self.q(f"select reason, count(*), count_if(keep) from {view} group by 1 order by 2 desc")
             self.md += [md_table(["reason", "samples", "kept"], [list(r) for r in rows]), ""]
             for col in metas:
@@ -199,6 +200,14 @@ class _Card:
             self._token_sections(view, name)
             self._selection_plot(view, name)
             self._examples(view, name)
+
+    def _user_policy(self, view: str, policy: str | None) -> list[str]:
+        """A ``python:`` selection: which function wrote it and how its weights spread (card_sections)."""
+        if not (policy or "").startswith("python:"):
+            return []
+        from winnow.pipeline.card_sections import user_policy
+
+        return user_policy(self, view, self.views.views[view].removeprefix("selection/"), str(policy))
 
     def _examples(self, view: str, name: str, k: int = 2) -> None:
         """Token-by-token pages (`winnow show`) of the kept samples with the largest and smallest share of

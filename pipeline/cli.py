@@ -182,7 +182,8 @@ def select(
         str,
         typer.Argument(
             help="|".join(registry.selection_policies())
-            + ", or several joined by ',' (kept when every one keeps it)"
+            + ", or several joined by ',' (kept when every one keeps it), or a user policy "
+            "python:pkg.module:function | python:path/file.py:function"
         ),
     ],
     name: Annotated[
@@ -327,7 +328,8 @@ def export(
 def train(
     run_dir: Annotated[str | None, typer.Argument(help="run directory (omit with --data)")] = None,
     selection: Annotated[
-        str | None, typer.Option("--selection", help="selection/<name>/ to train on")
+        str | None,
+        typer.Option("--selection", help="selection/<name>/ to train on, or all (every non-rejected sample)"),
     ] = None,
     data: Annotated[str | None, typer.Option("--data", help="an export parquet instead of a run")] = None,
     model: Annotated[
@@ -342,6 +344,10 @@ def train(
     """Train a model on a selection (or an export): token-weighted, packed, resumable, torchrun-ready."""
     from winnow.trainer.config import TrainParams
 
+    if run_dir is not None and not data and not selection:  # before the run is opened or locked
+        from winnow.pipeline.train import NEEDS_SELECTION
+
+        raise UserError(NEEDS_SELECTION)
     flags = {"selection": selection, "data": data, "model": model, "name": name, "out": out}
     values = parse_sets(sets, "train") | {k: v for k, v in flags.items() if v is not None}
     if run_dir is None:  # an export: no run to lock or record into

@@ -73,7 +73,7 @@ class TrainParams:
 
     # what to train on and where (the CLI fills these from its flags)
     model: str = ""  # builtin:<name> or a local Hugging Face model directory
-    selection: str = ""  # selection/<name>/ of the run; empty: every supervised token at weight 1
+    selection: str = ""  # selection/<name>/ of the run, or "all": every sample, supervised tokens at weight 1
     data: str = ""  # a `winnow export` parquet or hf folder instead of a run
     name: str = ""  # RUN/train/<name>/ (default: the selection's name, or "all")
     out: str = ""  # the save_pretrained directory (default RUN/train/<name>/)
@@ -185,7 +185,7 @@ class TrainParams:
         if o.record_weights and self.data:
             raise ValueError(
                 "record_weights=true writes selection/online-<name>-epoch<E> tables into a run: train on a RUN "
-                "(--selection or all samples) instead of --data"
+                "(--selection NAME or --selection all) instead of --data"
             )
 
     def _check_methods(self) -> None:

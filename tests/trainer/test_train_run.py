@@ -158,7 +158,9 @@ def test_eval_where_holds_out_a_sql_subset(run_and_model):
 
 def test_without_selection_trains_every_supervised_token_into_train_all(run_and_model):
     run, model = run_and_model
-    code, _, err = run_cli("train", run.root, "--model", model, *SETS, "--set", "max_steps=1")
+    code, _, err = run_cli(
+        "train", run.root, "--selection", "all", "--model", model, *SETS, "--set", "max_steps=1"
+    )
     assert code == 0, err
     res = json.loads((run.root / "train" / "all" / "train_result.json").read_text())
     import pyarrow.parquet as pq
@@ -171,3 +173,37 @@ def test_without_selection_trains_every_supervised_token_into_train_all(run_and_
     with_target = sum(any(m[1:]) for m in masks)
     assert 10 < with_target < len(masks)
     assert res["counts"]["train_samples"] + res["counts"]["eval_samples"] == with_target
+
+
+def test_a_run_without_selection_is_a_usage_error_naming_selection_all(run_and_model, tmp_path):
+    """`winnow train RUN` without --selection exits 2 in one line naming `--selection all`, before the run
+    is touched; a recipe's train step without one fails at load, before its first step runs."""
+    run, model = run_and_model
+    before = sorted(p.relative_to(run.root) for p in run.root.rglob("*"))
+    code, out, err = run_cli("train", run.root, "--model", model, *SETS)
+    assert code == 2 and err.count("\n") == 1 and "--selection all" in err, err
+    assert sorted(p.relative_to(run.root) for p in run.root.rglob("*")) == before
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'run_dir = "{tmp_path / "r"}"\n[[steps]]\nstep = "train"\nmodel = "{model}"\n')
+    code, _, err = run_cli("run", recipe)
+    assert code == 2 and 'selection = "all"' in err and err.count("\n") == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_name_all_is_only_the_selection_that_keeps_every_sample(run_and_model):
+    """`--selection all` trains on every sample: a selection named `all` that drops some is refused."""
+    run, _ = run_and_model
+    code, _, err = run_cli("select", run.root, "sql", "--keep", "meta_clean", "--name", "all")
+    assert code == 2 and "reserved for policy all" in err and err.count("\n") == 1, err
+    assert not (run.root / "selection" / "all").exists()
+
+
+def test_selection_all_reads_the_runs_selection_all_when_it_has_one(run_and_model):
+    """`winnow select RUN all` writes selection/all; `--selection all` then trains on its weights (the model
+    card names that table's digest, not the loss_mask stand-in)."""
+    run, model = run_and_model
+    assert run_cli("select", run.root, "all")[0] == 0
+    code, _, err = run_cli("train", run.root, "--selection", "all", "--model", model, "--name", "sa", *SETS)
+    assert code == 0, err
+    digest = RunDir(run.root).table("selection/all").digest()
+    assert f"selection `all` (digest `{digest}`)" in (run.root / "train" / "sa" / "README.md").read_text()
