@@ -235,17 +235,7 @@ def quality(run: Path, work: Path, predictors: Path, steps: int) -> dict:
     for name, extra in (("dense", []), ("lemo", [f"lemo.predictors={predictors}"])):
         t0 = time.perf_counter()
         dest = work / f"train_{name}"
-        cli(
-            "train",
-            run,
-            "--selection",
-            "every",
-            "--model",
-            "builtin:tiny",
-            "--out",
-            dest,
-            *sets(base + extra),
-        )
+        cli("train", run, "--selection", "all", "--model", "builtin:tiny", "--out", dest, *sets(base + extra))
         res = json.loads((dest / "train_result.json").read_text())
         out[name] = {"eval_before": res.get("eval_loss_before"), "eval_after": res.get("eval_loss"),
                      "seconds": time.perf_counter() - t0}  # fmt: skip
@@ -307,7 +297,6 @@ def main() -> None:
         cli(
             "ingest", work / "docs.jsonl", "--run", run, "--model", "builtin:tiny", "--set", "max_tokens=4096"
         )
-        cli("select", run, "all", "--name", "every")
     fits = [fit(run, work / f"pred_{lr:g}", lr, a.fit_steps) for lr in (1e-3, 2e-5)]
     print(json.dumps(fits), flush=True)
     pred = work / "pred_2e-05"  # the default rate (the RESULTS run of 2026-12-08 used pred_0.001)

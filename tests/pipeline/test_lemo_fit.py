@@ -69,11 +69,9 @@ def test_fit_guards(fitted, tmp_path):
 
 def test_train_with_lemo_and_lora(fitted, tmp_path):
     run, out, _ = fitted
-    code, _, err = run_cli("select", run, "all", "--name", "every")
-    assert code == 0, err
     sets = ["lora.r=4", "lora.target=q_proj,k_proj,v_proj,o_proj", f"lemo.predictors={out}", "lemo.block=16",
             "max_steps=2", "tokens_per_batch=1024", "max_seq_len=1024", "eval_max_samples=8"]  # fmt: skip
-    args = ["train", run, "--selection", "every", "--model", "builtin:tiny", "--out", tmp_path / "t"]
+    args = ["train", run, "--selection", "all", "--model", "builtin:tiny", "--out", tmp_path / "t"]
     code, _, err = run_cli(*args, *[x for s in sets for x in ("--set", s)])
     assert code == 0, err
     recs = [json.loads(line) for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()]
