@@ -301,11 +301,16 @@ def main() -> None:
     print(json.dumps(fits), flush=True)
     pred = work / "pred_2e-05"  # the default rate (the RESULTS run of 2026-12-08 used pred_0.001)
     mem = measure(model_dir, pred, ids_long, [int(x) for x in a.lens.split(",")], a.reps)
+    lens = [int(x) for x in a.lens.split(",")]
+    split = parts(model_dir, pred, ids_long, max(lens))
+    peaks = rss(work, lens)
     q = quality(run, work, pred, a.train_steps)
-    (work / "bench_lemo.json").write_text(
-        json.dumps({"memory_time": mem, "fits": fits, "quality": q}, indent=1)
-    )
+    res = {"memory_time": mem, "parts": split, "rss": peaks, "fits": fits, "quality": q}
+    (work / "bench_lemo.json").write_text(json.dumps(res, indent=1))
     print(table(mem, fits, q))
+    print(
+        f"\nactivation MiB at {max(lens)} tokens: {json.dumps(split)}\npeak RSS of one step: {json.dumps(peaks)}"
+    )
 
 
 if __name__ == "__main__":
