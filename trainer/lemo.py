@@ -75,7 +75,7 @@ def save_predictors(folder: Path, preds: dict[int, Any], meta: dict[str, Any]) -
     from winnow.core.store import atomic_write_json
 
     state = {
-        f"{i}.{k}": v.detach().float().contiguous()
+        f"{i}.{k}": v.detach().float().cpu().contiguous()
         for i, p in preds.items()
         for k, v in p.state_dict().items()
     }

@@ -67,6 +67,10 @@ def capture(model: Any, seqs: list[torch.Tensor], layers: list[int], block: int)
     return out
 
 
+def _on(pred: BlockPredictor, t: torch.Tensor) -> torch.Tensor:
+    return t.to(pred.q[0].weight.device)
+
+
 def train_predictors(
     preds: dict[int, BlockPredictor], data: dict[int, list[Record]], steps: int, lr: float, seed: int
 ) -> list[float]:
@@ -83,7 +87,7 @@ def train_predictors(
             order = rng.sample(range(n), n)
         j = order.pop()
         loss = sum(
-            torch.nn.functional.smooth_l1_loss(p(data[i][j][0][None])[0], data[i][j][1])
+            torch.nn.functional.smooth_l1_loss(p(_on(p, data[i][j][0])[None])[0], _on(p, data[i][j][1]))
             for i, p in preds.items()
         )
         opt.zero_grad()
@@ -99,7 +103,8 @@ def held_out_recall(
     preds: dict[int, BlockPredictor], data: dict[int, list[Record]], keep: float
 ) -> dict[int, float]:
     return {
-        i: sum(recall(p(x[None])[0], gt, keep) for x, gt in data[i]) / len(data[i]) for i, p in preds.items()
+        i: sum(recall(p(_on(p, x)[None])[0], _on(p, gt), keep) for x, gt in data[i]) / len(data[i])
+        for i, p in preds.items()
     }
 
 
@@ -115,7 +120,10 @@ def fit(
     n_heads = cfg.num_attention_heads
     head_dim = cfg.hidden_size // n_heads
     torch.manual_seed(p.seed)
-    preds = {i: BlockPredictor(n_heads, head_dim, p.block, p.h1, p.h2) for i in layers}
+    dev = next(
+        model.parameters()
+    ).device  # the predictors train where the model runs (records stay on the CPU)
+    preds = {i: BlockPredictor(n_heads, head_dim, p.block, p.h1, p.h2).to(dev) for i in layers}
     tr = capture(model, train, layers, p.block)
     ho = capture(model, held, layers, p.block)
     before = held_out_recall(preds, ho, p.keep)
