@@ -197,7 +197,8 @@ def test_activation_checkpointing_recomputes_the_same_selection(predictors):
         method.trainable(model, ctx)
         model.train()
         out.append(_loss_and_grads(model, b, method))
-        assert method.state.seen == b.input_ids.size * 2  # 2 layers, each selected once (not again when recomputed)
+        # 2 layers, each selected once (not again when the checkpointed forward is recomputed)
+        assert method.state.seen == b.input_ids.size * 2
     (l0, g0), (l1, g1) = out
     torch.testing.assert_close(l1, l0, rtol=1e-12, atol=1e-12)
     assert g0.keys() == g1.keys() and len(g0) > 0
