@@ -399,6 +399,22 @@ def train(
     )
 
 
+@app.command("lemo-fit")
+def lemo_fit(
+    run_dir: Annotated[str, typer.Argument(help="run directory (its samples: long documents)")],
+    model: Annotated[str | None, typer.Option("--model", help="the model you will train")] = None,
+    out: Annotated[
+        str | None, typer.Option("--out", help="folder for the predictors (outside the run)")
+    ] = None,
+    sets: SetOpt = None,
+) -> None:
+    """Fit LeMo's per-layer block predictors on a run's samples (then: train --set lemo.predictors=OUT)."""
+    flags = {"model": model, "out": out}
+    values = parse_sets(sets, "lemo-fit") | {k: v for k, v in flags.items() if v is not None}
+    entry = _run_step("lemo_fit", run_dir, values)
+    typer.echo(f"{entry['out']}: layers {entry['layers']}, held-out recall {entry['recall_mean']:.3f}")
+
+
 @app.command()
 def steps(
     step: Annotated[str | None, typer.Argument(help="one step (e.g. train): its parameters only")] = None,
