@@ -293,32 +293,10 @@ class _Card:
         )
 
     def training(self) -> None:
-        """Each `winnow train` of the run: eval_loss before/after and the loss curves (PNG)."""
-        import matplotlib.pyplot as plt
+        """Each `winnow train` of the run, like with like (:mod:`winnow.pipeline.card_training`)."""
+        from winnow.pipeline.card_training import section
 
-        runs = [(k, e) for k, e in sorted(self.man.get("steps", {}).items()) if e.get("step") == "train"]
-        if not runs:
-            return
-        fig, ax = plt.subplots(figsize=(6.5, 3.2))
-        rows = []
-        for key, e in runs:
-            path = Path(e.get("out", "")) / "metrics.jsonl"
-            lines = (
-                [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
-            )
-            train = [(r["step"], r["loss"]) for r in lines if "loss" in r]
-            evals = [(r["step"], r["eval_loss"]) for r in lines if r.get("eval_loss") is not None]
-            if train:
-                ax.plot(*zip(*train, strict=True), lw=1, label=f"{key} train (weighted)")
-            if evals:
-                ax.plot(*zip(*evals, strict=True), "o-", label=f"{key} eval (all supervised)")
-            rows.append([key, e.get("steps"), e.get("eval_loss_before"), e.get("eval_loss"), e.get("out")])
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss (nats/token)")
-        ax.legend(fontsize=7)
-        header = ["run", "steps", "eval_loss before", "eval_loss after", "model"]
-        self.md += ["## Training", "", md_table(header, rows), ""]
-        self.md += self.plot(fig, "training.png", "Training and held-out loss per step")
+        section(self)
 
     def sample(self, sql: str, k: int) -> list[tuple]:
         """At most ``k`` rows of ``sql``, drawn uniformly at random (repeatably): for a stage's scatter."""

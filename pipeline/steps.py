@@ -55,6 +55,7 @@ ENTRY_POINT_GROUP = "winnow.stages"  # plugins: an entry point naming a module w
 # the modules the other entries below name (imported only by `get_step`): arrows the import graph sees
 if TYPE_CHECKING:
     import winnow.core.ingest
+    import winnow.pipeline.lemo_fit
     import winnow.pipeline.train
     import winnow.stages.passes.contrast_pass
     import winnow.stages.passes.model_pass
@@ -248,6 +249,14 @@ _STEPS = (
         writes=(_online_records,),
         key_pattern=lambda p: f"train:{p.name or p.selection or 'all'}",
         help="train a model on a selection (token-weighted, trimmed, packed; resumable; torchrun) -> RUN/train/<name>/",
+    ),
+    StepSpec(
+        "lemo_fit",
+        "training",
+        "winnow.pipeline.lemo_fit",
+        reads=("samples",),
+        key_pattern="lemo_fit",
+        help="LeMo's per-layer block predictors for long-context token sparsity (train --set lemo.predictors=OUT) -> --out DIR",
     ),
 )
 for _spec in _STEPS[:_BEFORE_STAGES]:

@@ -276,7 +276,7 @@ def _reference(p: TrainParams, run_dir: str | Path | None) -> Path | str | None:
 
 def train(p: TrainParams, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Train ``p.model`` on a run's selection (or an export) into ``--out``; resume or skip as needed."""
-    from winnow.trainer.step import IDENTITY_FILE
+    from winnow.trainer.step import IDENTITY_FILE, recorded_out
     from winnow.trainer.step import train as fit
 
     if not p.data and run_dir is None:
@@ -293,8 +293,12 @@ def train(p: TrainParams, run_dir: str | Path | None = None) -> dict[str, Any]:
     on_done = None
     if not p.data:
         check_tokenizer(RunDir(run_dir), model_dir, what="model")
-        # also with the finished result of a done run: a rerun repairs an edited eval_loss `verify` reported
-        on_done = lambda result: RunDir(run_dir).update_manifest(f"train:{name}", result)  # noqa: E731
+        where = recorded_out(out, ds.source)  # train/NAME: a copied or moved run's card still finds it
+
+        def on_done(result: dict[str, Any]) -> None:
+            # also with the finished result of a done run: a rerun repairs an edited eval_loss `verify` reported
+            RunDir(run_dir).update_manifest(f"train:{name}", result | {"out": where, "outputs": [where]})
+
     return fit(p, model_dir, ds, out, name, reference=_reference(p, run_dir), on_done=on_done)
 
 

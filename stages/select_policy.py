@@ -60,6 +60,7 @@ import pyarrow.compute as pc
 
 from winnow.core import steps
 from winnow.core.dist import Dist, distributed
+from winnow.core.params import as_dict
 from winnow.core.shards import rank_parts
 from winnow.core.steps import Step
 from winnow.core.store import RunDir, UserError
@@ -302,6 +303,25 @@ def _always_keep(run: RunDir, p: SelectParams) -> tuple[np.ndarray | None, dict 
     ids = ak.always_keep_ids(ak.run_tokenizer(run, where), p.always_keep, where)
     meta = {ak.METADATA_KEY: json.dumps({"texts": p.always_keep, "ids": ids}).encode()}
     return np.asarray(ids, np.int64), meta
+
+
+def refuse_other_configuration(run: RunDir, p: SelectParams) -> None:
+    """`winnow select --name X` without ``--force``: refuse to replace ``selection/X`` made with other
+    parameters (the parameters each shard recorded), as `winnow export` refuses an existing ``--out``; the
+    same parameters again are a no-op (every shard fresh). Recipes replace a changed step's table as
+    before: a recipe is the configuration."""
+    table = run.table(f"selection/{p.name}")
+    new = json.loads(json.dumps(as_dict(p)))  # as the records hold it (lists, not tuples)
+    for rec in table.records() if table.exists() else []:
+        old = rec.extra.get("params")
+        if old is None:
+            continue
+        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if differ:
+            raise UserError(
+                f"{table.dir} holds another selection (differs in {', '.join(differ)}): pass --force to "
+                "replace it, or choose another --name"
+            )
 
 
 def run_select(run: RunDir, p: SelectParams) -> dict:
