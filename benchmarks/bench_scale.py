@@ -51,7 +51,8 @@ OUTPUTS = {  # tables a step writes, removed before it runs
     "select eu_plane": ["selection/eu"],
     "select critical_tokens": ["selection/cdpo"],
 }
-RANK0_STEPS = {"score dv4llm"}  # runs on rank 0 under torchrun (its distributed solver: issue 29 item 3)
+# steps that run on rank 0 under torchrun (dv4llm did until issue 29 item 3 landed)
+RANK0_STEPS: set[str] = set()
 TOKENS_SQL = "select count(*), count(current__logprob), avg(current__logprob), sum(loss_mask) from tokens"
 
 
