@@ -145,8 +145,8 @@ class _Card:
 
         parts = []
         for spec, section in steps.card_sections():
-            if self.has(f"scores_{spec.name}"):
-                parts += (section or card_sections.generic)(self, spec)
+            if self.has(f"scores_{spec.name}") or (spec.kind != "stage" and section is not None):
+                parts += (section or card_sections.generic)(self, spec)  # a step's own: [] when it has not run
         if parts:
             self.md += ["## Scores", "", *parts]
 
