@@ -179,7 +179,7 @@ def _write_round(
     """Commit ``selection/<name>-round<t>`` unless it is fresh; returns its manifest entry."""
     ref_fp = weights_fingerprint(latest) if latest is not None else ""
     spec = RoundSelection(
-        "token_cleaning_rounds", t, p.rounds, p.rho, p.level, p.base, str(latest or ""), ref_fp
+        "token_cleaning_rounds", t, p.rounds, p.rho, p.level, p.base, str(latest or ""), ref_fp, p.always_keep
     )
     sel = f"{p.name}-round{t}"
     st = io.StageOutput(
