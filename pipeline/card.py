@@ -145,8 +145,9 @@ class _Card:
 
         parts = []
         for spec, section in steps.card_sections():
+            # a step that is not a stage (the self-evolving rounds) declares a section that is [] until it ran
             if self.has(f"scores_{spec.name}") or (spec.kind != "stage" and section is not None):
-                parts += (section or card_sections.generic)(self, spec)  # a step's own: [] when it has not run
+                parts += (section or card_sections.generic)(self, spec)
         if parts:
             self.md += ["## Scores", "", *parts]
 

@@ -164,8 +164,7 @@ STAGE = Stage(
     code_version=CODE_VERSION,
     reads=(
         "samples",
-        Ref("signals/{base}", columns=("logprob",)),
-        Ref("signals/{reference}", columns=("logprob",)),
+        *(Ref(f"signals/{{{alias}}}", columns=("logprob",)) for alias in ("base", "reference")),
     ),
     columns=("token_keep", "mean_score"),
     check=_check_models,
