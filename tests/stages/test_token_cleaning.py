@@ -206,6 +206,10 @@ def test_user_errors(tmp_path):
     run = make_run(tmp_path / "run")
     code, _, err = run_cli("select", run.root, "token_cleaning", "--set", "rho=0.6")
     assert code == 2 and "signals/base" in err and "--alias base --signals logprob" in err
+    # only the policy's own stage takes its parameters; anything else is still an unknown select parameter
+    for args in (("all", "--set", "rho=0.6"), ("token_cleaning", "--set", "bogus=1")):
+        code, _, err = run_cli("select", run.root, *args)
+        assert code == 2 and "unknown parameter" in err, err
     with pytest.raises(UserError, match="base and reference are both"):
         build_params(tc.TokenCleaningParams, {"reference": "base"}, "token_cleaning")
     with pytest.raises(UserError, match="rho"):
