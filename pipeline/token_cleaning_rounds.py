@@ -224,7 +224,10 @@ def run_rounds(run: RunDir, p: RoundsParams) -> dict[str, Any]:
         raise UserError(f"{run.root} has no samples: run `winnow ingest` first")
     parts = [r.part for r in records]
     _check_base(run, p, parts)
-    part_of = part_of_rows(sum(r.rows for r in records), p.rounds)
+    n = sum(r.rows for r in records)
+    if n < p.rounds + 1:
+        raise UserError(f"{run.root} has {n} samples: too few for rounds={p.rounds} (one part per round)")
+    part_of = part_of_rows(n, p.rounds)
     starts = np.cumsum([0, *(r.rows for r in records)])
     latest, rounds = resolve_model(p.model), []
     for t in range(p.rounds + 1):

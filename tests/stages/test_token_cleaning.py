@@ -116,6 +116,12 @@ def test_random_tied_signals_over_shards_match_reference(tmp_path, level, rho):
         assert row["token_score"] == s  # nll_base - nll_reference, exact on quarters, null where unscored
         assert {j for j, k in enumerate(row["token_keep"]) if k} == w
     assert entry["counts"]["kept_tokens"] == sum(len(w) for w in want)
+    if level == "global":  # the docstring's claim: Rho-1 over the whole pool with the base as current
+        from winnow.stages import excess_loss as ex
+
+        ex.STAGE.run(run, ex.ExcessLossParams(current="base", k_ratio=rho, batch_size=0))
+        rho1 = _rows(run.root, "scores/excess_loss", ["token_keep"])
+        assert [r["token_keep"] for r in rho1] == [r["token_keep"] for r in got]
 
 
 def test_two_toy_models_scores_and_selection(tmp_path):
