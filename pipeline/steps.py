@@ -55,6 +55,7 @@ ENTRY_POINT_GROUP = "winnow.stages"  # plugins: an entry point naming a module w
 # the modules the other entries below name (imported only by `get_step`): arrows the import graph sees
 if TYPE_CHECKING:
     import winnow.core.ingest
+    import winnow.pipeline.lemo_fit
     import winnow.pipeline.token_cleaning_rounds
     import winnow.pipeline.train
     import winnow.stages.passes.contrast_pass
@@ -196,7 +197,8 @@ def _select_reads(p: Any) -> list[str]:
         out.append("scores/critical_tokens")
     elif source != "loss_mask":
         out.append(f"scores/{source}")
-    return out
+    user = getattr(p, "user", None)  # a python: policy's declared tables (winnow.stages.user_policy)
+    return out + [t for t in (user.reads if user else ()) if t not in out]
 
 
 def _round_selections(p: Any) -> list[str]:
@@ -242,16 +244,25 @@ _STEPS = (
         reads=("samples", _select_reads),
         writes=("selection/{name}",),
         key_pattern="select:{name}",
-        help="selection policy: scores -> keep per sample + token_weight per token in selection/<name>/",
+        help="selection policy (or python:pkg.module:function, python:file.py:function): scores -> keep per "
+        "sample + token_weight per token in selection/<name>/",
     ),
     StepSpec(
         "train",
         "training",
         "winnow.pipeline.train",
-        reads=("samples", Ref("selection/{selection}", lambda p: bool(p.selection))),
+        reads=("samples", Ref("selection/{selection}", lambda p: p.selection not in ("", "all"))),
         writes=(_online_records,),
         key_pattern=lambda p: f"train:{p.name or p.selection or 'all'}",
         help="train a model on a selection (token-weighted, trimmed, packed; resumable; torchrun) -> RUN/train/<name>/",
+    ),
+    StepSpec(
+        "lemo_fit",
+        "training",
+        "winnow.pipeline.lemo_fit",
+        reads=("samples",),
+        key_pattern="lemo_fit",
+        help="LeMo's per-layer block predictors for long-context token sparsity (train --set lemo.predictors=OUT) -> --out DIR",
     ),
     StepSpec(
         "token_cleaning_rounds",
