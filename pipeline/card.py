@@ -145,7 +145,8 @@ class _Card:
 
         parts = []
         for spec, section in steps.card_sections():
-            if self.has(f"scores_{spec.name}"):
+            # a step that is not a stage (the self-evolving rounds) declares a section that is [] until it ran
+            if self.has(f"scores_{spec.name}") or (spec.kind != "stage" and section is not None):
                 parts += (section or card_sections.generic)(self, spec)
         if parts:
             self.md += ["## Scores", "", *parts]

@@ -211,6 +211,20 @@ def _summary(entry: dict) -> str:
     return plain({k: entry[k] for k in keys if k in entry}) or "done"
 
 
+def _stage_sets(policy: str, values: dict) -> dict:
+    """``select POLICY --set KEY=VALUE`` where KEY is a parameter of the policy's own scoring stage and
+    not of select (token_cleaning's ``rho``, ``level``): those keys leave ``values`` for that stage."""
+    import dataclasses
+
+    from winnow.stages.select_policy import SelectParams
+
+    if policy not in registry.score_stages():
+        return {}
+    own = {f.name for f in dataclasses.fields(SelectParams)}
+    stage = {f.name for f in dataclasses.fields(registry.get_step(policy).params)}
+    return {k: values.pop(k) for k in list(values) if k not in own and k in stage}
+
+
 @app.command()
 def select(
     run_dir: Annotated[str, typer.Argument(help="run directory")],
@@ -250,6 +264,9 @@ def select(
 
     values: dict = {"policy": policy, **parse_sets(sets, "select")}
     values |= {k: v for k, v in {"name": name, "tokens": tokens, "keep": keep}.items() if v is not None}
+    staged = _stage_sets(policy, values)
+    if staged:  # the policy's own stage parameters: (re)score it first (a fresh stage writes nothing)
+        typer.echo(_summary(_run_step(policy, run_dir, staged)))
     if always_keep is not None:  # a list, so an empty item reaches the check that names it
         values["always_keep"] = split_texts(always_keep)
     entry = _run_step("select", run_dir, values, check=None if force else refuse_other_configuration)

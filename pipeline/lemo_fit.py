@@ -40,7 +40,7 @@ class LemoFitParams:
     max_len: int = 16384  # samples are cut to this many tokens (then to whole blocks)
     device: str = "auto"  # auto (cuda when available), cpu, cuda
     threads: int = 1  # CPU intra-op threads (as train's: two threads ran 10-15x slower on a shared 2-core VM)
-    seed: int = 0
+    seed: int = 0  # seeds the predictors' initialisation and the order of training sequences
 
     def __post_init__(self) -> None:
         if (

@@ -97,7 +97,7 @@ def _check_models(ctx: Ctx) -> None:
     )
 
 
-def _shard_table(sample_id, batch, mask, n_tokens, score_flat, keep_flat) -> pa.Table:
+def shard_table(sample_id, batch, mask, n_tokens, score_flat, keep_flat) -> pa.Table:
     score_pad = np.full(mask.shape, np.nan)
     keep_pad = np.zeros(mask.shape, dtype=bool)
     score_pad[mask] = score_flat
@@ -160,11 +160,15 @@ def _kth_largest_key(
 
 
 def _shard_scores(ctx: Ctx, part: int) -> tuple:
-    """One shard's (shard, scored mask, excess loss at the scored positions in row-major order)."""
+    return shard_scores(ctx, part, ctx.params.current, ctx.params.reference)
+
+
+def shard_scores(ctx: Ctx, part: int, current: str, reference: str) -> tuple:
+    """One shard's (shard, scored mask, ``ℓ_current − ℓ_reference`` at the scored positions in row-major
+    order, supervised tokens without both signals); Token Cleaning passes its base as ``current``."""
     import torch
 
-    params = ctx.params
-    keys = [(params.current, "logprob"), (params.reference, "logprob")]
+    keys = [(current, "logprob"), (reference, "logprob")]
     shard = ctx.shard(part)
     mask = shard.valid(*keys)
     score = excess_loss(
@@ -194,13 +198,22 @@ class _Whole:
     t: int | None
     ties: dict[int, int]
     counts: dict[str, int]
+    aliases: tuple[str, str]  # (current, reference): the signals the scores come from
 
     def close(self) -> None:
         self.spill.close()
 
 
 def _scan_whole(ctx: Ctx) -> _Whole:
-    """The global top ``⌊k_ratio·N⌋`` with memory independent of N (issue 16), on any number of ranks.
+    params = ctx.params
+    refuse = lambda n, nonzero: _refuse_zero(params, n, nonzero)  # noqa: E731
+    return scan_whole(ctx, (params.current, params.reference), params.k_ratio, refuse)
+
+
+def scan_whole(ctx: Ctx, aliases: tuple[str, str], ratio: float, refuse: Any) -> _Whole:
+    """The global top ``⌊ratio·N⌋`` of ``ℓ_current − ℓ_reference`` (``aliases``) with memory independent
+    of N (issue 16), on any number of ranks; ``refuse(n, nonzero)`` rejects all-zero scores. The one
+    global statistic of a whole-pool top-k (Rho-1 with ``batch_size=0``, Token Cleaning's ``level=global``).
 
     Pass 1 writes each scored token's order key to a temporary file and histograms its top 16 bits; a
     radix select finds the k-th largest key in three more reads of that file; pass 2
@@ -214,7 +227,7 @@ def _scan_whole(ctx: Ctx) -> _Whole:
     hist, sizes, where, local = np.zeros(65536, np.int64), [], {}, np.zeros(4, np.int64)
     spill = tempfile.TemporaryFile(prefix="winnow-excess-")
     for part in rank_parts(ctx.run, ctx.parts, ctx.d):
-        shard, _, flat, miss = _shard_scores(ctx, part)
+        shard, _, flat, miss = shard_scores(ctx, part, *aliases)
         order = order_keys(flat)
         order.tofile(spill)
         hist += np.bincount((order >> np.uint64(48)).astype(np.int64), minlength=65536)
@@ -223,13 +236,13 @@ def _scan_whole(ctx: Ctx) -> _Whole:
         local += [len(order), miss, int((flat != 0).sum()), len(shard.n_tokens)]
     spill.flush()  # read back with pread
     n, missing, nonzero, samples = (int(x) for x in _summed(ctx, local))
-    _refuse_zero(ctx.params, n, nonzero)
-    k = io.floor_count(ctx.params.k_ratio, n)
+    refuse(n, nonzero)
+    k = io.floor_count(ratio, n)
     reduce = lambda h: _summed(ctx, h)  # noqa: E731
     t, above = _kth_largest_key(spill, sizes, _summed(ctx, hist), k, reduce) if k else (None, 0)
     counts = {"samples": samples, "scored_tokens": n, "kept_tokens": k, "batches": 1}
     counts["supervised_without_signal"] = missing
-    return _Whole(spill, where, t, _ties_per_part(ctx, spill, where, t, k - above), counts)
+    return _Whole(spill, where, t, _ties_per_part(ctx, spill, where, t, k - above), counts, aliases)
 
 
 def _ties_per_part(ctx: Ctx, spill, where: dict, t: int | None, ties_left: int) -> dict[int, int]:
@@ -251,15 +264,22 @@ def _read_keys(spill, offset: int, count: int) -> np.ndarray:
     return np.frombuffer(os.pread(spill.fileno(), 8 * count, offset), np.uint64)
 
 
-def _compute_whole(ctx: Ctx, part: int, state: _Whole) -> pa.Table:
-    shard, mask, flat, _ = _shard_scores(ctx, part)
+def whole_keep(ctx: Ctx, part: int, state: _Whole) -> tuple:
+    """Pass 2 of :func:`scan_whole` for one shard: (shard, scored mask, scores, kept) in row-major order;
+    it needs only the part and the state, so shards may be computed in any order, on any rank."""
+    shard, mask, flat, _ = shard_scores(ctx, part, *state.aliases)
     got = _read_keys(state.spill, *state.where[part])
     keep = np.zeros(len(got), bool)
     if state.t is not None:
         tie = got == np.uint64(state.t)
         keep = (got > np.uint64(state.t)) | (tie & (np.cumsum(tie) <= state.ties[part]))
+    return shard, mask, flat, keep
+
+
+def _compute_whole(ctx: Ctx, part: int, state: _Whole) -> pa.Table:
+    shard, mask, flat, keep = whole_keep(ctx, part, state)
     batch = np.where(mask.any(1), 0, -1)
-    return _shard_table(shard.sample_id, batch, mask, shard.n_tokens, flat, keep)
+    return shard_table(shard.sample_id, batch, mask, shard.n_tokens, flat, keep)
 
 
 def _batch_cutoffs(read, starts: np.ndarray, rows: np.ndarray, k_ratio: float) -> tuple[float, np.ndarray]:
@@ -399,7 +419,7 @@ def _compute_batches(ctx: Ctx, part: int, state: _Batches) -> Computed:
     shard, mask, flat, _ = _shard_scores(ctx, part)
     rows = slice(state.row0[part], state.row0[part] + mask.shape[0])
     keep = _keep_from_cutoffs(flat, state.per[rows], state.cut[rows], state.ties[rows])
-    table = _shard_table(shard.sample_id, state.batch[rows], mask, shard.n_tokens, flat, keep)
+    table = shard_table(shard.sample_id, state.batch[rows], mask, shard.n_tokens, flat, keep)
     return Computed([table], counts={"kept_tokens": int(keep.sum())})
 
 

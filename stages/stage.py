@@ -142,14 +142,15 @@ def _run_stage(stage: Stage, run: RunDir, params: Any, d: Dist) -> dict[str, Any
     started = time.time()
     parts = io.samples_parts(run)
     _check_tables(stage, run, params, parts)
-    ctx = Ctx(run, params, parts, stage.inputs(params), d)
+    split = stage.scan is None or stage.shard_split
+    # a stage that runs on rank 0 alone sees one process: its scan must not wait on the other ranks
+    ctx = Ctx(run, params, parts, stage.inputs(params), d if split else Dist())
     if stage.check is not None:
         stage.check(ctx)
     st = io.StageOutput(run, stage.name, params, stage.code_version, started)
     if d.main:
         io.drop_orphans(st.out, parts)
     tables = list(ctx.tables)
-    split = stage.scan is None or stage.shard_split
     mine = rank_parts(run, parts, d) if split else (parts if d.main else [])
 
     def compute(part: int, state: Any) -> Computed:
