@@ -3,9 +3,11 @@
 A step whose result must agree across torchrun ranks (DV4LLM's transport solve) calls these rather than
 ``torch.distributed``: with no process group (one process, or ``WORLD_SIZE`` 1) each returns its input
 as it is, so the single-process path is the distributed code with world size 1, not a second path that
-can drift. :func:`joined` joins the torchrun group for a block (gloo: these tensors live on the CPU, and
-gloo also runs on a GPU machine) and leaves it afterwards if it created it; inside a group that someone
-else created (the trainer, a model pass) it reuses that group.
+can drift. :func:`joined` joins the process's torchrun group for a block (:mod:`winnow.core.dist` owns
+it: created once, kept until the process exits, since a group torn down and recreated within one process
+failed to reconnect about one time in three); these tensors live on the CPU, so inside a non-gloo group
+(NCCL) a gloo group over the same ranks serves the block. :mod:`winnow.core.dist` gathers Python objects
+(counts, small partials); this module moves arrays as raw tensors.
 
 Every function is collective: every rank of the group must call it, in the same order. Arrays cross
 ranks as raw tensors (a header of shape and dtype, then the data), never pickled.
@@ -13,12 +15,13 @@ ranks as raw tensors (a header of shape and dtype, then the data), never pickled
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+
+from winnow.core.dist import init_distributed, split_even, world_size
 
 _DTYPES = [np.float32, np.float64, np.int64, np.int32, np.uint8, np.bool_]
 # a gloo group over every rank, made by joined() when the default group is not gloo (NCCL on GPUs):
@@ -28,7 +31,7 @@ _GLOO: dict[str, Any] = {"group": None}
 
 def _dist() -> Any:
     """``torch.distributed`` when a group with more than one rank is up, else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if world_size() <= 1:
         return None
     import torch.distributed as dist
 
@@ -49,37 +52,33 @@ def group() -> Any:
 
 @contextmanager
 def joined() -> Iterator[tuple[int, int]]:
-    """Join the torchrun group (gloo) for the block when ``WORLD_SIZE`` > 1; yields ``(rank, world)``.
+    """The process's torchrun group (gloo) for the block when ``WORLD_SIZE`` > 1; yields ``(rank, world)``.
 
-    The group is left (after a barrier, so no rank leaves while another still waits on it) only if this
-    block created it; inside a non-gloo group (NCCL) a gloo group over the same ranks serves the block.
+    Leaves through a barrier, so no rank goes on while another still waits on the block's collectives.
     """
-    created = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    many = world_size() > 1
+    if many:
         import torch.distributed as dist
 
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
-            created = True
-        elif dist.get_backend() != "gloo":
+        init_distributed("cpu")
+        if dist.get_backend() != "gloo":
             _GLOO["group"] = dist.new_group(backend="gloo")
     try:
         yield rank_world()
     finally:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if many:
             import torch.distributed as dist
 
             dist.barrier(group=_GLOO["group"])
             if _GLOO["group"] is not None:
                 dist.destroy_process_group(_GLOO["group"])
                 _GLOO["group"] = None
-            if created:
-                dist.destroy_process_group()
 
 
 def split(n: int, world: int, rank: int) -> tuple[int, int]:
-    """Rank ``rank``'s contiguous share ``[lo, hi)`` of ``n`` items: sizes differ by at most one."""
-    return n * rank // world, n * (rank + 1) // world
+    """Rank ``rank``'s contiguous share ``[lo, hi)`` of ``n`` items (:func:`winnow.core.dist.split_even`)."""
+    r = split_even(n, world, rank)
+    return r.start, r.stop
 
 
 def barrier() -> None:
