@@ -32,6 +32,11 @@ Usage: ``python benchmarks/curation.py [--quick] [--models builtin|quality] [--s
 [--datasets demo,gsm8k] [--steps N] [--start base|new-task] [--rows a,b] [--max-minutes M] [--report]``.
 The table is printed and written to ``<workdir>/table.md`` and ``results.json``. ``--start new-task``: see
 :func:`prepare_demo` (the setting where DV4LLM met the target, benchmarks/RESULTS.md).
+
+``--methods otr,dft,caft,hft,greentrainer`` (issue 26): instead of the policy rows, ``full`` and one row per
+training method, each on the whole pool with the same data, steps and lr and the method's ``--set`` values
+(:data:`METHODS`; ``--method-set greentrainer.rho=0.7`` overrides one); no scoring model is built or run.
+With ``--start new-task`` every row is also scored on the 24 templates the start model learned (forgetting).
 """
 
 from __future__ import annotations
