@@ -510,8 +510,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         values["data"] = job["data"]
     else:
         run_dir = _run_copy(job["run"])
-        if job.get("selection"):
-            values["selection"] = job["selection"]
+        values["selection"] = job.get("selection") or "all"  # online rows select inside training
     if job.get("online"):
         values |= {"online": job["online"], f"{job['online']}.{job['knob']}": job["budget"]}
     values |= job.get("train", {})

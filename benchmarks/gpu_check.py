@@ -58,6 +58,7 @@ SECTIONS = {
     "trainer_step": 75,
     "packer": 20,
     "lora": 45,
+    "lemo": 40,
 }
 FULL = dict(
     n=16384,

@@ -25,6 +25,8 @@
    trainable parameters, peak memory of the whole training state. LoRA starts with B = 0, so its first
    loss must equal full fine-tuning's.
 
+9. ``lemo``: LeMo / JENGA against dense LoRA (q, k, v, o) at 1 x 8192 tokens (``gpu_lemo.py``).
+
 MFU everywhere is :func:`winnow.trainer.mfu.step_flops` over the step time, against 989 TFLOP/s
 (datasheet) and 780 TFLOP/s (a bf16 8192³ matmul measured on the lent H200, ENVIRONMENT_NOTES).
 Tolerances (bf16; fp32 in brackets, the CPU smoke): loss relative 5e-3 [1e-5]; log-probs absolute 1e-3
@@ -653,6 +655,12 @@ def lora(s: Section) -> None:
     s.path("no_heavy_imports", lambda: {"ok": not heavy, "imported": heavy})
 
 
+def lemo(s: Section) -> None:
+    from gpu_lemo import lemo as section  # its own module (issue 27): LeMo against dense LoRA
+
+    section(s)
+
+
 SECTIONS = {
     "self_check": self_check,
     "loss_step": loss_step,
@@ -662,4 +670,5 @@ SECTIONS = {
     "trainer_step": trainer_step,
     "packer": packer,
     "lora": lora,
+    "lemo": lemo,
 }

@@ -48,7 +48,7 @@ def _tree(*roots: Path) -> dict[str, str]:
 
 
 def _train_args(run: Path, out: Path) -> list:
-    return ["train", run, "--model", "builtin:tiny", "--out", out, *TRAIN_SETS]
+    return ["train", run, "--selection", "all", "--model", "builtin:tiny", "--out", out, *TRAIN_SETS]
 
 
 def _killed_train(winnow, cmd, env, run: Path, out: Path, rng: random.Random, kills: int) -> int:
@@ -153,11 +153,12 @@ def hostile_write_trial(winnow, work: Path, run: Path, model: Path) -> dict:
     (foreign / "README.md").write_text("not winnow's")
     shard = sorted((run / "samples").glob("part-*.parquet"))[0]
     cases = [
-        ["train", run, "--model", model, "--out", o, *TRAIN_SETS]
+        ["train", run, "--selection", "all", "--model", model, "--out", o, *TRAIN_SETS]
         for o in (model, run, run / "card", run / "samples", foreign, run.parent)
     ]
     cases += [
-        ["train", run, "--model", model, "--name", n, *TRAIN_SETS] for n in ("..", "../../x", "x" * 300)
+        ["train", run, "--selection", "all", "--model", model, "--name", n, *TRAIN_SETS]
+        for n in ("..", "../../x", "x" * 300)
     ]
     cases += [
         ["export", run, "--format", f, "--out", o, "--force"]
@@ -176,7 +177,10 @@ def hostile_write_trial(winnow, work: Path, run: Path, model: Path) -> dict:
         "threads=100000",
         "device=meta",
     ]
-    cases += [["train", run, "--model", model, "--out", work / "v", *TRAIN_SETS, "--set", v] for v in values]
+    cases += [
+        ["train", run, "--selection", "all", "--model", model, "--out", work / "v", *TRAIN_SETS, "--set", v]
+        for v in values
+    ]
     before = _tree(run, model, foreign)
     refused = silent = 0
     for case in cases:
@@ -205,6 +209,8 @@ def hostile_sql24(run: Path) -> list[list]:
         [
             "train",
             run,
+            "--selection",
+            "all",
             "--model",
             "builtin:tiny",
             "--name",

@@ -8,7 +8,8 @@ Names (ARCHITECTURE.md "Naming in DuckDB"): ``samples``, ``rejects``, ``targets`
 ``signals_<alias>``, ``scores_<stage>``, ``selection_<name>``, and ``tokens`` with one row per
 (sample_id, pos): ``token_id``, ``token`` (text from the vocabulary table, not decoded per row),
 ``offset``, ``loss_mask``, and every per-token list column of every other table as
-``<table>__<column>`` (``current__logprob``, ``eu_plane__token_score``, ``default__token_weight``).
+``<name>__<column>`` (``current__logprob``, ``eu_plane__token_score``, ``quickstart__token_weight``;
+:func:`token_column_names` has the one rule, :func:`view_name` the views').
 
 Read-only (the inspector writes nothing into the run and reads nothing outside it): every shard is
 verified against its commit record's sha256 before the views open (cached; ``--no-verify`` skips it
@@ -45,10 +46,40 @@ _SAMPLE_LISTS = {"input_ids", "offsets", "loss_mask"}
 
 
 def view_name(table: str) -> str:
+    """The table's view: its folder path with ``/`` as ``_`` and every character other than letters,
+    digits and ``_`` as ``_`` (``selection/online-rho-epoch1`` -> ``selection_online_rho_epoch1``)."""
     parts = table.split("/")
     if len(parts) == 2 and parts[0] in _PREFIXES:
         return f"{parts[0]}_{_ident(parts[1])}"
     return _ident(table.replace("/", "_"))
+
+
+def token_column_names(per_token: dict[str, list[str]]) -> tuple[dict[tuple[str, str], str], list[str]]:
+    """The ``tokens`` view's name of each (table, list column): ``<name>__<column>``, where ``<name>`` is
+    the table's view name without its kind (``signals_``, ``scores_``, ``selection_``): ``current__logprob``,
+    ``eu_plane__token_score``, ``quickstart__token_weight``, ``online_rho_epoch1__token_weight``. The
+    kinds' columns differ (a selection's ``token_weight``, a stage's ``token_*``, a pass's ``logprob``),
+    so ``selection/eu_plane`` beside ``scores/eu_plane`` is ``eu_plane__token_weight`` beside
+    ``eu_plane__token_score``, whatever else the run holds (before issue 28 it became
+    ``selection_eu_plane__token_weight`` only when a stage shared its name). Only when two tables would
+    give one name (a plugin stage writing ``token_weight`` under a selection's name) both take their full
+    view name (``scores_x__token_weight``, ``selection_x__token_weight``); the warnings say so."""
+    short = {t: _ident(t.split("/", 1)[1]) for t in per_token}
+    users: dict[str, list[str]] = {}
+    for t, cols in per_token.items():
+        for c in cols:
+            users.setdefault(f"{short[t]}__{c}", []).append(t)
+    names, warnings = {}, []
+    for name, tables in sorted(users.items()):
+        if len(tables) > 1:
+            warnings.append(
+                f"tokens: {' and '.join(sorted(tables))} both give {name}: named "
+                + ", ".join(f"{view_name(t)}__{name.split('__', 1)[1]}" for t in sorted(tables))
+            )
+        for t in tables:
+            c = name.split("__", 1)[1]
+            names[(t, c)] = name if len(tables) == 1 else f"{view_name(t)}__{c}"
+    return names, warnings
 
 
 def _ident(name: str) -> str:
@@ -274,11 +305,9 @@ def _tokens_view(
         "s.loss_mask[g.pos + 1] AS loss_mask",
     ]
     positional, joins = [], []
-    used: set[str] = set()
+    names, clashes = token_column_names(per_token)
+    out.warnings += clashes
     for i, (table, cols) in enumerate(sorted(per_token.items())):
-        short = table.split("/", 1)[1]
-        prefix = _ident(short) if short not in used else view_name(table)
-        used.add(short)
         alias = f"t{i}"
         if table in src and _positional_ok(out, table, cols, check_lengths):
             positional.append(f"POSITIONAL JOIN {src[table]} {alias}")
@@ -287,7 +316,7 @@ def _tokens_view(
             if check_lengths:
                 _check_lengths_by_key(out, table, cols)
         for c in cols:
-            col = f"{prefix}__{c}"
+            col = names[(table, c)]
             selects.append(f"{alias}.{_q(c)}[g.pos + 1] AS {_q(col)}")
             out.token_columns.append(col)
     vocab_join = "LEFT JOIN vocab v ON v.token_id = s.input_ids[g.pos + 1]" if "vocab" in out.views else ""

@@ -26,12 +26,18 @@ def _model_names() -> list[str]:
 
 
 def _input(name: str) -> Path:
+    if name == "tool_calls":  # TL-Training's demo: tool calls, outputs, errors (builtin/tool_demo.py)
+        from winnow.pipeline.builtin.tool_demo import tool_demo_path
+
+        return tool_demo_path()
     if name != "demo":
-        raise UserError(f"unknown built-in input 'builtin:{name}'; the only one is builtin:demo")
+        raise UserError(
+            f"unknown built-in input 'builtin:{name}'; built-in inputs: builtin:demo, builtin:tool_calls"
+        )
     from winnow.pipeline.builtin.demo_data import demo_path
 
     return demo_path()
 
 
 builtins.provide("model", _model, _model_names)
-builtins.provide("input", _input, lambda: ["demo"])
+builtins.provide("input", _input, lambda: ["demo", "tool_calls"])

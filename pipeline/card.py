@@ -145,7 +145,8 @@ class _Card:
 
         parts = []
         for spec, section in steps.card_sections():
-            if self.has(f"scores_{spec.name}"):
+            # a step that is not a stage (the self-evolving rounds) declares a section that is [] until it ran
+            if self.has(f"scores_{spec.name}") or (spec.kind != "stage" and section is not None):
                 parts += (section or card_sections.generic)(self, spec)
         if parts:
             self.md += ["## Scores", "", *parts]
@@ -182,6 +183,7 @@ class _Card:
                     "reason is `policy:reason` of the first policy that dropped it.",
                     "",
                 ]
+            self.md += self._user_policy(view, policy)
             rows = self.q(f"select reason, count(*), count_if(keep) from {view} group by 1 order by 2 desc")
             self.md += [md_table(["reason", "samples", "kept"], [list(r) for r in rows]), ""]
             for col in metas:
@@ -199,6 +201,14 @@ class _Card:
             self._token_sections(view, name)
             self._selection_plot(view, name)
             self._examples(view, name)
+
+    def _user_policy(self, view: str, policy: str | None) -> list[str]:
+        """A ``python:`` selection: which function wrote it and how its weights spread (card_sections)."""
+        if not (policy or "").startswith("python:"):
+            return []
+        from winnow.pipeline.card_sections import user_policy
+
+        return user_policy(self, view, self.views.views[view].removeprefix("selection/"), str(policy))
 
     def _examples(self, view: str, name: str, k: int = 2) -> None:
         """Token-by-token pages (`winnow show`) of the kept samples with the largest and smallest share of
@@ -284,32 +294,10 @@ class _Card:
         )
 
     def training(self) -> None:
-        """Each `winnow train` of the run: eval_loss before/after and the loss curves (PNG)."""
-        import matplotlib.pyplot as plt
+        """Each `winnow train` of the run, like with like (:mod:`winnow.pipeline.card_training`)."""
+        from winnow.pipeline.card_training import section
 
-        runs = [(k, e) for k, e in sorted(self.man.get("steps", {}).items()) if e.get("step") == "train"]
-        if not runs:
-            return
-        fig, ax = plt.subplots(figsize=(6.5, 3.2))
-        rows = []
-        for key, e in runs:
-            path = Path(e.get("out", "")) / "metrics.jsonl"
-            lines = (
-                [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
-            )
-            train = [(r["step"], r["loss"]) for r in lines if "loss" in r]
-            evals = [(r["step"], r["eval_loss"]) for r in lines if r.get("eval_loss") is not None]
-            if train:
-                ax.plot(*zip(*train, strict=True), lw=1, label=f"{key} train (weighted)")
-            if evals:
-                ax.plot(*zip(*evals, strict=True), "o-", label=f"{key} eval (all supervised)")
-            rows.append([key, e.get("steps"), e.get("eval_loss_before"), e.get("eval_loss"), e.get("out")])
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss (nats/token)")
-        ax.legend(fontsize=7)
-        header = ["run", "steps", "eval_loss before", "eval_loss after", "model"]
-        self.md += ["## Training", "", md_table(header, rows), ""]
-        self.md += self.plot(fig, "training.png", "Training and held-out loss per step")
+        section(self)
 
     def sample(self, sql: str, k: int) -> list[tuple]:
         """At most ``k`` rows of ``sql``, drawn uniformly at random (repeatably): for a stage's scatter."""

@@ -28,3 +28,32 @@ def generic(card: Any, spec: Any) -> list[str]:
         header += ["scored tokens", "kept tokens"]
         values += [scored, kept]
     return [f"### {spec.name}", "", spec.help, "", md_table(header, [values]), ""]
+
+
+def user_policy(card: Any, view: str, folder: str, policy: str) -> list[str]:
+    """A ``python:`` selection (:mod:`winnow.stages.user_policy`): which function wrote it (spec and source
+    digest, from the manifest) and how its token weights are spread over the kept samples' tokens: how many
+    weigh exactly 1, more (up-weighted, e.g. TL-Training's key tokens) or less, and the weight mass above 1."""
+    entry = card.man.get("steps", {}).get(f"select:{folder}", {})
+    digest = str(entry.get("code_version", "")).partition("+user:")[2] or "?"
+    one, up, down, mass, lo, mid, hi = card.q(
+        "select count_if(w = 1), count_if(w > 1), count_if(w > 0 and w < 1), "
+        "coalesce(sum(w) filter (where w > 1) / nullif(sum(w), 0), 0), min(w) filter (where w > 1), "
+        f"median(w) filter (where w > 1), max(w) from (select unnest(token_weight) as w from {view} where keep)"
+    )[0]
+    fmt = lambda x: "-" if x is None else f"{x:.3g}"  # noqa: E731
+    return [
+        f"A user policy: `{policy}` (source sha256 `{digest}`...), called once per shard.",
+        "",
+        md_table(
+            [
+                "weight = 1",
+                "weight > 1",
+                "0 < weight < 1",
+                "weight mass above 1",
+                "min / median / max above 1",
+            ],
+            [[one, up, down, f"{mass:.1%}", f"{fmt(lo)} / {fmt(mid)} / {fmt(hi)}"]],
+        ),
+        "",
+    ]

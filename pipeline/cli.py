@@ -47,7 +47,8 @@ def _options(
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="step parameter key=value (repeatable)")]
 
 
-def _run_step(step_name: str, run_dir: str, values: dict, create: bool = False) -> dict:
+def _run_step(step_name: str, run_dir: str, values: dict, create: bool = False, check=None) -> dict:
+    """Run one step under the run lock; ``check(run, params)`` first, inside the lock (a refusal)."""
     from winnow.core.lock import run_lock
     from winnow.core.store import RunDir
 
@@ -55,6 +56,8 @@ def _run_step(step_name: str, run_dir: str, values: dict, create: bool = False) 
     params = build_params(step.params, values, where=f"winnow {step_name}")
     run = RunDir(run_dir, create=create)
     with run_lock(run, registry.spec(step_name).key(params)):  # one writer per run, before any input is read
+        if check is not None:
+            check(run, params)
         return step.run(run, params)
 
 
@@ -110,7 +113,8 @@ def ingest(
     entry = _run_step("ingest", run_dir, values, create=True)
     c = entry["counts"]
     typer.echo(
-        f"{c['rows_in']} rows -> {c['samples']} samples, {c['rejects']} rejects {c['rejects_by_reason']}"
+        f"{c['rows_in']} rows -> {c['samples']} samples, {c['rejects']} rejects"
+        + (f" ({plain(c['rejects_by_reason'])})" if c.get("rejects_by_reason") else "")
     )
 
 
@@ -170,9 +174,45 @@ def score(
     typer.echo(_summary(entry))
 
 
+def plain(value: object, key: str = "") -> str:
+    """A console value without Python reprs: ``key=value`` pairs (nested keys dotted), floats to 4
+    significant digits, lists joined by ``,`` (issue 28: lines printed ``{'kept': 2}`` and 16-digit floats)."""
+    if isinstance(value, dict):
+        pairs = [plain(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()]
+        return " ".join(pairs) if pairs or not key else f"{key}=none"
+    if isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, float):
+        text = f"{value:.4g}"
+    elif isinstance(value, list | tuple):
+        text = ",".join(plain(v) for v in value)
+    else:
+        text = str(value)
+    return f"{key}={text}" if key else text
+
+
+def _loss(value: object) -> str:
+    """A loss as the training log prints it (4 decimals: 1.0619), or ``none``."""
+    return f"{value:.4f}" if isinstance(value, float) else plain(value if value is not None else "none")
+
+
 def _summary(entry: dict) -> str:
     keys = ("step", "alias", "shards", "counts", "wall_s")
-    return " ".join(f"{k}={entry[k]}" for k in keys if k in entry) or "done"
+    return plain({k: entry[k] for k in keys if k in entry}) or "done"
+
+
+def _stage_sets(policy: str, values: dict) -> dict:
+    """``select POLICY --set KEY=VALUE`` where KEY is a parameter of the policy's own scoring stage and
+    not of select (token_cleaning's ``rho``, ``level``): those keys leave ``values`` for that stage."""
+    import dataclasses
+
+    from winnow.stages.select_policy import SelectParams
+
+    if policy not in registry.score_stages():
+        return {}
+    own = {f.name for f in dataclasses.fields(SelectParams)}
+    stage = {f.name for f in dataclasses.fields(registry.get_step(policy).params)}
+    return {k: values.pop(k) for k in list(values) if k not in own and k in stage}
 
 
 @app.command()
@@ -182,7 +222,8 @@ def select(
         str,
         typer.Argument(
             help="|".join(registry.selection_policies())
-            + ", or several joined by ',' (kept when every one keeps it)"
+            + ", or several joined by ',' (kept when every one keeps it), or a user policy "
+            "python:pkg.module:function | python:path/file.py:function"
         ),
     ],
     name: Annotated[
@@ -202,20 +243,27 @@ def select(
             help='TEXT[,TEXT...]: tokens the token half never drops where supervised (e.g. "<|im_end|>,####")',
         ),
     ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="replace selection/<name>/ made with other parameters")
+    ] = False,
     sets: SetOpt = None,
 ) -> None:
     """Turn scores into a keep flag per sample and a weight per token: selection/<name>/."""
     from winnow.core.always_keep import split_texts
+    from winnow.stages.select_policy import refuse_other_configuration
 
     values: dict = {"policy": policy, **parse_sets(sets, "select")}
     values |= {k: v for k, v in {"name": name, "tokens": tokens, "keep": keep}.items() if v is not None}
+    staged = _stage_sets(policy, values)
+    if staged:  # the policy's own stage parameters: (re)score it first (a fresh stage writes nothing)
+        typer.echo(_summary(_run_step(policy, run_dir, staged)))
     if always_keep is not None:  # a list, so an empty item reaches the check that names it
         values["always_keep"] = split_texts(always_keep)
-    entry = _run_step("select", run_dir, values)
+    entry = _run_step("select", run_dir, values, check=None if force else refuse_other_configuration)
     c = entry["counts"]
     typer.echo(
         f"{entry['outputs'][0]}: kept {c.get('kept', '?')} of {c.get('samples', '?')} samples, "
-        f"{c.get('weighted_tokens', '?')} weighted tokens; reasons {entry['reasons']}"
+        f"{c.get('weighted_tokens', '?')} weighted tokens; reasons {plain(entry['reasons'])}"
     )
 
 
@@ -327,7 +375,8 @@ def export(
 def train(
     run_dir: Annotated[str | None, typer.Argument(help="run directory (omit with --data)")] = None,
     selection: Annotated[
-        str | None, typer.Option("--selection", help="selection/<name>/ to train on")
+        str | None,
+        typer.Option("--selection", help="selection/<name>/ to train on, or all (every non-rejected sample)"),
     ] = None,
     data: Annotated[str | None, typer.Option("--data", help="an export parquet instead of a run")] = None,
     model: Annotated[
@@ -342,6 +391,10 @@ def train(
     """Train a model on a selection (or an export): token-weighted, packed, resumable, torchrun-ready."""
     from winnow.trainer.config import TrainParams
 
+    if run_dir is not None and not data and not selection:  # before the run is opened or locked
+        from winnow.pipeline.train import NEEDS_SELECTION
+
+        raise UserError(NEEDS_SELECTION)
     flags = {"selection": selection, "data": data, "model": model, "name": name, "out": out}
     values = parse_sets(sets, "train") | {k: v for k, v in flags.items() if v is not None}
     if run_dir is None:  # an export: no run to lock or record into
@@ -354,12 +407,29 @@ def train(
         return
     if entry.get("skipped"):
         typer.echo(
-            f"{entry.get('out', out)}: already trained (eval_loss {entry.get('eval_loss')}); nothing to do"
+            f"{entry.get('out', out)}: already trained (eval_loss {_loss(entry.get('eval_loss'))}); nothing to do"
         )
         return
     typer.echo(
-        f"{entry['out']}: {entry['steps']} steps, eval_loss {entry['eval_loss_before']} -> {entry['eval_loss']}"
+        f"{entry['out']}: {entry['steps']} steps, eval_loss {_loss(entry['eval_loss_before'])} -> "
+        f"{_loss(entry['eval_loss'])}"
     )
+
+
+@app.command("lemo-fit")
+def lemo_fit(
+    run_dir: Annotated[str, typer.Argument(help="run directory (its samples: long documents)")],
+    model: Annotated[str | None, typer.Option("--model", help="the model you will train")] = None,
+    out: Annotated[
+        str | None, typer.Option("--out", help="folder for the predictors (outside the run)")
+    ] = None,
+    sets: SetOpt = None,
+) -> None:
+    """Fit LeMo's per-layer block predictors on a run's samples (then: train --set lemo.predictors=OUT)."""
+    flags = {"model": model, "out": out}
+    values = parse_sets(sets, "lemo-fit") | {k: v for k, v in flags.items() if v is not None}
+    entry = _run_step("lemo_fit", run_dir, values)
+    typer.echo(f"{entry['out']}: layers {entry['layers']}, held-out recall {entry['recall_mean']:.3f}")
 
 
 @app.command()

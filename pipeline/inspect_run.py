@@ -122,18 +122,56 @@ def _cell(v) -> str:
     return s if len(s) <= 120 else s[:117] + "..."
 
 
-def repl(run_dir: str, verify: bool = True) -> None:
-    """A minimal interactive SQL prompt; `.tables` lists views, `.quit` leaves."""
+_KEYWORDS = (
+    "select", "from", "where", "group by", "order by", "limit", "having", "with", "join", "using", "on",
+    "count", "sum", "avg", "min", "max", "median", "quantile_cont", "list_sum", "unnest", "distinct", "as",
+    "and", "or", "not", "describe", "summarize", "show", "explain", ".tables", ".quit",
+)  # fmt: skip
+HISTORY_ENV = (
+    "WINNOW_SQL_HISTORY"  # a file for the prompt's history across sessions (unset: this session only)
+)
+
+
+def line_reader(words: list[str], **session_kw):
+    """The prompt's ``read(prompt) -> line``: prompt_toolkit's (history with up/down and Ctrl-R, Tab
+    completion of the run's views, columns and SQL keywords) when it is installed (the optional ``sql``
+    extra) and stdin is a terminal or ``session_kw`` gives an input; else ``input()``. The history stays in
+    memory unless ``$WINNOW_SQL_HISTORY`` names a file: the inspector writes nothing it was not asked to."""
+    import os
+
+    if not session_kw and not sys.stdin.isatty():
+        return input
+    try:
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.completion import WordCompleter
+        from prompt_toolkit.history import FileHistory, InMemoryHistory
+    except ImportError:
+        return input
+    path = os.environ.get(HISTORY_ENV)
+    history = FileHistory(path) if path else InMemoryHistory()
+    completer = WordCompleter(sorted(set(words) | set(_KEYWORDS)), ignore_case=True, WORD=True)
+    return PromptSession(history=history, completer=completer, **session_kw).prompt
+
+
+def _words(v: Views) -> list[str]:
+    """Completion words: the views and their columns (the catalog, read by a SELECT)."""
+    cols = v.con.sql("select distinct column_name from duckdb_columns() where not internal").fetchall()
+    return [*v.views, *(str(c[0]) for c in cols)]
+
+
+def repl(run_dir: str, verify: bool = True, session_kw: dict | None = None) -> None:
+    """A minimal interactive SQL prompt; `.tables` lists views, `.quit` leaves (:func:`line_reader`)."""
     v = open_views(run_dir, verify=verify)
     for w in v.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(
         f"winnow inspect {run_dir}: views {', '.join(sorted(v.views))}. End statements with ';'. .quit to leave."
     )
+    read = line_reader(_words(v), **(session_kw or {}))
     buf = ""
     while True:
         try:
-            line = input("winnow> " if not buf else "   ...> ")
+            line = read("winnow> " if not buf else "   ...> ")
         except EOFError:
             print()
             return

@@ -61,7 +61,13 @@ def load_recipe(path: str | Path) -> Recipe:
         if name is None:
             raise UserError(f'{where}: missing `step = "..."`')
         step = get_step(name)
-        steps.append((step, build_params(step.params, table, f"{where} ({name})")))
+        params = build_params(step.params, table, f"{where} ({name})")
+        if name == "train" and not (params.selection or params.data):  # before any step runs
+            raise UserError(
+                f'{where} (train): give selection = "NAME" (a selection of the run) or selection = "all" '
+                "(every non-rejected sample), or data = EXPORT"
+            )
+        steps.append((step, params))
     return Recipe(path, str(data.get("run_dir", f"runs/{path.stem}")), steps)
 
 

@@ -47,14 +47,16 @@ from winnow.core.steps import (  # noqa: F401  (re-exported: the roof's readers 
 
 # the built-in scoring stages, in registry order: each module declares its stage once (``STAGE``), and
 # the registry line is built from it. Light to import (numpy, pyarrow; torch only when a stage runs).
-from winnow.stages import critical_tokens, dv4llm, eu_plane, excess_loss, sstoken
+from winnow.stages import critical_tokens, dv4llm, eu_plane, excess_loss, sstoken, token_cleaning
 
-BUILTIN_STAGES = (eu_plane, excess_loss, sstoken, critical_tokens, dv4llm)
+BUILTIN_STAGES = (eu_plane, excess_loss, sstoken, critical_tokens, dv4llm, token_cleaning)
 ENTRY_POINT_GROUP = "winnow.stages"  # plugins: an entry point naming a module with STAGE (or the Stage)
 
 # the modules the other entries below name (imported only by `get_step`): arrows the import graph sees
 if TYPE_CHECKING:
     import winnow.core.ingest
+    import winnow.pipeline.lemo_fit
+    import winnow.pipeline.token_cleaning_rounds
     import winnow.pipeline.train
     import winnow.stages.passes.contrast_pass
     import winnow.stages.passes.model_pass
@@ -89,10 +91,11 @@ def available_steps() -> list[str]:
 
 
 def card_sections() -> list[tuple[StepSpec, Callable[[Any, StepSpec], list[str]] | None]]:
-    """Each stage's card section function (None: the card's generic one), in registry order."""
+    """Each stage's card section function (None: the card's generic one), then those other steps declare
+    (the self-evolving rounds), in registry order."""
     out = []
     for s in REGISTRY.values():
-        if s.kind != "stage":
+        if s.kind != "stage" and s.card is None:
             continue
         fn = s.card
         if isinstance(fn, str):
@@ -194,7 +197,12 @@ def _select_reads(p: Any) -> list[str]:
         out.append("scores/critical_tokens")
     elif source != "loss_mask":
         out.append(f"scores/{source}")
-    return out
+    user = getattr(p, "user", None)  # a python: policy's declared tables (winnow.stages.user_policy)
+    return out + [t for t in (user.reads if user else ()) if t not in out]
+
+
+def _round_selections(p: Any) -> list[str]:
+    return [f"selection/{p.name}-round{t}" for t in range(p.rounds + 1)]
 
 
 def _is_samples(p: Any) -> bool:
@@ -236,16 +244,36 @@ _STEPS = (
         reads=("samples", _select_reads),
         writes=("selection/{name}",),
         key_pattern="select:{name}",
-        help="selection policy: scores -> keep per sample + token_weight per token in selection/<name>/",
+        help="selection policy (or python:pkg.module:function, python:file.py:function): scores -> keep per "
+        "sample + token_weight per token in selection/<name>/",
     ),
     StepSpec(
         "train",
         "training",
         "winnow.pipeline.train",
-        reads=("samples", Ref("selection/{selection}", lambda p: bool(p.selection))),
+        reads=("samples", Ref("selection/{selection}", lambda p: p.selection not in ("", "all"))),
         writes=(_online_records,),
         key_pattern=lambda p: f"train:{p.name or p.selection or 'all'}",
         help="train a model on a selection (token-weighted, trimmed, packed; resumable; torchrun) -> RUN/train/<name>/",
+    ),
+    StepSpec(
+        "lemo_fit",
+        "training",
+        "winnow.pipeline.lemo_fit",
+        reads=("samples",),
+        key_pattern="lemo_fit",
+        help="LeMo's per-layer block predictors for long-context token sparsity (train --set lemo.predictors=OUT) -> --out DIR",
+    ),
+    StepSpec(
+        "token_cleaning_rounds",
+        "training",
+        "winnow.pipeline.token_cleaning_rounds",
+        reads=("samples", "signals/{base}"),
+        writes=(_round_selections,),
+        key_pattern="token_cleaning_rounds:{name}",
+        card="winnow.pipeline.token_cleaning_rounds:card_section",
+        help="self-evolving Token Cleaning: T+1 parts; train on part 0, then clean each part with base vs "
+        "the latest model and train on from it -> selection/<name>-round<t>/, RUN/train/<name>-round<t>/",
     ),
 )
 for _spec in _STEPS[:_BEFORE_STAGES]:

@@ -36,12 +36,36 @@ def _out_dir(p: TrainParams, run_dir: str | Path | None) -> tuple[Path, str]:
             check_name(p.name, "--name")
         except ValueError as e:
             raise UserError(str(e)) from None
-    name = p.name or p.selection or ("all" if not p.data else Path(p.data).stem)
+    name = p.name or p.selection or Path(p.data).stem
     if p.out:
         return Path(p.out).expanduser(), name
     if run_dir is None:
         raise UserError("winnow train --data needs --out DIR (the directory the trained model is saved to)")
     return Path(run_dir) / "train" / name, name
+
+
+ALL = (
+    "all"  # --selection all: every sample of samples/ (ingest's rejects are never in it), weight = loss_mask
+)
+NEEDS_SELECTION = (
+    "winnow train RUN needs --selection NAME (a selection/ of the run) or --selection all (every "
+    "non-rejected sample, every supervised token at weight 1)"
+)
+
+
+def run_selection(p: TrainParams, run: RunDir | None = None) -> str | None:
+    """The run's selection table to read, ``None`` for every sample at ``loss_mask`` weights. A run
+    without ``--selection`` is refused (issue 28: `train` trained on every sample, corrupted ones included,
+    while `export` asked for a selection); ``--data`` takes none. ``--selection all`` reads
+    ``selection/all`` when the run holds one (only policy ``all``, which keeps every sample, may write it:
+    :class:`winnow.stages.select_policy.SelectParams`), else weighs by ``loss_mask``."""
+    if p.data:
+        return None
+    if not p.selection:
+        raise UserError(NEEDS_SELECTION)
+    if p.selection == ALL:
+        return ALL if run is not None and run.table(f"selection/{ALL}").exists() else None
+    return p.selection
 
 
 def _selection_parts(run: RunDir, selection: str):
@@ -57,7 +81,8 @@ def _selection_parts(run: RunDir, selection: str):
     return run.table(f"selection/{selection}")
 
 
-def read_run(run: RunDir, selection: str) -> Rows:
+def read_run(run: RunDir, selection: str | None) -> Rows:
+    """The rows of ``samples/`` weighted by ``selection/<selection>/`` (``None``: by ``loss_mask``)."""
     samples = run.table("samples")
     if not samples.exists():
         raise UserError(f"{run.root} has no samples: run `winnow ingest` first")
@@ -195,19 +220,20 @@ def dataset(p: TrainParams, run_dir: str | Path | None) -> Dataset:
         source: dict[str, Any] = {"data": str(Path(p.data).resolve()), "data_sha256": digest}
         return Dataset(rows, digest, source, _held_out(p, rows, None), p.data)
     run = RunDir(run_dir)
-    rows = read_run(run, p.selection)
-    sel_digest = run.table(f"selection/{p.selection}").digest() if p.selection else "all"
+    selection = run_selection(p, run)
+    rows = read_run(run, selection)
+    sel_digest = run.table(f"selection/{selection}").digest() if selection else ALL
     digest = stable_hash([run.table("samples").digest(), sel_digest])
     source = {
         "run": str(run.root.resolve()),
-        "selection": p.selection or "all",
+        "selection": selection or ALL,
         "selection_digest": sel_digest,
     }
-    label = f"selection/{p.selection}" if p.selection else "the samples"
-    return Dataset(rows, digest, source, _held_out(p, rows, run), label, online_sink(run_dir, p.selection))
+    label = f"selection/{selection}" if selection else "the samples"
+    return Dataset(rows, digest, source, _held_out(p, rows, run), label, online_sink(run_dir, selection))
 
 
-def online_sink(run_dir: str | Path, selection: str):
+def online_sink(run_dir: str | Path, selection: str | None):
     """``record_weights=true``: write an epoch's online weights as a selection of the run, one shard per
     samples shard (the rows come from the trainer's recorder, ``rows_of(columns of the samples shard)``)."""
 
@@ -250,15 +276,16 @@ def _reference(p: TrainParams, run_dir: str | Path | None) -> Path | str | None:
 
 def train(p: TrainParams, run_dir: str | Path | None = None) -> dict[str, Any]:
     """Train ``p.model`` on a run's selection (or an export) into ``--out``; resume or skip as needed."""
-    from winnow.trainer.step import IDENTITY_FILE
+    from winnow.trainer.step import IDENTITY_FILE, recorded_out
     from winnow.trainer.step import train as fit
 
-    if not p.model:
-        raise UserError("winnow train needs --model (builtin:<name> or a local model directory)")
     if not p.data and run_dir is None:
         raise UserError(
             "winnow train needs a RUN directory with --selection, or --data EXPORT (parquet or hf folder)"
         )
+    run_selection(p)  # before anything is resolved or written
+    if not p.model:
+        raise UserError("winnow train needs --model (builtin:<name> or a local model directory)")
     out, name = _out_dir(p, run_dir)
     model_dir = resolve_model(p.model)
     check_train_out(out, run_dir, model_dir, IDENTITY_FILE)
@@ -266,8 +293,12 @@ def train(p: TrainParams, run_dir: str | Path | None = None) -> dict[str, Any]:
     on_done = None
     if not p.data:
         check_tokenizer(RunDir(run_dir), model_dir, what="model")
-        # also with the finished result of a done run: a rerun repairs an edited eval_loss `verify` reported
-        on_done = lambda result: RunDir(run_dir).update_manifest(f"train:{name}", result)  # noqa: E731
+        where = recorded_out(out, ds.source)  # train/NAME: a copied or moved run's card still finds it
+
+        def on_done(result: dict[str, Any]) -> None:
+            # also with the finished result of a done run: a rerun repairs an edited eval_loss `verify` reported
+            RunDir(run_dir).update_manifest(f"train:{name}", result | {"out": where, "outputs": [where]})
+
     return fit(p, model_dir, ds, out, name, reference=_reference(p, run_dir), on_done=on_done)
 
 

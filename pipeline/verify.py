@@ -53,6 +53,6 @@ def _verify(run: RunDir) -> tuple[list[str], str]:
     stale = run.stale_tables()
     summary = (
         f"{run.root}: {len(run.tables())} tables, {shards} shards, {rows} rows verified; "
-        f"{len(problems)} problem(s)" + (f"; stale: {sorted(stale)}" if stale else "")
+        f"{len(problems)} problem(s)" + (f"; stale: {', '.join(sorted(stale))}" if stale else "")
     )
     return problems, summary

@@ -74,7 +74,7 @@ def _expected(run: RunDir, key: str, entry: dict[str, Any], table: str) -> dict[
 
 
 def _train_problems(man_path: Path, key: str, entry: dict[str, Any]) -> list[str]:
-    out = Path(str(entry.get("out") or ""))
+    out = man_path.parent / str(entry.get("out") or "")  # relative to the run since issue 28, else absolute
     result = out / "train_result.json"
     try:
         have = json.loads(result.read_text())

@@ -96,7 +96,7 @@ def _check_models(ctx: Ctx) -> None:
     )
 
 
-def _shard_table(sample_id, batch, mask, n_tokens, score_flat, keep_flat) -> pa.Table:
+def shard_table(sample_id, batch, mask, n_tokens, score_flat, keep_flat) -> pa.Table:
     score_pad = np.full(mask.shape, np.nan)
     keep_pad = np.zeros(mask.shape, dtype=bool)
     score_pad[mask] = score_flat
@@ -150,11 +150,15 @@ def _kth_largest_key(spill, sizes: list[int], hist: np.ndarray, k: int) -> tuple
 
 
 def _shard_scores(ctx: Ctx, part: int) -> tuple:
-    """One shard's (shard, scored mask, excess loss at the scored positions in row-major order)."""
+    return shard_scores(ctx, part, ctx.params.current, ctx.params.reference)
+
+
+def shard_scores(ctx: Ctx, part: int, current: str, reference: str) -> tuple:
+    """One shard's (shard, scored mask, ``ℓ_current − ℓ_reference`` at the scored positions in row-major
+    order, supervised tokens without both signals); Token Cleaning passes its base as ``current``."""
     import torch
 
-    params = ctx.params
-    keys = [(params.current, "logprob"), (params.reference, "logprob")]
+    keys = [(current, "logprob"), (reference, "logprob")]
     shard = ctx.shard(part)
     mask = shard.valid(*keys)
     score = excess_loss(
@@ -184,13 +188,22 @@ class _Whole:
     t: int | None
     ties_left: int
     counts: dict[str, int]
+    aliases: tuple[str, str]  # (current, reference): the signals the scores come from
 
     def close(self) -> None:
         self.spill.close()
 
 
 def _scan_whole(ctx: Ctx) -> _Whole:
-    """The global top ``⌊k_ratio·N⌋`` with memory independent of N (issue 16).
+    params = ctx.params
+    refuse = lambda n, nonzero: _refuse_zero(params, n, nonzero)  # noqa: E731
+    return scan_whole(ctx, (params.current, params.reference), params.k_ratio, refuse)
+
+
+def scan_whole(ctx: Ctx, aliases: tuple[str, str], ratio: float, refuse: Any) -> _Whole:
+    """The global top ``⌊ratio·N⌋`` of ``ℓ_current − ℓ_reference`` (``aliases``) with memory independent
+    of N (issue 16); ``refuse(n, nonzero)`` rejects all-zero scores. The one global statistic of a
+    whole-pool top-k (Rho-1 with ``batch_size=0``, Token Cleaning's ``level=global``).
 
     Pass 1 writes each scored token's order key to a temporary file and histograms its top 16 bits; a
     radix select finds the k-th largest key in three more reads of that file; pass 2
@@ -202,15 +215,15 @@ def _scan_whole(ctx: Ctx) -> _Whole:
     hist, sizes, missing, nonzero = np.zeros(65536, np.int64), [], 0, 0
     spill = tempfile.TemporaryFile(prefix="winnow-excess-")
     for part in ctx.parts:
-        _, _, flat, miss = _shard_scores(ctx, part)
+        _, _, flat, miss = shard_scores(ctx, part, *aliases)
         order = order_keys(flat)
         order.tofile(spill)
         hist += np.bincount((order >> np.uint64(48)).astype(np.int64), minlength=65536)
         sizes.append(len(order))
         missing, nonzero = missing + miss, nonzero + int((flat != 0).sum())
     n = sum(sizes)
-    _refuse_zero(ctx.params, n, nonzero)
-    k = io.floor_count(ctx.params.k_ratio, n)
+    refuse(n, nonzero)
+    k = io.floor_count(ratio, n)
     t, above = _kth_largest_key(spill, sizes, hist, k) if k else (None, 0)
     counts = {
         "samples": 0,
@@ -219,20 +232,26 @@ def _scan_whole(ctx: Ctx) -> _Whole:
         "batches": 1,
         "supervised_without_signal": missing,
     }
-    return _Whole(spill, _spilled(spill, sizes), t, k - above, counts)
+    return _Whole(spill, _spilled(spill, sizes), t, k - above, counts, aliases)
 
 
-def _compute_whole(ctx: Ctx, part: int, state: _Whole) -> pa.Table:
-    shard, mask, flat, _ = _shard_scores(ctx, part)
+def whole_keep(ctx: Ctx, part: int, state: _Whole) -> tuple:
+    """Pass 2 of :func:`scan_whole` for one shard: (shard, scored mask, scores, kept) in row-major order."""
+    shard, mask, flat, _ = shard_scores(ctx, part, *state.aliases)
     got = next(state.spilled)
     keep = np.zeros(len(got), bool)
     if state.t is not None:
         tie = got == np.uint64(state.t)
         keep = (got > np.uint64(state.t)) | (tie & (np.cumsum(tie) <= state.ties_left))
         state.ties_left -= int((tie & keep).sum())
-    batch = np.where(mask.any(1), 0, -1)
     state.counts["samples"] += len(shard.n_tokens)
-    return _shard_table(shard.sample_id, batch, mask, shard.n_tokens, flat, keep)
+    return shard, mask, flat, keep
+
+
+def _compute_whole(ctx: Ctx, part: int, state: _Whole) -> pa.Table:
+    shard, mask, flat, keep = whole_keep(ctx, part, state)
+    batch = np.where(mask.any(1), 0, -1)
+    return shard_table(shard.sample_id, batch, mask, shard.n_tokens, flat, keep)
 
 
 def _batch_cutoffs(spill, starts: np.ndarray, rows: np.ndarray, k_ratio: float) -> tuple[float, np.ndarray]:
@@ -330,7 +349,7 @@ def _compute_batches(ctx: Ctx, part: int, state: _Batches) -> pa.Table:
     rows = slice(state.row0[part], state.row0[part] + mask.shape[0])
     keep = _keep_from_cutoffs(flat, state.per[rows], state.cut[rows], state.ties[rows])
     state.counts["kept_tokens"] += int(keep.sum())
-    return _shard_table(shard.sample_id, state.batch[rows], mask, shard.n_tokens, flat, keep)
+    return shard_table(shard.sample_id, state.batch[rows], mask, shard.n_tokens, flat, keep)
 
 
 def _scan(ctx: Ctx) -> _Whole | _Batches:

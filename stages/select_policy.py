@@ -25,6 +25,11 @@ kept). Its reason is ``<policy>:<reason>`` of the first listed policy that dropp
 (``dv4llm:not_selected``), or the kept reasons joined by ``+`` (``selected+correct``); the token half is
 ``tokens`` or else the first listed policy's own. One policy alone keeps its plain reasons.
 
+**User policies.** ``python:pkg.module:function`` or ``python:path/to/file.py:function`` names a Python
+function that decides both halves of each shard (:mod:`winnow.stages.user_policy`: the contract, the
+checks, its source digest in the fingerprint); ``tokens`` then multiplies its weights. It does not compose
+with ``,``; the selection's default name is ``<module or file stem>.<function>``.
+
 **Always-keep floor.** ``--always-keep "<|im_end|>,####"`` (``always_keep``) names texts whose tokens the
 token half never drops: at supervised positions whose ``input_id`` is one of their ids (tokenized with the
 samples' tokenizer, :mod:`winnow.core.always_keep`), ``token_weight`` becomes at least the
@@ -54,10 +59,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from winnow.core import steps
+from winnow.core.params import as_dict
 from winnow.core.steps import Step
 from winnow.core.store import RunDir, UserError
 from winnow.core.write_guard import check_name, refuse_view_collision
 from winnow.stages import stage_io as io
+from winnow.stages import user_policy
 
 CODE_VERSION = "select/1"
 # policies and token sources come from the step registry (steps.selection_policies, steps.token_sources)
@@ -65,8 +72,10 @@ CODE_VERSION = "select/1"
 
 @dataclass
 class SelectParams:
-    policy: str  # one policy, or several joined by "," (a sample is kept when every one keeps it)
-    name: str = ""  # selection/<name>/; default: the policy's name (the names joined by "_and_")
+    # one policy, several joined by "," (kept when every one keeps it), or python:pkg.module:function or
+    # python:path/file.py:function (a user policy: winnow.stages.user_policy)
+    policy: str
+    name: str = ""  # selection/<name>/; default: the policy's name (the names joined by "_and_"; python: file.function)
     tokens: str = ""  # "" = the policy's own token half; else one of steps.token_sources()
     keep: str = ""  # policy=sql: a DuckDB boolean expression over the samples view
     keep_targets: bool = True  # policy=dv4llm: keep the target samples too
@@ -74,7 +83,7 @@ class SelectParams:
     always_keep: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        for policy in self.policies:
+        for policy in [] if self.user else self.policies:  # a user function decides both halves itself
             if policy not in steps.selection_policies():
                 raise ValueError(
                     f"unknown policy {policy!r}; policies: {steps.selection_policies()}, or several joined "
@@ -90,15 +99,30 @@ class SelectParams:
             raise ValueError(
                 'policy sql needs --set keep="<boolean SQL over samples>"; other policies take no keep='
             )
-        if self.always_keep and self.token_source == "loss_mask":
+        if self.always_keep and self.token_source == "loss_mask" and not self.user:
             raise ValueError(
                 f"always_keep={','.join(self.always_keep)} floors a token-level selection, but this one keeps "
                 f"every supervised token already: add --tokens {'|'.join(steps.token_sources()[1:])}"
             )
-        self.name = check_name(self.name or "_and_".join(self.policies))  # one folder, <= 100 characters
+        default = self.user.default_name if self.user else "_and_".join(self.policies)
+        self.name = check_name(self.name or default)  # one folder, <= 100 characters
+        if self.name == "all" and self.policies != ["all"]:
+            # `winnow train --selection all` trains on every sample: only policy all may carry the name
+            raise ValueError(
+                f"name='all' is reserved for policy all (`winnow train --selection all` trains on every "
+                f"sample), not {self.policy}: choose another --name"
+            )
+
+    @property
+    def user(self) -> user_policy.UserPolicy | None:
+        """The user policy ``python:...`` names (loaded and checked; cached while its file is unchanged),
+        else None. Not an attribute: parameters hold only their fields (recipe.resolved.json is ``vars``)."""
+        return user_policy.load(self.policy) if self.policy.startswith(user_policy.PREFIX) else None
 
     @property
     def policies(self) -> list[str]:
+        if self.policy.startswith(user_policy.PREFIX):
+            return [self.policy]
         return [x.strip() for x in self.policy.split(",")]
 
     @property
@@ -205,6 +229,20 @@ def token_selection(
     return sel
 
 
+def _halves(
+    run: RunDir, p: SelectParams, cols: pa.Table, part: int, sql_keep: dict[str, bool] | None
+) -> tuple[dict[str, bool], dict[str, str], np.ndarray]:
+    """Keep, reason and the token half of samples shard ``part``; a user policy (``python:...``) decides
+    both halves in one call, its token weights multiplied by the ``--tokens`` source (1 by default)."""
+    ids, n_tokens = cols["sample_id"].combine_chunks(), cols["n_tokens"].to_numpy()
+    own: np.ndarray | float = 1.0
+    if p.user is None:
+        keep, why = _sample_half(run, p, ids.to_pylist(), part, sql_keep)
+    else:
+        keep, why, own = p.user.decide(run, part)
+    return keep, why, own * token_selection(run, p.token_source, part, ids, n_tokens)
+
+
 def _floor(weight: np.ndarray, mask: np.ndarray, cols: pa.Table, row_of: np.ndarray, floor_ids) -> np.ndarray:
     """``always_keep``: supervised tokens whose id is in ``floor_ids`` get at least their loss_mask weight,
     in the samples the selection trains on (some weight left after both halves); a dropped sample, or one
@@ -265,6 +303,25 @@ def _always_keep(run: RunDir, p: SelectParams) -> tuple[np.ndarray | None, dict 
     return np.asarray(ids, np.int64), meta
 
 
+def refuse_other_configuration(run: RunDir, p: SelectParams) -> None:
+    """`winnow select --name X` without ``--force``: refuse to replace ``selection/X`` made with other
+    parameters (the parameters each shard recorded), as `winnow export` refuses an existing ``--out``; the
+    same parameters again are a no-op (every shard fresh). Recipes replace a changed step's table as
+    before: a recipe is the configuration."""
+    table = run.table(f"selection/{p.name}")
+    new = json.loads(json.dumps(as_dict(p)))  # as the records hold it (lists, not tuples)
+    for rec in table.records() if table.exists() else []:
+        old = rec.extra.get("params")
+        if old is None:
+            continue
+        differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if differ:
+            raise UserError(
+                f"{table.dir} holds another selection (differs in {', '.join(differ)}): pass --force to "
+                "replace it, or choose another --name"
+            )
+
+
 def run_select(run: RunDir, p: SelectParams) -> dict:
     started = time.time()
     samples = run.table(io.SAMPLES)
@@ -272,18 +329,23 @@ def run_select(run: RunDir, p: SelectParams) -> dict:
         raise UserError(f"{run.root} has no samples: run `winnow ingest` first")
     refuse_view_collision(run, f"selection/{p.name}")
     parts = [r.part for r in samples.records()]
-    source = p.token_source
     floor_ids, meta = _always_keep(run, p)  # a bad text fails before anything is read or written
+    if p.user is not None:  # its declared tables first: the message names the spec
+        p.user.check(run)
     read = {t.removeprefix("scores/") for t in steps.spec("select").tables_read(p) if t.startswith("scores/")}
     for stage in sorted(read):
         if not run.table(f"scores/{stage}").exists():
             raise UserError(f"{run.root} has no scores/{stage}: run `winnow score {run.root} {stage}` first")
         _check_fresh(run, stage)
     tables = {f"scores/{stage}" for stage in read}
+    if p.user is not None:  # the tables it declares are inputs; the source digest is in the fingerprint
+        tables |= set(p.user.reads)
+        meta = {**(meta or {}), **p.user.metadata}
     if "sql" in p.policies:  # the expression may read any view
         tables |= {t for t in run.tables() if not t.startswith("selection/")}
+    version = CODE_VERSION + (p.user.version if p.user else "")  # a user policy: its source digest too
     st = io.StageOutput(
-        run, "select", p, CODE_VERSION, started, table=f"selection/{p.name}", key=f"select:{p.name}"
+        run, "select", p, version, started, table=f"selection/{p.name}", key=f"select:{p.name}"
     )
     inputs = io.table_inputs(run, sorted({io.SAMPLES, *tables}))
     io.drop_orphans(st.out, parts)
@@ -295,9 +357,8 @@ def run_select(run: RunDir, p: SelectParams) -> dict:
         for part in parts:  # one shard in memory at a time
             cols = samples.read_part(part, columns=columns)
             n_tokens = cols["n_tokens"].to_numpy()
-            keep, why = _sample_half(run, p, cols["sample_id"].to_pylist(), part, sql_keep)
+            keep, why, selection = _halves(run, p, cols, part, sql_keep)
             n_samples += len(n_tokens)
-            selection = token_selection(run, source, part, cols["sample_id"].combine_chunks(), n_tokens)
             table = _shard_table(cols, keep, why, selection, p.policy, floor_ids)
             table = table.replace_schema_metadata(meta)
             kept += int(pc.sum(table["keep"].cast(pa.int64())).as_py() or 0)

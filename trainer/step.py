@@ -82,24 +82,50 @@ def _always_keep_ids(p: TrainParams, model_dir: Path) -> tuple[int, ...]:
     return tuple(always_keep_ids(load_tokenizer(model_dir), p.online.always_keep, "train always_keep"))
 
 
+_IDENTITY_KEYS = ("model", "model_fingerprint", "data", "config")  # what `hash` covers
+
+
+def _legacy_hash(have: dict[str, Any], identity: dict[str, Any]) -> str:
+    """The hash an ``--out`` trained before issue 28 recorded for this identity (``out``, its absolute path
+    as then recorded, was in it): such an ``--out`` resumes too, moved or not."""
+    old = {k: identity[k] for k in _IDENTITY_KEYS}
+    return stable_hash(old | {"out": have.get("out")})
+
+
+def _differences(have: dict[str, Any], identity: dict[str, Any]) -> str:
+    """``model_fingerprint, config.lr``: what differs between two identities, named, no reprs."""
+    out = [k for k in _IDENTITY_KEYS if k != "config" and have.get(k) != identity.get(k)]
+    a, b = have.get("config") or {}, identity.get("config") or {}
+    out += [f"config.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k != "out"]
+    return ", ".join(out) or "its hash"
+
+
 def _claim_out(out: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
     """Create ``out`` for this run; the finished result when an identical run already completed."""
     out.mkdir(parents=True, exist_ok=True)
     ident_path = out / IDENTITY_FILE
     if ident_path.exists():
         have = json.loads(ident_path.read_text())
-        if have.get("hash") != identity["hash"]:
-            diff = sorted(
-                k for k in set(have) | set(identity) if have.get(k) != identity.get(k) and k != "hash"
-            )
+        if have.get("hash") not in (identity["hash"], _legacy_hash(have, identity)):
             raise UserError(
-                f"--out {out} holds another training run (differs in {diff}); choose another --out or remove it"
+                f"--out {out} holds another training run (differs in {_differences(have, identity)}); "
+                "choose another --out or remove it"
             )
         if (out / RESULT_FILE).exists():
             return json.loads((out / RESULT_FILE).read_text())
     else:
         atomic_write_json(ident_path, identity)
     return None
+
+
+def recorded_out(out: Path, source: dict[str, Any]) -> str:
+    """``out`` as ``winnow_train.json`` and the run's manifest record it: relative to the run it trains
+    from when inside it (``train/NAME``: the run stays valid when copied or moved), else absolute."""
+    target = out.resolve()
+    run = source.get("run")
+    if run and target.is_relative_to(Path(run).resolve()):
+        return str(target.relative_to(Path(run).resolve()))
+    return str(target)
 
 
 def _apply_methods(p: TrainParams, model, ctx, out: Path):
@@ -272,9 +298,11 @@ def train(
         "model_fingerprint": model_info["fingerprint"],
         "data": data.digest,
         "config": p.identity(),
-        "out": str(out.resolve()),
     }
-    ident["hash"] = stable_hash(ident)
+    # where the run lives is not what it computes: neither --out nor its path enter the hash, so a copied or
+    # moved --out (a copied run directory) resumes (issue 28; before, `out` and `config.out` did)
+    ident["hash"] = stable_hash(ident | {"config": {k: v for k, v in ident["config"].items() if k != "out"}})
+    ident["out"] = recorded_out(out, data.source)  # recorded, not part of the identity
     ident["base_model_dir"] = str(model_dir)  # recorded, not part of the identity (machines differ)
     run = _Run(p, out, name, model_dir, data, model_info, ident, t0, reference, on_done)
     with out_lock(out, f"train:{name}"):  # a second training into this --out is refused, not interleaved

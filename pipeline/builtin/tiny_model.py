@@ -101,7 +101,9 @@ if TYPE_CHECKING:
 #    tiny-warm's 1,200 rows hold chat-template text in the answer); the other recipes train identically.
 # 3: every model is trained by winnow's trainer (winnow.trainer.step.train) on whole samples instead of
 #    the builder's own loop on 256-token windows; recipes give tokens_per_batch instead of batch_size/seq_len.
-CODE_VERSION = 3
+# 4: transformers' warmup + cosine schedule (winnow.trainer.optim, issue 28 item 9): the cosine is one step
+#    further along, so every model's weights change.
+CODE_VERSION = 4
 
 EOS = "<|endoftext|>"
 IM_START = "<|im_start|>"
@@ -238,7 +240,7 @@ class TinyModelRecipe:
         return f"{self.name}-{self.fingerprint()}"
 
 
-# fields added after CODE_VERSION 3: left out of the hash while unset, so built models keep their names
+# fields added at CODE_VERSION 3: left out of the hash while unset, so built models kept their names
 _HASHED_ONLY_WHEN_SET = ("exclude_templates",)
 
 

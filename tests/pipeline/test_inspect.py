@@ -219,3 +219,79 @@ def test_tokens_view_by_position_or_by_key_gives_each_samples_values(tmp_path):
         for pos in range(len(vals))
     }
     assert len(rows) == len(expect) and got == expect
+
+
+def test_token_column_names_qualify_both_sides_of_a_clash_only():
+    from winnow.core.views import token_column_names
+
+    names, warnings = token_column_names(
+        {
+            "scores/x": ["token_weight", "token_score"],
+            "selection/x": ["token_weight"],
+            "signals/a-b": ["logprob"],
+        }
+    )
+    assert names == {
+        ("scores/x", "token_weight"): "scores_x__token_weight",
+        ("selection/x", "token_weight"): "selection_x__token_weight",
+        ("scores/x", "token_score"): "x__token_score",
+        ("signals/a-b", "logprob"): "a_b__logprob",
+    }
+    assert len(warnings) == 1 and "scores/x and selection/x" in warnings[0]
+
+
+def test_interactive_prompt_through_the_console_script_reads_piped_statements(tmp_path, monkeypatch):
+    """`winnow inspect RUN` with stdin not a terminal reads lines with input() (prompt_toolkit or not)."""
+    import io
+
+    rd = _run(tmp_path)
+    monkeypatch.setattr("sys.stdin", io.StringIO("select count(*) * 1000 + 7 as n\nfrom tokens;\n.quit\n"))
+    code, out, err = run_cli("inspect", rd.root)
+    assert code == 0 and "5007" in out, err
+
+
+def test_prompt_toolkit_gives_history_and_completion(tmp_path):
+    """With prompt_toolkit (the optional `sql` extra), driven through its pipe input: a statement runs, the
+    up arrow recalls the previous line, and Tab completion offers the run's views and columns."""
+    pt = pytest.importorskip("prompt_toolkit")
+    from prompt_toolkit.completion import CompleteEvent
+    from prompt_toolkit.document import Document
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    from winnow.pipeline.inspect_run import line_reader
+
+    assert pt.__version__ >= "3"
+    with create_pipe_input() as inp:
+        read = line_reader(["signals_current", "logprob"], input=inp, output=DummyOutput())
+        inp.send_text("select 1;\r")
+        assert read("winnow> ") == "select 1;"
+        inp.send_text("\x1b[A\r")  # up arrow, enter: the line before again
+        assert read("winnow> ") == "select 1;"
+        session = read.__self__
+        assert list(session.history.get_strings()) == ["select 1;"]  # a repeated line is kept once
+        got = {
+            c.text for c in session.completer.get_completions(Document("select * from sig"), CompleteEvent())
+        }
+        assert got == {"signals_current"}
+
+
+def test_repl_runs_sql_through_prompt_toolkit_and_falls_back_without_it(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from winnow.pipeline.inspect_run import repl
+
+    rd = _run(tmp_path)
+    pytest.importorskip("prompt_toolkit")
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    with create_pipe_input() as inp:
+        inp.send_text("select count(*) * 1000 + 7 as n\rfrom tokens;\r.quit\r")
+        repl(str(rd.root), session_kw={"input": inp, "output": DummyOutput()})
+    assert "5007" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "prompt_toolkit", None)  # not installed: input() reads the lines
+    lines = iter(["select count(*) * 1000 + 8 as n from tokens;", ".quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    repl(str(rd.root), session_kw={"input": object()})
+    assert "5008" in capsys.readouterr().out

@@ -94,7 +94,7 @@ def test_stage_entry_point(tmp_path):
         return subprocess.run([WINNOW, *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
 
     got = winnow("score", "--help")
-    assert got.returncode == 0 and "critical_tokens|dv4llm|toy" in "".join(got.stdout.split()), got.stdout
+    assert got.returncode == 0 and "critical_tokens|dv4llm|token_cleaning|toy" in "".join(got.stdout.split()), got.stdout
     run = _run(tmp_path / "run")
     recipe = tmp_path / "r.toml"
     recipe.write_text('[[steps]]\nstep = "select"\npolicy = "all"\ntokens = "toy"\n')

@@ -27,6 +27,7 @@ SCRIPT = textwrap.dedent(
     from winnow.stages.eu_plane_math import Q2, eu_plane_select, eu_quadrants, eu_token_scores
     from winnow.stages.excess_loss_math import excess_loss_select
     from winnow.stages.sstoken_math import sstoken_scores, sstoken_select
+    from winnow.stages.token_cleaning_math import token_cleaning_select
 
     g = torch.Generator().manual_seed(0)
     nll = torch.rand(8, 6, generator=g, dtype=torch.float64) * 3
@@ -40,6 +41,7 @@ SCRIPT = textwrap.dedent(
     _, keep = excess_loss_select(nll, nll / 2, mask, 0.6)
     assert int(keep.sum()) == topk.floor_count(0.6, int(mask.sum()))
     sstoken_select(nll, nll / 2, ent / 2, mask)
+    assert int(token_cleaning_select(nll, nll / 2, mask, 0.6, "sample")[1].sum()) <= int(keep.sum())
     sstoken_scores(nll, None, mask, gamma=1.0)
     critical_token_scores(ent / 2, mask, torch.arange(8) % 2 == 0)
     assert [len(b) for b in topk.minibatches(20, 8, 0)] == [8, 8, 4]

@@ -51,6 +51,53 @@ def test_eu_plane_policy_keeps_the_quadrants_and_their_tokens(tmp_path):
     assert (sel["s3"]["n_supervised"], sel["s3"]["n_weighted"]) == (5, 2)
 
 
+def test_tokens_view_names_follow_one_rule(tmp_path):
+    """`<name>__<column>` for every table: selection/eu_plane beside scores/eu_plane is eu_plane__token_weight
+    beside eu_plane__token_score (it was selection_eu_plane__token_weight), and a hyphen becomes '_' in both
+    the view (selection_my_sel) and the column (my_sel__token_weight). Values by hand from the Parquet."""
+    import pyarrow.parquet as pq
+
+    run = test_eu_plane.make_run(tmp_path / "run")
+    assert run_cli("score", run.root, "eu_plane", "--set", "r_sample=0.4")[0] == 0
+    _select(run.root, "eu_plane")
+    _select(run.root, "sql", "--keep", "sample_id <> 's0'", "--name", "my-sel")
+    want = {}
+    for name in ("eu_plane", "my-sel"):
+        for f in sorted((run.root / "selection" / name).glob("part-*.parquet")):
+            for r in pq.read_table(f).to_pylist():
+                want.update({(name, r["sample_id"], i): w for i, w in enumerate(r["token_weight"])})
+    rows = sql_json(
+        run.root,
+        "select sample_id, pos, eu_plane__token_weight a, my_sel__token_weight b, eu_plane__token_score c "
+        "from tokens",
+    )
+    assert len(rows) == len(want) // 2  # eu_plane__token_score (c) is there too: the query names it
+    assert {(r["sample_id"], r["pos"]): (r["a"], r["b"]) for r in rows} == {
+        (sid, i): (w, want[("my-sel", sid, i)]) for (n, sid, i), w in want.items() if n == "eu_plane"
+    }
+    assert sql_json(run.root, "select count(*) n from selection_my_sel")[0]["n"] == 6
+
+
+def test_console_lines_are_key_value_pairs_without_python_reprs(tmp_path):
+    """`score` and `select` print key=value (nested keys dotted), floats to 4 significant digits: no dict
+    repr, no 16-digit float. The reasons by hand: one sample each (the quadrants of the test above)."""
+    run = test_eu_plane.make_run(tmp_path / "run")
+    code, out, err = run_cli("score", run.root, "eu_plane", "--set", "r_sample=0.4")
+    assert code == 0, err
+    assert out.startswith("step=eu_plane shards.total=2 shards.computed=2 shards.skipped=0 "), out
+    assert not re.search(r"[{}'\[]|\d\.\d{5,}", out), out
+    assert all(re.fullmatch(r"[\w.]+=[\w.,:-]+", pair) for pair in out.split()), out
+    out = _select(run.root, "eu_plane")
+    pairs = dict(p.split("=") for p in out.strip().split("; reasons ")[1].split())
+    assert pairs == dict.fromkeys(
+        ["kept_q4", "dropped_q3", "dropped_middle", "kept_q2", "dropped_q1", "no_supervised_tokens"], "1"
+    ), out
+    from winnow.pipeline.cli import plain  # dv4llm's solver counts hold floats: 4 significant digits
+
+    got = plain({"eps": 0.09331234567, "solver": {"by_rank": [1, 2], "converged": True}, "empty": {}})
+    assert got == "eps=0.09331 solver.by_rank=1,2 solver.converged=true empty=none"
+
+
 def test_critical_tokens_policy_with_p_ce_weights_and_sql(tmp_path):
     run = test_critical_tokens.make_run(tmp_path / "run")
     assert run_cli("score", run.root, "critical_tokens")[0] == 0
@@ -107,6 +154,25 @@ def test_rerun_skips_and_rescored_input_reselects(tmp_path):
     assert run_cli("score", run.root, "eu_plane", "--set", "r_sample=0.8")[0] == 0
     out = _select(run.root, "eu_plane")
     assert "kept 4 of 6" in out
+
+
+def test_another_configuration_under_a_name_is_refused_without_force(tmp_path):
+    """select --name X again: the same parameters are a no-op (0 shards computed); other ones exit 2 in one
+    line naming the differing parameter and --force, leaving selection/X as it was; --force replaces it."""
+    run = test_eu_plane.make_run(tmp_path / "run")
+    _select(run.root, "sql", "--keep", "true", "--name", "x")
+    shards = sorted((run.root / "selection" / "x").glob("part-*.parquet"))
+    before = {f: f.read_bytes() for f in shards}
+    out = _select(run.root, "sql", "--keep", "true", "--name", "x")
+    assert "kept 5 of 6" in out  # the sixth has no supervised token: dropped as no_token_weight
+    assert (
+        json.loads((run.root / "manifest.json").read_text())["steps"]["select:x"]["shards"]["computed"] == 0
+    )
+    code, _, err = run_cli("select", run.root, "sql", "--keep", "false", "--name", "x")
+    assert code == 2 and err.count("\n") == 1 and "differs in keep" in err and "--force" in err, err
+    assert {f: f.read_bytes() for f in shards} == before
+    out = _select(run.root, "sql", "--keep", "false", "--name", "x", "--force")
+    assert "kept 0 of 6" in out
 
 
 @pytest.mark.parametrize(

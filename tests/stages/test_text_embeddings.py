@@ -15,7 +15,9 @@ import torch
 
 from winnow.core.store import UserError
 from winnow.stages.text_embeddings import (
+    TfidfSvd,
     embed_texts,
+    fit_tfidf_svd,
     mean_pool,
     model_embeddings,
     resolve_model_dir,
@@ -95,6 +97,34 @@ def test_tfidf_fit_on_a_sample_still_embeds_every_candidate() -> None:
 
 
 # -------------------------------------------------------------------------------------- local encoder
+
+
+@pytest.mark.parametrize("n_fit,n_new,dim", [(40, 9, 4), (300, 120, 16)])
+def test_tfidf_map_as_arrays_equals_sklearns_fitted_objects(n_fit, n_new, dim) -> None:
+    """The map that crosses ranks as arrays transforms exactly as sklearn's own fitted vectorizer and
+    SVD (fitted here independently, one BLAS thread), and a text's row does not depend on its batch."""
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.preprocessing import normalize
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(n_fit)
+    texts = [" ".join(rng.choice(WORDS, size=rng.integers(2, 12))) for _ in range(n_fit + n_new)]
+    fit, new = texts[:n_fit], texts[n_fit:] + ["zzz unknown"]  # a text with no known term: zeros
+    model, fit_emb = fit_tfidf_svd(fit, dim=dim, seed=3)
+    vec = TfidfVectorizer(sublinear_tf=True, max_features=100_000, dtype=np.float32)
+    with threadpool_limits(limits=1, user_api="blas"):
+        svd = TruncatedSVD(n_components=dim, algorithm="randomized", n_iter=5, random_state=3)
+        ref_fit = normalize(svd.fit_transform(vec.fit_transform(fit)).astype(np.float32))
+    ref = normalize(svd.transform(vec.transform(new)).astype(np.float32))
+    assert np.abs(ref[:-1]).min(axis=1).max() > 0 and not ref[-1].any()
+    np.testing.assert_array_equal(fit_emb, ref_fit)
+    np.testing.assert_array_equal(model.transform(new), ref)
+    again = TfidfSvd(
+        list(model.terms), model.idf.copy(), model.components.copy()
+    )  # as another rank rebuilds it
+    np.testing.assert_array_equal(again.transform(new, batch_size=7), ref)
+    np.testing.assert_array_equal(again.transform(new[5:8]), ref[5:8])
 
 
 def test_pooling_ignores_padding(tiny_bert: Path) -> None:

@@ -14,7 +14,26 @@ METHODS = {
     "hft": {"hft": "true", "hft.seed": "2"},
     "greentrainer": {"greentrainer.rho": "0.8", "greentrainer.interval": "1"},
     "caft": {"caft.heads": "2", "caft.beta": "0.3", "caft.train_heads": "true"},
+    # full fine-tuning trains the MLP, so LeMo's MLP backward is off (mlp_keep=1); its predictors: _lemo_dir
+    "lemo": {"lemo.block": "8", "lemo.keep": "0.5", "lemo.mlp_keep": "1"},
 }
+
+
+def _lemo_dir() -> str:
+    """Seeded random predictors for the tiny Llama's layer 0 (each process writes its own identical copy)."""
+    import tempfile
+    from pathlib import Path
+
+    from winnow.trainer.lemo import save_predictors
+    from winnow.trainer.lemo_math import BlockPredictor
+
+    folder = tempfile.mkdtemp(prefix="lemo_dist_")
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        pred = BlockPredictor(4, 8, 8, h1=6, h2=10)
+    meta = {"block": 8, "n_heads": 4, "head_dim": 8, "h1": 6, "h2": 10, "layers": [0]}
+    save_predictors(Path(folder), {0: pred}, meta)
+    return folder
 
 
 FSDP2_METHODS = ("otr", "dft", "caft", "hft")  # GreenTrainer refuses fsdp=true
@@ -36,7 +55,8 @@ def method_loop(method: str, grad_accum: int, dist_info, fsdp: bool = False):
     data = TrainData(train, prepare([], [], [], 96), "d", {}, 299)
     base = {"grad_accum": grad_accum, "tokens_per_batch": 64, "max_seq_len": 64, "max_grad_norm": 0.0}
     base |= {"lr": 1e-3, "layout": "packed", "seed": 3, "epochs": 2, "fsdp": fsdp}
-    p = build_params(TrainParams, {k: str(v) for k, v in base.items()} | METHODS[method], "test")
+    sets = METHODS[method] | ({"lemo.predictors": _lemo_dir()} if method == "lemo" else {})
+    p = build_params(TrainParams, {k: str(v) for k, v in base.items()} | sets, "test")
     methods = p.methods()
     ctx = MethodContext(device=torch.device("cpu"), seed=p.seed, rank=dist_info.rank, world=dist_info.world)
     model = apply_trainable(methods, tiny_llama(seed=1), ctx)

@@ -20,7 +20,7 @@ def train_and_read(run_root: str, model: str, grad_accum: int, fsdp: bool, dist_
     from winnow.trainer.loop import Env, Loop
 
     values = dict(
-        model=model, name=name, online="sstoken", online_scoring="reuse", record_weights=True, epochs=2,
+        model=model, selection="all", name=name, online="sstoken", online_scoring="reuse", record_weights=True, epochs=2,
         grad_accum=grad_accum, tokens_per_batch=256, max_seq_len=128, eval_fraction=0.2, fsdp=fsdp,
         lr=1e-2, layout="padded", progress=False,
     )  # fmt: skip

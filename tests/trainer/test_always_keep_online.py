@@ -122,6 +122,7 @@ def test_training_records_the_floor(model, tmp_path):
         samples.write(part, t, fingerprint="synthetic", inputs={})
     values = {
         "model": str(model),
+        "selection": "all",
         "progress": "false",
         "tokens_per_batch": "256",
         "max_seq_len": "128",

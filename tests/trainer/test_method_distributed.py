@@ -1,4 +1,4 @@
-"""Every training method of issue 26 on 2 gloo ranks (DDP; FSDP2 for OTR, DFT and CAFT; grad_accum g) applies the gradients of one
+"""Every training method of issue 26 (and LeMo, issue 27) on 2 gloo ranks (DDP; FSDP2 for OTR, DFT and CAFT; grad_accum g) applies the gradients of one
 process with 2g micro-batches: OTR's draws, HFT's draw and GreenTrainer's selection agree across ranks.
 Steps 0 and the first of epoch 1 (GreenTrainer re-selects there with interval=1); fp32, tolerance 1e-6
 absolute as test_distributed (only the order of a few float sums differs)."""

@@ -70,6 +70,7 @@ def test_recorded_weights_are_the_weights_the_loss_saw(model, tmp_path, monkeypa
     monkeypatch.setattr(loop_mod.Loop, "_forward", forward)
     values = parse_sets([s for s in SETS if s != "--set"], "test") | {
         "model": str(model),
+        "selection": "all",
         "progress": "false",
     }
     res = train(build_params(TrainParams, values, "test"), run.root)
@@ -106,7 +107,9 @@ def test_recorded_weights_are_the_weights_the_loss_saw(model, tmp_path, monkeypa
 def test_tables_read_back_through_inspect_card_and_train(model, tmp_path):
     """The table holds the selection contract: DuckDB sees it, the card shows it, the trainer accepts it."""
     run = synthetic_run(tmp_path / "run", model).root
-    code, _, err = run_cli("train", run, "--model", model, *SETS, "--set", "max_steps=2")
+    code, _, err = run_cli(
+        "train", run, "--selection", "all", "--model", model, *SETS, "--set", "max_steps=2"
+    )
     assert code == 0, err
     names = [t for t in RunDir(run).tables() if t.startswith("selection/online-")]
     assert names == ["selection/online-all-epoch1"]  # max_steps ended inside epoch 1: one table
@@ -139,7 +142,7 @@ def test_resumed_run_records_the_same_tables(model, tmp_path):
     tables = {}
     for kind in ("straight", "killed"):
         run = synthetic_run(tmp_path / kind, model).root
-        args = ["train", run, "--model", model, *SETS, "--set", "save_every=1"]
+        args = ["train", run, "--selection", "all", "--model", model, *SETS, "--set", "save_every=1"]
         if kind == "killed":
             env = dict(os.environ, WINNOW_FAULT_KILL_AFTER_STEPS="2")
             cmd = [WINNOW, *map(str, args)]
@@ -183,7 +186,16 @@ def test_reuse_scores_from_the_training_forward_select_what_a_separate_forward_s
     for mode in ("separate", "reuse"):
         run = synthetic_run(tmp_path / mode, model).root
         code, _, err = run_cli(
-            "train", run, "--model", model, *SETS, *extra, "--set", f"online_scoring={mode}"
+            "train",
+            run,
+            "--selection",
+            "all",
+            "--model",
+            model,
+            *SETS,
+            *extra,
+            "--set",
+            f"online_scoring={mode}",
         )
         assert code == 0, err
         got[mode] = (

@@ -86,7 +86,9 @@ def test_out_never_overwrites_the_model_a_run_or_a_foreign_folder(inputs, tmp_pa
         code, _, err = _train_data(inputs, out)
         assert code == 2 and err.count("\n") == 1, (out, err)
     for out in (run, run / "card", run / "x"):  # training a run's selection: only RUN/train/NAME
-        code, _, err = run_cli("train", run, "--model", model, "--out", out, *SETS, "--set", "max_steps=1")
+        code, _, err = run_cli(
+            "train", run, "--selection", "all", "--model", model, "--out", out, *SETS, "--set", "max_steps=1"
+        )
         assert code == 2 and "RUN/train/NAME" in err, (out, err)
     assert {p: _tree(p) for p in before} == before
 
@@ -95,7 +97,9 @@ def test_out_never_overwrites_the_model_a_run_or_a_foreign_folder(inputs, tmp_pa
 def test_name_is_one_safe_folder(inputs, name):
     model, _, run = inputs
     before = _tree(run)
-    code, _, err = run_cli("train", run, "--model", model, "--name", name, *SETS, "--set", "max_steps=1")
+    code, _, err = run_cli(
+        "train", run, "--selection", "all", "--model", model, "--name", name, *SETS, "--set", "max_steps=1"
+    )
     assert code == 2 and "--name" in err and err.count("\n") == 1, err
     assert _tree(run) == before and not (run.parent / "x").exists()
 
@@ -268,6 +272,8 @@ def test_eval_where_on_a_run_cannot_smuggle_a_write(inputs, tmp_path):
     code, _, err = run_cli(
         "train",
         run,
+        "--selection",
+        "all",
         "--model",
         model,
         *SETS,
@@ -297,7 +303,19 @@ def test_domains_checked_by_the_dataclass_too():
 
 def test_verify_checks_a_trainings_eval_loss_and_a_rerun_repairs_it(inputs):
     model, _, run = inputs
-    args = ("train", run, "--model", model, "--name", "ver", *SETS, "--set", "max_steps=1")
+    args = (
+        "train",
+        run,
+        "--selection",
+        "all",
+        "--model",
+        model,
+        "--name",
+        "ver",
+        *SETS,
+        "--set",
+        "max_steps=1",
+    )
     assert run_cli(*args)[0] == 0
     assert run_cli("verify", run)[0] == 0
     man = json.loads((run / "manifest.json").read_text())
