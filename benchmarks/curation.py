@@ -32,6 +32,11 @@ Usage: ``python benchmarks/curation.py [--quick] [--models builtin|quality] [--s
 [--datasets demo,gsm8k] [--steps N] [--start base|new-task] [--rows a,b] [--max-minutes M] [--report]``.
 The table is printed and written to ``<workdir>/table.md`` and ``results.json``. ``--start new-task``: see
 :func:`prepare_demo` (the setting where DV4LLM met the target, benchmarks/RESULTS.md).
+
+``--methods otr,dft,caft,hft,greentrainer`` (issue 26): instead of the policy rows, ``full`` and one row per
+training method, each on the whole pool with the same data, steps and lr and the method's ``--set`` values
+(:data:`METHODS`; ``--method-set greentrainer.rho=0.7`` overrides one); no scoring model is built or run.
+With ``--start new-task`` every row is also scored on the 24 templates the start model learned (forgetting).
 """
 
 from __future__ import annotations
@@ -108,12 +113,16 @@ def prepare_demo(
     models: str | None = None,
     test_size: int | None = None,
     start: str = "base",
+    score: bool = True,
 ) -> dict[str, Any]:
     """The quickstart pipeline on the demo data: builtin models (``quick``) or the quality models.
 
     ``start="new-task"``: fine-tune the quality base that never saw a quarter of the math templates
     (``quality_models.NEW_TASK_BASE``), test on those templates only, and give DV4LLM clean examples of
-    them as its targets (a user teaching a task has some); the scoring models stay the quality set."""
+    them as its targets (a user teaching a task has some); the scoring models stay the quality set.
+    ``score=False`` (the training-method rows, which train on the whole pool): only the starting model is
+    built and only the ingest runs; with ``new-task`` a second test set of the 24 templates the base was
+    trained on (same seed-301 draw, other problems) measures forgetting."""
     from winnow.core.models import resolve_model
     from winnow.pipeline.builtin.demo_data import DEMO_SIZE, generate_demo
     from winnow.pipeline.recipe import Recipe, load_recipe, run_loaded, targets_ingest, with_models
@@ -134,6 +143,10 @@ def prepare_demo(
     )
     recipe = load_recipe(HERE.parent / "recipes" / "quickstart.toml")
     base = "builtin:tiny"
+    if not score:
+        return _prepare_pool(
+            workdir, recipe, models or ("builtin" if quick else "quality"), task, pool, n_test, test
+        )
     if (models or ("builtin" if quick else "quality")) == "quality":
         from quality_models import NEW_TASK_BASE, QUICKSTART_ROLES, build_quality_models
 
@@ -165,11 +178,32 @@ def prepare_demo(
     }
 
 
+def _prepare_pool(workdir: Path, recipe, models: str, task, pool: set[str], n_test: int, test: Path):
+    """prepare_demo without scoring: the starting model, the pool ingested, the held-out test set(s)."""
+    from quality_models import BASE, NEW_TASK_BASE
+
+    from winnow.core.models import resolve_model
+    from winnow.pipeline.builtin.demo_data import MATH_TEMPLATES
+    from winnow.pipeline.builtin.tiny_model import build_model
+    from winnow.pipeline.recipe import Recipe, run_loaded
+
+    base = "builtin:tiny" if models == "builtin" else str(build_model(NEW_TASK_BASE if task else BASE))
+    steps = [(s, dataclasses.replace(p, model=base)) for s, p in recipe.steps if s.name == "ingest"]
+    run_dir = workdir / "run"
+    run_loaded(Recipe(recipe.path, str(run_dir), steps), str(run_dir))
+    out = {"run_dir": run_dir, "base_model": resolve_model(base), "eval_jsonl": test, "accuracy": True}
+    if task is not None:  # the templates the base learned: 24 of 32, so a draw of 6x the size holds enough
+        old = tuple(t for t in MATH_TEMPLATES if t not in task)
+        rows = _demo_rows(6 * n_test, TEST_SEED, pool, old)[:n_test]
+        out["eval_old_jsonl"] = _write_jsonl(workdir / "test_old.jsonl", rows)
+    return out | {"stage_seconds": stage_seconds(run_dir, _previous_seconds(workdir))}
+
+
 # ----------------------------------------------------------------------------------------------- policies
 @dataclass
 class Policy:
     name: str
-    kind: str  # full | select | online
+    kind: str  # full | select | online | method
     gt: bool = False  # reads a ground-truth column
     stage: str = ""  # stage rerun with the budget knob
     knob: str = ""
@@ -178,7 +212,7 @@ class Policy:
     online: str = ""
     cost: tuple[str, ...] = ()  # manifest keys of the passes and stages it needs
     lora: bool = False
-    train: dict[str, str] = field(default_factory=dict)  # extra winnow train parameters (online rows)
+    train: dict[str, Any] = field(default_factory=dict)  # extra winnow train parameters (online, method rows)
 
     @property
     def budgeted(self) -> bool:
@@ -271,6 +305,19 @@ QUICK_POLICIES = ("full", "eu_plane", "excess_loss")
 # report found (excess_loss: AUROC 1.000 on junk and wrong final answers; eu_plane: 0.92-0.96 on wrong answers)
 CORE = ("full", "excess_loss", "quickstart_no_labels", "eu_plane", "drop_high_loss", "excess_samples", "dv4llm")
 LORA_POLICIES = ("full", "eu_plane", "sstoken", "cdpo_p_ce")  # Q-Tuning, ssToken, cDPO ran with LoRA
+# Training methods of issue 26 (``--methods``): each trains on the whole pool like ``full``, same data, steps
+# and lr, with its own ``--set`` parameters (the issue's values; ``--method-set`` overrides one).
+METHODS = [
+    Policy("otr", "method", train={"loss": "otr", "otr.k": 256}),
+    Policy("dft", "method", train={"loss": "dft"}),
+    Policy("caft", "method", train={"caft.heads": 4}),
+    Policy("hft", "method", train={"hft.enabled": True}),
+    Policy("greentrainer", "method", train={"greentrainer.rho": 0.5}),
+]
+# CAFT's heads phase before its fine-tune, as the authors' scripts (train_aux_heads.py, then train.py): trunk
+# and LM head frozen, the heads learn the pool for this many steps (about one epoch of it; never more than the
+# fine-tune's steps), then the fine-tune loads them (caft.heads_from) instead of starting from copies of a decoder layer.
+CAFT_HEADS_STEPS = 200
 TOP_BUDGET_POLICIES = ("drop_high_loss", "drop_short", "excess_samples", "eu_plane", "excess_loss", "sstoken", "dv4llm")
 
 
@@ -466,16 +513,27 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         values["selection"] = job.get("selection") or "all"  # online rows select inside training
     if job.get("online"):
         values |= {"online": job["online"], f"{job['online']}.{job['knob']}": job["budget"]}
-        values |= job.get("train", {})
+    values |= job.get("train", {})
     if job.get("lora"):
         values |= {"lora_r": cfg.lora_r, "lr": cfg.lora_lr, "merge": True}
     t0 = time.time()
+    if values.get("caft.heads"):
+        values["caft.heads_from"] = _caft_heads(values, run_dir, job["row"])
     res = train(build_params(TrainParams, values, f"curation {job['row']}"), run_dir)
     train_s = time.time() - t0
     model_dir = Path(job["out"]) / ("merged" if job.get("lora") else "")
     ev = evaluate(
         model_dir, Path(job["test_run"]), job["accuracy"], cfg.max_new_tokens, Path(job["base_model"])
     )
+    if job.get("test_run_old"):  # forgetting: the templates the starting model learned
+        old = evaluate(
+            model_dir, Path(job["test_run_old"]), True, cfg.max_new_tokens, Path(job["base_model"])
+        )
+        ev |= {
+            "old_eval_loss": old["eval_loss"],
+            "old_accuracy": old["accuracy"],
+            "eval_s": ev["eval_s"] + old["eval_s"],
+        }
     counts = dict(res.get("counts", {}))
     online = {}
     if job.get("online"):  # what the policy kept, summed over the steps (the pool counts say nothing here)
@@ -491,6 +549,18 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         **online,
         **ev,
     }
+
+
+def _caft_heads(values: dict[str, Any], run_dir: Path | None, row: str) -> str:
+    """CAFT's heads phase into ``<out>-heads`` (trunk frozen, CAFT_HEADS_STEPS steps); its dir for heads_from."""
+    from winnow.core.params import build_params
+    from winnow.pipeline.train import train
+    from winnow.trainer.config import TrainParams
+
+    heads = dict(values, out=f"{values['out']}-heads", max_steps=min(CAFT_HEADS_STEPS, values["max_steps"]))
+    heads["caft.phase"] = "heads"
+    train(build_params(TrainParams, heads, f"curation {row} heads phase"), run_dir)
+    return heads["out"]
 
 
 def _key(r: dict[str, Any]) -> str:
@@ -573,6 +643,10 @@ def _jobs(ctx: dict[str, Any], budget: float, policies: list[Policy], stats, see
                 job["selection"] = p.name
             if p.kind == "online":
                 job |= {"online": p.online, "knob": p.knob, "train": p.train}
+            if p.kind == "method":
+                job |= {"train": p.train}
+            if ctx.get("test_run_old"):
+                job["test_run_old"] = str(ctx["test_run_old"])
             jobs.append(job | {"row": p.name, "out": str(ctx["workdir"] / "train" / tag)})
             if p.name in lora and seed in seeds[: ctx["lora_seeds"]]:
                 jobs.append(
@@ -614,7 +688,7 @@ def aggregate(results: list[dict[str, Any]], costs: dict[str, float]) -> list[di
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in results:
         groups.setdefault((r["dataset"], r["budget"], r["row"]), []).append(r)
-    by_name = {p.name: p for p in POLICIES}
+    by_name = {p.name: p for p in POLICIES + METHODS}
     rows = []
     for (ds, budget, row), rs in groups.items():
         pol = by_name.get(rs[0]["policy"])
@@ -626,6 +700,8 @@ def aggregate(results: list[dict[str, Any]], costs: dict[str, float]) -> list[di
             cost = sum(_cost(costs.get(ds, {}), k) for k in pol.cost)
         loss, loss_sd = _mean_std([r["eval_loss"] for r in rs])
         acc, acc_sd = _mean_std([r.get("accuracy") for r in rs])
+        old_acc, old_acc_sd = _mean_std([r.get("old_accuracy") for r in rs])
+        old_loss, old_loss_sd = _mean_std([r.get("old_eval_loss") for r in rs])
         rows.append(
             {
                 "dataset": ds,
@@ -641,6 +717,10 @@ def aggregate(results: list[dict[str, Any]], costs: dict[str, float]) -> list[di
                 "loss_sd": loss_sd,
                 "acc": acc,
                 "acc_sd": acc_sd,
+                "old_acc": old_acc,
+                "old_acc_sd": old_acc_sd,
+                "old_loss": old_loss,
+                "old_loss_sd": old_loss_sd,
                 "scoring_s": cost,
                 "train_s": _mean_std([r["train_s"] for r in rs])[0],
             }
@@ -649,7 +729,7 @@ def aggregate(results: list[dict[str, Any]], costs: dict[str, float]) -> list[di
 
 
 def _order(r: dict[str, Any]) -> tuple:
-    names = [p.name for p in POLICIES]
+    names = [p.name for p in POLICIES + METHODS]
     pol = r["paired"] or r["row"].split(" ")[0]
     idx = names.index(pol) if pol in names else -1
     variant = 1 if r["paired"] else 2 if r["lora"] else 0
@@ -685,6 +765,25 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {r['dataset']} | {b} | {r['row']} | {'yes' if r['gt'] else ''} | {r['seeds']} | {samples} | {tokens} | "
             f"{r['loss']:.4f} ± {r['loss_sd']:.4f} | {acc} | {cost} | {r['train_s']:.0f} |"
         )
+    return head + "\n".join(lines) + "\n"
+
+
+def methods_markdown(rows: list[dict[str, Any]]) -> str:
+    """The ``--methods`` table: each method against full on the new templates and (forgetting) the old ones."""
+    head = (
+        "| data | row | seeds | eval loss | exact match % | old templates: eval loss | old: exact match % | "
+        "train s |\n|---|---|---:|---:|---:|---:|---:|---:|\n"
+    )
+
+    def pm(m: float, sd: float, scale: float, digits: int) -> str:
+        return "-" if np.isnan(m) else f"{scale * m:.{digits}f} ± {scale * sd:.{digits}f}"
+
+    lines = [
+        f"| {r['dataset']} | {r['row']} | {r['seeds']} | {pm(r['loss'], r['loss_sd'], 1, 4)} | "
+        f"{pm(r['acc'], r['acc_sd'], 100, 1)} | {pm(r['old_loss'], r['old_loss_sd'], 1, 4)} | "
+        f"{pm(r['old_acc'], r['old_acc_sd'], 100, 1)} | {r['train_s']:.0f} |"
+        for r in rows
+    ]
     return head + "\n".join(lines) + "\n"
 
 
@@ -823,6 +922,49 @@ def bench_dataset(name: str, args, cfg: TrainCfg, log) -> tuple[list[dict[str, A
     return journal(), prep["stage_seconds"]
 
 
+def bench_methods(name: str, args, cfg: TrainCfg, log) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """``--methods``: full and each training method on the whole pool (no scoring model is built or run)."""
+    if name != "demo":
+        raise SystemExit("--methods runs on --datasets demo")
+    workdir = args.workdir / name
+    prep = prepare_demo(
+        workdir, args.quick, models=args.models, test_size=args.test_size, start=args.start, score=False
+    )
+    tests = {"test_run": workdir / "test_run"}
+    _ingest_test(prep, tests["test_run"])
+    if prep.get("eval_old_jsonl"):
+        tests["test_run_old"] = workdir / "test_run_old"
+        _ingest_test(prep | {"eval_jsonl": prep["eval_old_jsonl"]}, tests["test_run_old"])
+    if not any(r["row"] == "base (no training)" for r in read_journal(args.journal)):
+        ev = evaluate(Path(prep["base_model"]), tests["test_run"], True, cfg.max_new_tokens)
+        if "test_run_old" in tests:
+            old = evaluate(Path(prep["base_model"]), tests["test_run_old"], True, cfg.max_new_tokens)
+            ev |= {"old_eval_loss": old["eval_loss"], "old_accuracy": old["accuracy"]}
+        _append(args.journal, _base_result(name, ev))
+    by_name = {p.name: p for p in METHODS}
+    policies = [POLICIES[0]] + [
+        dataclasses.replace(by_name[m], train=dict(by_name[m].train)) for m in args.methods
+    ]
+    for kv in args.method_set:  # group.key=value -> the method row named by the group
+        key, value = kv.split("=", 1)
+        row = next((p for p in policies[1:] if p.name == key.split(".")[0]), None)
+        if row is None:
+            raise SystemExit(f"--method-set {kv}: no method row {key.split('.')[0]!r} in --methods")
+        row.train[key] = value
+    ctx = {
+        "dataset": name,
+        "base_model": prep["base_model"],
+        "workdir": workdir,
+        "accuracy": True,
+        "cfg": dataclasses.asdict(cfg),
+        "lora_seeds": 0,
+        "run_b": prep["run_dir"],
+        **tests,
+    }
+    run_jobs(_jobs(ctx, 1.0, policies, {}, list(range(args.seeds)), ()), args, log)
+    return [r for r in read_journal(args.journal) if r["dataset"] == name], prep["stage_seconds"]
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="demo data, builtin models, 1 seed, 4 rows")
@@ -834,6 +976,18 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per training")
     ap.add_argument("--no-lora", action="store_true", help="skip the LoRA rows")
     ap.add_argument("--rows", default=None, help="comma list of policy rows to run (full is always run)")
+    ap.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma list of training methods ({','.join(p.name for p in METHODS)}) to run beside full on the "
+        "whole pool instead of the policy rows (no scoring models)",
+    )
+    ap.add_argument(
+        "--method-set",
+        action="append",
+        default=[],
+        help="KEY=VALUE for a method row, e.g. greentrainer.rho=0.7",
+    )
     ap.add_argument("--lora-seeds", type=int, default=1, help="seeds of the LoRA rows (the first N)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument(
@@ -868,7 +1022,11 @@ def main(argv: list[str] | None = None) -> int:
     args.rows = args.rows.split(",") if args.rows else None
     if args.rows and not set(args.rows) <= known:
         ap.error(f"--rows: unknown {sorted(set(args.rows) - known)}; rows are {sorted(known)}")
+    args.methods = args.methods.split(",") if args.methods else None
+    if args.methods and not set(args.methods) <= {p.name for p in METHODS}:
+        ap.error(f"--methods: unknown {sorted(set(args.methods) - {p.name for p in METHODS})}")
     default_dir = "curation-quick" if args.quick else "curation" + ("-new-task" if args.start == "new-task" else "")
+    default_dir += "-methods" if args.methods else ""
     args.workdir = args.workdir or HERE / "out" / default_dir
     datasets = (args.datasets or ("demo" if args.quick else "demo,gsm8k")).split(",")
     cfg = TrainCfg(steps=args.steps or (40 if args.quick else 150))
@@ -888,17 +1046,18 @@ def main(argv: list[str] | None = None) -> int:
             f = args.workdir / name / "stage_seconds.json"
             cost = json.loads(f.read_text()) if f.exists() else {}
         else:
-            res, cost = bench_dataset(name, args, cfg, log)
+            res, cost = (bench_methods if args.methods else bench_dataset)(name, args, cfg, log)
         results += res
         costs[name] = cost
     rows = aggregate(results, costs)
-    table = markdown(rows)
+    table = (methods_markdown if args.methods else markdown)(rows)
     wins = target_check(rows)
     print(table)
-    print(
-        f"target (demo, 50%, no GT column, beats full and random by more than the seed spread): "
-        f"{', '.join(wins) if wins else 'not met'}"
-    )
+    if not args.methods:
+        print(
+            f"target (demo, 50%, no GT column, beats full and random by more than the seed spread): "
+            f"{', '.join(wins) if wins else 'not met'}"
+        )
     if not args.report:
         print(f"wall time {time.time() - t0:.0f}s, load average {os.getloadavg()}")
     from winnow.core.store import atomic_write_bytes, atomic_write_json

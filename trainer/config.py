@@ -208,8 +208,8 @@ class TrainParams:
             )
         if len(freezers) > 1:
             raise ValueError("hft=true with greentrainer.rho > 0: both choose which tensors train; use one")
-        if freezers and self.fsdp:
-            raise ValueError(f"{freezers[0]} with fsdp=true is not supported yet: use DDP (the default)")
+        if self.greentrainer.enabled and self.fsdp:
+            raise ValueError("greentrainer.rho with fsdp=true is not supported yet: use DDP (the default)")
         if self.greentrainer.enabled and self.online.policy != "none":
             raise ValueError(
                 f"greentrainer.rho with online={self.online.policy} is not supported: its importance update re-reads "

@@ -11,8 +11,8 @@ Drawn once per training stage (``winnow train`` run) with ``random.Random(seed)`
 alone, so every rank draws the same half without a broadcast and a resumed run redraws it exactly; the
 list of trained tensors goes into ``winnow_train.json``. Frozen tensors have ``requires_grad=False``: no
 gradient, no optimizer state (the source of the paper's ≈30% time saving). Not with LoRA or prompt
-tuning (they freeze the whole base already) and not yet with FSDP2 (mixed ``requires_grad`` inside one
-sharded layer is untested).
+tuning (they freeze the whole base already). Under FSDP2 the frozen tensors are sharded like the others and get
+no gradient (tested: 2 gloo ranks give one process's gradients, tests/trainer/test_method_distributed.py).
 """
 
 from __future__ import annotations

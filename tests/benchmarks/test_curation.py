@@ -237,3 +237,42 @@ def test_excess_samples_keeps_the_top_mean_excess_and_new_task_rows_hold_only_th
 
     want = [r for r in generate_demo(300, 99) if r["corruption"] == "none" and r["template"] in task]
     assert [r["messages"] for r in rows] == [r["messages"] for r in want] and len(rows) > 5
+
+
+def test_method_rows_train_the_whole_pool_with_their_parameters_and_score_old_templates(tmp_path):
+    """``--methods``: each method row is a ``full`` job (no selection, no random pair) plus its ``--set``
+    values, every job also scored on the old-template test run; the table has one line per row."""
+    import curation as cu
+
+    ctx = {
+        "dataset": "demo",
+        "base_model": "m",
+        "workdir": tmp_path,
+        "accuracy": True,
+        "cfg": {},
+        "lora_seeds": 0,
+        "run_b": tmp_path / "run",
+        "test_run": tmp_path / "t",
+        "test_run_old": tmp_path / "old",
+    }
+    policies = [cu.POLICIES[0]] + [p for p in cu.METHODS if p.name in ("otr", "hft")]
+    jobs = cu._jobs(ctx, 1.0, policies, {}, [0, 1], ())
+    assert sorted((j["row"], j["seed"]) for j in jobs) == sorted(
+        (r, s) for r in ("full", "otr", "hft") for s in (0, 1)
+    )
+    by = {(j["row"], j["seed"]): j for j in jobs}
+    assert by[("otr", 1)]["train"] == {"loss": "otr", "otr.k": 256} and not by[("full", 0)].get("train")
+    assert by[("hft", 0)]["train"] == {"hft.enabled": True}
+    assert all(j["test_run_old"] == str(tmp_path / "old") and not j.get("selection") for j in jobs)
+    results = [
+        {**{k: by[(r, s)][k] for k in ("dataset", "row", "policy", "budget", "seed", "gt", "lora", "paired")},
+         "eval_loss": 1.0 + s, "accuracy": 0.1 * s, "old_eval_loss": 0.5, "old_accuracy": 0.9 - 0.2 * s,
+         "train_s": 1.0, "train_samples": 10, "weighted_tokens": 100}
+        for r in ("full", "otr", "hft") for s in (0, 1)
+    ]  # fmt: skip
+    rows = cu.aggregate(results, {})
+    assert [r["row"] for r in rows] == ["full", "otr", "hft"]
+    assert rows[2]["old_acc"] == pytest.approx(0.8) and rows[2]["old_acc_sd"] == pytest.approx(0.2 / 2**0.5)
+    table = cu.methods_markdown(rows).splitlines()
+    assert len(table) == 5 and all(line.count("|") == table[0].count("|") for line in table)
+    assert "| demo | hft | 2 | 1.5000 ± 0.7071 | 5.0 ± 7.1 | 0.5000 ± 0.0000 | 80.0 ± 14.1 |" in table[4]

@@ -36,7 +36,7 @@ def _lemo_dir() -> str:
     return folder
 
 
-FSDP2_METHODS = ("otr", "dft", "caft")  # HFT and GreenTrainer refuse fsdp=true (mixed requires_grad untested)
+FSDP2_METHODS = ("otr", "dft", "caft", "hft")  # GreenTrainer refuses fsdp=true
 
 
 def method_loop(method: str, grad_accum: int, dist_info, fsdp: bool = False):

@@ -76,7 +76,7 @@ def test_frozen_tensors_unchanged_and_without_optimizer_state():
     assert method.record()["hft"]["trained"] == sorted(trained)
 
 
-def test_refused_with_adapters_and_fsdp():
+def test_refused_with_adapters():
     from winnow.core.errors import UserError
     from winnow.core.params import build_params
     from winnow.trainer.config import TrainParams
@@ -84,9 +84,15 @@ def test_refused_with_adapters_and_fsdp():
     p = build_params(TrainParams, {"hft": "true", "hft.seed": "4"}, "--set")
     assert p.hft.enabled and p.hft.seed == 4 and p.methods() == [p.hft]
     assert "hft" in p.identity() and "hft" not in TrainParams().identity()
-    for extra, match in ((dict(lora_r="4"), "hft=true with lora.r"), (dict(fsdp="true"), "fsdp=true")):
+    for extra, match in (
+        (dict(lora_r="4"), "hft=true with lora.r"),
+        ({"prompt_tuning.num_virtual_tokens": "4"}, "hft=true with"),
+    ):
         with pytest.raises((ValueError, UserError), match=match):
             build_params(TrainParams, {"hft": "true", **extra}, "--set")
+    assert build_params(TrainParams, {"hft": "true", "fsdp": "true"}, "--set").fsdp  # test_method_distributed
+    with pytest.raises((ValueError, UserError), match="greentrainer.rho with fsdp=true"):
+        build_params(TrainParams, {"greentrainer.rho": "0.5", "fsdp": "true"}, "--set")
 
 
 def test_model_without_llama_layers_is_refused():
