@@ -448,6 +448,8 @@ def lemo_fit(
     sets: SetOpt = None,
 ) -> None:
     """Fit LeMo's per-layer block predictors on a run's samples (then: train --set lemo.predictors=OUT)."""
+    if _other_rank():  # rank 0 only: a few hundred small steps, not worth a rendezvous
+        return
     flags = {"model": model, "out": out}
     values = parse_sets(sets, "lemo-fit") | {k: v for k, v in flags.items() if v is not None}
     entry = _run_step("lemo_fit", run_dir, values)

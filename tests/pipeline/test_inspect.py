@@ -253,7 +253,7 @@ def test_interactive_prompt_through_the_console_script_reads_piped_statements(tm
 def test_prompt_toolkit_gives_history_and_completion(tmp_path):
     """With prompt_toolkit (the optional `sql` extra), driven through its pipe input: a statement runs, the
     up arrow recalls the previous line, and Tab completion offers the run's views and columns."""
-    pt = pytest.importorskip("prompt_toolkit")
+    import prompt_toolkit as pt  # in the dev extra: CI installs it, so no skip hides a break
     from prompt_toolkit.completion import CompleteEvent
     from prompt_toolkit.document import Document
     from prompt_toolkit.input import create_pipe_input
@@ -282,7 +282,6 @@ def test_repl_runs_sql_through_prompt_toolkit_and_falls_back_without_it(tmp_path
     from winnow.pipeline.inspect_run import repl
 
     rd = _run(tmp_path)
-    pytest.importorskip("prompt_toolkit")
     from prompt_toolkit.input import create_pipe_input
     from prompt_toolkit.output import DummyOutput
 
