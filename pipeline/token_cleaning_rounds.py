@@ -214,41 +214,8 @@ def _write_round(
     return st.finish(len(parts))
 
 
-def run_rounds(run: RunDir, p: RoundsParams) -> dict[str, Any]:
-    """Rounds 0..T: select D_t (all tokens, then cleaned by θ_0 vs θ_t), train θ_{t+1} from θ_t."""
-    from winnow.pipeline.train import train
-
-    started = time.time()
-    records = run.table(io.SAMPLES).records()
-    if not records:
-        raise UserError(f"{run.root} has no samples: run `winnow ingest` first")
-    parts = [r.part for r in records]
-    _check_base(run, p, parts)
-    n = sum(r.rows for r in records)
-    if n < p.rounds + 1:
-        raise UserError(f"{run.root} has {n} samples: too few for rounds={p.rounds} (one part per round)")
-    part_of = part_of_rows(n, p.rounds)
-    starts = np.cumsum([0, *(r.rows for r in records)])
-    latest, rounds = resolve_model(p.model), []
-    for t in range(p.rounds + 1):
-        where = {part: part_of[starts[i] : starts[i + 1]] == t for i, part in enumerate(parts)}
-        entry = _write_round(run, p, t, where, latest if t else None)
-        sel = f"{p.name}-round{t}"
-        res = train(dataclasses.replace(p.train, model=str(latest), selection=sel, name=sel), run.root)
-        latest = Path(res["out"])
-        c = entry.get("counts", {})
-        rounds.append(
-            {
-                "round": t,
-                "selection": sel,
-                "model": str(latest),
-                "kept": c.get("kept"),
-                "weighted_tokens": c.get("weighted_tokens"),
-                "eval_loss": res.get("eval_loss"),
-                "skipped": bool(res.get("skipped")),
-            }
-        )
-        print(f"[winnow] token_cleaning round {t}: {c.get('weighted_tokens')} weighted tokens -> {latest}")
+def _summary(run: RunDir, parts: list[int], rounds: list[dict], latest: Path, started: float) -> dict:
+    """The rounds' manifest entry: each round, the last model and the kept share of the pool's tokens."""
     supervised = sum(
         int(np.asarray(run.table(io.SAMPLES).read_part(q, columns=["n_loss_tokens"])["n_loss_tokens"]).sum())
         for q in parts
@@ -265,7 +232,54 @@ def run_rounds(run: RunDir, p: RoundsParams) -> dict[str, Any]:
         },
         "wall_s": round(time.time() - started, 1),
     }
-    run.update_manifest(f"token_cleaning_rounds:{p.name}", entry)
+    return entry
+
+
+def run_rounds(run: RunDir, p: RoundsParams) -> dict[str, Any]:
+    """Rounds 0..T: select D_t (all tokens, then cleaned by θ_0 vs θ_t), train θ_{t+1} from θ_t."""
+    from winnow.core.dist import init_distributed
+    from winnow.pipeline.train import train
+
+    # under torchrun rank 0 scores and writes each round, every rank trains (DDP); the broadcast of the
+    # round's entry comes after rank 0 saved θ_t, so no rank trains from a model not yet written
+    d = init_distributed("cpu")
+    started = time.time()
+    records = run.table(io.SAMPLES).records()
+    if not records:
+        raise UserError(f"{run.root} has no samples: run `winnow ingest` first")
+    parts = [r.part for r in records]
+    _check_base(run, p, parts)
+    n = sum(r.rows for r in records)
+    if n < p.rounds + 1:
+        raise UserError(f"{run.root} has {n} samples: too few for rounds={p.rounds} (one part per round)")
+    part_of = part_of_rows(n, p.rounds)
+    starts = np.cumsum([0, *(r.rows for r in records)])
+    latest, rounds = resolve_model(p.model), []
+    for t in range(p.rounds + 1):
+        where = {part: part_of[starts[i] : starts[i + 1]] == t for i, part in enumerate(parts)}
+        entry = d.broadcast(_write_round(run, p, t, where, latest if t else None) if d.main else None)
+        sel = f"{p.name}-round{t}"
+        res = train(dataclasses.replace(p.train, model=str(latest), selection=sel, name=sel), run.root)
+        latest = Path(res["out"])
+        c = entry.get("counts", {})
+        rounds.append(
+            {
+                "round": t,
+                "selection": sel,
+                "model": str(latest),
+                "kept": c.get("kept"),
+                "weighted_tokens": c.get("weighted_tokens"),
+                "eval_loss": res.get("eval_loss"),
+                "skipped": bool(res.get("skipped")),
+            }
+        )
+        if d.main:
+            print(
+                f"[winnow] token_cleaning round {t}: {c.get('weighted_tokens')} weighted tokens -> {latest}"
+            )
+    entry = _summary(run, parts, rounds, latest, started)
+    if d.main:
+        run.update_manifest(f"token_cleaning_rounds:{p.name}", entry)
     return entry
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+_CREATED = {"group": False}  # whether setup() made the process group (then teardown() destroys it)
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -37,6 +39,7 @@ def setup(device_type: str) -> Dist:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        _CREATED["group"] = True
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
@@ -103,5 +106,9 @@ def barrier() -> None:
 
 
 def teardown() -> None:
-    if dist.is_initialized():
+    """Destroy the group only if :func:`setup` created it: a group an earlier step of the process made
+    (``winnow run``, Token Cleaning's rounds) serves the steps after training too, and is destroyed at the
+    process's exit (:mod:`winnow.core.dist`)."""
+    if dist.is_initialized() and _CREATED["group"]:
         dist.destroy_process_group()
+        _CREATED["group"] = False

@@ -161,3 +161,62 @@ def _selection(run: RunDir, name: str) -> dict[str, dict]:
     t = run.table(f"selection/{name}")
     cols = ["sample_id", "keep", "reason", "token_weight"]
     return {r["sample_id"]: r for rec in t.records() for r in t.read_part(rec.part, columns=cols).to_pylist()}
+
+
+RECIPE = """run_dir = "unused"
+
+[[steps]]
+step = "token_cleaning_rounds"
+model = "{model}"
+rounds = {rounds}
+rho = {rho}
+name = "tc"
+
+[steps.train]
+max_steps = 2
+tokens_per_batch = 256
+max_seq_len = 64
+lr = 1e-2
+eval_fraction = 0.0
+progress = false
+save_every = 0
+"""
+
+
+def test_rounds_under_torchrun_match_one_process(tmp_path):
+    """`winnow run` of a rounds recipe on 2 gloo ranks (the README's torchrun form): rank 0 scores and writes
+    each round's selection, every rank trains (DDP), and the group outlives each training (before, every
+    rank scored and rank 1 read round 0's model before rank 0 had saved it; then training's teardown
+    destroyed the group the next round needed). Round 0 (every token of part 0, no model read) is
+    one process's bit for bit; a later round scores the same part and keeps as many tokens (ρ of the part's;
+    which ones follows a model trained on 2 ranks, whose per-rank batches differ from one process's)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    base_dir = make_model_dir(tmp_path, seed=0)
+    seqs, masks = random_samples(N, seed=4, lo=6, hi=30)
+    run = write_samples(tmp_path / "one", seqs, masks, base_dir, shards=2)
+    code, _, err = run_cli("score", run.root, "--model", base_dir, "--alias", "base", "--signals", "logprob")
+    assert code == 0, err
+    shutil.copytree(run.root, tmp_path / "two")
+    recipe = tmp_path / "rounds.toml"
+    recipe.write_text(RECIPE.format(model=base_dir, rounds=ROUNDS, rho=RHO))
+    bin_dir, env = Path(sys.executable).parent, {**os.environ, "WINNOW_PROGRESS": "0"}
+    one = [str(bin_dir / "winnow"), "run", str(recipe), "--run-dir", str(tmp_path / "one")]
+    two = [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python", "--", *one]
+    two[two.index(str(tmp_path / "one"))] = str(tmp_path / "two")
+    for cmd in (one, two):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    a, b = RunDir(tmp_path / "one"), RunDir(tmp_path / "two")
+    assert _selection(a, "tc-round0") == _selection(b, "tc-round0")
+    for t in range(1, ROUNDS + 1):
+        sa, sb = _selection(a, f"tc-round{t}"), _selection(b, f"tc-round{t}")
+        assert sa.keys() == sb.keys()
+        part = [k for k, r in sa.items() if r["reason"] != "other_part"]
+        assert part == [k for k, r in sb.items() if r["reason"] != "other_part"]
+        kept = [sum(sum(x > 0 for x in s[k]["token_weight"] or []) for k in part) for s in (sa, sb)]
+        assert kept[0] == kept[1] > 0
