@@ -45,7 +45,7 @@ def test_worked_example_12_tokens_one_key_two_closing_weight_9_share_045():
     sup = w[np.asarray(mask) == 1]
     assert len(sup) == 12 and reason == "key_tokens"
     assert sup.tolist() == [9.0] + [1.0] * 11
-    assert sup.sum() == 20.0 and sup[0] / sup.sum() == pytest.approx(0.45, abs=1e-12)
+    assert sup.sum() == 20.0 and float(sup[0]) / float(sup.sum()) == pytest.approx(0.45, abs=1e-12)
     assert (w[np.asarray(mask) == 0] == 0).all()
 
 
