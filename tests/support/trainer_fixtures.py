@@ -118,3 +118,31 @@ def synthetic_run(root, model_path, n_shards: int = 2, per_shard: int = 20, seed
         t = t.replace_schema_metadata({b"winnow.tokenizer_fingerprint": fp.encode()})
         run.table("samples").write(part, t, fingerprint="synthetic", inputs={})
     return run
+
+
+def train_cli(model, data, out, sets, kill_after: int = 0):
+    """`winnow train --data DATA --model MODEL --out OUT --set ...` through the console script; with
+    ``kill_after`` the run is killed after that many steps (WINNOW_FAULT_KILL_AFTER_STEPS)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = str(Path(sys.executable).parent / "winnow")
+    args = [exe, "train", "--data", str(data), "--model", str(model), "--out", str(out)]
+    for s in sets:
+        args += ["--set", s]
+    env = dict(os.environ, WINNOW_PROGRESS="0")
+    if kill_after:
+        env["WINNOW_FAULT_KILL_AFTER_STEPS"] = str(kill_after)
+    return subprocess.run(args, env=env, capture_output=True, text=True)
+
+
+def metrics_without_timings(out) -> list[dict]:
+    """``OUT/metrics.jsonl`` rows without the wall-clock fields, which differ between two equal runs."""
+    import json
+    from pathlib import Path
+
+    drop = ("tokens_per_s", "weighted_tokens_per_s", "step_s", "peak_rss_mb")
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows]

@@ -4,10 +4,6 @@ and resumed run is bitwise the uninterrupted one (adapter and metrics), and the 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +12,7 @@ from safetensors.torch import load_file
 from winnow.trainer.lemo import save_predictors
 from winnow.trainer.lemo_math import BlockPredictor
 
-from trainer_fixtures import export_parquet, model_dir
+from trainer_fixtures import export_parquet, metrics_without_timings, model_dir, train_cli
 
 SETS = ["tokens_per_batch=256", "max_seq_len=128", "eval_fraction=0.2", "lr=1e-2", "epochs=2", "save_every=2",
         "layout=packed", "lora.r=4", "lora.target=q_proj,k_proj,v_proj,o_proj", "lemo.block=8", "lemo.keep=0.5"]  # fmt: skip
@@ -33,20 +29,10 @@ def inputs(tmp_path_factory):
 
 def _train(inputs, out, kill_after=0):
     m, d, pred = inputs
-    exe = str(Path(sys.executable).parent / "winnow")
-    args = [exe, "train", "--data", str(d), "--model", str(m), "--out", str(out)]
-    for s in [*SETS, f"lemo.predictors={pred}"]:
-        args += ["--set", s]
-    env = dict(os.environ, WINNOW_PROGRESS="0")
-    if kill_after:
-        env["WINNOW_FAULT_KILL_AFTER_STEPS"] = str(kill_after)
-    return subprocess.run(args, env=env, capture_output=True, text=True)
+    return train_cli(m, d, out, [*SETS, f"lemo.predictors={pred}"], kill_after)
 
 
-def _metrics(out):
-    drop = ("tokens_per_s", "weighted_tokens_per_s", "step_s", "peak_rss_mb")
-    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+_metrics = metrics_without_timings
 
 
 def test_lemo_resumes_bitwise(inputs, tmp_path):
